@@ -1,0 +1,62 @@
+"""Argument checks shared by every public constructor: each error names the argument and the allowed range."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+
+
+def _is_real_number(value: Any) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
+              allow_none: bool = False) -> None:
+  """An int (not bool) within ``[minimum, maximum]``."""
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, got {type(value).__name__} {value!r}.")
+  if minimum is not None and value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+  if maximum is not None and value > maximum:
+    raise ValueError(f"{name} must be <= {maximum}, got {value}.")
+
+
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    allow_none: bool = False,
+) -> None:
+  """A finite real number within the interval given by ``low``/``high`` and their inclusiveness."""
+  if value is None and allow_none:
+    return
+  if not _is_real_number(value):
+    raise TypeError(f"{name} must be a real number{' or None' if allow_none else ''}, got {type(value).__name__}.")
+  if not math.isfinite(float(value)):
+    raise ValueError(f"{name} must be finite, got {value}.")
+  interval = (("[" if low_inclusive else "(") + ("-inf" if low is None else f"{low}") + ", "
+              + ("inf" if high is None else f"{high}") + ("]" if high_inclusive else ")"))
+  if low is not None and (value < low or (value == low and not low_inclusive)):
+    raise ValueError(f"{name} must be in {interval}, got {value}.")
+  if high is not None and (value > high or (value == high and not high_inclusive)):
+    raise ValueError(f"{name} must be in {interval}, got {value}.")
+
+
+def check_positive(name: str, value: Any, *, allow_none: bool = False) -> None:
+  """A finite number > 0."""
+  check_float(name, value, low=0.0, low_inclusive=False, allow_none=allow_none)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+  """One of ``choices``."""
+  choices = tuple(choices)
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}.")

@@ -1,0 +1,41 @@
+"""Models: the benchmark model zoo and the layers that keep it fast inside rolled loops on XLA:CPU.
+
+Builders (:func:`dense_softmax`, :func:`mlp`, :func:`original_fedavg_cnn`, :func:`cnn_dropout`) return a
+:class:`fedjax_lite.core.model.Model`; the flax modules behind them are exported too. :class:`Conv` is a drop-in for
+``flax.linen.Conv`` with canonical-layout backward convolutions (jax-ml/jax#12868), :func:`max_pool_2x2` a
+``reshape + max`` pool, and :func:`non_canonical_convolutions` finds convolutions in compiled HLO that XLA:CPU will
+run on its slow generic emitter.
+"""
+
+from fedjax_lite.models.conv import CANONICAL_DIMENSION_NUMBERS, Conv, conv2d_canonical
+from fedjax_lite.models.hlo import CANONICAL_CONV_DIM_LABELS, convolution_instructions, non_canonical_convolutions
+from fedjax_lite.models.pooling import max_pool, max_pool_2x2
+from fedjax_lite.models.zoo import (
+    MLP,
+    CNNDropout,
+    DenseSoftmax,
+    OriginalFedAvgCNN,
+    cnn_dropout,
+    dense_softmax,
+    mlp,
+    original_fedavg_cnn,
+)
+
+__all__ = [
+    "CANONICAL_CONV_DIM_LABELS",
+    "CANONICAL_DIMENSION_NUMBERS",
+    "CNNDropout",
+    "Conv",
+    "DenseSoftmax",
+    "MLP",
+    "OriginalFedAvgCNN",
+    "cnn_dropout",
+    "conv2d_canonical",
+    "convolution_instructions",
+    "dense_softmax",
+    "max_pool",
+    "max_pool_2x2",
+    "mlp",
+    "non_canonical_convolutions",
+    "original_fedavg_cnn",
+]
