@@ -1,0 +1,20 @@
+"""Federated algorithms, each a ``Process(init, next)`` built from the core, the aggregators and optax."""
+
+from fedjax_lite.algorithms.evaluation import (
+    centralized_evaluation,
+    evaluate_clients,
+    federated_evaluation,
+)
+from fedjax_lite.algorithms.fed_avg import ServerState, fed_avg
+from fedjax_lite.algorithms.fed_sgd import fed_sgd
+from fedjax_lite.algorithms.local_training import train_locally
+
+__all__ = [
+    "ServerState",
+    "centralized_evaluation",
+    "evaluate_clients",
+    "fed_avg",
+    "fed_sgd",
+    "federated_evaluation",
+    "train_locally",
+]

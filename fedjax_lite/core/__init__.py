@@ -1,0 +1,54 @@
+"""The federated vocabulary, free of any algorithm: records, the process template, pytree math, placement,
+federated data (partitioning, sampling, packing) and the client runner."""
+
+from fedjax_lite.core.federated_data import FederatedData
+from fedjax_lite.core.model import (
+    Model,
+    accuracy_metric,
+    finalize_metric_sums,
+    from_flax,
+    masked_loss_and_metric_sums,
+    softmax_cross_entropy_loss,
+)
+from fedjax_lite.core.packing import ClientSpec, bucket_num_steps, max_num_steps, pack_centralized, pack_clients
+from fedjax_lite.core.partition import dirichlet_partition, iid_partition, partition_dataset, shard_partition
+from fedjax_lite.core.placement import broadcast, federated_mean, federated_sum, map_clients
+from fedjax_lite.core.process import MeasuredOutput, Process
+from fedjax_lite.core.records import ClientOutput
+from fedjax_lite.core.runner import Runner, client_mask, client_mesh, run_clients
+from fedjax_lite.core.sampling import sample_clients
+from fedjax_lite.core.tree import tree_all_finite, tree_select, tree_size_bits
+
+__all__ = [
+    "ClientOutput",
+    "ClientSpec",
+    "FederatedData",
+    "MeasuredOutput",
+    "Model",
+    "Process",
+    "Runner",
+    "accuracy_metric",
+    "broadcast",
+    "bucket_num_steps",
+    "client_mask",
+    "client_mesh",
+    "dirichlet_partition",
+    "federated_mean",
+    "federated_sum",
+    "finalize_metric_sums",
+    "from_flax",
+    "iid_partition",
+    "map_clients",
+    "masked_loss_and_metric_sums",
+    "max_num_steps",
+    "pack_centralized",
+    "pack_clients",
+    "partition_dataset",
+    "run_clients",
+    "sample_clients",
+    "shard_partition",
+    "softmax_cross_entropy_loss",
+    "tree_all_finite",
+    "tree_select",
+    "tree_size_bits",
+]

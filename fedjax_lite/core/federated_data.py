@@ -19,7 +19,7 @@ ClientExamples = dict[str, np.ndarray]
 def _as_example_dict(examples: Mapping[str, Any], where: str) -> ClientExamples:
   if not isinstance(examples, Mapping) or not examples:
     raise TypeError(f"{where} must be a non-empty dict of feature name -> array, got {type(examples).__name__}.")
-  arrays = {str(key): np.asarray(value) for key, value in examples.items()}
+  arrays = {str(key): np.array(value, copy=True) for key, value in examples.items()}
   for key, value in arrays.items():
     if value.ndim < 1:
       raise ValueError(f"{where}[{key!r}] must have a leading example axis, got a scalar.")
@@ -51,9 +51,14 @@ class FederatedData:
     if len(set(ids)) != len(ids):
       raise ValueError("client_ids must be unique.")
     examples = _as_example_dict(self.examples, "examples")
-    offsets = np.asarray(self.offsets, dtype=np.int64)
-    if offsets.shape != (len(ids) + 1,):
-      raise ValueError(f"offsets must have shape ({len(ids) + 1},), got {offsets.shape}.")
+    raw_offsets = np.asarray(self.offsets)
+    if raw_offsets.shape != (len(ids) + 1,):
+      raise ValueError(f"offsets must have shape ({len(ids) + 1},), got {raw_offsets.shape}.")
+    offsets = raw_offsets.astype(np.int64)
+    if not np.array_equal(offsets, raw_offsets):
+      raise ValueError(f"offsets must be integers, got {raw_offsets.tolist()}.")
+    if np.any(np.diff(offsets) < 0):
+      raise ValueError(f"offsets must be non-decreasing, got {offsets.tolist()}.")
     total = next(iter(examples.values())).shape[0]
     if offsets[0] != 0 or offsets[-1] != total:
       raise ValueError(f"offsets must start at 0 and end at the number of examples ({total}).")
@@ -133,6 +138,8 @@ class FederatedData:
 
   def client(self, client: int | str) -> ClientExamples:
     """One client's examples, by storage index (int) or id (str)."""
+    if isinstance(client, (bool, np.bool_)):
+      raise TypeError("client must be a storage index (int) or a client id (str), got a bool.")
     index = client if isinstance(client, (int, np.integer)) else self.index_of(client)
     if not 0 <= index < self.num_clients:
       raise IndexError(f"client index {index} out of range [0, {self.num_clients}).")
@@ -167,6 +174,8 @@ class FederatedData:
   def subset(self, client_ids: Iterable[Any]) -> "FederatedData":
     """The clients named in ``client_ids``, in that order."""
     indices = [self.index_of(cid) for cid in client_ids]
+    if len(set(indices)) != len(indices):
+      raise ValueError("client_ids passed to subset must be distinct (a FederatedData holds each client once).")
     return FederatedData.from_clients({self.client_ids[k]: self.client(k) for k in indices})
 
   def preprocess(self, fn: Callable[[ClientExamples], Mapping[str, Any]]) -> "FederatedData":

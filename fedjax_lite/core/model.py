@@ -4,7 +4,8 @@ A :class:`Model` bundles ``init``, ``apply``, a per-example ``loss`` and per-exa
 see flax modules; :func:`from_flax` adapts any ``flax.linen`` module whose ``__call__(inputs, train)`` returns
 predictions. Batches are dicts of arrays with a leading batch axis; a boolean ``mask`` of the same leading shape
 marks real examples. :func:`masked_loss_and_metric_sums` is the one place where padding is excluded: padded
-examples are zeroed before the forward pass and carry no weight in the loss, its gradient or any metric.
+examples are overwritten by a real one before the forward pass and carry no weight in the loss, its gradient or
+any metric.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ Batch = Mapping[str, jax.Array]
 PerExampleFn = Callable[[Batch, jax.Array], jax.Array]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity: usable as a static jit argument
 class Model:
   """A model as pure functions.
 
@@ -50,8 +51,9 @@ class Model:
     for metric_name, fn in self.metrics.items():
       if not callable(fn):
         raise TypeError(f"Model.metrics[{metric_name!r}] must be callable, got {type(fn).__name__}.")
-      if metric_name in ("loss", "num_examples", "num_batches"):
-        raise ValueError(f"Model.metrics may not be named {metric_name!r}: that name is reserved.")
+      if metric_name == "loss" or metric_name.startswith("num_"):
+        raise ValueError(f"Model.metrics may not be named {metric_name!r}: 'loss' and names starting with 'num_' "
+                         "are reserved for the loss and the counters.")
 
 
 def softmax_cross_entropy_loss(label_key: str = "y") -> PerExampleFn:
@@ -127,18 +129,24 @@ def from_flax(
   )
 
 
-def zero_padding(batch: Batch, mask: jax.Array) -> dict[str, jax.Array]:
-  """Replaces padded examples by zeros in every batch entry whose leading axis matches ``mask``.
+def fill_padding(batch: Batch, mask: jax.Array) -> dict[str, jax.Array]:
+  """Overwrites every padded example with a copy of the batch's first real example (zeros if there is none).
 
-  After this, nothing about a padded example's stored values can reach the forward pass, even NaN or Inf.
+  Applies to every batch entry whose leading axis matches the 1-D ``mask``. After this nothing about a padded
+  example's stored values can reach the forward pass, even NaN or Inf; and since a padded slot then holds a real
+  example, any model that is finite on real data is finite on it, so the masked-out slots cannot poison the
+  gradient through ``0 * NaN`` (zeros would: e.g. a model normalizing its input by its norm).
   """
   mask = jnp.asarray(mask, bool)
+  first_real = jnp.argmax(mask)
+  any_real = jnp.any(mask)
   out = {}
   for key, value in batch.items():
     value = jnp.asarray(value)
     if value.shape[: mask.ndim] == mask.shape:
+      fill = jnp.where(any_real, value[first_real], jnp.zeros((), value.dtype))
       expanded = mask.reshape(mask.shape + (1,) * (value.ndim - mask.ndim))
-      value = jnp.where(expanded, value, jnp.zeros((), value.dtype))
+      value = jnp.where(expanded, value, fill[None])
     out[key] = value
   return out
 
@@ -158,7 +166,7 @@ def masked_loss_and_metric_sums(
   examples), all over real examples only. The mean loss is what a gradient step differentiates.
   """
   mask = jnp.asarray(mask, bool)
-  batch = zero_padding({key: value for key, value in batch.items() if key != "mask"}, mask)
+  batch = fill_padding({key: value for key, value in batch.items() if key != "mask"}, mask)
   predictions = model.apply(params, batch, rng, train)
   num_examples = mask.sum(dtype=jnp.int32)
   per_example_loss = model.loss(batch, predictions).astype(jnp.float32)

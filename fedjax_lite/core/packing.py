@@ -30,7 +30,7 @@ def bucket_num_steps(num_steps: int) -> int:
   """The smallest power of two >= ``num_steps`` (>= 1): the step-axis length used for padding."""
   if num_steps < 1:
     return 1
-  return 1 << int(np.ceil(np.log2(num_steps)))
+  return 1 << (int(num_steps) - 1).bit_length()
 
 
 def _check_positive_int(name: str, value, allow_none: bool = False) -> None:

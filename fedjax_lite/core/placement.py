@@ -21,6 +21,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fedjax_lite.core import validation
 from fedjax_lite.core.runner import Runner
 from fedjax_lite.core.tree import tree_scale_by_weight
 
@@ -29,8 +30,8 @@ PyTree = Any
 
 def broadcast(value: PyTree, num_clients: int) -> PyTree:
   """The server value placed at ``num_clients`` clients: every leaf gets a leading client axis."""
-  if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-    raise ValueError(f"num_clients must be a positive int, got {num_clients!r}.")
+  validation.check_int("num_clients", num_clients, minimum=1)
+  num_clients = int(num_clients)
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients,) + jnp.shape(x)), value)
 
 

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from fedjax_lite.core import validation
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 PyTree = Any
@@ -56,10 +57,10 @@ class Runner:
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
       raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}.")
-    if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-      raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}.")
-    if isinstance(self.unroll, bool) or not isinstance(self.unroll, int) or self.unroll < 1:
-      raise ValueError(f"unroll must be a positive int, got {self.unroll!r}.")
+    validation.check_int("chunk_size", self.chunk_size, minimum=1)
+    validation.check_int("unroll", self.unroll, minimum=1)
+    object.__setattr__(self, "chunk_size", int(self.chunk_size))
+    object.__setattr__(self, "unroll", int(self.unroll))
     if self.mesh is not None and not isinstance(self.mesh, Mesh):
       raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(self.mesh).__name__}.")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedjax_lite.core import validation
+
 # Distinct streams keep the cohort draw independent of other host-side randomness of the same round.
 SAMPLING_STREAM = 0x5A3D
 PACKING_STREAM = 0x9AC4
@@ -20,10 +22,8 @@ def round_generator(seed: int, round_num: int, stream: int) -> np.random.Generat
 
 
 def _check_seed_round(seed: int, round_num: int) -> None:
-  if not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
-  if not isinstance(round_num, (int, np.integer)) or round_num < 0:
-    raise ValueError(f"round_num must be a non-negative int, got {round_num!r}.")
+  validation.check_int("seed", seed, minimum=0)
+  validation.check_int("round_num", round_num, minimum=0)
 
 
 def sample_clients(
@@ -41,10 +41,8 @@ def sample_clients(
   Returns:
     int64 array of ``cohort_size`` indices into the population. Without replacement they are distinct.
   """
-  if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
-    raise ValueError(f"num_clients must be an int >= 1, got {num_clients!r}.")
-  if not isinstance(cohort_size, (int, np.integer)) or cohort_size < 1:
-    raise ValueError(f"cohort_size must be an int >= 1, got {cohort_size!r}.")
+  validation.check_int("num_clients", num_clients, minimum=1)
+  validation.check_int("cohort_size", cohort_size, minimum=1)
   if not replace and cohort_size > num_clients:
     raise ValueError(
         f"cohort_size ({cohort_size}) must be <= num_clients ({num_clients}) when sampling without replacement."

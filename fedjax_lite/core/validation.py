@@ -40,7 +40,11 @@ def check_float(
     return
   if not _is_real_number(value):
     raise TypeError(f"{name} must be a real number{' or None' if allow_none else ''}, got {type(value).__name__}.")
-  if not math.isfinite(float(value)):
+  try:
+    finite = math.isfinite(float(value))
+  except OverflowError:
+    finite = False
+  if not finite:
     raise ValueError(f"{name} must be finite, got {value}.")
   interval = (("[" if low_inclusive else "(") + ("-inf" if low is None else f"{low}") + ", "
               + ("inf" if high is None else f"{high}") + ("]" if high_inclusive else ")"))
@@ -58,5 +62,6 @@ def check_positive(name: str, value: Any, *, allow_none: bool = False) -> None:
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
   """One of ``choices``."""
   choices = tuple(choices)
-  if value not in choices:
+  # Compare types too, so that True does not pass for 1 nor 1.0 for 1.
+  if not any(type(value) is type(choice) and value == choice for choice in choices):
     raise ValueError(f"{name} must be one of {choices}, got {value!r}.")

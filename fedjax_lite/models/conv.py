@@ -84,8 +84,34 @@ def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def resolve_padding(padding: PaddingLike, kernel_hw: Sequence[int]) -> PaddingPairs:
-  """Turns 'SAME', 'VALID', an int or per-dim ints/pairs into ``((lo_h, hi_h), (lo_w, hi_w))`` for stride 1.
+def _padding_pairs(padding, rank: int) -> list[tuple[int, int]]:
+  """An int, or ``rank`` entries each an int or an ``(lo, hi)`` int pair, as ``rank`` ``(lo, hi)`` pairs.
+
+  The same reading as ``nn.Conv``: an int pads every side by it; an int entry pads both sides of its dim.
+  """
+  if _is_int(padding):
+    return [(padding, padding)] * rank
+  try:
+    entries = list(padding)
+  except TypeError:
+    entries = None
+  if entries is not None and len(entries) == rank:
+    pairs = []
+    for entry in entries:
+      if _is_int(entry):
+        pairs.append((entry, entry))
+      elif isinstance(entry, (tuple, list)) and len(entry) == 2 and all(_is_int(p) for p in entry):
+        pairs.append((int(entry[0]), int(entry[1])))
+    if len(pairs) == rank:
+      return pairs
+  raise ValueError(
+      f"padding must be 'SAME', 'VALID', an int, or {rank} entries each an int or a (lo, hi) pair of ints, "
+      f"got {padding!r}."
+  )
+
+
+def _stride1_padding(padding: PaddingLike, kernel_hw: Sequence[int]) -> PaddingPairs:
+  """'SAME', 'VALID', an int or per-dim ints/pairs as ``((lo_h, hi_h), (lo_w, hi_w))`` for a stride-1 conv.
 
   'SAME' pads ``k - 1`` in total per spatial dim, ``lo = (k - 1) // 2`` before and the rest after, as
   ``lax.padtype_to_pads`` does for stride 1 (so an even kernel pads one more after than before).
@@ -97,26 +123,7 @@ def resolve_padding(padding: PaddingLike, kernel_hw: Sequence[int]) -> PaddingPa
     if mode == "VALID":
       return ((0, 0), (0, 0))
     raise ValueError(f"padding must be 'SAME', 'VALID', an int or two (lo, hi) pairs, got {padding!r}.")
-  if _is_int(padding):
-    return ((padding, padding), (padding, padding))
-  try:
-    entries = list(padding)  # type: ignore[arg-type]
-  except TypeError:
-    entries = None
-  if entries is not None and len(entries) == 2:
-    pairs = []
-    for entry in entries:
-      if _is_int(entry):
-        pairs.append((entry, entry))
-      elif isinstance(entry, (tuple, list)) and len(entry) == 2 and all(_is_int(p) for p in entry):
-        pairs.append((int(entry[0]), int(entry[1])))
-      else:
-        break
-    if len(pairs) == 2:
-      return tuple(pairs)  # type: ignore[return-value]
-  raise ValueError(
-      f"padding must be 'SAME', 'VALID', an int or a sequence of 2 ints or (lo, hi) int pairs, got {padding!r}."
-  )
+  return tuple(_padding_pairs(padding, 2))  # type: ignore[return-value]
 
 
 def conv2d_canonical(
@@ -170,10 +177,10 @@ def conv2d_canonical(
     raise ValueError(f"kernel must be HWIO with 4 dims, got shape {kernel.shape}.")
   if kernel.shape[2] != inputs.shape[3]:
     raise ValueError(
-        f"kernel input features ({kernel.shape[2]}, kernel.shape[2]) must equal inputs' channels "
-        f"({inputs.shape[3]}, inputs.shape[3]); grouped convolutions are not supported."
+        f"kernel.shape[2] (input features, {kernel.shape[2]}) must equal inputs.shape[3] (channels, "
+        f"{inputs.shape[3]}); grouped convolutions are not supported."
     )
-  pads = resolve_padding(padding, kernel.shape[:2])
+  pads = _stride1_padding(padding, kernel.shape[:2])
   for axis, ((lo, hi), size, k) in enumerate(zip(pads, inputs.shape[1:3], kernel.shape[:2])):
     if size + lo + hi < k:
       raise ValueError(
@@ -262,12 +269,14 @@ class Conv(nn.Module):
       raise ValueError(
           f"features ({self.features}) must be divisible by feature_group_count ({self.feature_group_count})."
       )
-    if isinstance(self.padding, str) and self.padding.upper() not in (
-        "SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL"):
-      raise ValueError(
-          f"padding must be 'SAME', 'VALID', 'CIRCULAR', 'REFLECT', 'CAUSAL', an int or (lo, hi) pairs, "
-          f"got {self.padding!r}."
-      )
+    if isinstance(self.padding, str):
+      if self.padding.upper() not in ("SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL"):
+        raise ValueError(
+            f"padding must be 'SAME', 'VALID', 'CIRCULAR', 'REFLECT', 'CAUSAL', an int or (lo, hi) pairs, "
+            f"got {self.padding!r}."
+        )
+    else:
+      _padding_pairs(self.padding, rank)
     super().__post_init__()
 
   def _kernel_shape_spatial(self) -> tuple[int, ...]:
@@ -279,24 +288,6 @@ class Conv(nn.Module):
     if not kernel_size or not all(_is_int(k) and k >= 1 for k in kernel_size):
       raise ValueError(f"kernel_size must be a non-empty sequence of positive ints, got {self.kernel_size!r}.")
     return kernel_size
-
-  def _lax_padding(self, rank: int) -> str | list[tuple[int, int]]:
-    if isinstance(self.padding, str):
-      return self.padding.upper()
-    if _is_int(self.padding):
-      return [(self.padding, self.padding)] * rank
-    entries = list(self.padding)
-    pairs = []
-    for entry in entries:
-      if _is_int(entry):
-        pairs.append((entry, entry))
-      elif isinstance(entry, (tuple, list)) and len(entry) == 2 and all(_is_int(p) for p in entry):
-        pairs.append((int(entry[0]), int(entry[1])))
-      else:
-        raise ValueError(f"padding entries must be ints or (lo, hi) int pairs, got {self.padding!r}.")
-    if len(pairs) != rank:
-      raise ValueError(f"padding must have one entry per spatial dim ({rank}), got {self.padding!r}.")
-    return pairs
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -316,7 +307,7 @@ class Conv(nn.Module):
     batch_shape = inputs.shape[: inputs.ndim - rank - 1]
     inputs = inputs.reshape((-1,) + inputs.shape[len(batch_shape):])
 
-    padding = self._lax_padding(rank)
+    padding = self.padding.upper() if isinstance(self.padding, str) else _padding_pairs(self.padding, rank)
     if padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
       if padding == "CAUSAL":
         if rank != 1:

@@ -152,11 +152,6 @@ def test_subset_keeps_requested_order_and_content():
   assert data.client_ids == ("b", "a", "c")  # the original is untouched
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG federated_data.py:170 subset() builds a dict keyed by id, so a repeated id is silently dropped "
-    "(subset(['a','a']) has 1 client) instead of raising like the constructor's 'client_ids must be unique'.",
-)
 def test_subset_with_repeated_id_is_rejected():
   data = FederatedData.from_clients(three_clients())
   with pytest.raises(ValueError, match="client_ids"):
@@ -277,12 +272,6 @@ def test_from_arrays_copies_inputs():
   np.testing.assert_array_equal(data["a"]["x"], [0.0, 1.0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG federated_data.py:22,65 the constructor keeps np.asarray(value) without copying and calls "
-    "setflags(write=False) on it: the caller's array is frozen in place, and writes through another view of the "
-    "same buffer change the 'immutable' FederatedData.",
-)
 def test_constructor_does_not_alias_caller_arrays():
   buffer = np.arange(4.0)
   data = FederatedData(("a",), {"x": buffer[:]}, np.array([0, 4]))
@@ -379,21 +368,11 @@ def test_constructor_rejects_empty_client_from_offsets():
     FederatedData(("a", "b", "c"), {"x": np.arange(4)}, [0, 2, 2, 4])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG federated_data.py:61-63 non-increasing offsets (e.g. [0, 3, 2, 4]) are reported as "
-    "'every client needs at least one example' without naming the offsets argument.",
-)
 def test_decreasing_offsets_error_names_offsets():
   with pytest.raises(ValueError, match="offsets"):
     FederatedData(("a", "b", "c"), {"x": np.arange(4)}, [0, 3, 2, 4])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG federated_data.py:54 np.asarray(offsets, dtype=np.int64) silently truncates non-integer offsets "
-    "([0, 1.5, 3] becomes [0, 1, 3]) instead of rejecting them.",
-)
 def test_constructor_rejects_fractional_offsets():
   with pytest.raises((ValueError, TypeError), match="offsets"):
     FederatedData(("a", "b"), {"x": np.arange(3)}, [0, 1.5, 3])

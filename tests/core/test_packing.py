@@ -238,11 +238,6 @@ def test_bucket_is_smallest_power_of_two_at_least_n(n):
   assert bucket < 2 * n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG packing.py:33 bucket_num_steps uses float np.log2: for n = 2**k + 1 with k >= 49, log2(n) rounds "
-    "to k and the result 2**k is smaller than n (e.g. n = 2**49 + 1 returns 2**49). (n - 1).bit_length() is exact.",
-)
 def test_bucket_num_steps_exact_for_large_values():
   n = 2**49 + 1
   assert bucket_num_steps(n) == 2**50

@@ -17,121 +17,156 @@ from fedjax_lite.models import Conv, conv2d_canonical, convolution_instructions,
 RTOL = 1e-5
 
 
-def assert_close(actual, expected, rtol=RTOL):
+def random_normal(seed: int, shape) -> np.ndarray:
+  """Test data from NumPy (each new shape through eager ``jax.random`` would cost a compile of its own)."""
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def random_like(seed: int, tree):
+  """A pytree of random float32 arrays with the shapes of ``tree`` (e.g. params from ``jax.eval_shape``)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(treedef, [random_normal(seed + i, leaf.shape) for i, leaf in enumerate(leaves)])
+
+
+def assert_close(actual, expected, rtol=RTOL, context=""):
+  """``|actual - expected| <= rtol * (|expected| + max|expected|)`` elementwise."""
   actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape
+  assert actual.shape == expected.shape, context
   scale = float(np.max(np.abs(expected))) if expected.size else 0.0
-  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=str(context))
 
 
-def assert_trees_close(actual, expected, rtol=RTOL):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+def assert_trees_close(actual, expected, rtol=RTOL, context=""):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected), context
   for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    assert_close(a, e, rtol)
+    assert_close(a, e, rtol, context)
 
 
 def plain_conv(inputs, kernel, padding):
   return lax.conv_general_dilated(inputs, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-PADDINGS = ["SAME", "VALID", ((1, 2), (0, 3)), ((-1, 2), (2, -1))]
-KERNELS = [(3, 3), (4, 4), (2, 5)]
+def value_and_grads(fn, *args):
+  """``(fn(*args), d/d(args) of sum(sin(fn(*args))))``, traced (call it inside a jit)."""
+  objective = lambda *a: jnp.sum(jnp.sin(fn(*a)))
+  return fn(*args), jax.grad(objective, argnums=tuple(range(len(args))))(*args)
 
 
-def value_and_input_kernel_grads(conv, padding):
-  """A jitted ``(x, w) -> (conv(x, w), d/dx, d/dw of sum(sin(conv(x, w))))``: one compile per check, not per op."""
-
-  def run(inputs, kernel):
-    objective = lambda x, w: jnp.sum(jnp.sin(conv(x, w, padding)))
-    return conv(inputs, kernel, padding), jax.grad(objective, argnums=(0, 1))(inputs, kernel)
-
-  return jax.jit(run)
+PADDINGS = ["SAME", "VALID", ((1, 2), (0, 3)), ((-1, 2), (2, -1))]  # the last one crops
 
 
-@pytest.mark.parametrize("padding", PADDINGS, ids=["same", "valid", "explicit", "negative"])
-@pytest.mark.parametrize("kernel_hw", KERNELS, ids=["3x3", "4x4", "2x5"])
-def test_conv2d_canonical_value_and_gradients_match_lax(padding, kernel_hw):
-  inputs = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
-  kernel = jax.random.normal(jax.random.key(1), kernel_hw + (3, 5))
-  actual = value_and_input_kernel_grads(conv2d_canonical, padding)(inputs, kernel)
-  expected = value_and_input_kernel_grads(plain_conv, padding)(inputs, kernel)
-  assert_trees_close(actual, expected)
+@pytest.mark.parametrize("kernel_hw", [(3, 3), (4, 4), (2, 5)], ids=["3x3", "4x4", "2x5"])
+def test_conv2d_canonical_value_and_gradients_match_lax(kernel_hw):
+  inputs = random_normal(0, (2, 9, 8, 3))
+  kernel = random_normal(1, kernel_hw + (3, 5))
+
+  @jax.jit
+  def both(x, w):  # one compile covers every padding and both implementations
+    return [
+        (value_and_grads(lambda a, b: conv2d_canonical(a, b, padding), x, w),
+         value_and_grads(lambda a, b: plain_conv(a, b, padding), x, w))
+        for padding in PADDINGS
+    ]
+
+  for padding, (actual, expected) in zip(PADDINGS, both(inputs, kernel)):
+    assert_trees_close(actual, expected, context=padding)
 
 
 def test_conv2d_canonical_second_order_reverse_mode_matches_lax():
-  inputs = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
-  kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+  inputs = random_normal(0, (2, 6, 6, 3))
+  kernel = random_normal(1, (3, 3, 3, 4))
 
-  def grad_norm(conv):
-    inner = jax.grad(lambda x, w: jnp.sum(jnp.tanh(conv(x, w, "SAME"))), argnums=1)
-    return jax.jit(jax.grad(lambda x, w: jnp.sum(inner(x, w) ** 2), argnums=(0, 1)))(inputs, kernel)
+  def grad_norm_grads(conv, x, w):
+    inner = jax.grad(lambda a, b: jnp.sum(jnp.tanh(conv(a, b, "SAME"))), argnums=1)
+    return jax.grad(lambda a, b: jnp.sum(inner(a, b) ** 2), argnums=(0, 1))(x, w)
 
-  assert_trees_close(grad_norm(conv2d_canonical), grad_norm(plain_conv))
+  actual, expected = jax.jit(
+      lambda x, w: (grad_norm_grads(conv2d_canonical, x, w), grad_norm_grads(plain_conv, x, w))
+  )(inputs, kernel)
+  assert_trees_close(actual, expected)
 
 
-def test_conv2d_canonical_under_jit_and_vmap():
-  inputs = jax.random.normal(jax.random.key(0), (3, 2, 7, 7, 2))
-  kernels = jax.random.normal(jax.random.key(1), (3, 3, 3, 2, 4))
-  actual = jax.jit(jax.vmap(lambda x, w: conv2d_canonical(x, w, "SAME")))(inputs, kernels)
-  expected = jax.jit(lambda xs, ws: jnp.stack([plain_conv(x, w, "SAME") for x, w in zip(xs, ws)]))(inputs, kernels)
+def test_conv2d_canonical_under_vmap():
+  inputs = random_normal(0, (3, 2, 7, 7, 2))
+  kernels = random_normal(1, (3, 3, 3, 2, 4))
+  actual, expected = jax.jit(
+      lambda xs, ws: (
+          jax.vmap(lambda x, w: conv2d_canonical(x, w, "SAME"))(xs, ws),
+          jnp.stack([plain_conv(x, w, "SAME") for x, w in zip(xs, ws)]),
+      )
+  )(inputs, kernels)
   assert_close(actual, expected)
 
 
-def module_value_and_grads(module):
-  """A jitted ``(params, x) -> (module(x), d/dparams, d/dx of sum(sin(module(x))))``."""
-
-  def run(params, inputs):
-    objective = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
-    return module.apply(params, inputs), jax.grad(objective, argnums=(0, 1))(params, inputs)
-
-  return jax.jit(run)
-
-
-@pytest.mark.parametrize("padding", ["SAME", "VALID", ((2, 0), (1, 1))], ids=["same", "valid", "explicit"])
 @pytest.mark.parametrize("kernel_size", [(3, 3), (4, 4), (5, 2)], ids=["3x3", "4x4", "5x2"])
-@pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "nobias"])
-def test_conv_module_matches_flax_conv(padding, kernel_size, use_bias):
-  inputs = jax.random.normal(jax.random.key(0), (2, 8, 9, 3))
-  reference = nn.Conv(6, kernel_size, padding=padding, use_bias=use_bias)
-  ours = Conv(6, kernel_size, padding=padding, use_bias=use_bias)
-  params = reference.init(jax.random.key(1), inputs)
-  if use_bias:  # a non-zero bias, so that adding it is checked too
-    params = jax.tree.map(lambda p: p + 0.1, params)
-  assert jax.tree.map(jnp.shape, jax.eval_shape(ours.init, jax.random.key(1), inputs)) == jax.tree.map(
-      jnp.shape, params
-  )
-  assert_trees_close(module_value_and_grads(ours)(params, inputs), module_value_and_grads(reference)(params, inputs))
+def test_conv_module_matches_flax_conv(kernel_size):
+  """SAME, VALID and explicit padding, with and without bias: same params, same values, same gradients."""
+  inputs = random_normal(0, (2, 8, 9, 3))
+  cases = [
+      dict(padding=padding, use_bias=use_bias)
+      for padding in ("SAME", "VALID", ((2, 0), (1, 1)))
+      for use_bias in (True, False)
+  ]
+  pairs = [(Conv(6, kernel_size, **case), nn.Conv(6, kernel_size, **case)) for case in cases]
+  params = []
+  for seed, (ours, reference) in enumerate(pairs):
+    shapes = jax.eval_shape(reference.init, jax.random.key(0), inputs)
+    assert jax.tree.map(jnp.shape, jax.eval_shape(ours.init, jax.random.key(0), inputs)) == jax.tree.map(
+        jnp.shape, shapes
+    )
+    params.append(random_like(10 * seed, shapes))  # random bias too, so that adding it is checked
+
+  @jax.jit
+  def both(all_params, x):
+    return [
+        (value_and_grads(lambda p, a: ours.apply(p, a), p, x), value_and_grads(lambda p, a: reference.apply(p, a), p, x))
+        for (ours, reference), p in zip(pairs, all_params)
+    ]
+
+  for case, (actual, expected) in zip(cases, both(params, inputs)):
+    assert_trees_close(actual, expected, context=case)
 
 
 def test_conv_module_default_initializers_match_flax():
   inputs = jnp.ones((1, 6, 6, 2))
-  ours = jax.jit(Conv(4, (3, 3)).init)(jax.random.key(7), inputs)
-  theirs = jax.jit(nn.Conv(4, (3, 3)).init)(jax.random.key(7), inputs)
+  ours, theirs = jax.jit(lambda key: (Conv(4, (3, 3)).init(key, inputs), nn.Conv(4, (3, 3)).init(key, inputs)))(
+      jax.random.key(7)
+  )
   assert_trees_close(ours, theirs, rtol=0.0)
 
 
-@pytest.mark.parametrize(
-    "kwargs, input_shape",
-    [
-        (dict(features=4, kernel_size=(3, 3), strides=2), (2, 9, 9, 3)),
-        (dict(features=4, kernel_size=(3, 3), kernel_dilation=2), (2, 9, 9, 3)),
-        (dict(features=4, kernel_size=(3, 3), input_dilation=(2, 1), padding=((1, 1), (2, 0))), (2, 5, 5, 3)),
-        (dict(features=4, kernel_size=(3, 3), feature_group_count=2), (2, 7, 7, 4)),
-        (dict(features=4, kernel_size=(3,)), (2, 9, 3)),
-        (dict(features=4, kernel_size=(3,), padding="CAUSAL"), (2, 9, 3)),
-        (dict(features=4, kernel_size=(3, 3), padding="CIRCULAR"), (2, 6, 6, 3)),
-        (dict(features=4, kernel_size=(4, 4), padding="REFLECT"), (2, 6, 6, 3)),
-        (dict(features=4, kernel_size=(3, 3)), (6, 6, 3)),  # no batch dim
-        (dict(features=4, kernel_size=(3, 3)), (2, 3, 6, 6, 3)),  # two batch dims
-    ],
-    ids=["strided", "kernel-dilated", "input-dilated", "grouped", "1d", "causal", "circular", "reflect",
-         "unbatched", "two-batch-dims"],
-)
-def test_conv_module_other_cases_match_flax_conv(kwargs, input_shape):
-  inputs = jax.random.normal(jax.random.key(0), input_shape)
-  reference, ours = nn.Conv(**kwargs), Conv(**kwargs)
-  params = jax.tree.map(lambda p: p + 0.1, jax.jit(reference.init)(jax.random.key(1), inputs))
-  assert_trees_close(module_value_and_grads(ours)(params, inputs), module_value_and_grads(reference)(params, inputs))
+FALLBACK_AND_SPECIAL_CASES = [
+    (dict(features=4, kernel_size=(3, 3), strides=2), (2, 9, 9, 3)),
+    (dict(features=4, kernel_size=(3, 3), kernel_dilation=2), (2, 9, 9, 3)),
+    (dict(features=4, kernel_size=(3, 3), input_dilation=(2, 1), padding=((1, 1), (2, 0))), (2, 5, 5, 3)),
+    (dict(features=4, kernel_size=(3, 3), feature_group_count=2), (2, 7, 7, 4)),
+    (dict(features=4, kernel_size=(3,)), (2, 9, 3)),
+    (dict(features=4, kernel_size=(3,), padding="CAUSAL"), (2, 9, 3)),
+    (dict(features=4, kernel_size=(3, 3), padding="CIRCULAR"), (2, 6, 6, 3)),
+    (dict(features=4, kernel_size=(4, 4), padding="REFLECT"), (2, 6, 6, 3)),
+    (dict(features=4, kernel_size=(3, 3), padding=1), (6, 6, 3)),  # no batch dim
+    (dict(features=4, kernel_size=(3, 3)), (2, 3, 6, 6, 3)),  # two batch dims
+]
+
+
+def test_conv_module_fallback_and_special_cases_match_flax_conv():
+  """Strided, dilated, grouped, 1-D, CAUSAL/CIRCULAR/REFLECT padding, unbatched and 2-batch-dim inputs."""
+  pairs = [(Conv(**kwargs), nn.Conv(**kwargs)) for kwargs, _ in FALLBACK_AND_SPECIAL_CASES]
+  inputs = [random_normal(seed, shape) for seed, (_, shape) in enumerate(FALLBACK_AND_SPECIAL_CASES)]
+  params = [
+      random_like(10 * seed, jax.eval_shape(reference.init, jax.random.key(0), x))
+      for seed, ((_, reference), x) in enumerate(zip(pairs, inputs))
+  ]
+
+  @jax.jit
+  def both(all_params, all_inputs):
+    return [
+        (value_and_grads(lambda p, a: ours.apply(p, a), p, x), value_and_grads(lambda p, a: reference.apply(p, a), p, x))
+        for (ours, reference), p, x in zip(pairs, all_params, all_inputs)
+    ]
+
+  for (kwargs, _), (actual, expected) in zip(FALLBACK_AND_SPECIAL_CASES, both(params, inputs)):
+    assert_trees_close(actual, expected, context=kwargs)
 
 
 @pytest.mark.parametrize(
@@ -173,6 +208,8 @@ def test_conv2d_canonical_rejects_bad_shapes():
         (dict(features=4, kernel_size=(3, 3), kernel_dilation=0), "kernel_dilation"),
         (dict(features=4, kernel_size=(3, 3), feature_group_count=3), "feature_group_count"),
         (dict(features=4, kernel_size=(3, 3), padding="FULL"), "padding"),
+        (dict(features=4, kernel_size=(3, 3), padding=((1, 1),)), "padding"),
+        (dict(features=4, kernel_size=(3, 3), padding=((1, 1), (1, 2, 3))), "padding"),
     ],
 )
 def test_conv_module_rejects_bad_arguments(kwargs, match):
@@ -203,7 +240,7 @@ class _SmallCNN(nn.Module):
 def _compiled_scan_of_sgd_steps(conv_cls) -> str:
   """Optimized HLO of 3 SGD steps of a small CNN in a rolled ``lax.scan``."""
   model = _SmallCNN(conv_cls)
-  images = jax.random.normal(jax.random.key(0), (3, 4, 10, 10, 1))  # [steps, batch, H, W, C]
+  images = random_normal(0, (3, 4, 10, 10, 1))  # [steps, batch, H, W, C]
   labels = jnp.zeros((3, 4), jnp.int32)
   params = jax.jit(model.init)(jax.random.key(1), images[0])
 

@@ -17,17 +17,26 @@ from fedjax_lite.models import (
     original_fedavg_cnn,
 )
 
+
+
+def random_uniform(seed: int, shape) -> np.ndarray:
+  """Uniform [0, 1) test data from NumPy (each new shape through eager ``jax.random`` would cost a compile)."""
+  return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def random_params(model: Model, seed: int = 0, scale: float = 0.1):
+  """Random params of the model's shapes, made with NumPy: no init program to compile."""
+  leaves, treedef = jax.tree.flatten(jax.eval_shape(model.init, jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(treedef, [scale * rng.standard_normal(leaf.shape).astype(np.float32) for leaf in leaves])
+
+
 BUILDERS = {
     "dense_softmax": dense_softmax,
     "mlp": mlp,
     "original_fedavg_cnn": original_fedavg_cnn,
     "cnn_dropout": cnn_dropout,
 }
-
-
-def jitted_apply(model: Model):
-  """``model.apply`` under one jit (``train`` static), so a check compiles one program instead of every op."""
-  return jax.jit(model.apply, static_argnums=3)
 
 
 def num_params(model: Model) -> int:
@@ -56,67 +65,66 @@ def test_output_shapes(name, input_shape):
   params = jax.eval_shape(model.init, jax.random.key(0))
   for images_shape in [(5, 28, 28, 1), (5, 28, 28)] if input_shape[0] == 28 else [(5, 8, 8, 1), (5, 8, 8)]:
     images = jax.ShapeDtypeStruct(images_shape, jnp.float32)
-    logits = jax.eval_shape(model.apply, params, {"x": images}, None, False)
+    logits = jax.eval_shape(lambda p, x: model.apply(p, {"x": x}, None, False), params, images)
     assert logits.shape == (5, 7)
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
-def test_channel_axis_is_optional_on_digits_shape(name):
-  model = BUILDERS[name](num_classes=7, input_shape=(8, 8, 1))
-  params = jax.jit(model.init)(jax.random.key(0))
-  images = jax.random.uniform(jax.random.key(1), (5, 8, 8, 1))
-  with_channel, without_channel = jax.jit(
-      lambda p, x: (model.apply(p, {"x": x}, None, False), model.apply(p, {"x": x[..., 0]}, None, False))
-  )(params, images)
-  assert with_channel.shape == (5, 7)
-  np.testing.assert_allclose(with_channel, without_channel, rtol=1e-6, atol=1e-6)
+def test_digits_shape_forward_input_forms_and_gradient(name):
+  """On 8x8x1 (sklearn digits): [B,H,W,C], [B,H,W] and integer inputs agree; a masked training loss has finite
+  gradients. One compiled program per model."""
+  model = BUILDERS[name](num_classes=10, input_shape=(8, 8, 1))
+  params = random_params(model)
+  pixels = np.random.default_rng(1).integers(0, 16, (4, 8, 8, 1)).astype(np.int32)
+  labels = np.array([0, 1, 2, 3], np.int32)
+  mask = np.array([True, True, True, False])
 
+  @jax.jit
+  def run(params, pixels):
+    images = pixels.astype(jnp.float32)
+    logits = model.apply(params, {"x": images}, None, False)
+    logits_no_channel = model.apply(params, {"x": images[..., 0]}, None, False)
+    logits_from_ints = model.apply(params, {"x": pixels}, None, False)
+    loss = lambda p: masked_loss_and_metric_sums(model, p, {"x": images, "y": labels}, mask, jax.random.key(2), True)[0]
+    return logits, logits_no_channel, logits_from_ints, jax.value_and_grad(loss)(params)
 
-@pytest.mark.parametrize("name", list(BUILDERS))
-def test_gradient_step_on_digits_shape(name):
-  model = BUILDERS[name](num_classes=10, input_shape=(8, 8))
-  params = jax.jit(model.init)(jax.random.key(0))
-  batch = {"x": jax.random.uniform(jax.random.key(1), (4, 8, 8)), "y": jnp.array([0, 1, 2, 3])}
-  mask = jnp.array([True, True, True, False])
-
-  def loss(p):
-    return masked_loss_and_metric_sums(model, p, batch, mask, jax.random.key(2), True)[0]
-
-  value, grads = jax.jit(jax.value_and_grad(loss))(params)
-  assert np.isfinite(float(value))
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-
-
-def test_integer_inputs_are_cast():
-  model = original_fedavg_cnn(input_shape=(8, 8, 1))
-  params = jax.jit(model.init)(jax.random.key(0))
-  pixels = jax.random.randint(jax.random.key(1), (2, 8, 8, 1), 0, 16)
-  apply = jitted_apply(model)
-  np.testing.assert_allclose(
-      apply(params, {"x": pixels}, None, False), apply(params, {"x": pixels.astype(jnp.float32)}, None, False)
-  )
+  logits, logits_no_channel, logits_from_ints, (loss, grads) = run(params, pixels)
+  assert logits.shape == (4, 10)
+  np.testing.assert_allclose(logits_no_channel, logits, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(logits_from_ints, logits, rtol=1e-6, atol=1e-6)
+  assert np.isfinite(float(loss))
+  assert all(bool(np.all(np.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert any(float(np.max(np.abs(g))) > 0 for g in jax.tree.leaves(grads))
 
 
 def test_cnn_dropout_is_random_in_training_and_deterministic_in_eval():
   model = cnn_dropout(num_classes=10, input_shape=(8, 8, 1))
-  params = jax.jit(model.init)(jax.random.key(0))
-  batch = {"x": jax.random.uniform(jax.random.key(1), (3, 8, 8, 1))}
-  apply = jitted_apply(model)
-  train_a = apply(params, batch, jax.random.key(10), True)
-  train_b = apply(params, batch, jax.random.key(11), True)
-  train_a_again = apply(params, batch, jax.random.key(10), True)
+  params = random_params(model)
+  batch = {"x": random_uniform(1, (3, 8, 8, 1))}
+
+  @jax.jit
+  def run(params, batch):
+    key_a, key_b = jax.random.key(10), jax.random.key(11)
+    return (
+        model.apply(params, batch, key_a, True),
+        model.apply(params, batch, key_b, True),
+        model.apply(params, batch, key_a, True),
+        model.apply(params, batch, key_a, False),
+        model.apply(params, batch, None, False),
+    )
+
+  train_a, train_b, train_a_again, eval_a, eval_b = run(params, batch)
   assert not np.allclose(train_a, train_b)
   np.testing.assert_array_equal(train_a, train_a_again)
-  eval_a = apply(params, batch, jax.random.key(10), False)
-  eval_b = apply(params, batch, None, False)
   np.testing.assert_array_equal(eval_a, eval_b)
   assert not np.allclose(eval_a, train_a)
 
 
 def test_dense_softmax_starts_uniform():
   model = dense_softmax()
-  params = jax.jit(model.init)(jax.random.key(0))
-  logits = jitted_apply(model)(params, {"x": jnp.ones((2, 28, 28, 1))}, None, False)
+  logits = jax.jit(lambda key: model.apply(model.init(key), {"x": jnp.ones((2, 28, 28, 1))}, None, False))(
+      jax.random.key(0)
+  )
   np.testing.assert_array_equal(logits, jnp.zeros((2, 10)))
 
 
@@ -168,4 +176,4 @@ def test_image_models_reject_flat_inputs():
   model = original_fedavg_cnn(input_shape=(8, 8, 1))
   params = jax.eval_shape(model.init, jax.random.key(0))
   with pytest.raises(ValueError, match="inputs"):
-    jax.eval_shape(model.apply, params, {"x": jnp.ones((2, 64))}, None, False)
+    jax.eval_shape(lambda p: model.apply(p, {"x": jnp.ones((2, 64))}, None, False), params)
