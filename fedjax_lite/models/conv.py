@@ -190,7 +190,30 @@ def conv2d_canonical(
   if isinstance(precision, list):
     precision = tuple(precision)
   dtype = jnp.result_type(inputs, kernel)
-  return _conv2d_with_canonical_backward(inputs.astype(dtype), kernel.astype(dtype), pads, precision)
+  inputs, kernel = inputs.astype(dtype), kernel.astype(dtype)
+  output_hw = [size + lo + hi - k + 1 for size, (lo, hi), k in zip(inputs.shape[1:3], pads, kernel.shape[:2])]
+  if any(out < k for out, k in zip(output_hw, kernel.shape[:2])):
+    return _conv2d_by_patches(inputs, kernel, pads, precision)
+  return _conv2d_with_canonical_backward(inputs, kernel, pads, precision)
+
+
+def _conv2d_by_patches(inputs, kernel, pads, precision):
+  """The same convolution as one matmul over extracted patches (im2col), for outputs smaller than the kernel.
+
+  When the kernel is larger than the output (e.g. a 5x5 SAME conv on a 4x4 map), XLA's algebraic simplifier swaps
+  the convolution's operands into a layout that XLA:CPU runs on its slow generic emitter inside loops, whatever
+  form the conv was written in. Such outputs are tiny, so gathering the ``kh * kw`` shifted windows and doing one
+  ``[N*H'*W', kh*kw*C] x [kh*kw*C, O]`` matmul is cheap, and its autodiff is slices and matmuls only.
+  """
+  kernel_h, kernel_w, channels, features = kernel.shape
+  padded = jax.lax.pad(inputs, jnp.zeros((), inputs.dtype),
+                       ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in pads) + ((0, 0, 0),))
+  out_h = padded.shape[1] - kernel_h + 1
+  out_w = padded.shape[2] - kernel_w + 1
+  windows = [padded[:, a:a + out_h, b:b + out_w, :] for a in range(kernel_h) for b in range(kernel_w)]
+  patches = jnp.stack(windows, axis=3)  # [N, H', W', kh*kw, C], taps in (a, b) row-major order like HWIO
+  patches = patches.reshape(patches.shape[:3] + (kernel_h * kernel_w * channels,))
+  return jnp.dot(patches, kernel.reshape(kernel_h * kernel_w * channels, features), precision=precision)
 
 
 def _as_tuple(value, rank: int, name: str) -> tuple[int, ...]:

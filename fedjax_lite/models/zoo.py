@@ -244,5 +244,7 @@ def cnn_dropout(num_classes: int = 10, input_shape: Sequence[int] = (28, 28, 1))
   num_classes = _check_num_classes(num_classes)
   shape = _check_input_shape(input_shape, image=True)
   if min(shape[:2]) < 6:
-    raise ValueError(f"input_shape must have H, W >= 6 for two VALID 3x3 convs and a 2x2 max-pool, got {input_shape!r}.")
+    raise ValueError(
+        f"input_shape must have H, W >= 6 for two VALID 3x3 convs and a 2x2 max-pool, got {input_shape!r}."
+    )
   return from_flax(CNNDropout(num_classes=num_classes), _sample_input(shape), name="cnn_dropout")

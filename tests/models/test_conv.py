@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 from jax import lax
 
-from fedjax_lite.models import Conv, conv2d_canonical, convolution_instructions, max_pool_2x2, non_canonical_convolutions
+from fedjax_lite.models import (
+    Conv,
+    conv2d_canonical,
+    convolution_instructions,
+    max_pool_2x2,
+    non_canonical_convolutions,
+)
 
 RTOL = 1e-5
 
@@ -119,7 +125,7 @@ def test_conv_module_matches_flax_conv(kernel_size):
   @jax.jit
   def both(all_params, x):
     return [
-        (value_and_grads(lambda p, a: ours.apply(p, a), p, x), value_and_grads(lambda p, a: reference.apply(p, a), p, x))
+        (value_and_grads(ours.apply, p, x), value_and_grads(reference.apply, p, x))
         for (ours, reference), p in zip(pairs, all_params)
     ]
 
@@ -161,7 +167,7 @@ def test_conv_module_fallback_and_special_cases_match_flax_conv():
   @jax.jit
   def both(all_params, all_inputs):
     return [
-        (value_and_grads(lambda p, a: ours.apply(p, a), p, x), value_and_grads(lambda p, a: reference.apply(p, a), p, x))
+        (value_and_grads(ours.apply, p, x), value_and_grads(reference.apply, p, x))
         for (ours, reference), p, x in zip(pairs, all_params, all_inputs)
     ]
 
@@ -260,7 +266,7 @@ def _compiled_scan_of_sgd_steps(conv_cls) -> str:
 
 def test_hlo_guard_all_convolutions_canonical_with_our_conv():
   hlo_text = _compiled_scan_of_sgd_steps(Conv)
-  assert "while" in hlo_text  # the scan stayed rolled
+  assert " while(" in hlo_text  # the scan stayed a rolled while loop
   # 2 forward convs + 2 kernel-gradient convs + 1 input-gradient conv (layer 2) per step.
   assert len(convolution_instructions(hlo_text)) >= 5
   assert non_canonical_convolutions(hlo_text) == []
@@ -268,7 +274,7 @@ def test_hlo_guard_all_convolutions_canonical_with_our_conv():
 
 def test_hlo_guard_fails_for_flax_conv():
   hlo_text = _compiled_scan_of_sgd_steps(nn.Conv)
-  assert "while" in hlo_text
+  assert " while(" in hlo_text
   assert len(non_canonical_convolutions(hlo_text)) >= 1
 
 
@@ -287,3 +293,35 @@ def test_non_canonical_convolutions_parses_instruction_lines():
   assert [line.split(" ")[0] for line in offending] == ["%b", "%d"]
   with pytest.raises(TypeError, match="compiled_hlo_text"):
     non_canonical_convolutions(b"bytes")
+
+
+@pytest.mark.parametrize("input_hw, kernel_hw, padding", [
+    ((4, 4), (5, 5), "SAME"),  # the original FedAvg CNN's second conv on 8x8 digits
+    ((2, 3), (5, 3), "SAME"),
+    ((6, 6), (5, 5), ((1, 0), (2, 2))),
+])
+def test_small_outputs_use_patches_and_match_lax(input_hw, kernel_hw, padding):
+  """Outputs smaller than the kernel take the im2col path; values and gradients still equal lax's conv."""
+  inputs = random_normal(0, (3,) + input_hw + (2,))
+  kernel = random_normal(1, kernel_hw + (2, 4))
+  pads = padding if isinstance(padding, str) else padding
+  ours = jax.jit(lambda x, k: value_and_grads(lambda a, b: conv2d_canonical(a, b, pads), x, k))(inputs, kernel)
+  reference = jax.jit(lambda x, k: value_and_grads(lambda a, b: plain_conv(a, b, pads), x, k))(inputs, kernel)
+  assert_trees_close(ours, reference)
+
+
+def test_hlo_guard_tiny_feature_maps_stay_canonical():
+  """A 5x5 SAME conv on a 4x4 map in a rolled loop: XLA would swap a plain conv's operands into a slow layout."""
+  inputs = random_normal(0, (3, 2, 4, 4, 3))
+  kernel = random_normal(1, (5, 5, 3, 4))
+
+  def train(kernel, inputs):
+    def step(kernel, batch):
+      grad = jax.grad(lambda k: jnp.sum(conv2d_canonical(batch, k, "SAME") ** 2))(kernel)
+      return kernel - 0.01 * grad, None
+
+    return jax.lax.scan(step, kernel, inputs)[0]
+
+  hlo_text = jax.jit(train).lower(kernel, inputs).compile().as_text()
+  assert " while(" in hlo_text
+  assert non_canonical_convolutions(hlo_text) == []

@@ -1,0 +1,67 @@
+"""The ``fedjax-lite`` command line: a short real run writes its files; bad flags give one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fedjax_lite.experiments import cli
+
+
+def test_train_writes_metrics_plot_and_summary(tmp_path, capsys):
+  out = tmp_path / "run"
+  code = cli.main(["train", "--model", "mlp", "--rounds", "3", "--eval-every", "1", "--output-dir", str(out),
+                   "--json", "--no-progress"])
+  assert code == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary["rounds"] == 3
+  assert 0.0 <= summary["final_test_accuracy"] <= 1.0
+  assert summary["seconds"] > 0
+  records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  assert [r["round"] for r in records] == [0, 1, 2]
+  assert all("client_work/train/loss" in r and "evaluation/accuracy" in r for r in records)
+  assert (out / "training.png").stat().st_size > 1000
+  assert json.loads((out / "summary.json").read_text())["final_test_accuracy"] == summary["final_test_accuracy"]
+
+
+def test_fedsgd_on_synthetic_runs(tmp_path, capsys):
+  code = cli.main(["train", "--dataset", "synthetic", "--num-clients", "12", "--model", "dense", "--algorithm",
+                   "fedsgd", "--rounds", "2", "--clients-per-round", "4", "--output-dir", str(tmp_path),
+                   "--no-progress"])
+  assert code == 0
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  assert line.startswith("fedsgd dense on synthetic: 2 rounds")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--rounds", "0"], "--rounds"),
+    (["train", "--batch-size", "-3"], "--batch-size"),
+    (["train", "--client-lr", "nan"], "--client-lr"),
+    (["train", "--client-lr", "inf"], "--client-lr"),
+    (["train", "--server-lr", "0"], "--server-lr"),
+    (["train", "--model", "resnet"], "--model"),
+    (["train", "--dataset", "mnist"], "--dataset"),
+    (["train", "--clients-per-round", "500"], "--clients-per-round"),
+    (["train", "--dataset", "synthetic", "--model", "cnn"], "--model"),
+    (["train", "--frobnicate"], "unrecognized"),
+    ([], "command"),
+])
+def test_bad_flags_one_line_exit_2(argv, fragment, capsys):
+  assert cli.main(argv) == 2
+  captured = capsys.readouterr()
+  lines = captured.err.strip().splitlines()
+  assert len(lines) == 1, captured.err
+  assert lines[0].startswith("fedjax-lite: error:")
+  assert fragment in lines[0]
+  assert "Traceback" not in captured.err
+
+
+def test_console_script_bad_flag_has_no_traceback():
+  completed = subprocess.run([sys.executable, "-m", "fedjax_lite.experiments.cli", "train", "--rounds", "-1"],
+                             capture_output=True, text=True, timeout=120, env=dict(os.environ))
+  assert completed.returncode == 2
+  assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
