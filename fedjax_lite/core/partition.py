@@ -18,11 +18,11 @@ assigns every example to exactly one client and leaves no client empty.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Mapping
 
 import numpy as np
 
+from fedjax_lite.core import validation
 from fedjax_lite.core.federated_data import FederatedData
 
 __all__ = [
@@ -36,16 +36,8 @@ __all__ = [
 # Argument checks -------------------------------------------------------------------------------------------------
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__}).")
-  if value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value}.")
-  return int(value)
 
 
-def _check_seed(seed: Any) -> int:
-  return _check_int(seed, "seed", 0)
 
 
 def _check_labels(labels: Any) -> np.ndarray:
@@ -81,13 +73,13 @@ def iid_partition(num_examples: int, num_clients: int, *, seed: int) -> np.ndarr
     >>> sorted(np.bincount(assignment).tolist())
     [3, 3, 4]
   """
-  num_examples = _check_int(num_examples, "num_examples", 1)
-  num_clients = _check_int(num_clients, "num_clients", 1)
+  num_examples = validation.check_int("num_examples", num_examples, minimum=1)
+  num_clients = validation.check_int("num_clients", num_clients, minimum=1)
   if num_examples < num_clients:
     raise ValueError(
         f"num_examples must be >= num_clients ({num_clients}) so that no client is empty, got {num_examples}."
     )
-  rng = np.random.default_rng(_check_seed(seed))
+  rng = np.random.default_rng(validation.check_int("seed", seed, minimum=0))
   client_order = rng.permutation(num_clients)  # which clients get the extra example
   example_order = rng.permutation(num_examples)
   assignment = np.empty(num_examples, dtype=np.int64)
@@ -128,21 +120,17 @@ def dirichlet_partition(
     int64 array of shape ``[len(labels)]``: the client index in ``[0, num_clients)`` of every example.
   """
   labels = _check_labels(labels)
-  num_clients = _check_int(num_clients, "num_clients", 1)
-  if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-    raise TypeError(f"alpha must be a finite float > 0, got {alpha!r} ({type(alpha).__name__}).")
-  alpha = float(alpha)
-  if not (np.isfinite(alpha) and alpha > 0):
-    raise ValueError(f"alpha must be a finite float > 0, got {alpha}.")
-  min_client_size = _check_int(min_client_size, "min_client_size", 1)
-  max_attempts = _check_int(max_attempts, "max_attempts", 1)
+  num_clients = validation.check_int("num_clients", num_clients, minimum=1)
+  alpha = validation.check_positive("alpha", alpha)
+  min_client_size = validation.check_int("min_client_size", min_client_size, minimum=1)
+  max_attempts = validation.check_int("max_attempts", max_attempts, minimum=1)
   num_examples = labels.shape[0]
   if num_clients * min_client_size > num_examples:
     raise ValueError(
         f"min_client_size must be <= len(labels) / num_clients = {num_examples / num_clients:g} "
         f"({num_examples} examples, {num_clients} clients), got {min_client_size}."
     )
-  rng = np.random.default_rng(_check_seed(seed))
+  rng = np.random.default_rng(validation.check_int("seed", seed, minimum=0))
   _, class_of_example = np.unique(labels, return_inverse=True)
   class_of_example = class_of_example.reshape(-1)
   examples_by_class = [np.flatnonzero(class_of_example == c) for c in range(class_of_example.max() + 1)]
@@ -197,8 +185,8 @@ def shard_partition(labels: Any, num_clients: int, *, shards_per_client: int = 2
     int64 array of shape ``[len(labels)]``: the client index in ``[0, num_clients)`` of every example.
   """
   labels = _check_labels(labels)
-  num_clients = _check_int(num_clients, "num_clients", 1)
-  shards_per_client = _check_int(shards_per_client, "shards_per_client", 1)
+  num_clients = validation.check_int("num_clients", num_clients, minimum=1)
+  shards_per_client = validation.check_int("shards_per_client", shards_per_client, minimum=1)
   num_examples = labels.shape[0]
   num_shards = num_clients * shards_per_client
   if num_examples < num_shards:
@@ -206,7 +194,7 @@ def shard_partition(labels: Any, num_clients: int, *, shards_per_client: int = 2
         f"shards_per_client must be <= len(labels) / num_clients = {num_examples / num_clients:g} so that no "
         f"shard is empty ({num_examples} examples, {num_clients} clients), got {shards_per_client}."
     )
-  rng = np.random.default_rng(_check_seed(seed))
+  rng = np.random.default_rng(validation.check_int("seed", seed, minimum=0))
   tie_breaking_order = rng.permutation(num_examples)
   label_sorted_examples = tie_breaking_order[np.argsort(labels[tie_breaking_order], kind="stable")]
 

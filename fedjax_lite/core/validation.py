@@ -13,16 +13,17 @@ def _is_real_number(value: Any) -> bool:
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
-              allow_none: bool = False) -> None:
-  """An int (not bool) within ``[minimum, maximum]``."""
+              allow_none: bool = False) -> int | None:
+  """An int (not bool) within ``[minimum, maximum]``; returns it as a Python int."""
   if value is None and allow_none:
-    return
+    return None
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, got {type(value).__name__} {value!r}.")
   if minimum is not None and value < minimum:
     raise ValueError(f"{name} must be >= {minimum}, got {value}.")
   if maximum is not None and value > maximum:
     raise ValueError(f"{name} must be <= {maximum}, got {value}.")
+  return int(value)
 
 
 def check_float(
@@ -34,10 +35,10 @@ def check_float(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
     allow_none: bool = False,
-) -> None:
-  """A finite real number within the interval given by ``low``/``high`` and their inclusiveness."""
+) -> float | None:
+  """A finite real number within the interval given by ``low``/``high`` and their inclusiveness; returns a float."""
   if value is None and allow_none:
-    return
+    return None
   if not _is_real_number(value):
     raise TypeError(f"{name} must be a real number{' or None' if allow_none else ''}, got {type(value).__name__}.")
   try:
@@ -52,11 +53,12 @@ def check_float(
     raise ValueError(f"{name} must be in {interval}, got {value}.")
   if high is not None and (value > high or (value == high and not high_inclusive)):
     raise ValueError(f"{name} must be in {interval}, got {value}.")
+  return float(value)
 
 
-def check_positive(name: str, value: Any, *, allow_none: bool = False) -> None:
+def check_positive(name: str, value: Any, *, allow_none: bool = False) -> float | None:
   """A finite number > 0."""
-  check_float(name, value, low=0.0, low_inclusive=False, allow_none=allow_none)
+  return check_float(name, value, low=0.0, low_inclusive=False, allow_none=allow_none)
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:

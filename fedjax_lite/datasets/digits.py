@@ -18,11 +18,11 @@ rate 0.05, batch 10) reached 90% test accuracy after 44 to 91 rounds with 1 loca
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import numpy as np
 
 from fedjax_lite.core import partition as partition_lib
+from fedjax_lite.core import validation
 from fedjax_lite.core.federated_data import FederatedData
 
 __all__ = ["DigitsData", "load_digits", "DIGITS_NUM_EXAMPLES", "DIGITS_NUM_CLASSES"]
@@ -103,16 +103,10 @@ def load_digits(
     >>> data.train.num_clients, data.train.num_examples + len(data.test["y"])
     (50, 1797)
   """
-  if not isinstance(partition, str) or partition not in _PARTITIONS:
-    raise ValueError(f"partition must be one of {_PARTITIONS}, got {partition!r}.")
-  if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
-    raise TypeError(f"test_fraction must be a float in (0, 1), got {type(test_fraction).__name__}.")
-  if not 0.0 < float(test_fraction) < 1.0:
-    raise ValueError(f"test_fraction must be a float in (0, 1), got {test_fraction}.")
-  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-    raise TypeError(f"seed must be an integer >= 0, got {type(seed).__name__}.")
-  if seed < 0:
-    raise ValueError(f"seed must be an integer >= 0, got {seed}.")
+  validation.check_choice("partition", partition, _PARTITIONS)
+  test_fraction = validation.check_float("test_fraction", test_fraction, low=0.0, high=1.0, low_inclusive=False,
+                                         high_inclusive=False)
+  seed = validation.check_int("seed", seed, minimum=0)
   # num_clients, alpha and shards_per_client are checked by the partitioners, which name them.
 
   from sklearn import datasets as sklearn_datasets  # imported lazily: only this loader needs scikit-learn

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fedjax_lite.core import validation
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.partition import partition_dataset
 
@@ -70,20 +71,8 @@ class SyntheticLeafTask:
     return np.argmax(logits, axis=-1).astype(np.int32)
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__}).")
-  if value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value}.")
-  return int(value)
 
 
-def _check_nonnegative_float(value: Any, name: str) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(f"{name} must be a finite float >= 0, got {value!r} ({type(value).__name__}).")
-  if not (np.isfinite(value) and value >= 0):
-    raise ValueError(f"{name} must be a finite float >= 0, got {value}.")
-  return float(value)
 
 
 def synthetic_leaf_task(
@@ -117,17 +106,17 @@ def synthetic_leaf_task(
   Takes the same arguments as :func:`synthetic_leaf` and returns the ground truth of the data that
   :func:`synthetic_leaf` generates with them.
   """
-  num_clients = _check_int(num_clients, "num_clients", 1)
-  alpha = _check_nonnegative_float(alpha, "alpha")
-  beta = _check_nonnegative_float(beta, "beta")
+  num_clients = validation.check_int("num_clients", num_clients, minimum=1)
+  alpha = validation.check_float("alpha", alpha, low=0.0)
+  beta = validation.check_float("beta", beta, low=0.0)
   if not isinstance(iid, (bool, np.bool_)):
     raise TypeError(f"iid must be a bool, got {type(iid).__name__}.")
-  num_features = _check_int(num_features, "num_features", 1)
-  num_classes = _check_int(num_classes, "num_classes", 2)
-  seed = _check_int(seed, "seed", 0)
-  min_size = _check_int(min_size, "min_size", 1)
+  num_features = validation.check_int("num_features", num_features, minimum=1)
+  num_classes = validation.check_int("num_classes", num_classes, minimum=2)
+  seed = validation.check_int("seed", seed, minimum=0)
+  min_size = validation.check_int("min_size", min_size, minimum=1)
   if max_size is not None:
-    max_size = _check_int(max_size, "max_size", min_size)
+    max_size = validation.check_int("max_size", max_size, minimum=min_size)
 
   task_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[0])
   sizes = np.floor(task_rng.lognormal(LOG_SIZE_MEAN, LOG_SIZE_SIGMA, size=num_clients)).astype(np.int64) + min_size

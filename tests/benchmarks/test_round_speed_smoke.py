@@ -1,0 +1,107 @@
+"""Smoke test of ``benchmarks/round_speed.py``: ``--quick`` runs end to end and prints one sane JSON line.
+
+No timing assertions: the figures depend on the machine. The test only checks that every section ran, that times
+are positive, that the library round compiled (and did not recompile) and that the variants computed the same
+round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = REPO_ROOT / "benchmarks" / "round_speed.py"
+EXPECTED_VARIANTS = {
+    "library_equal", "library_ragged", "vmap", "python_loop", "python_loop_canonical", "unrolled",
+    "unrolled_canonical", "scan_canonical",
+}
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+  output = tmp_path_factory.mktemp("round_speed") / "results.jsonl"
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  completed = subprocess.run(
+      [sys.executable, str(SCRIPT), "--quick", "--output", str(output)],
+      cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600,
+  )
+  assert completed.returncode == 0, completed.stderr[-4000:]
+  lines = [line for line in completed.stdout.splitlines() if line.strip()]
+  assert len(lines) == 1, f"expected exactly one stdout line, got {len(lines)}"
+  report = json.loads(lines[0])
+  assert json.loads(output.read_text().splitlines()[-1]) == report  # --output appends the same line
+  return report
+
+
+def _positive(value) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_top_level_keys(quick_report):
+  for key in ("date", "jax", "jaxlib", "cpu_model", "workload", "variants", "ratios", "single_step",
+              "recompilation", "memory", "total_compilations"):
+    assert key in quick_report, key
+  assert quick_report["quick"] is True
+  assert quick_report["workload"]["clients"] == 2
+  assert quick_report["workload"]["examples_per_client"] == 40
+  assert sum(quick_report["workload"]["ragged_sizes"]) == 80
+
+
+@pytest.mark.slow
+def test_variants_have_positive_times_and_agree(quick_report):
+  variants = quick_report["variants"]
+  assert set(variants) == EXPECTED_VARIANTS
+  for name, result in variants.items():
+    for key in ("steady_s", "first_round_s", "ms_per_local_step"):
+      assert _positive(result[key]), (name, key, result[key])
+    assert result["first_round_s"] >= result["compile_s"] >= 0
+    assert result["compilations"] >= 1, name
+    assert result["compilations_during_timed_rounds"] == 0, name
+    assert len(result["round_s"]) == quick_report["rounds"]
+    if name != "library_ragged":  # same starting point and data: every equal-size variant computes one round
+      assert result["max_abs_param_diff_vs_library_after_round_1"] < 1e-4, name
+
+
+@pytest.mark.slow
+def test_ratios(quick_report):
+  ratios = quick_report["ratios"]
+  assert ratios["fastest_handwritten"] in EXPECTED_VARIANTS - {"library_equal", "library_ragged"}
+  assert _positive(ratios["library_equal_vs_fastest_handwritten"])
+  assert _positive(ratios["library_ragged_vs_fastest_handwritten"])
+
+
+@pytest.mark.slow
+def test_single_step(quick_report):
+  for kind in ("plain", "canonical"):
+    assert _positive(quick_report["single_step"][f"{kind}_step_alone_ms"])
+    assert _positive(quick_report["single_step"][f"{kind}_step_in_rolled_scan_ms"])
+
+
+@pytest.mark.slow
+def test_recompilation_counts(quick_report):
+  recompilation = quick_report["recompilation"]
+  assert recompilation["round_compilations"] >= 1
+  assert recompilation["compilations_after_round_1"] == 0
+  assert len(recompilation["compilations_per_round"]) == recompilation["rounds"]
+  assert _positive(recompilation["first_round_s"])
+  assert quick_report["total_compilations"] >= 1
+
+
+@pytest.mark.slow
+def test_memory_subprocess(quick_report):
+  memory = quick_report["memory"]
+  assert memory["clients"] == 100
+  assert memory["num_examples"] == 100 * 20
+  assert _positive(memory["peak_rss_bytes"])
+  assert memory["peak_rss_bytes"] >= memory["rss_before_round_bytes"] > 0
+  assert _positive(memory["first_round_s"])
+  assert memory["all_updates_at_once_bytes"] == 100 * memory["num_params"] * 4
