@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lite.core.process import MeasuredOutput
+from fedjax_lite.core.tree import tree_size_bits
 
 PyTree = Any
 
@@ -71,11 +72,16 @@ class Aggregator(NamedTuple):
     next: aggregates values with a leading client axis; ``client_mask`` (bool ``[clients]``) marks real clients,
       padding slots contribute nothing.
     parts: the client/server split when the aggregator is sum-based (streamable); None otherwise.
+    upload_bits: ``upload_bits(value_template) -> int``, the exact bits ONE client uploads (a static count); see
+      :func:`client_upload_bits` for the default.
+    dp_event: for differentially private aggregators, ``dp_event() -> dp_accounting.DpEvent`` of one round.
   """
 
   init: InitFn
   next: NextFn
   parts: SumParts | None = None
+  upload_bits: Callable[[PyTree], int] | None = None
+  dp_event: Callable[[], Any] | None = None
 
 
 def split_rng(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -109,8 +115,15 @@ def sum_based(
     broadcast: Callable[[PyTree], PyTree],
     client: Callable[[PyTree, PyTree, jax.Array, jax.Array], PyTree],
     server: Callable[[PyTree, PyTree, jax.Array], MeasuredOutput],
+    *,
+    upload_bits: Callable[[PyTree], int] | None = None,
+    dp_event: Callable[[], Any] | None = None,
 ) -> Aggregator:
-  """Builds an :class:`Aggregator` from its client/server split; ``next`` sums the clients' contributions."""
+  """Builds an :class:`Aggregator` from its client/server split; ``next`` sums the clients' contributions.
+
+  ``upload_bits`` defaults to the size of what ``client`` returns (every leaf at its dtype's width), which is the
+  payload unless the contribution is a decoded stand-in for an encoded upload (quantization overrides it).
+  """
   parts = SumParts(broadcast=broadcast, client=client, server=server)
 
   def next_fn(state, values, weights, rng, client_mask=None):
@@ -118,7 +131,38 @@ def sum_based(
     total = sum_contributions(client, broadcast(state), values, weights, clients_key, client_mask)
     return server(state, total, server_key)
 
-  return Aggregator(init=init, next=next_fn, parts=parts)
+  def contribution_bits(value_template):
+    state = jax.eval_shape(init, as_template(value_template))
+    shapes = jax.eval_shape(
+        lambda s: client(broadcast(s), _zeros(as_template(value_template)), jnp.ones((), jnp.float32),
+                         jax.random.key(0)), state)
+    return tree_size_bits(shapes)
+
+  return Aggregator(init=init, next=next_fn, parts=parts, upload_bits=upload_bits or contribution_bits,
+                    dp_event=dp_event)
+
+
+def _zeros(template: PyTree) -> PyTree:
+  return jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), template)
+
+
+def client_upload_bits(aggregator: Aggregator, value_template: PyTree) -> int:
+  """Bits ONE client uploads to ``aggregator`` for a value shaped like ``value_template``.
+
+  The aggregator's own count when it has one; otherwise (a non-streamable aggregator that sees raw values) the
+  value at its dtype's width plus a float32 weight.
+  """
+  if aggregator.upload_bits is not None:
+    return int(aggregator.upload_bits(value_template))
+  return tree_size_bits(as_template(value_template)) + 32
+
+
+def broadcast_bits(aggregator: Aggregator, value_template: PyTree) -> int:
+  """Bits the server sends each client for ``aggregator`` (e.g. its current clipping norm); 0 if none."""
+  if aggregator.parts is None:
+    return 0
+  state = jax.eval_shape(aggregator.init, as_template(value_template))
+  return tree_size_bits(jax.eval_shape(aggregator.parts.broadcast, state))
 
 
 def as_template(value_template: PyTree) -> PyTree:

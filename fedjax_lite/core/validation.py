@@ -5,11 +5,28 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+import jax
 import numpy as np
 
 
 def _is_real_number(value: Any) -> bool:
   return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def is_traced(value: Any) -> bool:
+  """True for a value being traced by a JAX transformation (e.g. a hyperparameter under ``jax.vmap``).
+
+  Such a value has no concrete number to check: constructors accept it unchecked, so that an aggregator can be
+  built inside ``jax.vmap`` over one of its hyperparameters; the caller vouches for its range.
+  """
+  return isinstance(value, jax.core.Tracer)
+
+
+def as_number(value: Any) -> Any:
+  """A 0-d numpy or JAX array (not traced) as a Python number; anything else unchanged."""
+  if isinstance(value, (np.ndarray, jax.Array)) and not is_traced(value) and np.ndim(value) == 0:
+    return np.asarray(value).item()
+  return value
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
@@ -39,6 +56,9 @@ def check_float(
   """A finite real number within the interval given by ``low``/``high`` and their inclusiveness; returns a float."""
   if value is None and allow_none:
     return None
+  if is_traced(value):
+    return value
+  value = as_number(value)
   if not _is_real_number(value):
     raise TypeError(f"{name} must be a real number{' or None' if allow_none else ''}, got {type(value).__name__}.")
   try:

@@ -1,0 +1,185 @@
+"""Norm-bounding wrappers: zeroing and clipping of client values (TFF ``zeroing_factory``, ``clipping_factory``).
+
+Each wrapper holds a threshold ``c`` (a fixed float or an :class:`EstimationProcess`) and an inner aggregator. In a
+round, with ``c = report(norm_state)`` taken from the state BEFORE the round:
+
+1. each client computes the global norm ``n_i`` of its RAW value (over all leaves; L1 ``sum |x|``, L2
+   ``sqrt(sum x^2)`` or Linf ``max |x|``, in float32) and transforms the value:
+
+   * zeroing: ``x_i <- 0`` if ``n_i > c`` (the client keeps its weight, so in a weighted mean heavy zeroing pulls
+     the result toward 0, as in the reference);
+   * clipping (L2 only): ``x_i <- x_i * c / n_i`` if ``n_i > c``, per leaf in that leaf's dtype;
+
+2. the estimation process is updated from the raw norms ``{n_i}`` (it sees values before transformation);
+3. the inner aggregator aggregates the transformed values (with the weights);
+4. ``count = sum_i 1[n_i > c]`` (strict ``>``), int32, summed by ``count_sum``.
+
+State ``{'<kind>_norm': <estimator state>, 'inner_agg': <inner state>, '<zeroed|clipped>_count_agg': <count
+state>}``; measurements ``{'<kind>': <inner measurements>, '<kind>_norm': c, '<zeroed|clipped>_count': count}``,
+the reference's keys. The wrapper is streamable when its inner aggregator is; otherwise it transforms the stacked
+values and calls the inner ``next``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lite.aggregators.base import Aggregator, client_upload_bits, split_rng, sum_based
+from fedjax_lite.aggregators.quantile_estimation import EstimationProcess, as_estimation_process
+from fedjax_lite.aggregators.sum import sum_aggregator
+from fedjax_lite.core.process import MeasuredOutput
+
+PyTree = Any
+NORM_ORDERS = (1.0, 2.0, math.inf)
+
+
+def global_norm(tree: PyTree, order: float) -> jax.Array:
+  """The norm of all leaves of ``tree`` taken together, as float32: L1, L2 or Linf."""
+  tree = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), tree)
+  return optax.tree.norm(tree, ord=order).astype(jnp.float32)
+
+
+def zero_if_above(value: PyTree, norm: jax.Array, threshold: jax.Array) -> PyTree:
+  """``0`` if ``norm > threshold`` else ``value``."""
+  return jax.tree.map(lambda x: jnp.where(norm > threshold, jnp.zeros_like(x), x), value)
+
+
+def clip_to(value: PyTree, norm: jax.Array, threshold: jax.Array) -> PyTree:
+  """``value * threshold / norm`` if ``norm > threshold`` else ``value`` (per leaf, in the leaf's dtype)."""
+  scale = jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1.0), 1.0)
+  return jax.tree.map(lambda x: x * scale.astype(x.dtype), value)
+
+
+def _require_aggregator(aggregator: Aggregator | None, name: str, default: Callable[[], Aggregator]) -> Aggregator:
+  aggregator = default() if aggregator is None else aggregator
+  if not isinstance(aggregator, Aggregator):
+    raise TypeError(f"{name} must be an Aggregator, got {type(aggregator).__name__}.")
+  return aggregator
+
+
+def _norm_bounding(
+    kind: str,
+    count_name: str,
+    transform: Callable[[PyTree, jax.Array, jax.Array], PyTree],
+    norm: float | EstimationProcess,
+    inner: Aggregator,
+    norm_order: float,
+    count_sum: Aggregator | None,
+) -> Aggregator:
+  estimator = as_estimation_process(norm, f"{kind}_norm")
+  inner = _require_aggregator(inner, "inner", sum_aggregator)
+  count_sum = _require_aggregator(count_sum, f"{count_name}_count_sum", sum_aggregator)
+  if count_sum.parts is None:
+    raise ValueError(f"{count_name}_count_sum must be a sum-based aggregator.")
+  norm_key, count_key = f"{kind}_norm", f"{count_name}_count"
+  count_template = jax.ShapeDtypeStruct((), jnp.int32)
+
+  def init(value_template):
+    return {norm_key: estimator.init(), "inner_agg": inner.init(value_template),
+            f"{count_key}_agg": count_sum.init(count_template)}
+
+  def client_side(norm_params, count_params, value, rng):
+    """The transformed value and the uploads of the norm record and the count, for ONE client."""
+    threshold, estimator_params = norm_params
+    raw_norm = global_norm(value, norm_order)
+    above = raw_norm > threshold
+    norm_record = estimator.client(estimator_params, raw_norm, jax.random.fold_in(rng, 1))
+    count = count_sum.parts.client(count_params, above.astype(jnp.int32), jnp.ones((), jnp.float32),
+                                   jax.random.fold_in(rng, 2))
+    return transform(value, raw_norm, threshold), norm_record, count
+
+  def finish(state, inner_output, norm_records, counts, rng):
+    threshold = estimator.report(state[norm_key])
+    count_output = count_sum.parts.server(state[f"{count_key}_agg"], counts, jax.random.fold_in(rng, 2))
+    new_state = {norm_key: estimator.server(state[norm_key], norm_records, jax.random.fold_in(rng, 1)),
+                 "inner_agg": inner_output.state, f"{count_key}_agg": count_output.state}
+    measurements = {kind: inner_output.measurements, norm_key: threshold, count_key: count_output.result}
+    return MeasuredOutput(state=new_state, result=inner_output.result, measurements=measurements)
+
+  def norm_broadcast(state):
+    return (estimator.report(state[norm_key]), estimator.broadcast(state[norm_key]))
+
+  def upload_bits(value_template):
+    return (client_upload_bits(inner, value_template) + estimator.upload_bits
+            + client_upload_bits(count_sum, count_template))
+
+  if inner.parts is not None:
+
+    def broadcast(state):
+      return (norm_broadcast(state), inner.parts.broadcast(state["inner_agg"]),
+              count_sum.parts.broadcast(state[f"{count_key}_agg"]))
+
+    def client(client_params, value, weight, rng):
+      norm_params, inner_params, count_params = client_params
+      transformed, norm_record, count = client_side(norm_params, count_params, value, rng)
+      inner_contribution = inner.parts.client(inner_params, transformed, weight, jax.random.fold_in(rng, 0))
+      return {"inner": inner_contribution, "norm_record": norm_record, "count": count}
+
+    def server(state, total, rng):
+      inner_output = inner.parts.server(state["inner_agg"], total["inner"], jax.random.fold_in(rng, 0))
+      return finish(state, inner_output, total["norm_record"], total["count"], rng)
+
+    return sum_based(init, broadcast, client, server, upload_bits=upload_bits, dp_event=inner.dp_event)
+
+  def next_fn(state, values, weights, rng, client_mask=None):
+    num = jax.tree.leaves(values)[0].shape[0]
+    mask = jnp.ones((num,), bool) if client_mask is None else jnp.asarray(client_mask, bool)
+    clients_key, server_key = split_rng(rng)
+    keys = jax.vmap(lambda i: jax.random.fold_in(clients_key, i))(jnp.arange(num, dtype=jnp.int32))
+    norm_params = norm_broadcast(state)
+    count_params = count_sum.parts.broadcast(state[f"{count_key}_agg"])
+    transformed, norm_records, counts = jax.vmap(client_side, in_axes=(None, None, 0, 0))(
+        norm_params, count_params, values, keys)
+
+    def masked_sum(tree):
+      return jax.tree.map(
+          lambda c: jnp.sum(jnp.where(mask.reshape((num,) + (1,) * (c.ndim - 1)), c, jnp.zeros((), c.dtype)), 0),
+          tree)
+
+    inner_output = inner.next(state["inner_agg"], transformed, weights, jax.random.fold_in(server_key, 0),
+                              client_mask)
+    return finish(state, inner_output, masked_sum(norm_records), masked_sum(counts), server_key)
+
+  return Aggregator(init=init, next=next_fn, parts=None, upload_bits=upload_bits, dp_event=inner.dp_event)
+
+
+def zeroing(
+    zeroing_norm: float | EstimationProcess,
+    inner: Aggregator | None = None,
+    *,
+    norm_order: float = math.inf,
+    zeroed_count_sum: Aggregator | None = None,
+) -> Aggregator:
+  """Replaces a client's value by zeros when its norm exceeds ``zeroing_norm`` (TFF ``zeroing_factory``).
+
+  Args:
+    zeroing_norm: a fixed threshold > 0, or an :class:`EstimationProcess` (e.g. the adaptive quantile).
+    inner: the aggregator of the (possibly zeroed) values; default :func:`sum_aggregator`.
+    norm_order: 1, 2 or ``math.inf`` (the default, as in the reference).
+    zeroed_count_sum: sum-based aggregator for the zeroed-client count (default the plain sum).
+  """
+  if norm_order not in NORM_ORDERS:
+    raise ValueError(f"norm_order must be one of 1, 2 or math.inf, got {norm_order!r}.")
+  return _norm_bounding("zeroing", "zeroed", zero_if_above, zeroing_norm, inner, float(norm_order),
+                        zeroed_count_sum)
+
+
+def clipping(
+    clipping_norm: float | EstimationProcess,
+    inner: Aggregator | None = None,
+    *,
+    clipped_count_sum: Aggregator | None = None,
+) -> Aggregator:
+  """Scales a client's value down to L2 norm ``clipping_norm`` when it is larger (TFF ``clipping_factory``).
+
+  Args:
+    clipping_norm: a fixed norm > 0, or an :class:`EstimationProcess` (e.g. the adaptive quantile).
+    inner: the aggregator of the clipped values; default :func:`sum_aggregator`.
+    clipped_count_sum: sum-based aggregator for the clipped-client count (default the plain sum).
+  """
+  return _norm_bounding("clipping", "clipped", clip_to, clipping_norm, inner, 2.0, clipped_count_sum)
