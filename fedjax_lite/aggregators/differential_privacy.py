@@ -1,0 +1,199 @@
+"""User-level differential privacy by the Gaussian mechanism (TFF ``DifferentiallyPrivateFactory``).
+
+DP-FedAvg (McMahan, Ramage, Talwar & Zhang 2018, "Learning Differentially Private Recurrent Language Models",
+arXiv:1710.06963) with fixed or adaptive clipping (Andrew et al. 2021, arXiv:1905.03871). Unweighted: weights are
+ignored. With clip ``C_t`` and ``m`` the FIXED expected number of clients per round:
+
+* each client sends ``clip_C(x_i) = x_i * min(1, C / ||x_i||_2)`` (global L2 norm over all leaves);
+* the server returns ``(sum_i clip_C(x_i) + N(0, (z C)^2 I)) / m`` -- divided by ``m`` even when the actual count
+  differs (Poisson sampling), as the reference; that keeps the sensitivity at ``C / m``.
+
+Adaptive clipping (:func:`gaussian_adaptive`) also estimates the ``target_unclipped_quantile`` of the clients'
+UNCLIPPED norms with the private quantile estimator: clients add ``b_i = 1[||x_i|| <= C_t] - 1/2``; the server
+takes ``b = clamp((sum b_i + N(0, sigma_b^2)) / m + 1/2)`` and ``C_{t+1} = C_t exp(-eta (b - gamma))``; the
+value noise ``z_v`` and count noise ``sigma_b`` are split so the round is a Gaussian mechanism with total noise
+multiplier ``z``: ``1/z^2 = 1/z_v^2 + 1/(2 sigma_b)^2`` (:func:`adaptive_clip_noise_params`).
+
+Every round is one privacy event: ``aggregator.dp_event()`` gives its ``dp_accounting`` ``DpEvent`` (fixed:
+``GaussianDpEvent(z)``; adaptive: ``ComposedDpEvent([GaussianDpEvent(z_v), GaussianDpEvent(2 sigma_b)])``), and
+:func:`extract_dp_event` returns it from a state that has completed at least one round, as the reference does.
+State ``{'query_state': ..., 'agg_state': ..., 'is_init_state': bool}``; measurements
+``{'dp_query_metrics': {} or {'clip': C_{t+1}}, 'dp': <record sum measurements>}``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_lite.aggregators.base import Aggregator, client_upload_bits, sum_based
+from fedjax_lite.aggregators.quantile_estimation import (
+    EstimationProcess,
+    constant_estimate,
+    private_quantile_estimator,
+)
+from fedjax_lite.aggregators.robust import clip_to, global_norm
+from fedjax_lite.aggregators.sum import sum_aggregator
+from fedjax_lite.core import validation
+from fedjax_lite.core.process import MeasuredOutput
+from fedjax_lite.privacy.mechanisms import gaussian_noise
+
+PyTree = Any
+
+
+class ExtractingDpEventFromInitialStateError(ValueError):
+  """Raised when the privacy event of a round is asked of a state that has not completed a round."""
+
+
+def adaptive_clip_noise_params(
+    noise_multiplier: float, expected_clients_per_round: float, clipped_count_stddev: float | None = None
+) -> tuple[float, float]:
+  """Splits the total noise multiplier ``z`` into ``(value_noise_multiplier, clipped_count_stddev)``.
+
+  For ``z > 0``: ``sigma_b`` defaults to ``0.05 m``; it must satisfy ``z < 2 sigma_b``; then
+  ``z_v = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (Gaussian composition). Warns when ``z_v / z >= 2`` (the count noise
+  then costs much of the budget). For ``z = 0``: ``z_v = 0`` and ``sigma_b = 0`` unless given.
+  """
+  validation.check_float("noise_multiplier", noise_multiplier, low=0.0)
+  validation.check_positive("expected_clients_per_round", expected_clients_per_round)
+  validation.check_float("clipped_count_stddev", clipped_count_stddev, low=0.0, allow_none=True)
+  if noise_multiplier > 0:
+    stddev = 0.05 * expected_clients_per_round if clipped_count_stddev is None else float(clipped_count_stddev)
+    if noise_multiplier >= 2 * stddev:
+      raise ValueError(
+          f"noise_multiplier ({noise_multiplier}) must be < 2 * clipped_count_stddev ({2 * stddev}); the "
+          "clipped-count noise alone would exceed the total noise. Raise clipped_count_stddev (default "
+          "0.05 * expected_clients_per_round) or expected_clients_per_round.")
+    value_noise = (noise_multiplier ** -2 - (2 * stddev) ** -2) ** -0.5
+    if value_noise / noise_multiplier >= 2:
+      warnings.warn(f"The value noise multiplier {value_noise:.3g} is at least twice the total {noise_multiplier}: "
+                    "the clipped-count estimate uses much of the privacy budget.", stacklevel=2)
+    return float(value_noise), float(stddev)
+  return 0.0, 0.0 if clipped_count_stddev is None else float(clipped_count_stddev)
+
+
+def _gaussian_dp(value_noise_multiplier: float, clients_per_round: float, clip: EstimationProcess,
+                 dp_event, report_clip: bool) -> Aggregator:
+  """The DP sum query: clip to ``report(clip_state)``, add ``N(0, (z_v C)^2)``, divide by ``m``."""
+  record_sum = sum_aggregator()
+
+  def init(value_template):
+    return {"query_state": clip.init(), "agg_state": record_sum.init(value_template),
+            "is_init_state": jnp.asarray(True)}
+
+  def broadcast(state):
+    return (clip.report(state["query_state"]), clip.broadcast(state["query_state"]))
+
+  def client(client_params, value, weight, rng):
+    clip_norm, clip_params = client_params
+    norm = global_norm(value, 2.0)
+    return {"value": record_sum.parts.client((), clip_to(value, norm, clip_norm), weight, rng),
+            "clip_record": clip.client(clip_params, norm, jax.random.fold_in(rng, 1))}
+
+  def server(state, total, rng):
+    clip_norm = clip.report(state["query_state"])
+    summed = record_sum.parts.server(state["agg_state"], total["value"], jax.random.fold_in(rng, 0))
+    stddev = jnp.asarray(value_noise_multiplier, jnp.float32) * clip_norm
+    noised = jax.tree.map(jnp.add, summed.result, gaussian_noise(jax.random.fold_in(rng, 1), summed.result, stddev))
+    result = jax.tree.map(lambda leaf: leaf / jnp.asarray(clients_per_round, leaf.dtype), noised)
+    query_state = clip.server(state["query_state"], total["clip_record"], jax.random.fold_in(rng, 2))
+    metrics = {"clip": clip.report(query_state)} if report_clip else {}
+    return MeasuredOutput(
+        state={"query_state": query_state, "agg_state": summed.state, "is_init_state": jnp.asarray(False)},
+        result=result,
+        measurements={"dp_query_metrics": metrics, "dp": summed.measurements},
+    )
+
+  def upload_bits(value_template):
+    return client_upload_bits(record_sum, value_template) + clip.upload_bits
+
+  return sum_based(init, broadcast, client, server, upload_bits=upload_bits, dp_event=dp_event)
+
+
+def gaussian_fixed(noise_multiplier: float, clients_per_round: float, clip: float) -> Aggregator:
+  """DP mean with a fixed clip: ``(sum_i clip_C(x_i) + N(0, (z C)^2 I)) / m``; event ``GaussianDpEvent(z)``.
+
+  Args:
+    noise_multiplier: ``z >= 0``.
+    clients_per_round: ``m > 0``, the fixed normalizer (expected clients per round).
+    clip: ``C > 0``, the L2 clip of each client's value.
+  """
+  validation.check_float("noise_multiplier", noise_multiplier, low=0.0)
+  validation.check_positive("clients_per_round", clients_per_round)
+  validation.check_positive("clip", clip)
+
+  def dp_event():
+    import dp_accounting
+
+    return dp_accounting.GaussianDpEvent(float(noise_multiplier))
+
+  return _gaussian_dp(noise_multiplier, clients_per_round, constant_estimate(clip), dp_event, report_clip=False)
+
+
+def gaussian_adaptive(
+    noise_multiplier: float,
+    clients_per_round: float,
+    *,
+    initial_l2_norm_clip: float = 0.1,
+    target_unclipped_quantile: float = 0.5,
+    learning_rate: float = 0.2,
+    clipped_count_stddev: float | None = None,
+) -> Aggregator:
+  """DP mean with the clip adapted to a quantile of the unclipped norms (Andrew et al. 2021); defaults as TFF.
+
+  Args:
+    noise_multiplier: total ``z >= 0``, split between the value and the clipped count.
+    clients_per_round: ``m > 0``, the fixed normalizer and the quantile estimator's expected record count.
+    initial_l2_norm_clip: ``C_0 > 0``.
+    target_unclipped_quantile: ``gamma`` in ``[0, 1]``.
+    learning_rate: ``eta > 0`` of the geometric update.
+    clipped_count_stddev: ``sigma_b``; default ``0.05 m`` when ``z > 0``.
+  """
+  value_noise, count_stddev = adaptive_clip_noise_params(noise_multiplier, clients_per_round, clipped_count_stddev)
+  estimator = private_quantile_estimator(initial_l2_norm_clip, target_unclipped_quantile, learning_rate,
+                                         count_stddev, clients_per_round, geometric_update=True)
+
+  def dp_event():
+    import dp_accounting
+
+    if noise_multiplier == 0:
+      return dp_accounting.NonPrivateDpEvent()
+    return dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(value_noise),
+                                          dp_accounting.GaussianDpEvent(2.0 * count_stddev)])
+
+  return _gaussian_dp(value_noise, clients_per_round, estimator, dp_event, report_clip=True)
+
+
+def extract_dp_event(aggregator: Aggregator, state: PyTree):
+  """The ``dp_accounting`` event of one round of ``aggregator``, given a state after at least one round.
+
+  Raises:
+    ValueError: if ``aggregator`` is not differentially private.
+    ExtractingDpEventFromInitialStateError: if ``state`` is the initial state (no round has run).
+  """
+  if not isinstance(aggregator, Aggregator) or aggregator.dp_event is None:
+    raise ValueError("aggregator has no privacy event: it is not a differentially private aggregator.")
+  flags = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+           if any(getattr(entry, "key", None) == "is_init_state" for entry in path)]
+  if not flags:
+    raise ValueError("state holds no DP aggregator state ('is_init_state' not found).")
+  if any(bool(flag) for flag in flags):
+    raise ExtractingDpEventFromInitialStateError(
+        "the state is the initial state: no round has run yet, so there is no privacy event to extract.")
+  return aggregator.dp_event()
+
+
+def dp_aggregator(noise_multiplier: float, clients_per_round: float, *, zeroing: bool = True) -> Aggregator:
+  """The reference's DP preset: ``zeroing(Linf, adaptive 0.98-quantile) o gaussian_adaptive(z, m)``.
+
+  Unweighted: use it with ``fed_avg(..., weighting='uniform')``. The adaptive clip starts at 0.1 with target
+  quantile 0.5, learning rate 0.2 and ``sigma_b = m / 20`` (Andrew et al. 2021's recommendation, TFF defaults).
+  """
+  from fedjax_lite.aggregators.presets import default_zeroing  # the presets module imports this one
+
+  dp = gaussian_adaptive(noise_multiplier, clients_per_round)
+  return default_zeroing(dp) if zeroing else dp

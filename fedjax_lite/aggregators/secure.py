@@ -1,0 +1,555 @@
+"""Simulated secure summation (TFF ``SecureSumFactory``, ``SecureModularSumFactory``) and the ``secure_aggregator``.
+
+Secure aggregation (SecAgg, Bonawitz et al. 2017, "Practical Secure Aggregation for Privacy-Preserving Machine
+Learning") lets the server learn only the SUM of the clients' integer vectors, computed modulo a group size
+``2^B``. Real values must therefore be turned into bounded non-negative integers on the clients and decoded on the
+server. This module simulates that exactly; nothing is encrypted.
+
+Secure sum of bounded values, :func:`secure_sum` (bounds ``L <= U``, ``n`` real clients):
+
+* INT mode (int bounds, integer values): client ``i`` sends ``v_i = clip(x_i, L, U) - L`` in ``[0, U - L]``, a
+  summand of ``b = ceil(log2(U - L + 1))`` bits. The server gets ``S = (sum_i v_i) mod 2^B`` and returns
+  ``S + n * L``.
+* FLOAT mode (float bounds or :class:`EstimationProcess` bounds, floating values): with ``M = 2^32 - 1`` and the
+  float64 scale ``s = M / (U - L)`` (``s = 0`` if ``U == L``), client ``i`` sends the ``b = 32``-bit integer
+  ``q_i = clip(round(clip(x_i, L, U) * s) - round(L * s), 0, M)`` (int64 arithmetic). ``round`` is
+  round-half-to-even and DETERMINISTIC, as in the reference, so the decoded sum can be biased: every client may err
+  by up to half a step ``(U - L) / (2M)`` in the same direction. The server decodes
+  ``sum_x = (S + n * round(L * s)) * (U - L) / M`` in float64 (``n * L`` when ``U == L``; NaN when an adaptive
+  ``U < L``) and casts it to the value's dtype.
+
+The group size. Real SecAgg works modulo a group large enough to hold the whole sum; the simulation uses
+``B = min(62, b + ceil(log2(num_client_slots)))``, computed at trace time from the static length of the client axis
+in ``next``. The server half used by the streaming runner (``parts.server``) never sees that length and takes
+``num_client_slots = 2^16`` (the most clients the exact 32-bit contribution supports); since ``n * (2^b - 1) <
+2^B`` for every ``B >= b + ceil(log2 n)``, both give the same, exact, sum. A user-given ``modulus_bits`` replaces
+``B`` in both paths; when it is too small the result WRAPS AROUND: ``(sum_i v_i mod 2^modulus_bits) + n * L``
+(INT mode), and likewise for ``S`` in FLOAT mode. (TFF's simulation instead sums in int64 and only asserts that
+every summand fits ``b`` bits; it never reduces the sum.)
+
+Exactness in 32-bit JAX. Each client's integer summand is split into 16-bit limbs held in uint32 arrays,
+``v = sum_k limb_k * 2^(16 k)``; a limb sum over at most 65,536 clients is below ``2^32``, so the contributions add
+exactly with plain ``+`` (the streaming runner's ``jnp.add``). All int64/float64 work (quantization, recombining
+the limb sums, the modular reduction, decoding) happens inside ``jax.enable_x64(True)`` blocks, and only 32-bit
+arrays leave them. The client count ``n`` and the clipping indicators are 1-bit secure sums of their own.
+
+Adaptive bounds (FLOAT mode): ``upper_bound`` an :class:`EstimationProcess` gives ``U = report(state)`` (cast to the
+value's dtype) and ``L = -U``; each client feeds the process ``max(|min(x_i)|, |max(x_i)|)`` over all leaves,
+BEFORE clipping. With both bounds processes, the upper one is fed ``max(x_i)`` and the lower one ``min(x_i)``. The
+bounds used in a round are the reports of the state before its update.
+
+State: ``()`` for constant bounds, the process state for one process, ``(upper_state, lower_state)`` for two.
+Measurements (clients, not coordinates, are counted; ``max``/``min`` run over all leaves)::
+
+  {'secure_upper_clipped_count': sum_i 1[max(x_i) > U], 'secure_lower_clipped_count': sum_i 1[min(x_i) < L],
+   'secure_upper_threshold': U, 'secure_lower_threshold': L}
+
+Modular secure sum, :func:`secure_modular_sum` (integers only): ``(sum_i x_i) mod M`` in ``[0, M - 1]``; inputs out
+of range wrap around. With ``symmetric_range`` the sum is taken modulo ``2M - 1`` and mapped to
+``[-(M - 1), M - 1]`` by ``v - (2M - 1) * 1[v >= M]``.
+
+:func:`secure_aggregator` is the reference's preset (``tff.learning.secure_aggregator``): adaptive zeroing and
+clipping whose quantile estimates are themselves summed securely, around a mean whose value and weight sums are
+secure sums.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lite.aggregators.base import (Aggregator, SumParts, as_template, num_clients_of, split_rng,
+                                          sum_contributions)
+from fedjax_lite.aggregators.mean import mean, unweighted_mean
+from fedjax_lite.aggregators.quantile_estimation import EstimationProcess, no_noise_quantile_estimator
+from fedjax_lite.aggregators import robust
+from fedjax_lite.core import validation
+from fedjax_lite.core.process import MeasuredOutput
+from fedjax_lite.core.tree import tree_num_elements
+
+PyTree = Any
+
+LIMB_BITS = 16
+MAX_CLIENT_SLOTS = 2**16  # limb sums stay below 2^32 for this many clients
+MAX_MODULUS_BITS = 62
+FLOAT_SUMMAND_BITS = 32
+FLOAT_QUANTIZATION_LEVELS = 2**32 - 1  # M
+COUNT_BITS = 1  # the client count and each clipping indicator are 1-bit secure sums
+
+_CONSTANT, _SYMMETRIC_PROCESS, _TWO_PROCESSES = "constant", "symmetric_process", "two_processes"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integer plumbing: limbs, group size, the slot-aware ``next``.
+
+
+def _num_limbs(summand_bits: int) -> int:
+  return max(1, -(-summand_bits // LIMB_BITS))
+
+
+def _to_limbs(summand: jax.Array, num_limbs: int) -> jax.Array:
+  """uint32 ``[num_limbs, *shape]`` 16-bit limbs of a non-negative int64 ``summand`` (call inside an x64 block)."""
+  mask = (1 << LIMB_BITS) - 1
+  return jnp.stack([((summand >> (LIMB_BITS * k)) & mask).astype(jnp.uint32) for k in range(num_limbs)])
+
+
+def _from_limbs(limb_sums: jax.Array, modulus_bits: int) -> jax.Array:
+  """``(sum_k limb_sums[k] * 2^(16 k)) mod 2^modulus_bits`` as int64 (call inside an x64 block).
+
+  uint64 arithmetic wraps modulo ``2^64``, a multiple of ``2^modulus_bits``, so the reduction is exact however
+  large the limb sums are.
+  """
+  total = jnp.zeros(limb_sums.shape[1:], jnp.uint64)
+  for k in range(limb_sums.shape[0]):
+    total = total + (limb_sums[k].astype(jnp.uint64) << (LIMB_BITS * k))
+  return (total & ((1 << modulus_bits) - 1)).astype(jnp.int64)
+
+
+def group_bits(summand_bits: int, num_client_slots: int | None, modulus_bits: int | None = None) -> int:
+  """``B``: ``modulus_bits`` if given, else ``min(62, summand_bits + ceil(log2(num_client_slots)))``.
+
+  ``num_client_slots=None`` (the streaming server, which does not see the client axis) stands for the largest
+  supported cohort, ``2^16`` slots.
+  """
+  if modulus_bits is not None:
+    return modulus_bits
+  slots = MAX_CLIENT_SLOTS if num_client_slots is None else num_client_slots
+  return min(MAX_MODULUS_BITS, summand_bits + (max(slots, 1) - 1).bit_length())
+
+
+def _check_num_slots(num_client_slots: int) -> None:
+  if num_client_slots > MAX_CLIENT_SLOTS:
+    raise ValueError(f"secure summation supports at most {MAX_CLIENT_SLOTS} client slots per call (its 16-bit "
+                     f"limbs must sum exactly in uint32), got {num_client_slots}.")
+
+
+ServerFn = Callable[[PyTree, PyTree, jax.Array, "int | None"], MeasuredOutput]
+
+
+def _slot_aware_aggregator(init, broadcast, client, server: ServerFn, upload_bits) -> Aggregator:
+  """An :class:`Aggregator` whose ``next`` passes the static client-axis length to ``server``.
+
+  ``parts.server`` (used by wrappers and the streaming runner) passes ``None``; see :func:`group_bits`.
+  """
+
+  def streaming_server(state, total, rng):
+    return server(state, total, rng, None)
+
+  def next_fn(state, values, weights, rng, client_mask=None):
+    num_slots = num_clients_of(values)
+    _check_num_slots(num_slots)
+    clients_key, server_key = split_rng(rng)
+    total = sum_contributions(client, broadcast(state), values, weights, clients_key, client_mask)
+    return server(state, total, server_key, num_slots)
+
+  parts = SumParts(broadcast=broadcast, client=client, server=streaming_server)
+  return Aggregator(init=init, next=next_fn, parts=parts, upload_bits=upload_bits)
+
+
+def _count_contribution() -> jax.Array:
+  return jnp.ones((1,), jnp.uint32)  # one 16-bit limb holding the bit 1
+
+
+def _decode_count(limb_sum: jax.Array, num_client_slots: int | None) -> jax.Array:
+  """The exact client count from a 1-bit secure sum, as int32."""
+  with jax.enable_x64(True):
+    count = _from_limbs(limb_sum, group_bits(COUNT_BITS, num_client_slots))
+    return count.astype(jnp.int32)
+
+
+def _dtype_tag(dtype) -> jax.Array:
+  """A zero-size array that carries the value's dtype to the server inside the contribution (0 bits)."""
+  return jnp.zeros((0,), dtype)
+
+
+def _single_dtype(value_template: PyTree, name: str) -> np.dtype:
+  leaves = jax.tree.leaves(as_template(value_template))
+  if not leaves:
+    raise ValueError(f"{name} needs a value with at least one array leaf.")
+  dtypes = sorted({str(leaf.dtype) for leaf in leaves})
+  if len(dtypes) > 1:
+    raise TypeError(f"{name} needs every leaf of the value to share one dtype, got dtypes {dtypes}.")
+  dtype = np.dtype(leaves[0].dtype)
+  if dtype.itemsize * 8 > 32:
+    raise TypeError(f"{name} supports value dtypes of at most 32 bits (JAX's default mode), got {dtype}.")
+  return dtype
+
+
+def _tree_max(tree: PyTree) -> jax.Array:
+  return jnp.max(jnp.stack([jnp.max(leaf) for leaf in jax.tree.leaves(tree)]))
+
+
+def _tree_min(tree: PyTree) -> jax.Array:
+  return jnp.min(jnp.stack([jnp.min(leaf) for leaf in jax.tree.leaves(tree)]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# secure_sum
+
+
+class _Bounds(NamedTuple):
+  """The parsed bounds of :func:`secure_sum`."""
+
+  kind: str  # _CONSTANT, _SYMMETRIC_PROCESS or _TWO_PROCESSES
+  integer: bool  # INT mode (constant int bounds)
+  upper: Any  # int, float or EstimationProcess
+  lower: Any  # int, float, EstimationProcess, or None for a single process
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_float(value: Any) -> bool:
+  return isinstance(value, (float, np.floating))
+
+
+def _parse_bounds(upper_bound: Any, lower_bound: Any) -> _Bounds:
+  upper_is_process = isinstance(upper_bound, EstimationProcess)
+  lower_is_process = isinstance(lower_bound, EstimationProcess)
+  if upper_is_process or lower_is_process:
+    if not upper_is_process:
+      raise TypeError("upper_bound must be an EstimationProcess when lower_bound is one, got "
+                      f"{type(upper_bound).__name__}.")
+    if lower_bound is None:
+      return _Bounds(_SYMMETRIC_PROCESS, False, upper_bound, None)
+    if not lower_is_process:
+      raise TypeError("lower_bound must be None or an EstimationProcess when upper_bound is an EstimationProcess, "
+                      f"got {type(lower_bound).__name__}.")
+    return _Bounds(_TWO_PROCESSES, False, upper_bound, lower_bound)
+
+  upper_bound = validation.as_number(upper_bound)
+  lower_bound = validation.as_number(lower_bound)
+  if not (_is_int(upper_bound) or _is_float(upper_bound)):
+    raise TypeError("upper_bound must be an int, a float or an EstimationProcess, got "
+                    f"{type(upper_bound).__name__}.")
+  if lower_bound is None:
+    if _is_int(upper_bound):
+      validation.check_int("upper_bound", upper_bound, minimum=1)
+      return _Bounds(_CONSTANT, True, int(upper_bound), -int(upper_bound))
+    upper = validation.check_positive("upper_bound", upper_bound)
+    return _Bounds(_CONSTANT, False, upper, -upper)
+  if not (_is_int(lower_bound) or _is_float(lower_bound)):
+    raise TypeError(f"lower_bound must be None, an int, a float or an EstimationProcess, got "
+                    f"{type(lower_bound).__name__}.")
+  if _is_int(upper_bound) != _is_int(lower_bound):
+    raise TypeError("upper_bound and lower_bound must both be ints (INT mode) or both floats (FLOAT mode), got "
+                    f"{type(upper_bound).__name__} and {type(lower_bound).__name__}.")
+  if _is_int(upper_bound):
+    upper, lower = int(upper_bound), int(lower_bound)
+    if not lower < upper:
+      raise ValueError(f"lower_bound must be < upper_bound in INT mode, got lower_bound={lower}, "
+                       f"upper_bound={upper}.")
+    return _Bounds(_CONSTANT, True, upper, lower)
+  upper = validation.check_float("upper_bound", upper_bound)
+  lower = validation.check_float("lower_bound", lower_bound)
+  if not lower <= upper:
+    raise ValueError(f"lower_bound must be <= upper_bound in FLOAT mode, got lower_bound={lower}, "
+                     f"upper_bound={upper}.")
+  return _Bounds(_CONSTANT, False, upper, lower)
+
+
+def _quantize(value: jax.Array, upper: jax.Array, lower: jax.Array) -> jax.Array:
+  """FLOAT mode client step for one leaf: ``q = clip(round(clip(x,L,U) s) - round(L s), 0, M)`` as int64.
+
+  ``upper``/``lower`` are in the value's dtype; call inside an x64 block.
+  """
+  clipped = jnp.clip(value, lower, upper).astype(jnp.float64)
+  scale = _scale(upper, lower)
+  shift = jnp.round(lower.astype(jnp.float64) * scale).astype(jnp.int64)
+  levels = jnp.round(clipped * scale).astype(jnp.int64) - shift
+  return jnp.clip(levels, 0, FLOAT_QUANTIZATION_LEVELS)
+
+
+def _scale(upper: jax.Array, lower: jax.Array) -> jax.Array:
+  """``s = M / (U - L)`` in float64, 0 when ``U <= L`` (call inside an x64 block)."""
+  width = upper.astype(jnp.float64) - lower.astype(jnp.float64)
+  return jnp.where(width > 0, FLOAT_QUANTIZATION_LEVELS / jnp.where(width > 0, width, 1.0), 0.0)
+
+
+def _dequantize(summed_levels: jax.Array, count: jax.Array, upper: jax.Array, lower: jax.Array) -> jax.Array:
+  """FLOAT mode server step: ``(S + n round(L s)) (U - L) / M`` in float64 (``n L`` if ``U == L``, NaN if
+  ``U < L``); call inside an x64 block."""
+  upper64, lower64 = upper.astype(jnp.float64), lower.astype(jnp.float64)
+  count64 = count.astype(jnp.float64)
+  scale = _scale(upper, lower)
+  shift = jnp.round(lower64 * scale)
+  decoded = (summed_levels.astype(jnp.float64) + count64 * shift) * ((upper64 - lower64) / FLOAT_QUANTIZATION_LEVELS)
+  decoded = jnp.where(upper64 == lower64, count64 * lower64, decoded)
+  return jnp.where(upper64 < lower64, jnp.nan, decoded)
+
+
+def secure_sum(
+    upper_bound: int | float | EstimationProcess,
+    lower_bound: int | float | EstimationProcess | None = None,
+    *,
+    modulus_bits: int | None = None,
+) -> Aggregator:
+  """Simulated secure sum of bounded values (TFF ``SecureSumFactory``); see the module docstring for the formulas.
+
+  Unweighted (weights are ignored) and sum-based. Bounds decide the mode: two ints (or one int ``U > 0``, giving
+  ``L = -U``) sum integer values exactly after clipping to ``[L, U]``; two floats (or one float ``U > 0``) or
+  :class:`EstimationProcess` bounds quantize floating values to 32 bits over ``[L, U]``, so each client's value is
+  off by at most ``(U - L) / (2 (2^32 - 1))`` (round-half-to-even, possibly biased).
+
+  Upload per client (``upload_bits``): ``sum_leaves numel * b + 1 + 2`` bits plus the estimators' records, with
+  ``b = ceil(log2(U - L + 1))`` (INT) or 32 (FLOAT); the 1 is the client count, the 2 the clipping indicators.
+  (The simulation carries each summand as uint32 16-bit limbs; that is a representation, not the payload.)
+
+  Args:
+    upper_bound: ``U``: an int, a float, or an :class:`EstimationProcess` (adaptive, FLOAT mode).
+    lower_bound: ``L``: of the same kind as ``upper_bound``, ``L < U`` for ints, ``L <= U`` for floats; None gives
+      ``L = -U`` (then ``U > 0``).
+    modulus_bits: the group size ``2^modulus_bits`` of the simulated SecAgg, in ``[1, 62]``; default the smallest
+      that holds the whole sum. A smaller group makes the (shifted, quantized) sum wrap around.
+
+  Example::
+
+    agg = secure_sum(7, 0)
+    state = agg.init(jnp.zeros((2,), jnp.int32))
+    agg.next(state, jnp.array([[1, 9], [2, -3]], jnp.int32), jnp.ones(2), jax.random.key(0)).result  # [3, 7]
+  """
+  bounds = _parse_bounds(upper_bound, lower_bound)
+  validation.check_int("modulus_bits", modulus_bits, minimum=1, maximum=MAX_MODULUS_BITS, allow_none=True)
+  summand_bits = (bounds.upper - bounds.lower).bit_length() if bounds.integer else FLOAT_SUMMAND_BITS
+  num_limbs = _num_limbs(summand_bits)
+  processes = {_CONSTANT: (), _SYMMETRIC_PROCESS: (bounds.upper,),
+               _TWO_PROCESSES: (bounds.upper, bounds.lower)}[bounds.kind]
+
+  def check_template(value_template) -> None:
+    dtype = _single_dtype(value_template, "secure_sum")
+    if bounds.integer:
+      if not np.issubdtype(dtype, np.integer):
+        raise TypeError(f"secure_sum with int bounds (INT mode) needs integer values, got dtype {dtype}; use float "
+                        "bounds for floating values.")
+      info = np.iinfo(dtype)
+      for name, bound in (("upper_bound", bounds.upper), ("lower_bound", bounds.lower)):
+        if not info.min <= bound <= info.max:
+          raise ValueError(f"{name} must lie within the value dtype's range [{info.min}, {info.max}] ({dtype}), "
+                           f"got {bound}.")
+    elif not np.issubdtype(dtype, np.floating):
+      raise TypeError(f"secure_sum with float or EstimationProcess bounds (FLOAT mode) needs floating values, got "
+                      f"dtype {dtype}; use int bounds for integer values.")
+
+  def init(value_template):
+    check_template(value_template)
+    if bounds.kind == _CONSTANT:
+      return ()
+    if bounds.kind == _SYMMETRIC_PROCESS:
+      return bounds.upper.init()
+    return (bounds.upper.init(), bounds.lower.init())
+
+  def reported_bounds(state):
+    """``(U, L)`` of this round: Python numbers for constant bounds, float32 reports for processes."""
+    if bounds.kind == _CONSTANT:
+      return bounds.upper, bounds.lower
+    if bounds.kind == _SYMMETRIC_PROCESS:
+      upper = bounds.upper.report(state)
+      return upper, -upper
+    return bounds.upper.report(state[0]), bounds.lower.report(state[1])
+
+  def process_states(state):
+    return {_CONSTANT: (), _SYMMETRIC_PROCESS: (state,), _TWO_PROCESSES: state}[bounds.kind]
+
+  def broadcast(state):
+    if bounds.kind == _CONSTANT:
+      return ()
+    params = tuple(process.broadcast(s) for process, s in zip(processes, process_states(state)))
+    return (reported_bounds(state), params)
+
+  def client(client_params, value, weight, rng):
+    dtype = jax.tree.leaves(value)[0].dtype
+    if bounds.kind == _CONSTANT:
+      upper, lower = bounds.upper, bounds.lower
+    else:
+      (upper, lower), process_params = client_params
+    upper, lower = jnp.asarray(upper, dtype), jnp.asarray(lower, dtype)
+    value_max, value_min = _tree_max(value), _tree_min(value)
+
+    if bounds.kind == _SYMMETRIC_PROCESS:
+      magnitude = jnp.maximum(jnp.abs(value_min), jnp.abs(value_max)).astype(jnp.float32)
+      records = (bounds.upper.client(process_params[0], magnitude, jax.random.fold_in(rng, 0)),)
+    elif bounds.kind == _TWO_PROCESSES:
+      records = (bounds.upper.client(process_params[0], value_max.astype(jnp.float32), jax.random.fold_in(rng, 0)),
+                 bounds.lower.client(process_params[1], value_min.astype(jnp.float32), jax.random.fold_in(rng, 1)))
+    else:
+      records = ()
+
+    with jax.enable_x64(True):
+      if bounds.integer:
+        def encode(leaf):
+          upper64, lower64 = upper.astype(jnp.int64), lower.astype(jnp.int64)
+          return _to_limbs(jnp.clip(leaf.astype(jnp.int64), lower64, upper64) - lower64, num_limbs)
+      else:
+        def encode(leaf):
+          return _to_limbs(_quantize(leaf, upper, lower), num_limbs)
+      limbs = jax.tree.map(encode, value)
+
+    return {
+        "value": limbs,
+        "dtype": _dtype_tag(dtype),
+        "count": _count_contribution(),
+        "upper_clipped": (value_max > upper).astype(jnp.uint32).reshape((1,)),
+        "lower_clipped": (value_min < lower).astype(jnp.uint32).reshape((1,)),
+        "records": records,
+    }
+
+  def server(state, total, rng, num_client_slots):
+    dtype = total["dtype"].dtype
+    upper, lower = reported_bounds(state)
+    upper, lower = jnp.asarray(upper, dtype), jnp.asarray(lower, dtype)
+    count = _decode_count(total["count"], num_client_slots)
+    modulus = group_bits(summand_bits, num_client_slots, modulus_bits)
+
+    with jax.enable_x64(True):
+      count64 = count.astype(jnp.int64)
+      if bounds.integer:
+        def decode(limb_sums):
+          return (_from_limbs(limb_sums, modulus) + count64 * lower.astype(jnp.int64)).astype(dtype)
+      else:
+        def decode(limb_sums):
+          return _dequantize(_from_limbs(limb_sums, modulus), count64, upper, lower).astype(dtype)
+      result = jax.tree.map(decode, total["value"])
+
+    new_process_states = tuple(
+        process.server(s, records, jax.random.fold_in(rng, k))
+        for k, (process, s, records) in enumerate(zip(processes, process_states(state), total["records"])))
+    if bounds.kind == _CONSTANT:
+      new_state = ()
+    elif bounds.kind == _SYMMETRIC_PROCESS:
+      new_state = new_process_states[0]
+    else:
+      new_state = new_process_states
+    measurements = {
+        "secure_upper_clipped_count": _decode_count(total["upper_clipped"], num_client_slots),
+        "secure_lower_clipped_count": _decode_count(total["lower_clipped"], num_client_slots),
+        "secure_upper_threshold": upper,
+        "secure_lower_threshold": lower,
+    }
+    return MeasuredOutput(state=new_state, result=result, measurements=measurements)
+
+  def upload_bits(value_template):
+    check_template(value_template)
+    records_bits = sum(int(process.upload_bits) for process in processes)
+    return tree_num_elements(as_template(value_template)) * summand_bits + COUNT_BITS + 2 * COUNT_BITS + records_bits
+
+  return _slot_aware_aggregator(init, broadcast, client, server, upload_bits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# secure_modular_sum
+
+
+def secure_modular_sum(modulus: int, *, symmetric_range: bool = False) -> Aggregator:
+  """Simulated secure modular sum of integers (TFF ``SecureModularSumFactory``).
+
+  ``result = (sum_i x_i) mod M`` in ``[0, M - 1]``: clients send ``x_i mod M`` (inputs out of range wrap around, no
+  error) and the server reduces the exact sum modulo ``M``. With ``symmetric_range`` the range is
+  ``[-(M - 1), M - 1]``: the sum is taken modulo ``2M - 1`` and ``v >= M`` maps to ``v - (2M - 1)``. Unweighted;
+  state ``()``; measurements ``()``. Each client uploads ``ceil(log2(M'))`` bits per element, ``M'`` being the
+  modulus actually used (``M`` or ``2M - 1``).
+
+  Args:
+    modulus: ``M >= 2``; the result range must fit the value's integer dtype (checked at ``init``).
+    symmetric_range: use the range ``[-(M - 1), M - 1]``.
+
+  Example::
+
+    agg = secure_modular_sum(7)
+    values = jnp.array([[10], [13]], jnp.int32)  # 23 = 3 * 7 + 2
+    agg.next(agg.init(values[0]), values, jnp.ones(2), jax.random.key(0)).result  # [2]
+  """
+  validation.check_int("modulus", modulus, minimum=2)
+  if not isinstance(symmetric_range, bool):
+    raise TypeError(f"symmetric_range must be a bool, got {type(symmetric_range).__name__}.")
+  modulus = int(modulus)
+  group_modulus = 2 * modulus - 1 if symmetric_range else modulus
+  summand_bits = (group_modulus - 1).bit_length()
+  num_limbs = _num_limbs(summand_bits)
+
+  def check_template(value_template) -> None:
+    for leaf in jax.tree.leaves(as_template(value_template)):
+      dtype = np.dtype(leaf.dtype)
+      if not np.issubdtype(dtype, np.integer):
+        raise TypeError(f"secure_modular_sum needs integer values, got a leaf of dtype {dtype}.")
+      if dtype.itemsize * 8 > 32:
+        raise TypeError(f"secure_modular_sum supports value dtypes of at most 32 bits, got {dtype}.")
+      info = np.iinfo(dtype)
+      low = -(modulus - 1) if symmetric_range else 0
+      if low < info.min or modulus - 1 > info.max:
+        raise ValueError(f"modulus must keep the result range [{low}, {modulus - 1}] within the value dtype's "
+                         f"range [{info.min}, {info.max}] ({dtype}), got modulus={modulus}.")
+
+  def init(value_template):
+    check_template(value_template)
+    return ()
+
+  def client(client_params, value, weight, rng):
+    with jax.enable_x64(True):
+      limbs = jax.tree.map(
+          lambda leaf: _to_limbs(jnp.remainder(leaf.astype(jnp.int64), group_modulus), num_limbs), value)
+    return {"value": limbs, "dtype": jax.tree.map(lambda leaf: _dtype_tag(leaf.dtype), value)}
+
+  def server(state, total, rng, num_client_slots):
+    def decode(limb_sums, tag):
+      with jax.enable_x64(True):
+        # Limb sums are below 2^32 and at most two limbs exist, so the int64 recombination is exact.
+        residue = jnp.remainder(_from_limbs(limb_sums, MAX_MODULUS_BITS), group_modulus)
+        if symmetric_range:
+          residue = jnp.where(residue >= modulus, residue - group_modulus, residue)
+        return residue.astype(tag.dtype)
+
+    return MeasuredOutput(state=state, result=jax.tree.map(decode, total["value"], total["dtype"]), measurements=())
+
+  def upload_bits(value_template):
+    check_template(value_template)
+    return tree_num_elements(as_template(value_template)) * summand_bits
+
+  return _slot_aware_aggregator(init, lambda state: (), client, server, upload_bits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# secure_aggregator
+
+
+def secure_aggregator(*, zeroing: bool = True, clipping: bool = True, weighted: bool = True) -> Aggregator:
+  """The reference's secure preset (TFF ``tff.learning.secure_aggregator``); outer to inner::
+
+    zeroing(L-inf, no_noise_quantile_estimator(10.0, 0.98, ln 10, multiplier=2, increment=1, secure_estimation=True),
+            zeroed_count_sum=secure_sum(1, 0))
+    clipping(L2, no_noise_quantile_estimator(1.0, 0.8, 0.2, secure_estimation=True),
+             clipped_count_sum=secure_sum(1, 0))
+    mean(value_sum=secure_sum(no_noise_quantile_estimator(50.0, 0.95, 1.0, multiplier=2, secure_estimation=True)),
+         weight_sum=secure_sum(2^20 - 1.0, 0.0))
+
+  The secure value sum's bound is ``U = 2 * Q_0.95(max_i |w_i x_i|)``, starting at 100, with ``L = -U``. Weights
+  are clipped to ``[0, 2^20 - 1]``. Unweighted, the mean is ``unweighted_mean(value_sum=<same>,
+  count_sum=secure_sum(1, 0))``.
+
+  Args:
+    zeroing: wrap in adaptive zeroing (threshold ``2 Q_0.98 + 1`` of the clients' L-inf norms, starting at 21).
+    clipping: wrap in adaptive L2 clipping (the 0.8 quantile of the clients' L2 norms, starting at 1).
+    weighted: weighted mean (default) or unweighted mean.
+  """
+  for name, flag in (("zeroing", zeroing), ("clipping", clipping), ("weighted", weighted)):
+    if not isinstance(flag, bool):
+      raise TypeError(f"{name} must be a bool, got {type(flag).__name__}.")
+  value_sum = secure_sum(no_noise_quantile_estimator(50.0, 0.95, 1.0, multiplier=2.0, secure_estimation=True))
+  if weighted:
+    aggregator = mean(value_sum=value_sum, weight_sum=secure_sum(float(2**20 - 1), 0.0))
+  else:
+    aggregator = unweighted_mean(value_sum=value_sum, count_sum=secure_sum(1, 0))
+  if clipping:
+    aggregator = robust.clipping(no_noise_quantile_estimator(1.0, 0.8, 0.2, secure_estimation=True), aggregator,
+                           clipped_count_sum=secure_sum(1, 0))
+  if zeroing:
+    aggregator = robust.zeroing(
+        no_noise_quantile_estimator(10.0, 0.98, math.log(10.0), multiplier=2.0, increment=1.0,
+                                    secure_estimation=True),
+        aggregator, zeroed_count_sum=secure_sum(1, 0))
+  return aggregator
+
