@@ -74,7 +74,7 @@ def quantize(
   hi = jnp.asarray(hi, jnp.float32)
   value_range = hi - lo
   safe_range = jnp.where(value_range > 0, value_range, jnp.ones_like(value_range))
-  y = jnp.where(value_range > 0, (x - lo) * jnp.float32(num) / safe_range, jnp.zeros_like(x))
+  y = jnp.where(value_range > 0, _divide_exactly((x - lo) * jnp.float32(num), safe_range), jnp.zeros_like(x))
   if stochastic:
     if rng is None:
       raise ValueError("rng must be a JAX key when stochastic is True.")
@@ -87,10 +87,23 @@ def quantize(
 
 
 def dequantize(q: jax.Array, lo: jax.Array, hi: jax.Array, bits: int) -> jax.Array:
-  """``x_hat = q / L * (hi - lo) + lo`` in float32 (evaluated as ``q * (hi - lo) / L + lo``)."""
+  """``x_hat = q / L * (hi - lo) + lo`` in float32, evaluated as ``q * (hi - lo) / L + lo`` with a correctly
+  rounded division, so that a level whose value is representable is decoded exactly."""
   lo = jnp.asarray(lo, jnp.float32)
   hi = jnp.asarray(hi, jnp.float32)
-  return jnp.asarray(q, jnp.float32) * (hi - lo) / jnp.float32(num_levels(bits)) + lo
+  scaled = jnp.asarray(q, jnp.float32) * (hi - lo)
+  return _divide_exactly(scaled, jnp.float32(num_levels(bits))) + lo
+
+
+def _divide_exactly(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  """``numerator / denominator`` (a scalar) as a correctly rounded elementwise division.
+
+  XLA:CPU rewrites a division by a broadcast scalar into a multiplication by its rounded reciprocal, which moves
+  an exact quotient (e.g. ``21 / 7``) by an ulp; dividing by a full-shaped array behind an optimization barrier
+  keeps the IEEE division, so values on the grid encode to exact integers and decode to themselves.
+  """
+  full_denominator = jax.lax.optimization_barrier(jnp.broadcast_to(denominator, jnp.shape(numerator)))
+  return numerator / full_denominator
 
 
 def quantize_dequantize(

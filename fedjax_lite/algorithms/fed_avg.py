@@ -12,7 +12,9 @@ One round, in the reference's four parts (TFF ``build_weighted_fed_avg``):
    the client models. A non-finite ``delta`` leaves parameters and optimizer state unchanged.
 
 Metrics: ``{'distributor': {}, 'client_work': {'train': {loss, <model metrics>, num_examples, num_batches},
-'num_non_finite_clients', 'learning_rate'}, 'aggregator': <aggregator measurements>, 'finalizer': {'update_non_finite'}}``.
+'num_non_finite_clients', 'learning_rate'}, 'aggregator': <aggregator measurements>, 'finalizer': {'update_non_finite'},
+'broadcasted_bits', 'aggregated_bits'}`` -- the last two the exact bits sent to and received from the round's
+clients (:func:`fedjax_lite.algorithms.round.communication_bits`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from fedjax_lite.aggregators.base import Aggregator, as_template
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
 from fedjax_lite.algorithms.local_training import train_locally
 from fedjax_lite.algorithms.optimizers import ClientOptimizer, OptimizerFactory
-from fedjax_lite.algorithms.round import client_work_and_aggregate
+from fedjax_lite.algorithms.round import client_work_and_aggregate, communication_bits
 from fedjax_lite.algorithms.server_update import apply_server_optimizer
 from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model
@@ -38,6 +40,7 @@ from fedjax_lite.core.runner import Runner
 
 PyTree = Any
 WEIGHTINGS = ("num_examples", "uniform")
+BROADCAST_STREAM = 0xB40AD  # the broadcast encoder's key is fold_in(round key, BROADCAST_STREAM)
 
 
 @flax.struct.dataclass
@@ -104,6 +107,7 @@ def fed_avg(
     aggregator: Aggregator | None = None,
     client_grad_clip_norm: float | None = None,
     server_midpoint_fraction: float | None = None,
+    broadcast_encoder: Any | None = None,
     runner: Runner | None = None,
 ) -> Process:
   """Builds FedAvg as a ``Process(init, next)``.
@@ -120,6 +124,10 @@ def fed_avg(
     client_grad_clip_norm: optional clip of each local gradient's global L2 norm (``optax.clip_by_global_norm``).
     server_midpoint_fraction: optional ``f`` in (0, 1]: move only ``f`` of the way to the server optimizer's
       proposal (with SGD(1.0), ``f = 0.5`` lands at the midpoint of the current and averaged models).
+    broadcast_encoder: optional server-to-client compression with ``encode(params, rng) -> params as the
+      clients receive them`` and ``bits(params_template) -> int`` (e.g.
+      ``aggregators.quantization.broadcast_encoder(8, 10000)``). Clients train from the decoded parameters and
+      report their delta from them; the server applies the aggregate to its exact parameters.
     runner: the client runner (default: per-backend strategy).
 
   Returns:
@@ -144,6 +152,7 @@ def fed_avg(
                          low_inclusive=False, allow_none=True)
   if runner is not None and not isinstance(runner, Runner):
     raise TypeError(f"runner must be a fedjax_lite Runner, got {type(runner).__name__}.")
+  check_broadcast_encoder(broadcast_encoder)
 
   def client_update(params, client_data, rng, hparams) -> ClientOutput:
     final_params, metric_sums = train_locally(model, optimizer.build(hparams), params, client_data, rng)
@@ -159,8 +168,10 @@ def fed_avg(
 
   def next_fn(state: ServerState, round_data: PyTree, rng: jax.Array) -> tuple[ServerState, dict]:
     hparams = optimizer.hparams(state.round_num)
+    client_params, model_bits = encode_broadcast(broadcast_encoder, state.params,
+                                                 jax.random.fold_in(rng, BROADCAST_STREAM))
     aggregate, client_metrics = client_work_and_aggregate(
-        client_update, aggregator, state.aggregator_state, state.params, hparams, round_data, rng, runner
+        client_update, aggregator, state.aggregator_state, client_params, hparams, round_data, rng, runner
     )
     params, opt_state, finalizer_metrics = apply_server_optimizer(
         server_optimizer, state.params, state.opt_state, aggregate.result,
@@ -174,7 +185,23 @@ def fed_avg(
         "client_work": client_metrics | dict(hparams),
         "aggregator": aggregate.measurements,
         "finalizer": finalizer_metrics,
+        **communication_bits(aggregator, state.aggregator_state, state.params, hparams, round_data,
+                             model_broadcast_bits=model_bits),
     }
     return new_state, metrics
 
   return Process(init=init, next=next_fn)
+
+
+def check_broadcast_encoder(encoder: Any) -> None:
+  if encoder is not None and not (callable(getattr(encoder, "encode", None))
+                                  and callable(getattr(encoder, "bits", None))):
+    raise TypeError("broadcast_encoder must have encode(params, rng) and bits(params_template) methods, e.g. "
+                    "fedjax_lite.aggregators.quantization.broadcast_encoder().")
+
+
+def encode_broadcast(encoder: Any, params: PyTree, rng: jax.Array) -> tuple[PyTree, int | None]:
+  """``(params as the clients receive them, bits of the encoded model per client or None if uncompressed)``."""
+  if encoder is None:
+    return params, None
+  return encoder.encode(params, rng), int(encoder.bits(as_template(params)))

@@ -17,7 +17,7 @@ import optax
 from fedjax_lite.aggregators.base import Aggregator
 from fedjax_lite.algorithms.fed_avg import ServerState, check_model, init_server_state, resolve_aggregator
 from fedjax_lite.algorithms.local_training import split_steps, step_batch, zero_metric_sums
-from fedjax_lite.algorithms.round import client_work_and_aggregate
+from fedjax_lite.algorithms.round import client_work_and_aggregate, communication_bits
 from fedjax_lite.algorithms.server_update import apply_server_optimizer
 from fedjax_lite.core.model import Model, masked_loss_and_metric_sums
 from fedjax_lite.core.process import Process
@@ -93,7 +93,8 @@ def fed_sgd(
         params=params, opt_state=opt_state, aggregator_state=aggregate.state, round_num=state.round_num + 1
     )
     metrics = {"distributor": {}, "client_work": client_metrics, "aggregator": aggregate.measurements,
-               "finalizer": finalizer_metrics}
+               "finalizer": finalizer_metrics,
+               **communication_bits(aggregator, state.aggregator_state, state.params, {}, round_data)}
     return new_state, metrics
 
   return Process(init=init, next=next_fn)

@@ -16,12 +16,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import Aggregator, split_rng
+from fedjax_lite.aggregators.base import Aggregator, as_template, client_upload_bits, split_rng
 from fedjax_lite.core.model import finalize_metric_sums
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner, client_mask, run_clients
-from fedjax_lite.core.tree import tree_all_finite, tree_select
+from fedjax_lite.core.tree import tree_all_finite, tree_select, tree_size_bits
 
 PyTree = Any
 ClientUpdateFn = Callable[[PyTree, PyTree, jax.Array, PyTree], ClientOutput]
@@ -97,3 +97,33 @@ def client_work_and_aggregate(
 
   non_finite = metric_sums.pop("num_non_finite_clients")
   return aggregate, {"train": finalize_metric_sums(metric_sums), "num_non_finite_clients": non_finite}
+
+
+def communication_bits(
+    aggregator: Aggregator,
+    aggregator_state: PyTree,
+    server_value: PyTree,
+    hparams: PyTree,
+    round_data: PyTree,
+    *,
+    model_broadcast_bits: int | None = None,
+) -> dict[str, jax.Array]:
+  """Exact bits sent to and received from the round's real clients (int64 totals).
+
+  Per client, the download is the model (``model_broadcast_bits`` when an encoder compresses it, else every
+  leaf at its dtype's width), the broadcast hyperparameters and the aggregator's broadcast (e.g. its clipping
+  norm); the upload is the aggregator's exact payload (:func:`fedjax_lite.aggregators.base.client_upload_bits`).
+  Both are static counts, multiplied by the number of real clients of the round. TFF measured logical tensor
+  sizes with a sizing executor (``broadcasted_bits``/``aggregated_bits``, removed in TFF 0.48); these are the same
+  quantities computed from the payload.
+  """
+  template = as_template(server_value)
+  aggregator_broadcast = (jax.eval_shape(aggregator.parts.broadcast, aggregator_state)
+                          if aggregator.parts is not None else ())
+  per_client_download = ((tree_size_bits(template) if model_broadcast_bits is None else int(model_broadcast_bits))
+                         + tree_size_bits(hparams) + tree_size_bits(aggregator_broadcast))
+  per_client_upload = client_upload_bits(aggregator, template)
+  num_clients = jnp.sum(client_mask(round_data))
+  with jax.enable_x64(True):
+    count = num_clients.astype(jnp.int64)
+    return {"broadcasted_bits": count * per_client_download, "aggregated_bits": count * per_client_upload}

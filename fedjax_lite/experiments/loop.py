@@ -6,7 +6,8 @@
 2. its clients are packed on the host into one fixed shape (the step axis sized for the largest client of the
    whole population, so the round compiles once);
 3. the jitted ``process.next`` runs with the key ``fold_in(key(seed), round)``;
-4. metrics are fetched and written.
+4. metrics are fetched and written, with the communication totals so far (``cumulative_broadcasted_bits``,
+   ``cumulative_aggregated_bits``) when the algorithm reports its bits.
 
 The host work of round ``r + 1`` (sampling and packing) overlaps the device work of round ``r``: the next round is
 dispatched before the previous round's metrics are read. Rounds, cohorts, shuffles and keys depend only on the
@@ -138,6 +139,7 @@ def run_training(
 
   sink = open(metrics_path, "w") if metrics_path is not None else None
   history: list[dict] = []
+  cumulative = {"broadcasted_bits": 0, "aggregated_bits": 0}
   stopped = None
   start = time.perf_counter()
   first_round_seconds = math.nan
@@ -151,6 +153,10 @@ def run_training(
       if round_num + 1 < num_rounds:
         pending = prepare(round_num + 1)  # host work overlaps the device's round
       flat = {"round": round_num, **flatten_metrics(jax.device_get(metrics))}
+      for key in ("broadcasted_bits", "aggregated_bits"):
+        if key in flat:
+          cumulative[key] += int(flat[key])
+          flat[f"cumulative_{key}"] = cumulative[key]
       flat["round_time_in_seconds"] = time.perf_counter() - round_start
       if round_num == 0:
         first_round_seconds = flat["round_time_in_seconds"]

@@ -57,7 +57,8 @@ def with_garbage_padding(values: dict, mask: np.ndarray) -> dict:
   return padded
 
 
-masks = st.integers(1, 8).flatmap(lambda n: st.lists(st.booleans(), min_size=n, max_size=n)).filter(any)
+NUM_SLOTS = 8  # most tests share this client axis (the real count varies through the mask) to compile once
+masks = st.lists(st.booleans(), min_size=NUM_SLOTS, max_size=NUM_SLOTS).filter(any)
 
 
 # Agreement with numpy ---------------------------------------------------------------------------------------------
@@ -97,16 +98,19 @@ def test_median_even_and_odd_counts_exact(num_real):
 
 def test_trimmed_mean_matches_scipy():
   scipy_stats = pytest.importorskip("scipy.stats")
-  values = make_values(10, seed=3)["kernel"]
+  values = make_values(NUM_SLOTS, seed=3)
   for fraction in TRIM_FRACTIONS:
-    result = TRIMMED_NEXT[fraction]((), values, jnp.ones(10), KEY).result
-    chex.assert_trees_all_close(result, scipy_stats.trim_mean(values, fraction, axis=0), rtol=1e-5, atol=1e-6)
+    result = TRIMMED_NEXT[fraction]((), values, jnp.ones(NUM_SLOTS), KEY, np.ones(NUM_SLOTS, bool)).result
+    expected = {name: scipy_stats.trim_mean(leaf, fraction, axis=0) for name, leaf in values.items()}
+    chex.assert_trees_all_close(result, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_trim_count_uses_float64_floor():
-  """``k = floor(beta * n)`` as scipy computes it: 0.3 * 10 trims 3, 0.25 * 7 trims 1, 0.49 * 2 trims 0."""
-  for fraction, num_real, k in [(0.3, 10, 3), (0.25, 7, 1), (0.49, 2, 0), (0.1, 9, 0), (0.1, 10, 1)]:
-    output = TRIMMED_NEXT[fraction]((), np.zeros((num_real, 1), np.float32), jnp.ones(num_real), KEY)
+  """``k = floor(beta * n)`` as scipy computes it: 0.3 * 10 trims 3 (also float32 would), 0.25 * 7 trims 1, ..."""
+  values = make_values(NUM_SLOTS, seed=0)
+  for fraction, num_real, k in [(0.25, 7, 1), (0.25, 8, 2), (0.49, 2, 0), (0.45, 8, 3), (0.1, 8, 0), (0.3, 7, 2)]:
+    mask = np.arange(NUM_SLOTS) < num_real
+    output = TRIMMED_NEXT[fraction]((), values, jnp.ones(NUM_SLOTS), KEY, mask)
     assert int(output.measurements["trimmed_per_side"]) == k
     assert output.measurements["trimmed_per_side"].dtype == jnp.int32
 
@@ -154,7 +158,9 @@ def test_three_byzantine_of_ten_cannot_drag_median_or_trimmed_mean():
   weights = jnp.ones(10)
   low, high = honest.min(axis=0), honest.max(axis=0)
   median = MEDIAN_NEXT((), values, weights, KEY).result
-  trimmed = TRIMMED_NEXT[0.3]((), values, weights, KEY).result
+  trimmed_output = TRIMMED_NEXT[0.3]((), values, weights, KEY)
+  trimmed = trimmed_output.result
+  assert int(trimmed_output.measurements["trimmed_per_side"]) == 3
   plain_mean = jax.jit(mean().next)(mean().init(values[0]), values, weights, KEY).result
   for robust in (median, trimmed):
     assert np.all((low <= robust) & (robust <= high))
@@ -188,31 +194,37 @@ def test_all_padding_gives_nan_and_empty_client_axis_raises():
     assert np.all(np.isnan(next_fn((), values, jnp.ones(3), KEY, np.zeros(3, bool)).result))
   for aggregator in (MEDIAN, TRIMMED[0.1]):
     with pytest.raises(ValueError, match="at least one client"):
-      aggregator.next((), np.ones((0, 2), np.float32), jnp.ones(0), KEY)
+      jax.eval_shape(aggregator.next, (), np.ones((0, 2), np.float32), jnp.ones(0), KEY)
 
 
 # FedAvg -----------------------------------------------------------------------------------------------------------
 
 
 def test_fed_avg_with_median_runs_one_round(population, tiny_model, tiny_params):
-  round_data = pack_clients(population, [0, 2, 3, 5], batch_size=4, cohort_size=6)  # 2 padding slots
+  """One round with padding slots: the update is finite and non-zero, and padding never votes.
+
+  With ``shuffle=False`` copies of a client train identically, so the median of three copies of client 4 is its
+  delta, as is the median of client 4 alone among padding slots (were the padding's zero deltas counted, the
+  update would be 0). Both rounds share one shape and one compilation.
+  """
+  num_steps = fedjax_lite.core.max_num_steps(population, batch_size=4)
+  pack = lambda indices: pack_clients(population, indices, batch_size=4, num_steps=num_steps, cohort_size=6,
+                                      shuffle=False)
   process = fedjax_lite.algorithms.fed_avg(tiny_model, client_learning_rate=0.1, aggregator=coordinate_median())
-  state, metrics = jax.jit(process.next)(process.init(tiny_params), round_data, jax.random.key(1))
+  next_fn = jax.jit(process.next)
+  initial = process.init(tiny_params)
+  state, metrics = next_fn(initial, pack([0, 2, 3, 5]), jax.random.key(1))
   update = jax.tree.map(jnp.subtract, tiny_params, state.params)
   assert bool(fedjax_lite.core.tree_all_finite(update))
   assert any(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in jax.tree.leaves(update))
   assert metrics["aggregator"] == {}
   assert int(metrics["finalizer"]["update_non_finite"]) == 0
 
-
-def test_fed_avg_median_of_one_client_is_its_update(population, tiny_model, tiny_params):
-  """With one real client and padding, the median is that client's delta: FedAvg lands on its model."""
-  round_data = pack_clients(population, [4], batch_size=4, cohort_size=3)
-  states = []
-  for aggregator in (coordinate_median(), mean()):
-    process = fedjax_lite.algorithms.fed_avg(tiny_model, client_learning_rate=0.1, aggregator=aggregator)
-    states.append(jax.jit(process.next)(process.init(tiny_params), round_data, jax.random.key(1))[0])
-  chex.assert_trees_all_close(states[0].params, states[1].params, rtol=1e-6, atol=1e-7)
+  alone, _ = next_fn(initial, pack([4]), jax.random.key(1))
+  copies, _ = next_fn(initial, pack([4, 4, 4]), jax.random.key(1))
+  chex.assert_trees_all_close(alone.params, copies.params, rtol=1e-6, atol=1e-7)
+  assert any(float(jnp.max(jnp.abs(a - b))) > 1e-4
+             for a, b in zip(jax.tree.leaves(alone.params), jax.tree.leaves(tiny_params)))
 
 
 # Contract and argument checks -------------------------------------------------------------------------------------
@@ -232,7 +244,8 @@ def test_rejects_non_float_values(build):
   with pytest.raises(TypeError, match="floating-point values.*int32"):
     aggregator.init(jnp.zeros(3, jnp.int32))
   with pytest.raises(TypeError, match="floating-point values.*int32"):
-    aggregator.next((), {"a": jnp.zeros((2, 3)), "b": jnp.zeros((2, 3), jnp.int32)}, jnp.ones(2), KEY)
+    jax.eval_shape(aggregator.next, (), {"a": jnp.zeros((2, 3)), "b": jnp.zeros((2, 3), jnp.int32)}, jnp.ones(2),
+                   KEY)
   with pytest.raises(TypeError, match="floating-point values"):
     aggregator.upload_bits(jnp.zeros(3, jnp.bool_))
 
@@ -252,6 +265,7 @@ def test_trim_fraction_checked(bad, error, match):
 
 def test_client_mask_shape_checked():
   with pytest.raises(ValueError, match=r"client_mask must have shape \(3,\)"):
-    MEDIAN.next((), np.zeros((3, 2), np.float32), jnp.ones(3), KEY, np.ones(4, bool))
+    jax.eval_shape(MEDIAN.next, (), np.zeros((3, 2), np.float32), jnp.ones(3), KEY, np.ones(4, bool))
   with pytest.raises(AssertionError):  # leaves disagree on the number of client slots
-    MEDIAN.next((), {"a": np.zeros((3, 2), np.float32), "b": np.zeros((2, 2), np.float32)}, jnp.ones(3), KEY)
+    jax.eval_shape(MEDIAN.next, (), {"a": np.zeros((3, 2), np.float32), "b": np.zeros((2, 2), np.float32)},
+                   jnp.ones(3), KEY)

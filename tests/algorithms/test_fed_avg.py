@@ -228,7 +228,11 @@ def test_optax_transformation_as_client_optimizer(population, tiny_model, tiny_p
 def test_metrics_groups(population, tiny_model, tiny_params):
   round_data = pack_clients(population, [0, 1], batch_size=4, num_epochs=3)
   _, metrics = one_round(fed_avg(tiny_model, client_learning_rate=0.1), tiny_params, round_data)
-  assert set(metrics) == {"distributor", "client_work", "aggregator", "finalizer"}
+  assert set(metrics) == {"distributor", "client_work", "aggregator", "finalizer", "broadcasted_bits",
+                          "aggregated_bits"}
+  num_params = sum(leaf.size for leaf in jax.tree.leaves(tiny_params))
+  assert int(metrics["broadcasted_bits"]) == 2 * (32 * num_params + 32)  # model + learning rate, 2 clients
+  assert int(metrics["aggregated_bits"]) == 2 * (32 * num_params + 32)  # weighted delta + weight
   train = metrics["client_work"]["train"]
   assert set(train) == {"loss", "accuracy", "num_examples", "num_batches"}
   assert int(train["num_examples"]) == 3 * int(population.client_sizes[0] + population.client_sizes[1])

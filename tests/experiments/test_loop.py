@@ -56,6 +56,9 @@ def test_metrics_file_evaluation_cadence_and_early_stop(tmp_path, tiny_model, ti
   assert [r["round"] for r in records if "evaluation/accuracy" in r] == [2]
   assert len(evaluated) == 1
   assert all(r["round_time_in_seconds"] > 0 for r in records)
+  per_round = [r["aggregated_bits"] for r in records]
+  assert [r["cumulative_aggregated_bits"] for r in records] == list(np.cumsum(per_round))
+  assert records[-1]["cumulative_broadcasted_bits"] == sum(r["broadcasted_bits"] for r in records)
   assert result.first_round_seconds == records[0]["round_time_in_seconds"]
 
 
