@@ -54,7 +54,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -467,6 +466,21 @@ def max_abs_difference(tree_a: PyTree, tree_b: PyTree) -> float:
   return float(max(jnp.max(jnp.abs(a - b)) for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b))))
 
 
+def system_busy_seconds() -> float:
+  """CPU-seconds every process on the machine has spent busy since boot (``/proc/stat``), or NaN elsewhere."""
+  try:
+    with open("/proc/stat") as stat:
+      fields = [int(value) for value in stat.readline().split()[1:]]
+  except (OSError, ValueError):
+    return float("nan")
+  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+  guest = sum(fields[8:10])  # already counted in user/nice
+  return (sum(fields) - idle - guest) / os.sysconf("SC_CLK_TCK")
+
+
+QUIET_OTHERS_FRACTION = 0.10  # a round is "quiet" when other processes used < 10% of the machine's CPU meanwhile
+
+
 def time_variants(variants: list[Variant], rounds: int) -> dict[str, dict]:
   """First round of each variant alone (compile + run), then ``rounds`` rounds interleaved round-robin."""
   results: dict[str, dict] = {}
@@ -496,25 +510,41 @@ def time_variants(variants: list[Variant], rounds: int) -> dict[str, dict]:
             first_params[variant.name], first_params["library_equal"])
 
   times: dict[str, list[float]] = {variant.name: [] for variant in variants}
+  cpu_times: dict[str, list[float]] = {variant.name: [] for variant in variants}
+  others: dict[str, list[float]] = {variant.name: [] for variant in variants}
   timed_compiles: dict[str, int] = {variant.name: 0 for variant in variants}
+  num_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   for repetition in range(rounds):
     shift = repetition % len(variants)
     for variant in variants[shift:] + variants[:shift]:
       mark = COMPILE_LOG.mark()
-      start = time.perf_counter()
+      start, cpu_start, busy_start = time.perf_counter(), time.process_time(), system_busy_seconds()
       variant.run_round()
-      times[variant.name].append(time.perf_counter() - start)
+      wall = time.perf_counter() - start
+      own_cpu = time.process_time() - cpu_start
+      times[variant.name].append(wall)
+      cpu_times[variant.name].append(own_cpu)
+      # The share of the machine's CPU that OTHER processes used during this round (0 on a quiet machine).
+      others[variant.name].append(max(0.0, (system_busy_seconds() - busy_start - own_cpu) / (wall * num_cpus)))
       timed_compiles[variant.name] += len(COMPILE_LOG.compiles(mark))
-    log(f"repetition {repetition + 1}/{rounds}: " + ", ".join(f"{n} {t[-1]:.2f}" for n, t in times.items()))
+    log(f"repetition {repetition + 1}/{rounds}: " + ", ".join(
+        f"{n} {t[-1]:.2f} ({100 * others[n][-1]:.0f}%)" for n, t in times.items()))
   for variant in variants:
     samples = times[variant.name]
     steady = statistics.median(samples)
+    quiet = [t for t, o in zip(samples, others[variant.name]) if o < QUIET_OTHERS_FRACTION]
     results[variant.name].update({
         "steady_s": round(steady, 4),
         "round_s": [round(t, 4) for t in samples],
         "min_s": round(min(samples), 4),
         "max_s": round(max(samples), 4),
         "ms_per_local_step": round(1000 * steady / variant.local_steps, 2),
+        # CPU seconds of this process (all threads) per round.
+        "steady_cpu_s": round(statistics.median(cpu_times[variant.name]), 4),
+        # Other processes' share of the CPUs during each timed round, and the median over the quiet rounds.
+        "others_cpu_fraction": [round(o, 3) for o in others[variant.name]],
+        "quiet_rounds": len(quiet),
+        "quiet_steady_s": round(statistics.median(quiet), 4) if quiet else None,
         "compilations_during_timed_rounds": timed_compiles[variant.name],
     })
     if timed_compiles[variant.name]:
@@ -536,6 +566,27 @@ def ratios(results: dict[str, dict]) -> dict:
       ratio = results[name]["steady_s"] / handwritten[fastest]
       out[f"{name}_vs_fastest_handwritten"] = round(ratio, 3)
       out[f"{name}_meets_target"] = bool(ratio <= target)
+  # The same ratios from each variant's fastest round: less sensitive to other processes stealing the CPU.
+  fastest_min = min((name for name in handwritten), key=lambda name: results[name]["min_s"])
+  out["fastest_handwritten_by_min"] = fastest_min
+  for name in LIBRARY_VARIANTS:
+    if name in results:
+      out[f"{name}_vs_fastest_handwritten_by_min"] = round(results[name]["min_s"] / results[fastest_min]["min_s"], 3)
+  # Paired: library round / hand-written round of the SAME repetition (run seconds apart), median over
+  # repetitions; slow drifts of the machine's load cancel out.
+  for name in LIBRARY_VARIANTS:
+    if name in results:
+      for other in (fastest, "scan_canonical"):
+        if other in results:
+          paired = [a / b for a, b in zip(results[name]["round_s"], results[other]["round_s"])]
+          out[f"{name}_vs_{other}_paired_median"] = round(statistics.median(paired), 3)
+  quiet = {name: results[name]["quiet_steady_s"] for name in handwritten if results[name]["quiet_steady_s"]}
+  if quiet:
+    fastest_quiet = min(quiet, key=quiet.get)
+    out["fastest_handwritten_quiet"] = fastest_quiet
+    for name in LIBRARY_VARIANTS:
+      if name in results and results[name]["quiet_steady_s"]:
+        out[f"{name}_vs_fastest_handwritten_quiet"] = round(results[name]["quiet_steady_s"] / quiet[fastest_quiet], 3)
   if "library_equal" in results and "scan_canonical" in results:
     out["library_equal_vs_scan_canonical"] = round(
         results["library_equal"]["steady_s"] / results["scan_canonical"]["steady_s"], 3)
@@ -548,38 +599,45 @@ def ratios(results: dict[str, dict]) -> dict:
 # Sections ------------------------------------------------------------------------------------------------------------
 
 
-def median_call_ms(fn: Callable[[], Any], calls: int) -> float:
-  samples = []
-  for _ in range(calls):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    samples.append(time.perf_counter() - start)
-  return 1000 * statistics.median(samples)
-
-
 def single_step_section(workload: Workload, initial_params: PyTree, equal: dict) -> dict:
-  """One SGD step jitted alone, and the per-step cost of a rolled 10-step client epoch, for both convs."""
+  """Per-step cost of one SGD step in three programs, for the plain and the canonical conv.
+
+  ``alone``: one jitted step called from Python; ``in_rolled_scan``: one client's epoch (its 10 batches) as a
+  rolled ``lax.scan`` in one jit; ``in_unrolled_epoch``: the same epoch unrolled in Python inside one jit. The
+  calls of the three programs alternate, so machine noise hits them alike.
+  """
   images, labels, _ = dense_equal_round(equal)
   client_images, client_labels = jax.device_put((images[0], labels[0]))
-  out = {"batch_size": workload.batch_size, "calls": workload.single_step_calls}
+  num_steps = int(client_images.shape[0])
+  epoch_calls = max(3, workload.single_step_calls // 4)
+  out = {"batch_size": workload.batch_size, "epoch_steps": num_steps, "calls": workload.single_step_calls,
+         "epoch_calls": epoch_calls}
   for kind, module in build_modules(workload.num_classes).items():
     step = make_sgd_step(module, workload.client_learning_rate)
-    single = jax.jit(step)
-    epoch = jax.jit(functools.partial(local_epoch_scan, step))
-    mark = COMPILE_LOG.mark()
-    jax.block_until_ready(single(initial_params, client_images[0], client_labels[0]))
-    out[f"{kind}_step_compile_s"] = compile_summary(mark)["compile_s"]
-    out[f"{kind}_step_alone_ms"] = round(median_call_ms(
-        lambda: single(initial_params, client_images[0], client_labels[0]), workload.single_step_calls), 2)
-    # The rolled plain-conv epoch costs ~10x per step (jax#12868): two calls are enough to show it.
-    calls = 2 if kind == "plain" else max(3, workload.single_step_calls // 4)
-    mark = COMPILE_LOG.mark()
-    jax.block_until_ready(epoch(initial_params, client_images, client_labels))
-    out[f"{kind}_epoch_scan_compile_s"] = compile_summary(mark)["compile_s"]
-    epoch_ms = median_call_ms(lambda: epoch(initial_params, client_images, client_labels), calls)
-    out[f"{kind}_step_in_rolled_scan_ms"] = round(epoch_ms / client_images.shape[0], 2)
-    log(f"single step {kind}: alone {out[f'{kind}_step_alone_ms']} ms, in rolled scan "
-        f"{out[f'{kind}_step_in_rolled_scan_ms']} ms")
+    epoch_args = (initial_params, client_images, client_labels)
+    programs = {
+        "alone": (jax.jit(step), (initial_params, client_images[0], client_labels[0]), 1),
+        "in_rolled_scan": (jax.jit(functools.partial(local_epoch_scan, step)), epoch_args, num_steps),
+        "in_unrolled_epoch": (jax.jit(functools.partial(local_epoch_unrolled, step)), epoch_args, num_steps),
+    }
+    samples: dict[str, list[float]] = {setting: [] for setting in programs}
+    for setting, (program, args, _) in programs.items():
+      mark = COMPILE_LOG.mark()
+      jax.block_until_ready(program(*args))
+      out[f"{kind}_{setting}_compile_s"] = compile_summary(mark)["compile_s"]
+    for call in range(workload.single_step_calls):
+      for setting, (program, args, steps) in programs.items():
+        if setting != "alone" and call >= epoch_calls:
+          continue
+        if kind == "plain" and setting == "in_rolled_scan" and call >= 2:
+          continue  # ~10x slower per step (jax#12868): two calls show it
+        start = time.perf_counter()
+        jax.block_until_ready(program(*args))
+        samples[setting].append(1000 * (time.perf_counter() - start) / steps)
+    for setting, values in samples.items():
+      out[f"{kind}_step_{setting}_ms"] = round(statistics.median(values), 2)
+    log(f"single step {kind}: " + ", ".join(f"{setting} {out[f'{kind}_step_{setting}_ms']} ms"
+                                            for setting in programs))
   return out
 
 
@@ -628,9 +686,22 @@ def recompilation_section(workload: Workload, initial_params: PyTree) -> dict:
   return out
 
 
+def proc_status_bytes(field: str) -> int:
+  """A ``kB`` field of ``/proc/self/status`` (``VmRSS``: resident now; ``VmHWM``: peak resident), in bytes.
+
+  ``VmHWM`` belongs to this process's own address space. ``getrusage(...).ru_maxrss`` does not: Linux carries the
+  peak RSS of the pre-exec address space across ``execve``, and with ``vfork``/``posix_spawn`` (Python's
+  ``subprocess``) that is the PARENT's, so a child started from a 2 GB benchmark process reports >= 2 GB.
+  """
+  with open("/proc/self/status") as status:
+    for line in status:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) * 1024
+  raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
 def current_rss_bytes() -> int:
-  with open("/proc/self/statm") as statm:
-    return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  return proc_status_bytes("VmRSS")
 
 
 def memory_child(num_clients: int, workload: Workload) -> None:
@@ -650,18 +721,20 @@ def memory_child(num_clients: int, workload: Workload) -> None:
   process = fed_avg(model, client_optimizer=optax.sgd, client_learning_rate=workload.client_learning_rate,
                     server_optimizer=optax.sgd(workload.server_learning_rate))
   state = process.init(params)
-  next_fn = jax.jit(process.next)
   key = jax.random.key(workload.seed)
   jax.block_until_ready((state, key))
   gc.collect()
   rss_before_round = current_rss_bytes()
   round_seconds = []
   mark = COMPILE_LOG.mark()
+  start = time.perf_counter()
+  round_program = jax.jit(process.next).lower(state, round_data, key).compile()
+  temp_bytes = int(round_program.memory_analysis().temp_size_in_bytes)  # XLA's own scratch-buffer account
   for _ in range(workload.memory_rounds):
-    start = time.perf_counter()
-    state, metrics = next_fn(state, round_data, key)
+    state, metrics = round_program(state, round_data, key)
     jax.block_until_ready((state, metrics))
     round_seconds.append(time.perf_counter() - start)
+    start = time.perf_counter()
   print(json.dumps({
       "clients": num_clients,
       "examples_per_client": workload.memory_examples_per_client,
@@ -670,7 +743,8 @@ def memory_child(num_clients: int, workload: Workload) -> None:
       "packed_round_bytes": int(sum(np.asarray(v).nbytes for v in round_data.values())),
       "rss_at_start_bytes": rss_at_start,
       "rss_before_round_bytes": rss_before_round,
-      "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      "vm_hwm_bytes": proc_status_bytes("VmHWM"),
+      "temp_buffer_bytes": temp_bytes,
       "first_round_s": round(round_seconds[0], 3),
       "second_round_s": round(round_seconds[1], 3) if len(round_seconds) > 1 else None,
       "compile_s": compile_summary(mark)["compile_s"],
@@ -693,34 +767,49 @@ def poll_peak_rss(pid: int, stop: threading.Event, result: dict) -> None:
     pass
 
 
-def memory_section(workload: Workload, quick: bool) -> dict:
-  """Runs :func:`memory_child` in a subprocess and reports its peak RSS (its own getrusage, and psutil polling)."""
-  command = [sys.executable, os.path.abspath(__file__), "--memory-child", str(workload.memory_clients)]
-  if quick:
-    command.append("--quick")
-  child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-  stop, polled = threading.Event(), {}
-  poller = threading.Thread(target=poll_peak_rss, args=(child.pid, stop, polled), daemon=True)
-  poller.start()
-  stdout, _ = child.communicate()
-  stop.set()
-  poller.join()
-  if child.returncode != 0:
-    raise RuntimeError(f"memory subprocess failed with exit code {child.returncode}")
-  out = json.loads(stdout.strip().splitlines()[-1])
-  peak = max(out["ru_maxrss_bytes"], polled.get("peak", 0))
-  out["psutil_polled_peak_rss_bytes"] = polled.get("peak")
-  out["peak_rss_bytes"] = peak
-  out["peak_rss_gb"] = round(peak / 1e9, 3)
-  out["target_gb"] = MEMORY_TARGET_BYTES / 1e9
-  out["meets_target"] = bool(peak < MEMORY_TARGET_BYTES)
-  out["all_updates_at_once_bytes"] = out["clients"] * out["num_params"] * 4
-  out["all_updates_at_once_gb"] = round(out["all_updates_at_once_bytes"] / 1e9, 2)
-  steady = out["second_round_s"] or out["first_round_s"]
-  out["ms_per_client"] = round(1000 * steady / out["clients"], 2)
-  log(f"memory: {out['clients']} clients, peak RSS {out['peak_rss_gb']} GB, rounds {out['first_round_s']} s / "
-      f"{out['second_round_s']} s")
-  return out
+class MemoryProbe:
+  """Runs :func:`memory_child` in a subprocess and reports its peak RSS (its ``VmHWM``, and psutil polling).
+
+  ``start()`` launches the child and a polling thread; ``result()`` waits for it. The full benchmark starts it
+  after the timed sections, so the child has the machine to itself; ``--quick`` runs it concurrently with them to
+  stay under a minute (quick timings are not meaningful anyway).
+  """
+
+  def __init__(self, workload: Workload, quick: bool):
+    self._command = [sys.executable, os.path.abspath(__file__), "--memory-child", str(workload.memory_clients)]
+    if quick:
+      self._command.append("--quick")
+    self._child = None
+
+  def start(self) -> "MemoryProbe":
+    self._child = subprocess.Popen(self._command, stdout=subprocess.PIPE, text=True)
+    self._stop, self._polled = threading.Event(), {}
+    self._poller = threading.Thread(target=poll_peak_rss, args=(self._child.pid, self._stop, self._polled),
+                                    daemon=True)
+    self._poller.start()
+    return self
+
+  def result(self) -> dict:
+    stdout, _ = self._child.communicate()
+    self._stop.set()
+    self._poller.join()
+    if self._child.returncode != 0:
+      raise RuntimeError(f"memory subprocess failed with exit code {self._child.returncode}")
+    out = json.loads(stdout.strip().splitlines()[-1])
+    polled = self._polled.get("peak")
+    peak = max(out["vm_hwm_bytes"], polled or 0)
+    out["psutil_polled_peak_rss_bytes"] = polled
+    out["peak_rss_bytes"] = peak
+    out["peak_rss_gb"] = round(peak / 1e9, 3)
+    out["target_gb"] = MEMORY_TARGET_BYTES / 1e9
+    out["meets_target"] = bool(peak < MEMORY_TARGET_BYTES)
+    out["all_updates_at_once_bytes"] = out["clients"] * out["num_params"] * 4
+    out["all_updates_at_once_gb"] = round(out["all_updates_at_once_bytes"] / 1e9, 2)
+    steady = out["second_round_s"] or out["first_round_s"]
+    out["ms_per_client"] = round(1000 * steady / out["clients"], 2)
+    log(f"memory: {out['clients']} clients, peak RSS {out['peak_rss_gb']} GB, rounds {out['first_round_s']} s / "
+        f"{out['second_round_s']} s")
+    return out
 
 
 def compare_xla_flags(flags: str, rounds: int, quick: bool, repeats: int) -> dict:
@@ -834,6 +923,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
       "backend": jax.default_backend(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
       "workload": {
           "clients": workload.num_clients,
           "examples_per_client": workload.examples_per_client,
@@ -848,6 +938,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
       },
   }
 
+  memory_probe = MemoryProbe(workload, args.quick) if "memory" not in skip else None
+  if memory_probe is not None and args.quick:
+    memory_probe.start()
   if selected:
     log(f"variants: {selected}")
     variants = build_variants(selected, workload, initial_params, equal_round, ragged_round)
@@ -860,12 +953,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report["single_step"] = single_step_section(workload, initial_params, equal_round)
   if "recompilation" not in skip:
     report["recompilation"] = recompilation_section(workload, initial_params)
-  if "memory" not in skip:
-    report["memory"] = memory_section(workload, args.quick)
+  if memory_probe is not None:
+    if not args.quick:
+      memory_probe.start()
+    report["memory"] = memory_probe.result()
   if args.compare_xla_flags:
     report["xla_flags_comparison"] = compare_xla_flags(args.compare_xla_flags, args.rounds, args.quick,
                                                        args.compare_repeats)
   report["total_compilations"] = len(COMPILE_LOG.compiles())
+  report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
   report["benchmark_s"] = round(time.perf_counter() - started, 1)
 
   line = json.dumps(report)

@@ -1,15 +1,79 @@
-"""Aggregators: ``(init, next)`` pairs of pure functions, with a client/server split when they only sum."""
+"""Aggregators: ``(init, next)`` pairs of pure functions, with a client/server split when they only sum.
 
-from fedjax_lite.aggregators.base import Aggregator, SumParts, split_rng, sum_based
+Building blocks (``sum_aggregator``, ``mean``, ``unweighted_mean``), wrappers that compose like the reference's
+factories (``zeroing``, ``clipping``, ``hadamard_rotation``, ``add_debug_measurements``), estimation processes for
+adaptive thresholds, differential privacy, compression, simulated secure summation, robust statistics, and the
+recommended presets (``robust_aggregator``, ``dp_aggregator``, ``compression_aggregator``, ``secure_aggregator``).
+"""
+
+from fedjax_lite.aggregators.base import (
+    Aggregator,
+    SumParts,
+    broadcast_bits,
+    client_upload_bits,
+    split_rng,
+    sum_based,
+)
+from fedjax_lite.aggregators.compression import compression_aggregator
+from fedjax_lite.aggregators.debug import add_debug_measurements
+from fedjax_lite.aggregators.differential_privacy import (
+    ExtractingDpEventFromInitialStateError,
+    adaptive_clip_noise_params,
+    dp_aggregator,
+    extract_dp_event,
+    gaussian_adaptive,
+    gaussian_fixed,
+)
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
+from fedjax_lite.aggregators.presets import robust_aggregator
+from fedjax_lite.aggregators.quantile_estimation import (
+    EstimationProcess,
+    QuantileEstimatorState,
+    constant_estimate,
+    no_noise_quantile_estimator,
+    private_quantile_estimator,
+)
+from fedjax_lite.aggregators.quantization import BroadcastEncoder, broadcast_encoder, quantize_above_threshold
+from fedjax_lite.aggregators.robust import clipping, global_norm, zeroing
+from fedjax_lite.aggregators.robust_statistics import coordinate_median, trimmed_mean
+from fedjax_lite.aggregators.rotation import hadamard_rotation
+from fedjax_lite.aggregators.secure import secure_aggregator, secure_modular_sum, secure_sum
 from fedjax_lite.aggregators.sum import sum_aggregator
 
 __all__ = [
     "Aggregator",
+    "BroadcastEncoder",
+    "EstimationProcess",
+    "ExtractingDpEventFromInitialStateError",
+    "QuantileEstimatorState",
     "SumParts",
+    "adaptive_clip_noise_params",
+    "add_debug_measurements",
+    "broadcast_bits",
+    "broadcast_encoder",
+    "client_upload_bits",
+    "clipping",
+    "compression_aggregator",
+    "constant_estimate",
+    "coordinate_median",
+    "dp_aggregator",
+    "extract_dp_event",
+    "gaussian_adaptive",
+    "gaussian_fixed",
+    "global_norm",
+    "hadamard_rotation",
     "mean",
+    "no_noise_quantile_estimator",
+    "private_quantile_estimator",
+    "quantize_above_threshold",
+    "robust_aggregator",
+    "secure_aggregator",
+    "secure_modular_sum",
+    "secure_sum",
     "split_rng",
     "sum_aggregator",
     "sum_based",
+    "trimmed_mean",
     "unweighted_mean",
+    "zeroing",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import Aggregator, as_template, sum_based
+from fedjax_lite.aggregators.base import Aggregator, as_template, client_upload_bits, sum_based
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.core.tree import tree_scale_by_weight
@@ -94,7 +94,11 @@ def mean(
         measurements={"mean_value": value_out.measurements, "mean_weight": weight_out.measurements},
     )
 
-  return sum_based(init, broadcast, client, server)
+  def upload_bits(value_template):
+    return (client_upload_bits(value_sum, value_template)
+            + client_upload_bits(weight_sum, jax.ShapeDtypeStruct((), jnp.float32)))
+
+  return sum_based(init, broadcast, client, server, upload_bits=upload_bits)
 
 
 def unweighted_mean(value_sum: Aggregator | None = None, count_sum: Aggregator | None = None) -> Aggregator:
@@ -131,4 +135,8 @@ def unweighted_mean(value_sum: Aggregator | None = None, count_sum: Aggregator |
         measurements={"mean_value": value_out.measurements, "mean_count": count_out.measurements},
     )
 
-  return sum_based(init, broadcast, client, server)
+  def upload_bits(value_template):
+    return (client_upload_bits(value_sum, value_template)
+            + client_upload_bits(count_sum, jax.ShapeDtypeStruct((), jnp.int32)))
+
+  return sum_based(init, broadcast, client, server, upload_bits=upload_bits)

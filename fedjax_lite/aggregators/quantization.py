@@ -66,20 +66,34 @@ def quantize(
   ``U ~ Uniform[0, 1)`` drawn from ``rng`` (stochastic, unbiased), or ``q = round(y)`` (half to even) when
   ``stochastic`` is False, in which case ``rng`` is unused and may be None. ``x`` should lie in ``[lo, hi]``.
 
-  ``y`` is evaluated as ``(x - lo) * L / (hi - lo)`` so that a value exactly on a level gives an exact integer.
+  ``y`` is evaluated as ``(x - lo) * s`` with the scalar ``s = L / (hi - lo)``: elementwise there are only
+  multiplications, which XLA evaluates the same way inside and outside ``vmap`` (it rewrites a division by a
+  broadcast scalar into a multiplication by a rounded reciprocal in some layouts and not others).
   """
+  if stochastic and rng is None:
+    raise ValueError("rng must be a JAX key when stochastic is True.")
+  return _levels(x, lo, hi, bits, _uniform_like(x, rng) if stochastic else None)
+
+
+def _uniform_like(x: jax.Array, rng: jax.Array) -> jax.Array:
+  """``U ~ Uniform[0, 1)`` shaped like ``x``, drawn flat (XLA:CPU compiles a batched multi-dimensional threefry
+  draw several times slower than a flat one) and reshaped."""
+  size = int(np.prod(np.shape(x), dtype=np.int64))
+  return jax.random.uniform(rng, (size,), jnp.float32).reshape(np.shape(x))
+
+
+def _levels(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: int, uniform: jax.Array | None) -> jax.Array:
+  """:func:`quantize` given the uniform noise (stochastic rounding) or None (round to nearest)."""
   num = num_levels(bits)
   x = jnp.asarray(x, jnp.float32)
   lo = jnp.asarray(lo, jnp.float32)
   hi = jnp.asarray(hi, jnp.float32)
   value_range = hi - lo
   safe_range = jnp.where(value_range > 0, value_range, jnp.ones_like(value_range))
-  y = jnp.where(value_range > 0, _divide_exactly((x - lo) * jnp.float32(num), safe_range), jnp.zeros_like(x))
-  if stochastic:
-    if rng is None:
-      raise ValueError("rng must be a JAX key when stochastic is True.")
+  levels_per_unit = jnp.where(value_range > 0, jnp.float32(num) / safe_range, jnp.zeros_like(value_range))
+  y = (x - lo) * levels_per_unit
+  if uniform is not None:
     floor_y = jnp.floor(y)
-    uniform = jax.random.uniform(rng, y.shape, jnp.float32)
     levels = floor_y + (uniform < y - floor_y).astype(jnp.float32)
   else:
     levels = jnp.round(y)
@@ -87,23 +101,11 @@ def quantize(
 
 
 def dequantize(q: jax.Array, lo: jax.Array, hi: jax.Array, bits: int) -> jax.Array:
-  """``x_hat = q / L * (hi - lo) + lo`` in float32, evaluated as ``q * (hi - lo) / L + lo`` with a correctly
-  rounded division, so that a level whose value is representable is decoded exactly."""
+  """``x_hat = q / L * (hi - lo) + lo`` in float32, evaluated as ``q * step + lo`` with ``step = (hi - lo) / L``."""
   lo = jnp.asarray(lo, jnp.float32)
   hi = jnp.asarray(hi, jnp.float32)
-  scaled = jnp.asarray(q, jnp.float32) * (hi - lo)
-  return _divide_exactly(scaled, jnp.float32(num_levels(bits))) + lo
-
-
-def _divide_exactly(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-  """``numerator / denominator`` (a scalar) as a correctly rounded elementwise division.
-
-  XLA:CPU rewrites a division by a broadcast scalar into a multiplication by its rounded reciprocal, which moves
-  an exact quotient (e.g. ``21 / 7``) by an ulp; dividing by a full-shaped array behind an optimization barrier
-  keeps the IEEE division, so values on the grid encode to exact integers and decode to themselves.
-  """
-  full_denominator = jax.lax.optimization_barrier(jnp.broadcast_to(denominator, jnp.shape(numerator)))
-  return numerator / full_denominator
+  step = (hi - lo) / jnp.float32(num_levels(bits))
+  return jnp.asarray(q, jnp.float32) * step + lo
 
 
 def quantize_dequantize(
@@ -119,13 +121,21 @@ def quantize_dequantize(
   The range is ``lo = min(x)``, ``hi = max(x)``; with ``min_max=(lo, hi)`` the value is first clipped to it.
   Integer dtypes are rounded back.
   """
+  if stochastic and rng is None:
+    raise ValueError("rng must be a JAX key when stochastic is True.")
+  return _decode_leaf(x, bits, _uniform_like(x, rng) if stochastic else None, min_max)
+
+
+def _decode_leaf(x: jax.Array, bits: int, uniform: jax.Array | None, min_max: tuple[float, float] | None
+                 ) -> jax.Array:
+  """:func:`quantize_dequantize` given the uniform noise (or None for round-to-nearest)."""
   values = jnp.asarray(x, jnp.float32)
   if min_max is None:
     lo, hi = jnp.min(values), jnp.max(values)
   else:
     lo, hi = jnp.float32(min_max[0]), jnp.float32(min_max[1])
     values = jnp.clip(values, lo, hi)
-  decoded = dequantize(quantize(values, lo, hi, bits, rng, stochastic), lo, hi, bits)
+  decoded = dequantize(_levels(values, lo, hi, bits, uniform), lo, hi, bits)
   return _cast_like(decoded, jnp.result_type(x))
 
 
@@ -142,13 +152,24 @@ def _is_quantized(leaf: Any, threshold: int) -> bool:
 
 def _encode_tree(tree: PyTree, bits: int, threshold: int, rng: jax.Array | None, stochastic: bool,
                  min_max: tuple[float, float] | None) -> PyTree:
-  """Quantize-and-decode every leaf above the threshold (leaf ``j`` keyed by ``fold_in(rng, j)``)."""
+  """Quantize-and-decode every leaf above the threshold; other leaves unchanged.
+
+  The rounding noise of all quantized leaves is ONE flat uniform draw from ``rng``, split in leaf order: one
+  threefry hash in the compiled program instead of one per leaf.
+  """
   leaves, treedef = jax.tree.flatten(tree)
+  sizes = [int(np.prod(np.shape(leaf), dtype=np.int64)) if _is_quantized(leaf, threshold) else 0
+           for leaf in leaves]
+  if stochastic and sum(sizes) > 0:
+    if rng is None:
+      raise ValueError("rng must be a JAX key when stochastic is True.")
+    noise = jax.random.uniform(rng, (sum(sizes),), jnp.float32)
+  offsets = np.cumsum([0] + sizes)
   decoded = []
-  for leaf_index, leaf in enumerate(leaves):
-    if _is_quantized(leaf, threshold):
-      leaf_key = None if rng is None else jax.random.fold_in(rng, leaf_index)
-      decoded.append(quantize_dequantize(leaf, bits, leaf_key, stochastic=stochastic, min_max=min_max))
+  for index, leaf in enumerate(leaves):
+    if sizes[index]:
+      uniform = noise[offsets[index]:offsets[index + 1]].reshape(np.shape(leaf)) if stochastic else None
+      decoded.append(_decode_leaf(leaf, bits, uniform, min_max))
     else:
       decoded.append(leaf)
   return jax.tree.unflatten(treedef, decoded)
@@ -249,10 +270,10 @@ def broadcast_encoder(quantization_bits: int = 8, threshold: int = 10000, *, sto
 
   The same quantizer as :func:`quantize_above_threshold`, applied once per round by the server; every client of
   the round receives the same decoded parameters. Rounding is stochastic by default, keyed by the round's key
-  (leaf ``j`` uses ``fold_in(rng, j)``), so the broadcast model is an unbiased estimate of the server model and
-  the rounding errors are independent across rounds rather than a fixed, accumulating bias; pass
-  ``stochastic=False`` for round-to-nearest. ``bits`` counts ``d * b + 64`` per quantized leaf and
-  ``d * bits(dtype)`` per other leaf.
+  ``rng`` (one uniform draw for all quantized leaves): the model the clients see is then an unbiased estimate of
+  the server's, with rounding errors independent across rounds, whereas round-to-nearest would send the same
+  biased model for as long as the parameters sit still between two levels. Pass ``stochastic=False`` for
+  round-to-nearest. ``bits`` counts ``d * b + 64`` per quantized leaf and ``d * bits(dtype)`` per other leaf.
 
   Args:
     quantization_bits: ``b``, an int in ``[1, 16]``.

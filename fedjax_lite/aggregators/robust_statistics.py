@@ -15,10 +15,10 @@ of the ``n`` REAL clients at ``j``, sorted (``client_mask`` marks them; padding 
 Robustness. If ``b`` of the ``n`` clients are Byzantine (send arbitrary values), every coordinate of the median
 lies within the honest clients' range at that coordinate whenever ``b < n/2``, and every coordinate of the trimmed
 mean does whenever ``b <= k`` (each kept value has at least one honest value at or above it and one at or below
-it). The paper shows that, with ``m`` machines of ``N`` samples each and a fraction ``alpha`` of them Byzantine,
-gradient descent with these aggregates reaches a statistical error of order
-``alpha / sqrt(N) + 1 / sqrt(m N)`` (up to log factors; the median adds a ``1/N`` term, the trimmed mean needs
-``beta >= alpha``), which is order-optimal for ``alpha`` small.
+it). For strongly convex losses, with ``n`` clients of ``s`` samples each and a fraction ``alpha < 1/2`` of them
+Byzantine, the paper shows that gradient descent on these aggregates of the clients' gradients reaches an error of
+order ``alpha / sqrt(s) + 1 / sqrt(n s)`` (up to log factors) with the trimmed mean when ``beta >= alpha``, which
+is order-optimal, and the same plus a ``1 / s`` term with the median.
 
 Contract and caveats:
 
@@ -27,9 +27,10 @@ Contract and caveats:
   round stacks all updates and calls ``next``.
 * Unweighted: ``weights`` are ignored, every real client has one vote. In ``fed_avg`` a client whose update was
   non-finite is sent as zeros with weight 0; here it still votes, with zeros.
-* A NaN at a coordinate from any real client makes that coordinate NaN (as ``np.median``); +-Inf values are
-  ordered like any other value. With no real client (all slots padding) every coordinate is NaN; a client axis of
-  static length 0 raises a ValueError at trace time.
+* A NaN at a coordinate from any real client makes that coordinate NaN (as ``np.median``; ``fed_avg`` then
+  rejects the non-finite aggregate and keeps its parameters); +-Inf values are ordered like any other value.
+  With no real client (all slots padding) every coordinate is NaN; a client axis of static length 0 raises a
+  ValueError at trace time.
 * State ``()``; measurements ``{}`` for the median and ``{'trimmed_per_side': k}`` (int32) for the trimmed mean.
 * ``upload_bits``: the raw value at its dtype's width (32 bits per float32 element); no weight is uploaded.
 """

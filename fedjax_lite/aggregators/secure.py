@@ -62,11 +62,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lite.aggregators import robust
 from fedjax_lite.aggregators.base import (Aggregator, SumParts, as_template, num_clients_of, split_rng,
                                           sum_contributions)
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
 from fedjax_lite.aggregators.quantile_estimation import EstimationProcess, no_noise_quantile_estimator
-from fedjax_lite.aggregators import robust
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.core.tree import tree_num_elements
@@ -150,15 +150,15 @@ def _slot_aware_aggregator(init, broadcast, client, server: ServerFn, upload_bit
   return Aggregator(init=init, next=next_fn, parts=parts, upload_bits=upload_bits)
 
 
-def _count_contribution() -> jax.Array:
-  return jnp.ones((1,), jnp.uint32)  # one 16-bit limb holding the bit 1
+def _indicator_contribution(*indicators: jax.Array) -> jax.Array:
+  """1-bit secure summands (e.g. ``1`` for the client count, clipping indicators) as one uint32 limb each."""
+  return jnp.stack([jnp.asarray(indicator).astype(jnp.uint32) for indicator in indicators])[None]
 
 
-def _decode_count(limb_sum: jax.Array, num_client_slots: int | None) -> jax.Array:
-  """The exact client count from a 1-bit secure sum, as int32."""
+def _decode_counts(limb_sums: jax.Array, num_client_slots: int | None) -> jax.Array:
+  """The exact counts from 1-bit secure sums (group ``2^(1 + ceil(log2 slots))``, which never wraps), int32."""
   with jax.enable_x64(True):
-    count = _from_limbs(limb_sum, group_bits(COUNT_BITS, num_client_slots))
-    return count.astype(jnp.int32)
+    return _from_limbs(limb_sums, group_bits(COUNT_BITS, num_client_slots)).astype(jnp.int32)
 
 
 def _dtype_tag(dtype) -> jax.Array:
@@ -392,9 +392,8 @@ def secure_sum(
     return {
         "value": limbs,
         "dtype": _dtype_tag(dtype),
-        "count": _count_contribution(),
-        "upper_clipped": (value_max > upper).astype(jnp.uint32).reshape((1,)),
-        "lower_clipped": (value_min < lower).astype(jnp.uint32).reshape((1,)),
+        # [client count, 1[max(x) > U], 1[min(x) < L]]: three 1-bit secure sums.
+        "indicators": _indicator_contribution(1, value_max > upper, value_min < lower),
         "records": records,
     }
 
@@ -402,7 +401,7 @@ def secure_sum(
     dtype = total["dtype"].dtype
     upper, lower = reported_bounds(state)
     upper, lower = jnp.asarray(upper, dtype), jnp.asarray(lower, dtype)
-    count = _decode_count(total["count"], num_client_slots)
+    count, upper_clipped_count, lower_clipped_count = _decode_counts(total["indicators"], num_client_slots)
     modulus = group_bits(summand_bits, num_client_slots, modulus_bits)
 
     with jax.enable_x64(True):
@@ -425,8 +424,8 @@ def secure_sum(
     else:
       new_state = new_process_states
     measurements = {
-        "secure_upper_clipped_count": _decode_count(total["upper_clipped"], num_client_slots),
-        "secure_lower_clipped_count": _decode_count(total["lower_clipped"], num_client_slots),
+        "secure_upper_clipped_count": upper_clipped_count,
+        "secure_lower_clipped_count": lower_clipped_count,
         "secure_upper_threshold": upper,
         "secure_lower_threshold": lower,
     }

@@ -24,7 +24,7 @@ DATASETS = ("digits", "synthetic")
 MODELS = ("cnn", "mlp", "dense", "cnn-dropout")
 ALGORITHMS = ("fedavg", "fedsgd")
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "adagrad", "yogi")
-AGGREGATORS = ("mean",)
+AGGREGATORS = ("mean", "robust", "dp", "compression", "secure", "median", "trimmed-mean")
 PARTITIONS = ("shards", "dirichlet", "iid")
 RUNNER_STRATEGIES = ("auto", "sequential", "vmap", "chunked")
 
@@ -69,6 +69,37 @@ def _positive_float(text: str) -> float:
   return value
 
 
+def _nonnegative_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a non-negative finite number, got {text!r}") from None
+  if not math.isfinite(value) or value < 0:
+    raise argparse.ArgumentTypeError(f"expected a non-negative finite number, got {text!r}")
+  return value
+
+
+def _trim_fraction(text: str) -> float:
+  value = _nonnegative_float(text)
+  if value >= 0.5:
+    raise argparse.ArgumentTypeError(f"expected a number in [0, 0.5), got {text!r}")
+  return value
+
+
+def _bits(text: str) -> int:
+  value = _positive_int(text)
+  if value > 16:
+    raise argparse.ArgumentTypeError(f"expected an integer in 1..16, got {text!r}")
+  return value
+
+
+def _bits_or_zero(text: str) -> int:
+  value = _nonnegative_int(text)
+  if value > 16:
+    raise argparse.ArgumentTypeError(f"expected an integer in 0..16, got {text!r}")
+  return value
+
+
 def _fraction(text: str) -> float:
   value = _positive_float(text)
   if value >= 1:
@@ -90,7 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
   model = train.add_argument_group("model and algorithm")
   model.add_argument("--model", choices=MODELS, default="cnn")
   model.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg")
-  model.add_argument("--aggregator", choices=AGGREGATORS, default="mean")
+  model.add_argument("--aggregator", choices=AGGREGATORS, default="mean",
+                     help="mean; robust (adaptive zeroing + clipping); dp (adaptive-clip Gaussian DP, unweighted); "
+                          "compression (robust + 8-bit quantized upload); secure (simulated SecAgg); median; "
+                          "trimmed-mean")
+  model.add_argument("--trim-fraction", type=_trim_fraction, default=0.1,
+                     help="per-side fraction dropped by --aggregator trimmed-mean, in [0, 0.5)")
+  model.add_argument("--quantization-bits", type=_bits, default=8,
+                     help="bits of --aggregator compression, 1..16")
+  model.add_argument("--dp-noise-multiplier", type=_nonnegative_float, default=0.5,
+                     help="total noise multiplier of --aggregator dp")
+  model.add_argument("--broadcast-quantization-bits", type=_bits_or_zero, default=0,
+                     help="quantize the broadcast model's tensors above 10,000 elements to this many bits "
+                          "(0: off)")
   model.add_argument("--weighting", choices=("num_examples", "uniform"), default="num_examples")
   rounds = train.add_argument_group("rounds")
   rounds.add_argument("--rounds", type=_positive_int, default=100)
@@ -123,6 +166,27 @@ def _server_optimizer(name: str, learning_rate: float):
       "adagrad": lambda: optax.adagrad(learning_rate, eps=1e-3),
       "yogi": lambda: optax.yogi(learning_rate, eps=1e-3),
   }[name]()
+
+
+def _build_aggregator(args):
+  """The aggregator named by ``--aggregator`` and whether it needs unweighted FedAvg."""
+  from fedjax_lite import aggregators
+
+  weighted = args.weighting == "num_examples"
+  name = args.aggregator
+  if name == "mean":
+    return None, weighted
+  if name == "robust":
+    return aggregators.robust_aggregator(weighted=weighted), weighted
+  if name == "dp":
+    return aggregators.dp_aggregator(args.dp_noise_multiplier, float(args.clients_per_round)), False
+  if name == "compression":
+    return aggregators.compression_aggregator(weighted=weighted, quantization_bits=args.quantization_bits), weighted
+  if name == "secure":
+    return aggregators.secure_aggregator(weighted=weighted), weighted
+  if name == "median":
+    return aggregators.coordinate_median(), weighted
+  return aggregators.trimmed_mean(args.trim_fraction), weighted
 
 
 def _load_data(args):
@@ -165,11 +229,20 @@ def _build_job(args):
   runner = Runner(strategy=args.runner)
   server_lr = args.server_lr if args.server_lr is not None else (1.0 if args.algorithm == "fedavg" else 0.1)
   server_optimizer = _server_optimizer(args.server_optimizer, server_lr)
+  aggregator, weighted = _build_aggregator(args)
+  encoder = None
+  if args.broadcast_quantization_bits:
+    from fedjax_lite.aggregators import broadcast_encoder
+
+    encoder = broadcast_encoder(args.broadcast_quantization_bits, 10000)
   if args.algorithm == "fedavg":
     process = fed_avg(model, client_learning_rate=args.client_lr, server_optimizer=server_optimizer,
-                      weighting=args.weighting, runner=runner)
+                      weighting="num_examples" if weighted else "uniform", aggregator=aggregator,
+                      broadcast_encoder=encoder, runner=runner)
   else:
-    process = fed_sgd(model, server_optimizer=server_optimizer, runner=runner)
+    if encoder is not None:
+      raise UsageError("--broadcast-quantization-bits applies to --algorithm fedavg")
+    process = fed_sgd(model, server_optimizer=server_optimizer, aggregator=aggregator, runner=runner)
   client_spec = ClientSpec(batch_size=args.batch_size,
                            num_epochs=args.local_epochs if args.algorithm == "fedavg" else 1,
                            max_steps=args.max_local_steps)
@@ -199,8 +272,11 @@ def train_command(args) -> dict:
       metrics_path=os.path.join(output_dir, "metrics.jsonl"), progress=not args.no_progress,
   )
   plot_path = os.path.join(output_dir, "training.png")
-  plot_history(result.history, plot_path,
-               title=f"{args.algorithm} / {args.model} on {args.dataset} ({train_data.num_clients} clients)")
+  tracked = sorted({key for record in result.history for key in record
+                    if key.startswith("aggregator/") and (key.endswith("_norm") or key.endswith("/clip"))})
+  plot_history(result.history, plot_path, extra_keys=tracked,
+               title=f"{args.algorithm} / {args.model} on {args.dataset} ({train_data.num_clients} clients), "
+                     f"aggregator {args.aggregator}")
   last = result.history[-1]
   summary = {
       "dataset": args.dataset,
@@ -215,6 +291,9 @@ def train_command(args) -> dict:
       "first_round_seconds": round(result.first_round_seconds, 3),
       "median_round_seconds": round(sorted(r["round_time_in_seconds"] for r in result.history)[
           len(result.history) // 2], 4),
+      "aggregator": args.aggregator,
+      "broadcasted_mebibits": last.get("cumulative_broadcasted_bits", 0) / 2**20,
+      "aggregated_mebibits": last.get("cumulative_aggregated_bits", 0) / 2**20,
       "backend": jax.default_backend(),
       "runner": runner.resolved_strategy(),
       "output_dir": output_dir,

@@ -14,13 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedjax_lite
-from fedjax_lite.aggregators.base import client_upload_bits, split_rng
+from fedjax_lite.aggregators.base import client_upload_bits
 from fedjax_lite.aggregators.debug import DEBUG_KEYS, add_debug_measurements
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
 from fedjax_lite.aggregators.robust import clipping
 from fedjax_lite.aggregators.robust_statistics import coordinate_median, trimmed_mean
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core import pack_clients
+
+from tests.aggregators.helpers import run_streaming
 
 KEY = jax.random.key(0)
 NUM_SLOTS = 6
@@ -67,20 +69,6 @@ def assert_debug_close(measurements: dict, expected: dict) -> None:
   tolerance = 4e-6 * expected["unbiasing_factor"] * expected["mean_squared_norm"]
   np.testing.assert_allclose(float(measurements["std_dev_client_norm"]) ** 2,
                              expected["std_dev_client_norm"] ** 2, rtol=1e-4, atol=tolerance + 1e-12)
-
-
-def stream(aggregator, state, values, weights, rng, mask):
-  """``parts.client`` per real client with the keys ``next`` uses, summed, then ``parts.server``."""
-  parts = aggregator.parts
-  clients_key, server_key = split_rng(rng)
-  client_params = parts.broadcast(state)
-  client_fn = jax.jit(parts.client)
-  total = None
-  for i in np.flatnonzero(mask):
-    value = jax.tree.map(lambda leaf: leaf[i], values)
-    contribution = client_fn(client_params, value, weights[i], jax.random.fold_in(clients_key, int(i)))
-    total = contribution if total is None else jax.tree.map(jnp.add, total, contribution)
-  return jax.jit(parts.server)(state, total, server_key)
 
 
 # Exact values -----------------------------------------------------------------------------------------------------
@@ -156,7 +144,8 @@ def test_streaming_equals_next(build_inner):
   weights = np.arange(1.0, NUM_SLOTS + 1, dtype=np.float32)
   mask = np.array([True, False, True, True, False, True])
   state = aggregator.init(jax.tree.map(lambda leaf: leaf[0], values))
-  streamed = stream(aggregator, state, values, weights, KEY, mask)
+  # parts.client per real client with the keys `next` uses, summed, then parts.server (compiled once).
+  streamed = jax.jit(lambda *args: run_streaming(aggregator, *args, client_mask=mask))(state, values, weights, KEY)
   direct = jax.jit(aggregator.next)(state, values, weights, KEY, mask)
   chex.assert_trees_all_close(streamed, direct, rtol=1e-6, atol=1e-6)
 

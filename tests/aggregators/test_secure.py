@@ -29,7 +29,7 @@ SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 
 
 def first_client(values):
-  return jax.tree.map(lambda leaf: leaf[0], values)
+  return jax.tree.map(lambda leaf: np.asarray(leaf)[0], values)
 
 
 def run(aggregator, values, *, state=None, weights=None, client_mask=None, rng=KEY):
@@ -138,7 +138,7 @@ def test_int_mode_small_modulus_wraps_around(values):
 @pytest.mark.parametrize("modulus_bits", [None, 5])
 def test_streaming_equals_next_and_padding_changes_nothing(modulus_bits):
   rng = np.random.default_rng(1)
-  values = jnp.asarray(rng.integers(-9, 30, (7, 5)), jnp.int32)
+  values = rng.integers(-9, 30, (7, 5)).astype(np.int32)
   aggregator = secure_sum(25, -3, modulus_bits=modulus_bits)
   real = np.array([True, True, False, True, True, True, False])
   out = run(aggregator, values, client_mask=jnp.asarray(real))
@@ -147,16 +147,6 @@ def test_streaming_equals_next_and_padding_changes_nothing(modulus_bits):
   shifted = np.clip(np.asarray(values, np.int64)[real], -3, 25) + 3
   modulus = 2**modulus_bits if modulus_bits else 2**62
   np.testing.assert_array_equal(np.asarray(out.result), shifted.sum(0) % modulus - 3 * real.sum())
-
-
-def test_streaming_equals_next_with_adaptive_bounds():
-  values = {"w": jax.random.normal(jax.random.key(3), (6, 4, 3)) * 30.0, "b": jnp.linspace(-90.0, 90.0, 6)[:, None]}
-  aggregator = secure_sum(no_noise_quantile_estimator(20.0, 0.5, 0.3, multiplier=2.0, secure_estimation=True))
-  state = aggregator.init(first_client(values))
-  for _ in range(2):
-    out = run(aggregator, values, state=state)
-    chex.assert_trees_all_equal(streamed(aggregator, values, state=state), out)
-    state = out.state
 
 
 def test_contributions_are_32_bit_arrays():
@@ -219,14 +209,16 @@ def test_float_mode_values_at_the_bounds_decode_to_the_bounds_sum():
 def test_float_mode_1000_clients_sum_exactly_in_the_integer_domain():
   lower, upper = -1.0, 3.0
   aggregator = secure_sum(upper, lower)
-  values = jnp.concatenate([jnp.full((500, 4), upper), jax.random.uniform(KEY, (500, 4), minval=-2.0, maxval=4.0)])
+  rng = np.random.default_rng(4)
+  values = np.concatenate([np.full((500, 4), upper), rng.uniform(-2.0, 4.0, (500, 4))]).astype(np.float32)
   parts = aggregator.parts
-  contributions = jax.jit(jax.vmap(lambda x: parts.client((), x, jnp.float32(1.0), KEY)))(values)
-  limb_sums = np.asarray(jnp.sum(contributions["value"], axis=0))  # uint32 sums, as the runner adds them
+  summed = jax.jit(lambda v: jax.tree.map(  # uint32 sums with plain +, as the streaming runner adds them
+      lambda c: jnp.sum(c, axis=0), jax.vmap(lambda x: parts.client((), x, jnp.float32(1.0), KEY))(v)))(values)
+  limb_sums = np.asarray(summed["value"])
   assert limb_sums.dtype == np.uint32
   summed_levels = limb_sums[0].astype(np.int64) + (limb_sums[1].astype(np.int64) << 16)
   scale = M / (upper - lower)
-  clipped = np.clip(np.asarray(values), np.float32(lower), np.float32(upper)).astype(np.float64)
+  clipped = np.clip(values, np.float32(lower), np.float32(upper)).astype(np.float64)
   levels = np.clip(np.round(clipped * scale) - np.round(lower * scale), 0, M).astype(np.int64)  # half-to-even
   np.testing.assert_array_equal(summed_levels, levels.sum(0))
   assert summed_levels.max() > 2**32  # far beyond one 32-bit word
@@ -337,9 +329,10 @@ def plain_counterpart(weighted: bool):
 
 @pytest.mark.parametrize("weighted", [True, False])
 def test_secure_aggregator_matches_the_plain_composition(weighted):
-  values = {"w": jax.random.normal(jax.random.key(7), (8, 3, 4)) * 0.2, "b": jnp.linspace(-0.5, 0.5, 8)[:, None]}
-  values["w"] = values["w"].at[2].set(50.0)  # zeroed (L-inf 50 > 21); some others are clipped at L2 norm 1
-  weights = jnp.arange(1.0, 9.0)
+  values = {"w": np.random.default_rng(7).normal(size=(8, 3, 4)).astype(np.float32) * 0.4,
+            "b": np.linspace(-0.5, 0.5, 8, dtype=np.float32)[:, None]}
+  values["w"][2] = 50.0  # zeroed (L-inf 50 > 21); some others are clipped at L2 norm 1
+  weights = np.arange(1.0, 9.0, dtype=np.float32)
   secure, plain = secure_aggregator(weighted=weighted), plain_counterpart(weighted)
   secure_state, plain_state = secure.init(first_client(values)), plain.init(first_client(values))
   for round_num in range(2):
@@ -348,7 +341,7 @@ def test_secure_aggregator_matches_the_plain_composition(weighted):
     chex.assert_trees_all_close(secure_out.result, plain_out.result, rtol=1e-4, atol=1e-7)
     assert int(secure_out.measurements["zeroed_count"]) == int(plain_out.measurements["zeroed_count"]) == 1
     assert int(secure_out.measurements["zeroing"]["clipped_count"]) == int(
-        plain_out.measurements["zeroing"]["clipped_count"])
+        plain_out.measurements["zeroing"]["clipped_count"]) > 0
     assert float(secure_out.measurements["zeroing_norm"]) == pytest.approx(
         float(plain_out.measurements["zeroing_norm"]), rel=1e-5)
     assert float(secure_out.measurements["zeroing"]["clipping_norm"]) == pytest.approx(

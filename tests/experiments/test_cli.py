@@ -37,6 +37,25 @@ def test_fedsgd_on_synthetic_runs(tmp_path, capsys):
   assert line.startswith("fedsgd dense on synthetic: 2 rounds")
 
 
+@pytest.mark.parametrize("aggregator", ["robust", "dp", "compression", "secure", "median", "trimmed-mean"])
+def test_every_aggregator_runs_and_its_measurements_are_recorded(aggregator, tmp_path, capsys):
+  code = cli.main(["train", "--model", "dense", "--rounds", "2", "--aggregator", aggregator, "--output-dir",
+                   str(tmp_path), "--json", "--no-progress", "--eval-every", "2"])
+  assert code == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary["aggregator"] == aggregator
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert all(r["aggregated_bits"] > 0 and r["broadcasted_bits"] > 0 for r in records)
+  if aggregator in ("robust", "compression", "dp", "secure"):
+    assert "aggregator/zeroing_norm" in records[0] and records[0]["aggregator/zeroing_norm"] == 21.0
+  if aggregator == "compression":
+    # The digits dense model (650 float32 parameters) is below the 20,000-element threshold, so nothing is
+    # quantized: per client 650 * 32 value bits + a 32-bit weight + 2 x (two 32-bit quantile records + a 32-bit
+    # count) for zeroing and clipping.
+    assert records[0]["aggregated_bits"] == 10 * (650 * 32 + 32 + 2 * 96)
+  assert (tmp_path / "training.png").exists()
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["train", "--rounds", "0"], "--rounds"),
     (["train", "--batch-size", "-3"], "--batch-size"),
@@ -48,6 +67,10 @@ def test_fedsgd_on_synthetic_runs(tmp_path, capsys):
     (["train", "--clients-per-round", "500"], "--clients-per-round"),
     (["train", "--dataset", "synthetic", "--model", "cnn"], "--model"),
     (["train", "--frobnicate"], "unrecognized"),
+    (["train", "--aggregator", "krum"], "--aggregator"),
+    (["train", "--quantization-bits", "17"], "--quantization-bits"),
+    (["train", "--trim-fraction", "0.5"], "--trim-fraction"),
+    (["train", "--aggregator", "dp", "--dp-noise-multiplier", "3"], "noise_multiplier"),
     ([], "command"),
 ])
 def test_bad_flags_one_line_exit_2(argv, fragment, capsys):
