@@ -24,38 +24,14 @@ this is about 3.95x less than the uncompressed mean (TFF's sizing reported 3.47x
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
-
-from fedjax_lite.aggregators import robust
-from fedjax_lite.aggregators.base import Aggregator, client_upload_bits
+from fedjax_lite.aggregators import presets
+from fedjax_lite.aggregators.base import Aggregator
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
-from fedjax_lite.aggregators.quantile_estimation import no_noise_quantile_estimator
 from fedjax_lite.aggregators.quantization import quantize_above_threshold
 from fedjax_lite.aggregators.rotation import hadamard_rotation
-from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core import validation
-
-
-def _check_bool(name: str, value: object) -> bool:
-  if not isinstance(value, bool):
-    raise TypeError(f"{name} must be a bool, got {type(value).__name__}.")
-  return value
-
-
-def _with_payload_upload_bits(aggregator: Aggregator, value_sum: Aggregator, side_template: jax.ShapeDtypeStruct
-                              ) -> Aggregator:
-  """The mean with ``upload_bits`` = its value sum's payload + the weight (or count) upload.
-
-  ``mean`` and ``unweighted_mean`` count the size of their contribution by default, which for a quantizing value
-  sum is the decoded stand-in rather than the encoded payload; this counts what is actually sent.
-  """
-  return aggregator._replace(
-      upload_bits=lambda value_template: (client_upload_bits(value_sum, value_template)
-                                          + client_upload_bits(sum_aggregator(), side_template)))
 
 
 def compression_aggregator(
@@ -89,10 +65,7 @@ def compression_aggregator(
     >>> bool(jnp.allclose(output.result['w'], 0.1))
     True
   """
-  _check_bool("zeroing", zeroing)
-  _check_bool("clipping", clipping)
-  _check_bool("weighted", weighted)
-  _check_bool("rotation", rotation)
+  presets.check_flags(zeroing=zeroing, clipping=clipping, weighted=weighted, rotation=rotation)
   if debug_measurements_fn is not None and not callable(debug_measurements_fn):
     raise TypeError(f"debug_measurements_fn must be None or a callable, got {type(debug_measurements_fn).__name__}.")
   quantization_bits = validation.check_int("quantization_bits", quantization_bits, minimum=1, maximum=16)
@@ -101,20 +74,13 @@ def compression_aggregator(
   value_sum = quantize_above_threshold(quantization_bits, threshold)
   if rotation:
     value_sum = hadamard_rotation(value_sum)
-  if weighted:
-    aggregator = _with_payload_upload_bits(mean(value_sum=value_sum), value_sum,
-                                           jax.ShapeDtypeStruct((), jnp.float32))
-  else:
-    aggregator = _with_payload_upload_bits(unweighted_mean(value_sum=value_sum), value_sum,
-                                           jax.ShapeDtypeStruct((), jnp.int32))
+  aggregator = mean(value_sum=value_sum) if weighted else unweighted_mean(value_sum=value_sum)
   if debug_measurements_fn is not None:
     aggregator = debug_measurements_fn(aggregator)
     if not isinstance(aggregator, Aggregator):
       raise TypeError(f"debug_measurements_fn must return an Aggregator, got {type(aggregator).__name__}.")
   if clipping:
-    aggregator = robust.clipping(no_noise_quantile_estimator(1.0, 0.8, 0.2), aggregator)
+    aggregator = presets.default_clipping(aggregator)
   if zeroing:
-    aggregator = robust.zeroing(
-        no_noise_quantile_estimator(10.0, 0.98, math.log(10.0), multiplier=2.0, increment=1.0), aggregator,
-        norm_order=math.inf)
+    aggregator = presets.default_zeroing(aggregator)
   return aggregator

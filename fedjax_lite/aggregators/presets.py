@@ -42,7 +42,8 @@ def default_clipping(inner: Aggregator, **kwargs) -> Aggregator:
   return clipping(default_clipping_estimator(), inner, **kwargs)
 
 
-def _check_flags(**flags) -> None:
+def check_flags(**flags) -> None:
+  """Every keyword is a bool (the presets' switches)."""
   for name, value in flags.items():
     if not isinstance(value, bool):
       raise TypeError(f"{name} must be a bool, got {type(value).__name__}.")
@@ -57,7 +58,7 @@ def robust_aggregator(*, zeroing: bool = True, clipping: bool = True, weighted: 
     aggregator = robust_aggregator()
     process = fed_avg(model, client_learning_rate=0.1, aggregator=aggregator)
   """
-  _check_flags(zeroing=zeroing, clipping=clipping, weighted=weighted)
+  check_flags(zeroing=zeroing, clipping=clipping, weighted=weighted)
   if debug_measurements_fn is not None and not callable(debug_measurements_fn):
     raise TypeError("debug_measurements_fn must be a function Aggregator -> Aggregator.")
   aggregator = mean() if weighted else unweighted_mean()

@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.aggregators import robust
+from fedjax_lite.aggregators import presets, robust
 from fedjax_lite.aggregators.base import (Aggregator, SumParts, as_template, num_clients_of, split_rng,
                                           sum_contributions)
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
@@ -534,21 +534,17 @@ def secure_aggregator(*, zeroing: bool = True, clipping: bool = True, weighted: 
     clipping: wrap in adaptive L2 clipping (the 0.8 quantile of the clients' L2 norms, starting at 1).
     weighted: weighted mean (default) or unweighted mean.
   """
-  for name, flag in (("zeroing", zeroing), ("clipping", clipping), ("weighted", weighted)):
-    if not isinstance(flag, bool):
-      raise TypeError(f"{name} must be a bool, got {type(flag).__name__}.")
+  presets.check_flags(zeroing=zeroing, clipping=clipping, weighted=weighted)
   value_sum = secure_sum(no_noise_quantile_estimator(50.0, 0.95, 1.0, multiplier=2.0, secure_estimation=True))
   if weighted:
     aggregator = mean(value_sum=value_sum, weight_sum=secure_sum(float(2**20 - 1), 0.0))
   else:
     aggregator = unweighted_mean(value_sum=value_sum, count_sum=secure_sum(1, 0))
   if clipping:
-    aggregator = robust.clipping(no_noise_quantile_estimator(1.0, 0.8, 0.2, secure_estimation=True), aggregator,
-                           clipped_count_sum=secure_sum(1, 0))
+    aggregator = robust.clipping(presets.default_clipping_estimator(secure_estimation=True), aggregator,
+                                 clipped_count_sum=secure_sum(1, 0))
   if zeroing:
-    aggregator = robust.zeroing(
-        no_noise_quantile_estimator(10.0, 0.98, math.log(10.0), multiplier=2.0, increment=1.0,
-                                    secure_estimation=True),
-        aggregator, zeroed_count_sum=secure_sum(1, 0))
+    aggregator = robust.zeroing(presets.default_zeroing_estimator(secure_estimation=True), aggregator,
+                                norm_order=math.inf, zeroed_count_sum=secure_sum(1, 0))
   return aggregator
 
