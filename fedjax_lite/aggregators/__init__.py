@@ -39,6 +39,7 @@ from fedjax_lite.aggregators.robust_statistics import coordinate_median, trimmed
 from fedjax_lite.aggregators.rotation import hadamard_rotation
 from fedjax_lite.aggregators.secure import secure_aggregator, secure_modular_sum, secure_sum
 from fedjax_lite.aggregators.sum import sum_aggregator
+from fedjax_lite.aggregators.tree_aggregation import tree_aggregation
 
 __all__ = [
     "Aggregator",
@@ -73,6 +74,7 @@ __all__ = [
     "split_rng",
     "sum_aggregator",
     "sum_based",
+    "tree_aggregation",
     "trimmed_mean",
     "unweighted_mean",
     "zeroing",

@@ -16,10 +16,22 @@ from fedjax_lite.core.placement import broadcast, federated_mean, federated_sum,
 from fedjax_lite.core.process import MeasuredOutput, Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner, client_mask, client_mesh, run_clients
-from fedjax_lite.core.sampling import sample_clients
+from fedjax_lite.core.sampling import (
+    PoissonSampler,
+    ShuffledCyclicSampler,
+    UniformSampler,
+    poisson_cohort_capacity,
+    poisson_sample_clients,
+    sample_clients,
+)
 from fedjax_lite.core.tree import tree_all_finite, tree_select, tree_size_bits
 
 __all__ = [
+    "PoissonSampler",
+    "ShuffledCyclicSampler",
+    "UniformSampler",
+    "poisson_cohort_capacity",
+    "poisson_sample_clients",
     "ClientOutput",
     "ClientSpec",
     "FederatedData",

@@ -7,6 +7,8 @@ depend on which rounds ran before: a resumed run samples exactly the cohorts the
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from fedjax_lite.core import validation
@@ -50,3 +52,124 @@ def sample_clients(
   _check_seed_round(seed, round_num)
   generator = round_generator(seed, round_num, SAMPLING_STREAM)
   return generator.choice(num_clients, size=cohort_size, replace=replace).astype(np.int64)
+
+
+POISSON_STREAM = 0x7015
+CYCLIC_STREAM = 0xC1C1
+# A Poisson cohort is padded to the size it stays below except with this probability per round.
+POISSON_OVERFLOW_PROBABILITY = 1e-9
+
+
+def poisson_sample_clients(num_clients: int, sampling_probability: float, *, seed: int, round_num: int
+                           ) -> np.ndarray:
+  """Poisson sampling: every client joins round ``round_num`` independently with probability ``q``.
+
+  The cohort's size varies from round to round (Binomial(N, q)); it may be empty. Reproducible from
+  ``(seed, round_num)`` alone. This is the sampling DP-SGD/DP-FedAvg amplification analyses assume.
+  """
+  validation.check_int("num_clients", num_clients, minimum=1)
+  validation.check_float("sampling_probability", sampling_probability, low=0.0, high=1.0, low_inclusive=False)
+  _check_seed_round(seed, round_num)
+  generator = round_generator(seed, round_num, POISSON_STREAM)
+  return np.flatnonzero(generator.random(num_clients) < sampling_probability).astype(np.int64)
+
+
+def poisson_cohort_capacity(num_clients: int, sampling_probability: float,
+                            overflow_probability: float = POISSON_OVERFLOW_PROBABILITY) -> int:
+  """The padded cohort size for Poisson sampling: the Binomial(N, q) quantile at ``1 - overflow_probability``.
+
+  Rounds are padded to this size with empty client slots, so different cohort sizes share one compiled round;
+  a larger cohort (probability ``overflow_probability`` per round) is padded to the next power of two instead
+  (one more compilation, never a dropped client).
+  """
+  from scipy import stats
+
+  validation.check_int("num_clients", num_clients, minimum=1)
+  validation.check_float("sampling_probability", sampling_probability, low=0.0, high=1.0, low_inclusive=False)
+  quantile = stats.binom.ppf(1.0 - overflow_probability, num_clients, sampling_probability)
+  return max(1, min(num_clients, int(quantile)))
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformSampler:
+  """``clients_per_round`` clients drawn uniformly each round (:func:`sample_clients`)."""
+
+  num_clients: int
+  clients_per_round: int
+  seed: int = 0
+  replace: bool = False
+
+  def __post_init__(self):
+    validation.check_int("num_clients", self.num_clients, minimum=1)
+    validation.check_int("clients_per_round", self.clients_per_round, minimum=1,
+                         maximum=None if self.replace else self.num_clients)
+    validation.check_int("seed", self.seed, minimum=0)
+
+  @property
+  def cohort_capacity(self) -> int:
+    return self.clients_per_round
+
+  def __call__(self, round_num: int) -> np.ndarray:
+    return sample_clients(self.num_clients, self.clients_per_round, seed=self.seed, round_num=round_num,
+                          replace=self.replace)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoissonSampler:
+  """Each client independently with probability ``sampling_probability`` (:func:`poisson_sample_clients`);
+  rounds are padded to ``cohort_capacity`` client slots (:func:`poisson_cohort_capacity`)."""
+
+  num_clients: int
+  sampling_probability: float
+  seed: int = 0
+
+  def __post_init__(self):
+    validation.check_int("num_clients", self.num_clients, minimum=1)
+    validation.check_float("sampling_probability", self.sampling_probability, low=0.0, high=1.0,
+                           low_inclusive=False)
+    validation.check_int("seed", self.seed, minimum=0)
+
+  @property
+  def cohort_capacity(self) -> int:
+    return poisson_cohort_capacity(self.num_clients, self.sampling_probability)
+
+  @property
+  def expected_clients_per_round(self) -> float:
+    return self.num_clients * self.sampling_probability
+
+  def __call__(self, round_num: int) -> np.ndarray:
+    return poisson_sample_clients(self.num_clients, self.sampling_probability, seed=self.seed,
+                                  round_num=round_num)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShuffledCyclicSampler:
+  """Each epoch, a fresh permutation of the clients is cut into cohorts of ``clients_per_round``: every client
+  takes part at most once per epoch (what DP-FTRL's tree aggregation needs; Kairouz et al. 2021).
+
+  An epoch has ``num_clients // clients_per_round`` rounds; the ``num_clients % clients_per_round`` clients at the
+  end of that epoch's permutation sit it out (a different few each epoch).
+  """
+
+  num_clients: int
+  clients_per_round: int
+  seed: int = 0
+
+  def __post_init__(self):
+    validation.check_int("num_clients", self.num_clients, minimum=1)
+    validation.check_int("clients_per_round", self.clients_per_round, minimum=1, maximum=self.num_clients)
+    validation.check_int("seed", self.seed, minimum=0)
+
+  @property
+  def cohort_capacity(self) -> int:
+    return self.clients_per_round
+
+  @property
+  def rounds_per_epoch(self) -> int:
+    return self.num_clients // self.clients_per_round
+
+  def __call__(self, round_num: int) -> np.ndarray:
+    _check_seed_round(self.seed, round_num)
+    epoch, position = divmod(int(round_num), self.rounds_per_epoch)
+    permutation = round_generator(self.seed, epoch, CYCLIC_STREAM).permutation(self.num_clients)
+    return permutation[position * self.clients_per_round:(position + 1) * self.clients_per_round].astype(np.int64)

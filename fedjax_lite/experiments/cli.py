@@ -129,8 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="per-side fraction dropped by --aggregator trimmed-mean, in [0, 0.5)")
   model.add_argument("--quantization-bits", type=_bits, default=8,
                      help="bits of --aggregator compression, 1..16")
-  model.add_argument("--dp-noise-multiplier", type=_nonnegative_float, default=0.5,
-                     help="total noise multiplier of --aggregator dp")
+  privacy = train.add_argument_group("differential privacy (--aggregator dp: user-level DP-FedAvg with Poisson "
+                                     "sampling of clients at rate clients-per-round / num-clients)")
+  privacy.add_argument("--dp-noise-multiplier", type=_positive_float, default=0.5,
+                       help="total noise multiplier z (adaptive clipping splits it)")
+  privacy.add_argument("--dp-delta", type=_fraction, default=1e-3, help="delta of the reported epsilon")
+  privacy.add_argument("--dp-epsilon-budget", type=_positive_float, default=None,
+                       help="stop before the round that would spend more than this epsilon")
+  privacy.add_argument("--dp-accountant", choices=("rdp", "pld"), default="rdp")
+  privacy.add_argument("--dp-clip", type=_positive_float, default=None,
+                       help="fixed L2 clip (default: adaptive, the median update norm)")
   model.add_argument("--broadcast-quantization-bits", type=_bits_or_zero, default=0,
                      help="quantize the broadcast model's tensors above 10,000 elements to this many bits "
                           "(0: off)")
@@ -178,8 +186,6 @@ def _build_aggregator(args):
     return None, weighted
   if name == "robust":
     return aggregators.robust_aggregator(weighted=weighted), weighted
-  if name == "dp":
-    return aggregators.dp_aggregator(args.dp_noise_multiplier, float(args.clients_per_round)), False
   if name == "compression":
     return aggregators.compression_aggregator(weighted=weighted, quantization_bits=args.quantization_bits), weighted
   if name == "secure":
@@ -229,6 +235,19 @@ def _build_job(args):
   runner = Runner(strategy=args.runner)
   server_lr = args.server_lr if args.server_lr is not None else (1.0 if args.algorithm == "fedavg" else 0.1)
   server_optimizer = _server_optimizer(args.server_optimizer, server_lr)
+  if args.aggregator == "dp":
+    if args.algorithm != "fedavg":
+      raise UsageError("--aggregator dp runs DP-FedAvg; use it with --algorithm fedavg")
+    from fedjax_lite.algorithms import dp_fed_avg
+
+    recipe = dp_fed_avg(model, noise_multiplier=args.dp_noise_multiplier, num_clients=train_data.num_clients,
+                        expected_clients_per_round=float(args.clients_per_round), delta=args.dp_delta,
+                        client_learning_rate=args.client_lr, server_optimizer=server_optimizer, clip=args.dp_clip,
+                        epsilon_budget=args.dp_epsilon_budget, accountant=args.dp_accountant, seed=args.seed,
+                        runner=runner)
+    client_spec = ClientSpec(batch_size=args.batch_size, num_epochs=args.local_epochs,
+                             max_steps=args.max_local_steps)
+    return train_data, test_data, model, recipe.process, client_spec, runner, recipe
   aggregator, weighted = _build_aggregator(args)
   encoder = None
   if args.broadcast_quantization_bits:
@@ -246,7 +265,7 @@ def _build_job(args):
   client_spec = ClientSpec(batch_size=args.batch_size,
                            num_epochs=args.local_epochs if args.algorithm == "fedavg" else 1,
                            max_steps=args.max_local_steps)
-  return train_data, test_data, model, process, client_spec, runner
+  return train_data, test_data, model, process, client_spec, runner, None
 
 
 def train_command(args) -> dict:
@@ -257,7 +276,7 @@ def train_command(args) -> dict:
   from fedjax_lite.experiments.plotting import plot_history
 
   try:
-    train_data, test_data, model, process, client_spec, runner = _build_job(args)
+    train_data, test_data, model, process, client_spec, runner, private = _build_job(args)
   except (ValueError, TypeError) as error:
     raise UsageError(str(error)) from None
 
@@ -265,11 +284,18 @@ def train_command(args) -> dict:
       "runs", f"{args.dataset}-{args.model}-{args.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
   os.makedirs(output_dir, exist_ok=True)
   evaluate = centralized_evaluation(model)
+  sampling = (dict(sampler=private.sampler, privacy=private.ledger) if private is not None
+              else dict(clients_per_round=args.clients_per_round))
+
+  def report_epsilon(round_num, record):
+    if private is not None and args.no_progress:
+      sys.stderr.write(f"round {round_num}: epsilon {record['privacy/epsilon']:.4g} at delta {args.dp_delta:g}\n")
+
   result = run_training(
       process, train_data, model.init(jax.random.key(args.seed)), client_spec=client_spec,
-      clients_per_round=args.clients_per_round, num_rounds=args.rounds, seed=args.seed,
-      evaluate=lambda params: evaluate(params, test_data), evaluate_every=args.eval_every,
-      metrics_path=os.path.join(output_dir, "metrics.jsonl"), progress=not args.no_progress,
+      num_rounds=args.rounds, seed=args.seed, evaluate=lambda params: evaluate(params, test_data),
+      evaluate_every=args.eval_every, metrics_path=os.path.join(output_dir, "metrics.jsonl"),
+      progress=not args.no_progress, on_round_end=report_epsilon, **sampling,
   )
   plot_path = os.path.join(output_dir, "training.png")
   tracked = sorted({key for record in result.history for key in record
@@ -292,6 +318,9 @@ def train_command(args) -> dict:
       "median_round_seconds": round(sorted(r["round_time_in_seconds"] for r in result.history)[
           len(result.history) // 2], 4),
       "aggregator": args.aggregator,
+      "epsilon": last.get("privacy/epsilon"),
+      "delta": last.get("privacy/delta"),
+      "stopped_early": result.stopped_early,
       "broadcasted_mebibits": last.get("cumulative_broadcasted_bits", 0) / 2**20,
       "aggregated_mebibits": last.get("cumulative_aggregated_bits", 0) / 2**20,
       "backend": jax.default_backend(),
@@ -309,6 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``fedjax-lite`` console script."""
   parser = build_parser()
   try:
+    from absl import logging as absl_logging  # dp_accounting logs RDP-order warnings through absl
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  except ImportError:
+    pass
+  try:
     args = parser.parse_args(argv)
     if args.command is None:
       raise UsageError("a command is required: fedjax-lite train [flags] (see fedjax-lite train --help)")
@@ -320,8 +355,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(summary))
   else:
     accuracy = summary["final_test_accuracy"]
+    privacy = (f", epsilon {summary['epsilon']:.4g} at delta {summary['delta']:g}"
+               if summary["epsilon"] is not None else "")
     print(f"{summary['algorithm']} {summary['model']} on {summary['dataset']}: {summary['rounds']} rounds in "
-          f"{summary['seconds']:.1f} s, final test accuracy {accuracy:.4f}, results in {summary['output_dir']}")
+          f"{summary['seconds']:.1f} s, final test accuracy {accuracy:.4f}{privacy}, results in "
+          f"{summary['output_dir']}")
+    if summary["stopped_early"]:
+      print(f"stopped early: {summary['stopped_early']}")
   return 0
 
 

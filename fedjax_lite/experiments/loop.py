@@ -28,13 +28,15 @@ import numpy as np
 
 from fedjax_lite.core import validation
 from fedjax_lite.core.federated_data import FederatedData
-from fedjax_lite.core.packing import ClientSpec
+from fedjax_lite.core.packing import ClientSpec, bucket_num_steps
 from fedjax_lite.core.process import Process
-from fedjax_lite.core.sampling import sample_clients
+from fedjax_lite.core.sampling import UniformSampler
+from fedjax_lite.privacy.accounting import PrivacyLedger
 
 PyTree = Any
 EvaluateFn = Callable[[PyTree], Mapping[str, Any]]
 RoundCallback = Callable[[int, dict], bool | None]
+Sampler = Callable[[int], np.ndarray]
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float | int]:
@@ -80,7 +82,7 @@ def run_training(
     initial_params: PyTree,
     *,
     client_spec: ClientSpec,
-    clients_per_round: int,
+    clients_per_round: int | None = None,
     num_rounds: int,
     seed: int = 0,
     evaluate: EvaluateFn | None = None,
@@ -89,6 +91,8 @@ def run_training(
     progress: bool = True,
     on_round_end: RoundCallback | None = None,
     sample_with_replacement: bool = False,
+    sampler: Sampler | None = None,
+    privacy: PrivacyLedger | None = None,
 ) -> TrainingResult:
   """Trains ``process`` for ``num_rounds`` rounds; see the module docstring.
 
@@ -97,7 +101,7 @@ def run_training(
     train_data: the client population.
     initial_params: passed to ``process.init``.
     client_spec: batch size, epochs and step cap of local training.
-    clients_per_round: cohort size.
+    clients_per_round: cohort size of uniform sampling (give this or ``sampler``).
     num_rounds: rounds to run.
     seed: the run's seed: cohorts, shuffles and keys derive from ``(seed, round)``.
     evaluate: optional ``params -> metrics`` (e.g. centralized test accuracy), recorded under ``evaluation/``.
@@ -106,7 +110,13 @@ def run_training(
     progress: show a tqdm progress bar with loss and accuracy.
     on_round_end: optional ``callback(round_num, flat_metrics)``; returning a string stops training with that
       reason.
-    sample_with_replacement: sample cohorts with replacement.
+    sample_with_replacement: sample cohorts with replacement (with ``clients_per_round``).
+    sampler: ``round_num -> client indices`` with a ``cohort_capacity`` (``core.sampling.UniformSampler``,
+      ``PoissonSampler``, ``ShuffledCyclicSampler``). Rounds are padded to ``cohort_capacity`` client slots, so
+      varying cohort sizes share one compiled round; a larger cohort is padded to the next power of two.
+    privacy: optional :class:`~fedjax_lite.privacy.PrivacyLedger`: each round records ``privacy/epsilon`` (spent
+      so far, at ``privacy/delta``), and with an ``epsilon_budget`` training stops before the round that would
+      exceed it, giving the reason in ``stopped_early``.
   """
   if not isinstance(process, Process):
     raise TypeError(f"process must be a fedjax_lite Process, got {type(process).__name__}.")
@@ -114,10 +124,19 @@ def run_training(
     raise TypeError(f"train_data must be a FederatedData, got {type(train_data).__name__}.")
   if not isinstance(client_spec, ClientSpec):
     raise TypeError(f"client_spec must be a ClientSpec, got {type(client_spec).__name__}.")
-  validation.check_int("clients_per_round", clients_per_round, minimum=1)
-  if not sample_with_replacement and clients_per_round > train_data.num_clients:
-    raise ValueError(f"clients_per_round ({clients_per_round}) must be <= the number of clients "
-                     f"({train_data.num_clients}).")
+  if (clients_per_round is None) == (sampler is None):
+    raise ValueError("give exactly one of clients_per_round and sampler.")
+  if sampler is None:
+    validation.check_int("clients_per_round", clients_per_round, minimum=1)
+    if not sample_with_replacement and clients_per_round > train_data.num_clients:
+      raise ValueError(f"clients_per_round ({clients_per_round}) must be <= the number of clients "
+                       f"({train_data.num_clients}).")
+    sampler = UniformSampler(train_data.num_clients, clients_per_round, seed, sample_with_replacement)
+  elif not (callable(sampler) and hasattr(sampler, "cohort_capacity")):
+    raise TypeError("sampler must be callable (round_num -> client indices) with a cohort_capacity, e.g. "
+                    "fedjax_lite.core.sampling.PoissonSampler.")
+  if privacy is not None and not isinstance(privacy, PrivacyLedger):
+    raise TypeError(f"privacy must be a PrivacyLedger, got {type(privacy).__name__}.")
   validation.check_int("num_rounds", num_rounds, minimum=1)
   validation.check_int("seed", seed, minimum=0)
   validation.check_int("evaluate_every", evaluate_every, minimum=1)
@@ -126,10 +145,13 @@ def run_training(
   next_fn = jax.jit(process.next, donate_argnums=(0,))
   base_key = jax.random.key(seed)
 
+  capacity = int(sampler.cohort_capacity)
+
   def prepare(round_num: int):
-    cohort = sample_clients(train_data.num_clients, clients_per_round, seed=seed, round_num=round_num,
-                            replace=sample_with_replacement)
-    packed = client_spec.pack(train_data, cohort, seed=seed, round_num=round_num, num_steps=num_steps)
+    cohort = sampler(round_num)
+    slots = capacity if len(cohort) <= capacity else bucket_num_steps(len(cohort))
+    packed = client_spec.pack(train_data, cohort, seed=seed, round_num=round_num, num_steps=num_steps,
+                              cohort_size=slots)
     return jax.device_put(packed)
 
   bar = None
@@ -146,11 +168,11 @@ def run_training(
   try:
     # A private copy: the jitted round donates its input state, which must not invalidate the caller's arrays.
     state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, process.init(initial_params))
-    pending = prepare(0)
+    pending = prepare(0)  # (a ledger whose budget does not allow one round was refused when it was built)
     for round_num in range(num_rounds):
       round_start = time.perf_counter()
       state, metrics = next_fn(state, pending, jax.random.fold_in(base_key, round_num))
-      if round_num + 1 < num_rounds:
+      if round_num + 1 < num_rounds and (privacy is None or privacy.allows(round_num + 2)):
         pending = prepare(round_num + 1)  # host work overlaps the device's round
       flat = {"round": round_num, **flatten_metrics(jax.device_get(metrics))}
       for key in ("broadcasted_bits", "aggregated_bits"):
@@ -158,9 +180,14 @@ def run_training(
           cumulative[key] += int(flat[key])
           flat[f"cumulative_{key}"] = cumulative[key]
       flat["round_time_in_seconds"] = time.perf_counter() - round_start
+      if privacy is not None:
+        flat["privacy/epsilon"] = privacy.epsilon_after(round_num + 1)
+        flat["privacy/delta"] = privacy.delta
       if round_num == 0:
         first_round_seconds = flat["round_time_in_seconds"]
-      if evaluate is not None and ((round_num + 1) % evaluate_every == 0 or round_num + 1 == num_rounds):
+      budget_reached = privacy is not None and not privacy.allows(round_num + 2)
+      last_round = round_num + 1 == num_rounds or budget_reached
+      if evaluate is not None and ((round_num + 1) % evaluate_every == 0 or last_round):
         eval_start = time.perf_counter()
         flat.update(flatten_metrics(jax.device_get(evaluate(state.params)), "evaluation/"))
         flat["evaluation_time_in_seconds"] = time.perf_counter() - eval_start
@@ -174,6 +201,8 @@ def run_training(
           postfix["acc"] = flat["client_work/train/accuracy"]
         if "evaluation/accuracy" in flat:
           postfix["test_acc"] = flat["evaluation/accuracy"]
+        if "privacy/epsilon" in flat:
+          postfix["eps"] = flat["privacy/epsilon"]
         bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items() if v is not None}, refresh=False)
         bar.update(1)
       if on_round_end is not None:
@@ -181,6 +210,12 @@ def run_training(
         if reason:
           stopped = str(reason)
           break
+      if budget_reached and round_num + 1 < num_rounds:
+        stopped = (f"privacy budget: another round would bring epsilon to "
+                   f"{privacy.epsilon_after(round_num + 2):.4g} > {privacy.epsilon_budget:g} at delta "
+                   f"{privacy.delta:g}; stopped after {round_num + 1} rounds at epsilon "
+                   f"{privacy.epsilon_after(round_num + 1):.4g}")
+        break
   finally:
     if bar is not None:
       bar.close()

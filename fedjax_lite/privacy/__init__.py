@@ -1,5 +1,40 @@
-"""Privacy: noise mechanisms (used by the DP aggregators) and, on ``dp_accounting``, privacy accounting."""
+"""Privacy: noise mechanisms (used by the DP aggregators) and privacy accounting on ``dp_accounting``.
 
+Accounting answers "how much privacy has this run spent?" in the run itself: :class:`PrivacyLedger` gives the
+epsilon after any number of rounds for the run's events (:func:`sampled_run_events` for Poisson or fixed-size
+sampling, :func:`tree_run_events` for DP-FTRL), :func:`planned_epsilon` plans a run, and
+:func:`calibrate_noise_multiplier` finds the noise for a target ``(epsilon, delta)``.
+"""
+
+from fedjax_lite.privacy.accounting import (
+    ACCOUNTANTS,
+    PrivacyLedger,
+    RunEvents,
+    calibrate_noise_multiplier,
+    epsilon_of,
+    halve_gaussian_noise,
+    make_accountant,
+    merge_gaussians,
+    planned_epsilon,
+    run_epsilon,
+    sampled_run_events,
+    tree_run_events,
+)
 from fedjax_lite.privacy.mechanisms import add_gaussian_noise, gaussian_noise
 
-__all__ = ["add_gaussian_noise", "gaussian_noise"]
+__all__ = [
+    "ACCOUNTANTS",
+    "PrivacyLedger",
+    "RunEvents",
+    "add_gaussian_noise",
+    "calibrate_noise_multiplier",
+    "epsilon_of",
+    "gaussian_noise",
+    "halve_gaussian_noise",
+    "make_accountant",
+    "merge_gaussians",
+    "planned_epsilon",
+    "run_epsilon",
+    "sampled_run_events",
+    "tree_run_events",
+]

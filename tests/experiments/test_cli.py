@@ -46,7 +46,10 @@ def test_every_aggregator_runs_and_its_measurements_are_recorded(aggregator, tmp
   assert summary["aggregator"] == aggregator
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert all(r["aggregated_bits"] > 0 and r["broadcasted_bits"] > 0 for r in records)
-  if aggregator in ("robust", "compression", "dp", "secure"):
+  if aggregator == "dp":  # DP-FedAvg: Poisson sampling, adaptive clip, epsilon per round
+    assert all(r["privacy/epsilon"] > 0 for r in records) and summary["epsilon"] == records[-1]["privacy/epsilon"]
+    assert records[0]["aggregator/dp_query_metrics/clip"] > 0
+  if aggregator in ("robust", "compression", "secure"):
     assert "aggregator/zeroing_norm" in records[0] and records[0]["aggregator/zeroing_norm"] == 21.0
   if aggregator == "compression":
     # The digits dense model (650 float32 parameters) is below the 20,000-element threshold, so nothing is
@@ -54,6 +57,27 @@ def test_every_aggregator_runs_and_its_measurements_are_recorded(aggregator, tmp
     # count) for zeroing and clipping.
     assert records[0]["aggregated_bits"] == 10 * (650 * 32 + 32 + 2 * 96)
   assert (tmp_path / "training.png").exists()
+
+
+def test_dp_flags_print_epsilon_per_round_and_at_the_end(tmp_path, capsys):
+  code = cli.main(["train", "--model", "dense", "--rounds", "3", "--aggregator", "dp", "--dp-noise-multiplier",
+                   "0.9", "--dp-delta", "1e-4", "--dp-accountant", "pld", "--output-dir", str(tmp_path),
+                   "--no-progress"])
+  assert code == 0
+  captured = capsys.readouterr()
+  per_round = [line for line in captured.err.splitlines() if line.startswith("round ")]
+  assert len(per_round) == 3 and all("at delta 0.0001" in line for line in per_round)
+  assert "epsilon" in captured.out.strip().splitlines()[-1]
+
+
+def test_dp_budget_stops_training_and_says_so(tmp_path, capsys):
+  code = cli.main(["train", "--model", "dense", "--rounds", "50", "--aggregator", "dp", "--dp-noise-multiplier",
+                   "0.9", "--dp-epsilon-budget", "6", "--output-dir", str(tmp_path), "--no-progress", "--json"])
+  assert code == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary["rounds"] < 50 and summary["epsilon"] <= 6
+  assert summary["stopped_early"].startswith("privacy budget")
+  assert summary["final_test_accuracy"] is not None
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -71,6 +95,9 @@ def test_every_aggregator_runs_and_its_measurements_are_recorded(aggregator, tmp
     (["train", "--quantization-bits", "17"], "--quantization-bits"),
     (["train", "--trim-fraction", "0.5"], "--trim-fraction"),
     (["train", "--aggregator", "dp", "--dp-noise-multiplier", "3"], "noise_multiplier"),
+    (["train", "--aggregator", "dp", "--dp-delta", "1.5"], "--dp-delta"),
+    (["train", "--aggregator", "dp", "--dp-noise-multiplier", "0"], "--dp-noise-multiplier"),
+    (["train", "--aggregator", "dp", "--dp-epsilon-budget", "0.01"], "exceeded by the very first round"),
     ([], "command"),
 ])
 def test_bad_flags_one_line_exit_2(argv, fragment, capsys):
