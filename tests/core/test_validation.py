@@ -115,10 +115,22 @@ def test_check_float_rejects_non_finite(value):
     check_float("noise_multiplier", value, low=-math.inf, high=math.inf)
 
 
-@pytest.mark.parametrize("value", [True, False, np.bool_(False), "1.0", None, [1.0], 1 + 2j, np.array(1.0)])
+@pytest.mark.parametrize("value", [True, False, np.bool_(False), "1.0", None, [1.0], 1 + 2j, np.array([1.0])])
 def test_check_float_rejects_non_reals(value):
   with pytest.raises(TypeError, match="learning_rate must be a real number"):
     check_float("learning_rate", value)
+
+
+def test_check_float_accepts_zero_dimensional_arrays_and_passes_tracers():
+  import jax
+  import jax.numpy as jnp
+
+  assert check_float("learning_rate", np.array(0.5)) == 0.5
+  assert check_float("learning_rate", jnp.float32(0.25), low=0.0) == 0.25
+  with pytest.raises(ValueError, match="learning_rate"):
+    check_float("learning_rate", jnp.float32(-1.0), low=0.0)
+  # Under a transformation the value has no concrete number: it is passed through unchecked.
+  assert jax.vmap(lambda x: check_float("learning_rate", x, low=0.0) * 2)(jnp.array([-1.0, 1.0])).shape == (2,)
 
 
 def test_check_float_none():
