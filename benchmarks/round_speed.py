@@ -812,6 +812,9 @@ class MemoryProbe:
     return out
 
 
+COMPARED_KEYS = ("first_round_s", "compile_s", "steady_s", "min_s")
+
+
 def compare_xla_flags(flags: str, rounds: int, quick: bool, repeats: int) -> dict:
   """The library variants in fresh subprocesses, alternating without and with ``XLA_FLAGS=flags``."""
   runs: dict[str, list[dict]] = {"baseline": [], "flagged": []}
@@ -828,9 +831,14 @@ def compare_xla_flags(flags: str, rounds: int, quick: bool, repeats: int) -> dic
       log(f"xla flags comparison: {label} child ({flags if label == 'flagged' else 'no XLA_FLAGS'})")
       child = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=True)
       variants = json.loads(child.stdout.strip().splitlines()[-1])["variants"]
-      runs[label].append({name: {key: r[key] for key in ("first_round_s", "compile_s", "steady_s")}
-                          for name, r in variants.items()})
-  return {"xla_flags": flags, "runs": runs}
+      runs[label].append({name: {key: r[key] for key in COMPARED_KEYS} for name, r in variants.items()})
+  summary = {}
+  for label, label_runs in runs.items():
+    summary[label] = {
+        name: {key: round(statistics.median(run[name][key] for run in label_runs), 3) for key in COMPARED_KEYS}
+        for name in label_runs[0]
+    }
+  return {"xla_flags": flags, "median_over_runs": summary, "runs": runs}
 
 
 # Main ----------------------------------------------------------------------------------------------------------------

@@ -4,25 +4,37 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_lite.aggregators.base import split_rng
+
+
+def one_client(values):
+  """The first client's value: a template of one client's value."""
+  return jax.tree.map(lambda v: v[0], values)
 
 
 def run_next(aggregator, state, values, weights, rng, client_mask=None):
   return jax.jit(aggregator.next)(state, values, jnp.asarray(weights, jnp.float32), rng, client_mask)
 
 
-def run_streaming(aggregator, state, values, weights, rng, client_mask=None, chunk_sizes=None):
-  """Contributions summed one client (or chunk) at a time, in Python order, then the server part."""
-  parts = aggregator.parts
-  clients_key, server_key = split_rng(rng)
-  params = parts.broadcast(state)
-  num = jax.tree.leaves(values)[0].shape[0]
+def run_streaming(aggregator, state, values, weights, rng, client_mask=None):
+  """The streaming path: a running sum of each real client's contribution (in client order), then the server step.
+
+  Clients are sliced on the host (numpy) and every device computation is one of a few jitted programs, so the loop
+  compiles nothing per client.
+  """
+  clients_key, server_key = jax.jit(split_rng)(rng)
+  client_params = aggregator.parts.broadcast(state)
+  client = jax.jit(aggregator.parts.client)
+  client_key = jax.jit(jax.random.fold_in)
+  add = jax.jit(lambda total, contribution: jax.tree.map(jnp.add, total, contribution))
+  host_values, host_weights = jax.tree.map(np.asarray, values), np.asarray(weights, np.float32)
   total = None
-  for index in range(num):
+  for index in range(host_weights.shape[0]):
     if client_mask is not None and not bool(client_mask[index]):
       continue
-    value = jax.tree.map(lambda x: x[index], values)
-    contribution = parts.client(params, value, jnp.float32(weights[index]), jax.random.fold_in(clients_key, index))
-    total = contribution if total is None else jax.tree.map(jnp.add, total, contribution)
-  return parts.server(state, total, server_key)
+    contribution = client(client_params, jax.tree.map(lambda v: v[index], host_values), host_weights[index],
+                          client_key(clients_key, index))
+    total = contribution if total is None else add(total, contribution)
+  return jax.jit(aggregator.parts.server)(state, total, server_key)

@@ -18,30 +18,14 @@ from fedjax_lite.aggregators.mean import mean
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.models import original_fedavg_cnn
 
+from tests.aggregators.helpers import one_client, run_streaming
+
 
 # Built once: a jitted function compiles once per input shape, and tests share these.
 PRESETS = {rotation: compression_aggregator(threshold=20, rotation=rotation) for rotation in (False, True)}
 PRESET_NEXT = {rotation: jax.jit(aggregator.next) for rotation, aggregator in PRESETS.items()}
 
 
-def one_client(values):
-  return jax.tree.map(lambda v: v[0], values)
-
-
-def run_streaming(aggregator, state, values, weights, rng):
-  """The streaming path: a running sum of each client's contribution, then the server step."""
-  clients_key, server_key = jax.jit(split_rng)(rng)
-  client_params = aggregator.parts.broadcast(state)
-  client = jax.jit(aggregator.parts.client)
-  client_key = jax.jit(jax.random.fold_in)
-  add = jax.jit(lambda total, contribution: jax.tree.map(jnp.add, total, contribution))
-  host_values, host_weights = jax.tree.map(np.asarray, values), np.asarray(weights)
-  total = None
-  for index in range(host_weights.shape[0]):
-    contribution = client(client_params, jax.tree.map(lambda v: v[index], host_values), host_weights[index],
-                          client_key(clients_key, index))
-    total = contribution if total is None else add(total, contribution)
-  return jax.jit(aggregator.parts.server)(state, total, server_key)
 
 
 def client_values(num_clients=4, seed=0, scale=0.05):

@@ -144,8 +144,8 @@ def test_streaming_equals_next(build_inner):
   weights = np.arange(1.0, NUM_SLOTS + 1, dtype=np.float32)
   mask = np.array([True, False, True, True, False, True])
   state = aggregator.init(jax.tree.map(lambda leaf: leaf[0], values))
-  # parts.client per real client with the keys `next` uses, summed, then parts.server (compiled once).
-  streamed = jax.jit(lambda *args: run_streaming(aggregator, *args, client_mask=mask))(state, values, weights, KEY)
+  # parts.client per real client with the keys `next` uses, summed, then parts.server.
+  streamed = run_streaming(aggregator, state, values, weights, KEY, client_mask=mask)
   direct = jax.jit(aggregator.next)(state, values, weights, KEY, mask)
   chex.assert_trees_all_close(streamed, direct, rtol=1e-6, atol=1e-6)
 

@@ -29,6 +29,8 @@ from fedjax_lite.aggregators.quantization import (
 )
 from fedjax_lite.models import original_fedavg_cnn
 
+from tests.aggregators.helpers import one_client, run_streaming
+
 NUM_DRAWS = 4000
 
 
@@ -37,34 +39,12 @@ def many_keys():
   return jax.jit(lambda key: jax.random.split(key, NUM_DRAWS))(jax.random.key(0))
 
 
-def one_client(values):
-  return jax.tree.map(lambda v: v[0], values)
-
 
 def results_over_keys(aggregator, x, keys):
   """``aggregator.next`` on the single client value ``x``, once per key (vmapped, one program)."""
   state = aggregator.init(x)
   return jax.jit(jax.vmap(lambda key: aggregator.next(state, x[None], np.ones(1, np.float32), key).result))(keys)
 
-
-def run_streaming(aggregator, state, values, weights, rng):
-  """The streaming path: a running sum of each client's contribution, then the server step.
-
-  Clients are sliced on the host (numpy) and every device computation is one of four jitted programs, so the
-  loop compiles nothing per client.
-  """
-  clients_key, server_key = jax.jit(split_rng)(rng)
-  client_params = aggregator.parts.broadcast(state)
-  client = jax.jit(aggregator.parts.client)
-  client_key = jax.jit(jax.random.fold_in)
-  add = jax.jit(lambda total, contribution: jax.tree.map(jnp.add, total, contribution))
-  host_values, host_weights = jax.tree.map(np.asarray, values), np.asarray(weights)
-  total = None
-  for index in range(host_weights.shape[0]):
-    contribution = client(client_params, jax.tree.map(lambda v: v[index], host_values), host_weights[index],
-                          client_key(clients_key, index))
-    total = contribution if total is None else add(total, contribution)
-  return jax.jit(aggregator.parts.server)(state, total, server_key)
 
 
 # The quantizer's statistics -------------------------------------------------------------------------------------------
