@@ -1,7 +1,9 @@
 """Noise mechanisms: additive Gaussian noise on pytrees, with explicit keys.
 
 Every differentially private aggregator draws its noise here, so the mechanism (and its key handling) is written
-once. Each leaf gets its own key (``fold_in(rng, leaf_index)``); the noise has the leaf's shape and dtype.
+once. The noise for all leaves is ONE draw of ``sum(leaf sizes)`` standard normals, cut into the leaves' shapes
+and cast to their dtypes: on XLA:CPU every separate random draw adds roughly half a second of compile time, so a
+model with many leaves compiles much faster this way, with the same distribution.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -17,11 +20,14 @@ PyTree = Any
 def gaussian_noise(rng: jax.Array, template: PyTree, stddev: jax.Array | float) -> PyTree:
   """Independent ``N(0, stddev^2)`` noise shaped like ``template`` (arrays or ``jax.ShapeDtypeStruct``s)."""
   leaves, treedef = jax.tree.flatten(template)
-  noise = [
-      jax.random.normal(jax.random.fold_in(rng, index), jnp.shape(leaf), jnp.result_type(leaf))
-      * jnp.asarray(stddev, jnp.result_type(leaf))
-      for index, leaf in enumerate(leaves)
-  ]
+  sizes = [int(np.prod(jnp.shape(leaf), dtype=np.int64)) for leaf in leaves]
+  flat = jax.random.normal(rng, (sum(sizes),), jnp.float32)
+  noise, offset = [], 0
+  for leaf, size in zip(leaves, sizes):
+    dtype = jnp.result_type(leaf)
+    piece = jax.lax.slice_in_dim(flat, offset, offset + size).reshape(jnp.shape(leaf)).astype(dtype)
+    noise.append(piece * jnp.asarray(stddev, dtype))
+    offset += size
   return jax.tree.unflatten(treedef, noise)
 
 
