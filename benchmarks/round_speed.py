@@ -16,6 +16,9 @@ Variants (each advances its own model, round after round; all start from the sam
 
 * ``library_equal`` / ``library_ragged``: ``jax.jit(fed_avg(...).next)`` with the default runner (a sequential
   ``lax.scan`` over clients on CPU), data packed by ``fedjax_lite.core.pack_clients``.
+* ``library_equal_sharded`` / ``library_ragged_sharded`` (only when the process sees several devices, e.g. under
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=2``): the same with ``Runner(mesh=client_mesh())``, i.e. the
+  client axis split over the host's CPU "devices", each running its share of the clients as a sequential scan.
 * hand-written rounds written here with jax/optax/flax only (no fedjax_lite runner or algorithm):
 
   - ``vmap``: one jit, ``vmap`` over clients of a rolled ``lax.scan`` over batches, canonical-conv model;
@@ -71,7 +74,7 @@ import optax
 
 import fedjax_lite
 from fedjax_lite.algorithms import fed_avg
-from fedjax_lite.core import ClientSpec, FederatedData, pack_clients
+from fedjax_lite.core import ClientSpec, FederatedData, Runner, client_mesh, pack_clients
 from fedjax_lite.experiments.loop import run_training
 from fedjax_lite.models import OriginalFedAvgCNN, original_fedavg_cnn
 
@@ -85,11 +88,14 @@ LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 COMPILE_EVENTS = (BACKEND_COMPILE_EVENT, TRACE_EVENT, LOWERING_EVENT)
 
 LIBRARY_VARIANTS = ("library_equal", "library_ragged")
+# The library with the client axis sharded over the host's CPU devices (Runner(mesh=client_mesh())); listed only
+# when the process has several devices, i.e. was started with XLA_FLAGS=--xla_force_host_platform_device_count=N.
+SHARDED_VARIANTS = ("library_equal_sharded", "library_ragged_sharded")
 HANDWRITTEN_VARIANTS = (
     "vmap", "python_loop", "python_loop_canonical", "unrolled", "unrolled_canonical", "scan_canonical",
     "scan_plain",
 )
-ALL_VARIANTS = LIBRARY_VARIANTS + HANDWRITTEN_VARIANTS
+ALL_VARIANTS = LIBRARY_VARIANTS + SHARDED_VARIANTS + HANDWRITTEN_VARIANTS
 OPT_IN_VARIANTS = ("scan_plain",)  # ~10x slower per step; run only when named in --only
 SECTIONS = ("single_step", "recompilation", "memory")
 
@@ -140,7 +146,7 @@ class Workload:
 STANDARD = Workload()
 QUICK = Workload(
     num_clients=2, examples_per_client=40, single_step_calls=3, recompilation_population=10,
-    recompilation_cohort=2, recompilation_rounds=3, memory_clients=100, memory_rounds=1,
+    recompilation_cohort=2, recompilation_rounds=3, memory_clients=20, memory_rounds=1,
 )
 
 
@@ -423,10 +429,13 @@ def build_variants(names: Sequence[str], workload: Workload, initial_params: PyT
   equal_steps = int(images.shape[0] * images.shape[1])
   ragged_steps = int(ragged["mask"].any(axis=-1).sum())
 
-  def library(round_data):
+  def library(round_data, runner=None):
     process = fed_avg(model, client_optimizer=optax.sgd, client_learning_rate=workload.client_learning_rate,
-                      server_optimizer=optax.sgd(workload.server_learning_rate))
+                      server_optimizer=optax.sgd(workload.server_learning_rate), runner=runner)
     return LibraryRound(process, initial_params, round_data, workload.seed)
+
+  def sharded():
+    return Runner(mesh=client_mesh())
 
   def handwritten(round_fn_builder, kind):
     return HandwrittenRound(round_fn_builder(steps[kind], server_optimizer), server_optimizer, initial_params,
@@ -437,6 +446,10 @@ def build_variants(names: Sequence[str], workload: Workload, initial_params: PyT
                         "fedjax_lite fed_avg, jit(process.next), default runner, pack_clients, equal sizes"),
       "library_ragged": (lambda: library(ragged), ragged_steps,
                          "fedjax_lite fed_avg, jit(process.next), default runner, pack_clients, ragged sizes"),
+      "library_equal_sharded": (lambda: library(equal, sharded()), equal_steps,
+                                "library_equal with the client axis sharded over the host CPU devices"),
+      "library_ragged_sharded": (lambda: library(ragged, sharded()), ragged_steps,
+                                 "library_ragged with the client axis sharded over the host CPU devices"),
       "vmap": (lambda: handwritten(vmap_round_fn, "canonical"), equal_steps,
                "jit(vmap over clients of a rolled lax.scan over batches), canonical conv"),
       "python_loop": (lambda: PythonLoopRound(steps["plain"], server_optimizer, initial_params, images, labels,
@@ -505,7 +518,7 @@ def time_variants(variants: list[Variant], rounds: int) -> dict[str, dict]:
   # differently, which on this data moves nothing measurable).
   if "library_equal" in first_params:
     for variant in variants:
-      if variant.name != "library_ragged":
+      if "ragged" not in variant.name:
         results[variant.name]["max_abs_param_diff_vs_library_after_round_1"] = max_abs_difference(
             first_params[variant.name], first_params["library_equal"])
 
@@ -561,7 +574,9 @@ def ratios(results: dict[str, dict]) -> dict:
   fastest = min(handwritten, key=handwritten.get)
   out["fastest_handwritten"] = fastest
   out["fastest_handwritten_s"] = handwritten[fastest]
-  for name, target in (("library_equal", LIBRARY_EQUAL_TARGET), ("library_ragged", LIBRARY_RAGGED_TARGET)):
+  targets = {"library_equal": LIBRARY_EQUAL_TARGET, "library_ragged": LIBRARY_RAGGED_TARGET,
+             "library_equal_sharded": LIBRARY_EQUAL_TARGET, "library_ragged_sharded": LIBRARY_RAGGED_TARGET}
+  for name, target in targets.items():
     if name in results:
       ratio = results[name]["steady_s"] / handwritten[fastest]
       out[f"{name}_vs_fastest_handwritten"] = round(ratio, 3)
@@ -569,12 +584,12 @@ def ratios(results: dict[str, dict]) -> dict:
   # The same ratios from each variant's fastest round: less sensitive to other processes stealing the CPU.
   fastest_min = min((name for name in handwritten), key=lambda name: results[name]["min_s"])
   out["fastest_handwritten_by_min"] = fastest_min
-  for name in LIBRARY_VARIANTS:
+  for name in LIBRARY_VARIANTS + SHARDED_VARIANTS:
     if name in results:
       out[f"{name}_vs_fastest_handwritten_by_min"] = round(results[name]["min_s"] / results[fastest_min]["min_s"], 3)
   # Paired: library round / hand-written round of the SAME repetition (run seconds apart), median over
   # repetitions; slow drifts of the machine's load cancel out.
-  for name in LIBRARY_VARIANTS:
+  for name in LIBRARY_VARIANTS + SHARDED_VARIANTS:
     if name in results:
       for other in (fastest, "scan_canonical"):
         if other in results:
@@ -584,7 +599,7 @@ def ratios(results: dict[str, dict]) -> dict:
   if quiet:
     fastest_quiet = min(quiet, key=quiet.get)
     out["fastest_handwritten_quiet"] = fastest_quiet
-    for name in LIBRARY_VARIANTS:
+    for name in LIBRARY_VARIANTS + SHARDED_VARIANTS:
       if name in results and results[name]["quiet_steady_s"]:
         out[f"{name}_vs_fastest_handwritten_quiet"] = round(results[name]["quiet_steady_s"] / quiet[fastest_quiet], 3)
   if "library_equal" in results and "scan_canonical" in results:
@@ -893,7 +908,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
   skip = parse_names(args.skip, ALL_VARIANTS + SECTIONS, "--skip")
   only = parse_names(args.only, ALL_VARIANTS, "--only")
-  selected = [name for name in (only or [n for n in ALL_VARIANTS if n not in OPT_IN_VARIANTS]) if name not in skip]
+  default = [name for name in ALL_VARIANTS if name not in OPT_IN_VARIANTS]
+  if jax.device_count() == 1:
+    default = [name for name in default if name not in SHARDED_VARIANTS]
+  selected = [name for name in (only or default) if name not in skip]
   started = time.perf_counter()
 
   equal_sizes = np.full(workload.num_clients, workload.examples_per_client)
@@ -930,6 +948,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "cpu_count": os.cpu_count(),
       "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
       "backend": jax.default_backend(),
+      "device_count": jax.device_count(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
       "workload": {

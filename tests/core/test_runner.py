@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_lite.core import runner as runner_module
 from fedjax_lite.core.runner import Runner, client_mesh, run_clients
 
 
@@ -29,11 +30,13 @@ def client_fn(broadcast, client_data, rng):
   return summand, {"value": value, "key_draw": jax.random.uniform(rng)}
 
 
-@pytest.mark.parametrize("strategy", ["sequential", "vmap", "chunked"])
-def test_strategies_give_the_same_sum_and_per_client_values(strategy):
+@pytest.mark.parametrize("strategy, lanes", [
+    ("sequential", 1), ("sequential", 2), ("sequential", 3), ("sequential", 7), ("sequential", 9),
+    ("vmap", None), ("chunked", None)])
+def test_strategies_give_the_same_sum_and_per_client_values(strategy, lanes):
   round_data = toy_round()
   total, collected = jax.jit(
-      lambda b, d, r: run_clients(client_fn, b, d, r, runner=Runner(strategy=strategy, chunk_size=3))
+      lambda b, d, r: run_clients(client_fn, b, d, r, runner=Runner(strategy=strategy, chunk_size=3, lanes=lanes))
   )(jnp.float32(2.0), round_data, jax.random.key(5))
   # Reference, client by client.
   expected_values = []
@@ -66,10 +69,48 @@ def test_auto_strategy_is_sequential_on_cpu():
   assert Runner().resolved_strategy() == "sequential"
 
 
+def test_default_lanes_follow_the_usable_cores():
+  cores = len(os.sched_getaffinity(0))
+  assert runner_module.default_lanes() == max(1, min(cores, runner_module.MAX_DEFAULT_LANES))
+  assert Runner().resolved_lanes() == runner_module.default_lanes()
+  assert Runner(lanes=3).resolved_lanes() == 3
+  assert Runner(mesh=client_mesh(1)).resolved_lanes() == 1  # a mesh's devices already run concurrently
+
+
+def test_lane_grid_deals_largest_first_in_snake_order():
+  np.testing.assert_array_equal(runner_module._lane_grid(6, 2), [[0, 1], [3, 2], [4, 5]])
+  # Clients of sizes 8, 7, ..., 0 (sorted) over 3 lanes: totals 13, 12, 11 (round-robin would give 15, 12, 9).
+  grid = runner_module._lane_grid(9, 3)
+  sizes = np.arange(9)[::-1]
+  np.testing.assert_array_equal(sizes[grid].sum(axis=0), [13, 12, 11])
+
+
+def test_lanes_balance_ragged_clients_and_keep_slot_order():
+  # Each client's "work" is its slot's size; the collected outputs come back in slot order whatever the lanes.
+  num_examples = np.array([5, 40, 1, 0, 33, 7, 12, 2], np.int32)
+  round_data = {"x": np.arange(8, dtype=np.float32)[:, None], "num_examples": num_examples}
+
+  def fn(broadcast, client_data, rng):
+    return client_data["x"][0], (client_data["x"][0], client_data["num_examples"], jax.random.uniform(rng))
+
+  outputs = {}
+  for lanes in (1, 2, 3, 4):
+    total, collected = jax.jit(lambda d, r, lanes=lanes: run_clients(
+        fn, None, d, r, runner=Runner(strategy="sequential", lanes=lanes)))(round_data, jax.random.key(0))
+    np.testing.assert_array_equal(collected[0], np.arange(8))
+    np.testing.assert_array_equal(collected[1], num_examples)
+    assert float(total) == float(np.arange(8)[num_examples > 0].sum())
+    outputs[lanes] = np.asarray(collected[2])
+  for lanes in (2, 3, 4):  # keys are per slot, not per lane or position
+    np.testing.assert_array_equal(outputs[lanes], outputs[1])
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(strategy="parallel"), "strategy"),
     (dict(chunk_size=0), "chunk_size"),
     (dict(unroll=0), "unroll"),
+    (dict(lanes=0), "lanes"),
+    (dict(lanes=1.5), "lanes"),
     (dict(mesh="cpu"), "mesh"),
 ])
 def test_runner_bad_arguments(kwargs, match):

@@ -104,6 +104,34 @@ def test_conv2d_canonical_under_vmap():
   assert_close(actual, expected)
 
 
+def test_vmap_with_mapped_kernels_keeps_one_canonical_conv_per_lane():
+  # vmap over clients, each with its own kernel: values and gradients equal the per-client plain conv, and on CPU
+  # the compiled program has no grouped convolution (JAX's own rule would emit feature_group_count=3).
+  inputs = random_normal(0, (3, 2, 7, 7, 2))
+  kernels = random_normal(1, (3, 3, 3, 2, 4))
+  mapped = jax.vmap(lambda x, w: value_and_grads(lambda a, b: conv2d_canonical(a, b, "SAME"), x, w))
+  per_lane = lambda xs, ws: [value_and_grads(lambda a, b: plain_conv(a, b, "SAME"), x, w) for x, w in zip(xs, ws)]
+  actual = jax.jit(mapped)(inputs, kernels)
+  expected = jax.jit(per_lane)(inputs, kernels)
+  assert_trees_close(actual, jax.tree.map(lambda *xs: jnp.stack(xs), *expected))
+  hlo_text = jax.jit(mapped).lower(inputs, kernels).compile().as_text()
+  assert "feature_group_count" not in hlo_text
+  assert len(convolution_instructions(hlo_text)) == 3 * 3  # forward, input- and kernel-gradient, per lane
+  assert non_canonical_convolutions(hlo_text) == []
+
+
+def test_vmap_with_shared_kernel_and_nested_vmap():
+  inputs = random_normal(2, (2, 3, 1, 6, 6, 2))
+  kernel = random_normal(3, (3, 3, 2, 5))
+  kernels = random_normal(4, (2, 3, 3, 2, 5))
+  shared = jax.jit(jax.vmap(jax.vmap(lambda x: conv2d_canonical(x, kernel, "VALID"))))(inputs)
+  assert_close(shared, jnp.stack([jnp.stack([plain_conv(x, kernel, "VALID") for x in row]) for row in inputs]))
+  nested = jax.jit(jax.vmap(jax.vmap(lambda x, w: conv2d_canonical(x, w, "SAME"), in_axes=(0, None))))(
+      inputs, kernels)
+  assert_close(nested, jnp.stack([jnp.stack([plain_conv(x, w, "SAME") for x in row])
+                                  for row, w in zip(inputs, kernels)]))
+
+
 @pytest.mark.parametrize("kernel_size", [(3, 3), (4, 4), (5, 2)], ids=["3x3", "4x4", "5x2"])
 def test_conv_module_matches_flax_conv(kernel_size):
   """SAME, VALID and explicit padding, with and without bias: same params, same values, same gradients."""

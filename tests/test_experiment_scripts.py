@@ -1,0 +1,66 @@
+"""The research scripts in ``experiments/``: a fast run end to end writes consistent results; bad flags exit 2."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "noniid_digits.py"
+
+
+def load_script():
+  spec = importlib.util.spec_from_file_location("noniid_digits", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_rounds_to_target_is_the_first_round_at_or_above():
+  noniid_digits = load_script()
+  assert noniid_digits.rounds_to_target([0.5, 0.9, 0.95], 0.9) == 2  # inclusive: 0.9 reaches 0.9
+  assert noniid_digits.rounds_to_target([0.91, 0.5], 0.9) == 1
+  assert noniid_digits.rounds_to_target([0.5, 0.89], 0.9) is None
+
+
+@pytest.mark.parametrize("argv", [["--target", "1.5"], ["--rounds", "0"], ["--local-epochs", "0"],
+                                  ["--partitions", "random"]])
+def test_bad_flags_exit_2(argv, capsys):
+  noniid_digits = load_script()
+  with pytest.raises(SystemExit) as error:
+    noniid_digits.parse_args(argv)
+  assert error.value.code == 2
+  assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fast_run_writes_consistent_results(tmp_path, capsys):
+  noniid_digits = load_script()
+  args = noniid_digits.parse_args(["--fast", "--partitions", "iid", "shards", "--local-epochs", "1", "2",
+                                   "--hidden", "32", "--client-lr", "0.1", "--target", "0.3", "--output-dir", str(tmp_path)])
+  assert args.seeds == [0] and args.rounds == 5
+  summary = noniid_digits.run(args)
+
+  rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+  assert [(row["partition"], row["local_epochs"]) for row in rows] == [
+      ("iid", "1"), ("iid", "2"), ("shards", "1"), ("shards", "2")]
+  curves = list(csv.DictReader((tmp_path / "curves.csv").open()))
+  assert len(curves) == 4 * 5
+  for row in rows:
+    accuracies = [float(c["test_accuracy"]) for c in curves
+                  if (c["partition"], c["local_epochs"]) == (row["partition"], row["local_epochs"])]
+    assert float(row["final_test_accuracy"]) == accuracies[-1]
+    assert float(row["best_test_accuracy"]) == max(accuracies)
+    expected = noniid_digits.rounds_to_target(accuracies, 0.3)
+    assert row["rounds_to_target"] == ("" if expected is None else str(expected))
+  # Five rounds of FedAvg on IID digits learn well beyond chance (0.1).
+  assert max(float(row["final_test_accuracy"]) for row in rows if row["partition"] == "iid") > 0.3
+
+  assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
+  assert len(summary["settings"]) == 4
+  assert (tmp_path / "noniid_digits.png").stat().st_size > 1000
+  table = capsys.readouterr().out
+  assert table.count("\n| iid |") + table.startswith("| iid |") >= 1 and "| shards | 2 |" in table
