@@ -1,14 +1,16 @@
-"""Plots of a training run: loss and accuracy per round, written as a PNG (matplotlib, no display needed)."""
+"""Plots of a training run: loss and accuracy per round, written as a PNG (matplotlib, no display needed).
+
+The figure is a bare ``matplotlib.figure.Figure`` rendered by its own canvas: importing this module neither
+imports ``pyplot`` nor switches matplotlib's global backend, so notebooks that import fedjax_lite keep their
+inline plots.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.figure import Figure
 
 
 def _series(history: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
@@ -28,7 +30,8 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike, *, title: str
       ("loss", ["client_work/train/loss", "evaluation/loss"]),
       ("accuracy", ["client_work/train/accuracy", "evaluation/accuracy"]),
   ] + [(key.split("/")[-1], [key]) for key in extra_keys]
-  figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+  figure = Figure(figsize=(5 * len(panels), 3.6))
+  axes = figure.subplots(1, len(panels), squeeze=False)
   for axis, (label, keys) in zip(axes[0], panels):
     for key in keys:
       rounds, values = _series(history, key)
@@ -45,4 +48,3 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike, *, title: str
     figure.suptitle(title)
   figure.tight_layout()
   figure.savefig(path, dpi=110)
-  plt.close(figure)
