@@ -2,8 +2,8 @@
 
 Building blocks (``sum_aggregator``, ``mean``, ``unweighted_mean``), wrappers that compose like the reference's
 factories (``zeroing``, ``clipping``, ``hadamard_rotation``, ``add_debug_measurements``), estimation processes for
-adaptive thresholds, differential privacy, compression, simulated secure summation, robust statistics, and the
-recommended presets (``robust_aggregator``, ``dp_aggregator``, ``compression_aggregator``, ``secure_aggregator``).
+adaptive thresholds, differential privacy, compression, simulated secure summation, robust statistics (median,
+trimmed mean, Krum and multi-Krum), and the recommended presets (``robust_aggregator``, ``dp_aggregator``, ``compression_aggregator``, ``secure_aggregator``).
 """
 
 from fedjax_lite.aggregators.base import (
@@ -24,6 +24,7 @@ from fedjax_lite.aggregators.differential_privacy import (
     gaussian_adaptive,
     gaussian_fixed,
 )
+from fedjax_lite.aggregators.krum import krum, multi_krum
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
 from fedjax_lite.aggregators.presets import robust_aggregator
 from fedjax_lite.aggregators.quantile_estimation import (
@@ -63,7 +64,9 @@ __all__ = [
     "gaussian_fixed",
     "global_norm",
     "hadamard_rotation",
+    "krum",
     "mean",
+    "multi_krum",
     "no_noise_quantile_estimator",
     "private_quantile_estimator",
     "quantize_above_threshold",
