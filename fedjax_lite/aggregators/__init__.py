@@ -3,7 +3,8 @@
 Building blocks (``sum_aggregator``, ``mean``, ``unweighted_mean``), wrappers that compose like the reference's
 factories (``zeroing``, ``clipping``, ``hadamard_rotation``, ``add_debug_measurements``), estimation processes for
 adaptive thresholds, differential privacy, compression, simulated secure summation, robust statistics (median,
-trimmed mean, Krum and multi-Krum), and the recommended presets (``robust_aggregator``, ``dp_aggregator``, ``compression_aggregator``, ``secure_aggregator``).
+trimmed mean, Krum and multi-Krum), and the recommended presets (``robust_aggregator``, ``dp_aggregator``,
+``compression_aggregator``, ``secure_aggregator``).
 """
 
 from fedjax_lite.aggregators.base import (
