@@ -2,5 +2,7 @@
 
 from fedjax_lite.experiments.loop import TrainingResult, flatten_metrics, run_training
 from fedjax_lite.experiments.plotting import plot_history
+from fedjax_lite.experiments.tracking import CsvTracker, JsonlTracker, TensorBoardTracker, Tracker, make_trackers
 
-__all__ = ["TrainingResult", "flatten_metrics", "plot_history", "run_training"]
+__all__ = ["CsvTracker", "JsonlTracker", "TensorBoardTracker", "Tracker", "TrainingResult", "flatten_metrics",
+           "make_trackers", "plot_history", "run_training"]

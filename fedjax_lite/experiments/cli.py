@@ -107,6 +107,15 @@ def _fraction(text: str) -> float:
   return value
 
 
+def _log_formats(text: str) -> tuple[str, ...]:
+  from fedjax_lite.experiments.tracking import LOG_FORMATS, parse_log_formats
+
+  try:
+    return parse_log_formats(text, LOG_FORMATS + ("png",))
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="fedjax-lite", description="Federated learning simulations in JAX.")
   commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -161,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
   output.add_argument("--output-dir", default=None, help="default runs/<dataset>-<model>-<algorithm>-<time>")
   output.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
   output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  output.add_argument("--log-format", type=_log_formats, default=("jsonl", "png"),
+                      help="comma list of what to write in the output directory: jsonl (metrics.jsonl), csv "
+                           "(metrics.csv), tensorboard (event files under tensorboard/), png (training.png); "
+                           "default jsonl,png")
+  output.add_argument("--quiet", action="store_true",
+                      help="for scripts: no progress bar and no summary line (--json still prints the summary)")
   return parser
 
 
@@ -274,6 +289,7 @@ def train_command(args) -> dict:
   from fedjax_lite.algorithms import centralized_evaluation
   from fedjax_lite.experiments.loop import run_training
   from fedjax_lite.experiments.plotting import plot_history
+  from fedjax_lite.experiments.tracking import FILE_NAMES, make_trackers
 
   try:
     train_data, test_data, model, process, client_spec, runner, private = _build_job(args)
@@ -288,21 +304,26 @@ def train_command(args) -> dict:
               else dict(clients_per_round=args.clients_per_round))
 
   def report_epsilon(round_num, record):
-    if private is not None and args.no_progress:
+    if private is not None and args.no_progress and not args.quiet:
       sys.stderr.write(f"round {round_num}: epsilon {record['privacy/epsilon']:.4g} at delta {args.dp_delta:g}\n")
 
+  tracked_formats = [name for name in args.log_format if name in ("csv", "tensorboard")]  # jsonl: metrics_path
+  trackers = make_trackers(tracked_formats, output_dir) if tracked_formats else ()
   result = run_training(
       process, train_data, model.init(jax.random.key(args.seed)), client_spec=client_spec,
       num_rounds=args.rounds, seed=args.seed, evaluate=lambda params: evaluate(params, test_data),
-      evaluate_every=args.eval_every, metrics_path=os.path.join(output_dir, "metrics.jsonl"),
-      progress=not args.no_progress, on_round_end=report_epsilon, **sampling,
+      evaluate_every=args.eval_every,
+      metrics_path=os.path.join(output_dir, "metrics.jsonl") if "jsonl" in args.log_format else None,
+      progress=not (args.no_progress or args.quiet), on_round_end=report_epsilon,
+      trackers=trackers, **sampling,
   )
-  plot_path = os.path.join(output_dir, "training.png")
+  plot_path = os.path.join(output_dir, "training.png") if "png" in args.log_format else None
   tracked = sorted({key for record in result.history for key in record
                     if key.startswith("aggregator/") and (key.endswith("_norm") or key.endswith("/clip"))})
-  plot_history(result.history, plot_path, extra_keys=tracked,
-               title=f"{args.algorithm} / {args.model} on {args.dataset} ({train_data.num_clients} clients), "
-                     f"aggregator {args.aggregator}")
+  if plot_path is not None:
+    plot_history(result.history, plot_path, extra_keys=tracked,
+                 title=f"{args.algorithm} / {args.model} on {args.dataset} ({train_data.num_clients} clients), "
+                       f"aggregator {args.aggregator}")
   last = result.history[-1]
   summary = {
       "dataset": args.dataset,
@@ -326,7 +347,10 @@ def train_command(args) -> dict:
       "backend": jax.default_backend(),
       "runner": runner.resolved_strategy(),
       "output_dir": output_dir,
-      "metrics_file": os.path.join(output_dir, "metrics.jsonl"),
+      "metrics_file": os.path.join(output_dir, "metrics.jsonl") if "jsonl" in args.log_format else None,
+      "csv_file": os.path.join(output_dir, FILE_NAMES["csv"]) if "csv" in args.log_format else None,
+      "tensorboard_dir": (os.path.join(output_dir, FILE_NAMES["tensorboard"]) if "tensorboard" in args.log_format
+                          else None),
       "plot_file": plot_path,
   }
   with open(os.path.join(output_dir, "summary.json"), "w") as sink:
@@ -353,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
   if args.json:
     print(json.dumps(summary))
-  else:
+  elif not args.quiet:
     accuracy = summary["final_test_accuracy"]
     privacy = (f", epsilon {summary['epsilon']:.4g} at delta {summary['delta']:g}"
                if summary["epsilon"] is not None else "")

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -93,6 +93,7 @@ def run_training(
     sample_with_replacement: bool = False,
     sampler: Sampler | None = None,
     privacy: PrivacyLedger | None = None,
+    trackers: Sequence[Any] = (),
 ) -> TrainingResult:
   """Trains ``process`` for ``num_rounds`` rounds; see the module docstring.
 
@@ -117,6 +118,8 @@ def run_training(
     privacy: optional :class:`~fedjax_lite.privacy.PrivacyLedger`: each round records ``privacy/epsilon`` (spent
       so far, at ``privacy/delta``), and with an ``epsilon_budget`` training stops before the round that would
       exceed it, giving the reason in ``stopped_early``.
+    trackers: objects with ``write(flat_metrics)`` and ``close()`` receiving every round's record (CSV,
+      TensorBoard, ...: :mod:`fedjax_lite.experiments.tracking`); closed when the loop ends.
   """
   if not isinstance(process, Process):
     raise TypeError(f"process must be a fedjax_lite Process, got {type(process).__name__}.")
@@ -137,6 +140,10 @@ def run_training(
                     "fedjax_lite.core.sampling.PoissonSampler.")
   if privacy is not None and not isinstance(privacy, PrivacyLedger):
     raise TypeError(f"privacy must be a PrivacyLedger, got {type(privacy).__name__}.")
+  trackers = tuple(trackers)
+  for tracker in trackers:
+    if not (callable(getattr(tracker, "write", None)) and callable(getattr(tracker, "close", None))):
+      raise TypeError(f"trackers must have write(record) and close() methods, got {type(tracker).__name__}.")
   validation.check_int("num_rounds", num_rounds, minimum=1)
   validation.check_int("seed", seed, minimum=0)
   validation.check_int("evaluate_every", evaluate_every, minimum=1)
@@ -195,6 +202,8 @@ def run_training(
       if sink is not None:
         sink.write(json.dumps(flat) + "\n")
         sink.flush()
+      for tracker in trackers:
+        tracker.write(flat)
       if bar is not None:
         postfix = {"loss": flat.get("client_work/train/loss")}
         if "client_work/train/accuracy" in flat:
@@ -203,6 +212,8 @@ def run_training(
           postfix["test_acc"] = flat["evaluation/accuracy"]
         if "privacy/epsilon" in flat:
           postfix["eps"] = flat["privacy/epsilon"]
+        if any(cumulative.values()):  # communication so far, both directions, in megabits
+          postfix["Mbit"] = (cumulative["broadcasted_bits"] + cumulative["aggregated_bits"]) / 1e6
         bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items() if v is not None}, refresh=False)
         bar.update(1)
       if on_round_end is not None:
@@ -221,5 +232,7 @@ def run_training(
       bar.close()
     if sink is not None:
       sink.close()
+    for tracker in trackers:
+      tracker.close()
   return TrainingResult(state=state, history=history, seconds=time.perf_counter() - start,
                         first_round_seconds=first_round_seconds, stopped_early=stopped)
