@@ -9,6 +9,7 @@ examples as a dict. It is immutable; ``preprocess``, ``subset`` and the construc
 from __future__ import annotations
 
 import dataclasses
+import mmap
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -16,10 +17,22 @@ import numpy as np
 ClientExamples = dict[str, np.ndarray]
 
 
+def _immutable_copy(value: Any) -> np.ndarray:
+  """A private copy of ``value``, except a read-only memory map of a file (e.g. a dataset cache opened with
+  ``np.load(mmap_mode='r')``, or a view of one), which nothing can write through: it is kept as is, so that
+  loading a large cached dataset neither copies it nor reads it from disk."""
+  node = value
+  while isinstance(node, np.ndarray) and not node.flags.writeable:
+    node = node.base
+  if isinstance(value, np.memmap) and isinstance(node, mmap.mmap):
+    return value
+  return np.array(value, copy=True)
+
+
 def _as_example_dict(examples: Mapping[str, Any], where: str) -> ClientExamples:
   if not isinstance(examples, Mapping) or not examples:
     raise TypeError(f"{where} must be a non-empty dict of feature name -> array, got {type(examples).__name__}.")
-  arrays = {str(key): np.array(value, copy=True) for key, value in examples.items()}
+  arrays = {str(key): _immutable_copy(value) for key, value in examples.items()}
   for key, value in arrays.items():
     if value.ndim < 1:
       raise ValueError(f"{where}[{key!r}] must have a leading example axis, got a scalar.")
