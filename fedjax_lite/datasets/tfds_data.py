@@ -127,7 +127,9 @@ def from_tfds(name: str, *, split: str, data_dir=None, partition: str = "auto", 
         f"{type(error).__name__}: {error}. Prepare it on a machine with network with `tfds build {name} "
         f"--data_dir <dir>` and copy the folder, or pass download=True.") from None
   count = len(source)
-  examples = list(source.__getitems__(list(range(count)))) if hasattr(source, "__getitems__") else [
-      source[i] for i in range(count)]
+  try:
+    examples = list(source.__getitems__(list(range(count))))  # one batched read of the ArrayRecord files
+  except (AttributeError, TypeError):  # sources without batched reads (e.g. TFDS's mock data)
+    examples = [source[i] for i in range(count)]
   return federate_examples(examples, partition=partition, client_key=client_key, label_key=label_key,
                            num_clients=num_clients, alpha=alpha, shards_per_client=shards_per_client, seed=seed)
