@@ -15,6 +15,7 @@ import pytest
 
 from fedjax_lite.core import runner as runner_module
 from fedjax_lite.core.runner import Runner, client_mesh, run_clients
+from tests.tolerances import float_atol
 
 
 def toy_round(num_clients=7, steps=3):
@@ -166,8 +167,12 @@ def test_sharded_clients_match_single_device():
   import json
   out = json.loads(completed.stdout.strip().splitlines()[-1])
   single = out["single"]
+  # 6 clients' weighted deltas summed over 4 devices in another order (float32), then divided and applied:
+  # a few ulps times the terms at the parameters' scale; the loss is a sum over the round's examples.
   for name in ("sharded_sequential", "sharded_vmap"):
     for a, b in zip(out[name]["params"], single["params"]):
-      np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, rtol=0)
+      b = np.array(b, np.float32)
+      np.testing.assert_allclose(np.array(a), b, rtol=0, atol=float_atol(6 + 2, np.max(np.abs(b))))
     assert out[name]["num_examples"] == single["num_examples"]
-    assert out[name]["loss"] == pytest.approx(single["loss"], abs=1e-6)
+    assert out[name]["loss"] == pytest.approx(
+        single["loss"], abs=float_atol(single["num_examples"], abs(single["loss"])))
