@@ -168,7 +168,9 @@ def _run_lanes(fn, broadcast, indices, round_data, rng, lanes, unroll):
   num_slots = indices.shape[0]
   by_size = jnp.argsort(-jnp.asarray(round_data["num_examples"]), stable=True)
   slots = by_size[_lane_grid(num_slots, lanes)]  # [rows, lanes]: the client slot each lane runs at each row
-  gathered = jax.tree.map(lambda x: x[slots], (indices, round_data))
+  # jnp.asarray: round data may be NumPy arrays closed over by a traced function; indexing them with the traced
+  # ``slots`` needs a JAX array.
+  gathered = jax.tree.map(lambda x: jnp.asarray(x)[slots], (indices, round_data))
   results = [
       _run_local(fn, broadcast, *jax.tree.map(lambda x, lane=lane: x[:, lane], gathered), rng, "sequential", 1,
                  unroll, 1)
