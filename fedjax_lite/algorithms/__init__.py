@@ -1,24 +1,48 @@
-"""Federated algorithms, each a ``Process(init, next)`` built from the core, the aggregators and optax."""
+"""Federated algorithms, each a ``Process(init, next)``: short configurations of one round template.
 
+:func:`build_round` composes a round from its four parts (distributor, client work, aggregator, finalizer);
+every algorithm here is such a configuration, read like optax's ``alias.py``.
+"""
+
+from fedjax_lite.algorithms.dp_fed_avg import PrivateTraining, dp_fed_avg, dp_ftrl
 from fedjax_lite.algorithms.evaluation import (
     centralized_evaluation,
     evaluate_clients,
     federated_evaluation,
 )
-from fedjax_lite.algorithms.dp_fed_avg import PrivateTraining, dp_fed_avg, dp_ftrl
-from fedjax_lite.algorithms.fed_avg import ServerState, fed_avg
+from fedjax_lite.algorithms.fed_avg import fed_avg, local_training_work
 from fedjax_lite.algorithms.fed_sgd import fed_sgd
-from fedjax_lite.algorithms.local_training import train_locally
+from fedjax_lite.algorithms.local_training import client_gradient, train_locally
+from fedjax_lite.algorithms.optimizers import ScheduledOptimizer, scheduled_optimizer
+from fedjax_lite.algorithms.template import (
+    Broadcast,
+    Finalizer,
+    ServerState,
+    build_round,
+    client_work_and_aggregate,
+    model_distributor,
+    optimizer_finalizer,
+)
 
 __all__ = [
+    "Broadcast",
+    "Finalizer",
     "PrivateTraining",
+    "ScheduledOptimizer",
     "ServerState",
+    "build_round",
     "centralized_evaluation",
+    "client_gradient",
+    "client_work_and_aggregate",
     "dp_fed_avg",
     "dp_ftrl",
     "evaluate_clients",
     "fed_avg",
     "fed_sgd",
     "federated_evaluation",
+    "local_training_work",
+    "model_distributor",
+    "optimizer_finalizer",
+    "scheduled_optimizer",
     "train_locally",
 ]

@@ -1,15 +1,20 @@
 """Local training on one client: optimizer steps over the client's packed batches, in a rolled loop.
 
-The loop runs exactly as many steps as the client has non-empty batches (a ``lax.fori_loop`` with a dynamic trip
-count, i.e. a ``while`` loop): padding steps cost neither compute nor effect, so ragged clients padded to a common
-step axis take the time of their real data. The loop stays rolled, so compile time does not grow with the number
-of steps; on XLA:CPU this is fast only for convolutions whose backward pass is canonical
-(``fedjax_lite.models.Conv``; see ``../shared/reference/xla-cpu.md``).
+The loop has a STATIC trip count, the length of the step axis, and each padded step (a batch with no real example)
+is a no-op (``lax.cond``: on CPU its branch is skipped, so ragged clients padded to a common step axis take the
+time of their real data; under ``vmap`` it is a select). A static loop is a ``scan``, so ``jax.grad`` flows through
+local training and through whole rounds (e.g. with respect to the client or server learning rate). The loop stays
+rolled, so compile time does not grow with the number of steps; on XLA:CPU this is fast only for convolutions whose
+backward pass is canonical (``fedjax_lite.models.Conv``; see ``../shared/reference/xla-cpu.md``).
+
+Client work of the algorithms is built from two functions here: :func:`train_locally` (FedAvg, FedProx, SCAFFOLD,
+MimeLite, Mime: optimizer steps from the broadcast params) and :func:`client_gradient` (FedSGD, Mime: one gradient
+of the client's mean loss at the broadcast params).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +23,6 @@ import optax
 from fedjax_lite.core.model import Model, masked_loss_and_metric_sums
 
 PyTree = Any
-GradHook = Callable[[PyTree, PyTree, PyTree], PyTree]
 
 
 def split_steps(client_data: PyTree) -> tuple[dict, jax.Array]:
@@ -42,6 +46,20 @@ def zero_metric_sums(model: Model) -> dict[str, jax.Array]:
   return sums
 
 
+def _static_step_loop(steps: dict, num_steps: jax.Array, step_fn, carry):
+  """``carry = step_fn(step, batch, carry)`` for every REAL step, in a rolled loop of static length."""
+
+  def body(step, carry):
+    batch = step_batch(steps, step)
+    return jax.lax.cond(step < num_steps, lambda c: step_fn(step, batch, c), lambda c: c, carry)
+
+  return jax.lax.fori_loop(0, steps["mask"].shape[0], body, carry)
+
+
+def _add_sums(sums: dict, batch_sums: dict) -> dict:
+  return {key: sums[key] + batch_sums[key] for key in batch_sums} | {"num_batches": sums["num_batches"] + 1}
+
+
 def train_locally(
     model: Model,
     optimizer: optax.GradientTransformation,
@@ -49,13 +67,15 @@ def train_locally(
     client_data: PyTree,
     rng: jax.Array,
     *,
-    grad_hook: GradHook | None = None,
+    opt_state: PyTree | None = None,
 ) -> tuple[PyTree, dict[str, jax.Array]]:
   """Runs ``optimizer`` over the client's batches from ``params``; returns ``(final_params, metric_sums)``.
 
-  Each step differentiates the batch's mean loss over real examples. The metric sums are accumulated from the
-  forward pass of each step (before that step's update, as TFF's training metrics are), over real examples only.
-  The optimizer state is initialized fresh for the client, as in the reference.
+  Each step differentiates the batch's mean loss over real examples:
+  ``g_t = grad (1/|B_t|) sum_{i in B_t} loss_i(w_t)``, ``w_{t+1} = w_t + optimizer(g_t)``. The metric sums are
+  accumulated from the forward pass of each step (before that step's update, as TFF's training metrics are), over
+  real examples only. Algorithm-specific gradient corrections (FedProx's proximal term, SCAFFOLD's control
+  variates) are optax transformations chained before the optimizer.
 
   Args:
     model: the model.
@@ -63,28 +83,44 @@ def train_locally(
     params: the starting (server) parameters.
     client_data: one client's packed data: features ``[steps, batch, ...]``, ``mask`` ``[steps, batch]``.
     rng: the client's key; step ``t`` uses ``fold_in(rng, t)`` (dropout etc.).
-    grad_hook: optional ``grad_hook(grads, params, initial_params) -> grads`` (e.g. a proximal term).
+    opt_state: the optimizer's starting state; default ``optimizer.init(params)`` (fresh on each client, as in
+      the reference).
   """
   steps, num_steps = split_steps(client_data)
-  initial_params = params
 
-  def body(step, carry):
+  def step_fn(step, batch, carry):
     params, opt_state, sums = carry
-    batch = step_batch(steps, step)
     mask = batch.pop("mask")
 
     def loss_fn(p):
       return masked_loss_and_metric_sums(model, p, batch, mask, jax.random.fold_in(rng, step), True)
 
     (_, batch_sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    if grad_hook is not None:
-      grads = grad_hook(grads, params, initial_params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    sums = {key: sums[key] + batch_sums[key] for key in batch_sums} | {"num_batches": sums["num_batches"] + 1}
-    return params, opt_state, sums
+    return optax.apply_updates(params, updates), opt_state, _add_sums(sums, batch_sums)
 
-  final_params, _, sums = jax.lax.fori_loop(
-      0, num_steps, body, (params, optimizer.init(params), zero_metric_sums(model))
-  )
+  opt_state = optimizer.init(params) if opt_state is None else opt_state
+  final_params, _, sums = _static_step_loop(steps, num_steps, step_fn, (params, opt_state, zero_metric_sums(model)))
   return final_params, sums
+
+
+def client_gradient(model: Model, params: PyTree, client_data: PyTree, rng: jax.Array) -> tuple[PyTree, dict]:
+  """``(gradient of the client's mean loss at params, metric sums)``: ``g = sum_b grad(sum of losses of batch b)
+  / n`` over the client's ``n`` real examples (0 when it has none), one batch at a time in a rolled loop."""
+  steps, num_steps = split_steps(client_data)
+
+  def step_fn(step, batch, carry):
+    grad_sum, sums = carry
+    mask = batch.pop("mask")
+
+    def summed_loss(p):
+      mean_loss, batch_sums = masked_loss_and_metric_sums(model, p, batch, mask, jax.random.fold_in(rng, step), True)
+      return mean_loss * batch_sums["num_examples"].astype(jnp.float32), batch_sums
+
+    grads, batch_sums = jax.grad(summed_loss, has_aux=True)(params)
+    return jax.tree.map(jnp.add, grad_sum, grads), _add_sums(sums, batch_sums)
+
+  grad_sum, sums = _static_step_loop(steps, num_steps, step_fn,
+                                     (jax.tree.map(jnp.zeros_like, params), zero_metric_sums(model)))
+  count = jnp.maximum(sums["num_examples"], 1).astype(jnp.float32)
+  return jax.tree.map(lambda g: g / count, grad_sum), sums

@@ -34,8 +34,13 @@ class Process(NamedTuple):
     init: builds the initial state (its arguments depend on the process; for an algorithm, the initial
       parameters).
     next: advances the state by one round; for an algorithm ``next(state, round_data, rng) -> (state,
-      metrics)``.
+      metrics)``, or ``(state, metrics, new_client_states)`` when ``client_state`` is set.
+    client_state: for algorithms with per-client state (e.g. SCAFFOLD): ``client_state(params) -> ONE
+      client's initial state``. Such a process reads the cohort's states from ``round_data['client_state']``
+      (stacked, see :class:`fedjax_lite.core.ClientStateStore`) and returns their new states. None when the
+      clients are stateless.
   """
 
   init: Callable[..., PyTree]
   next: Callable[..., Any]
+  client_state: Callable[[PyTree], PyTree] | None = None
