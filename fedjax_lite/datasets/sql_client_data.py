@@ -9,8 +9,8 @@ TFF's ``SqlClientData`` files (``emnist_all.sqlite``, ``shakespeare.sqlite``, ``
 :func:`convert_sql_split` converts one split into the memory-mapped cache of :mod:`.array_cache` in two passes:
 first the ``(rowid, client_id)`` pairs only (no blobs), from which every row's destination in the client-major
 layout is known (clients in sorted id order, a client's examples in row order, as the reference reads them);
-then the blobs, streamed in row order, decoded by :func:`.example_proto.decode_example` and written in chunks
-straight into preallocated memmaps, so memory stays bounded by a chunk whatever the file's size. The example
+then the blobs, streamed in row order, decoded in batches (:class:`.example_batch.BatchDecoder`) and written in
+chunks straight into preallocated memmaps, so memory stays bounded by a chunk whatever the file's size. The example
 counts are checked against ``client_metadata`` when the table is present. Any SQLite or proto error becomes a
 :class:`~.errors.DatasetFormatError` naming the file, and the half-written cache is removed.
 """
@@ -20,13 +20,13 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from fedjax_lite.datasets.array_cache import RaggedBytes, SplitWriter, source_fingerprint
 from fedjax_lite.datasets.errors import DatasetFormatError
-from fedjax_lite.datasets.example_proto import decode_example
+from fedjax_lite.datasets.example_batch import BatchDecoder
 from fedjax_lite.datasets.feature_spec import FeatureSpec
 
 __all__ = ["convert_sql_split", "sql_split_names"]
@@ -53,14 +53,6 @@ def sql_split_names(path: str | os.PathLike) -> list[str]:
       return sorted(row[0] for row in connection.execute("SELECT DISTINCT split_name FROM examples"))
   except sqlite3.Error as error:
     raise _corrupt(path, str(error)) from None
-
-
-def _check_value(name: str, spec: FeatureSpec, kind: str, values: Any, row: int, path: Path) -> None:
-  if kind != spec.kind:
-    raise DatasetFormatError(f"{path}: row {row} has feature {name!r} as a {kind} list, expected {spec.kind}.")
-  if len(values) != (1 if spec.kind == "bytes" else spec.size):
-    raise DatasetFormatError(f"{path}: row {row} has {len(values)} values for feature {name!r}, expected "
-                             f"{spec.describe()} ({spec.size} values).")
 
 
 def convert_sql_split(path: str | os.PathLike, split_name: str, spec: Mapping[str, FeatureSpec],
@@ -119,6 +111,7 @@ def _convert(connection: sqlite3.Connection, path: Path, split_name: str, spec: 
 
   fixed = {name: s for name, s in spec.items() if s.kind != "bytes"}
   text = [name for name, s in spec.items() if s.kind == "bytes"]
+  decoder = BatchDecoder(spec, where=f"{path}, split {split_name!r}")
   with SplitWriter(cache_directory, client_ids=tuple(client_ids.tolist()), client_offsets=client_offsets,
                    source=source_fingerprint(path)) as writer:
     outputs = {name: writer.allocate(name, s.shape, s.dtype) for name, s in fixed.items()}
@@ -130,26 +123,17 @@ def _convert(connection: sqlite3.Connection, path: Path, split_name: str, spec: 
       chunk = cursor.fetchmany(_CHUNK)
       if not chunk:
         break
-      buffers = {name: [] for name in fixed}
-      for (blob,) in chunk:
-        if not isinstance(blob, (bytes, bytearray, memoryview)):
-          raise DatasetFormatError(f"{path}: row {row} of split {split_name!r} holds no serialized proto.")
-        features = decode_example(blob)
-        for name, feature_spec in spec.items():
-          if name not in features:
-            raise DatasetFormatError(f"{path}: row {row} of split {split_name!r} lacks feature {name!r} "
-                                     f"(it has {sorted(features)}).")
-          kind, values = features[name]
-          _check_value(name, feature_spec, kind, values, row, path)
-          if feature_spec.kind == "bytes":
-            text_values[name].append(values[0])
-          else:
-            buffers[name].append(values)
-        row += 1
-      slots = destination[row - len(chunk):row]
-      for name, feature_spec in fixed.items():
-        block = np.stack(buffers[name]).reshape((len(chunk), *feature_spec.shape))
-        outputs[name][slots] = block.astype(feature_spec.dtype, copy=False)
+      blobs = [blob for (blob,) in chunk]
+      for offset, blob in enumerate(blobs):
+        if not isinstance(blob, bytes):
+          raise DatasetFormatError(f"{path}: row {row + offset} of split {split_name!r} holds no serialized proto.")
+      arrays, texts = decoder.decode(blobs, first_row=row)
+      slots = destination[row:row + len(blobs)]
+      for name in fixed:
+        outputs[name][slots] = arrays[name]
+      for name in text:
+        text_values[name].extend(texts[name])
+      row += len(blobs)
     if row != storage_order.size:
       raise _corrupt(path, f"split {split_name!r} yielded {row} blobs for {storage_order.size} rows")
     for name in text:
