@@ -5,7 +5,11 @@ digits split into 50 non-IID clients (2 label shards each), 10 clients a round, 
 it shows a progress bar, writes per-round metrics (JSON lines), a PNG plot and a JSON summary to the output
 directory, and ends with a one-line summary (``--json`` prints the summary as JSON instead).
 
-Bad flags give one line on stderr and exit code 2.
+Bad flags give one line on stderr and exit code 2: unknown values, flags that do not apply to the chosen
+algorithm, aggregator or dataset (e.g. ``--trim-fraction`` without ``--aggregator trimmed-mean``), an output path
+that is a file. With ``--checkpoint-dir DIR`` the run saves checkpoints (every ``--checkpoint-every`` rounds, at the
+end, and on SIGINT/SIGTERM, after which it exits with 128 + the signal number); ``--resume`` continues the run in DIR
+and ends bit-identical to an uninterrupted one, or refuses (exit 2) flags that would change the results.
 """
 
 from __future__ import annotations
@@ -176,7 +180,108 @@ def build_parser() -> argparse.ArgumentParser:
                            "default jsonl,png")
   output.add_argument("--quiet", action="store_true",
                       help="for scripts: no progress bar and no summary line (--json still prints the summary)")
+  checkpoints = train.add_argument_group("checkpoints")
+  checkpoints.add_argument("--checkpoint-dir", default=None,
+                           help="save checkpoints here (every --checkpoint-every rounds, at the end, and on "
+                                "SIGINT/SIGTERM)")
+  checkpoints.add_argument("--checkpoint-every", type=_positive_int, default=10, help="rounds between checkpoints")
+  checkpoints.add_argument("--resume", action="store_true",
+                           help="continue the run saved in --checkpoint-dir (start afresh if it holds none)")
   return parser
+
+
+# Flags that never change a run's results: not compared when resuming.
+_RESULT_NEUTRAL_FLAGS = ("command", "output_dir", "json", "no_progress", "quiet", "log_format", "rounds",
+                         "dp_epsilon_budget", "checkpoint_dir", "checkpoint_every", "resume")
+
+
+def _run_config(args) -> dict:
+  """The flags that decide the results, by flag name (``--model``: ...), compared when resuming."""
+  return {"--" + name.replace("_", "-"): value for name, value in sorted(vars(args).items())
+          if name not in _RESULT_NEUTRAL_FLAGS}
+
+
+def _explicit_flags(argv: Sequence[str] | None) -> set[str]:
+  """The destinations of the flags given on the command line (not left at their defaults)."""
+  parser = build_parser()
+  for action in parser._actions:
+    if isinstance(action, argparse._SubParsersAction):
+      for subparser in action.choices.values():
+        for sub_action in subparser._actions:
+          sub_action.default = argparse.SUPPRESS
+  return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+# flag destination -> (the setting it needs, whether the args have it)
+_FLAG_CONDITIONS = {
+    "trim_fraction": ("--aggregator trimmed-mean", lambda a: a.aggregator == "trimmed-mean"),
+    "quantization_bits": ("--aggregator compression", lambda a: a.aggregator == "compression"),
+    "dp_noise_multiplier": ("--aggregator dp", lambda a: a.aggregator == "dp"),
+    "dp_delta": ("--aggregator dp", lambda a: a.aggregator == "dp"),
+    "dp_epsilon_budget": ("--aggregator dp", lambda a: a.aggregator == "dp"),
+    "dp_accountant": ("--aggregator dp", lambda a: a.aggregator == "dp"),
+    "dp_clip": ("--aggregator dp", lambda a: a.aggregator == "dp"),
+    "broadcast_quantization_bits": ("--algorithm fedavg without --aggregator dp",
+                                    lambda a: a.algorithm == "fedavg" and a.aggregator != "dp"),
+    "weighting": ("--algorithm fedavg without --aggregator dp (DP-FedAvg is unweighted)",
+                  lambda a: a.algorithm == "fedavg" and a.aggregator != "dp"),
+    "local_epochs": ("--algorithm fedavg (FedSGD takes one gradient per client)", lambda a: a.algorithm == "fedavg"),
+    "client_lr": ("--algorithm fedavg (FedSGD has no client optimizer)", lambda a: a.algorithm == "fedavg"),
+    "partition": ("--dataset digits", lambda a: a.dataset == "digits"),
+    "test_fraction": ("--dataset digits", lambda a: a.dataset == "digits"),
+    "dirichlet_alpha": ("--dataset digits --partition dirichlet",
+                        lambda a: a.dataset == "digits" and a.partition == "dirichlet"),
+    "checkpoint_every": ("--checkpoint-dir", lambda a: a.checkpoint_dir is not None),
+    "resume": ("--checkpoint-dir", lambda a: a.checkpoint_dir is not None),
+}
+
+
+def check_flags_apply(args, given: set[str]) -> None:
+  """Raises ``UsageError`` for a flag given explicitly that the chosen algorithm/aggregator/dataset ignores."""
+  for name in sorted(given):
+    condition = _FLAG_CONDITIONS.get(name)
+    if condition is not None and not condition[1](args):
+      raise UsageError(f"--{name.replace('_', '-')} applies only with {condition[0]}")
+
+
+# Library argument names -> the flags that set them, so that error messages name flags.
+_PARAMETER_FLAGS = {
+    "epsilon_budget": "--dp-epsilon-budget", "noise_multiplier": "--dp-noise-multiplier", "delta": "--dp-delta",
+    "expected_clients_per_round": "--clients-per-round", "clients_per_round": "--clients-per-round",
+    "cohort_size": "--clients-per-round", "num_clients": "--num-clients", "alpha": "--dirichlet-alpha",
+    "test_fraction": "--test-fraction", "clip": "--dp-clip", "trim_fraction": "--trim-fraction",
+    "quantization_bits": "--quantization-bits", "batch_size": "--batch-size", "num_epochs": "--local-epochs",
+    "max_steps": "--max-local-steps", "client_learning_rate": "--client-lr", "learning_rate": "--server-lr",
+    "num_rounds": "--rounds", "seed": "--seed", "checkpoint_every": "--checkpoint-every",
+}
+
+
+def flag_message(message: str) -> str:
+  """``message`` with the library's argument names replaced by the flags that set them."""
+  import re
+
+  for internal, public in _INTERNAL_PHRASES:
+    message = message.replace(internal, public)
+  return re.sub(r"(?<![\w-])(" + "|".join(sorted(map(re.escape, _PARAMETER_FLAGS), key=len, reverse=True))
+                + r")(?![\w-])", lambda match: _PARAMETER_FLAGS[match.group(1)], message)
+
+
+# Phrases of library messages about settings no flag reaches, restated in terms of flags.
+_INTERNAL_PHRASES = (
+    ("Raise clipped_count_stddev (default 0.05 * expected_clients_per_round) or expected_clients_per_round.",
+     "Raise --clients-per-round, or use a fixed --dp-clip."),
+    ("must be < 2 * clipped_count_stddev (", "must be, with adaptive clipping, < 0.1 x --clients-per-round ("),
+)
+
+
+def _check_output_path(flag: str, path: str) -> None:
+  """A directory flag must not name a file (one line, exit 2, instead of a traceback)."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UsageError(f"{flag} {path} is a file, not a directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as error:
+    raise UsageError(f"{flag} {path}: cannot create the directory ({error.strerror or error})") from None
 
 
 def _server_optimizer(name: str, learning_rate: float):
@@ -294,11 +399,17 @@ def train_command(args) -> dict:
   try:
     train_data, test_data, model, process, client_spec, runner, private = _build_job(args)
   except (ValueError, TypeError) as error:
-    raise UsageError(str(error)) from None
+    raise UsageError(flag_message(str(error))) from None
 
   output_dir = args.output_dir or os.path.join(
       "runs", f"{args.dataset}-{args.model}-{args.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
-  os.makedirs(output_dir, exist_ok=True)
+  _check_output_path("--output-dir", output_dir)
+  if args.checkpoint_dir is not None:
+    _check_output_path("--checkpoint-dir", args.checkpoint_dir)
+  checkpointing = {}
+  if args.checkpoint_dir is not None:
+    checkpointing = dict(checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                         resume=args.resume, config=_run_config(args))
   evaluate = centralized_evaluation(model)
   sampling = (dict(sampler=private.sampler, privacy=private.ledger) if private is not None
               else dict(clients_per_round=args.clients_per_round))
@@ -315,7 +426,7 @@ def train_command(args) -> dict:
       evaluate_every=args.eval_every,
       metrics_path=os.path.join(output_dir, "metrics.jsonl") if "jsonl" in args.log_format else None,
       progress=not (args.no_progress or args.quiet), on_round_end=report_epsilon,
-      trackers=trackers, **sampling,
+      trackers=trackers, **sampling, **checkpointing,
   )
   plot_path = os.path.join(output_dir, "training.png") if "png" in args.log_format else None
   tracked = sorted({key for record in result.history for key in record
@@ -371,10 +482,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
       raise UsageError("a command is required: fedjax-lite train [flags] (see fedjax-lite train --help)")
+    check_flags_apply(args, _explicit_flags(argv))
     summary = train_command(args)
   except UsageError as error:
     sys.stderr.write(f"fedjax-lite: error: {error}\n")
     return EXIT_USAGE
+  except Exception as error:  # the run's own failures: one line each, no traceback
+    from fedjax_lite.experiments.checkpoint import CheckpointError, ConfigMismatchError
+    from fedjax_lite.experiments.loop import TrainingStalledError
+
+    if isinstance(error, (ConfigMismatchError, CheckpointError)) or (
+        isinstance(error, ValueError) and "already holds checkpoints" in str(error)):
+      message = str(error).replace("pass resume=True", "pass --resume")
+      sys.stderr.write(f"fedjax-lite: error: {message}\n")
+      return EXIT_USAGE
+    if isinstance(error, TrainingStalledError):
+      sys.stderr.write(f"fedjax-lite: error: {error}\n")
+      return 1
+    raise
+  except KeyboardInterrupt as interrupt:
+    from fedjax_lite.experiments.checkpoint import TrainingInterrupted
+
+    if isinstance(interrupt, TrainingInterrupted):
+      sys.stderr.write(f"fedjax-lite: {interrupt}; continue with --resume\n")
+      return 128 + int(interrupt.signum)
+    raise
   if args.json:
     print(json.dumps(summary))
   elif not args.quiet:

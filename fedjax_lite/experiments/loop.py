@@ -12,6 +12,15 @@
 The host work of round ``r + 1`` (sampling and packing) overlaps the device work of round ``r``: the next round is
 dispatched before the previous round's metrics are read. Rounds, cohorts, shuffles and keys depend only on the
 seed and the round number, so a run is reproducible.
+
+With ``checkpoint_dir`` the loop saves a checkpoint (:mod:`fedjax_lite.experiments.checkpoint`) every
+``checkpoint_every`` rounds, after the last round, and when SIGINT/SIGTERM arrives (at the end of the running round,
+then :class:`~fedjax_lite.experiments.checkpoint.TrainingInterrupted` is raised); ``resume=True`` continues from the
+last complete checkpoint and ends bit-identical to an uninterrupted run (parameters, every metric except the
+``*_time_in_seconds`` wall times, epsilon), or refuses a configuration that differs.
+
+A round in which every real client's update was rejected as non-finite (or the server update was) trains nothing:
+the loop warns, and after ``max_rejected_rounds`` such rounds in a row raises :class:`TrainingStalledError`.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -30,7 +40,9 @@ from fedjax_lite.core import validation
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.packing import ClientSpec, bucket_num_steps
 from fedjax_lite.core.process import Process
+from fedjax_lite.core.round_data import RoundDataChecker, check_labels
 from fedjax_lite.core.sampling import UniformSampler
+from fedjax_lite.experiments import checkpoint as checkpointing
 from fedjax_lite.privacy.accounting import PrivacyLedger
 
 PyTree = Any
@@ -57,6 +69,19 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
   return flat
 
 
+class TrainingStalledError(RuntimeError):
+  """Raised after ``max_rejected_rounds`` consecutive rounds in which every client's update was rejected."""
+
+
+def _all_clients_rejected(flat: Mapping[str, Any], num_real_clients: int) -> bool:
+  """Every real client of the round was rejected as non-finite, or the server rejected the aggregate."""
+  if num_real_clients == 0:
+    return False
+  if flat.get("finalizer/update_non_finite", 0) == 1:
+    return True
+  return flat.get("client_work/num_non_finite_clients", 0) >= num_real_clients
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingResult:
   """What :func:`run_training` returns.
@@ -65,7 +90,7 @@ class TrainingResult:
     state: the final server state.
     history: one flat metrics dict per round (as written to the metrics file).
     seconds: wall time of the whole loop.
-    first_round_seconds: wall time of round 0 (includes compilation).
+    first_round_seconds: wall time of the first round this call ran (includes compilation).
     stopped_early: the reason the loop stopped before ``num_rounds``, or None.
   """
 
@@ -94,6 +119,15 @@ def run_training(
     sampler: Sampler | None = None,
     privacy: PrivacyLedger | None = None,
     trackers: Sequence[Any] = (),
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    checkpoint_keep: int = 3,
+    resume: bool = False,
+    config: Mapping[str, Any] | None = None,
+    extra_state: Mapping[str, Any] | None = None,
+    max_rejected_rounds: int = 3,
+    num_classes: int | None = None,
+    label_key: str = "y",
 ) -> TrainingResult:
   """Trains ``process`` for ``num_rounds`` rounds; see the module docstring.
 
@@ -120,6 +154,26 @@ def run_training(
       exceed it, giving the reason in ``stopped_early``.
     trackers: objects with ``write(flat_metrics)`` and ``close()`` receiving every round's record (CSV,
       TensorBoard, ...: :mod:`fedjax_lite.experiments.tracking`); closed when the loop ends.
+    checkpoint_dir: optional directory of checkpoints (orbax): saved every ``checkpoint_every`` rounds, after the
+      last round and on SIGINT/SIGTERM; see :mod:`fedjax_lite.experiments.checkpoint`.
+    checkpoint_every: rounds between checkpoints (>= 1).
+    checkpoint_keep: complete checkpoints kept (>= 1).
+    resume: continue from the last complete checkpoint in ``checkpoint_dir`` (start afresh if there is none).
+      Without it a ``checkpoint_dir`` that already holds checkpoints is refused. The metrics file is rewritten
+      with the checkpoint's history, then continued.
+    config: a JSON-able description of everything else that changes the results (model, algorithm,
+      hyperparameters; the CLI passes its flags), saved with the checkpoints; resuming with a different one is
+      refused (:class:`~fedjax_lite.experiments.checkpoint.ConfigMismatchError`) naming the differences. The loop
+      compares what it knows itself (seed, sampler, client spec, data, initial parameters, privacy ledger) anyway.
+    extra_state: name -> state the caller keeps across rounds on the host and wants checkpointed with the server
+      state: a store with an ``arrays`` property and ``load(arrays)`` (``core.client_state.ClientStateStore``), or
+      a pytree of writeable numpy arrays. Saved with every checkpoint; on resume restored IN PLACE (``load``, or a
+      copy into each array), so the caller's references see the restored values.
+    max_rejected_rounds: stop with :class:`TrainingStalledError` after this many consecutive rounds in which every
+      real client's update (or the server update) was rejected as non-finite (>= 1); each such round warns.
+    num_classes: optional: the model's number of classes; integer labels ``train_data[label_key]`` outside
+      ``[0, num_classes)`` are refused before training.
+    label_key: the label feature checked with ``num_classes``.
   """
   if not isinstance(process, Process):
     raise TypeError(f"process must be a fedjax_lite Process, got {type(process).__name__}.")
@@ -147,19 +201,83 @@ def run_training(
   validation.check_int("num_rounds", num_rounds, minimum=1)
   validation.check_int("seed", seed, minimum=0)
   validation.check_int("evaluate_every", evaluate_every, minimum=1)
+  validation.check_int("checkpoint_every", checkpoint_every, minimum=1)
+  validation.check_int("checkpoint_keep", checkpoint_keep, minimum=1)
+  validation.check_int("max_rejected_rounds", max_rejected_rounds, minimum=1)
+  if not isinstance(resume, bool):
+    raise TypeError(f"resume must be a bool, got {type(resume).__name__}.")
+  if resume and checkpoint_dir is None:
+    raise ValueError("resume=True needs a checkpoint_dir.")
+  extra_state = dict(extra_state or {})
+  checkpointing.check_extra_state(extra_state)
+  if config is not None and not isinstance(config, Mapping):
+    raise TypeError(f"config must be a mapping (JSON-able), got {type(config).__name__}.")
+  if num_classes is not None:
+    check_labels(train_data.examples, num_classes, label_key=label_key, name="train_data")
 
   num_steps = client_spec.max_num_steps(train_data)
   next_fn = jax.jit(process.next, donate_argnums=(0,))
   base_key = jax.random.key(seed)
 
   capacity = int(sampler.cohort_capacity)
+  check_round = RoundDataChecker("round_data")
 
   def prepare(round_num: int):
     cohort = sampler(round_num)
     slots = capacity if len(cohort) <= capacity else bucket_num_steps(len(cohort))
     packed = client_spec.pack(train_data, cohort, seed=seed, round_num=round_num, num_steps=num_steps,
                               cohort_size=slots)
-    return jax.device_put(packed)
+    check_round(packed)  # once per shape
+    return jax.device_put(packed), int(np.count_nonzero(np.asarray(packed["num_examples"])))
+
+  # A private copy: the jitted round donates its input state, which must not invalidate the caller's arrays.
+  state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, process.init(initial_params))
+  history: list[dict] = []
+  cumulative = {"broadcasted_bits": 0, "aggregated_bits": 0}
+  start_round = 0
+  rejected_streak = 0
+  checkpointer = None
+  if checkpoint_dir is not None:
+    run_description = checkpointing.describe_run(
+        seed=seed, sampler=sampler, client_spec=client_spec, num_steps=num_steps, evaluate_every=evaluate_every,
+        train_data=train_data, initial_params=initial_params, privacy=privacy, extra_names=list(extra_state))
+    checkpointer = checkpointing.RunCheckpointer(checkpoint_dir, max_to_keep=checkpoint_keep)
+    saved_steps = checkpointer.steps()
+    if saved_steps and not resume:
+      raise ValueError(f"checkpoint_dir {checkpointer.directory} already holds checkpoints (the last after "
+                       f"{saved_steps[-1]} rounds): pass resume=True to continue that run, or use an empty "
+                       "directory.")
+    restored = None
+    if saved_steps:
+      templates = {checkpointing.SERVER_STATE: state}
+      templates.update({name: checkpointing.extra_state_arrays(value) for name, value in extra_state.items()})
+      restored = checkpointer.restore_latest(templates)
+    if restored is not None:
+      checkpointing.check_resumable(restored, run=run_description, config=config, privacy=privacy,
+                                    directory=checkpointer.directory)
+      state = restored.trees[checkpointing.SERVER_STATE]
+      for name, value in extra_state.items():
+        checkpointing.load_extra_state(value, restored.trees[name], name)
+      history = list(restored.meta["history"])
+      cumulative = dict(restored.meta["cumulative"])
+      rejected_streak = int(restored.meta["rejected_streak"])
+      start_round = restored.rounds_completed
+
+  def save_checkpoint(rounds_completed: int) -> None:
+    trees = {checkpointing.SERVER_STATE: state}
+    trees.update({name: checkpointing.extra_state_arrays(value) for name, value in extra_state.items()})
+    meta = {"run": run_description, "config": checkpointing._jsonable(dict(config or {})),
+            "versions": checkpointing.library_versions(), "history": history, "cumulative": cumulative,
+            "rejected_streak": rejected_streak, "next_round": rounds_completed, "stopped_early": stopped,
+            "privacy": None if privacy is None else {
+                "epsilon": privacy.epsilon_after(rounds_completed), "delta": privacy.delta,
+                "rounds": rounds_completed, "accountant": checkpointing.privacy_accountant_name(privacy)}}
+    checkpointer.save(rounds_completed, trees, meta)
+
+  def budget_message(rounds_done: int) -> str:
+    return (f"privacy budget: another round would bring epsilon to {privacy.epsilon_after(rounds_done + 1):.4g} > "
+            f"{privacy.epsilon_budget:g} at delta {privacy.delta:g}; stopped after {rounds_done} rounds at "
+            f"epsilon {privacy.epsilon_after(rounds_done):.4g}")
 
   bar = None
   if progress:
@@ -167,18 +285,27 @@ def run_training(
     bar = tqdm(total=num_rounds, desc="rounds", unit="round", dynamic_ncols=True)
 
   sink = open(metrics_path, "w") if metrics_path is not None else None
-  history: list[dict] = []
-  cumulative = {"broadcasted_bits": 0, "aggregated_bits": 0}
+  if sink is not None:
+    for record in history:  # a resumed run: the checkpoint's records (later lines of a killed run are dropped)
+      sink.write(json.dumps(record) + "\n")
+    sink.flush()
+  if bar is not None and start_round:
+    bar.update(min(start_round, num_rounds))
   stopped = None
   start = time.perf_counter()
   first_round_seconds = math.nan
+  catcher = checkpointing.SignalCatcher() if checkpointer is not None else None
   try:
-    # A private copy: the jitted round donates its input state, which must not invalidate the caller's arrays.
-    state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, process.init(initial_params))
-    pending = prepare(0)  # (a ledger whose budget does not allow one round was refused when it was built)
-    for round_num in range(num_rounds):
+    if catcher is not None:
+      catcher.__enter__()
+    if privacy is not None and start_round and not privacy.allows(start_round + 1) and start_round < num_rounds:
+      stopped = budget_message(start_round)  # the checkpoint's run had already spent its budget
+    elif start_round < num_rounds:
+      pending = prepare(start_round)  # (a ledger whose budget does not allow one round was refused when built)
+    for round_num in range(start_round, num_rounds if stopped is None else start_round):
       round_start = time.perf_counter()
-      state, metrics = next_fn(state, pending, jax.random.fold_in(base_key, round_num))
+      round_data, num_real_clients = pending
+      state, metrics = next_fn(state, round_data, jax.random.fold_in(base_key, round_num))
       if round_num + 1 < num_rounds and (privacy is None or privacy.allows(round_num + 2)):
         pending = prepare(round_num + 1)  # host work overlaps the device's round
       flat = {"round": round_num, **flatten_metrics(jax.device_get(metrics))}
@@ -190,7 +317,7 @@ def run_training(
       if privacy is not None:
         flat["privacy/epsilon"] = privacy.epsilon_after(round_num + 1)
         flat["privacy/delta"] = privacy.delta
-      if round_num == 0:
+      if round_num == start_round:
         first_round_seconds = flat["round_time_in_seconds"]
       budget_reached = privacy is not None and not privacy.allows(round_num + 2)
       last_round = round_num + 1 == num_rounds or budget_reached
@@ -216,18 +343,37 @@ def run_training(
           postfix["Mbit"] = (cumulative["broadcasted_bits"] + cumulative["aggregated_bits"]) / 1e6
         bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items() if v is not None}, refresh=False)
         bar.update(1)
+      if _all_clients_rejected(flat, num_real_clients):
+        rejected_streak += 1
+        message = (f"round {round_num}: every client's update was rejected as non-finite (NaN/Inf loss or "
+                   f"update), so the round trained nothing ({rejected_streak} such round(s) in a row); check the "
+                   "data (finite features, labels within the model's classes) and the learning rates")
+        if rejected_streak >= max_rejected_rounds:
+          raise TrainingStalledError(f"{message}. Stopped after {max_rejected_rounds} such rounds "
+                                     "(max_rejected_rounds).")
+        warnings.warn(message + ".", RuntimeWarning, stacklevel=2)
+      elif num_real_clients:
+        rejected_streak = 0
       if on_round_end is not None:
         reason = on_round_end(round_num, flat)
         if reason:
           stopped = str(reason)
-          break
-      if budget_reached and round_num + 1 < num_rounds:
-        stopped = (f"privacy budget: another round would bring epsilon to "
-                   f"{privacy.epsilon_after(round_num + 2):.4g} > {privacy.epsilon_budget:g} at delta "
-                   f"{privacy.delta:g}; stopped after {round_num + 1} rounds at epsilon "
-                   f"{privacy.epsilon_after(round_num + 1):.4g}")
+      if stopped is None and budget_reached and round_num + 1 < num_rounds:
+        stopped = budget_message(round_num + 1)
+      interrupted = catcher is not None and catcher.received is not None
+      if checkpointer is not None and ((round_num + 1) % checkpoint_every == 0 or round_num + 1 == num_rounds
+                                       or stopped is not None or interrupted):
+        save_checkpoint(round_num + 1)
+      if interrupted:
+        checkpointer.wait()
+        raise checkpointing.TrainingInterrupted(catcher.received, round_num + 1, checkpointer.directory)
+      if stopped is not None:
         break
   finally:
+    if catcher is not None:
+      catcher.__exit__(None, None, None)
+    if checkpointer is not None:
+      checkpointer.close()  # waits for the last save
     if bar is not None:
       bar.close()
     if sink is not None:

@@ -94,7 +94,7 @@ def test_dp_budget_stops_training_and_says_so(tmp_path, capsys):
     (["train", "--aggregator", "krum"], "--aggregator"),
     (["train", "--quantization-bits", "17"], "--quantization-bits"),
     (["train", "--trim-fraction", "0.5"], "--trim-fraction"),
-    (["train", "--aggregator", "dp", "--dp-noise-multiplier", "3"], "noise_multiplier"),
+    (["train", "--aggregator", "dp", "--dp-noise-multiplier", "3"], "--dp-noise-multiplier"),
     (["train", "--aggregator", "dp", "--dp-delta", "1.5"], "--dp-delta"),
     (["train", "--aggregator", "dp", "--dp-noise-multiplier", "0"], "--dp-noise-multiplier"),
     (["train", "--aggregator", "dp", "--dp-epsilon-budget", "0.01"], "exceeded by the very first round"),
@@ -115,3 +115,58 @@ def test_console_script_bad_flag_has_no_traceback():
                              capture_output=True, text=True, timeout=120, env=dict(os.environ))
   assert completed.returncode == 2
   assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--trim-fraction", "0.2"], "--trim-fraction applies only with --aggregator trimmed-mean"),
+    (["train", "--aggregator", "mean", "--trim-fraction", "0.1"], "--trim-fraction applies only"),  # a default too
+    (["train", "--quantization-bits", "4"], "--quantization-bits applies only with --aggregator compression"),
+    (["train", "--dp-noise-multiplier", "1"], "--dp-noise-multiplier applies only with --aggregator dp"),
+    (["train", "--aggregator", "robust", "--dp-delta", "1e-5"], "--dp-delta applies only with --aggregator dp"),
+    (["train", "--algorithm", "fedsgd", "--local-epochs", "3"], "--local-epochs applies only"),
+    (["train", "--algorithm", "fedsgd", "--client-lr", "0.3"], "--client-lr applies only"),
+    (["train", "--aggregator", "dp", "--weighting", "uniform"], "--weighting applies only"),
+    (["train", "--aggregator", "dp", "--broadcast-quantization-bits", "8"], "--broadcast-quantization-bits"),
+    (["train", "--dirichlet-alpha", "0.3"], "--dirichlet-alpha applies only with --dataset digits --partition "
+                                            "dirichlet"),
+    (["train", "--dataset", "synthetic", "--model", "dense", "--test-fraction", "0.3"], "--test-fraction"),
+    (["train", "--resume"], "--resume applies only with --checkpoint-dir"),
+    (["train", "--checkpoint-every", "3"], "--checkpoint-every applies only with --checkpoint-dir"),
+])
+def test_flags_that_do_not_apply_are_errors(argv, fragment, capsys):
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_flags_that_apply_are_accepted():
+  parser = cli.build_parser()
+  for argv in (["train", "--aggregator", "trimmed-mean", "--trim-fraction", "0.2"],
+               ["train", "--aggregator", "dp", "--dp-delta", "1e-5", "--dp-accountant", "pld"],
+               ["train", "--partition", "dirichlet", "--dirichlet-alpha", "0.3"],
+               ["train", "--checkpoint-dir", "x", "--resume", "--checkpoint-every", "2"]):
+    cli.check_flags_apply(parser.parse_args(argv), cli._explicit_flags(argv))
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--checkpoint-dir"])
+def test_an_output_path_that_is_a_file_is_one_line_and_exit_2(flag, tmp_path, capsys):
+  path = tmp_path / "taken"
+  path.write_text("not a directory")
+  argv = ["train", "--model", "dense", "--rounds", "1", flag, str(path)]
+  if flag == "--checkpoint-dir":
+    argv += ["--output-dir", str(tmp_path / "out")]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and f"{flag} {path} is a file" in err, err
+  assert cli.main(["train", "--model", "dense", "--rounds", "1", "--output-dir", str(path / "below")]) == 2
+  assert "cannot create" in capsys.readouterr().err
+
+
+def test_error_messages_name_flags_not_internal_parameters(capsys):
+  for argv in (["train", "--aggregator", "dp", "--dp-noise-multiplier", "3"],
+               ["train", "--aggregator", "dp", "--dp-epsilon-budget", "0.01"]):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    internal = [word for word in err.replace("(", " ").replace(")", " ").replace(",", " ").split()
+                if "_" in word and not word.startswith("--")]
+    assert not internal, err
