@@ -11,7 +11,18 @@ from fedjax_lite.algorithms.evaluation import (
     federated_evaluation,
 )
 from fedjax_lite.algorithms.fed_avg import fed_avg, local_training_work
+from fedjax_lite.algorithms.fed_opt import (
+    adaptive_server_optimizer,
+    fed_adagrad,
+    fed_adam,
+    fed_avgm,
+    fed_yogi,
+    scale_by_adaptive_server,
+)
+from fedjax_lite.algorithms.fed_prox import fed_prox, proximal_term
 from fedjax_lite.algorithms.fed_sgd import fed_sgd
+from fedjax_lite.algorithms.mime import frozen_state, mime, mime_lite
+from fedjax_lite.algorithms.scaffold import control_variate_correction, scaffold
 from fedjax_lite.algorithms.local_training import client_gradient, train_locally
 from fedjax_lite.algorithms.optimizers import ScheduledOptimizer, scheduled_optimizer
 from fedjax_lite.algorithms.template import (
@@ -25,6 +36,19 @@ from fedjax_lite.algorithms.template import (
 )
 
 __all__ = [
+    "adaptive_server_optimizer",
+    "control_variate_correction",
+    "fed_adagrad",
+    "fed_adam",
+    "fed_avgm",
+    "fed_prox",
+    "fed_yogi",
+    "frozen_state",
+    "mime",
+    "mime_lite",
+    "proximal_term",
+    "scaffold",
+    "scale_by_adaptive_server",
     "Broadcast",
     "Finalizer",
     "PrivateTraining",

@@ -148,6 +148,28 @@ def fed_avg(
     state = process.init(model.init(jax.random.key(0)))
     state, metrics = jax.jit(process.next)(state, round_data, jax.random.key(1))
   """
+  return fed_avg_round(model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
+                       server_optimizer=server_optimizer, weighting=weighting, aggregator=aggregator,
+                       client_grad_clip_norm=client_grad_clip_norm, server_midpoint_fraction=server_midpoint_fraction,
+                       broadcast_encoder=broadcast_encoder, runner=runner)
+
+
+def fed_avg_round(
+    model: Model,
+    *,
+    client_optimizer: optax.GradientTransformation | OptimizerFactory,
+    client_learning_rate: float | optax.Schedule | None,
+    server_optimizer: optax.GradientTransformation | None,
+    weighting: str,
+    aggregator: Aggregator | None,
+    client_grad_clip_norm: float | None = None,
+    server_midpoint_fraction: float | None = None,
+    broadcast_encoder: Any | None = None,
+    runner: Runner | None = None,
+    gradient_correction: GradientCorrection | None = None,
+) -> Process:
+  """:func:`fed_avg` with an optional ``gradient_correction`` of the local gradients (see
+  :func:`local_training_work`): the shared body of FedAvg, FedProx and the FedOpt family."""
   check_model(model)
   optimizer = scheduled_optimizer(client_optimizer, client_learning_rate, grad_clip_norm=client_grad_clip_norm)
   server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
@@ -159,7 +181,8 @@ def fed_avg(
     server_optimizer = optax.chain(server_optimizer, optax.scale(server_midpoint_fraction))
   return build_round(
       distributor=model_distributor(optimizer.hparams),
-      client_work=local_training_work(model, optimizer, weighting=weighting),
+      client_work=local_training_work(model, optimizer, weighting=weighting,
+                                      gradient_correction=gradient_correction),
       aggregator=resolve_aggregator(aggregator, weighted=weighting == "num_examples"),
       finalizer=optimizer_finalizer(server_optimizer),
       broadcast_encoder=broadcast_encoder,

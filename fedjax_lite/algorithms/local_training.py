@@ -46,7 +46,7 @@ def zero_metric_sums(model: Model) -> dict[str, jax.Array]:
   return sums
 
 
-def _static_step_loop(steps: dict, num_steps: jax.Array, step_fn, carry):
+def static_step_loop(steps: dict, num_steps: jax.Array, step_fn, carry):
   """``carry = step_fn(step, batch, carry)`` for every REAL step, in a rolled loop of static length."""
 
   def body(step, carry):
@@ -56,7 +56,7 @@ def _static_step_loop(steps: dict, num_steps: jax.Array, step_fn, carry):
   return jax.lax.fori_loop(0, steps["mask"].shape[0], body, carry)
 
 
-def _add_sums(sums: dict, batch_sums: dict) -> dict:
+def add_metric_sums(sums: dict, batch_sums: dict) -> dict:
   return {key: sums[key] + batch_sums[key] for key in batch_sums} | {"num_batches": sums["num_batches"] + 1}
 
 
@@ -97,10 +97,10 @@ def train_locally(
 
     (_, batch_sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, _add_sums(sums, batch_sums)
+    return optax.apply_updates(params, updates), opt_state, add_metric_sums(sums, batch_sums)
 
   opt_state = optimizer.init(params) if opt_state is None else opt_state
-  final_params, _, sums = _static_step_loop(steps, num_steps, step_fn, (params, opt_state, zero_metric_sums(model)))
+  final_params, _, sums = static_step_loop(steps, num_steps, step_fn, (params, opt_state, zero_metric_sums(model)))
   return final_params, sums
 
 
@@ -118,9 +118,9 @@ def client_gradient(model: Model, params: PyTree, client_data: PyTree, rng: jax.
       return mean_loss * batch_sums["num_examples"].astype(jnp.float32), batch_sums
 
     grads, batch_sums = jax.grad(summed_loss, has_aux=True)(params)
-    return jax.tree.map(jnp.add, grad_sum, grads), _add_sums(sums, batch_sums)
+    return jax.tree.map(jnp.add, grad_sum, grads), add_metric_sums(sums, batch_sums)
 
-  grad_sum, sums = _static_step_loop(steps, num_steps, step_fn,
+  grad_sum, sums = static_step_loop(steps, num_steps, step_fn,
                                      (jax.tree.map(jnp.zeros_like, params), zero_metric_sums(model)))
   count = jnp.maximum(sums["num_examples"], 1).astype(jnp.float32)
   return jax.tree.map(lambda g: g / count, grad_sum), sums

@@ -1,0 +1,85 @@
+"""FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks", MLSys, arXiv:1812.06127).
+
+FedAvg whose clients minimize ``L_i(w) + mu/2 ||w - w0||^2`` with ``w0`` the broadcast (server) parameters: every
+local gradient becomes ``grad L_i(w) + mu (w - w0)``, which pulls the local model back towards the server model
+and limits client drift on heterogeneous data. The server is FedAvg's (default SGD(1.0) on the weighted mean
+delta). ``mu = 0`` is FedAvg exactly.
+
+Sign. TFF's ``build_weighted_fed_prox`` adds ``mu (w0 - w)`` to the gradient (``proximal_client_work.py``,
+``../shared/reference/tff-semantics.md`` §3.3). The gradient of ``mu/2 ||w - w0||^2`` is ``+mu (w - w0)``; with the
+reference's sign the term pushes the local model AWAY from ``w0``. ``tests/algorithms/test_fed_prox.py`` checks
+numerically that our term is the gradient of the proximal objective (and that one step with a zero loss gradient
+moves ``w`` towards ``w0``); we follow the paper, not the reference's code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from fedjax_lite.aggregators.base import Aggregator
+from fedjax_lite.algorithms.fed_avg import fed_avg_round
+from fedjax_lite.algorithms.optimizers import OptimizerFactory
+from fedjax_lite.core import validation
+from fedjax_lite.core.model import Model
+from fedjax_lite.core.process import Process
+from fedjax_lite.core.runner import Runner
+
+PyTree = Any
+
+
+class ProximalState(NamedTuple):
+  """The anchor ``w0``: the parameters the transformation was initialized with."""
+
+  anchor: PyTree
+
+
+def proximal_term(proximal_strength: float) -> optax.GradientTransformation:
+  """``g <- g + mu (w - w0)``, the gradient of ``mu/2 ||w - w0||^2`` added to the loss gradient.
+
+  ``w0`` is the ``params`` passed to ``init`` (for a client: the broadcast server model); ``update`` needs
+  ``params``. Chain it before the client optimizer: ``optax.chain(proximal_term(mu), optax.sgd(lr))``.
+  """
+  validation.check_float("proximal_strength", proximal_strength, low=0.0)
+
+  def init(params):
+    return ProximalState(anchor=params)
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("proximal_term needs params in update(updates, state, params).")
+    return jax.tree.map(lambda g, w, w0: g + proximal_strength * (w - w0), updates, params, state.anchor), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def fed_prox(
+    model: Model,
+    proximal_strength: float,
+    *,
+    client_optimizer: optax.GradientTransformation | OptimizerFactory = optax.sgd,
+    client_learning_rate: float | optax.Schedule | None = None,
+    server_optimizer: optax.GradientTransformation | None = None,
+    weighting: str = "num_examples",
+    aggregator: Aggregator | None = None,
+    client_grad_clip_norm: float | None = None,
+    runner: Runner | None = None,
+) -> Process:
+  """Builds FedProx: :func:`~fedjax_lite.algorithms.fed_avg` with the proximal term ``mu (w - w0)`` added to
+  every local gradient (see the module docstring for the formula and the sign).
+
+  Args:
+    model: the model.
+    proximal_strength: ``mu >= 0`` (the FedProx paper tries 0.001 to 1).
+    client_optimizer, client_learning_rate, server_optimizer, weighting, aggregator, client_grad_clip_norm,
+      runner: as in :func:`~fedjax_lite.algorithms.fed_avg`. With gradient clipping the clip applies to the
+      whole proximal gradient ``grad L + mu (w - w0)``.
+  """
+  validation.check_float("proximal_strength", proximal_strength, low=0.0)
+  return fed_avg_round(
+      model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
+      server_optimizer=server_optimizer, weighting=weighting, aggregator=aggregator,
+      client_grad_clip_norm=client_grad_clip_norm, runner=runner,
+      gradient_correction=lambda broadcast, client_state: proximal_term(proximal_strength))
