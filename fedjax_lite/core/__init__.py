@@ -1,6 +1,7 @@
 """The federated vocabulary, free of any algorithm: records, the process template, pytree math, placement,
 federated data (partitioning, sampling, packing) and the client runner."""
 
+from fedjax_lite.core.client_state import ClientStateStore
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.model import (
     Model,
@@ -33,6 +34,7 @@ __all__ = [
     "poisson_cohort_capacity",
     "poisson_sample_clients",
     "ClientOutput",
+    "ClientStateStore",
     "ClientSpec",
     "FederatedData",
     "MeasuredOutput",

@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from fedjax_lite.core import validation
+from fedjax_lite.core.client_state import ClientStateStore
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.packing import ClientSpec, bucket_num_steps
 from fedjax_lite.core.process import Process
@@ -128,6 +129,7 @@ def run_training(
     max_rejected_rounds: int = 3,
     num_classes: int | None = None,
     label_key: str = "y",
+    client_states: ClientStateStore | None = None,
 ) -> TrainingResult:
   """Trains ``process`` for ``num_rounds`` rounds; see the module docstring.
 
@@ -174,6 +176,12 @@ def run_training(
     num_classes: optional: the model's number of classes; integer labels ``train_data[label_key]`` outside
       ``[0, num_classes)`` are refused before training.
     label_key: the label feature checked with ``num_classes``.
+    client_states: for a process with per-client state (``process.client_state`` set, e.g. SCAFFOLD): the
+      population's :class:`~fedjax_lite.core.ClientStateStore`; default a new one with every client at
+      ``process.client_state(initial_params)``. Each round the cohort's states are gathered into
+      ``round_data['client_state']`` just before the round runs (after the previous round's states were written
+      back) and the real clients' new states are scattered back; the store is checkpointed as
+      ``extra_state['client_states']``.
   """
   if not isinstance(process, Process):
     raise TypeError(f"process must be a fedjax_lite Process, got {type(process).__name__}.")
@@ -209,6 +217,21 @@ def run_training(
   if resume and checkpoint_dir is None:
     raise ValueError("resume=True needs a checkpoint_dir.")
   extra_state = dict(extra_state or {})
+  if process.client_state is not None:
+    if client_states is None:
+      client_states = ClientStateStore(process.client_state(initial_params), train_data.num_clients)
+    elif not isinstance(client_states, ClientStateStore):
+      raise TypeError(f"client_states must be a ClientStateStore, got {type(client_states).__name__}.")
+    elif client_states.num_clients != train_data.num_clients:
+      raise ValueError(f"client_states holds {client_states.num_clients} clients but train_data has "
+                       f"{train_data.num_clients}.")
+    if "client_states" in extra_state:
+      raise ValueError("extra_state must not use the name 'client_states' (the loop checkpoints the client-state "
+                       "store under it).")
+    extra_state["client_states"] = client_states
+  elif client_states is not None:
+    raise ValueError("client_states was given but the process keeps no per-client state (process.client_state "
+                     "is None).")
   checkpointing.check_extra_state(extra_state)
   if config is not None and not isinstance(config, Mapping):
     raise TypeError(f"config must be a mapping (JSON-able), got {type(config).__name__}.")
@@ -228,7 +251,8 @@ def run_training(
     packed = client_spec.pack(train_data, cohort, seed=seed, round_num=round_num, num_steps=num_steps,
                               cohort_size=slots)
     check_round(packed)  # once per shape
-    return jax.device_put(packed), int(np.count_nonzero(np.asarray(packed["num_examples"])))
+    num_examples = np.asarray(packed["num_examples"])
+    return jax.device_put(packed), int(np.count_nonzero(num_examples)), (cohort, num_examples)
 
   # A private copy: the jitted round donates its input state, which must not invalidate the caller's arrays.
   state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, process.init(initial_params))
@@ -304,10 +328,16 @@ def run_training(
       pending = prepare(start_round)  # (a ledger whose budget does not allow one round was refused when built)
     for round_num in range(start_round, num_rounds if stopped is None else start_round):
       round_start = time.perf_counter()
-      round_data, num_real_clients = pending
-      state, metrics = next_fn(state, round_data, jax.random.fold_in(base_key, round_num))
+      round_data, num_real_clients, (cohort, num_examples) = pending
+      if client_states is None:
+        state, metrics = next_fn(state, round_data, jax.random.fold_in(base_key, round_num))
+      else:  # gathered now, after the previous round's states were written back
+        round_data = dict(round_data, client_state=jax.device_put(client_states.gather(cohort, len(num_examples))))
+        state, metrics, new_client_states = next_fn(state, round_data, jax.random.fold_in(base_key, round_num))
       if round_num + 1 < num_rounds and (privacy is None or privacy.allows(round_num + 2)):
         pending = prepare(round_num + 1)  # host work overlaps the device's round
+      if client_states is not None:
+        client_states.scatter(cohort, jax.device_get(new_client_states), num_examples)
       flat = {"round": round_num, **flatten_metrics(jax.device_get(metrics))}
       for key in ("broadcasted_bits", "aggregated_bits"):
         if key in flat:
