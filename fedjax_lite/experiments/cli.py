@@ -24,9 +24,14 @@ from typing import Sequence
 
 EXIT_USAGE = 2
 
-DATASETS = ("digits", "synthetic")
-MODELS = ("cnn", "mlp", "dense", "cnn-dropout")
-ALGORITHMS = ("fedavg", "fedsgd")
+DATASETS = ("digits", "synthetic", "emnist", "shakespeare", "stackoverflow", "cifar100")  # and "tfds:NAME"
+TEXT_DATASETS = ("shakespeare", "stackoverflow")
+MODELS = ("cnn", "mlp", "dense", "cnn-dropout", "lstm", "resnet18")
+ALGORITHMS = ("fedavg", "fedsgd", "fedprox", "scaffold", "mimelite", "mime", "fedadam", "fedyogi", "fedadagrad",
+              "fedavgm")
+ADAPTIVE_ALGORITHMS = ("fedadam", "fedyogi", "fedadagrad")
+# The server learning rate when --server-lr is not given (Reddi et al. 2021's EMNIST range for the adaptive ones).
+DEFAULT_SERVER_LR = {"fedsgd": 0.1, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.1}
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "adagrad", "yogi")
 AGGREGATORS = ("mean", "robust", "dp", "compression", "secure", "median", "trimmed-mean")
 PARTITIONS = ("shards", "dirichlet", "iid")
@@ -120,12 +125,23 @@ def _log_formats(text: str) -> tuple[str, ...]:
     raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _dataset_name(text: str) -> str:
+  if text in DATASETS or (text.startswith("tfds:") and len(text) > len("tfds:")):
+    return text
+  raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(DATASETS)}, tfds:NAME)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="fedjax-lite", description="Federated learning simulations in JAX.")
   commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
   train = commands.add_parser("train", help="run a federated training job")
   data = train.add_argument_group("data")
-  data.add_argument("--dataset", choices=DATASETS, default="digits")
+  data.add_argument("--dataset", type=_dataset_name, default="digits",
+                    metavar="{" + ",".join(DATASETS) + ",tfds:NAME}",
+                    help="digits and synthetic are built in; emnist (62 classes), shakespeare, stackoverflow and "
+                         "cifar100 read the reference's files from --data-dir; tfds:NAME a prepared TFDS dataset")
+  data.add_argument("--data-dir", default=None,
+                    help="folder with the dataset's files (default: $FEDJAX_LITE_DATA or ~/.cache/fedjax_lite)")
   data.add_argument("--num-clients", type=_positive_int, default=50, help="clients in the population")
   data.add_argument("--partition", choices=PARTITIONS, default="shards",
                     help="how digits are split into clients (shards: McMahan's non-IID split)")
@@ -133,7 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
   data.add_argument("--test-fraction", type=_fraction, default=0.2)
   model = train.add_argument_group("model and algorithm")
   model.add_argument("--model", choices=MODELS, default="cnn")
-  model.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg")
+  model.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg",
+                     help="fedavg; fedsgd; fedprox (--proximal-strength); scaffold (per-client control variates); "
+                          "mimelite, mime (client steps with the server's momentum, --base-momentum); fedadam, "
+                          "fedyogi, fedadagrad (adaptive server, --adaptivity); fedavgm (--server-momentum)")
+  model.add_argument("--proximal-strength", type=_nonnegative_float, default=0.01,
+                     help="FedProx's mu (>= 0)")
+  model.add_argument("--server-momentum", type=_fraction, default=0.9, help="FedAvgM's server momentum")
+  model.add_argument("--adaptivity", type=_positive_float, default=1e-3,
+                     help="tau of FedAdam/FedYogi/FedAdagrad (Reddi et al. 2021)")
+  model.add_argument("--base-momentum", type=_fraction, default=0.9,
+                     help="momentum of Mime/MimeLite's base optimizer (SGD with the client learning rate)")
   model.add_argument("--aggregator", choices=AGGREGATORS, default="mean",
                      help="mean; robust (adaptive zeroing + clipping); dp (adaptive-clip Gaussian DP, unweighted); "
                           "compression (robust + 8-bit quantized upload); secure (simulated SecAgg); median; "
@@ -223,11 +249,22 @@ _FLAG_CONDITIONS = {
     "dp_clip": ("--aggregator dp", lambda a: a.aggregator == "dp"),
     "broadcast_quantization_bits": ("--algorithm fedavg without --aggregator dp",
                                     lambda a: a.algorithm == "fedavg" and a.aggregator != "dp"),
-    "weighting": ("--algorithm fedavg without --aggregator dp (DP-FedAvg is unweighted)",
-                  lambda a: a.algorithm == "fedavg" and a.aggregator != "dp"),
-    "local_epochs": ("--algorithm fedavg (FedSGD takes one gradient per client)", lambda a: a.algorithm == "fedavg"),
-    "client_lr": ("--algorithm fedavg (FedSGD has no client optimizer)", lambda a: a.algorithm == "fedavg"),
+    "weighting": ("an algorithm with local training, without --aggregator dp (DP-FedAvg is unweighted)",
+                  lambda a: a.algorithm != "fedsgd" and a.aggregator != "dp"),
+    "local_epochs": ("an algorithm with local training (FedSGD takes one gradient per client)",
+                     lambda a: a.algorithm != "fedsgd"),
+    "client_lr": ("an algorithm with local training (FedSGD has no client optimizer)", lambda a: a.algorithm != "fedsgd"),
+    "proximal_strength": ("--algorithm fedprox", lambda a: a.algorithm == "fedprox"),
+    "server_momentum": ("--algorithm fedavgm", lambda a: a.algorithm == "fedavgm"),
+    "adaptivity": ("--algorithm fedadam, fedyogi or fedadagrad", lambda a: a.algorithm in ADAPTIVE_ALGORITHMS),
+    "base_momentum": ("--algorithm mime or mimelite", lambda a: a.algorithm in ("mime", "mimelite")),
+    "server_optimizer": ("an algorithm whose server optimizer is not fixed (not fedadam, fedyogi, fedadagrad or "
+                         "fedavgm)", lambda a: a.algorithm not in ADAPTIVE_ALGORITHMS + ("fedavgm",)),
     "partition": ("--dataset digits", lambda a: a.dataset == "digits"),
+    "data_dir": ("--dataset emnist, shakespeare, stackoverflow, cifar100 or tfds:NAME",
+                 lambda a: a.dataset not in ("digits", "synthetic")),
+    "num_clients": ("--dataset digits, synthetic or tfds:NAME (the others come with their own clients)",
+                    lambda a: a.dataset in ("digits", "synthetic") or a.dataset.startswith("tfds:")),
     "test_fraction": ("--dataset digits", lambda a: a.dataset == "digits"),
     "dirichlet_alpha": ("--dataset digits --partition dirichlet",
                         lambda a: a.dataset == "digits" and a.partition == "dirichlet"),
@@ -324,6 +361,8 @@ def _load_data(args):
     digits = load_digits(num_clients=args.num_clients, partition=args.partition, alpha=args.dirichlet_alpha,
                          test_fraction=args.test_fraction, seed=args.seed)
     return digits.train, digits.test, digits.num_classes, tuple(digits.input_shape)
+  if args.dataset != "synthetic":
+    return _load_file_dataset(args)
   population = synthetic_leaf(num_clients=args.num_clients + 1, seed=args.seed)
   # The last client is held out as the test set.
   held_out = population.client_ids[-1]
@@ -332,9 +371,47 @@ def _load_data(args):
   return train, {k: np.asarray(v) for k, v in test.items()}, 10, tuple(train.element_spec["x"][0])
 
 
-def _build_model(name: str, num_classes: int, input_shape):
+def _load_file_dataset(args):
+  """The datasets read from files (the reference's, or TFDS's): train clients, centralized test set."""
+  import numpy as np
+
+  from fedjax_lite import datasets
+
+  try:
+    if args.dataset.startswith("tfds:"):
+      name = args.dataset[len("tfds:"):]
+      train = datasets.from_tfds(name, split="train", data_dir=args.data_dir, num_clients=args.num_clients,
+                                 seed=args.seed)
+      test = datasets.from_tfds(name, split="test", data_dir=args.data_dir, num_clients=1, seed=args.seed)
+      num_classes = int(max(np.max(train.examples["y"]), np.max(test.examples["y"]))) + 1
+      return train, test.all_examples(), num_classes, tuple(train.element_spec["x"][0])
+    loader = {"emnist": lambda: datasets.load_emnist(only_digits=False, data_dir=args.data_dir),
+              "shakespeare": lambda: datasets.load_shakespeare(data_dir=args.data_dir),
+              "stackoverflow": lambda: datasets.load_stackoverflow(data_dir=args.data_dir),
+              "cifar100": lambda: datasets.load_cifar100(data_dir=args.data_dir)}[args.dataset]
+    data = loader()
+  except (datasets.DatasetNotFoundError, datasets.DatasetFormatError, datasets.MissingDependencyError) as error:
+    raise UsageError(str(error)) from None
+  return data.train, data.test.all_examples(), data.num_classes, tuple(data.input_shape)
+
+
+def _build_model(name: str, num_classes: int, input_shape, dataset: str = "digits"):
   from fedjax_lite import models
 
+  if (dataset in TEXT_DATASETS) != (name == "lstm"):
+    raise UsageError(f"--dataset {dataset} needs --model lstm" if dataset in TEXT_DATASETS
+                     else f"--model lstm needs --dataset {' or '.join(TEXT_DATASETS)}")
+  if name in ("lstm", "resnet18"):
+    builder_name = {"shakespeare": "shakespeare_lstm", "stackoverflow": "stackoverflow_lstm"}.get(dataset,
+                                                                                                  "cifar100_resnet18")
+    builder = getattr(models, builder_name, None)
+    if builder is None:
+      raise UsageError(f"--model {name} is not available in this version of fedjax_lite.models")
+    if name == "lstm":  # vocabulary = num_classes - pad - BOS - EOS - 1 OOV bucket
+      return builder(vocab_size=num_classes - 4, sequence_length=input_shape[0])
+    if len(input_shape) != 3:
+      raise UsageError(f"--model resnet18 needs images of shape (height, width, channels), got {input_shape}")
+    return builder(num_classes=num_classes, input_shape=input_shape)
   if name in ("cnn", "cnn-dropout") and len(input_shape) < 2:
     raise UsageError(f"--model {name} needs image data; --dataset synthetic has flat features (use mlp or dense)")
   builder = {"cnn": models.original_fedavg_cnn, "mlp": models.mlp, "dense": models.dense_softmax,
@@ -342,18 +419,53 @@ def _build_model(name: str, num_classes: int, input_shape):
   return builder(num_classes=num_classes, input_shape=input_shape)
 
 
+def _build_algorithm(args, model, num_clients, server_optimizer, server_lr, aggregator, weighting, encoder, runner):
+  """The ``--algorithm``'s process with its knobs."""
+  import optax
+
+  from fedjax_lite import algorithms
+
+  name, lr = args.algorithm, args.client_lr
+  if name == "fedavg":
+    return algorithms.fed_avg(model, client_learning_rate=lr, server_optimizer=server_optimizer, weighting=weighting,
+                              aggregator=aggregator, broadcast_encoder=encoder, runner=runner)
+  if name == "fedsgd":
+    return algorithms.fed_sgd(model, server_optimizer=server_optimizer, aggregator=aggregator, runner=runner)
+  if name == "fedprox":
+    return algorithms.fed_prox(model, args.proximal_strength, client_learning_rate=lr,
+                               server_optimizer=server_optimizer, weighting=weighting, aggregator=aggregator,
+                               runner=runner)
+  if name == "scaffold":
+    return algorithms.scaffold(model, num_clients=num_clients, client_learning_rate=lr,
+                               server_optimizer=server_optimizer, weighting=weighting, delta_aggregator=aggregator,
+                               runner=runner)
+  if name in ("mime", "mimelite"):
+    base = optax.sgd(lr, momentum=args.base_momentum or None)
+    if name == "mime":
+      if args.aggregator != "mean":
+        raise UsageError("--algorithm mime averages with the mean (its two passes); use --aggregator mean")
+      return algorithms.mime(model, base, server_optimizer=server_optimizer, weighting=weighting, runner=runner)
+    return algorithms.mime_lite(model, base, server_optimizer=server_optimizer, weighting=weighting,
+                                aggregator=aggregator, runner=runner)
+  if name == "fedavgm":
+    return algorithms.fed_avgm(model, server_learning_rate=server_lr, server_momentum=args.server_momentum,
+                               client_learning_rate=lr, weighting=weighting, aggregator=aggregator, runner=runner)
+  builder = {"fedadam": algorithms.fed_adam, "fedyogi": algorithms.fed_yogi, "fedadagrad": algorithms.fed_adagrad}[name]
+  return builder(model, server_learning_rate=server_lr, client_learning_rate=lr, adaptivity=args.adaptivity,
+                 weighting=weighting, aggregator=aggregator, runner=runner)
+
+
 def _build_job(args):
   """Everything the flags describe; argument errors raised here are usage errors (exit code 2)."""
-  from fedjax_lite.algorithms import fed_avg, fed_sgd
   from fedjax_lite.core import ClientSpec, Runner
 
   train_data, test_data, num_classes, input_shape = _load_data(args)
   if args.clients_per_round > train_data.num_clients:
     raise UsageError(f"--clients-per-round ({args.clients_per_round}) exceeds the {train_data.num_clients} "
                      "clients of the population")
-  model = _build_model(args.model, num_classes, input_shape)
+  model = _build_model(args.model, num_classes, input_shape, dataset=args.dataset)
   runner = Runner(strategy=args.runner)
-  server_lr = args.server_lr if args.server_lr is not None else (1.0 if args.algorithm == "fedavg" else 0.1)
+  server_lr = args.server_lr if args.server_lr is not None else DEFAULT_SERVER_LR.get(args.algorithm, 1.0)
   server_optimizer = _server_optimizer(args.server_optimizer, server_lr)
   if args.aggregator == "dp":
     if args.algorithm != "fedavg":
@@ -371,19 +483,15 @@ def _build_job(args):
   aggregator, weighted = _build_aggregator(args)
   encoder = None
   if args.broadcast_quantization_bits:
+    if args.algorithm != "fedavg":
+      raise UsageError("--broadcast-quantization-bits applies to --algorithm fedavg")
     from fedjax_lite.aggregators import broadcast_encoder
 
     encoder = broadcast_encoder(args.broadcast_quantization_bits, 10000)
-  if args.algorithm == "fedavg":
-    process = fed_avg(model, client_learning_rate=args.client_lr, server_optimizer=server_optimizer,
-                      weighting="num_examples" if weighted else "uniform", aggregator=aggregator,
-                      broadcast_encoder=encoder, runner=runner)
-  else:
-    if encoder is not None:
-      raise UsageError("--broadcast-quantization-bits applies to --algorithm fedavg")
-    process = fed_sgd(model, server_optimizer=server_optimizer, aggregator=aggregator, runner=runner)
+  process = _build_algorithm(args, model, train_data.num_clients, server_optimizer, server_lr, aggregator,
+                             "num_examples" if weighted else "uniform", encoder, runner)
   client_spec = ClientSpec(batch_size=args.batch_size,
-                           num_epochs=args.local_epochs if args.algorithm == "fedavg" else 1,
+                           num_epochs=args.local_epochs if args.algorithm != "fedsgd" else 1,
                            max_steps=args.max_local_steps)
   return train_data, test_data, model, process, client_spec, runner, None
 
