@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedjax_lite.core.federated_data import FederatedData
-from fedjax_lite.core.model import from_flax
+from fedjax_lite.models.adapter import from_flax
 
 
 

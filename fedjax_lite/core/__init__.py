@@ -7,7 +7,6 @@ from fedjax_lite.core.model import (
     Model,
     accuracy_metric,
     finalize_metric_sums,
-    from_flax,
     masked_loss_and_metric_sums,
     softmax_cross_entropy_loss,
 )
@@ -50,7 +49,6 @@ __all__ = [
     "federated_mean",
     "federated_sum",
     "finalize_metric_sums",
-    "from_flax",
     "iid_partition",
     "map_clients",
     "masked_loss_and_metric_sums",

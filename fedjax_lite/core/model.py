@@ -1,8 +1,8 @@
 """The model adapter: everything an algorithm needs to know about a model, as pure functions.
 
 A :class:`Model` bundles ``init``, ``apply``, a per-example ``loss`` and per-example ``metrics``. Algorithms never
-see flax modules; :func:`from_flax` adapts any ``flax.linen`` module whose ``__call__(inputs, train)`` returns
-predictions. Batches are dicts of arrays with a leading batch axis; a boolean ``mask`` of the same leading shape
+see flax modules; :func:`fedjax_lite.models.from_flax` adapts a ``flax.linen`` module (core does not import flax).
+Batches are dicts of arrays with a leading batch axis; a boolean ``mask`` of the same leading shape
 marks real examples. :func:`masked_loss_and_metric_sums` is the one place where padding is excluded: padded
 examples are overwritten by a real one before the forward pass and carry no weight in the loss, its gradient or
 any metric.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -72,61 +71,6 @@ def accuracy_metric(label_key: str = "y") -> PerExampleFn:
     return (jnp.argmax(logits, axis=-1) == batch[label_key].astype(jnp.int32)).astype(jnp.float32)
 
   return accuracy
-
-
-def from_flax(
-    module: nn.Module,
-    sample_input: jax.Array,
-    *,
-    input_key: str = "x",
-    loss: PerExampleFn | None = None,
-    metrics: Mapping[str, PerExampleFn] | None = None,
-    label_key: str = "y",
-    name: str | None = None,
-) -> Model:
-  """Adapts a ``flax.linen`` module ``module(inputs, train: bool)`` to a :class:`Model`.
-
-  Defaults suit classification: softmax cross-entropy against ``batch[label_key]`` and accuracy. Only the
-  ``params`` collection is trained and aggregated; a module with other mutable collections (e.g. BatchNorm
-  statistics) is rejected rather than having them silently frozen.
-
-  Args:
-    module: the flax module.
-    sample_input: an input batch of the right shape and dtype (batch size does not matter), used by ``init``.
-    input_key: the batch key holding the module's input.
-    loss: per-example loss; default softmax cross-entropy with integer labels.
-    metrics: per-example metrics; default ``{'accuracy': ...}``.
-    label_key: the batch key holding labels for the default loss and metrics.
-    name: a label; default the module's class name.
-  """
-  if not isinstance(module, nn.Module):
-    raise TypeError(f"module must be a flax.linen.Module, got {type(module).__name__}.")
-  sample_input = jnp.asarray(sample_input)
-  if sample_input.ndim < 1:
-    raise ValueError("sample_input must have a leading batch axis.")
-  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), sample_input, train=False))
-  extra = sorted(set(variables) - {"params"})
-  if extra:
-    raise ValueError(
-        f"module has variable collections {extra} besides 'params'; fedjax_lite trains and aggregates only "
-        "'params' and will not silently freeze the others. Use a normalization without running statistics "
-        "(e.g. GroupNorm/LayerNorm)."
-    )
-
-  def init(rng: jax.Array) -> Params:
-    return module.init({"params": rng, "dropout": rng}, sample_input, train=False)["params"]
-
-  def apply(params: Params, batch: Batch, rng: jax.Array | None, train: bool) -> jax.Array:
-    rngs = {"dropout": rng} if (train and rng is not None) else {}
-    return module.apply({"params": params}, batch[input_key], train=train, rngs=rngs)
-
-  return Model(
-      init=init,
-      apply=apply,
-      loss=loss if loss is not None else softmax_cross_entropy_loss(label_key),
-      metrics=dict(metrics) if metrics is not None else {"accuracy": accuracy_metric(label_key)},
-      name=name or type(module).__name__,
-  )
 
 
 def fill_padding(batch: Batch, mask: jax.Array) -> dict[str, jax.Array]:

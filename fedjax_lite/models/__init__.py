@@ -7,9 +7,27 @@ Builders (:func:`dense_softmax`, :func:`mlp`, :func:`original_fedavg_cnn`, :func
 run on its slow generic emitter.
 """
 
+from fedjax_lite.models.adapter import from_flax
 from fedjax_lite.models.conv import CANONICAL_DIMENSION_NUMBERS, Conv, conv2d_canonical
 from fedjax_lite.models.hlo import CANONICAL_CONV_DIM_LABELS, convolution_instructions, non_canonical_convolutions
+from fedjax_lite.models.linear import (
+    TAG_RATIOS,
+    MultiLabelLinear,
+    logistic_regression,
+    stackoverflow_tag_logistic_regression,
+    tag_metrics,
+)
 from fedjax_lite.models.pooling import max_pool, max_pool_2x2
+from fedjax_lite.models.recurrent import LSTM, LSTMLanguageModel, shakespeare_lstm, stackoverflow_lstm
+from fedjax_lite.models.resnet import ResNetGN, cifar100_resnet18, group_norm, max_pool_3x3_stride2_same
+from fedjax_lite.models.sequence import (
+    TOKEN_RATIOS,
+    SpecialTokens,
+    finalize_ratio_metrics,
+    sequence_loss,
+    sequence_metrics,
+    token_metrics,
+)
 from fedjax_lite.models.zoo import (
     MLP,
     CNNDropout,
@@ -22,6 +40,26 @@ from fedjax_lite.models.zoo import (
 )
 
 __all__ = [
+    "from_flax",
+    "LSTM",
+    "LSTMLanguageModel",
+    "MultiLabelLinear",
+    "ResNetGN",
+    "SpecialTokens",
+    "TAG_RATIOS",
+    "TOKEN_RATIOS",
+    "cifar100_resnet18",
+    "finalize_ratio_metrics",
+    "group_norm",
+    "logistic_regression",
+    "max_pool_3x3_stride2_same",
+    "sequence_loss",
+    "sequence_metrics",
+    "shakespeare_lstm",
+    "stackoverflow_lstm",
+    "stackoverflow_tag_logistic_regression",
+    "tag_metrics",
+    "token_metrics",
     "CANONICAL_CONV_DIM_LABELS",
     "CANONICAL_DIMENSION_NUMBERS",
     "CNNDropout",

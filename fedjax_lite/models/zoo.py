@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.core.model import Model, from_flax
+from fedjax_lite.core.model import Model
+from fedjax_lite.models.adapter import from_flax
 from fedjax_lite.models.conv import Conv
 from fedjax_lite.models.pooling import max_pool_2x2
 

@@ -17,11 +17,11 @@ from fedjax_lite.core.model import (
     Model,
     accuracy_metric,
     finalize_metric_sums,
-    from_flax,
     masked_loss_and_metric_sums,
     softmax_cross_entropy_loss,
     fill_padding,
 )
+from fedjax_lite.models.adapter import from_flax
 
 
 class MLP(nn.Module):
@@ -373,3 +373,37 @@ def test_loss_and_accuracy_exact_values():
   np.testing.assert_array_equal(accuracy_metric()(batch, logits), [0.0, 0.0, 1.0])
   np.testing.assert_array_equal(accuracy_metric("label")({"label": jnp.array([0.0, 0.0, 1.0])}, logits),
                                 [1.0, 1.0, 1.0])
+
+
+class NoTrainArgument(nn.Module):
+  """A module whose ``__call__`` has no ``train`` argument (most flax examples)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(x)
+
+
+def test_from_flax_accepts_a_module_without_train_argument():
+  model = from_flax(NoTrainArgument(), jnp.zeros((1, 4)))
+  params = model.init(jax.random.key(0))
+  batch = {"x": jnp.ones((2, 4)), "y": jnp.array([0, 2])}
+  for train in (False, True):
+    logits = model.apply(params, batch, jax.random.key(1), train)
+    chex.assert_shape(logits, (2, 3))
+
+
+def test_core_does_not_import_flax():
+  """Layering: core, privacy and aggregators never import flax (the adapter lives in models) nor the models."""
+  import ast
+  import pathlib
+
+  import fedjax_lite
+
+  root = pathlib.Path(fedjax_lite.__file__).parent
+  for package in ("core", "privacy", "aggregators"):
+    for path in (root / package).glob("*.py"):
+      for node in ast.walk(ast.parse(path.read_text())):
+        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        assert not any(name == "flax" or name.startswith("flax.") or name.startswith("fedjax_lite.models")
+                       for name in names), f"{path.relative_to(root)} imports {names}"

@@ -134,7 +134,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {root!r})
     from tests.conftest import TinyMLP, make_population
-    from fedjax_lite.core.model import from_flax
+    from fedjax_lite.models.adapter import from_flax
     from fedjax_lite.core.packing import pack_clients
     from fedjax_lite.core.runner import Runner, client_mesh
     from fedjax_lite.algorithms.fed_avg import fed_avg

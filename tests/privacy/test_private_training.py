@@ -164,6 +164,6 @@ def test_sampler_arguments():
 
 def _tiny_model():
   from tests.conftest import TinyMLP
-  from fedjax_lite.core.model import from_flax
+  from fedjax_lite.models.adapter import from_flax
 
   return from_flax(TinyMLP(), np.zeros((1, 8), np.float32))
