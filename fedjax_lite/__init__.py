@@ -1,13 +1,14 @@
 """fedjax_lite: federated-learning algorithms as pure JAX functions over pytrees.
 
 Layers: ``core`` (records, process template, data, runner) -> ``aggregators`` -> ``privacy`` -> ``algorithms``
--> ``datasets``/``models`` -> ``experiments``. Import the sub-packages, e.g.::
+-> ``datasets``/``models`` -> ``experiments``; ``analytics`` (federated statistics) and ``attacks`` (Byzantine
+clients) sit beside ``algorithms``. Import the sub-packages, e.g.::
 
   from fedjax_lite import algorithms, aggregators, core, datasets, models
 """
 
-from fedjax_lite import aggregators, algorithms, core, datasets, models
+from fedjax_lite import aggregators, algorithms, analytics, attacks, core, datasets, models
 
 __version__ = "0.1.0"
 
-__all__ = ["aggregators", "algorithms", "core", "datasets", "models", "__version__"]
+__all__ = ["aggregators", "algorithms", "analytics", "attacks", "core", "datasets", "models", "__version__"]
