@@ -102,7 +102,7 @@ class _Template:
       start, end = self.spans[name]
       block = rows[:, start:end]
       if feature_spec.kind == "float":
-        values = np.ascontiguousarray(block).view("<f4")
+        values = block.view("<f4")  # a strided view: the payload bytes reinterpreted, not copied
       else:
         groups = self.row[start:end] < 0x80  # varint ends, the same in every matched row
         ends = np.flatnonzero(groups)
@@ -149,19 +149,50 @@ class BatchDecoder:
       self._templates[len(blob)] = _Template(bytes(blob), spans, self.spec) if usable else None
     return out
 
-  def decode(self, blobs: Sequence[bytes], first_row: int = 0) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+  def decode(self, blobs: Sequence[bytes], first_row: int = 0, *, out: Mapping[str, np.ndarray] | None = None,
+             slots: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, list]]:
     """Decodes ``blobs`` (rows ``first_row...`` of the file, for messages).
 
+    Args:
+      blobs: serialized Examples.
+      first_row: the file row of ``blobs[0]``.
+      out: optional arrays to write the numeric features into (e.g. the cache's memmaps), at rows ``slots``
+        (``slots[i]`` receives ``blobs[i]``); without it new arrays are returned.
+      slots: int array of ``len(blobs)`` destination rows, with ``out``.
+
     Returns:
-      ``(arrays, texts)``: numeric features as ``[len(blobs), *shape]`` arrays of the spec's dtype, and bytes
-      features as lists of ``bytes``.
+      ``(arrays, texts)``: numeric features as ``[len(blobs), *shape]`` arrays of the spec's dtype (or ``out``),
+      and bytes features as lists of ``bytes``.
     """
     count = len(blobs)
-    arrays = {n: np.empty((count, *s.shape), s.dtype) for n, s in self.numeric.items()}
+    if out is None:
+      arrays = {n: np.empty((count, *s.shape), s.dtype) for n, s in self.numeric.items()}
+      slots = np.arange(count)
+    else:
+      arrays = dict(out)
+      slots = np.asarray(slots)
+      if slots.shape != (count,):
+        raise ValueError(f"slots must have shape ({count},), got {slots.shape}.")
     texts: dict[str, list] = {n: [None] * count for n, s in self.spec.items() if s.kind == "bytes"}
     done = np.zeros(count, bool)
+
+    def parse(i):
+      one = self._decode_one(blobs[i], first_row + i)
+      self.rows_by_parser += 1
+      for name, value in one.items():
+        if name in arrays:
+          arrays[name][slots[i]] = value
+        else:
+          texts[name][i] = value
+      done[i] = True
+
     if not texts:
       lengths = np.fromiter(map(len, blobs), np.int64, count)
+      unique_lengths, first_index = np.unique(lengths, return_index=True)
+      for length, i in zip(unique_lengths.tolist(), first_index.tolist()):
+        if length not in self._templates and len(self._templates) < MAX_TEMPLATES:
+          parse(i)  # the exact decoder checks the row and learns its layout for the rest of the batch
+      lengths[done] = -1
       for length, template in list(self._templates.items()):
         if template is None:
           continue
@@ -170,17 +201,11 @@ class BatchDecoder:
           continue
         rows = template.gather(blobs, candidates)
         matched = template.match(rows)
-        decoded = template.decode(rows[matched])
+        decoded = template.decode(rows if matched.all() else rows[matched])
         for name, values in decoded.items():
-          arrays[name][candidates[matched]] = values
+          arrays[name][slots[candidates[matched]]] = values
         done[candidates[matched]] = True
         self.rows_by_template += int(matched.sum())
     for i in np.flatnonzero(~done).tolist():
-      one = self._decode_one(blobs[i], first_row + i)
-      self.rows_by_parser += 1
-      for name, value in one.items():
-        if name in arrays:
-          arrays[name][i] = value
-        else:
-          texts[name][i] = value
+      parse(i)
     return arrays, texts

@@ -49,7 +49,7 @@ class RemoteFile:
 
   def describe(self) -> str:
     checksum = f"sha256 {self.sha256}" if self.sha256 else "no published checksum"
-    return f"{self.url} ({checksum})"
+    return f"{self.url}, {checksum}"
 
 
 @dataclasses.dataclass(frozen=True)

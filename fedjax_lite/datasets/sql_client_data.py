@@ -6,13 +6,15 @@ TFF's ``SqlClientData`` files (``emnist_all.sqlite``, ``shakespeare.sqlite``, ``
   examples(split_name TEXT, client_id TEXT, serialized_example_proto BLOB)
   client_metadata(client_id TEXT, split_name TEXT, num_examples INTEGER)
 
-:func:`convert_sql_split` converts one split into the memory-mapped cache of :mod:`.array_cache` in two passes:
-first the ``(rowid, client_id)`` pairs only (no blobs), from which every row's destination in the client-major
-layout is known (clients in sorted id order, a client's examples in row order, as the reference reads them);
-then the blobs, streamed in row order, decoded in batches (:class:`.example_batch.BatchDecoder`) and written in
-chunks straight into preallocated memmaps, so memory stays bounded by a chunk whatever the file's size. The example
-counts are checked against ``client_metadata`` when the table is present. Any SQLite or proto error becomes a
-:class:`~.errors.DatasetFormatError` naming the file, and the half-written cache is removed.
+:func:`convert_sql_split` converts one split into the memory-mapped cache of :mod:`.array_cache`, clients in
+sorted id order and a client's examples in row order (as the reference reads them). With a ``client_metadata``
+table (TFF always writes one) the layout is known up front and the file is read once: blobs stream in row
+order, each row goes to its client's next free slot, and the counts must end up exactly those of the table.
+Without it a first pass reads the client ids only. Blobs are decoded in batches
+(:class:`.example_batch.BatchDecoder`) and written straight into preallocated memmaps, so memory stays bounded
+by a chunk whatever the file's size. Any SQLite or proto error, or rows that disagree with ``client_metadata``
+(a truncated file), becomes a :class:`~.errors.DatasetFormatError` naming the file, and the half-written cache
+is removed.
 """
 
 from __future__ import annotations
@@ -82,32 +84,56 @@ def convert_sql_split(path: str | os.PathLike, split_name: str, spec: Mapping[st
     connection.close()
 
 
-def _convert(connection: sqlite3.Connection, path: Path, split_name: str, spec: Mapping[str, FeatureSpec],
-             cache_directory: Path) -> None:
+def _metadata_counts(connection: sqlite3.Connection, split_name: str) -> dict[str, int]:
+  has_metadata = connection.execute(
+      "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'client_metadata'").fetchone()[0]
+  if not has_metadata:
+    return {}
+  return {str(c): int(n) for c, n in connection.execute(
+      "SELECT client_id, num_examples FROM client_metadata WHERE split_name = ?", (split_name,)).fetchall()}
+
+
+def _layout_from_rows(connection: sqlite3.Connection, path: Path, split_name: str,
+                      expected: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """First pass over ``(client_id)`` only: client ids, client offsets and every row's storage slot."""
   rows = connection.execute(
-      "SELECT rowid, client_id FROM examples WHERE split_name = ? ORDER BY rowid", (split_name,)).fetchall()
+      "SELECT client_id FROM examples WHERE split_name = ? ORDER BY rowid", (split_name,)).fetchall()
   if not rows:
     available = [r[0] for r in connection.execute("SELECT DISTINCT split_name FROM examples")]
     raise DatasetFormatError(f"{path} has no examples in split {split_name!r}; it holds splits {sorted(available)}.")
-  row_clients = np.array([client_id for _, client_id in rows], dtype=object).astype(str)
-  client_ids, row_client_index = np.unique(row_clients, return_inverse=True)
+  client_ids, row_client_index = np.unique(np.array([c for (c,) in rows], dtype=object).astype(str),
+                                           return_inverse=True)
   counts = np.bincount(row_client_index, minlength=client_ids.size)
-  client_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+  if expected and expected != dict(zip(client_ids.tolist(), counts.tolist())):
+    raise _inconsistent(path, split_name)
   storage_order = np.argsort(row_client_index, kind="stable")  # storage slot -> row
   destination = np.empty_like(storage_order)
   destination[storage_order] = np.arange(storage_order.size)  # row -> storage slot
+  return client_ids, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), destination
 
-  has_metadata = connection.execute(
-      "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'client_metadata'").fetchone()[0]
-  if has_metadata:
-    expected = dict(connection.execute(
-        "SELECT client_id, num_examples FROM client_metadata WHERE split_name = ?", (split_name,)).fetchall())
-    found = dict(zip(client_ids.tolist(), counts.tolist()))
-    if expected and expected != found:
-      differing = sorted(set(expected) ^ set(found) | {c for c in found if expected.get(c) != found[c]})[:3]
-      raise DatasetFormatError(
-          f"{path}: split {split_name!r} has example counts that disagree with its client_metadata table "
-          f"(e.g. clients {differing}); the file is probably truncated: delete it and download it again.")
+
+def _inconsistent(path: Path, split_name: str) -> DatasetFormatError:
+  return DatasetFormatError(
+      f"{path}: split {split_name!r} has example counts that disagree with its client_metadata table; the file is "
+      f"probably truncated or corrupt: delete it and download it again.")
+
+
+def _convert(connection: sqlite3.Connection, path: Path, split_name: str, spec: Mapping[str, FeatureSpec],
+             cache_directory: Path) -> None:
+  expected = _metadata_counts(connection, split_name)
+  if expected:  # one pass: the table gives the layout, each row goes to its client's next free slot
+    client_ids = np.array(sorted(expected))
+    counts = np.array([expected[c] for c in client_ids.tolist()], np.int64)
+    if np.any(counts < 1):
+      raise _inconsistent(path, split_name)
+    client_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    index_of = {c: k for k, c in enumerate(client_ids.tolist())}
+    destination = None
+  else:  # two passes: client ids first (no blobs), then the blobs
+    client_ids, client_offsets, destination = _layout_from_rows(connection, path, split_name, expected)
+  num_rows = int(client_offsets[-1])
+  next_slot = client_offsets[:-1].copy()
+  slots_in_row_order = np.empty(num_rows, np.int64)
 
   fixed = {name: s for name, s in spec.items() if s.kind != "bytes"}
   text = [name for name, s in spec.items() if s.kind == "bytes"]
@@ -117,24 +143,44 @@ def _convert(connection: sqlite3.Connection, path: Path, split_name: str, spec: 
     outputs = {name: writer.allocate(name, s.shape, s.dtype) for name, s in fixed.items()}
     text_values: dict[str, list[bytes]] = {name: [] for name in text}
     cursor = connection.execute(
-        "SELECT serialized_example_proto FROM examples WHERE split_name = ? ORDER BY rowid", (split_name,))
+        "SELECT client_id, serialized_example_proto FROM examples WHERE split_name = ? ORDER BY rowid",
+        (split_name,))
     row = 0
     while True:
       chunk = cursor.fetchmany(_CHUNK)
       if not chunk:
         break
-      blobs = [blob for (blob,) in chunk]
+      if row + len(chunk) > num_rows:
+        raise _inconsistent(path, split_name)
+      blobs = [blob for _, blob in chunk]
       for offset, blob in enumerate(blobs):
         if not isinstance(blob, bytes):
           raise DatasetFormatError(f"{path}: row {row + offset} of split {split_name!r} holds no serialized proto.")
-      arrays, texts = decoder.decode(blobs, first_row=row)
-      slots = destination[row:row + len(blobs)]
-      for name in fixed:
-        outputs[name][slots] = arrays[name]
+      if destination is not None:
+        slots = destination[row:row + len(chunk)]
+      else:
+        try:
+          clients = np.fromiter((index_of[str(c)] for c, _ in chunk), np.int64, len(chunk))
+        except KeyError:
+          raise _inconsistent(path, split_name) from None
+        order = np.argsort(clients, kind="stable")
+        sorted_clients = clients[order]
+        first = np.searchsorted(sorted_clients, sorted_clients, side="left")
+        slots = np.empty(len(chunk), np.int64)
+        slots[order] = next_slot[sorted_clients] + (np.arange(len(chunk)) - first)
+        next_slot += np.bincount(clients, minlength=client_ids.size)
+        if np.any(next_slot > client_offsets[1:]):
+          raise _inconsistent(path, split_name)
+      slots_in_row_order[row:row + len(chunk)] = slots
+      _, texts = decoder.decode(blobs, first_row=row, out=outputs, slots=slots)
       for name in text:
         text_values[name].extend(texts[name])
-      row += len(blobs)
-    if row != storage_order.size:
-      raise _corrupt(path, f"split {split_name!r} yielded {row} blobs for {storage_order.size} rows")
+      row += len(chunk)
+    if row == 0:
+      available = [r[0] for r in connection.execute("SELECT DISTINCT split_name FROM examples")]
+      raise DatasetFormatError(f"{path} has no examples in split {split_name!r}; it holds splits {sorted(available)}.")
+    if row != num_rows:
+      raise _inconsistent(path, split_name)
+    storage_order = np.argsort(slots_in_row_order)  # storage slot -> row
     for name in text:
       writer.put_ragged(name, RaggedBytes.from_list(text_values[name]).take(storage_order))

@@ -124,7 +124,7 @@ def from_tfds(name: str, *, split: str, data_dir=None, partition: str = "auto", 
   except Exception as error:  # TFDS raises assertion, registry and file errors alike
     raise DatasetNotFoundError(
         f"TFDS dataset {name!r} (split {split!r}) is not prepared in {data_dir or '~/tensorflow_datasets'}: "
-        f"{type(error).__name__}: {error}. Prepare it on a machine with network with `tfds build {name} "
+        f"{type(error).__name__}: {' '.join(str(error).split())} Prepare it on a machine with network with `tfds build {name} "
         f"--data_dir <dir>` and copy the folder, or pass download=True.") from None
   count = len(source)
   try:

@@ -148,3 +148,32 @@ def test_argument_checks(tmp_path):
     emnist_lib.load_emnist(data_dir=3)
   with pytest.raises(DatasetNotFoundError, match="not a folder"):
     emnist_lib.load_emnist(data_dir=tmp_path / "nope", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("change", ["drop_metadata", "delete_rows", "extra_rows", "unknown_client"])
+def test_client_metadata_paths(sqlite_file, splits, tmp_path, change):
+  import sqlite3
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  target = data_dir / "emnist_all.sqlite"
+  target.write_bytes(sqlite_file.read_bytes())
+  with sqlite3.connect(target) as connection:
+    if change == "drop_metadata":  # no table: two passes, same result
+      connection.execute("DROP TABLE client_metadata")
+    elif change == "delete_rows":  # a truncated split: fewer rows than the table says
+      connection.execute("DELETE FROM examples WHERE rowid IN (SELECT rowid FROM examples "
+                         "WHERE split_name = 'digits_only_train' LIMIT 2)")
+    elif change == "extra_rows":
+      connection.execute("INSERT INTO examples SELECT * FROM examples WHERE split_name = 'digits_only_train' LIMIT 1")
+    else:
+      connection.execute("UPDATE examples SET client_id = 'zz' WHERE rowid = 1")
+  if change == "drop_metadata":
+    _check(emnist_lib.load_emnist(data_dir=data_dir, cache_dir=tmp_path / "c"), splits, "digits_only", 10)
+    with sqlite3.connect(target) as connection:
+      connection.execute("DELETE FROM examples WHERE split_name = 'digits_only_test'")
+    with pytest.raises(DatasetFormatError, match="no examples in split 'digits_only_test'"):
+      emnist_lib.load_emnist(data_dir=data_dir, cache_dir=tmp_path / "c2")
+  else:
+    with pytest.raises(DatasetFormatError, match="disagree with its client_metadata"):
+      emnist_lib.load_emnist(data_dir=data_dir, cache_dir=tmp_path / "c")
+    assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
