@@ -1,0 +1,222 @@
+"""Independent float64 NumPy re-implementations of the federated algorithms, written from the papers' formulas.
+
+Nothing here imports fedjax_lite: the tests feed these functions the SAME packed round data the library gets
+(the arrays of ``fedjax_lite.core.packing.pack_clients``, as plain NumPy data) and compare the results. The model
+is softmax regression, ``logits = x @ W + b`` on flattened ``x``, trained on the mean cross-entropy of a batch's
+real examples (``mask``). Parameters are ``{'W': [d, C], 'b': [C]}``.
+
+Round data (per the packing contract): ``x [slots, steps, batch, ...]``, ``y [slots, steps, batch]``,
+``mask [slots, steps, batch]``, ``num_examples [slots]``. A slot with ``num_examples == 0`` is padding: weight 0,
+no state written. A client's local steps are its batches with at least one real example, in order.
+
+Algorithms (one round each; ``x`` the server model, ``S`` the real clients of the round):
+
+* FedAvg (McMahan et al. 2017): ``delta_i = x - y_i`` after local SGD; ``delta = sum w_i delta_i / sum w_i`` with
+  ``w_i = n_i`` (examples processed) or 1; server step ``server(x, delta)``.
+* FedProx (Li et al. 2020): local gradient ``grad F_i(y) + mu (y - x)``.
+* SCAFFOLD (Karimireddy et al. 2020, Alg. 1, option II): local step ``y <- y - eta_l (g_i(y) - c_i + c)``;
+  ``c_i+ = c_i - c + (x - y_i) / (K_i eta_l)``; ``x <- x - eta_g mean_S delta_i``; ``c <- c + (1/N) sum_S (c_i+ -
+  c_i)``.
+* MimeLite / Mime (Karimireddy et al. 2021) with the base optimizer SGD with heavy-ball momentum ``beta`` (state
+  ``m``): a base step with frozen state is ``y <- y - lr (g + beta m)``; the server updates ``m <- G + beta m``
+  from the mean full-batch gradient ``G = mean_S grad f_i(x)``. Mime corrects each local gradient to
+  ``grad f_i(y; b) - grad f_i(x; b) + G``.
+* FedAvgM / FedAdagrad / FedAdam / FedYogi (Reddi et al. 2021, Algorithm 2) on the aggregated delta ``D``:
+  ``m <- b1 m + (1 - b1) D``; Adagrad ``v <- v + D^2``; Adam ``v <- b2 v + (1 - b2) D^2``; Yogi
+  ``v <- v - (1 - b2) D^2 sign(v - D^2)``; ``x <- x - eta m / (sqrt(v) + tau)``. FedAvgM: ``a <- mu a + D``,
+  ``x <- x - eta a``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+def as_float64(params):
+  return {key: np.asarray(value, np.float64) for key, value in params.items()}
+
+
+def logits(params, x):
+  x = np.asarray(x, np.float64).reshape(x.shape[0], -1)
+  return x @ params["W"] + params["b"]
+
+
+def batch_loss_and_grad(params, x, y, mask):
+  """``(mean cross-entropy over real examples, its gradient)``; an all-padding batch gives ``(0, zeros)``."""
+  mask = np.asarray(mask, bool)
+  count = max(int(mask.sum()), 1)
+  x = np.asarray(x, np.float64).reshape(x.shape[0], -1)
+  z = x @ params["W"] + params["b"]
+  z = z - z.max(axis=1, keepdims=True)
+  log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+  labels = np.asarray(y, np.int64)
+  per_example = -log_p[np.arange(len(labels)), labels]
+  loss = float(np.sum(per_example[mask])) / count
+  dz = np.exp(log_p)
+  dz[np.arange(len(labels)), labels] -= 1.0
+  dz = dz * mask[:, None] / count
+  return loss, {"W": x.T @ dz, "b": dz.sum(axis=0)}
+
+
+def dataset_loss(params, x, y):
+  """Mean cross-entropy of a whole dataset (every example real)."""
+  return batch_loss_and_grad(params, x, y, np.ones(len(y), bool))[0]
+
+
+def tree_map(fn, *trees):
+  return {key: fn(*(tree[key] for tree in trees)) for key in trees[0]}
+
+
+def zeros_like(params):
+  return tree_map(np.zeros_like, params)
+
+
+def real_steps(round_data, slot):
+  """The client's local steps: indices of its batches holding at least one real example."""
+  return [t for t in range(round_data["mask"].shape[1]) if round_data["mask"][slot, t].any()]
+
+
+def batch(round_data, slot, t):
+  return round_data["x"][slot, t], round_data["y"][slot, t], round_data["mask"][slot, t]
+
+
+def client_slots(round_data):
+  """The real client slots (``num_examples > 0``)."""
+  return [k for k in range(len(round_data["num_examples"])) if round_data["num_examples"][k] > 0]
+
+
+def client_weight(round_data, slot, weighting):
+  if weighting == "num_examples":
+    return float(round_data["mask"][slot].sum())
+  assert weighting == "uniform", weighting
+  return 1.0
+
+
+def weighted_mean(values, weights):
+  total = sum(weights)
+  return {key: sum(w * v[key] for v, w in zip(values, weights)) / total for key in values[0]}
+
+
+def full_gradient(params, round_data, slot):
+  """``grad f_i(x)``: the gradient of the client's mean loss over all its real examples."""
+  count = float(round_data["mask"][slot].sum())
+  total = zeros_like(params)
+  for t in real_steps(round_data, slot):
+    x, y, mask = batch(round_data, slot, t)
+    _, grad = batch_loss_and_grad(params, x, y, mask)
+    total = tree_map(lambda a, g: a + g * mask.sum(), total, grad)
+  return tree_map(lambda a: a / count, total)
+
+
+def local_sgd(params, round_data, slot, learning_rate, correction=None):
+  """Local SGD from ``params``: ``y <- y - lr * (grad + correction(y, t))`` over the client's real steps."""
+  y_params = dict(params)
+  for t in real_steps(round_data, slot):
+    x, y, mask = batch(round_data, slot, t)
+    _, grad = batch_loss_and_grad(y_params, x, y, mask)
+    if correction is not None:
+      grad = tree_map(np.add, grad, correction(y_params, t))
+    y_params = tree_map(lambda p, g: p - learning_rate * g, y_params, grad)
+  return y_params
+
+
+# ------------------------------------------------------------------------------------------- server steps
+
+class ServerSGD:
+  """``x <- x - lr * D`` (optionally heavy-ball momentum ``a <- mu a + D``, ``x <- x - lr a``: FedAvgM)."""
+
+  def __init__(self, learning_rate=1.0, momentum=0.0):
+    self.learning_rate, self.momentum, self.trace = learning_rate, momentum, None
+
+  def step(self, params, delta):
+    if self.trace is None:
+      self.trace = zeros_like(params)
+    self.trace = tree_map(lambda a, d: self.momentum * a + d, self.trace, delta)
+    return tree_map(lambda p, a: p - self.learning_rate * a, params, self.trace)
+
+
+class ServerAdaptive:
+  """Reddi et al. 2021, Algorithm 2 (no bias correction), ``v_{-1} = initial_accumulator``, ``m_{-1} = 0``."""
+
+  def __init__(self, kind, learning_rate, beta1, beta2, tau, initial_accumulator=0.0):
+    assert kind in ("adagrad", "adam", "yogi"), kind
+    self.kind, self.learning_rate, self.beta1, self.beta2, self.tau = kind, learning_rate, beta1, beta2, tau
+    self.initial_accumulator = initial_accumulator
+    self.m = self.v = None
+
+  def step(self, params, delta):
+    if self.m is None:
+      self.m = zeros_like(params)
+      self.v = tree_map(lambda p: np.full_like(p, self.initial_accumulator), params)
+    b1, b2 = self.beta1, self.beta2
+    self.m = tree_map(lambda m, d: b1 * m + (1.0 - b1) * d, self.m, delta)
+    if self.kind == "adagrad":
+      self.v = tree_map(lambda v, d: v + d * d, self.v, delta)
+    elif self.kind == "adam":
+      self.v = tree_map(lambda v, d: b2 * v + (1.0 - b2) * d * d, self.v, delta)
+    else:
+      self.v = tree_map(lambda v, d: v - (1.0 - b2) * d * d * np.sign(v - d * d), self.v, delta)
+    return tree_map(lambda p, m, v: p - self.learning_rate * m / (np.sqrt(v) + self.tau), params, self.m, self.v)
+
+
+# ------------------------------------------------------------------------------------------------- rounds
+
+def fed_avg_round(params, round_data, *, client_learning_rate, server, weighting, proximal_strength=0.0):
+  """One FedAvg round (FedProx when ``proximal_strength > 0``); ``server`` has ``step(params, delta)``."""
+  deltas, weights = [], []
+  for slot in client_slots(round_data):
+    correction = None
+    if proximal_strength:
+      correction = lambda y, t: tree_map(lambda w, w0: proximal_strength * (w - w0), y, params)
+    final = local_sgd(params, round_data, slot, client_learning_rate, correction)
+    deltas.append(tree_map(np.subtract, params, final))
+    weights.append(client_weight(round_data, slot, weighting))
+  return server.step(params, weighted_mean(deltas, weights))
+
+
+def scaffold_round(params, server_control, client_controls, cohort, round_data, *, client_learning_rate,
+                   server_learning_rate, num_clients, weighting):
+  """One SCAFFOLD round. ``client_controls`` is the population's ``{client: c_i}`` (updated in place for the
+  cohort's real slots); ``cohort[k]`` is the client of slot ``k``. Returns ``(params, server_control)``."""
+  deltas, weights, control_changes = [], [], []
+  for slot in client_slots(round_data):
+    client = cohort[slot]
+    c_i = client_controls[client]
+    correction = tree_map(np.subtract, server_control, c_i)  # c - c_i
+    final = local_sgd(params, round_data, slot, client_learning_rate, lambda y, t: correction)
+    delta = tree_map(np.subtract, params, final)
+    num_steps = len(real_steps(round_data, slot))
+    new_c_i = tree_map(lambda ci, c, d: ci - c + d / (num_steps * client_learning_rate), c_i, server_control,
+                       delta)
+    control_changes.append(tree_map(np.subtract, new_c_i, c_i))
+    client_controls[client] = new_c_i
+    deltas.append(delta)
+    weights.append(client_weight(round_data, slot, weighting))
+  delta = weighted_mean(deltas, weights)
+  params = tree_map(lambda p, d: p - server_learning_rate * d, params, delta)
+  server_control = tree_map(lambda c, *changes: c + sum(changes) / num_clients, server_control, *control_changes)
+  return params, server_control
+
+
+def mime_round(params, momentum, round_data, *, learning_rate, beta, weighting, svrg):
+  """One MimeLite (``svrg=False``) or Mime (``svrg=True``) round with base optimizer SGD(lr, momentum=beta) and
+  server SGD(1.0). Returns ``(params, momentum)``."""
+  slots = client_slots(round_data)
+  weights = [client_weight(round_data, slot, weighting) for slot in slots]
+  full = weighted_mean([full_gradient(params, round_data, slot) for slot in slots], weights)
+  deltas = []
+  for slot in slots:
+    y_params = dict(params)
+    for t in real_steps(round_data, slot):
+      x, y, mask = batch(round_data, slot, t)
+      _, grad = batch_loss_and_grad(y_params, x, y, mask)
+      if svrg:
+        _, grad_at_server = batch_loss_and_grad(params, x, y, mask)
+        grad = tree_map(lambda gy, gx, g: gy - gx + g, grad, grad_at_server, full)
+      y_params = tree_map(lambda p, g, m: p - learning_rate * (g + beta * m), y_params, grad, momentum)
+    deltas.append(tree_map(np.subtract, params, y_params))
+  params = tree_map(np.subtract, params, weighted_mean(deltas, weights))
+  momentum = tree_map(lambda g, m: g + beta * m, full, momentum)
+  return params, momentum
