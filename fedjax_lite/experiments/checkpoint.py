@@ -401,8 +401,9 @@ def describe_run(*, seed: int, sampler: Any, client_spec: Any, num_steps: int, e
 
 
 def privacy_accountant_name(ledger: Any) -> str:
-  accountant = ledger.accountant
-  return accountant if isinstance(accountant, str) else type(accountant).__name__
+  from fedjax_lite.privacy.accounting import describe_accountant
+
+  return describe_accountant(ledger.accountant)
 
 
 def check_resumable(restored: Restored, *, run: Mapping[str, Any], config: Mapping[str, Any] | None,

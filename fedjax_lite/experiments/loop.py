@@ -313,6 +313,9 @@ def run_training(
     for record in history:  # a resumed run: the checkpoint's records (later lines of a killed run are dropped)
       sink.write(json.dumps(record) + "\n")
     sink.flush()
+  for record in history:  # trackers open their files afresh: give them the checkpoint's rounds too
+    for tracker in trackers:
+      tracker.write(record)
   if bar is not None and start_round:
     bar.update(min(start_round, num_rounds))
   stopped = None

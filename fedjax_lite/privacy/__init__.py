@@ -3,14 +3,19 @@
 Accounting answers "how much privacy has this run spent?" in the run itself: :class:`PrivacyLedger` gives the
 epsilon after any number of rounds for the run's events (:func:`sampled_run_events` for Poisson or fixed-size
 sampling, :func:`tree_run_events` for DP-FTRL), :func:`planned_epsilon` plans a run, and
-:func:`calibrate_noise_multiplier` finds the noise for a target ``(epsilon, delta)``.
+:func:`calibrate_noise_multiplier` finds the noise for a target ``(epsilon, delta)``. An accountant is named by
+``'rdp'``/``'pld'``, given by its parameters, or passed as your own ``dp_accounting`` accountant; the PLD
+accountant chooses its discretization from the requested accuracy (``accounting``'s module docstring).
 """
 
 from fedjax_lite.privacy.accounting import (
     ACCOUNTANTS,
+    DEFAULT_PLD_RELATIVE_ACCURACY,
     PrivacyLedger,
     RunEvents,
     calibrate_noise_multiplier,
+    check_accountant,
+    describe_accountant,
     epsilon_of,
     halve_gaussian_noise,
     make_accountant,
@@ -24,10 +29,13 @@ from fedjax_lite.privacy.mechanisms import add_gaussian_noise, gaussian_noise
 
 __all__ = [
     "ACCOUNTANTS",
+    "DEFAULT_PLD_RELATIVE_ACCURACY",
     "PrivacyLedger",
     "RunEvents",
     "add_gaussian_noise",
     "calibrate_noise_multiplier",
+    "check_accountant",
+    "describe_accountant",
     "epsilon_of",
     "gaussian_noise",
     "halve_gaussian_noise",

@@ -14,12 +14,34 @@ event of a whole round and the neighbouring relation the guarantee is stated for
 ``T`` rounds compose: ``SelfComposedDpEvent(event, T)``. Nothing here re-derives privacy math: RDP (Mironov 2017)
 and privacy-loss-distribution (Koskela et al. 2020; Doroshenko et al. 2022) accounting, and calibration
 (``dp_accounting.calibrate_dp_mechanism``), are dp_accounting's.
+
+**Accountants.** Wherever an accountant is named, it may be given as
+
+* ``'rdp'`` (``RdpAccountant`` with its default orders) or ``'pld'`` (PLD with the discretization chosen from
+  :data:`DEFAULT_PLD_RELATIVE_ACCURACY`, below);
+* a dict of parameters: ``{'name': 'rdp', 'orders': [...]}``, ``{'name': 'pld', 'value_discretization_interval':
+  1e-5}`` (a fixed discretization) or ``{'name': 'pld', 'relative_accuracy': 1e-3}``;
+* your own ``dp_accounting.PrivacyAccountant`` that has composed nothing (it is deep-copied for each evaluation,
+  never mutated), or a zero-argument callable returning a fresh one. Its neighbouring relation must be the run's.
+
+**PLD discretization and its error.** dp_accounting's PLD is pessimistic: the epsilon it reports is an upper bound
+on the exact epsilon of the (un-discretized) privacy loss distribution, and the over-estimate shrinks as the
+discretization interval ``h`` shrinks (about like ``h^1.5`` on Poisson-subsampled Gaussians, see below). With a
+``relative_accuracy`` ``a`` (default 1%), :func:`epsilon_of` evaluates ``h = 1e-2, 1e-3, ...`` and stops at the
+first ``h`` whose value differs from the previous one by at most ``9 a`` times itself: if the error falls at least
+tenfold per tenfold refinement (it falls 36-100 fold in our measurements), the error of the returned value is then
+at most the last change / 9 <= ``a`` times the value. So the returned epsilon is an upper bound that exceeds the
+exact one by at most ``a`` (relative) -- whatever the horizon: long runs simply get a finer ``h``. Measured on this
+library's benchmark (``benchmarks/privacy_accounting.py``; Poisson q = 0.001, z = 0.8, 10,000 rounds, delta 1e-5):
+epsilon 1.266 at ``h = 1e-2``, 0.7958 at 1e-3 (the former fixed setting: +1.7%), 0.7825 at 1e-4.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import math
 import warnings
 from typing import Any, Callable
 
@@ -31,25 +53,107 @@ from fedjax_lite.core import validation
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("poisson", "without_replacement", "all")
 
+# The PLD accountant's default: the returned epsilon exceeds the exact one by at most this fraction of it.
+DEFAULT_PLD_RELATIVE_ACCURACY = 1e-2
+# The discretization search: from the coarsest interval, refined tenfold until the accuracy is met (or the finest).
+PLD_COARSEST_INTERVAL = 1e-2
+PLD_FINEST_INTERVAL = 1e-6
+_PLD_REFINEMENT = 10.0
+
 
 def check_delta(delta: float) -> float:
   return validation.check_float("delta", delta, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
 
 
-# The PLD accountant's discretization: 10x coarser than dp_accounting's default 1e-4 and about 8x faster (0.15 s
-# instead of 1-1.5 s per evaluation here); its rounding is pessimistic, so epsilon stays an upper bound, and on
-# our checks (Poisson-sampled Gaussians, 1-100 rounds) it changed epsilon only in the 5th significant digit.
-PLD_VALUE_DISCRETIZATION_INTERVAL = 1e-3
+AccountantSpec = Any  # 'rdp' | 'pld' | dict of parameters | dp_accounting.PrivacyAccountant | () -> accountant
 
 
-def make_accountant(accountant: str = "rdp",
+@dataclasses.dataclass(frozen=True)
+class _Accountant:
+  """A checked accountant choice: ``kind`` 'rdp', 'pld' (adaptive when ``interval`` is None) or 'custom'."""
+
+  kind: str
+  parameters: tuple = ()
+  interval: float | None = None
+  relative_accuracy: float = DEFAULT_PLD_RELATIVE_ACCURACY
+  factory: Callable[[], Any] | None = None
+
+  def fresh(self, relation: NeighboringRelation, interval: float | None = None):
+    if self.kind == "rdp":
+      return dp_accounting.rdp.RdpAccountant(neighboring_relation=relation, **dict(self.parameters))
+    if self.kind == "pld":
+      chosen = interval if interval is not None else self.interval
+      return dp_accounting.pld.PLDAccountant(
+          neighboring_relation=relation, value_discretization_interval=1e-4 if chosen is None else chosen)
+    accountant = self.factory()
+    if not isinstance(accountant, dp_accounting.PrivacyAccountant):
+      raise TypeError(f"accountant must build a dp_accounting.PrivacyAccountant, got {type(accountant).__name__}.")
+    if accountant.neighboring_relation != relation:
+      raise ValueError(f"accountant uses {accountant.neighboring_relation.name} adjacency but this run's guarantee "
+                       f"is stated for {relation.name}; build it with neighboring_relation={relation.name}.")
+    return accountant
+
+
+def check_accountant(accountant: AccountantSpec) -> _Accountant:
+  """Checks an accountant given as a name, a dict of parameters, an accountant or a factory (module docstring)."""
+  if isinstance(accountant, _Accountant):
+    return accountant
+  if isinstance(accountant, str):
+    validation.check_choice("accountant", accountant, ACCOUNTANTS)
+    return _Accountant(accountant)
+  if isinstance(accountant, dict):
+    parameters = dict(accountant)
+    name = parameters.pop("name", None)
+    validation.check_choice("accountant['name']", name, ACCOUNTANTS)
+    if name == "rdp":
+      try:
+        dp_accounting.rdp.RdpAccountant(**parameters)
+      except TypeError as error:
+        raise TypeError(f"accountant: bad RdpAccountant parameters {sorted(parameters)} ({error}).") from None
+      return _Accountant("rdp", tuple(sorted(parameters.items())))
+    unknown = sorted(set(parameters) - {"value_discretization_interval", "relative_accuracy"})
+    if unknown or len(parameters) > 1:
+      raise TypeError(f"accountant: a 'pld' accountant takes value_discretization_interval OR relative_accuracy, "
+                      f"got {sorted(parameters)}.")
+    if "value_discretization_interval" in parameters:
+      interval = validation.check_float("value_discretization_interval", parameters["value_discretization_interval"],
+                                        low=0.0, low_inclusive=False)
+      return _Accountant("pld", interval=float(interval))
+    if "relative_accuracy" in parameters:
+      accuracy = validation.check_float("relative_accuracy", parameters["relative_accuracy"], low=0.0, high=1.0,
+                                        low_inclusive=False, high_inclusive=False)
+      return _Accountant("pld", relative_accuracy=float(accuracy))
+    return _Accountant("pld")
+  if isinstance(accountant, dp_accounting.PrivacyAccountant):
+    template = copy.deepcopy(accountant)
+    return _Accountant("custom", factory=lambda: copy.deepcopy(template))
+  if callable(accountant):
+    return _Accountant("custom", factory=accountant)
+  raise TypeError(f"accountant must be 'rdp', 'pld', a dict of parameters, a dp_accounting.PrivacyAccountant or a "
+                  f"callable returning one, got {type(accountant).__name__}.")
+
+
+def describe_accountant(accountant: AccountantSpec) -> str:
+  """A short stable label (for messages and checkpoints)."""
+  checked = check_accountant(accountant)
+  if checked.kind == "rdp":
+    return "rdp" + (f"{dict(checked.parameters)}" if checked.parameters else "")
+  if checked.kind == "pld":
+    if checked.interval is not None:
+      return f"pld(value_discretization_interval={checked.interval:g})"
+    return f"pld(relative_accuracy={checked.relative_accuracy:g})"
+  return "custom " + (type(accountant).__name__ if isinstance(accountant, dp_accounting.PrivacyAccountant)
+                      else "accountant factory")
+
+
+def make_accountant(accountant: AccountantSpec = "rdp",
                     neighboring_relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE):
-  """A fresh ``dp_accounting`` accountant: ``'rdp'`` (RdpAccountant) or ``'pld'`` (PLDAccountant)."""
-  validation.check_choice("accountant", accountant, ACCOUNTANTS)
-  if accountant == "rdp":
-    return dp_accounting.rdp.RdpAccountant(neighboring_relation=neighboring_relation)
-  return dp_accounting.pld.PLDAccountant(neighboring_relation=neighboring_relation,
-                                         value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL)
+  """A fresh ``dp_accounting`` accountant for ``accountant`` (see the module docstring).
+
+  ``'pld'`` without a fixed interval gives dp_accounting's default discretization (1e-4); :func:`epsilon_of`
+  chooses the interval from the requested accuracy instead.
+  """
+  return check_accountant(accountant).fresh(neighboring_relation)
 
 
 def halve_gaussian_noise(event):
@@ -149,22 +253,53 @@ def tree_run_events(noise_multiplier: float, rounds_per_tree: int) -> RunEvents:
                    f"tree aggregation, z={noise_multiplier:g}, restart every {rounds_per_tree} rounds")
 
 
-def epsilon_of(event, delta: float, *, accountant: str = "rdp",
+def epsilon_of(event, delta: float, *, accountant: AccountantSpec = "rdp",
                neighboring_relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE,
                count: int = 1) -> float:
-  """``epsilon`` at ``delta`` of ``event`` composed ``count`` times, by the chosen accountant."""
+  """``epsilon`` at ``delta`` of ``event`` composed ``count`` times, by the chosen accountant.
+
+  A PLD accountant without a fixed interval refines its discretization until the returned epsilon (an upper bound)
+  is within its relative accuracy of the exact one (module docstring).
+  """
   check_delta(delta)
   validation.check_int("count", count, minimum=0)
-  fresh = make_accountant(accountant, neighboring_relation)
+  checked = check_accountant(accountant)
+  fresh = checked.fresh(neighboring_relation)
   if not fresh.supports(event):
-    raise ValueError(f"the {accountant!r} accountant does not support {type(event).__name__} under "
-                     f"{neighboring_relation.name}; use the other accountant or another sampling.")
-  if count:
+    raise ValueError(f"the {describe_accountant(accountant)} accountant does not support {type(event).__name__} "
+                     f"under {neighboring_relation.name}; use the other accountant or another sampling.")
+  if not count:
+    return float(fresh.get_epsilon(delta))
+  if checked.kind != "pld" or checked.interval is not None:
     fresh.compose(event, count)
-  return float(fresh.get_epsilon(delta))
+    return float(fresh.get_epsilon(delta))
+  return _adaptive_pld_epsilon(event, count, delta, neighboring_relation, checked.relative_accuracy)[0]
 
 
-def run_epsilon(run: RunEvents, rounds: int, delta: float, *, accountant: str = "rdp") -> float:
+def _adaptive_pld_epsilon(event, count: int, delta: float, relation: NeighboringRelation,
+                          relative_accuracy: float) -> tuple[float, float]:
+  """(epsilon, interval): the first tenfold refinement whose change is <= 9 x accuracy x value (module docstring)."""
+  interval = PLD_COARSEST_INTERVAL
+  previous = None
+  while True:
+    accountant = dp_accounting.pld.PLDAccountant(neighboring_relation=relation,
+                                                 value_discretization_interval=interval)
+    accountant.compose(event, count)
+    epsilon = float(accountant.get_epsilon(delta))
+    if not math.isfinite(epsilon) or epsilon == 0.0:
+      return epsilon, interval
+    if previous is not None and abs(previous - epsilon) <= (_PLD_REFINEMENT - 1) * relative_accuracy * epsilon:
+      return epsilon, interval
+    if interval / _PLD_REFINEMENT < PLD_FINEST_INTERVAL * (1 - 1e-9):
+      warnings.warn(f"PLD accounting reached the finest discretization {interval:g} without the requested relative "
+                    f"accuracy {relative_accuracy:g} (last change {abs(previous - epsilon) / epsilon:.3g}).",
+                    RuntimeWarning, stacklevel=3)
+      return epsilon, interval
+    previous = epsilon
+    interval /= _PLD_REFINEMENT
+
+
+def run_epsilon(run: RunEvents, rounds: int, delta: float, *, accountant: AccountantSpec = "rdp") -> float:
   """``epsilon`` at ``delta`` after ``rounds`` rounds of ``run``."""
   validation.check_int("rounds", rounds, minimum=0)
   if rounds == 0:
@@ -175,7 +310,7 @@ def run_epsilon(run: RunEvents, rounds: int, delta: float, *, accountant: str = 
 
 def planned_epsilon(noise_multiplier: float, *, rounds: int, delta: float, sampling: str = "poisson",
                     sampling_probability: float | None = None, num_clients: int | None = None,
-                    clients_per_round: int | None = None, accountant: str = "rdp",
+                    clients_per_round: int | None = None, accountant: AccountantSpec = "rdp",
                     round_event_fn: Callable[[float], Any] | None = None) -> float:
   """The epsilon a planned DP-FedAvg run will spend.
 
@@ -184,7 +319,7 @@ def planned_epsilon(noise_multiplier: float, *, rounds: int, delta: float, sampl
     rounds: number of rounds ``T >= 1``.
     delta: target delta in (0, 1).
     sampling, sampling_probability, num_clients, clients_per_round: see :func:`sampled_run_events`.
-    accountant: ``'rdp'`` or ``'pld'``.
+    accountant: ``'rdp'``, ``'pld'``, parameters or your own accountant (module docstring).
     round_event_fn: ``z -> round DpEvent``; default ``GaussianDpEvent(z)`` (fixed clipping). For adaptive
       clipping pass e.g. ``lambda z: gaussian_adaptive(z, m).dp_event()``.
   """
@@ -198,17 +333,24 @@ def planned_epsilon(noise_multiplier: float, *, rounds: int, delta: float, sampl
 
 def calibrate_noise_multiplier(target_epsilon: float, *, rounds: int, delta: float, sampling: str = "poisson",
                                sampling_probability: float | None = None, num_clients: int | None = None,
-                               clients_per_round: int | None = None, accountant: str = "rdp",
+                               clients_per_round: int | None = None, accountant: AccountantSpec = "rdp",
                                round_event_fn: Callable[[float], Any] | None = None,
                                tolerance: float = 1e-3) -> float:
   """The smallest noise multiplier (within ``tolerance`` relative) whose run meets ``(target_epsilon, delta)``.
 
-  A bisection by ``dp_accounting.calibrate_dp_mechanism``; the returned value always meets the target.
+  RDP: a bisection by ``dp_accounting.calibrate_dp_mechanism`` over ``[1e-2, 1e3]``. Any other accountant (PLD,
+  parameters, your own): the RDP answer ``z_rdp`` (fast) brackets the search -- RDP over-estimates epsilon, so
+  ``z_rdp`` meets the target and the answer lies a little below it -- then a geometric bisection with the chosen
+  accountant narrows ``[z_low, z_rdp]`` to ``tolerance``; about ``log2(log(z_rdp / z_low) / tolerance)`` (~9)
+  evaluations instead of ~20 from ``1e-2``. The returned value always meets the target by the chosen accountant.
   """
   validation.check_positive("target_epsilon", target_epsilon)
   validation.check_int("rounds", rounds, minimum=1)
   check_delta(delta)
   validation.check_positive("tolerance", tolerance)
+  checked = check_accountant(accountant)
+  plan = dict(rounds=rounds, delta=delta, sampling=sampling, sampling_probability=sampling_probability,
+              num_clients=num_clients, clients_per_round=clients_per_round, round_event_fn=round_event_fn)
 
   def make_event(noise_multiplier: float):
     round_event = (round_event_fn or dp_accounting.GaussianDpEvent)(float(noise_multiplier))
@@ -220,17 +362,37 @@ def calibrate_noise_multiplier(target_epsilon: float, *, rounds: int, delta: flo
   relation = make_event(lower)[1]
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    if planned_epsilon(upper, rounds=rounds, delta=delta, sampling=sampling,
-                       sampling_probability=sampling_probability, num_clients=num_clients,
-                       clients_per_round=clients_per_round, accountant=accountant,
-                       round_event_fn=round_event_fn) > target_epsilon:
+    if planned_epsilon(upper, accountant=checked, **plan) > target_epsilon:
       raise ValueError(f"target_epsilon {target_epsilon} is not reachable with noise multipliers up to {upper:g} "
                        "(for adaptive clipping the count noise limits the total noise; raise the clients per "
                        "round).")
-    return float(dp_accounting.calibrate_dp_mechanism(
-        lambda: make_accountant(accountant, relation), lambda z: make_event(z)[0], float(target_epsilon),
-        float(delta), bracket_interval=dp_accounting.ExplicitBracketInterval(lower, upper),
-        tol=tolerance * lower))
+    if checked.kind == "rdp":
+      return float(dp_accounting.calibrate_dp_mechanism(
+          lambda: checked.fresh(relation), lambda z: make_event(z)[0], float(target_epsilon), float(delta),
+          bracket_interval=dp_accounting.ExplicitBracketInterval(lower, upper), tol=tolerance * lower))
+
+    def meets(noise_multiplier: float) -> bool:
+      return planned_epsilon(noise_multiplier, accountant=checked, **plan) <= target_epsilon
+
+    high = upper
+    try:
+      high = calibrate_noise_multiplier(target_epsilon, accountant="rdp", tolerance=tolerance, **plan)
+    except ValueError:  # RDP cannot account this run (or cannot reach the target): search the whole range
+      pass
+    while not meets(high):  # (only if this accountant is looser than RDP here)
+      high = min(upper, high * 1.5)
+    low = max(lower, high / 1.5)
+    while low > lower and meets(low):
+      high, low = low, max(lower, low / 1.5)
+    if meets(low):
+      return float(low)
+    while high / low - 1.0 > tolerance:  # invariant: low fails, high meets
+      middle = math.sqrt(low * high)
+      if meets(middle):
+        high = middle
+      else:
+        low = middle
+    return float(high)
 
 
 def _valid_bracket(round_event_fn) -> tuple[float, float]:
@@ -259,23 +421,23 @@ class PrivacyLedger:
   Attributes:
     run: the run's events (:func:`sampled_run_events` or :func:`tree_run_events`).
     delta: the run's delta in (0, 1).
-    accountant: ``'rdp'`` or ``'pld'``.
+    accountant: ``'rdp'``, ``'pld'``, parameters or your own accountant (module docstring).
     epsilon_budget: optional cap: training stops before a round that would exceed it.
   """
 
   run: RunEvents
   delta: float
-  accountant: str = "rdp"
+  accountant: AccountantSpec = "rdp"
   epsilon_budget: float | None = None
 
   def __post_init__(self):
     if not isinstance(self.run, RunEvents):
       raise TypeError(f"run must be a RunEvents, got {type(self.run).__name__}.")
     check_delta(self.delta)
-    validation.check_choice("accountant", self.accountant, ACCOUNTANTS)
+    checked = check_accountant(self.accountant)
     validation.check_positive("epsilon_budget", self.epsilon_budget, allow_none=True)
-    if not make_accountant(self.accountant, self.run.neighboring_relation).supports(self.run.event_after(1)):
-      raise ValueError(f"the {self.accountant!r} accountant does not support this run's events "
+    if not checked.fresh(self.run.neighboring_relation).supports(self.run.event_after(1)):
+      raise ValueError(f"the {describe_accountant(self.accountant)} accountant does not support this run's events "
                        f"({self.run.description}); use accountant='rdp'.")
     if self.epsilon_budget is not None and self.epsilon_after(1) > self.epsilon_budget:
       raise ValueError(f"epsilon_budget ({self.epsilon_budget}) is exceeded by the very first round "
