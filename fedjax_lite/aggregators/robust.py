@@ -14,6 +14,11 @@ round, with ``c = report(norm_state)`` taken from the state BEFORE the round:
 3. the inner aggregator aggregates the transformed values (with the weights);
 4. ``count = sum_i 1[n_i > c]`` (strict ``>``), int32, summed by ``count_sum``.
 
+Non-finite values (beyond the reference, where ``NaN > c`` is False and a NaN client passes both wrappers
+untouched): a client whose norm is NaN or Inf counts as above the threshold -- zeroing zeroes it, clipping (which
+cannot scale an Inf) zeroes it too -- and it is counted in ``zeroed_count``/``clipped_count``. Its norm record
+(an indicator ``n_i <= c``) is 0, as for any large norm, so the estimators' state stays finite.
+
 State ``{'<kind>_norm': <estimator state>, 'inner_agg': <inner state>, '<zeroed|clipped>_count_agg': <count
 state>}``; measurements ``{'<kind>': <inner measurements>, '<kind>_norm': c, '<zeroed|clipped>_count': count}``,
 the reference's keys. The wrapper is streamable when its inner aggregator is; otherwise it transforms the stacked
@@ -44,15 +49,22 @@ def global_norm(tree: PyTree, order: float) -> jax.Array:
   return optax.tree.norm(tree, ord=order).astype(jnp.float32)
 
 
+def is_above(norm: jax.Array, threshold: jax.Array) -> jax.Array:
+  """``norm > threshold``, and True for a NaN norm (``NaN > c`` is False, which would let a NaN client through)."""
+  return ~(norm <= threshold)
+
+
 def zero_if_above(value: PyTree, norm: jax.Array, threshold: jax.Array) -> PyTree:
-  """``0`` if ``norm > threshold`` else ``value``."""
-  return jax.tree.map(lambda x: jnp.where(norm > threshold, jnp.zeros_like(x), x), value)
+  """``0`` if ``norm > threshold`` or the norm is NaN, else ``value``."""
+  return jax.tree.map(lambda x: jnp.where(is_above(norm, threshold), jnp.zeros_like(x), x), value)
 
 
 def clip_to(value: PyTree, norm: jax.Array, threshold: jax.Array) -> PyTree:
-  """``value * threshold / norm`` if ``norm > threshold`` else ``value`` (per leaf, in the leaf's dtype)."""
+  """``value * threshold / norm`` if ``norm > threshold`` else ``value`` (per leaf, in the leaf's dtype); a value
+  whose norm is NaN or Inf cannot be clipped (``Inf * 0`` is NaN) and becomes 0."""
   scale = jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1.0), 1.0)
-  return jax.tree.map(lambda x: x * scale.astype(x.dtype), value)
+  finite = jnp.isfinite(norm)
+  return jax.tree.map(lambda x: jnp.where(finite, x * scale.astype(x.dtype), jnp.zeros_like(x)), value)
 
 
 def _require_aggregator(aggregator: Aggregator | None, name: str, default: Callable[[], Aggregator]) -> Aggregator:
@@ -87,7 +99,7 @@ def _norm_bounding(
     """The transformed value and the uploads of the norm record and the count, for ONE client."""
     threshold, estimator_params = norm_params
     raw_norm = global_norm(value, norm_order)
-    above = raw_norm > threshold
+    above = is_above(raw_norm, threshold)
     norm_record = estimator.client(estimator_params, raw_norm, jax.random.fold_in(rng, 1))
     count = count_sum.parts.client(count_params, above.astype(jnp.int32), jnp.ones((), jnp.float32),
                                    jax.random.fold_in(rng, 2))

@@ -42,7 +42,12 @@ State: ``()`` for constant bounds, the process state for one process, ``(upper_s
 Measurements (clients, not coordinates, are counted; ``max``/``min`` run over all leaves)::
 
   {'secure_upper_clipped_count': sum_i 1[max(x_i) > U], 'secure_lower_clipped_count': sum_i 1[min(x_i) < L],
-   'secure_upper_threshold': U, 'secure_lower_threshold': L}
+   'secure_upper_threshold': U, 'secure_lower_threshold': L, 'secure_non_finite_count': sum_i 1[x_i not finite]}
+
+Non-finite values (beyond the reference, which encodes them into garbage group elements): a client whose value
+holds any NaN or Inf cannot be encoded in the finite group, so it is REJECTED -- it uploads zeros, is left out of
+the client count (its clipping indicators are 0) and is counted in ``secure_non_finite_count`` (a fourth 1-bit
+secure sum). The result is the sum over the finite clients; a NaN never becomes a finite coordinate unnoticed.
 
 Modular secure sum, :func:`secure_modular_sum` (integers only): ``(sum_i x_i) mod M`` in ``[0, M - 1]``; inputs out
 of range wrap around. With ``symmetric_range`` the sum is taken modulo ``2M - 1`` and mapped to
@@ -69,7 +74,7 @@ from fedjax_lite.aggregators.mean import mean, unweighted_mean
 from fedjax_lite.aggregators.quantile_estimation import EstimationProcess, no_noise_quantile_estimator
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
-from fedjax_lite.core.tree import tree_num_elements
+from fedjax_lite.core.tree import tree_all_finite, tree_num_elements, tree_select
 
 PyTree = Any
 
@@ -368,6 +373,10 @@ def secure_sum(
     else:
       (upper, lower), process_params = client_params
     upper, lower = jnp.asarray(upper, dtype), jnp.asarray(lower, dtype)
+    # A client with any NaN/Inf cannot be encoded in the finite group: it is rejected (uploads zeros, is not
+    # counted in the client count) and counted in 'secure_non_finite_count'.
+    finite = tree_all_finite(value)
+    value = tree_select(finite, value, jax.tree.map(jnp.zeros_like, value))
     value_max, value_min = _tree_max(value), _tree_min(value)
 
     if bounds.kind == _SYMMETRIC_PROCESS:
@@ -387,13 +396,14 @@ def secure_sum(
       else:
         def encode(leaf):
           return _to_limbs(_quantize(leaf, upper, lower), num_limbs)
-      limbs = jax.tree.map(encode, value)
+      limbs = jax.tree.map(lambda leaf: encode(leaf) * finite.astype(jnp.uint32), value)
 
     return {
         "value": limbs,
         "dtype": _dtype_tag(dtype),
-        # [client count, 1[max(x) > U], 1[min(x) < L]]: three 1-bit secure sums.
-        "indicators": _indicator_contribution(1, value_max > upper, value_min < lower),
+        # [client count, 1[max(x) > U], 1[min(x) < L], 1[non-finite]]: four 1-bit secure sums.
+        "indicators": _indicator_contribution(finite, finite & (value_max > upper), finite & (value_min < lower),
+                                              ~finite),
         "records": records,
     }
 
@@ -401,7 +411,8 @@ def secure_sum(
     dtype = total["dtype"].dtype
     upper, lower = reported_bounds(state)
     upper, lower = jnp.asarray(upper, dtype), jnp.asarray(lower, dtype)
-    count, upper_clipped_count, lower_clipped_count = _decode_counts(total["indicators"], num_client_slots)
+    count, upper_clipped_count, lower_clipped_count, non_finite_count = _decode_counts(total["indicators"],
+                                                                                      num_client_slots)
     modulus = group_bits(summand_bits, num_client_slots, modulus_bits)
 
     with jax.enable_x64(True):
@@ -428,13 +439,14 @@ def secure_sum(
         "secure_lower_clipped_count": lower_clipped_count,
         "secure_upper_threshold": upper,
         "secure_lower_threshold": lower,
+        "secure_non_finite_count": non_finite_count,
     }
     return MeasuredOutput(state=new_state, result=result, measurements=measurements)
 
   def upload_bits(value_template):
     check_template(value_template)
     records_bits = sum(int(process.upload_bits) for process in processes)
-    return tree_num_elements(as_template(value_template)) * summand_bits + COUNT_BITS + 2 * COUNT_BITS + records_bits
+    return tree_num_elements(as_template(value_template)) * summand_bits + 4 * COUNT_BITS + records_bits
 
   return _slot_aware_aggregator(init, broadcast, client, server, upload_bits)
 

@@ -170,3 +170,16 @@ def test_vmap_over_the_clipping_norm():
 def test_bad_arguments(build, match):
   with pytest.raises((ValueError, TypeError), match=match):
     build()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("kind", ["zeroing", "clipping"])
+def test_non_finite_client_is_zeroed_and_counted(kind, bad):
+  """Regression: ``NaN > threshold`` is False, so a NaN client used to pass zeroing and clipping untouched."""
+  values = np.array([[0.5, -0.5], [bad, 0.1], [0.2, 0.3]], np.float32)
+  wrapper = zeroing(100.0) if kind == "zeroing" else clipping(100.0)
+  out = jax.jit(wrapper.next)(wrapper.init(jnp.zeros(2, jnp.float32)), jnp.asarray(values), jnp.ones(3),
+                              jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(out.result), values[[0, 2]].sum(0))
+  assert int(out.measurements["zeroed_count" if kind == "zeroing" else "clipped_count"]) == 1
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(out.state))

@@ -106,7 +106,7 @@ def test_int_mode_full_int32_range_uses_32_bit_summands_exactly():
   values = jnp.array([[2**30 + 12345, -(2**31)], [-(2**30) - 7, 2**31 - 1], [2**29 + 3, 5]], jnp.int32)
   out = run(aggregator, values)
   np.testing.assert_array_equal(np.asarray(out.result), np.asarray(values, np.int64).sum(0))
-  assert aggregator.upload_bits(values[0]) == 2 * 32 + 3
+  assert aggregator.upload_bits(values[0]) == 2 * 32 + 4
 
 
 def test_int_mode_clips_out_of_range_inputs_and_counts_clients():
@@ -119,6 +119,7 @@ def test_int_mode_clips_out_of_range_inputs_and_counts_clients():
       "secure_lower_clipped_count": np.int32(2),  # clients 1 and 3
       "secure_upper_threshold": np.int32(10),
       "secure_lower_threshold": np.int32(-10),
+      "secure_non_finite_count": np.int32(0),
   })
 
 
@@ -351,7 +352,7 @@ def test_secure_aggregator_matches_the_plain_composition(weighted):
     secure_state, plain_state = secure_out.state, plain_out.state
 
   secure_keys = {"secure_upper_clipped_count", "secure_lower_clipped_count", "secure_upper_threshold",
-                 "secure_lower_threshold"}
+                 "secure_lower_threshold", "secure_non_finite_count"}
   inner_measurements = secure_out.measurements["zeroing"]["clipping"]
   assert set(secure_out.measurements) == {"zeroing", "zeroing_norm", "zeroed_count"}
   assert set(secure_out.measurements["zeroing"]) == {"clipping", "clipping_norm", "clipped_count"}
@@ -383,11 +384,12 @@ def test_secure_aggregator_matches_the_plain_composition(weighted):
 
 def test_upload_bits():
   template = {"w": jnp.zeros((3, 4), jnp.float32), "b": jnp.zeros((5,), jnp.float32)}
-  assert secure_sum(1.0).upload_bits(template) == 17 * 32 + 3
-  assert secure_sum(7, 0).upload_bits(jnp.zeros((10,), jnp.int32)) == 10 * 3 + 3
+  # Values, then four 1-bit secure sums: the client count, the two clipping indicators, the non-finite flag.
+  assert secure_sum(1.0).upload_bits(template) == 17 * 32 + 4
+  assert secure_sum(7, 0).upload_bits(jnp.zeros((10,), jnp.int32)) == 10 * 3 + 4
   estimator = no_noise_quantile_estimator(1.0, 0.5, 0.2, secure_estimation=True)
-  assert estimator.upload_bits == 2 * 32 + 3
-  assert secure_sum(estimator).upload_bits(template) == 17 * 32 + 3 + 67
+  assert estimator.upload_bits == 2 * 32 + 4
+  assert secure_sum(estimator).upload_bits(template) == 17 * 32 + 4 + 68
   assert secure_modular_sum(7).upload_bits(jnp.zeros((4,), jnp.int32)) == 4 * 3
   assert secure_modular_sum(7, symmetric_range=True).upload_bits(jnp.zeros((4,), jnp.int32)) == 4 * 4
 
@@ -432,3 +434,18 @@ def test_bad_arguments():
     secure_modular_sum(7, symmetric_range=1)
   with pytest.raises(TypeError, match="weighted"):
     secure_aggregator(weighted="yes")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_client_is_rejected_and_counted_never_a_finite_wrong_value(bad):
+  """Regression: a NaN client used to be encoded into a finite wrong coordinate, with nothing reported."""
+  aggregator = secure_sum(4.0)
+  values = np.array([[1.0, -2.0], [bad, 0.5], [0.25, 3.0]], np.float32)
+  out = run(aggregator, jnp.asarray(values))
+  expected = values[[0, 2]].sum(0)  # the finite clients only
+  # Two clients' rounding to levels of (U - L) / M, then the float32 result's own rounding.
+  step = 8.0 / (2**32 - 1)
+  np.testing.assert_allclose(np.asarray(out.result), expected,
+                             atol=2 * step + 2 * np.finfo(np.float32).eps * np.abs(expected).max())
+  assert int(out.measurements["secure_non_finite_count"]) == 1
+  assert int(out.measurements["secure_upper_clipped_count"]) == 0
