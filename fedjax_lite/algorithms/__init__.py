@@ -11,6 +11,7 @@ from fedjax_lite.algorithms.evaluation import (
     federated_evaluation,
 )
 from fedjax_lite.algorithms.fed_avg import fed_avg, local_training_work
+from fedjax_lite.algorithms.fed_kmeans import fed_kmeans, initial_centroids
 from fedjax_lite.algorithms.fed_opt import (
     adaptive_server_optimizer,
     fed_adagrad,
@@ -24,6 +25,7 @@ from fedjax_lite.algorithms.fed_sgd import fed_sgd
 from fedjax_lite.algorithms.mime import frozen_state, mime, mime_lite
 from fedjax_lite.algorithms.scaffold import control_variate_correction, scaffold
 from fedjax_lite.algorithms.local_training import client_gradient, train_locally
+from fedjax_lite.algorithms.personalization import personalization_evaluation
 from fedjax_lite.algorithms.optimizers import ScheduledOptimizer, scheduled_optimizer
 from fedjax_lite.algorithms.template import (
     Broadcast,
@@ -36,6 +38,9 @@ from fedjax_lite.algorithms.template import (
 )
 
 __all__ = [
+    "fed_kmeans",
+    "initial_centroids",
+    "personalization_evaluation",
     "adaptive_server_optimizer",
     "control_variate_correction",
     "fed_adagrad",

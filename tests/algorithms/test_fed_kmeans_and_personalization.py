@@ -1,0 +1,85 @@
+"""Federated k-means against a NumPy re-derivation of TFF's rule, and personalization evaluation against its
+definition (baseline = evaluation of the global model; a zero-rate fine-tune = the baseline)."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+
+from fedjax_lite.algorithms import evaluate_clients, fed_kmeans, initial_centroids, personalization_evaluation
+from fedjax_lite.core.federated_data import FederatedData
+from fedjax_lite.core.packing import pack_clients
+from tests.conftest import make_population
+
+
+def numpy_kmeans_round(centroids, weights, clients):
+  """TFF build_fed_kmeans: nearest centroid per point; W' = W + c; C' = (W C + S) / W' where c > 0."""
+  centroids = centroids.astype(np.float64)
+  sums, counts = np.zeros_like(centroids), np.zeros(len(centroids))
+  for points in clients:
+    nearest = np.argmin(((points[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+    for k in range(len(centroids)):
+      sums[k] += points[nearest == k].sum(0)
+      counts[k] += np.sum(nearest == k)
+  new_weights = weights + counts
+  moved = (weights[:, None] * centroids + sums) / new_weights[:, None]
+  return np.where(counts[:, None] > 0, moved, centroids), new_weights
+
+
+def test_fed_kmeans_two_rounds_equal_numpy_with_padding_slots():
+  rng = np.random.default_rng(0)
+  clients = [(rng.normal(size=(3 + 2 * i, 2)) + [3.0 * (i % 2), -1.0]).astype(np.float32) for i in range(4)]
+  data = FederatedData.from_clients({f"c{i}": {"x": x} for i, x in enumerate(clients)})
+  process = fed_kmeans(3, (2,))
+  state = process.init(initial_centroids(3, (2,), seed=1))
+  expected_centroids, expected_weights = np.asarray(state.params), np.ones(3)
+  step = jax.jit(process.next)
+  for round_num, cohort in enumerate([[0, 1, 2], [1, 3]]):
+    round_data = pack_clients(data, cohort, batch_size=3, cohort_size=4, round_num=round_num)  # padding slots
+    state, metrics = step(state, round_data, jax.random.key(round_num))
+    expected_centroids, expected_weights = numpy_kmeans_round(expected_centroids, expected_weights,
+                                                              [clients[i] for i in cohort])
+    # float32 sums of at most 9 points of magnitude < 6, divided once: a few ulps times the terms.
+    np.testing.assert_allclose(np.asarray(state.params), expected_centroids, rtol=0,
+                               atol=4 * 10 * np.finfo(np.float32).eps * 6)
+    np.testing.assert_array_equal(np.asarray(state.opt_state), expected_weights)
+    assert int(metrics["client_work"]["train"]["num_examples"]) == sum(len(clients[i]) for i in cohort)
+
+
+def test_fed_kmeans_bad_arguments():
+  with pytest.raises(ValueError, match="num_clusters"):
+    fed_kmeans(0, (2,))
+  with pytest.raises(ValueError, match="data_shape"):
+    fed_kmeans(2, (0,))
+  with pytest.raises(ValueError, match="centroids must have shape"):
+    fed_kmeans(2, (2,)).init(np.zeros((3, 2), np.float32))
+
+
+def test_personalization_baseline_and_zero_rate_fine_tune(tiny_model, tiny_params):
+  train, test = make_population(seed=0), make_population(seed=1)
+  cohort = [0, 2, 4]
+  train_data = pack_clients(train, cohort, batch_size=4, cohort_size=4)
+  test_data = pack_clients(test, cohort, batch_size=4, cohort_size=4)
+  evaluate = personalization_evaluation(tiny_model, {"frozen": (optax.sgd(0.0), 2), "sgd": (optax.sgd(0.5), 2)})
+  out = evaluate(tiny_params, train_data, test_data)
+  assert set(out) == {"baseline_metrics", "frozen", "sgd"}
+  direct = evaluate_clients(tiny_model, tiny_params, test_data)
+  chex.assert_trees_all_close(out["baseline_metrics"], direct, rtol=1e-6)
+  chex.assert_trees_all_close(out["frozen"], out["baseline_metrics"], rtol=1e-6)
+  assert out["sgd"]["per_client"]["num_examples"].tolist() == direct["per_client"]["num_examples"].tolist()
+  assert np.isnan(out["sgd"]["per_client"]["loss"][3])  # the padding slot
+  # Fine-tuning on each client's own train split lowers its TRAIN loss: evaluate on the train split as test.
+  tuned_on_train = evaluate(tiny_params, train_data, train_data)
+  assert float(tuned_on_train["sgd"]["aggregate"]["loss"]) < float(tuned_on_train["baseline_metrics"]["aggregate"]["loss"])
+
+
+def test_personalization_bad_strategies(tiny_model):
+  with pytest.raises(ValueError, match="non-empty"):
+    personalization_evaluation(tiny_model, {})
+  with pytest.raises(TypeError, match="strategies"):
+    personalization_evaluation(tiny_model, {"a": (optax.sgd(0.1),)})
+  with pytest.raises(ValueError, match="num_epochs"):
+    personalization_evaluation(tiny_model, {"a": (optax.sgd(0.1), 0)})
