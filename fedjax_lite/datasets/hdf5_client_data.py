@@ -81,13 +81,11 @@ def convert_hdf5_split(path: str | os.PathLike, spec: Mapping[str, FeatureSpec],
                                        f"{counts[k]} of {first!r}.")
             if feature_spec.kind == "bytes":
               texts[name].extend(_as_bytes(v) for v in values.reshape(-1).tolist())
+            elif values.size != counts[k] * feature_spec.size:
+              raise DatasetFormatError(f"{path}: client {cid!r} feature {name!r} has shape {values.shape}, not "
+                                       f"{counts[k]} examples of {feature_spec.describe()}.")
             else:
-              values = values.reshape((counts[k], *feature_spec.shape)) if values.size == counts[k] * \
-                  feature_spec.size else None
-              if values is None:
-                raise DatasetFormatError(f"{path}: client {cid!r} feature {name!r} has the wrong shape for "
-                                         f"{feature_spec.describe()}.")
-              outputs[name][offsets[k]:offsets[k + 1]] = values.astype(feature_spec.dtype, copy=False)
+              outputs[name][offsets[k]:offsets[k + 1]] = values.reshape((counts[k], *feature_spec.shape))
         for name, items in texts.items():
           writer.put_ragged(name, RaggedBytes.from_list(items))
   except OSError as error:

@@ -177,3 +177,18 @@ def test_client_metadata_paths(sqlite_file, splits, tmp_path, change):
     with pytest.raises(DatasetFormatError, match="disagree with its client_metadata"):
       emnist_lib.load_emnist(data_dir=data_dir, cache_dir=tmp_path / "c")
     assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
+
+
+def test_truncated_hdf5_clear_error_and_no_cache(splits, tmp_path):
+  pytest.importorskip("h5py")
+  source = tmp_path / "full.h5"
+  clients = {cid: {"pixels": c["pixels"], "label": c["label"].astype(np.int32)}
+             for cid, c in splits["digits_only_train"].items()}
+  write_tff_hdf5(source, clients)
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  content = source.read_bytes()
+  (data_dir / "fed_emnist_digitsonly_train.h5").write_bytes(content[: len(content) // 2])
+  with pytest.raises(DatasetFormatError, match="fed_emnist_digitsonly_train.h5 is not a readable HDF5 file"):
+    emnist_lib.load_emnist(data_dir=data_dir, cache_dir=tmp_path / "c")
+  assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
