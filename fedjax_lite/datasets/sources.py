@@ -141,7 +141,8 @@ def load_raw_split(source: DatasetSource, split: str, *, data_dir=None, cache_di
     split_data, manifest = cached
     recorded = manifest.get("source", {})
     origin = find_file(recorded.get("name", ""), dirs) if recorded.get("name") else None
-    if origin is None or source_fingerprint(origin) == recorded:
+    same_features = set(manifest.get("features", {})) == set(source.spec)
+    if same_features and (origin is None or source_fingerprint(origin) == recorded):
       return split_data
 
   sqlite_path = find_file(source.sqlite_name, dirs)
