@@ -99,6 +99,9 @@ class FederatedData:
     for cid, examples in zip(ids, per_client):
       if set(examples) != keys:
         raise ValueError(f"client {cid!r} has features {sorted(examples)}, expected {sorted(keys)}.")
+    from fedjax_lite.core.round_data import check_client_features  # per-example shapes, names the client
+
+    check_client_features(dict(zip(ids, per_client)))
     examples = {key: np.concatenate([ex[key] for ex in per_client]) for key in sorted(keys)}
     sizes = [next(iter(ex.values())).shape[0] for ex in per_client]
     return cls(tuple(ids), examples, np.concatenate([[0], np.cumsum(sizes)]))

@@ -31,7 +31,7 @@ def check_client_features(clients: Mapping[Any, Mapping[str, Any]]) -> None:
   Args:
     clients: ``{client_id: {feature: array [examples, ...]}}``.
   """
-  reference_id, reference = None, None
+  reference_id, reference, reference_counts = None, None, {}
   for client_id, examples in clients.items():
     if not isinstance(examples, Mapping):
       raise TypeError(f"client {client_id!r} must map feature names to arrays, got {type(examples).__name__}.")
@@ -43,7 +43,7 @@ def check_client_features(clients: Mapping[Any, Mapping[str, Any]]) -> None:
     if len(set(counts.values())) > 1:
       raise ValueError(f"client {client_id!r}: its features have different numbers of examples: {counts}.")
     if reference is None:
-      reference_id, reference = client_id, spec
+      reference_id, reference, reference_counts = client_id, spec, counts
       continue
     if set(spec) != set(reference):
       raise ValueError(f"client {client_id!r} has features {sorted(spec)}, client {reference_id!r} has "
@@ -52,7 +52,7 @@ def check_client_features(clients: Mapping[Any, Mapping[str, Any]]) -> None:
       if shape != reference[name][0]:
         raise ValueError(f"client {client_id!r}: feature {name!r} has per-example shape {shape}, client "
                          f"{reference_id!r} has {reference[name][0]}; every client needs the same shapes.")
-      if kind != reference[name][1]:
+      if kind != reference[name][1] and counts[name] and reference_counts[name]:  # (empty arrays carry no kind)
         raise ValueError(f"client {client_id!r}: feature {name!r} has dtype kind {kind!r}, client "
                          f"{reference_id!r} has {reference[name][1]!r}.")
 

@@ -75,3 +75,11 @@ def test_clients_with_differing_features_are_named():
   with pytest.raises(ValueError, match="different numbers of examples"):
     round_data.check_client_features({"a": {"x": np.zeros((3, 4)), "y": np.zeros(2)}})
   round_data.check_client_features({"a": good, "b": good})
+
+
+def test_federated_data_from_clients_names_the_client_with_other_shapes():
+  from fedjax_lite.core.federated_data import FederatedData
+
+  with pytest.raises(ValueError, match=r"client 'b': feature 'x' has per-example shape \(5,\)"):
+    FederatedData.from_clients({"a": {"x": np.zeros((3, 4)), "y": np.zeros(3, np.int32)},
+                                "b": {"x": np.zeros((2, 5)), "y": np.zeros(2, np.int32)}})

@@ -2,7 +2,7 @@
 bit-identical to an uninterrupted run (parameters, metrics file, epsilon); a changed configuration is refused.
 
 The CLI runs are tiny (digits, dense softmax model, 12 rounds of 10 Poisson-sampled clients, one local epoch, DP
-with the RDP ledger). The uninterrupted run is made once per module. Only wall-time fields
+with the PLD ledger: cheaper per round than RDP at this sampling rate). The uninterrupted run is made once per module. Only wall-time fields
 (``*_time_in_seconds``) may differ between runs.
 """
 
@@ -30,7 +30,8 @@ import dp_accounting
 
 ROUNDS = 12
 BASE = ["train", "--model", "dense", "--rounds", str(ROUNDS), "--clients-per-round", "10", "--local-epochs", "1",
-        "--eval-every", "3", "--aggregator", "dp", "--dp-noise-multiplier", "0.8", "--no-progress", "--json"]
+        "--eval-every", "3", "--aggregator", "dp", "--dp-noise-multiplier", "0.8", "--dp-accountant", "pld",
+        "--no-progress", "--json"]
 if "log_format" in vars(cli.build_parser().parse_args(["train"])):
   BASE += ["--log-format", "jsonl"]  # no plot: faster
 KILL_TIMEOUT_S = 120
@@ -171,8 +172,7 @@ def test_sigterm_saves_the_round_and_resume_matches(tmp_path, tiny_model, tiny_p
 
 
 def _ledger(noise_multiplier, budget):
-  run = sampled_run_events(dp_accounting.GaussianDpEvent(noise_multiplier), sampling="poisson",
-                           sampling_probability=0.5)
+  run = sampled_run_events(dp_accounting.GaussianDpEvent(noise_multiplier), sampling="all")  # fast RDP
   return PrivacyLedger(run, 1e-3, "rdp", budget)
 
 
@@ -255,3 +255,33 @@ def test_bad_checkpoint_arguments(tmp_path, tiny_model, tiny_params, population)
   (tmp_path / "file").write_text("x")
   with pytest.raises(NotADirectoryError, match="is a file"):
     run_training(process, population, tiny_params, checkpoint_dir=tmp_path / "file", **common)
+
+
+@pytest.mark.parametrize("error, code, fragment", [
+    (ckpt.TrainingInterrupted(signal.SIGTERM, 4, "/ck"), 128 + signal.SIGTERM, "after 4 rounds; checkpoint saved in "
+                                                                                "/ck; continue with --resume"),
+    (ckpt.TrainingInterrupted(signal.SIGINT, 2, "/ck"), 128 + signal.SIGINT, "continue with --resume"),
+])
+def test_cli_reports_an_interrupted_run_in_one_line(monkeypatch, capsys, tmp_path, error, code, fragment):
+  from fedjax_lite.experiments import loop
+
+  def interrupted(*args, **kwargs):
+    raise error
+
+  monkeypatch.setattr(loop, "run_training", interrupted)
+  assert cli.main(["train", "--model", "dense", "--output-dir", str(tmp_path), "--checkpoint-dir",
+                   str(tmp_path / "ck")]) == code
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_cli_reports_a_stalled_run_in_one_line(monkeypatch, capsys, tmp_path):
+  from fedjax_lite.experiments import loop
+
+  def stalled(*args, **kwargs):
+    raise loop.TrainingStalledError("round 2: every client's update was rejected")
+
+  monkeypatch.setattr(loop, "run_training", stalled)
+  assert cli.main(["train", "--model", "dense", "--output-dir", str(tmp_path)]) == 1
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "every client's update was rejected" in err
