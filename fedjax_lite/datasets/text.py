@@ -87,7 +87,7 @@ def word_special_tokens(vocabulary_size: int, num_oov_buckets: int = 1) -> Speci
 
 
 def word_sequences(sentences: RaggedBytes, vocabulary: Sequence[str], sequence_length: int = 20,
-                   num_oov_buckets: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                   num_oov_buckets: int = 1, *, chunk: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
   """Space-separated sentences to ``(x, y)``, int32 ``[num_sentences, sequence_length]``, one row per sentence.
 
   Args:
@@ -95,6 +95,7 @@ def word_sequences(sentences: RaggedBytes, vocabulary: Sequence[str], sequence_l
     vocabulary: the words, most frequent first (ids ``1..len(vocabulary)``).
     sequence_length: words kept per sentence (20 in the reference).
     num_oov_buckets: ``>= 1``.
+    chunk: sentences tokenized at a time (bounds the temporary Python word lists).
   """
   sequence_length = _check_sequence_length(sequence_length)
   if isinstance(num_oov_buckets, bool) or not isinstance(num_oov_buckets, (int, np.integer)) or num_oov_buckets < 1:
@@ -104,9 +105,21 @@ def word_sequences(sentences: RaggedBytes, vocabulary: Sequence[str], sequence_l
   tokens = word_special_tokens(len(vocabulary), num_oov_buckets)
   lookup = {word.encode("utf-8") if isinstance(word, str) else bytes(word): index + 1
             for index, word in enumerate(vocabulary)}
-  text = np.asarray(sentences.values).tobytes()
-  offsets = sentences.offsets.tolist()
-  word_lists = [text[a:b].split(b" ") for a, b in zip(offsets[:-1], offsets[1:])]
+  num_sentences = len(sentences)
+  rows = np.zeros((num_sentences, sequence_length + 1), np.int32)
+  rows[:, 0] = tokens.bos
+  for begin in range(0, num_sentences, chunk):
+    end = min(begin + chunk, num_sentences)
+    _fill_word_rows(sentences, begin, end, lookup, tokens, num_oov_buckets, sequence_length, rows[begin:end])
+  return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
+
+
+def _fill_word_rows(sentences: RaggedBytes, begin: int, end: int, lookup: dict[bytes, int], tokens: SpecialTokens,
+                    num_oov_buckets: int, sequence_length: int, rows: np.ndarray) -> None:
+  offsets = sentences.offsets[begin:end + 1]
+  text = np.asarray(sentences.values[offsets[0]:offsets[-1]]).tobytes()
+  bounds = (offsets - offsets[0]).tolist()
+  word_lists = [text[a:b].split(b" ") for a, b in zip(bounds[:-1], bounds[1:])]
   counts = np.fromiter(map(len, word_lists), np.int64, len(word_lists))
   words = list(itertools.chain.from_iterable(word_lists))
   ids = np.fromiter(map(lookup.get, words, itertools.repeat(0)), np.int32, len(words))
@@ -118,13 +131,9 @@ def word_sequences(sentences: RaggedBytes, vocabulary: Sequence[str], sequence_l
                           out_of_vocabulary.size)
     ids[out_of_vocabulary] = tokens.oov[0] + buckets
   kept = np.minimum(counts, sequence_length)
-  num_sentences = counts.size
-  rows = np.zeros((num_sentences, sequence_length + 1), np.int32)
-  rows[:, 0] = tokens.bos
   word_starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-  sentence_of_word = np.repeat(np.arange(num_sentences), kept)
+  sentence_of_word = np.repeat(np.arange(counts.size), kept)
   position = np.arange(kept.sum()) - np.repeat(np.concatenate([[0], np.cumsum(kept)[:-1]]), kept)
   rows[sentence_of_word, 1 + position] = ids[word_starts[sentence_of_word] + position]
   short = np.flatnonzero(kept < sequence_length)
   rows[short, 1 + kept[short]] = tokens.eos
-  return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])

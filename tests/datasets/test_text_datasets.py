@@ -70,6 +70,9 @@ def test_word_sequences_match_the_baseline_semantics():
                                     [bos, 1, oov, 1, eos], [bos, 2, 2, 2, 2]])
   np.testing.assert_array_equal(y, [[1, oov, 3, oov, 4], [2, eos, 0, 0, 0], [oov, eos, 0, 0, 0],
                                     [1, oov, 1, eos, 0], [2, 2, 2, 2, 2]])
+  chunked = word_sequences(RaggedBytes.from_list(sentences), vocabulary, sequence_length=5, chunk=2)
+  np.testing.assert_array_equal(chunked[0], x)
+  np.testing.assert_array_equal(chunked[1], y)
   x3, _ = word_sequences(RaggedBytes.from_list(sentences), vocabulary, sequence_length=5, num_oov_buckets=3)
   assert set(x3[x == oov].tolist()) <= {5, 6, 7} and x3[0, 0] == 4 + 3 + 1
 
