@@ -20,6 +20,12 @@ whatever they are divided by (``num_examples`` cancels)::
 :func:`finalize_ratio_metrics` (or :func:`token_metrics`) turns either the raw sums or the finalized means into
 ``loss`` (the exact token-mean cross-entropy), ``accuracy`` and ``accuracy_without_out_of_vocab``.
 
+Names against the reference: TFF's StackOverflow task reports ``accuracy`` (only pad masked),
+``accuracy_without_out_of_vocab`` (pad and OOV) and ``accuracy_without_out_of_vocab_or_end_of_sentence`` (pad,
+OOV, EOS); its Shakespeare task only the pad-masked ``accuracy``. Ours: ``accuracy`` masks pad and EOS, and
+``accuracy_without_out_of_vocab`` equals TFF's ``accuracy_without_out_of_vocab_or_end_of_sentence`` (the figure
+Reddi et al. report for StackOverflow). BOS never occurs as a target in the reference's data and is not masked.
+
 The training loss of one sequence is ``sum_t m_t CE_t / T`` (``m_t`` = target counted, ``T`` = sequence length):
 the batch's mean over real sequences is then ``sum_{b,t} m_bt CE_bt / (B_real T)``, Keras' weighted
 ``SUM_OVER_BATCH_SIZE`` reduction, and its gradient weights every counted token of the batch equally (a per-sequence
