@@ -138,13 +138,16 @@ class ServerSGD:
 
 
 class ServerAdaptive:
-  """Reddi et al. 2021, Algorithm 2 (no bias correction), ``v_{-1} = initial_accumulator``, ``m_{-1} = 0``."""
+  """Reddi et al. 2021, Algorithm 2, ``v_{-1} = initial_accumulator``, ``m_{-1} = 0``. With ``bias_correction``
+  the step of round ``t = 1, 2, ...`` is multiplied by ``sqrt(1 - beta2^t) / (1 - beta1^t)`` (Kingma & Ba's
+  Adam step size, which TFF's Adam and Yogi use; the paper's Algorithm 2 does not)."""
 
-  def __init__(self, kind, learning_rate, beta1, beta2, tau, initial_accumulator=0.0):
+  def __init__(self, kind, learning_rate, beta1, beta2, tau, initial_accumulator=0.0, bias_correction=False):
     assert kind in ("adagrad", "adam", "yogi"), kind
     self.kind, self.learning_rate, self.beta1, self.beta2, self.tau = kind, learning_rate, beta1, beta2, tau
-    self.initial_accumulator = initial_accumulator
+    self.initial_accumulator, self.bias_correction = initial_accumulator, bias_correction
     self.m = self.v = None
+    self.t = 0
 
   def step(self, params, delta):
     if self.m is None:
@@ -158,7 +161,11 @@ class ServerAdaptive:
       self.v = tree_map(lambda v, d: b2 * v + (1.0 - b2) * d * d, self.v, delta)
     else:
       self.v = tree_map(lambda v, d: v - (1.0 - b2) * d * d * np.sign(v - d * d), self.v, delta)
-    return tree_map(lambda p, m, v: p - self.learning_rate * m / (np.sqrt(v) + self.tau), params, self.m, self.v)
+    self.t += 1
+    rate = self.learning_rate
+    if self.bias_correction:
+      rate *= np.sqrt(1.0 - b2 ** self.t) / (1.0 - b1 ** self.t)
+    return tree_map(lambda p, m, v: p - rate * m / (np.sqrt(v) + self.tau), params, self.m, self.v)
 
 
 # ------------------------------------------------------------------------------------------------- rounds
