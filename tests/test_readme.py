@@ -26,13 +26,17 @@ def test_readme_main_command_runs_the_train_job():
   assert any(block.endswith("fedjax-lite train") for block in bash_blocks)
 
 
-def test_readme_python_example_runs(capsys):
+def test_readme_python_examples_run(capsys):
   blocks = code_blocks("python")
-  assert blocks, "the README has no Python example"
+  assert len(blocks) >= 2, "the README needs its training example and its own-algorithm example"
+  namespaces = []
   for block in blocks:
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
-  state = namespace["state"]
-  assert int(state.round_num) == 20
+    namespaces.append(namespace)
+  assert int(namespaces[0]["state"].round_num) == 20
+  custom = namespaces[1]["result"]  # the signSGD example built with build_round
+  assert len(custom.history) == 10 and int(custom.state.round_num) == 10
+  assert custom.history[-1]["client_work/train/loss"] < custom.history[0]["client_work/train/loss"]
   printed = capsys.readouterr().out
-  assert "accuracy" in printed
+  assert printed.count("accuracy") >= 2

@@ -1,0 +1,137 @@
+"""What each algorithm costs per round against FedAvg, on the standard workload, in ONE process.
+
+The standard workload of ``round_speed.py`` (EMNIST-shaped 28x28x1 data with 62 classes, the original FedAvg CNN,
+10 clients x 200 examples, batch 20, one epoch, client SGD 0.02), run through every algorithm's ``Process``; the
+variants are interleaved round-robin so machine noise hits them alike. SCAFFOLD's rounds include the host-side
+gather of the cohort's control variates from a :class:`fedjax_lite.core.ClientStateStore` and the scatter back
+(as ``run_training`` does). Also reported: the store's bytes for 10,000 clients of the CNN's control variates (from
+the bytes per client: 10,000 x 6.65 MB does not fit in this machine's memory; ``ClientStateStore(directory=...)``
+memory-maps such a store), and the gather + scatter time as a share of SCAFFOLD's round.
+
+Targets (issue 8): FedProx <= 1.05x FedAvg, SCAFFOLD <= 1.25x (with gather/scatter), MimeLite <= 1.3x.
+
+Usage: ``python benchmarks/algorithm_overhead.py [--rounds 5] [--quick] [--variants fedavg,fedprox,...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+
+TARGET = {"fedprox": 1.05, "scaffold": 1.25, "mimelite": 1.3}
+VARIANTS = ("fedavg", "fedprox", "scaffold", "mimelite", "mime", "fedadam", "fedsgd")
+
+
+def build(name, model, population):
+  from fedjax_lite import algorithms
+
+  lr = 0.02
+  return {
+      "fedavg": lambda: algorithms.fed_avg(model, client_learning_rate=lr),
+      "fedprox": lambda: algorithms.fed_prox(model, 0.01, client_learning_rate=lr),
+      "scaffold": lambda: algorithms.scaffold(model, num_clients=population, client_learning_rate=lr),
+      "mimelite": lambda: algorithms.mime_lite(model, optax.sgd(lr, momentum=0.9)),
+      "mime": lambda: algorithms.mime(model, optax.sgd(lr, momentum=0.9)),
+      "fedadam": lambda: algorithms.fed_adam(model, server_learning_rate=0.003, client_learning_rate=lr),
+      "fedsgd": lambda: algorithms.fed_sgd(model),
+  }[name]()
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (after one warm-up)")
+  parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  args = parser.parse_args(argv)
+
+  from fedjax_lite import models
+  from fedjax_lite.core import ClientStateStore, FederatedData, pack_clients
+
+  num_clients, examples, batch_size = (2, 40, 20) if args.quick else (10, 200, 20)
+  # The store for 10,000 clients of the CNN's control variates is ~66 GB (reported from its size, below); the timed
+  # run keeps a population of 200 (1.3 GB) in memory -- gather/scatter cost depends on the cohort, not the population.
+  population = 10 if args.quick else 200
+  rng = np.random.default_rng(0)
+  images = rng.random((num_clients * examples, 28, 28, 1), dtype=np.float32)
+  labels = rng.integers(0, 62, num_clients * examples).astype(np.int32)
+  data = FederatedData.from_arrays({"x": images, "y": labels}, np.repeat(np.arange(num_clients), examples))
+  round_data = jax.device_put(pack_clients(data, np.arange(num_clients), batch_size=batch_size))
+  model = models.original_fedavg_cnn(num_classes=62)
+  params = model.init(jax.random.key(0))
+
+  names = [name.strip() for name in args.variants.split(",") if name.strip()]
+  unknown = sorted(set(names) - set(VARIANTS))
+  if unknown:
+    raise SystemExit(f"unknown variants {unknown}; choose from {VARIANTS}")
+  programs, states, stores, first = {}, {}, {}, {}
+  cohort_rng = np.random.default_rng(1)
+  gather_scatter = []
+
+  def one_round(name, key):
+    if name not in stores:
+      states[name], metrics = programs[name](states[name], round_data, key)
+      return metrics
+    cohort = cohort_rng.choice(population, num_clients, replace=False)
+    start = time.perf_counter()
+    gathered = jax.device_put(stores[name].gather(cohort, num_clients))
+    moved = time.perf_counter() - start
+    states[name], metrics, new_states = programs[name](states[name], dict(round_data, client_state=gathered), key)
+    new_states = jax.device_get(new_states)
+    start = time.perf_counter()
+    stores[name].scatter(cohort, new_states, np.asarray(round_data["num_examples"]))
+    gather_scatter.append(moved + time.perf_counter() - start)
+    return metrics
+
+  for name in names:
+    process = build(name, model, population)
+    programs[name] = jax.jit(process.next)
+    states[name] = process.init(params)
+    if process.client_state is not None:
+      stores[name] = ClientStateStore(jax.device_get(process.client_state(params)), population)
+    start = time.perf_counter()
+    jax.block_until_ready(one_round(name, jax.random.key(0)))
+    first[name] = time.perf_counter() - start
+  gather_scatter.clear()
+
+  seconds = {name: [] for name in names}
+  for repetition in range(args.rounds):
+    for name in names:
+      start = time.perf_counter()
+      jax.block_until_ready((one_round(name, jax.random.key(repetition + 1)), states[name]))
+      seconds[name].append(time.perf_counter() - start)
+
+  median = {name: statistics.median(values) for name, values in seconds.items()}
+  ratios = {name: median[name] / median["fedavg"] for name in names if "fedavg" in median}
+  result = {
+      "benchmark": "algorithm_overhead",
+      "workload": f"original FedAvg CNN (62 classes), {num_clients} clients x {examples} examples, batch "
+                  f"{batch_size}, 1 epoch",
+      "seconds_per_round": {k: round(v, 4) for k, v in median.items()},
+      "first_round_seconds": {k: round(v, 3) for k, v in first.items()},
+      "ratio_to_fedavg": {k: round(v, 3) for k, v in ratios.items()},
+      "target": {k: TARGET[k] for k in ratios if k in TARGET},
+      "meets_target": {k: ratios[k] <= TARGET[k] for k in ratios if k in TARGET},
+      "jax": jax.__version__, "backend": jax.default_backend(), "python": platform.python_version(),
+      "date": time.strftime("%Y-%m-%d"),
+  }
+  if "scaffold" in stores:
+    per_client = stores["scaffold"].nbytes // population
+    result["client_state_store"] = {
+        "population": population, "bytes": stores["scaffold"].nbytes, "bytes_per_client": per_client,
+        "bytes_for_10000_clients": 10_000 * per_client,
+        "gather_scatter_seconds": round(statistics.median(gather_scatter), 4),
+        "share_of_scaffold_round": round(statistics.median(gather_scatter) / median["scaffold"], 4)}
+  print(json.dumps(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
