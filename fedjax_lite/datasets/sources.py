@@ -101,7 +101,7 @@ def _check_dir(name: str, value) -> Path | None:
   return Path(value).expanduser()
 
 
-def not_found_message(source: DatasetSource, split: str, dirs: list[Path]) -> str:
+def not_found_message(source: DatasetSource, split: str, dirs: list[Path], offer_download: bool = True) -> str:
   where = " or ".join(str(d) for d in dirs)
   legacy = ""
   if source.hdf5_file and source.hdf5_archive:
@@ -109,7 +109,8 @@ def not_found_message(source: DatasetSource, split: str, dirs: list[Path]) -> st
               f"{source.hdf5_archive.describe()})")
   return (f"{source.title}, split {split!r}, is not on disk: no {source.sqlite_name} nor {source.sqlite.name} in "
           f"{where}. Put {source.sqlite.name} (TFF's current format, from {source.sqlite.describe()}) or its "
-          f"decompressed {source.sqlite_name}{legacy} into {dirs[0]}, or pass download=True to fetch it.")
+          f"decompressed {source.sqlite_name}{legacy} into {dirs[0]}"
+          + (", or pass download=True to fetch it." if offer_download else "."))
 
 
 def load_raw_split(source: DatasetSource, split: str, *, data_dir=None, cache_dir=None,
@@ -164,7 +165,7 @@ def load_raw_split(source: DatasetSource, split: str, *, data_dir=None, cache_di
       compressed = download_lib.download_file(source.sqlite.url, cache / source.sqlite.name,
                                               sha256=source.sqlite.sha256)
     except DatasetNotFoundError as error:
-      raise DatasetNotFoundError(f"{error} {not_found_message(source, split, dirs)}") from None
+      raise DatasetNotFoundError(f"{error} {not_found_message(source, split, dirs, False)}") from None
     sqlite_path = download_lib.decompress_lzma(compressed, cache / source.sqlite_name)
 
   if sqlite_path is not None:
