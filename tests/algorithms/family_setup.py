@@ -85,41 +85,40 @@ def make_setup():
 _COMPILED = {}
 
 
-def compiled(name, model, weighting):
+def compiled(name, model, weighting, runner=None):
   """``(process, jax.jit(process.next))`` for ``name``, built and jitted once per session (tests reuse it)."""
-  key = (name, weighting, id(model))
+  key = (name, weighting, id(model), runner)
   if key not in _COMPILED:
-    process = build(name, model, weighting)
+    process = build(name, model, weighting, runner)
     _COMPILED[key] = (process, jax.jit(process.next))
   return _COMPILED[key]
 
 
-def build(name, model, weighting):
+def build(name, model, weighting, runner=None):
   """The library's process for ``name``: client SGD(0.1), the algorithm's defaults otherwise."""
-  lr = CLIENT_LR
+  lr, common = CLIENT_LR, {"weighting": weighting, "runner": runner}
   if name == "fed_avg":
-    return algorithms.fed_avg(model, client_learning_rate=lr, weighting=weighting)
+    return algorithms.fed_avg(model, client_learning_rate=lr, **common)
   if name == "fed_avg_schedule":  # a client rate scheduled by round, and a server rate other than 1
-    return algorithms.fed_avg(model, client_learning_rate=decaying_rate, server_optimizer=optax.sgd(0.7),
-                              weighting=weighting)
+    return algorithms.fed_avg(model, client_learning_rate=decaying_rate, server_optimizer=optax.sgd(0.7), **common)
   if name == "fed_prox_zero":
-    return algorithms.fed_prox(model, 0.0, client_learning_rate=lr, weighting=weighting)
+    return algorithms.fed_prox(model, 0.0, client_learning_rate=lr, **common)
   if name == "fed_prox":
-    return algorithms.fed_prox(model, 0.5, client_learning_rate=lr, weighting=weighting)
+    return algorithms.fed_prox(model, 0.5, client_learning_rate=lr, **common)
   if name == "fed_avgm":
-    return algorithms.fed_avgm(model, client_learning_rate=lr, weighting=weighting)
+    return algorithms.fed_avgm(model, client_learning_rate=lr, **common)
   if name == "fed_adam":
-    return algorithms.fed_adam(model, server_learning_rate=0.05, client_learning_rate=lr, weighting=weighting)
+    return algorithms.fed_adam(model, server_learning_rate=0.05, client_learning_rate=lr, **common)
   if name == "fed_yogi":
-    return algorithms.fed_yogi(model, server_learning_rate=0.05, client_learning_rate=lr, weighting=weighting)
+    return algorithms.fed_yogi(model, server_learning_rate=0.05, client_learning_rate=lr, **common)
   if name == "fed_adagrad":
-    return algorithms.fed_adagrad(model, server_learning_rate=0.05, client_learning_rate=lr, weighting=weighting)
+    return algorithms.fed_adagrad(model, server_learning_rate=0.05, client_learning_rate=lr, **common)
   if name == "mime_lite":
-    return algorithms.mime_lite(model, optax.sgd(lr, momentum=0.9), weighting=weighting)
+    return algorithms.mime_lite(model, optax.sgd(lr, momentum=0.9), **common)
   if name == "mime":
-    return algorithms.mime(model, optax.sgd(lr, momentum=0.9), weighting=weighting)
+    return algorithms.mime(model, optax.sgd(lr, momentum=0.9), **common)
   if name == "scaffold":
-    return algorithms.scaffold(model, num_clients=NUM_CLIENTS, client_learning_rate=lr, weighting=weighting)
+    return algorithms.scaffold(model, num_clients=NUM_CLIENTS, client_learning_rate=lr, **common)
   raise AssertionError(name)
 
 

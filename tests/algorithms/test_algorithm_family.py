@@ -3,9 +3,10 @@
 Softmax regression on ``make_population``'s ragged clients (15, 12, 10, 7, 7, 3 examples; batches of 4, so 1 to 4
 local steps with partial last batches), two rounds with different cohorts of 3 clients in 4 slots (one padding
 slot), example-weighted and uniform (setup and tolerance in ``family_setup.py``; FedProx's own checks in
-``test_fed_prox.py``). Also: the adaptive server steps alone, SCAFFOLD's client-state bookkeeping (never-sampled clients, padding slots, the
-server control variate as the mean of all clients'), and ``jax.grad`` through three FedAvg rounds with respect to
-the server and client learning rates against central finite differences.
+``test_fed_prox.py``). Also: the adaptive server steps alone, SCAFFOLD's client-state bookkeeping (never-sampled
+clients, padding slots, every runner strategy, the server control variate as the mean of all clients'), and
+``jax.grad`` through three FedAvg rounds with respect to the server and client learning rates against central
+finite differences.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 from fedjax_lite import algorithms
 from fedjax_lite.core.client_state import ClientStateStore
 from fedjax_lite.core.packing import max_num_steps, pack_clients
+from fedjax_lite.core.runner import Runner
 from fedjax_lite.models.adapter import from_flax
 from tests.algorithms import reference_impl as ref
 from tests.algorithms.family_setup import (
@@ -114,11 +116,16 @@ def run_scaffold_round(step, state, store, cohort, round_data, rng):
   return state, metrics, new_states, with_state["client_state"]
 
 
-@pytest.mark.parametrize("weighting", ["uniform", "num_examples"])
-def test_scaffold_two_rounds_equal_numpy_reference(setup, weighting):
+@pytest.mark.parametrize("weighting, runner", [
+    ("uniform", None), ("num_examples", None),
+    # The client states come back stacked in slot order whatever the strategy (lanes deal clients by size).
+    ("uniform", Runner("sequential", lanes=2)), ("uniform", Runner("vmap")),
+    ("uniform", Runner("chunked", chunk_size=3)),
+], ids=["uniform", "num_examples", "lanes2", "vmap", "chunked3"])
+def test_scaffold_two_rounds_equal_numpy_reference(setup, weighting, runner):
   population, model, params, rounds = setup
   n = population.num_clients
-  process, step = compiled("scaffold", model, weighting)
+  process, step = compiled("scaffold", model, weighting, runner)
   state = process.init(params)
   store = ClientStateStore(process.client_state(params), n)
   expected = to_reference(params)

@@ -45,7 +45,8 @@ def test_gather_returns_the_cohort_rows_in_order():
   store = ClientStateStore(initial_state(), NUM_CLIENTS)
   store.load(distinct_states(NUM_CLIENTS))
   gathered = store.gather(np.array([3, 0, 4]))
-  chex.assert_trees_all_equal(gathered, {key: value[[3, 0, 4]] for key, value in distinct_states(NUM_CLIENTS).items()})
+  expected = {key: value[[3, 0, 4]] for key, value in distinct_states(NUM_CLIENTS).items()}
+  chex.assert_trees_all_equal(gathered, expected)
   gathered["c"][...] = -1.0  # a gather is a copy: writing to it does not touch the store
   chex.assert_trees_all_equal(row(store, 3), {key: value[3] for key, value in distinct_states(NUM_CLIENTS).items()})
 
