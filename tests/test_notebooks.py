@@ -147,6 +147,17 @@ def test_00_introduction():
     assert abs(estimates.mean() - exact) < 5 * theory / math.sqrt(estimates.size)
     assert 0.8 * theory < estimates.std() < 1.2 * theory
     assert kernel["epsilon"] > 0
+    # Federated quantiles of the sensor means: the estimator ends inside its documented interval
+    # [Q- exp(-eta (1 - q)), Q+ exp(eta q)]; the private histogram's answer lies within one 1 C bin of the exact
+    # quantile plus 4 standard deviations of its noise (measured over 200 releases in the notebook).
+    sensor_means = np.sort(np.asarray(sensor_means, np.float32))
+    for q, estimate in kernel["iterative"].items():
+      below = np.searchsorted(sensor_means, sensor_means, side="right") / sensor_means.size  # F(x_i)
+      lower, upper = sensor_means[below >= q].min(), sensor_means[below > q].min()
+      assert lower * math.exp(-0.05 * (1 - q)) <= estimate <= upper * math.exp(0.05 * q)
+    exact_quantiles = kernel["exact_quantiles"]
+    assert np.all(np.abs(kernel["private_quantiles"] - exact_quantiles) < 1.0 + 4 * kernel["private_spread"])
+    assert kernel["histogram_epsilon"] > kernel["epsilon"]  # z = 1 spends more than z = 2
     # FedAvg in five lines learns on non-IID digits.
     accuracy = kernel["test_accuracy"]
     assert len(accuracy) == kernel["num_rounds"] == 10
