@@ -160,6 +160,41 @@ def test_scaffold_two_rounds_equal_numpy_reference(setup, weighting, runner):
   assert 4 not in sampled and 0 in sampled  # the setup exercises both kinds of clients
 
 
+def test_scaffold_rejects_a_non_finite_client_and_keeps_its_state(setup):
+  """A client whose local training gives NaN is rejected (TFF's rule): it adds nothing to the deltas or to c,
+  its c_i stays as it was, and c remains the mean of the c_i. The reference simply leaves that client out.
+
+  Example-weighted: a rejected client has weight 0. (Under uniform weighting the unweighted mean counts every
+  real slot, as TFF's ``UnweightedMeanFactory`` does, so a rejected client's zero delta stays in the denominator.)
+  """
+  population, model, params, rounds = setup
+  n = population.num_clients
+  process, step = compiled("scaffold", model, "num_examples")
+  state = process.init(params)
+  store = ClientStateStore(process.client_state(params), n)
+  expected = to_reference(params)
+  server_control = ref.zeros_like(expected)
+  client_controls = {i: ref.zeros_like(expected) for i in range(n)}
+  poisoned = dict(rounds[1], x=rounds[1]["x"].copy())
+  poisoned["x"][2, 0, 0, 0] = np.nan  # slot 2 of round 2 is client 2, which has a c_i from round 1
+  without_client = dict(rounds[1], num_examples=np.where(np.arange(COHORT_SIZE) == 2, 0, rounds[1]["num_examples"]))
+  for r, (round_data, reference_data) in enumerate([(rounds[0], rounds[0]), (poisoned, without_client)]):
+    state_before = jax.tree.map(lambda a: np.array(a[2]), store.arrays)
+    state, metrics, _, _ = run_scaffold_round(step, state, store, COHORTS[r], round_data, jax.random.key(r))
+    expected, server_control = ref.scaffold_round(
+        expected, server_control, client_controls, COHORTS[r], reference_data, client_learning_rate=CLIENT_LR,
+        server_learning_rate=1.0, num_clients=n, weighting="num_examples")
+    assert int(metrics["client_work"]["num_non_finite_clients"]) == r
+    assert_close_to_reference(state.params, expected, what=f"round {r + 1} params")
+    assert_close_to_reference(to_reference(state.opt_state["control_variate"]), server_control,
+                              what=f"round {r + 1} server control")
+  chex.assert_trees_all_equal(jax.tree.map(lambda a: np.array(a[2]), store.arrays), state_before)
+  assert np.any(state_before["Dense_0"]["kernel"] != 0)
+  mean_control = jax.tree.map(lambda a: np.mean(np.asarray(a, np.float64), axis=0), store.arrays)
+  assert_close_to_reference(to_reference(state.opt_state["control_variate"]), to_reference(mean_control),
+                            what="c vs mean c_i")
+
+
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "SCAFFOLD + sampling with replacement: the finalizer adds (1/N) Delta c_i of EVERY slot, but "
     "ClientStateStore.scatter keeps only the later slot of a repeated client, so c drifts from mean_i c_i "
