@@ -21,6 +21,7 @@ import csv
 import json
 import math
 import os
+import uuid
 from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 LOG_FORMATS = ("jsonl", "csv", "tensorboard")
@@ -148,17 +149,31 @@ class TensorBoardTracker:
   (TensorBoard shows them as such rather than as a finite number). The ``round`` itself is the step, not a scalar.
   Uses ``tensorboardX``'s event writer, which needs ``protobuf`` but not TensorFlow.
 
+  Like the CSV and JSON-lines trackers, which rewrite their files, a new tracker replaces the event files already in
+  ``log_dir`` (``overwrite=True``): a resumed run replays its checkpoint's rounds into its trackers, and the killed
+  run's event file would otherwise show TensorBoard every round twice, and rounds after the checkpoint that the
+  resumed run computes again.
+
   Args:
     log_dir: the directory receiving the ``events.out.tfevents.*`` file (created if missing).
+    overwrite: delete the ``events.out.tfevents.*`` files directly in ``log_dir`` (nothing else) before writing.
   """
 
-  def __init__(self, log_dir: str | os.PathLike):
+  def __init__(self, log_dir: str | os.PathLike, *, overwrite: bool = True):
     self.log_dir = _check_path("log_dir", log_dir)
+    if not isinstance(overwrite, bool):
+      raise TypeError(f"overwrite must be a bool, got {type(overwrite).__name__}.")
+    if overwrite and os.path.isdir(self.log_dir):
+      for name in os.listdir(self.log_dir):
+        path = os.path.join(self.log_dir, name)
+        if name.startswith("events.out.tfevents.") and os.path.isfile(path):
+          os.remove(path)
     try:
       from tensorboardX import SummaryWriter
     except ImportError as error:  # pragma: no cover - a declared dependency
       raise ImportError("TensorBoard logging needs tensorboardX: pip install tensorboardX") from error
-    self._writer = SummaryWriter(logdir=self.log_dir, flush_secs=10)
+    # A unique suffix: tensorboardX names files by the second, and two writers in one second would collide.
+    self._writer = SummaryWriter(logdir=self.log_dir, flush_secs=10, filename_suffix=f".{uuid.uuid4().hex[:12]}")
 
   def write(self, record: Mapping[str, Any]) -> None:
     step = _check_record(record)

@@ -118,6 +118,25 @@ def test_tensorboard_event_file_reads_back_every_scalar(tmp_path):
       assert scalars[key] == np.float32(value)
 
 
+def test_a_new_tensorboard_tracker_replaces_the_old_event_files(tmp_path):
+  pytest.importorskip("tensorboardX")
+  (tmp_path / "tb").mkdir()
+  (tmp_path / "tb" / "notes.txt").write_text("kept")
+  first = tracking.TensorBoardTracker(tmp_path / "tb")
+  first.write(RECORDS[0])
+  first.write(RECORDS[1])
+  first.close()
+  second = tracking.TensorBoardTracker(tmp_path / "tb")  # a resumed run replays round 0 only
+  second.write(RECORDS[0])
+  second.close()
+  files = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+  assert len(files) == 1 and (tmp_path / "tb" / "notes.txt").read_text() == "kept"
+  assert {event.step for event in read_event_file(files[0])[1:]} == {0}
+  kept = tracking.TensorBoardTracker(tmp_path / "tb", overwrite=False)
+  kept.close()
+  assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 2
+
+
 def test_make_trackers_writes_each_format_in_its_file(tmp_path):
   trackers = tracking.make_trackers("csv, jsonl,csv", tmp_path / "out")
   assert [type(t) for t in trackers] == [tracking.CsvTracker, tracking.JsonlTracker]
