@@ -5,6 +5,12 @@ Builders (:func:`dense_softmax`, :func:`mlp`, :func:`original_fedavg_cnn`, :func
 ``flax.linen.Conv`` with canonical-layout backward convolutions (jax-ml/jax#12868), :func:`max_pool_2x2` a
 ``reshape + max`` pool, and :func:`non_canonical_convolutions` finds convolutions in compiled HLO that XLA:CPU will
 run on its slow generic emitter.
+
+The field's standard models: :func:`logistic_regression` (EMNIST), :func:`shakespeare_lstm` (character LSTM),
+:func:`stackoverflow_lstm` (next-word prediction), :func:`stackoverflow_tag_logistic_regression` (tag prediction)
+and :func:`cifar100_resnet18` (GroupNorm ResNet-18 on 24x24 crops). Sequence and tag models report ratio metrics
+(masked token accuracy, precision, recall@5) as numerator/denominator sums: :func:`token_metrics` and
+:func:`tag_metrics` turn them into the reported values.
 """
 
 from fedjax_lite.models.adapter import from_flax
