@@ -64,3 +64,17 @@ def test_fast_run_writes_consistent_results(tmp_path, capsys):
   assert (tmp_path / "noniid_digits.png").stat().st_size > 1000
   table = capsys.readouterr().out
   assert table.count("\n| iid |") + table.startswith("| iid |") >= 1 and "| shards | 2 |" in table
+
+
+def test_algorithms_synthetic_fast_run_writes_results(tmp_path, capsys):
+  spec = importlib.util.spec_from_file_location("algorithms_synthetic", SCRIPT.parent / "algorithms_synthetic.py")
+  algorithms_synthetic = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(algorithms_synthetic)
+  out = tmp_path / "algos"
+  code = algorithms_synthetic.main(["--fast", "--algorithms", "fedavg", "scaffold", "--output-dir", str(out),
+                                    "--num-clients", "8", "--clients-per-round", "3", "--max-client-size", "60"])
+  assert code == 0
+  rows = list(csv.DictReader(open(out / "results.csv")))
+  assert [row["algorithm"] for row in rows] == ["fedavg", "scaffold"]
+  assert all(0.0 <= float(row["final_test_accuracy"]) <= 1.0 for row in rows)
+  assert (out / "algorithms_synthetic.png").stat().st_size > 1000

@@ -4,8 +4,9 @@ from fedjax_lite.experiments.checkpoint import (ConfigMismatchError, RunCheckpoi
                                                 read_checkpoint)
 from fedjax_lite.experiments.loop import TrainingResult, TrainingStalledError, flatten_metrics, run_training
 from fedjax_lite.experiments.plotting import plot_history
-from fedjax_lite.experiments.tracking import CsvTracker, JsonlTracker, TensorBoardTracker, Tracker, make_trackers
+from fedjax_lite.experiments.tracking import (CsvTracker, JsonlTracker, TensorBoardTracker, Tracker, WandbTracker,
+                                              make_trackers)
 
 __all__ = ["ConfigMismatchError", "CsvTracker", "JsonlTracker", "RunCheckpointer", "TensorBoardTracker", "Tracker",
-           "TrainingInterrupted", "TrainingResult", "TrainingStalledError", "flatten_metrics", "make_trackers",
-           "plot_history", "read_checkpoint", "run_training"]
+           "TrainingInterrupted", "TrainingResult", "TrainingStalledError", "WandbTracker", "flatten_metrics",
+           "make_trackers", "plot_history", "read_checkpoint", "run_training"]

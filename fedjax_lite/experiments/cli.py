@@ -120,7 +120,7 @@ def _log_formats(text: str) -> tuple[str, ...]:
   from fedjax_lite.experiments.tracking import LOG_FORMATS, parse_log_formats
 
   try:
-    return parse_log_formats(text, LOG_FORMATS + ("png",))
+    return parse_log_formats(text, LOG_FORMATS + ("png", "wandb"))
   except ValueError as error:
     raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
   output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   output.add_argument("--log-format", type=_log_formats, default=("jsonl", "png"),
                       help="comma list of what to write in the output directory: jsonl (metrics.jsonl), csv "
-                           "(metrics.csv), tensorboard (event files under tensorboard/), png (training.png); "
+                           "(metrics.csv), tensorboard (event files under tensorboard/), png (training.png), "
+                           "wandb (Weights & Biases, project $WANDB_PROJECT or fedjax-lite; needs wandb); "
                            "default jsonl,png")
   output.add_argument("--quiet", action="store_true",
                       help="for scripts: no progress bar and no summary line (--json still prints the summary)")
@@ -528,6 +529,15 @@ def train_command(args) -> dict:
 
   tracked_formats = [name for name in args.log_format if name in ("csv", "tensorboard")]  # jsonl: metrics_path
   trackers = make_trackers(tracked_formats, output_dir) if tracked_formats else ()
+  if "wandb" in args.log_format:
+    from fedjax_lite.experiments.tracking import WandbTracker
+
+    try:
+      trackers = [*trackers, WandbTracker(os.environ.get("WANDB_PROJECT", "fedjax-lite"),
+                                          name=os.path.basename(os.path.normpath(output_dir)),
+                                          config=_run_config(args))]
+    except ImportError as error:
+      raise UsageError(f"--log-format wandb: {error}") from None
   result = run_training(
       process, train_data, model.init(jax.random.key(args.seed)), client_spec=client_spec,
       num_rounds=args.rounds, seed=args.seed, evaluate=lambda params: evaluate(params, test_data),

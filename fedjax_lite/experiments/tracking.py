@@ -10,7 +10,8 @@ end of the run. A tracker is any object with ``write(record)`` and ``close()`` (
   a metric first seen in a later round (evaluation every k rounds, say) widens the header, and rounds without it
   leave the cell empty;
 * :class:`TensorBoardTracker` — TensorBoard event files (``tensorboard --logdir DIR``), one scalar per metric per
-  round with the round number as the step, written with ``tensorboardX`` (protobuf only: no TensorFlow).
+  round with the round number as the step, written with ``tensorboardX`` (protobuf only: no TensorFlow);
+* :class:`WandbTracker` — Weights & Biases, when ``wandb`` is installed (an optional extra).
 
 :func:`make_trackers` builds them from format names (the CLI's ``--log-format jsonl,csv,tensorboard``).
 """
@@ -187,6 +188,44 @@ class TensorBoardTracker:
 
   def close(self) -> None:
     self._writer.close()
+
+
+class WandbTracker:
+  """Logs each record's real scalars to Weights & Biases (``wandb.log(scalars, step=round)``); optional.
+
+  ``wandb`` is imported only when this tracker is built (``pip install 'fedjax_lite[wandb]'``), so it costs nothing
+  when unused. Lists and strings are skipped, as in :class:`TensorBoardTracker`.
+
+  Args:
+    project: the W&B project.
+    name: the run's name (default: W&B's).
+    config: the run's configuration (e.g. the CLI's flags), stored with the run.
+    mode: W&B's mode: ``'online'``, ``'offline'`` (no network; sync later) or ``'disabled'``.
+  """
+
+  def __init__(self, project: str, *, name: str | None = None, config: Mapping[str, Any] | None = None,
+               mode: str = "online"):
+    if not isinstance(project, str) or not project:
+      raise TypeError(f"project must be a non-empty str, got {project!r}.")
+    if mode not in ("online", "offline", "disabled"):
+      raise ValueError(f"mode must be 'online', 'offline' or 'disabled', got {mode!r}.")
+    try:
+      import wandb
+    except ImportError as error:
+      raise ImportError("Weights & Biases logging needs wandb: pip install 'fedjax_lite[wandb]'") from error
+    self._run = wandb.init(project=project, name=name, config=dict(config or {}), mode=mode)
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    step = _check_record(record)
+    scalars = {}
+    for key, value in record.items():
+      number = _scalar(value) if key != "round" else None
+      if number is not None:
+        scalars[str(key)] = number
+    self._run.log(scalars, step=step)
+
+  def close(self) -> None:
+    self._run.finish()
 
 
 def parse_log_formats(formats: str | Iterable[str], allowed: Sequence[str] = LOG_FORMATS) -> tuple[str, ...]:

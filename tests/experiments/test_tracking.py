@@ -207,3 +207,70 @@ def test_progress_bar_shows_round_loss_accuracy_epsilon_and_bits(tmp_path, capsy
   assert "2/2" in bar
   for label in ("loss=", "test_acc=", "eps=", "Mbit="):
     assert label in bar, bar
+
+
+def test_wandb_tracker_logs_scalars_by_round_through_the_wandb_api(monkeypatch):
+  import sys
+  import types
+
+  calls = []
+
+  class FakeRun:
+    def log(self, scalars, step):
+      calls.append(("log", scalars, step))
+
+    def finish(self):
+      calls.append(("finish",))
+
+  fake = types.ModuleType("wandb")
+  fake.init = lambda **kwargs: calls.append(("init", kwargs)) or FakeRun()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  tracker = tracking.WandbTracker("fl-project", name="run-1", config={"rounds": 3}, mode="offline")
+  for record in RECORDS[:2]:
+    tracker.write(record)
+  tracker.close()
+  assert calls[0] == ("init", {"project": "fl-project", "name": "run-1", "config": {"rounds": 3}, "mode": "offline"})
+  assert calls[1] == ("log", {"client_work/train/loss": 2.25, "aggregated_bits": 1024.0,
+                              "cumulative_aggregated_bits": 1024.0}, 0)
+  assert calls[2][2] == 1 and "aggregator/per_client" not in calls[2][1] and calls[3] == ("finish",)
+
+
+def test_wandb_tracker_without_wandb_says_how_to_install(monkeypatch):
+  import sys
+
+  monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+  with pytest.raises(ImportError, match=r"fedjax_lite\[wandb\]"):
+    tracking.WandbTracker("fl-project")
+  with pytest.raises(ValueError, match="mode"):
+    tracking.WandbTracker("fl-project", mode="cloud")
+
+
+def test_cli_log_format_wandb_uses_the_wandb_tracker_or_exits_2_without_wandb(tmp_path, monkeypatch, capsys):
+  import sys
+  import types
+
+  from fedjax_lite.experiments import cli
+
+  argv = ["train", "--model", "dense", "--rounds", "2", "--clients-per-round", "4", "--local-epochs", "1",
+          "--output-dir", str(tmp_path / "run"), "--log-format", "wandb", "--quiet"]
+  monkeypatch.setitem(sys.modules, "wandb", None)
+  assert cli.main(argv) == cli.EXIT_USAGE
+  assert "--log-format wandb" in capsys.readouterr().err
+  logged = []
+
+  class FakeRun:
+    def log(self, scalars, step):
+      logged.append((step, scalars))
+
+    def finish(self):
+      logged.append("finished")
+
+  fake = types.ModuleType("wandb")
+  fake.init = lambda **kwargs: logged.append(kwargs) or FakeRun()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  monkeypatch.setenv("WANDB_PROJECT", "my-project")
+  assert cli.main(argv) == 0
+  assert logged[0]["project"] == "my-project" and logged[0]["name"] == "run"
+  assert logged[0]["config"]["--model"] == "dense"
+  assert [step for step, _ in logged[1:-1]] == [0, 1] and logged[-1] == "finished"
+  assert all("client_work/train/loss" in scalars for _, scalars in logged[1:-1])
