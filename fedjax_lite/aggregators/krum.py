@@ -150,10 +150,16 @@ def krum(num_byzantine: int) -> Aggregator:
   Args:
     num_byzantine: ``f >= 0``, the number of Byzantine clients per round to tolerate.
 
-  Example::
+  Example: four honest values near 0.1 and one Byzantine 9.0; Krum keeps the most central honest one.
 
-    aggregator = krum(num_byzantine=2)  # needs at least 7 real clients per round
-    process = fed_avg(model, client_learning_rate=0.1, aggregator=aggregator)
+  >>> import jax, numpy as np
+  >>> values = {"x": np.array([[0.0], [0.1], [0.2], [0.15], [9.0]], np.float32)}
+  >>> float(krum(num_byzantine=1).next((), values, np.ones(5), jax.random.key(0)).result["x"][0])
+  0.15...
+
+  In FedAvg (at least ``2f + 3`` real clients per round)::
+
+    process = fed_avg(model, client_learning_rate=0.1, aggregator=krum(num_byzantine=2))
   """
   num_byzantine = validation.check_int("num_byzantine", num_byzantine, minimum=0)
   return _krum_aggregator("krum", num_byzantine, 1)

@@ -76,13 +76,17 @@ def federated_mean(aggregator: Aggregator | None = None) -> Query:
   ``state`` the aggregator's state (default ``init`` from the first client's value). Returns the aggregator's
   ``MeasuredOutput(state, result, measurements)``.
 
-  Example (the reference tutorial's average of sensor readings)::
+  Example (the reference tutorial's average of sensor readings):
 
-    readings = jnp.array([20.1, 21.4, 19.8, 22.0])
-    query = federated_mean()
-    query.compute(readings).result  # 20.825
+  >>> import jax.numpy as jnp
+  >>> readings = jnp.array([20.5, 21.25, 19.75, 22.0])
+  >>> float(federated_mean().compute(readings).result)
+  20.875
+
+  With differential privacy (clip each reading to 30, Gaussian noise of 1 x 30 on the sum)::
+
     private = federated_mean(aggregators.gaussian_fixed(noise_multiplier=1.0, clients_per_round=4, clip=30.0))
-    private.compute(readings, rng=jax.random.key(1)).result; private.dp_event()  # GaussianDpEvent(1.0)
+    private.compute(readings, rng=jax.random.key(1)).result, private.dp_event()  # GaussianDpEvent(1.0)
   """
   return _aggregate_query(_check_aggregator(mean() if aggregator is None else aggregator))
 

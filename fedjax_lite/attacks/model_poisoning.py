@@ -26,6 +26,14 @@ def sign_flip(scale: float = 1.0) -> UpdateAttack:
 
   Args:
     scale: ``> 0``; 1 reverses the update, larger values also amplify it.
+
+  Example: the second of two clients is malicious.
+
+  >>> import jax, jax.numpy as jnp
+  >>> updates = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}
+  >>> malicious, real = jnp.array([False, True]), jnp.array([True, True])
+  >>> sign_flip().apply(updates, malicious, real, jax.random.key(0))["w"].tolist()
+  [[1.0, 2.0], [-3.0, -4.0]]
   """
   scale = validation.check_positive("scale", scale)
   return per_client_attack("sign flip", lambda update, rng: jax.tree.map(lambda u: -scale * u, update))
