@@ -19,8 +19,8 @@ def load_script():
   return module
 
 
-@pytest.mark.parametrize("argv", [["--fraction", "0.5"], ["--rounds", "0"], ["--attacks", "poison"],
-                                  ["--aggregators", "krum", "--fraction", "0.4", "--clients-per-round", "6"], ["--attack-seed", "-1"]])
+@pytest.mark.parametrize("argv", [["--fraction", "0.5"], ["--rounds", "0"], ["--attacks", "poison"], ["--attack-seed", "-1"],
+                                  ["--aggregators", "krum", "--fraction", "0.4", "--clients-per-round", "6"]])
 def test_bad_flags_exit_2(argv, capsys):
   byzantine = load_script()
   with pytest.raises(SystemExit) as error:

@@ -2,8 +2,8 @@
 
 The introduction of the reference's tutorials: every client holds a value (a sensor reading, a local statistic of
 its data) and the server wants their mean. Here the aggregation step IS an
-:class:`~fedjax_lite.aggregators.Aggregator`, so any of them can be dropped in: ``mean()`` (the default), ``secure_aggregator()``, a DP mean
-(``gaussian_fixed``), the median, Krum, ...
+:class:`~fedjax_lite.aggregators.Aggregator`, so any of them can be dropped in: ``mean()`` (the default),
+``secure_aggregator()``, a DP mean (``gaussian_fixed``), the median, Krum, ...
 
 * :func:`federated_mean` / :func:`federated_sum`: a :class:`~fedjax_lite.analytics.Query` whose
   ``compute(values, weights=None, client_mask=None, rng=None, state=None) -> MeasuredOutput`` runs one step of the

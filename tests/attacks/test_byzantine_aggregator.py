@@ -55,6 +55,10 @@ def test_argument_checks():
     byzantine_aggregator(mean(), sign_flip(), fraction=1.0)
   with pytest.raises(TypeError, match="process"):
     with_data_poisoning(mean(), label_flip(4), fraction=0.1)
+  no_round_num = with_data_poisoning(fedjax_lite.core.Process(init=lambda p: p, next=lambda s, d, r: (s, {})),
+                                     label_flip(4), fraction=0.1)
+  with pytest.raises(TypeError, match="round_num"):
+    no_round_num.next({}, {"y": np.zeros((2, 1, 1), np.int32), "num_examples": np.ones(2)}, jax.random.key(0))
 
 
 def test_with_fed_avg_and_label_flipping(population, tiny_model, tiny_params):
