@@ -115,6 +115,8 @@ def build(name, model, weighting, runner=None):
     return algorithms.fed_adagrad(model, server_learning_rate=0.05, client_learning_rate=lr, **common)
   if name == "mime_lite":
     return algorithms.mime_lite(model, optax.sgd(lr, momentum=0.9), **common)
+  if name == "mime_lite_adam":  # a base optimizer with more state (moments, step count)
+    return algorithms.mime_lite(model, optax.adam(lr), **common)
   if name == "mime":
     return algorithms.mime(model, optax.sgd(lr, momentum=0.9), **common)
   if name == "scaffold":

@@ -17,10 +17,10 @@ Algorithms (one round each; ``x`` the server model, ``S`` the real clients of th
 * SCAFFOLD (Karimireddy et al. 2020, Alg. 1, option II): local step ``y <- y - eta_l (g_i(y) - c_i + c)``;
   ``c_i+ = c_i - c + (x - y_i) / (K_i eta_l)``; ``x <- x - eta_g mean_S delta_i``; ``c <- c + (1/N) sum_S (c_i+ -
   c_i)``.
-* MimeLite / Mime (Karimireddy et al. 2021) with the base optimizer SGD with heavy-ball momentum ``beta`` (state
-  ``m``): a base step with frozen state is ``y <- y - lr (g + beta m)``; the server updates ``m <- G + beta m``
-  from the mean full-batch gradient ``G = mean_S grad f_i(x)``. Mime corrects each local gradient to
-  ``grad f_i(y; b) - grad f_i(x; b) + G``.
+* MimeLite / Mime (Karimireddy et al. 2021) with a base optimizer whose state ``s`` is frozen during local steps:
+  e.g. SGD with heavy-ball momentum ``beta`` (state ``m``), a local step is ``y <- y - lr (g + beta m)``; the
+  server updates ``m <- G + beta m`` from the mean full-batch gradient ``G = mean_S grad f_i(x)``. Mime corrects
+  each local gradient to ``grad f_i(y; b) - grad f_i(x; b) + G``. Adam as the base optimizer: ``BaseAdam``.
 * FedAvgM / FedAdagrad / FedAdam / FedYogi (Reddi et al. 2021, Algorithm 2) on the aggregated delta ``D``:
   ``m <- b1 m + (1 - b1) D``; Adagrad ``v <- v + D^2``; Adam ``v <- b2 v + (1 - b2) D^2``; Yogi
   ``v <- v - (1 - b2) D^2 sign(v - D^2)``; ``x <- x - eta m / (sqrt(v) + tau)``. FedAvgM: ``a <- mu a + D``,
@@ -207,9 +207,55 @@ def scaffold_round(params, server_control, client_controls, cohort, round_data, 
   return params, server_control
 
 
-def mime_round(params, momentum, round_data, *, learning_rate, beta, weighting, svrg):
-  """One MimeLite (``svrg=False``) or Mime (``svrg=True``) round with base optimizer SGD(lr, momentum=beta) and
-  server SGD(1.0). Returns ``(params, momentum)``."""
+class BaseMomentum:
+  """Mime's base optimizer SGD with heavy-ball momentum: state ``m``; a step with frozen state moves by
+  ``-lr (g + beta m)``; the server's state update is ``m <- g + beta m``."""
+
+  def __init__(self, learning_rate, beta):
+    self.learning_rate, self.beta = learning_rate, beta
+
+  def init(self, params):
+    return zeros_like(params)
+
+  def step(self, grad, m):
+    return tree_map(lambda g, mm: -self.learning_rate * (g + self.beta * mm), grad, m)
+
+  def next_state(self, grad, m):
+    return tree_map(lambda g, mm: g + self.beta * mm, grad, m)
+
+
+class BaseAdam:
+  """Mime's base optimizer Adam (Kingma & Ba 2015, bias-corrected, epsilon outside the root): state
+  ``(t, m, v)``. A step with frozen state uses ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2`` and moves
+  by ``-lr (m' / (1 - b1^(t+1))) / (sqrt(v' / (1 - b2^(t+1))) + eps)`` without keeping ``m', v', t + 1``; the
+  server keeps them."""
+
+  def __init__(self, learning_rate, b1=0.9, b2=0.999, eps=1e-8, bias_correction_dtype=np.float64):
+    self.learning_rate, self.b1, self.b2, self.eps = learning_rate, b1, b2, eps
+    # The decay rates as the bias corrections ``1 - b^t`` see them. optax computes ``decay ** count`` in float32,
+    # i.e. with b2 = float32(0.999) = 0.99900001287, while the moment update uses ``1 - b2`` rounded from
+    # float64: a deterministic 1.3e-5 relative change of ``1 - b2`` (so of v-hat; 6e-6 of the step), far above
+    # float32 rounding. ``bias_correction_dtype=np.float32`` reproduces it.
+    self.b1_t, self.b2_t = float(bias_correction_dtype(b1)), float(bias_correction_dtype(b2))
+
+  def init(self, params):
+    return (0, zeros_like(params), zeros_like(params))
+
+  def next_state(self, grad, state):
+    t, m, v = state
+    return (t + 1, tree_map(lambda mm, g: self.b1 * mm + (1 - self.b1) * g, m, grad),
+            tree_map(lambda vv, g: self.b2 * vv + (1 - self.b2) * g * g, v, grad))
+
+  def step(self, grad, state):
+    t, m, v = self.next_state(grad, state)
+    return tree_map(lambda mm, vv: -self.learning_rate * (mm / (1 - self.b1_t ** t))
+                    / (np.sqrt(vv / (1 - self.b2_t ** t)) + self.eps), m, v)
+
+
+def mime_round(params, base_state, round_data, *, base, weighting, svrg):
+  """One MimeLite (``svrg=False``) or Mime (``svrg=True``) round with base optimizer ``base`` (e.g.
+  :class:`BaseMomentum`) whose state ``base_state`` is frozen during local steps, and server SGD(1.0). Returns
+  ``(params, base_state)``, the state updated from the mean full gradient at the round's server params."""
   slots = client_slots(round_data)
   weights = [client_weight(round_data, slot, weighting) for slot in slots]
   full = weighted_mean([full_gradient(params, round_data, slot) for slot in slots], weights)
@@ -222,8 +268,7 @@ def mime_round(params, momentum, round_data, *, learning_rate, beta, weighting, 
       if svrg:
         _, grad_at_server = batch_loss_and_grad(params, x, y, mask)
         grad = tree_map(lambda gy, gx, g: gy - gx + g, grad, grad_at_server, full)
-      y_params = tree_map(lambda p, g, m: p - learning_rate * (g + beta * m), y_params, grad, momentum)
+      y_params = tree_map(np.add, y_params, base.step(grad, base_state))
     deltas.append(tree_map(np.subtract, params, y_params))
   params = tree_map(np.subtract, params, weighted_mean(deltas, weights))
-  momentum = tree_map(lambda g, m: g + beta * m, full, momentum)
-  return params, momentum
+  return params, base.next_state(full, base_state)
