@@ -519,7 +519,15 @@ def train_command(args) -> dict:
   if args.checkpoint_dir is not None:
     checkpointing = dict(checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                          resume=args.resume, config=_run_config(args))
-  evaluate = centralized_evaluation(model)
+  centralized = centralized_evaluation(model)
+
+  def evaluate(params, examples):
+    metrics = dict(centralized(params, examples))
+    if "counted_tokens" in metrics:  # sequence models report token ratios as two sums (models.sequence)
+      from fedjax_lite.models.sequence import token_metrics
+
+      metrics.update(token_metrics(metrics))
+    return metrics
   sampling = (dict(sampler=private.sampler, privacy=private.ledger) if private is not None
               else dict(clients_per_round=args.clients_per_round))
 

@@ -51,3 +51,15 @@ def test_emnist_from_generated_sqlite_trains(tmp_path, capsys):
   assert code == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary["dataset"] == "emnist" and summary["rounds"] == 1
+
+
+def test_shakespeare_lstm_reports_token_accuracy(tmp_path, capsys):
+  """Regression: the sequence models report token ratios as two sums, and the summary's accuracy was null."""
+  snippets = {"A": {"snippets": [b"to be or not"]}, "B": {"snippets": [b"all the world"]}}
+  write_tff_sqlite(tmp_path / "shakespeare.sqlite", {"train": snippets, "test": snippets})
+  code = main(["train", "--dataset", "shakespeare", "--data-dir", str(tmp_path), "--model", "lstm", "--rounds", "1",
+               "--clients-per-round", "2", "--local-epochs", "1", "--batch-size", "2", "--output-dir",
+               str(tmp_path / "run"), "--json", "--quiet", "--log-format", "jsonl"])
+  assert code == 0, capsys.readouterr().err
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert 0.0 <= summary["final_test_accuracy"] <= 1.0
