@@ -300,9 +300,24 @@ def flag_message(message: str) -> str:
 
   for internal, public in _INTERNAL_PHRASES:
     message = message.replace(internal, public)
+  for pattern, public in _INTERNAL_PATTERNS:
+    message = re.sub(pattern, public, message)
   return re.sub(r"(?<![\w-])(" + "|".join(sorted(map(re.escape, _PARAMETER_FLAGS), key=len, reverse=True))
                 + r")(?![\w-])", lambda match: _PARAMETER_FLAGS[match.group(1)], message)
 
+
+# Library messages about settings no flag reaches (partitioner internals), restated in terms of flags.
+_INTERNAL_PATTERNS = (
+    (r"shards_per_client must be <= len\(labels\) / num_clients = \S+ so that no shard is empty \((\d+) examples, "
+     r"(\d+) clients\), got (\d+)\.",
+     r"--partition shards gives each client \3 label shards, so the \1 training examples allow at most \1 / \3 "
+     r"clients, not \2: lower --num-clients or --test-fraction, or use --partition dirichlet or iid."),
+    (r"dirichlet_partition: after max_attempts=(\d+) draws some client still had fewer than min_client_size=\d+ "
+     r"examples \(smallest client in the last draw: \d+\)\. Increase alpha \(got (\S+)\), reduce num_clients "
+     r"\(got (\d+)\) or min_client_size, or raise max_attempts\.",
+     r"--partition dirichlet left some client without examples in \1 draws: raise --dirichlet-alpha (got \2) or "
+     r"lower --num-clients (got \3)."),
+)
 
 # Phrases of library messages about settings no flag reaches, restated in terms of flags.
 _INTERNAL_PHRASES = (

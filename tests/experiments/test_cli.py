@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -170,3 +171,15 @@ def test_error_messages_name_flags_not_internal_parameters(capsys):
     internal = [word for word in err.replace("(", " ").replace(")", " ").replace(",", " ").split()
                 if "_" in word and not word.startswith("--")]
     assert not internal, err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--num-clients", "2000"], "allow at most 1438 / 2 clients, not 2000"),
+    (["train", "--partition", "dirichlet", "--dirichlet-alpha", "1e-9", "--num-clients", "100"],
+     "raise --dirichlet-alpha (got 1e-09) or lower --num-clients (got 100)"),
+])
+def test_partitioner_errors_name_flags(argv, fragment, capsys):
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  internal = [word for word in re.findall(r"[A-Za-z-]*_[A-Za-z_]*", err) if not word.startswith("--")]
+  assert len(err.splitlines()) == 1 and fragment in err and not internal, err
