@@ -2,8 +2,8 @@
 bit-identical to an uninterrupted run (parameters, metrics file, epsilon); a changed configuration is refused.
 
 The CLI runs are tiny (digits, dense softmax model, 12 rounds of 10 Poisson-sampled clients, one local epoch, DP
-with the PLD ledger: cheaper per round than RDP at this sampling rate). The uninterrupted run is made once per module. Only wall-time fields
-(``*_time_in_seconds``) may differ between runs.
+with the PLD ledger: cheaper per round than RDP at this sampling rate). The uninterrupted run is made once per
+module. Only wall-time fields (``*_time_in_seconds``) may differ between runs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import dp_accounting
 import jax
 import numpy as np
 import optax
@@ -26,7 +27,6 @@ from fedjax_lite.experiments import checkpoint as ckpt
 from fedjax_lite.experiments import cli
 from fedjax_lite.experiments.loop import run_training
 from fedjax_lite.privacy import PrivacyLedger, sampled_run_events
-import dp_accounting
 
 ROUNDS = 12
 BASE = ["train", "--model", "dense", "--rounds", str(ROUNDS), "--clients-per-round", "10", "--local-epochs", "1",
