@@ -73,9 +73,14 @@ def fed_prox(
   Args:
     model: the model.
     proximal_strength: ``mu >= 0`` (the FedProx paper tries 0.001 to 1).
-    client_optimizer, client_learning_rate, server_optimizer, weighting, aggregator, client_grad_clip_norm,
-      runner: as in :func:`~fedjax_lite.algorithms.fed_avg`. With gradient clipping the clip applies to the
-      whole proximal gradient ``grad L + mu (w - w0)``.
+    client_optimizer: as in :func:`~fedjax_lite.algorithms.fed_avg`.
+    client_learning_rate: as in :func:`~fedjax_lite.algorithms.fed_avg`.
+    server_optimizer: as in :func:`~fedjax_lite.algorithms.fed_avg` (default SGD(1.0)).
+    weighting: as in :func:`~fedjax_lite.algorithms.fed_avg`.
+    aggregator: as in :func:`~fedjax_lite.algorithms.fed_avg`.
+    client_grad_clip_norm: as in :func:`~fedjax_lite.algorithms.fed_avg`; the clip applies to the whole proximal
+      gradient ``grad L + mu (w - w0)``.
+    runner: the client runner.
   """
   validation.check_float("proximal_strength", proximal_strength, low=0.0)
   return fed_avg_round(
