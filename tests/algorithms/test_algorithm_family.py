@@ -238,8 +238,10 @@ def test_scaffold_with_every_client_of_a_two_client_population():
   population = make_population(num_clients=2, seed=4, min_size=5, max_size=11)
   model = from_flax(SoftmaxRegression(), np.zeros((1, NUM_FEATURES), np.float32))
   params = model.init(jax.random.key(2))
-  # A scheduled client rate: option II divides by the ROUND's K eta_l.
-  process = algorithms.scaffold(model, num_clients=2, client_learning_rate=decaying_rate)
+  # A scheduled client rate (option II divides by the ROUND's K eta_l) and a global step size eta_g = 0.8
+  # (the paper's x <- x + eta_g mean(Delta y)).
+  process = algorithms.scaffold(model, num_clients=2, client_learning_rate=decaying_rate,
+                                server_optimizer=optax.sgd(0.8))
   step = jax.jit(process.next)
   state = process.init(params)
   store = ClientStateStore(process.client_state(params), 2)
@@ -254,7 +256,7 @@ def test_scaffold_with_every_client_of_a_two_client_population():
     store.scatter(np.array([0, 1]), new_states, round_data["num_examples"])
     expected, server_control = ref.scaffold_round(
         expected, server_control, client_controls, [0, 1], round_data, client_learning_rate=decaying_rate(r),
-        server_learning_rate=1.0, num_clients=2, weighting="uniform")
+        server_learning_rate=0.8, num_clients=2, weighting="uniform")
     # Four rounds: up to 4 x 3 sequential steps, twice the error budget of the two-round comparison.
     assert_close_to_reference(state.params, expected, rtol=2 * RTOL, what=f"round {r + 1} params")
     for client in (0, 1):
