@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import dp_accounting
@@ -159,11 +160,14 @@ def test_sigterm_saves_the_round_and_resume_matches(tmp_path, tiny_model, tiny_p
     if round_num == 1:
       os.kill(os.getpid(), signal.SIGTERM)
 
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signal handlers can only be installed from the main thread")
+  handler_before = signal.getsignal(signal.SIGTERM)
   with pytest.raises(ckpt.TrainingInterrupted) as interrupted:
     run_training(process, population, tiny_params, checkpoint_dir=tmp_path, checkpoint_every=10,
                  on_round_end=terminate_at_round_1, **common)
   assert interrupted.value.rounds_completed == 2 and interrupted.value.signum == signal.SIGTERM
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+  assert signal.getsignal(signal.SIGTERM) is handler_before  # handlers restored
   resumed = run_training(process, population, tiny_params, checkpoint_dir=tmp_path, resume=True, **common)
   for leaf, ref_leaf in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(reference.state)):
     assert np.asarray(leaf).tobytes() == np.asarray(ref_leaf).tobytes()
