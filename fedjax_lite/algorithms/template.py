@@ -21,7 +21,9 @@ Rules the template enforces for every algorithm, so a user's own parts cannot ge
 * padding slots (``num_examples == 0``) have weight 0 and add nothing, whatever the client work returns, and never
   write client state;
 * a client whose update has any NaN/Inf is rejected (zeros, weight 0, metrics reset, its state left as it was) and
-  counted in ``client_work/num_non_finite_clients`` (TFF's client rule);
+  counted in ``client_work/num_non_finite_clients`` (TFF's client rule). Weight 0 removes it from a weighted mean;
+  the unweighted mean counts real slots, not weights, so under uniform weighting a rejected client still counts in
+  the denominator, exactly as TFF's ``UnweightedMeanFactory`` does;
 * metrics are grouped ``{'distributor', 'client_work', 'aggregator', 'finalizer', 'broadcasted_bits',
   'aggregated_bits'}``; client metrics are sums finalized once on the server (example-weighted over the cohort).
 

@@ -13,7 +13,10 @@ memory), and a round only moves its cohort's rows:
    initial state.
 
 Device memory grows with the cohort, host memory with the population (``store.nbytes``). No Python runs per
-client. With sampling WITH replacement a client may fill two slots of one round; the later slot's state is kept.
+client. A client holds ONE state per round, so a cohort must not repeat a client (sampling with replacement
+would train both slots from the same state and the algorithm's server-side bookkeeping, e.g. SCAFFOLD's
+``c <- c + (1/N) sum_S Delta c_i``, would count it twice while only one state is kept): ``gather`` and ``scatter``
+refuse repeated ids unless ``allow_repeats=True`` (then the later slot's state is kept).
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ class ClientStateStore:
                          f"{new.shape} {new.dtype}.")
       own[...] = new
 
-  def _indices(self, client_ids: Any, num_slots: int | None = None) -> np.ndarray:
+  def _indices(self, client_ids: Any, num_slots: int | None = None, allow_repeats: bool = False) -> np.ndarray:
     ids = np.asarray(client_ids)
     if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
       raise ValueError(f"client_ids must be a 1-D array of integer client indices, got shape {ids.shape} "
@@ -91,25 +94,33 @@ class ClientStateStore:
                        f"{ids.max()}].")
     if num_slots is not None and ids.size > num_slots:
       raise ValueError(f"{ids.size} client_ids do not fit in {num_slots} client slots.")
+    if not allow_repeats:
+      unique, counts = np.unique(ids, return_counts=True)
+      if np.any(counts > 1):
+        raise ValueError(f"client_ids repeat clients {unique[counts > 1].tolist()}: a client holds one state per "
+                         "round, so stateful algorithms need cohorts without repeats (sample without replacement); "
+                         "pass allow_repeats=True to keep the later slot's state.")
     return ids.astype(np.int64)
 
-  def gather(self, client_ids: Any, num_slots: int | None = None) -> PyTree:
+  def gather(self, client_ids: Any, num_slots: int | None = None, *, allow_repeats: bool = False) -> PyTree:
     """The states of ``client_ids`` stacked ``[num_slots, ...]``; slots past ``len(client_ids)`` (padding) get
-    the state of client 0 (never written back)."""
-    ids = self._indices(client_ids, num_slots)
+    the state of client 0 (never written back). Repeated ids are refused unless ``allow_repeats``."""
+    ids = self._indices(client_ids, num_slots, allow_repeats)
     num_slots = ids.size if num_slots is None else int(num_slots)
     padded = np.zeros((num_slots,), np.int64)
     padded[:ids.size] = ids
     return jax.tree.unflatten(self._treedef, [leaf[padded] for leaf in self._leaves])
 
-  def scatter(self, client_ids: Any, new_states: PyTree, num_examples: Any | None = None) -> None:
+  def scatter(self, client_ids: Any, new_states: PyTree, num_examples: Any | None = None, *,
+              allow_repeats: bool = False) -> None:
     """Writes the first ``len(client_ids)`` rows of ``new_states`` back, skipping slots with
-    ``num_examples == 0`` (padding, or a client with no data) when ``num_examples`` is given."""
+    ``num_examples == 0`` (padding, or a client with no data) when ``num_examples`` is given. Repeated ids are
+    refused unless ``allow_repeats`` (then the later slot's state is kept)."""
     leaves, treedef = jax.tree.flatten(new_states)
     if treedef != self._treedef:
       raise ValueError(f"new_states must have the store's structure {self._treedef}, got {treedef}.")
     num_slots = int(np.shape(leaves[0])[0])
-    ids = self._indices(client_ids, num_slots)
+    ids = self._indices(client_ids, num_slots, allow_repeats)
     keep = np.ones((ids.size,), bool)
     if num_examples is not None:
       keep = np.asarray(num_examples)[:ids.size] > 0

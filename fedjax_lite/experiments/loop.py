@@ -218,6 +218,9 @@ def run_training(
     raise ValueError("resume=True needs a checkpoint_dir.")
   extra_state = dict(extra_state or {})
   if process.client_state is not None:
+    if sample_with_replacement:
+      raise ValueError("this algorithm keeps per-client state, one per client and round: sample clients without "
+                       "replacement (sample_with_replacement=False).")
     if client_states is None:
       client_states = ClientStateStore(process.client_state(initial_params), train_data.num_clients)
     elif not isinstance(client_states, ClientStateStore):

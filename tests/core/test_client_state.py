@@ -85,10 +85,18 @@ def test_scatter_without_num_examples_writes_every_listed_client():
   np.testing.assert_array_equal(store.arrays["count"], [101, 7, 7, 7, 100])
 
 
-def test_scatter_with_replacement_keeps_the_later_slot():
-  """Sampling with replacement: client 2 fills slots 0 and 2; the later slot's state is kept (documented)."""
+def test_repeated_clients_are_refused_unless_allowed():
   store = ClientStateStore(initial_state(), NUM_CLIENTS)
-  store.scatter([2, 1, 2], distinct_states(3, offset=10.0), num_examples=[4, 4, 4])
+  with pytest.raises(ValueError, match=r"repeat clients \[2\]"):
+    store.gather([2, 1, 2])
+  with pytest.raises(ValueError, match="sample without replacement"):
+    store.scatter([2, 1, 2], distinct_states(3, offset=10.0))
+
+
+def test_scatter_with_replacement_keeps_the_later_slot():
+  """Sampling with replacement, allowed: client 2 fills slots 0 and 2; the later slot's state is kept."""
+  store = ClientStateStore(initial_state(), NUM_CLIENTS)
+  store.scatter([2, 1, 2], distinct_states(3, offset=10.0), num_examples=[4, 4, 4], allow_repeats=True)
   np.testing.assert_array_equal(store.arrays["count"], [7, 101, 102, 7, 7])
   np.testing.assert_array_equal(store.arrays["c"][2], np.full((2, 3), 12.0, np.float32))
 
