@@ -33,7 +33,7 @@ ADAPTIVE_ALGORITHMS = ("fedadam", "fedyogi", "fedadagrad")
 # The server learning rate when --server-lr is not given (Reddi et al. 2021's EMNIST range for the adaptive ones).
 DEFAULT_SERVER_LR = {"fedsgd": 0.1, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.1}
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "adagrad", "yogi")
-AGGREGATORS = ("mean", "robust", "dp", "compression", "secure", "median", "trimmed-mean")
+AGGREGATORS = ("mean", "robust", "dp", "compression", "secure", "median", "trimmed-mean", "krum", "multi-krum")
 PARTITIONS = ("shards", "dirichlet", "iid")
 RUNNER_STRATEGIES = ("auto", "sequential", "vmap", "chunked")
 
@@ -163,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
   model.add_argument("--aggregator", choices=AGGREGATORS, default="mean",
                      help="mean; robust (adaptive zeroing + clipping); dp (adaptive-clip Gaussian DP, unweighted); "
                           "compression (robust + 8-bit quantized upload); secure (simulated SecAgg); median; "
-                          "trimmed-mean")
+                          "trimmed-mean; krum, multi-krum (Blanchard et al. 2017, --num-byzantine)")
+  model.add_argument("--num-byzantine", type=_nonnegative_int, default=1,
+                     help="f, the Byzantine clients --aggregator krum/multi-krum tolerates (needs clients-per-round "
+                          "> 2f + 2)")
   model.add_argument("--trim-fraction", type=_trim_fraction, default=0.1,
                      help="per-side fraction dropped by --aggregator trimmed-mean, in [0, 0.5)")
   model.add_argument("--quantization-bits", type=_bits, default=8,
@@ -242,6 +245,7 @@ def _explicit_flags(argv: Sequence[str] | None) -> set[str]:
 # flag destination -> (the setting it needs, whether the args have it)
 _FLAG_CONDITIONS = {
     "trim_fraction": ("--aggregator trimmed-mean", lambda a: a.aggregator == "trimmed-mean"),
+    "num_byzantine": ("--aggregator krum or multi-krum", lambda a: a.aggregator in ("krum", "multi-krum")),
     "quantization_bits": ("--aggregator compression", lambda a: a.aggregator == "compression"),
     "dp_noise_multiplier": ("--aggregator dp", lambda a: a.aggregator == "dp"),
     "dp_delta": ("--aggregator dp", lambda a: a.aggregator == "dp"),
@@ -365,6 +369,12 @@ def _build_aggregator(args):
     return aggregators.secure_aggregator(weighted=weighted), weighted
   if name == "median":
     return aggregators.coordinate_median(), weighted
+  if name in ("krum", "multi-krum"):
+    if args.clients_per_round <= 2 * args.num_byzantine + 2:
+      raise UsageError(f"--aggregator {name} with --num-byzantine {args.num_byzantine} needs --clients-per-round > "
+                       f"{2 * args.num_byzantine + 2}")
+    builder = aggregators.krum if name == "krum" else aggregators.multi_krum
+    return builder(args.num_byzantine), weighted
   return aggregators.trimmed_mean(args.trim_fraction), weighted
 
 

@@ -46,3 +46,16 @@ def test_knobs_of_other_algorithms_are_refused(flags, named, tmp_path, capsys):
   assert code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and named in err[0]
+
+
+@pytest.mark.parametrize("aggregator", ["krum", "multi-krum"])
+def test_krum_aggregators_from_the_command_line(aggregator, tmp_path, capsys):
+  code = cli.main(TINY + ["--aggregator", aggregator, "--num-byzantine", "0", "--output-dir", str(tmp_path)])
+  assert code == 0, capsys.readouterr().err
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["aggregator"] == aggregator
+
+
+def test_krum_needs_enough_clients(tmp_path, capsys):
+  code = cli.main(TINY + ["--aggregator", "krum", "--num-byzantine", "1", "--output-dir", str(tmp_path)])
+  assert code == 2
+  assert "needs --clients-per-round > 4" in capsys.readouterr().err
