@@ -23,7 +23,8 @@ Variants, for each time-loop unroll in ``--unrolls`` (1 = the LSTM's time loop f
 
 Timing: after a warm-up call per variant, ``--repeats`` repetitions with the variants interleaved round-robin, so
 machine noise hits all alike; medians. ``ratio_in_loop_vs_alone`` (target <= 1.3) compares the two at the same
-unroll. Output: one JSON line on stdout (progress on stderr); ``--output PATH`` appends it to a file.
+unroll. ``--model cifar100_resnet18`` runs the same comparison for the GroupNorm ResNet-18 on 24x24x3 crops
+(batch 20, no time loop). Output: one JSON line on stdout (progress on stderr); ``--output PATH`` appends it to a file.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ import optax
 
 from fedjax_lite.algorithms import train_locally
 from fedjax_lite.core.model import masked_loss_and_metric_sums
-from fedjax_lite.models import shakespeare_lstm
+from fedjax_lite.models import cifar100_resnet18, shakespeare_lstm
+
+MODELS = ("shakespeare_lstm", "cifar100_resnet18")
 
 
 def log(message: str) -> None:
@@ -57,6 +60,17 @@ def packed_client(steps: int, batch_size: int, sequence_length: int, vocab_ids: 
   return {
       "x": ids[..., :-1],
       "y": ids[..., 1:],
+      "mask": np.ones((steps, batch_size), bool),
+      "num_examples": np.int32(steps * batch_size),
+  }
+
+
+def packed_images(steps: int, batch_size: int, seed: int) -> dict:
+  """One client's packed CIFAR-100 crops (24x24x3 uniform [0, 1)) with labels in [0, 100)."""
+  rng = np.random.default_rng(seed)
+  return {
+      "x": rng.random((steps, batch_size, 24, 24, 3), dtype=np.float32),
+      "y": rng.integers(0, 100, (steps, batch_size)).astype(np.int32),
       "mask": np.ones((steps, batch_size), bool),
       "num_examples": np.int32(steps * batch_size),
   }
@@ -115,7 +129,9 @@ def build_variants(model, params, client: dict, learning_rate: float, vmap_clien
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
-  parser.add_argument("--batch-size", type=int, default=10, help="sequences per batch (McMahan et al.: 10)")
+  parser.add_argument("--model", choices=MODELS, default="shakespeare_lstm")
+  parser.add_argument("--batch-size", type=int, default=None,
+                      help="examples per batch (default 10 sequences, McMahan et al.; 20 images for the ResNet)")
   parser.add_argument("--sequence-length", type=int, default=80)
   parser.add_argument("--steps", type=int, default=10, help="local steps of the client")
   parser.add_argument("--unrolls", default="1,8", help="comma-separated time-loop unrolls to compare")
@@ -124,6 +140,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--learning-rate", type=float, default=1.0)
   parser.add_argument("--output", default=None, help="also append the JSON line to this file")
   args = parser.parse_args(argv)
+  if args.batch_size is None:
+    args.batch_size = 20 if args.model == "cifar100_resnet18" else 10
   for name in ("batch_size", "sequence_length", "steps", "repeats"):
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -137,9 +155,12 @@ def main(argv=None) -> dict:
     parser.error("--unrolls must be positive ints")
 
   model_kwargs = {}
+  if args.model == "cifar100_resnet18":
+    unrolls = [1]  # no time loop
   if args.quick:
     args.batch_size, args.sequence_length, args.steps, args.repeats = 2, 8, 3, 2
-    model_kwargs = {"vocab_size": 6, "embedding_size": 4, "lstm_sizes": (8, 8)}
+    model_kwargs = ({"initial_filters": 4} if args.model == "cifar100_resnet18" else
+                    {"vocab_size": 6, "embedding_size": 4, "lstm_sizes": (8, 8)})
 
   report = {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -147,16 +168,21 @@ def main(argv=None) -> dict:
       "backend": jax.default_backend(),
       "cpu": platform.processor() or platform.machine(),
       "quick": args.quick,
+      "model": args.model,
       "workload": {"batch_size": args.batch_size, "sequence_length": args.sequence_length, "steps": args.steps,
                    "vmap_clients": args.vmap_clients, "repeats": args.repeats},
       "unrolls": {},
   }
   for unroll in unrolls:
-    model = shakespeare_lstm(sequence_length=args.sequence_length, unroll=unroll, **model_kwargs)
-    params = jax.jit(model.init)(jax.random.key(1))
+    if args.model == "cifar100_resnet18":
+      model = cifar100_resnet18(**model_kwargs)
+      params = jax.jit(model.init)(jax.random.key(1))
+      client = packed_images(args.steps, args.batch_size, seed=0)
+    else:
+      model = shakespeare_lstm(sequence_length=args.sequence_length, unroll=unroll, **model_kwargs)
+      params = jax.jit(model.init)(jax.random.key(1))
+      client = packed_client(args.steps, args.batch_size, args.sequence_length, params["embedding"].shape[0], seed=0)
     report["num_params"] = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-    vocab_ids = params["embedding"].shape[0]
-    client = packed_client(args.steps, args.batch_size, args.sequence_length, vocab_ids, seed=0)
     log(f"unroll={unroll}: compiling")
     variants, max_abs_difference = build_variants(model, params, client, args.learning_rate, args.vmap_clients)
     first_s = {}
