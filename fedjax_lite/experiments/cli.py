@@ -221,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Flags that never change a run's results: not compared when resuming.
+# (--data-dir only says where the files are: the data itself is compared by its hash.)
 _RESULT_NEUTRAL_FLAGS = ("command", "output_dir", "json", "no_progress", "quiet", "log_format", "rounds",
-                         "dp_epsilon_budget", "checkpoint_dir", "checkpoint_every", "resume")
+                         "dp_epsilon_budget", "checkpoint_dir", "checkpoint_every", "resume", "data_dir")
 
 
 def _run_config(args) -> dict:

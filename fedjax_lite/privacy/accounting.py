@@ -46,6 +46,7 @@ import warnings
 from typing import Any, Callable
 
 import dp_accounting
+import numpy as np
 from dp_accounting import NeighboringRelation
 
 from fedjax_lite.core import validation
@@ -446,8 +447,41 @@ class PrivacyLedger:
 
   @functools.lru_cache(maxsize=None)
   def epsilon_after(self, rounds: int) -> float:
-    """Epsilon at ``delta`` after ``rounds`` rounds (0 rounds: 0)."""
+    """Epsilon at ``delta`` after ``rounds`` rounds (0 rounds: 0).
+
+    With the plain ``'rdp'`` accountant and rounds that are ``SelfComposedDpEvent(round_event, rounds)``, the RDP
+    of one round is computed once and scaled (RDP composes additively: ``T`` rounds have ``T`` times the RDP of
+    one, which is what dp_accounting's ``compose(event, T)`` computes too); the first use checks the shortcut
+    against dp_accounting's own answer for 2 rounds and keeps the full computation if they differ.
+    """
+    validation.check_int("rounds", rounds, minimum=0)
+    unit = self._rdp_of_one_round
+    if unit is not None and rounds > 0:
+      event = self.run.event_after(rounds)
+      if isinstance(event, dp_accounting.SelfComposedDpEvent) and event.count == rounds and event.event == unit[2]:
+        return float(dp_accounting.rdp.rdp_privacy_accountant.compute_epsilon(unit[0], rounds * unit[1],
+                                                                              self.delta)[0])
     return run_epsilon(self.run, rounds, self.delta, accountant=self.accountant)
+
+  @functools.cached_property
+  def _rdp_of_one_round(self):
+    """``(orders, RDP of one round, round event)`` for the RDP shortcut, or None."""
+    unit = None
+    checked = check_accountant(self.accountant)
+    one, two = self.run.event_after(1), self.run.event_after(2)
+    if (checked.kind == "rdp" and isinstance(one, dp_accounting.SelfComposedDpEvent) and one.count == 1
+        and isinstance(two, dp_accounting.SelfComposedDpEvent) and two.count == 2 and two.event == one.event):
+      accountant = checked.fresh(self.run.neighboring_relation)
+      accountant.compose(one.event)
+      orders, rdp = getattr(accountant, "_orders", None), getattr(accountant, "_rdp", None)
+      if isinstance(rdp, np.ndarray) and orders is not None:
+        candidate = (np.asarray(orders), np.array(rdp, dtype=np.float64), one.event)
+        shortcut = dp_accounting.rdp.rdp_privacy_accountant.compute_epsilon(candidate[0], 2 * candidate[1],
+                                                                            self.delta)[0]
+        full = run_epsilon(self.run, 2, self.delta, accountant=self.accountant)
+        if shortcut == full or abs(shortcut - full) <= 1e-12 * abs(full):
+          unit = candidate
+    return unit
 
   def allows(self, rounds: int) -> bool:
     """Whether ``rounds`` rounds stay within the budget (always True without one)."""

@@ -92,7 +92,7 @@ def test_dp_budget_stops_training_and_says_so(tmp_path, capsys):
     (["train", "--clients-per-round", "500"], "--clients-per-round"),
     (["train", "--dataset", "synthetic", "--model", "cnn"], "--model"),
     (["train", "--frobnicate"], "unrecognized"),
-    (["train", "--aggregator", "krum"], "--aggregator"),
+    (["train", "--aggregator", "bulyan"], "--aggregator"),
     (["train", "--quantization-bits", "17"], "--quantization-bits"),
     (["train", "--trim-fraction", "0.5"], "--trim-fraction"),
     (["train", "--aggregator", "dp", "--dp-noise-multiplier", "3"], "--dp-noise-multiplier"),

@@ -103,3 +103,15 @@ def test_an_accountant_with_another_adjacency_is_refused():
   run = sampled_run_events(dp_accounting.GaussianDpEvent(1.0), sampling="poisson", sampling_probability=0.1)
   with pytest.raises(ValueError, match="REPLACE_ONE adjacency"):
     PrivacyLedger(run, DELTA, dp_accounting.rdp.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE))
+
+
+def test_ledger_rdp_shortcut_equals_dp_accounting_round_by_round():
+  from fedjax_lite.aggregators.differential_privacy import gaussian_adaptive
+  from fedjax_lite.privacy import run_epsilon
+
+  for round_event in (dp_accounting.GaussianDpEvent(1.0), gaussian_adaptive(1.0, 20.0).dp_event()):
+    run = sampled_run_events(round_event, sampling="poisson", sampling_probability=0.05)
+    ledger = PrivacyLedger(run, DELTA)
+    assert ledger._rdp_of_one_round is not None  # the shortcut is in use...
+    for rounds in (1, 2, 7, 100):  # ...and gives dp_accounting's own answer
+      assert ledger.epsilon_after(rounds) == pytest.approx(run_epsilon(run, rounds, DELTA), rel=1e-12)
