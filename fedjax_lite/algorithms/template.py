@@ -44,6 +44,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_lite.aggregators.base import Aggregator, as_template, client_upload_bits, split_rng
 from fedjax_lite.core.model import finalize_metric_sums
@@ -298,6 +299,14 @@ def communication_bits(
     return {"broadcasted_bits": count * download, "aggregated_bits": count * upload}
 
 
+def place_on_mesh(state: PyTree, runner: Runner | None) -> PyTree:
+  """With a mesh runner, the state replicated over the mesh: the layout a sharded round returns it in, so round 2
+  does not recompile for a different input sharding. Unchanged otherwise (and under tracing)."""
+  if runner is None or runner.mesh is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
+    return state
+  return jax.device_put(state, NamedSharding(runner.mesh, PartitionSpec()))
+
+
 def build_round(
     client_work: ClientWork,
     *,
@@ -361,13 +370,14 @@ def build_round(
     check_params(params)
     params = jax.tree.map(jnp.asarray, params)
     template = as_template(update_template(params))
-    return ServerState(
+    state = ServerState(
         params=params,
         opt_state=finalizer.init(params),
         aggregator_state=_unname({name: agg.init(as_template(_pick(template, name)))
                                   for name, agg in aggregators.items()}),
         round_num=jnp.zeros((), jnp.int32),
     )
+    return place_on_mesh(state, runner)
 
   def next_fn(state: ServerState, round_data: PyTree, rng: jax.Array):
     if (client_state is not None) != (CLIENT_STATE_KEY in round_data):
