@@ -50,6 +50,7 @@ from fedjax_lite.aggregators.base import Aggregator, as_template, client_upload_
 from fedjax_lite.core.model import finalize_metric_sums
 from fedjax_lite.core.process import MeasuredOutput, Process
 from fedjax_lite.core.records import ClientOutput
+from fedjax_lite.core.round_data import check_round_data
 from fedjax_lite.core.runner import Runner, client_mask, run_clients
 from fedjax_lite.core.tree import tree_all_finite, tree_select, tree_size_bits
 
@@ -221,6 +222,10 @@ def client_work_and_aggregate(
   ``MeasuredOutput`` (its fields dicts keyed like ``aggregator`` when it is a dict); the client metrics are
   ``{'train': finalized sums, 'num_non_finite_clients'}``.
   """
+  # Structure checks at trace time (once per shape): a clear error naming the input instead of a shape error deep
+  # inside the runner.
+  check_round_data({key: value for key, value in round_data.items() if key != CLIENT_STATE_KEY}
+                   if isinstance(round_data, Mapping) else round_data)
   aggregators = _named(aggregator)
   states = {name: _pick(aggregator_state, name) for name in aggregators}
   train_key, aggregator_key = jax.random.split(rng)

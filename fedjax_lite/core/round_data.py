@@ -81,7 +81,8 @@ def check_round_data(round_data: Any, *, name: str = "round_data") -> None:
   mask_shape = np.shape(round_data[MASK])
   if len(mask_shape) != 3:
     raise ValueError(f"{name}['mask'] must have shape [clients, steps, batch], got {mask_shape}.")
-  mask_dtype = np.dtype(getattr(round_data[MASK], "dtype", np.asarray(round_data[MASK]).dtype))
+  mask = round_data[MASK]
+  mask_dtype = np.dtype(mask.dtype if hasattr(mask, "dtype") else np.asarray(mask).dtype)  # tracers have a dtype
   if mask_dtype != np.bool_:
     raise TypeError(f"{name}['mask'] must be boolean, got {mask_dtype}.")
   num_clients = mask_shape[0]

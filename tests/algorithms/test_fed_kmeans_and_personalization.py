@@ -83,3 +83,17 @@ def test_personalization_bad_strategies(tiny_model):
     personalization_evaluation(tiny_model, {"a": (optax.sgd(0.1),)})
   with pytest.raises(ValueError, match="num_epochs"):
     personalization_evaluation(tiny_model, {"a": (optax.sgd(0.1), 0)})
+
+
+def test_round_data_errors_name_the_input_when_next_is_called_directly(tiny_model, tiny_params):
+  from fedjax_lite.algorithms import fed_avg
+
+  round_data = pack_clients(make_population(), [0, 1], batch_size=4)
+  process = fed_avg(tiny_model, client_learning_rate=0.1)
+  state = process.init(tiny_params)
+  missing_mask = {key: value for key, value in round_data.items() if key != "mask"}
+  with pytest.raises(ValueError, match="has no 'mask'"):
+    jax.jit(process.next)(state, missing_mask, jax.random.key(0))
+  short = dict(round_data, y=round_data["y"][:1])
+  with pytest.raises(ValueError, match=r"\['y'\] has 1 clients, 'mask' has 2"):
+    jax.jit(process.next)(state, short, jax.random.key(0))
