@@ -38,6 +38,7 @@ from hypothesis.extra import numpy as hnp
 from fedjax_lite import aggregators as agg
 from fedjax_lite.aggregators.base import split_rng
 from fedjax_lite.core.runner import Runner, run_clients
+from tests.aggregators.helpers import run_streaming
 from tests.tolerances import float_atol
 
 BF16 = jnp.bfloat16
@@ -389,12 +390,16 @@ STREAM_RUNNERS = [Runner("sequential", lanes=1), Runner("sequential", lanes=3), 
                   Runner("chunked", chunk_size=4)]
 
 
+HOST_LOOP_CASES = ("mean", "zeroing", "secure_sum_float", "secure_modular_sum")  # the loop is slow: a few only
+
+
 @pytest.mark.parametrize("case, shape", shape_params(STREAMABLE, all_shapes=False))
 @_settings(EXAMPLES["streaming"])
 @given(data=st.data())
 def test_streaming_equals_stacked(case, shape, data):
   """``parts`` summed by ``run_clients`` (one runner strategy per aggregator, rotating through sequential lanes,
-  vmap and chunked) equals ``next``: bit for bit for exact aggregators, else to the rounding of the reordered sum."""
+  vmap and chunked) equals ``next``, and so does the host loop of ``tests/aggregators/helpers.py`` (for
+  ``HOST_LOOP_CASES``): bit for bit for exact aggregators, else to the rounding of the reordered sum."""
   runner = STREAM_RUNNERS[STREAMABLE.index(case) % len(STREAM_RUNNERS)]
   round_ = data.draw(rounds(shape, case.min_real))
   stacked = run(case, shape, round_.values, round_.weights, round_.mask, seed=3)
@@ -404,6 +409,13 @@ def test_streaming_equals_stacked(case, shape, data):
                          SHAPES[shape].slots)
   if case.scale == "exact":
     _tree_equal(streamed.measurements, stacked.measurements)
+  if case.name not in HOST_LOOP_CASES:
+    return
+  # The client-by-client reference of tests/aggregators/helpers.py (a host loop, in slot order) agrees too.
+  looped = run_streaming(aggregator_of(case), initial_state(case, shape), round_.values, round_.weights,
+                         jax.random.key(3), round_.mask)
+  assert_reordered_equal(case, looped.result, stacked.result, round_.values, round_.weights, round_.mask,
+                         SHAPES[shape].slots)
 
 
 LINEAR = ["sum_aggregator", "mean", "unweighted_mean", "hadamard_rotation"]
