@@ -149,7 +149,7 @@ def device_memory() -> dict:
 
 def sizes(smoke: bool) -> dict:
   if smoke:
-    return dict(examples=20, batch=10, num_classes=62, cohorts=[2, 4], search_start=2, search_max=4,
+    return dict(examples=20, batch=10, num_classes=62, cohorts=[2, 4], search_start=4, search_max=4,
                 digits_rounds=2, model="dense")
   return dict(examples=200, batch=20, num_classes=62, cohorts=[10, 100, 1000], search_start=1000,
               search_max=65536, digits_rounds=None, model="cnn")
@@ -371,9 +371,42 @@ def centralized_loop(model, round_data, rounds: int, budget: Budget) -> dict:
           "seconds_per_loop": round(median, 5)}
 
 
+def doubling_search(try_cohort, start: int, maximum: int, time_left) -> dict:
+  """The largest cohort in ``start, 2 start, 4 start, ... <= maximum`` for which ``try_cohort(cohort)`` (returning
+  a dict of measurements) does not raise.
+
+  The search stops at the first failure: ``stopped_by`` is ``'out of memory'`` for RESOURCE_EXHAUSTED (or another
+  out-of-memory message), ``'error'`` for anything else; ``'time budget'`` when ``time_left()`` seconds would not
+  cover 3x the last trial; ``'reached search_max'`` otherwise.
+  """
+  tried, fits, stop = [], None, "reached search_max"
+  cohort, last_s = start, 0.0
+  while cohort <= maximum:
+    if time_left() < 3 * last_s + 1:
+      stop = "time budget"
+      break
+    began = time.perf_counter()
+    try:
+      measured = try_cohort(cohort)
+    except Exception as error:  # noqa: BLE001 -- an allocation failure is the answer, not a crash
+      oom = is_out_of_memory(error)
+      tried.append({"clients": cohort, "ok": False, "out_of_memory": oom,
+                    "error": f"{type(error).__name__}: {str(error)[:300]}"})
+      stop = "out of memory" if oom else "error"
+      break
+    finally:
+      gc.collect()
+    last_s = time.perf_counter() - began
+    tried.append({"clients": cohort, "ok": True, "round_s": round(last_s, 3), **measured})
+    fits = cohort
+    cohort *= 2
+  return {"largest_fitting_cohort": fits, "stopped_by": stop, "tried": tried}
+
+
 def largest_cohort_section(cfg: dict, budget: Budget) -> dict:
   """For ``vmap`` and ``chunked``: the largest cohort (doubling from ``search_start`` to ``search_max``) whose
-  standard round runs; a RESOURCE_EXHAUSTED ends the search for that strategy."""
+  standard round runs; a RESOURCE_EXHAUSTED ends the search for that strategy. Each strategy gets its share of
+  the time left."""
   import jax
 
   from fedjax_lite.algorithms import fed_avg
@@ -384,37 +417,18 @@ def largest_cohort_section(cfg: dict, budget: Budget) -> dict:
   results = {"search": f"doubling from {cfg['search_start']} to at most {cfg['search_max']}"}
   strategies = ("vmap", "chunked")
   for position, strategy in enumerate(strategies):
-    share = budget.left() / (len(strategies) - position)  # each strategy gets its share of what is left
-    deadline = budget.elapsed() + share
+    deadline = budget.elapsed() + budget.left() / (len(strategies) - position)
     process = fed_avg(model, client_learning_rate=0.02, runner=Runner(strategy))
     step = jax.jit(process.next)
-    tried, fits, stop = [], None, "reached search_max"
-    cohort, last_s = cfg["search_start"], 0.0
-    while cohort <= cfg["search_max"]:
-      if budget.left() < 3 * last_s + 1 or budget.elapsed() + 3 * last_s > deadline:
-        stop = "time budget"
-        break
-      start = time.perf_counter()
-      try:
-        round_data = device_round_data(cohort, cfg["examples"], cfg["batch"], cfg["num_classes"])
-        state, metrics = step(process.init(params), round_data, jax.random.key(0))
-        jax.block_until_ready((state, metrics))
-        del state, metrics, round_data
-        last_s = time.perf_counter() - start
-        tried.append({"clients": cohort, "ok": True, "round_s": round(last_s, 3), "device_memory": device_memory()})
-        fits = cohort
-      except Exception as error:  # noqa: BLE001
-        round_data = state = metrics = None
-        oom = is_out_of_memory(error)
-        tried.append({"clients": cohort, "ok": False, "out_of_memory": oom,
-                      "error": f"{type(error).__name__}: {str(error)[:300]}"})
-        stop = "out of memory" if oom else "error"
-        gc.collect()
-        break
-      gc.collect()
-      cohort *= 2
-    results[strategy] = {"largest_fitting_cohort": fits, "stopped_by": stop, "tried": tried}
-    step = None
+
+    def try_cohort(cohort, step=step, process=process):
+      round_data = device_round_data(cohort, cfg["examples"], cfg["batch"], cfg["num_classes"])
+      jax.block_until_ready(step(process.init(params), round_data, jax.random.key(0)))
+      return {"device_memory": device_memory()}
+
+    results[strategy] = doubling_search(try_cohort, cfg["search_start"], cfg["search_max"],
+                                        lambda: min(budget.left(), deadline - budget.elapsed()))
+    del step, try_cohort
     jax.clear_caches()
     gc.collect()
   return results
@@ -441,6 +455,7 @@ def digits_section(rounds: int | None, smoke: bool) -> dict:
       "job": f"fedjax-lite train {' '.join(argv[1:])}".strip(),
       "model": args.model, "clients_per_round": args.clients_per_round, "local_epochs": args.local_epochs,
       "batch_size": args.batch_size, "runner": runner.resolved_strategy(), "rounds": rounds_done,
+      "evaluation": "off (the CLI evaluates every 5 rounds; rounds/s here is training only)",
       "seconds": round(result.seconds, 3), "first_round_s": round(result.first_round_seconds, 3),
       "rounds_per_s": round(rounds_done / result.seconds, 3),
       "rounds_per_s_after_first": round((rounds_done - 1) / steady, 3) if rounds_done > 1 and steady > 0 else None,
