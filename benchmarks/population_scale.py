@@ -8,7 +8,8 @@ that many clients (EMNIST-shaped examples: ``x`` uint8 28x28x1, ``y`` int32 of 6
 ``examples``, ``offsets``), which keeps read-only memmaps uncopied. Then, for ``--rounds`` rounds, a cohort of
 ``--cohort`` clients is sampled (``core.sample_clients``) and packed with one local step each (batch 10,
 ``max_steps=1``), and a FedAvg round of a dense softmax (784 -> 62) runs on it with the default runner (``uint8 ->
-float32 / 255`` inside the jitted round, so only the cohort's bytes are converted).
+float32 / 255`` inside the jitted round, so only the cohort's bytes are converted; ``--runner chunked`` for
+``Runner('chunked')``).
 
 Prints ONE JSON line: the host RSS (psutil) before and after building the population, after each packing and after
 the rounds; the bytes of the population's files and of a packed cohort; packing throughput (clients/s); the round's
@@ -164,7 +165,8 @@ def build_round(process):
   return round_fn
 
 
-def run(num_clients: int, cohort: int, rounds: int, mean_examples: float, seed: int, directory: str) -> dict:
+def run(num_clients: int, cohort: int, rounds: int, mean_examples: float, seed: int, directory: str,
+        strategy: str = "auto", chunk_size: int = 8) -> dict:
   import jax
 
   from fedjax_lite import models
@@ -175,9 +177,9 @@ def run(num_clients: int, cohort: int, rounds: int, mean_examples: float, seed: 
     raise ValueError(f"cohort ({cohort}) must be <= clients ({num_clients})")
   report = {"clients": num_clients, "cohort": cohort, "rounds": rounds, "mean_examples_per_client": mean_examples,
             "local_steps": 1, "batch_size": BATCH_SIZE, "model": f"dense softmax 784 -> {NUM_CLASSES}",
-            "runner": Runner().resolved_strategy(), "backend": jax.default_backend()}
+            "runner": Runner(strategy, chunk_size=chunk_size).resolved_strategy(), "backend": jax.default_backend()}
   model = models.dense_softmax(num_classes=NUM_CLASSES, input_shape=FEATURE_SHAPE)
-  process = fed_avg(model, client_learning_rate=0.1, runner=Runner())
+  process = fed_avg(model, client_learning_rate=0.1, runner=Runner(strategy, chunk_size=chunk_size))
   round_fn = build_round(process)
   state = process.init(model.init(jax.random.key(seed)))
   rss = {"before_warm_up": rss_bytes()}
@@ -253,6 +255,9 @@ def main(argv=None) -> int:
   parser.add_argument("--rounds", type=_positive_int, default=3, help="rounds (each samples and packs a cohort)")
   parser.add_argument("--mean-examples", type=_mean_examples, default=3.0, help="mean examples per client")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--runner", choices=("auto", "sequential", "vmap", "chunked"), default="auto",
+                      help="the round's client runner (default: the library's, sequential on CPU, vmap elsewhere)")
+  parser.add_argument("--chunk-size", type=_positive_int, default=8, help="clients per vmap chunk for chunked")
   parser.add_argument("--dir", default=None, help="where to write the population (default: a temporary dir)")
   parser.add_argument("--output", default=None, help="also append the JSON line to this file")
   args = parser.parse_args(argv)
@@ -262,7 +267,8 @@ def main(argv=None) -> int:
     parser.error(f"--cohort ({cohort}) must be <= --clients ({num_clients})")
   start = time.perf_counter()
   with tempfile.TemporaryDirectory(dir=args.dir) as directory:
-    report = run(num_clients, cohort, args.rounds, args.mean_examples, args.seed, directory)
+    report = run(num_clients, cohort, args.rounds, args.mean_examples, args.seed, directory, args.runner,
+                 args.chunk_size)
   import jax
   import jaxlib
 
