@@ -118,13 +118,13 @@ class FederatedData:
     if client_ids.shape != (num_examples,):
       raise ValueError(f"client_ids must have one entry per example ({num_examples}), got shape {client_ids.shape}.")
     unique_ids, inverse = np.unique(client_ids, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
     counts = np.bincount(inverse, minlength=len(unique_ids))
-    return cls(
-        tuple(str(cid) for cid in unique_ids),
-        {key: value[order] for key, value in arrays.items()},
-        np.concatenate([[0], np.cumsum(counts)]),
-    )
+    if np.all(np.diff(inverse) >= 0):  # already grouped in sorted-id order: no reorder (memory maps stay mapped)
+      examples = dict(arrays)
+    else:
+      order = np.argsort(inverse, kind="stable")
+      examples = {key: value[order] for key, value in arrays.items()}
+    return cls(tuple(str(cid) for cid in unique_ids), examples, np.concatenate([[0], np.cumsum(counts)]))
 
   # Access ----------------------------------------------------------------------------------------------------------
 

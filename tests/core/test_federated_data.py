@@ -386,3 +386,16 @@ def test_constructor_rejects_mismatched_lengths():
 def test_constructor_rejects_non_mapping_examples():
   with pytest.raises(TypeError, match="examples"):
     FederatedData(("a",), [np.arange(3)], [0, 3])
+
+
+def test_from_arrays_keeps_read_only_memory_maps_of_grouped_data(tmp_path):
+  """Data already grouped by client (as on-disk datasets are) is not reordered, so a memory map stays a map."""
+  x = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=(6, 2))
+  x[...] = np.arange(12, dtype=np.float32).reshape(6, 2)
+  x.flush()
+  mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+  data = FederatedData.from_arrays({"x": mapped}, [0, 0, 1, 1, 1, 2])
+  assert isinstance(data.examples["x"], np.memmap) and np.shares_memory(data.examples["x"], mapped)
+  np.testing.assert_array_equal(data["1"]["x"], mapped[2:5])
+  shuffled = FederatedData.from_arrays({"x": np.asarray(mapped)}, [1, 0, 1, 0, 2, 1])  # reordered: a copy
+  np.testing.assert_array_equal(shuffled["0"]["x"], np.asarray(mapped)[[1, 3]])
