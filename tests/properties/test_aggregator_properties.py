@@ -84,6 +84,7 @@ class ShapeClass:
 SHAPES = {
     "two_f32": ShapeClass((("a", (3,), jnp.float32), ("b", (2, 2), jnp.float32)), slots=6),
     "mixed_bf16": ShapeClass((("w", (5,), jnp.float32), ("h", (3,), BF16)), slots=5),
+    "scalar_3d": ShapeClass((("s", (), jnp.float32), ("t", (2, 1, 3), jnp.float32)), slots=4),
     "int32": ShapeClass((("a", (3,), jnp.int32), ("b", (2,), jnp.int32)), slots=6),
 }
 
@@ -114,30 +115,32 @@ class Case:
 
 
 CASES = [
-    Case("sum_aggregator", agg.sum_aggregator, ("two_f32", "mixed_bf16"), scale="sum"),
-    Case("mean", agg.mean, ("two_f32", "mixed_bf16")),
+    Case("sum_aggregator", agg.sum_aggregator, ("two_f32", "mixed_bf16", "scalar_3d"), scale="sum"),
+    Case("mean", agg.mean, ("two_f32", "mixed_bf16", "scalar_3d")),
     Case("unweighted_mean", agg.unweighted_mean, scale="unweighted"),
     Case("zeroing", lambda: agg.zeroing(ZEROING_NORM, agg.mean()), ("two_f32", "mixed_bf16"), nan_rule="zero",
          count_key=("zeroed_count",)),
-    Case("clipping", lambda: agg.clipping(CLIPPING_NORM, agg.mean()), nan_rule="zero",
+    Case("clipping", lambda: agg.clipping(CLIPPING_NORM, agg.mean()), ("two_f32", "scalar_3d"), nan_rule="zero",
          count_key=("clipped_count",)),
     Case("gaussian_fixed", lambda: agg.gaussian_fixed(DP_NOISE, DP_CLIENTS, DP_CLIP), scale="dp", nan_rule="zero"),
     Case("gaussian_adaptive", lambda: agg.gaussian_adaptive(DP_NOISE, DP_CLIENTS, initial_l2_norm_clip=DP_CLIP),
          scale="dp", nan_rule="zero", stateful=True),
     Case("quantize_above_threshold", lambda: agg.quantize_above_threshold(4, 0), scale="sum", permutation=False,
          nan_rule="propagate_leaf"),
-    Case("hadamard_rotation", agg.hadamard_rotation, scale="rotation", nan_rule="propagate_leaf", stateful=True),
-    Case("secure_sum_float", lambda: agg.secure_sum(8.0), scale="exact", nan_rule="reject",
+    Case("hadamard_rotation", agg.hadamard_rotation, ("two_f32", "scalar_3d"), scale="rotation",
+         nan_rule="propagate_leaf", stateful=True),
+    Case("secure_sum_float", lambda: agg.secure_sum(8.0), ("two_f32", "scalar_3d"), scale="exact", nan_rule="reject",
          count_key=("secure_non_finite_count",)),
     Case("secure_sum_int", lambda: agg.secure_sum(100, -50), ("int32",), scale="exact", nan_rule=None),
     Case("secure_modular_sum", lambda: agg.secure_modular_sum(1000), ("int32",), scale="exact", nan_rule=None),
-    Case("coordinate_median", agg.coordinate_median, ("two_f32", "mixed_bf16"), scale="exact",
+    Case("coordinate_median", agg.coordinate_median, ("two_f32", "mixed_bf16", "scalar_3d"), scale="exact",
          nan_rule="nan_coordinate"),
     Case("trimmed_mean", lambda: agg.trimmed_mean(0.2), scale="exact", nan_rule="nan_coordinate"),
     Case("krum", lambda: agg.krum(1), scale="exact", nan_rule="krum"),
     Case("multi_krum", lambda: agg.multi_krum(1), scale="unweighted", nan_rule="krum"),
     Case("add_debug_measurements", lambda: agg.add_debug_measurements(agg.mean())),
-    Case("robust_aggregator", agg.robust_aggregator, nan_rule="zero", count_key=("zeroed_count",), stateful=True),
+    Case("robust_aggregator", agg.robust_aggregator, ("two_f32", "scalar_3d"), nan_rule="zero",
+         count_key=("zeroed_count",), stateful=True),
     Case("compression_aggregator", lambda: agg.compression_aggregator(threshold=0), permutation=False,
          nan_rule="zero", count_key=("zeroed_count",), stateful=True),
     Case("secure_aggregator", agg.secure_aggregator, scale="exact", nan_rule="zero", count_key=("zeroed_count",),
@@ -246,7 +249,7 @@ def rounds(draw, shape: str, min_real: int = 1, faults: bool = False, garbage: b
       name = draw(st.sampled_from(names))
       coordinate = draw(st.integers(0, values[name][slot].size - 1))
       value = draw(st.sampled_from(FAULTS))
-      values[name][slot].reshape(-1)[coordinate] = value
+      values[name][(slot,) + np.unravel_index(coordinate, values[name].shape[1:])] = value
       injected.append((slot, name, coordinate, value))
   return Round(values=values, weights=weights, mask=mask, faults=injected)
 
