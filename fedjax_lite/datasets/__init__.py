@@ -24,10 +24,8 @@ from fedjax_lite.datasets.stackoverflow import load_stackoverflow, load_stackove
 from fedjax_lite.datasets.tfds_data import from_tfds
 
 __all__ = [
-    "DIGITS_NUM_CLASSES",
-    "DIGITS_NUM_EXAMPLES",
-    "DigitsData",
     "load_digits",
+    "DigitsData",
     "SyntheticLeafTask",
     "synthetic_leaf",
     "synthetic_leaf_task",
@@ -44,4 +42,6 @@ __all__ = [
     "DatasetNotFoundError",
     "DatasetFormatError",
     "MissingDependencyError",
+    "DIGITS_NUM_CLASSES",
+    "DIGITS_NUM_EXAMPLES",
 ]
