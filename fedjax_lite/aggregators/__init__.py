@@ -15,23 +15,20 @@ from fedjax_lite.aggregators.base import (
     split_rng,
     sum_based,
 )
-from fedjax_lite.aggregators.compression import compression_aggregator
 from fedjax_lite.aggregators.debug import add_debug_measurements
 from fedjax_lite.aggregators.differential_privacy import (
     ExtractingDpEventFromInitialStateError,
     adaptive_clip_noise_params,
-    dp_aggregator,
     extract_dp_event,
     gaussian_adaptive,
     gaussian_fixed,
 )
 from fedjax_lite.aggregators.krum import krum, multi_krum
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
-from fedjax_lite.aggregators.presets import robust_aggregator
+from fedjax_lite.aggregators.presets import compression_aggregator, dp_aggregator, robust_aggregator, secure_aggregator
+from fedjax_lite.aggregators.estimation import EstimationProcess, as_estimation_process, constant_estimate
 from fedjax_lite.aggregators.quantile_estimation import (
-    EstimationProcess,
     QuantileEstimatorState,
-    constant_estimate,
     no_noise_quantile_estimator,
     private_quantile_estimator,
 )
@@ -39,11 +36,12 @@ from fedjax_lite.aggregators.quantization import BroadcastEncoder, broadcast_enc
 from fedjax_lite.aggregators.robust import clipping, global_norm, zeroing
 from fedjax_lite.aggregators.robust_statistics import coordinate_median, trimmed_mean
 from fedjax_lite.aggregators.rotation import hadamard_rotation
-from fedjax_lite.aggregators.secure import secure_aggregator, secure_modular_sum, secure_sum
+from fedjax_lite.aggregators.secure import secure_modular_sum, secure_sum
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.aggregators.tree_aggregation import tree_aggregation
 
 __all__ = [
+    "as_estimation_process",
     "Aggregator",
     "BroadcastEncoder",
     "EstimationProcess",

@@ -23,7 +23,6 @@ State ``{'query_state': ..., 'agg_state': ..., 'is_init_state': bool}``; measure
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -31,11 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lite.aggregators.base import Aggregator, client_upload_bits, sum_based
-from fedjax_lite.aggregators.quantile_estimation import (
-    EstimationProcess,
-    constant_estimate,
-    private_quantile_estimator,
-)
+from fedjax_lite.aggregators.estimation import EstimationProcess, constant_estimate
+from fedjax_lite.aggregators.quantile_estimation import private_quantile_estimator
 from fedjax_lite.aggregators.robust import clip_to, global_norm
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core import validation
@@ -185,15 +181,3 @@ def extract_dp_event(aggregator: Aggregator, state: PyTree):
     raise ExtractingDpEventFromInitialStateError(
         "the state is the initial state: no round has run yet, so there is no privacy event to extract.")
   return aggregator.dp_event()
-
-
-def dp_aggregator(noise_multiplier: float, clients_per_round: float, *, zeroing: bool = True) -> Aggregator:
-  """The reference's DP preset: ``zeroing(Linf, adaptive 0.98-quantile) o gaussian_adaptive(z, m)``.
-
-  Unweighted: use it with ``fed_avg(..., weighting='uniform')``. The adaptive clip starts at 0.1 with target
-  quantile 0.5, learning rate 0.2 and ``sigma_b = m / 20`` (Andrew et al. 2021's recommendation, TFF defaults).
-  """
-  from fedjax_lite.aggregators.presets import default_zeroing  # the presets module imports this one
-
-  dp = gaussian_adaptive(noise_multiplier, clients_per_round)
-  return default_zeroing(dp) if zeroing else dp

@@ -28,12 +28,14 @@ the record sum's state beside it as in the reference's ``(query_state, agg_state
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fedjax_lite.aggregators.base import Aggregator
+from fedjax_lite.aggregators.estimation import EstimationProcess
+from fedjax_lite.aggregators.secure import secure_sum
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core import validation
 from fedjax_lite.core.tree import tree_size_bits
@@ -42,57 +44,12 @@ from fedjax_lite.privacy.mechanisms import gaussian_noise
 PyTree = Any
 
 
-class EstimationProcess(NamedTuple):
-  """A server estimate updated from clients' scalar records; see the module docstring.
-
-  Attributes:
-    init: ``() -> state``.
-    report: ``state -> estimate`` (float32 scalar), the value used in the current round.
-    broadcast: ``state -> client_params``.
-    client: ``(client_params, x, rng) -> record`` for one client's float32 scalar ``x``.
-    server: ``(state, summed_records, rng) -> state``.
-    upload_bits: bits of one client's record.
-    dp_event: for private estimation, ``() -> dp_accounting.DpEvent`` of one round's noisy count; else None.
-  """
-
-  init: Callable[[], PyTree]
-  report: Callable[[PyTree], jax.Array]
-  broadcast: Callable[[PyTree], PyTree]
-  client: Callable[[PyTree, jax.Array, jax.Array], PyTree]
-  server: Callable[[PyTree, PyTree, jax.Array], PyTree]
-  upload_bits: int = 0
-  dp_event: Callable[[], Any] | None = None
-
-
 class QuantileEstimatorState(NamedTuple):
   """The quantile estimator's own state (TFF's ``_GlobalState``): all float32 scalars."""
 
   current_estimate: jax.Array
   target_quantile: jax.Array
   learning_rate: jax.Array
-
-
-def constant_estimate(value: float | jax.Array) -> EstimationProcess:
-  """A fixed threshold as an estimation process: state ``()``, reports ``value``, clients send nothing."""
-  validation.check_float("value", value)
-  return EstimationProcess(
-      init=lambda: (),
-      report=lambda state: jnp.asarray(value, jnp.float32),
-      broadcast=lambda state: (),
-      client=lambda client_params, x, rng: (),
-      server=lambda state, records, rng: state,
-  )
-
-
-def as_estimation_process(norm: float | EstimationProcess, name: str) -> EstimationProcess:
-  """A float (a fixed norm > 0) or an :class:`EstimationProcess`, as an :class:`EstimationProcess`."""
-  if isinstance(norm, EstimationProcess):
-    return norm
-  if isinstance(norm, bool) or not (isinstance(norm, (int, float)) or validation.is_traced(norm)
-                                    or hasattr(norm, "dtype")):
-    raise TypeError(f"{name} must be a positive float or an EstimationProcess, got {type(norm).__name__}.")
-  validation.check_positive(name, norm)
-  return constant_estimate(norm)
 
 
 def _check_quantile_arguments(initial_estimate, target_quantile, learning_rate) -> None:
@@ -153,8 +110,6 @@ def no_noise_quantile_estimator(
   if not isinstance(secure_estimation, bool):
     raise TypeError(f"secure_estimation must be a bool, got {type(secure_estimation).__name__}.")
   if secure_estimation:
-    from fedjax_lite.aggregators.secure import secure_sum  # the secure module builds on this one
-
     record_sum = secure_sum(1.0, -1.0)
   else:
     record_sum = sum_aggregator()

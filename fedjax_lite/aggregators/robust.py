@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite.aggregators.base import Aggregator, client_upload_bits, split_rng, sum_based
-from fedjax_lite.aggregators.quantile_estimation import EstimationProcess, as_estimation_process
+from fedjax_lite.aggregators.estimation import EstimationProcess, as_estimation_process
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core.process import MeasuredOutput
 

@@ -60,18 +60,15 @@ secure sums.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.aggregators import presets, robust
 from fedjax_lite.aggregators.base import (Aggregator, SumParts, as_template, num_clients_of, split_rng,
                                           sum_contributions)
-from fedjax_lite.aggregators.mean import mean, unweighted_mean
-from fedjax_lite.aggregators.quantile_estimation import EstimationProcess, no_noise_quantile_estimator
+from fedjax_lite.aggregators.estimation import EstimationProcess
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.core.tree import tree_all_finite, tree_num_elements, tree_select
@@ -525,38 +522,3 @@ def secure_modular_sum(modulus: int, *, symmetric_range: bool = False) -> Aggreg
 
 # ---------------------------------------------------------------------------------------------------------------
 # secure_aggregator
-
-
-def secure_aggregator(*, zeroing: bool = True, clipping: bool = True, weighted: bool = True) -> Aggregator:
-  """The reference's secure preset (TFF ``tff.learning.secure_aggregator``); outer to inner::
-
-    zeroing(L-inf, no_noise_quantile_estimator(10.0, 0.98, ln 10, multiplier=2, increment=1, secure_estimation=True),
-            zeroed_count_sum=secure_sum(1, 0))
-    clipping(L2, no_noise_quantile_estimator(1.0, 0.8, 0.2, secure_estimation=True),
-             clipped_count_sum=secure_sum(1, 0))
-    mean(value_sum=secure_sum(no_noise_quantile_estimator(50.0, 0.95, 1.0, multiplier=2, secure_estimation=True)),
-         weight_sum=secure_sum(2^20 - 1.0, 0.0))
-
-  The secure value sum's bound is ``U = 2 * Q_0.95(max_i |w_i x_i|)``, starting at 100, with ``L = -U``. Weights
-  are clipped to ``[0, 2^20 - 1]``. Unweighted, the mean is ``unweighted_mean(value_sum=<same>,
-  count_sum=secure_sum(1, 0))``.
-
-  Args:
-    zeroing: wrap in adaptive zeroing (threshold ``2 Q_0.98 + 1`` of the clients' L-inf norms, starting at 21).
-    clipping: wrap in adaptive L2 clipping (the 0.8 quantile of the clients' L2 norms, starting at 1).
-    weighted: weighted mean (default) or unweighted mean.
-  """
-  presets.check_flags(zeroing=zeroing, clipping=clipping, weighted=weighted)
-  value_sum = secure_sum(no_noise_quantile_estimator(50.0, 0.95, 1.0, multiplier=2.0, secure_estimation=True))
-  if weighted:
-    aggregator = mean(value_sum=value_sum, weight_sum=secure_sum(float(2**20 - 1), 0.0))
-  else:
-    aggregator = unweighted_mean(value_sum=value_sum, count_sum=secure_sum(1, 0))
-  if clipping:
-    aggregator = robust.clipping(presets.default_clipping_estimator(secure_estimation=True), aggregator,
-                                 clipped_count_sum=secure_sum(1, 0))
-  if zeroing:
-    aggregator = robust.zeroing(presets.default_zeroing_estimator(secure_estimation=True), aggregator,
-                                norm_order=math.inf, zeroed_count_sum=secure_sum(1, 0))
-  return aggregator
-

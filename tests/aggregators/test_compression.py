@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fedjax_lite.aggregators.base import Aggregator, client_upload_bits, split_rng, sum_based
-from fedjax_lite.aggregators.compression import compression_aggregator
+from fedjax_lite.aggregators.presets import compression_aggregator
 from fedjax_lite.aggregators.mean import mean
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.models import original_fedavg_cnn

@@ -13,11 +13,11 @@ import pytest
 from fedjax_lite.aggregators.differential_privacy import (
     ExtractingDpEventFromInitialStateError,
     adaptive_clip_noise_params,
-    dp_aggregator,
     extract_dp_event,
     gaussian_adaptive,
     gaussian_fixed,
 )
+from fedjax_lite.aggregators.presets import dp_aggregator
 from fedjax_lite.aggregators.mean import mean
 
 from tests.aggregators.helpers import run_next, run_streaming

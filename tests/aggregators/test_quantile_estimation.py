@@ -9,11 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_lite.aggregators.quantile_estimation import (
-    constant_estimate,
-    no_noise_quantile_estimator,
-    private_quantile_estimator,
-)
+from fedjax_lite.aggregators.estimation import constant_estimate
+from fedjax_lite.aggregators.quantile_estimation import no_noise_quantile_estimator, private_quantile_estimator
 
 
 def run_round(process, state, xs, rng=0):

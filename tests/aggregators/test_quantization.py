@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fedjax_lite.aggregators.base import client_upload_bits, split_rng
-from fedjax_lite.aggregators.compression import compression_aggregator
+from fedjax_lite.aggregators.presets import compression_aggregator
 from fedjax_lite.aggregators.mean import mean
 from fedjax_lite.aggregators.quantization import (
     broadcast_encoder,

@@ -17,10 +17,12 @@ from hypothesis import strategies as st
 
 from fedjax_lite.aggregators.base import split_rng
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
-from fedjax_lite.aggregators.quantile_estimation import EstimationProcess, no_noise_quantile_estimator
+from fedjax_lite.aggregators.estimation import EstimationProcess
+from fedjax_lite.aggregators.presets import secure_aggregator
+from fedjax_lite.aggregators.quantile_estimation import no_noise_quantile_estimator
 from fedjax_lite.aggregators.robust import clipping, zeroing
-from fedjax_lite.aggregators.secure import (FLOAT_QUANTIZATION_LEVELS, MAX_CLIENT_SLOTS, secure_aggregator,
-                                            secure_modular_sum, secure_sum)
+from fedjax_lite.aggregators.secure import (FLOAT_QUANTIZATION_LEVELS, MAX_CLIENT_SLOTS, secure_modular_sum,
+                                            secure_sum)
 from fedjax_lite.core.runner import Runner, run_clients
 
 M = FLOAT_QUANTIZATION_LEVELS

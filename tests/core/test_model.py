@@ -407,3 +407,42 @@ def test_core_does_not_import_flax():
                  [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
         assert not any(name == "flax" or name.startswith("flax.") or name.startswith("fedjax_lite.models")
                        for name in names), f"{path.relative_to(root)} imports {names}"
+
+
+def test_aggregators_import_only_downward():
+  """No import cycle inside aggregators/ (and no function-level imports working around one): the package's import
+  graph, read from the source, is acyclic, with every intra-package import at module level."""
+  import ast
+  import pathlib
+
+  import fedjax_lite
+
+  package = pathlib.Path(fedjax_lite.__file__).parent / "aggregators"
+  graph = {}
+  for path in package.glob("*.py"):
+    if path.stem == "__init__":
+      continue
+    tree = ast.parse(path.read_text())
+    top_level = set(tree.body)
+    edges = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fedjax_lite.aggregators"):
+        names = ([node.module.split(".")[2]] if node.module.count(".") >= 2
+                 else [alias.name for alias in node.names])
+        assert node in top_level, f"aggregators/{path.name} imports {names} inside a function"
+        edges.update(names)
+    graph[path.stem] = edges & {p.stem for p in package.glob("*.py")}
+  visiting, done = set(), set()
+
+  def visit(module, trail):
+    assert module not in visiting, f"import cycle: {' -> '.join(trail + [module])}"
+    if module in done:
+      return
+    visiting.add(module)
+    for imported in graph.get(module, ()):
+      visit(imported, trail + [module])
+    visiting.discard(module)
+    done.add(module)
+
+  for module in graph:
+    visit(module, [])
