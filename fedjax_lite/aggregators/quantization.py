@@ -1,7 +1,7 @@
 """Uniform quantization of client uploads and of the server broadcast (TFF ``EncodedSumFactory``).
 
 :func:`quantize_above_threshold` is a sum-based value sum that compresses what each client uploads; it is the
-value sum of the ``compression_aggregator`` preset (``fedjax_lite.aggregators.compression``). Per client and per
+value sum of the ``compression_aggregator`` preset (``fedjax_lite.aggregators.presets``). Per client and per
 leaf, a leaf with STRICTLY more than ``threshold`` elements is quantized uniformly with ``L = 2^b - 1`` levels
 between that client's own minimum and maximum of the leaf (TFF-0.82 ``quantize_above_threshold``, with TEnc's
 ``UniformQuantizationEncodingStage`` and ``BitpackingEncodingStage``)::

@@ -1,4 +1,4 @@
-"""Tests for fedjax_lite.aggregators.compression: the zeroing / clipping / quantized-mean preset.
+"""Tests for the compression preset (fedjax_lite.aggregators.presets.compression_aggregator): the zeroing / clipping / quantized-mean preset.
 
 Measured upload per client for the original FedAvg CNN (1,663,370 float32 parameters): 53,227,872 bits with the
 uncompressed ``mean()``, 13,464,224 with ``compression_aggregator()`` (3.95x less; TFF's sizing reported 3.47x,
