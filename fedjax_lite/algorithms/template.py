@@ -207,6 +207,20 @@ def _aggregator_keys(aggregators: dict, rng: jax.Array) -> dict:
   return {name: jax.random.fold_in(rng, i) for i, name in enumerate(aggregators)}
 
 
+def check_update(update: PyTree, template: PyTree) -> None:
+  """``update`` has ``template``'s tree structure, shapes and dtypes (at trace time), else a ``ValueError``."""
+  expected, actual = as_template(template), as_template(update)
+  if jax.tree.structure(expected) != jax.tree.structure(actual):
+    raise ValueError(f"client_work's update has tree {jax.tree.structure(actual)}, but the aggregator was "
+                     f"initialized for {jax.tree.structure(expected)} (pass update_template= to build_round when "
+                     "the update is not shaped like the model).")
+  for path, want, got in zip(jax.tree_util.tree_flatten_with_path(expected)[0], jax.tree.leaves(expected),
+                             jax.tree.leaves(actual)):
+    if want.shape != got.shape or want.dtype != got.dtype:
+      raise ValueError(f"client_work's update leaf {jax.tree_util.keystr(path[0])} is {got.dtype}{list(got.shape)}, "
+                       f"but the aggregator was initialized for {want.dtype}{list(want.shape)}.")
+
+
 def client_work_and_aggregate(
     client_work: ClientWork,
     aggregator: Aggregator | Mapping[str, Aggregator],
@@ -215,8 +229,13 @@ def client_work_and_aggregate(
     round_data: PyTree,
     rng: jax.Array,
     runner: Runner | None,
+    update_template: PyTree | None = None,
 ) -> tuple[MeasuredOutput, dict[str, jax.Array], PyTree]:
   """Parts 2 and 3 of a round: every client's work, then the aggregation.
+
+  ``update_template`` (shape structs of ONE client's update, what the aggregators were initialized with), when
+  given, is checked against what the client work returns: a different tree, shape or dtype is a ``ValueError``
+  naming both, instead of an aggregator silently summing the wrong thing.
 
   Returns ``(aggregate, client metrics, new client states or None)``: ``aggregate`` is the aggregator's
   ``MeasuredOutput`` (its fields dicts keyed like ``aggregator`` when it is a dict); the client metrics are
@@ -240,8 +259,13 @@ def client_work_and_aggregate(
     broadcast, aggregator_params = server_values
     client_data = dict(client_data)
     client_state = client_data.pop(CLIENT_STATE_KEY, None)
-    output = reject_non_finite(client_work(broadcast, client_data, client_state, client_keys["train"]),
-                               client_state)
+    output = client_work(broadcast, client_data, client_state, client_keys["train"])
+    if not isinstance(output, ClientOutput):
+      raise TypeError(f"client_work must return a ClientOutput(update, weight, metrics, new_state), got "
+                      f"{type(output).__name__}.")
+    if update_template is not None:
+      check_update(output.update, update_template)
+    output = reject_non_finite(output, client_state)
     weight = jnp.where(client_data["num_examples"] > 0, output.weight, 0.0)  # padding: weight 0, always
     contributions = {
         name: aggregators[name].parts.client(aggregator_params[name], _pick(output.update, name), weight,
@@ -399,7 +423,8 @@ def build_round(
           params=broadcast_encoder.encode(broadcast.params, jax.random.fold_in(rng, BROADCAST_STREAM)))
     # 2. client work and 3. aggregation
     aggregate, client_metrics, new_client_states = client_work_and_aggregate(
-        client_work, aggregator, state.aggregator_state, broadcast, round_data, rng, runner)
+        client_work, aggregator, state.aggregator_state, broadcast, round_data, rng, runner,
+        update_template=jax.eval_shape(update_template, state.params))
     # 4. finalizer
     params, opt_state, finalizer_metrics = finalizer.apply(state.opt_state, state.params, aggregate.result)
     new_state = state.replace(params=params, opt_state=opt_state, aggregator_state=aggregate.state,

@@ -97,3 +97,26 @@ def test_round_data_errors_name_the_input_when_next_is_called_directly(tiny_mode
   short = dict(round_data, y=round_data["y"][:1])
   with pytest.raises(ValueError, match=r"\['y'\] has 1 clients, 'mask' has 2"):
     jax.jit(process.next)(state, short, jax.random.key(0))
+
+
+def test_an_update_that_does_not_match_the_aggregators_template_is_an_error(tiny_model, tiny_params):
+  """Regression (issue 10, section 2): a value tree that does not match the aggregator's template was accepted."""
+  import jax.numpy as jnp
+
+  from fedjax_lite import aggregators
+  from fedjax_lite.algorithms import build_round, optimizer_finalizer
+  from fedjax_lite.core import ClientOutput
+
+  def first_leaf_only(broadcast, client_data, client_state, rng):  # drops all but one leaf of the model
+    leaf = jax.tree.leaves(broadcast.params)[0]
+    return ClientOutput(update={"only": leaf}, weight=jnp.float32(1.0), metrics={"num_examples": jnp.int32(1)})
+
+  def wrong_dtype(broadcast, client_data, client_state, rng):
+    update = jax.tree.map(lambda p: p.astype(jnp.bfloat16), broadcast.params)
+    return ClientOutput(update=update, weight=jnp.float32(1.0), metrics={"num_examples": jnp.int32(1)})
+
+  round_data = pack_clients(make_population(), [0, 1], batch_size=4)
+  for work, match in ((first_leaf_only, "update has tree"), (wrong_dtype, "bfloat16")):
+    process = build_round(work, aggregator=aggregators.mean(), finalizer=optimizer_finalizer(optax.sgd(1.0)))
+    with pytest.raises(ValueError, match=match):
+      jax.jit(process.next)(process.init(tiny_params), round_data, jax.random.key(0))
