@@ -23,12 +23,15 @@ def float_atol(num_terms: int, scale: float, *, dtype=np.float32, ulps: float = 
 
 
 def assert_trees_close_to_rounding(actual, desired, *, num_terms: int, ulps: float = 2.0) -> None:
-  """Leaf by leaf, ``|actual - desired| <= float_atol(num_terms, max |desired leaf|)`` (see the module docstring)."""
+  """Leaf by leaf, ``|actual - desired| <= float_atol(num_terms, max |desired leaf|)`` (see the module docstring);
+  NaN must match NaN (e.g. the means of padding slots), and integer leaves must be equal."""
   chex.assert_trees_all_equal_shapes_and_dtypes(actual, desired)
 
   def check(path, a, d):
     a, d = np.asarray(a), np.asarray(d)
-    atol = float_atol(num_terms, float(np.max(np.abs(d), initial=0.0)), dtype=d.dtype, ulps=ulps)
+    scale = float(np.max(np.abs(d[np.isfinite(d)]), initial=0.0)) if np.issubdtype(d.dtype, np.floating) else 0.0
+    atol = float_atol(num_terms, scale, dtype=d.dtype if np.issubdtype(d.dtype, np.floating) else np.float32,
+                      ulps=ulps)
     np.testing.assert_allclose(a, d, rtol=0, atol=atol, err_msg=f"leaf {jax.tree_util.keystr(path)}")
 
   jax.tree_util.tree_map_with_path(check, actual, desired)

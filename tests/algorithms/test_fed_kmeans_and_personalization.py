@@ -3,7 +3,6 @@ definition (baseline = evaluation of the global model; a zero-rate fine-tune = t
 
 from __future__ import annotations
 
-import chex
 import jax
 import numpy as np
 import optax
@@ -13,6 +12,7 @@ from fedjax_lite.algorithms import evaluate_clients, fed_kmeans, initial_centroi
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.packing import pack_clients
 from tests.conftest import make_population
+from tests.tolerances import assert_trees_close_to_rounding
 
 
 def numpy_kmeans_round(centroids, weights, clients):
@@ -67,8 +67,10 @@ def test_personalization_baseline_and_zero_rate_fine_tune(tiny_model, tiny_param
   out = evaluate(tiny_params, train_data, test_data)
   assert set(out) == {"baseline_metrics", "frozen", "sgd"}
   direct = evaluate_clients(tiny_model, tiny_params, test_data)
-  chex.assert_trees_all_close(out["baseline_metrics"], direct, rtol=1e-6)
-  chex.assert_trees_all_close(out["frozen"], out["baseline_metrics"], rtol=1e-6)
+  # The same sums in two compiled programs (fusion may reorder them): a few ulps times a client's examples.
+  max_examples = int(np.max(direct["per_client"]["num_examples"]))
+  assert_trees_close_to_rounding(out["baseline_metrics"], direct, num_terms=max_examples + 2)
+  assert_trees_close_to_rounding(out["frozen"], out["baseline_metrics"], num_terms=max_examples + 2)
   assert out["sgd"]["per_client"]["num_examples"].tolist() == direct["per_client"]["num_examples"].tolist()
   assert np.isnan(out["sgd"]["per_client"]["loss"][3])  # the padding slot
   # Fine-tuning on each client's own train split lowers its TRAIN loss: evaluate on the train split as test.
