@@ -13,7 +13,20 @@ memory), and a round only moves its cohort's rows:
    initial state.
 
 Device memory grows with the cohort, host memory with the population (``store.nbytes``). No Python runs per
-client. A client holds ONE state per round, so a cohort must not repeat a client (sampling with replacement
+client, and a round's traffic is two passes over the cohort's rows and no page faults (a 10-client cohort of the
+EMNIST CNN's control variates, 68 MB, went from ~0.3 s to a few tens of ms per round):
+
+* ``gather`` writes each leaf with ONE ``np.take(..., out=)`` into a buffer the store keeps and reuses. Fresh
+  68 MB buffers every round cost more in the kernel (page faults and unmapping: 0.1-0.25 s of system time per
+  round on a VM) than the copy itself. A buffer is reused only when nothing else references it any more
+  (``sys.getrefcount`` of its memory; the gathered arrays, their views and the JAX arrays made from them all hold
+  a reference), so a gather never changes arrays that are still in use: a caller who keeps a gathered state
+  simply gets a fresh buffer next time.
+* The buffer's leaves start on 64-byte boundaries, so ``jax.device_put`` on XLA:CPU aliases them instead of
+  copying (no second 68 MB pass); the JAX array keeps the memory referenced until it is freed.
+  The store keeps at most two such buffers (host memory: twice the cohort's states, besides ``nbytes``).
+* ``scatter`` assigns the kept slots with one fancy assignment per leaf, taking a view (not a copy) of the new
+  states when the kept slots are a prefix (padding slots are the last ones). A client holds ONE state per round, so a cohort must not repeat a client (sampling with replacement
 would train both slots from the same state and the algorithm's server-side bookkeeping, e.g. SCAFFOLD's
 ``c <- c + (1/N) sum_S Delta c_i``, would count it twice while only one state is kept): ``gather`` and ``scatter``
 refuse repeated ids unless ``allow_repeats=True`` (then the later slot's state is kept).
@@ -22,6 +35,7 @@ refuse repeated ids unless ``allow_repeats=True`` (then the later slot's state i
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
@@ -30,6 +44,11 @@ import numpy as np
 from fedjax_lite.core import validation
 
 PyTree = Any
+
+# XLA:CPU's ``device_put`` aliases host arrays whose data starts on a 64-byte boundary instead of copying them.
+_ALIGNMENT = 64
+# Gather buffers kept for reuse: one for the round being run and one for a round whose arrays are still alive.
+_MAX_BUFFERS = 2
 
 
 class ClientStateStore:
@@ -61,6 +80,7 @@ class ClientStateStore:
       array[...] = leaf
       arrays.append(array)
     self._leaves = arrays
+    self._buffers: list[np.ndarray] = []  # raw byte buffers for gather, reused when nothing references them
 
   @property
   def arrays(self) -> PyTree:
@@ -100,16 +120,50 @@ class ClientStateStore:
         raise ValueError(f"client_ids repeat clients {unique[counts > 1].tolist()}: a client holds one state per "
                          "round, so stateful algorithms need cohorts without repeats (sample without replacement); "
                          "pass allow_repeats=True to keep the later slot's state.")
-    return ids.astype(np.int64)
+    return ids.astype(np.intp, copy=False)
+
+  def _gather_buffer(self, num_slots: int) -> list[np.ndarray]:
+    """Empty ``[num_slots, ...]`` arrays for each leaf, views of one byte buffer with every leaf 64-byte aligned:
+    a kept buffer of this size that nothing else references any more (see the module docstring), else a new one."""
+    offsets, total = [], 0
+    for leaf in self._leaves:
+      offsets.append(total)
+      total += -(-num_slots * leaf[:1].nbytes // _ALIGNMENT) * _ALIGNMENT
+    raw = None
+    for kept in self._buffers:
+      # References: the list, the loop variable and getrefcount's argument. Any view (a gathered leaf, or the
+      # JAX array that device_put made from it) adds one.
+      if kept.size == total + _ALIGNMENT and sys.getrefcount(kept) == 3:
+        raw = kept
+        break
+    if raw is None:
+      raw = np.empty((total + _ALIGNMENT,), np.uint8)
+      if len(self._buffers) < _MAX_BUFFERS:
+        self._buffers.append(raw)
+      else:  # the kept buffers are in use or of another size: replace the oldest (it lives on while referenced)
+        self._buffers = self._buffers[1:] + [raw]
+    start = -raw.ctypes.data % _ALIGNMENT
+    views = []
+    for leaf, offset in zip(self._leaves, offsets):
+      size = num_slots * leaf[:1].nbytes
+      views.append(raw[start + offset:start + offset + size].view(leaf.dtype).reshape((num_slots,) + leaf.shape[1:]))
+    return views
 
   def gather(self, client_ids: Any, num_slots: int | None = None, *, allow_repeats: bool = False) -> PyTree:
     """The states of ``client_ids`` stacked ``[num_slots, ...]``; slots past ``len(client_ids)`` (padding) get
-    the state of client 0 (never written back). Repeated ids are refused unless ``allow_repeats``."""
+    the state of client 0 (never written back). Repeated ids are refused unless ``allow_repeats``.
+
+    The result is a copy (writing to it does not change the store) in 64-byte aligned memory that the store
+    reuses for a later gather once nothing references it (see the module docstring)."""
     ids = self._indices(client_ids, num_slots, allow_repeats)
     num_slots = ids.size if num_slots is None else int(num_slots)
-    padded = np.zeros((num_slots,), np.int64)
+    padded = np.zeros((num_slots,), np.intp)
     padded[:ids.size] = ids
-    return jax.tree.unflatten(self._treedef, [leaf[padded] for leaf in self._leaves])
+    out = self._gather_buffer(num_slots)
+    for leaf, view in zip(self._leaves, out):
+      # mode='clip' (ids were checked above) lets take write straight into ``out`` instead of through a buffer.
+      np.take(leaf, padded, axis=0, out=view, mode="clip")
+    return jax.tree.unflatten(self._treedef, out)
 
   def scatter(self, client_ids: Any, new_states: PyTree, num_examples: Any | None = None, *,
               allow_repeats: bool = False) -> None:
@@ -121,11 +175,14 @@ class ClientStateStore:
       raise ValueError(f"new_states must have the store's structure {self._treedef}, got {treedef}.")
     num_slots = int(np.shape(leaves[0])[0])
     ids = self._indices(client_ids, num_slots, allow_repeats)
-    keep = np.ones((ids.size,), bool)
+    rows: slice | np.ndarray = slice(0, ids.size)
     if num_examples is not None:
-      keep = np.asarray(num_examples)[:ids.size] > 0
+      kept = np.flatnonzero(np.asarray(num_examples)[:ids.size] > 0)
+      if kept.size < ids.size:  # a view when the kept slots are a prefix (padding is last), else the kept rows
+        rows = slice(0, kept.size) if np.array_equal(kept, np.arange(kept.size)) else kept
+        ids = ids[kept]
     for own, new in zip(self._leaves, leaves):
       new = np.asarray(new)
       if new.shape[1:] != own.shape[1:]:
         raise ValueError(f"new_states leaves must be [slots] + {own.shape[1:]}, got {new.shape}.")
-      own[ids[keep]] = new[:ids.size][keep].astype(own.dtype, copy=False)
+      own[ids] = new[rows]  # one fancy assignment; numpy casts to the store's dtype as it copies
