@@ -62,6 +62,7 @@ def pack_clients(
     shuffle: bool = True,
     seed: int = 0,
     round_num: int = 0,
+    client_slots: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
   """Packs the clients ``client_indices`` of ``data`` into dense padded arrays.
 
@@ -78,6 +79,9 @@ def pack_clients(
     shuffle: shuffle each epoch (from ``(seed, round_num)``); False keeps storage order.
     seed: the run's seed.
     round_num: the round, so each round shuffles differently yet reproducibly.
+    client_slots: optional ``(start, stop)``: return only client slots ``start..stop-1`` of the packed cohort,
+      equal to packing all ``cohort_size`` slots and slicing, but gathering only those clients' examples (a
+      process of a multi-process run packs its own share: :mod:`fedjax_lite.experiments.distributed`).
 
   Returns:
     dict of numpy arrays as described in the module docstring.
@@ -96,6 +100,10 @@ def pack_clients(
   cohort_size = num_real if cohort_size is None else int(cohort_size)
   if cohort_size < num_real or cohort_size < 1:
     raise ValueError(f"cohort_size ({cohort_size}) must be >= the number of clients given ({num_real}) and >= 1.")
+  first, stop = (0, cohort_size) if client_slots is None else (int(client_slots[0]), int(client_slots[1]))
+  if client_slots is not None and not 0 <= first < stop <= cohort_size:
+    raise ValueError(f"client_slots must be (start, stop) with 0 <= start < stop <= cohort_size ({cohort_size}), "
+                     f"got {client_slots!r}.")
 
   sizes = data.client_sizes[client_indices]
   processed = sizes * num_epochs
@@ -125,9 +133,9 @@ def pack_clients(
     generator = sampling.round_generator(seed, round_num, sampling.PACKING_STREAM)
     order = np.lexsort((generator.random(total), epoch, client_pos))
     rows = rows[order]  # the (client, epoch) groups keep their places; only rows inside a group move.
-  keep = position < processed[client_pos]
-  flat = np.full(cohort_size * slots, -1, dtype=np.int64)
-  flat[client_pos[keep] * slots + position[keep]] = rows[keep]
+  keep = (position < processed[client_pos]) & (client_pos >= first) & (client_pos < stop)
+  flat = np.full((stop - first) * slots, -1, dtype=np.int64)
+  flat[(client_pos[keep] - first) * slots + position[keep]] = rows[keep]
   mask = flat >= 0
   gather = np.where(mask, flat, 0)
 
@@ -135,11 +143,11 @@ def pack_clients(
   for key, values in data.examples.items():
     gathered = values[gather]
     gathered[~mask] = 0
-    packed[key] = gathered.reshape((cohort_size, num_steps, batch_size) + values.shape[1:])
-  packed["mask"] = mask.reshape(cohort_size, num_steps, batch_size)
+    packed[key] = gathered.reshape((stop - first, num_steps, batch_size) + values.shape[1:])
+  packed["mask"] = mask.reshape(stop - first, num_steps, batch_size)
   num_examples = np.zeros(cohort_size, np.int32)
   num_examples[:num_real] = processed
-  packed["num_examples"] = num_examples
+  packed["num_examples"] = num_examples[first:stop]
   return packed
 
 
@@ -187,9 +195,11 @@ class ClientSpec:
       round_num: int,
       num_steps: int | None = None,
       cohort_size: int | None = None,
+      client_slots: tuple[int, int] | None = None,
   ) -> dict[str, np.ndarray]:
     """:func:`pack_clients` with this spec."""
     return pack_clients(
         data, client_indices, batch_size=self.batch_size, num_epochs=self.num_epochs, max_steps=self.max_steps,
         num_steps=num_steps, cohort_size=cohort_size, shuffle=self.shuffle, seed=seed, round_num=round_num,
+        client_slots=client_slots,
     )

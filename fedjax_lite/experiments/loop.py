@@ -130,6 +130,7 @@ def run_training(
     num_classes: int | None = None,
     label_key: str = "y",
     client_states: ClientStateStore | None = None,
+    round_packer: Callable[..., tuple[PyTree, int]] | None = None,
 ) -> TrainingResult:
   """Trains ``process`` for ``num_rounds`` rounds; see the module docstring.
 
@@ -182,6 +183,9 @@ def run_training(
       ``round_data['client_state']`` just before the round runs (after the previous round's states were written
       back) and the real clients' new states are scattered back; the store is checkpointed as
       ``extra_state['client_states']``.
+    round_packer: multi-process runs (:meth:`fedjax_lite.experiments.distributed.ProcessShard.packer`):
+      ``round_packer(cohort, *, seed, round_num, num_steps, cohort_size) -> (round data on the devices, real
+      clients in the cohort)`` packs this process's share only; default: the whole cohort packed here.
   """
   if not isinstance(process, Process):
     raise TypeError(f"process must be a fedjax_lite Process, got {type(process).__name__}.")
@@ -232,6 +236,8 @@ def run_training(
       raise ValueError("extra_state must not use the name 'client_states' (the loop checkpoints the client-state "
                        "store under it).")
     extra_state["client_states"] = client_states
+    if round_packer is not None:
+      raise ValueError("round_packer (multi-process) does not support per-client state (process.client_state).")
   elif client_states is not None:
     raise ValueError("client_states was given but the process keeps no per-client state (process.client_state "
                      "is None).")
@@ -251,6 +257,9 @@ def run_training(
   def prepare(round_num: int):
     cohort = sampler(round_num)
     slots = capacity if len(cohort) <= capacity else bucket_num_steps(len(cohort))
+    if round_packer is not None:
+      placed, num_real = round_packer(cohort, seed=seed, round_num=round_num, num_steps=num_steps, cohort_size=slots)
+      return placed, num_real, (cohort, None)
     packed = client_spec.pack(train_data, cohort, seed=seed, round_num=round_num, num_steps=num_steps,
                               cohort_size=slots)
     check_round(packed)  # once per shape
