@@ -10,6 +10,11 @@ algorithm, aggregator or dataset (e.g. ``--trim-fraction`` without ``--aggregato
 that is a file. With ``--checkpoint-dir DIR`` the run saves checkpoints (every ``--checkpoint-every`` rounds, at the
 end, and on SIGINT/SIGTERM, after which it exits with 128 + the signal number); ``--resume`` continues the run in DIR
 and ends bit-identical to an uninterrupted one, or refuses (exit 2) flags that would change the results.
+
+Many processes (:mod:`fedjax_lite.experiments.distributed`): every process runs the same command with
+``--coordinator-address HOST:PORT --num-processes N --process-id K`` (or the ``FEDJAX_LITE_*`` environment
+variables), plus ``--local-devices D`` on CPU; the clients of each round are split over every device of every
+process, each process packs only its own clients, and only process 0 writes files and prints the summary.
 """
 
 from __future__ import annotations
@@ -217,13 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
   checkpoints.add_argument("--checkpoint-every", type=_positive_int, default=10, help="rounds between checkpoints")
   checkpoints.add_argument("--resume", action="store_true",
                            help="continue the run saved in --checkpoint-dir (start afresh if it holds none)")
+  hosts = train.add_argument_group("many processes (jax.distributed: run the same command in every process, "
+                                   "one per host of a GPU/TPU slice, or several on one CPU machine)")
+  hosts.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                     help="process 0's host and a free port, the same for every process (default "
+                          "$FEDJAX_LITE_COORDINATOR_ADDRESS; unset: one process)")
+  hosts.add_argument("--num-processes", type=_positive_int, default=None, help="processes in the run")
+  hosts.add_argument("--process-id", type=_nonnegative_int, default=None,
+                     help="this process's rank, 0 .. --num-processes - 1 (process 0 writes the files)")
+  hosts.add_argument("--local-devices", type=_positive_int, default=None,
+                     help="CPU only: host devices this process exposes (e.g. 1 per core it may use)")
   return parser
 
 
 # Flags that never change a run's results: not compared when resuming.
 # (--data-dir only says where the files are: the data itself is compared by its hash.)
+# (The process layout changes only the float summation order.)
 _RESULT_NEUTRAL_FLAGS = ("command", "output_dir", "json", "no_progress", "quiet", "log_format", "rounds",
-                         "dp_epsilon_budget", "checkpoint_dir", "checkpoint_every", "resume", "data_dir")
+                         "dp_epsilon_budget", "checkpoint_dir", "checkpoint_every", "resume", "data_dir",
+                         "coordinator_address", "num_processes", "process_id", "local_devices")
 
 
 def _run_config(args) -> dict:
@@ -330,6 +347,40 @@ _INTERNAL_PHRASES = (
      "Raise --clients-per-round, or use a fixed --dp-clip."),
     ("must be < 2 * clipped_count_stddev (", "must be, with adaptive clipping, < 0.1 x --clients-per-round ("),
 )
+
+
+_DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id", "local_devices")
+
+
+def distributed_config(args, given: set[str], environ=None):
+  """The :class:`~fedjax_lite.experiments.distributed.DistributedConfig` of the flags (else of the
+  ``FEDJAX_LITE_*`` environment variables), or None for a one-process run; bad combinations are ``UsageError``."""
+  from fedjax_lite.experiments.distributed import DistributedConfig
+
+  if not given & set(_DISTRIBUTED_FLAGS):
+    try:
+      config = DistributedConfig.from_env(environ)
+    except ValueError as error:
+      raise UsageError(str(error)) from None
+  elif args.coordinator_address is None:
+    flag = next(name for name in _DISTRIBUTED_FLAGS if name in given)
+    raise UsageError(f"--{flag.replace('_', '-')} applies only with --coordinator-address")
+  elif args.num_processes is None or args.process_id is None:
+    raise UsageError("--coordinator-address needs --num-processes and --process-id")
+  elif args.process_id >= args.num_processes:
+    raise UsageError(f"--process-id ({args.process_id}) must be < --num-processes ({args.num_processes})")
+  else:
+    try:
+      config = DistributedConfig(args.coordinator_address, args.num_processes, args.process_id, args.local_devices)
+    except ValueError as error:
+      raise UsageError(str(error).replace("coordinator_address", "--coordinator-address")) from None
+  if config is not None and config.num_processes > 1:
+    if args.checkpoint_dir is not None:
+      raise UsageError("--checkpoint-dir is not supported with several processes yet (one process would write "
+                       "a checkpoint of arrays that live on all of them)")
+    if args.algorithm == "scaffold":
+      raise UsageError("--algorithm scaffold keeps per-client state on one host: run it with one process")
+  return config
 
 
 def _check_output_path(flag: str, path: str) -> None:
@@ -482,7 +533,7 @@ def _build_algorithm(args, model, num_clients, server_optimizer, server_lr, aggr
                  weighting=weighting, aggregator=aggregator, runner=runner)
 
 
-def _build_job(args):
+def _build_job(args, mesh=None):
   """Everything the flags describe; argument errors raised here are usage errors (exit code 2)."""
   from fedjax_lite.core import ClientSpec, Runner
 
@@ -491,7 +542,7 @@ def _build_job(args):
     raise UsageError(f"--clients-per-round ({args.clients_per_round}) exceeds the {train_data.num_clients} "
                      "clients of the population")
   model = _build_model(args.model, num_classes, input_shape, dataset=args.dataset)
-  runner = Runner(strategy=args.runner)
+  runner = Runner(strategy=args.runner, mesh=mesh)
   server_lr = args.server_lr if args.server_lr is not None else DEFAULT_SERVER_LR.get(args.algorithm, 1.0)
   server_optimizer = _server_optimizer(args.server_optimizer, server_lr)
   if args.aggregator == "dp":
@@ -523,8 +574,17 @@ def _build_job(args):
   return train_data, test_data, model, process, client_spec, runner, None
 
 
-def train_command(args) -> dict:
+def train_command(args, distributed=None) -> dict | None:
+  """Runs the job; ``distributed`` (a ``DistributedConfig``) joins a multi-process run first. Returns the summary,
+  or None on the processes other than process 0."""
   import jax
+
+  from fedjax_lite.experiments import distributed as multiprocess
+
+  if distributed is not None:  # before anything starts JAX's backend
+    multiprocess.initialize(distributed)
+  mesh = multiprocess.global_client_mesh() if jax.process_count() > 1 else None
+  writer = multiprocess.is_writer()
 
   from fedjax_lite.algorithms import centralized_evaluation
   from fedjax_lite.experiments.loop import run_training
@@ -532,13 +592,20 @@ def train_command(args) -> dict:
   from fedjax_lite.experiments.tracking import FILE_NAMES, make_trackers
 
   try:
-    train_data, test_data, model, process, client_spec, runner, private = _build_job(args)
+    train_data, test_data, model, process, client_spec, runner, private = _build_job(args, mesh)
   except (ValueError, TypeError) as error:
     raise UsageError(flag_message(str(error))) from None
+  packing = {}
+  if mesh is not None:
+    process = multiprocess.distribute_process(process, mesh)
+    packing = dict(round_packer=multiprocess.ProcessShard(mesh).packer(client_spec, train_data))
+    if not writer:  # process 0 writes the files and prints; the others only compute
+      args = argparse.Namespace(**{**vars(args), "log_format": (), "quiet": True, "json": False})
 
   output_dir = args.output_dir or os.path.join(
       "runs", f"{args.dataset}-{args.model}-{args.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
-  _check_output_path("--output-dir", output_dir)
+  if writer:
+    _check_output_path("--output-dir", output_dir)
   if args.checkpoint_dir is not None:
     _check_output_path("--checkpoint-dir", args.checkpoint_dir)
   checkpointing = {}
@@ -578,8 +645,10 @@ def train_command(args) -> dict:
       evaluate_every=args.eval_every,
       metrics_path=os.path.join(output_dir, "metrics.jsonl") if "jsonl" in args.log_format else None,
       progress=not (args.no_progress or args.quiet), on_round_end=report_epsilon,
-      trackers=trackers, **sampling, **checkpointing,
+      trackers=trackers, **sampling, **checkpointing, **packing,
   )
+  if not writer:
+    return None
   plot_path = os.path.join(output_dir, "training.png") if "png" in args.log_format else None
   tracked = sorted({key for record in result.history for key in record
                     if key.startswith("aggregator/") and (key.endswith("_norm") or key.endswith("/clip"))})
@@ -609,6 +678,8 @@ def train_command(args) -> dict:
       "aggregated_mebibits": last.get("cumulative_aggregated_bits", 0) / 2**20,
       "backend": jax.default_backend(),
       "runner": runner.resolved_strategy(),
+      "processes": jax.process_count(),
+      "devices": jax.device_count() if mesh is not None else 1,
       "output_dir": output_dir,
       "metrics_file": os.path.join(output_dir, "metrics.jsonl") if "jsonl" in args.log_format else None,
       "csv_file": os.path.join(output_dir, FILE_NAMES["csv"]) if "csv" in args.log_format else None,
@@ -634,8 +705,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
       raise UsageError("a command is required: fedjax-lite train [flags] (see fedjax-lite train --help)")
-    check_flags_apply(args, _explicit_flags(argv))
-    summary = train_command(args)
+    given = _explicit_flags(argv)
+    check_flags_apply(args, given)
+    summary = train_command(args, distributed_config(args, given))
   except UsageError as error:
     sys.stderr.write(f"fedjax-lite: error: {error}\n")
     return EXIT_USAGE
@@ -659,6 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       sys.stderr.write(f"fedjax-lite: {interrupt}; continue with --resume\n")
       return 128 + int(interrupt.signum)
     raise
+  if summary is None:  # a process other than process 0 of a multi-process run
+    return 0
   if args.json:
     print(json.dumps(summary))
   elif not args.quiet:

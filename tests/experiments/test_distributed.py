@@ -129,21 +129,10 @@ def test_two_processes_match_one_process(tmp_path):
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.pop("XLA_FLAGS", None)  # the workers set their devices with local_devices
-  workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(port), str(k),
-                               str(tmp_path)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for k in range(2)]
-  deadline = time.monotonic() + WORKER_TIMEOUT_S
-  outputs = []
-  try:
-    for proc in workers:
-      outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-  finally:
-    for proc in workers:
-      if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
-  for k, (proc, out) in enumerate(zip(workers, outputs)):
-    assert proc.returncode == 0, f"process {k} failed:\n{out[-4000:]}"
+  results = _run_workers([[sys.executable, os.path.abspath(__file__), "worker", str(port), str(k), str(tmp_path)]
+                          for k in range(2)], env, WORKER_TIMEOUT_S)
+  for k, (code, out) in enumerate(results):
+    assert code == 0, f"process {k} failed:\n{out[-4000:]}"
   records = [json.loads((tmp_path / f"process{k}.json").read_text()) for k in range(2)]
 
   # Each process packed only its own block of slots: 5 clients -> 2 x 4 slots, real clients in slots 0..4.
@@ -232,6 +221,77 @@ def test_initialize_after_backend_start_is_refused():
   jax.devices()  # the backend is up in this (pytest) process
   with pytest.raises(RuntimeError, match="before JAX initializes"):
     distributed.initialize(DistributedConfig("127.0.0.1:1234", 2, 0))
+
+
+def _run_workers(commands, env, timeout_s):
+  """Starts one subprocess per command; returns their (return code, output) after at most ``timeout_s``."""
+  procs = [subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for command in commands]
+  deadline = time.monotonic() + timeout_s
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+  return [(proc.returncode, out) for proc, out in zip(procs, outputs)]
+
+
+def test_cli_two_processes_write_one_summary(tmp_path):
+  """``fedjax-lite train`` with the process flags: both processes finish, only process 0 writes and prints."""
+  reason = _gloo_available()
+  if reason is not None:
+    pytest.skip(reason)
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop("XLA_FLAGS", None)
+  flags = ["train", "--dataset", "synthetic", "--num-clients", "6", "--model", "dense", "--rounds", "2",
+           "--clients-per-round", "3", "--local-epochs", "1", "--eval-every", "1", "--json", "--log-format",
+           "jsonl", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--local-devices", "1"]
+  results = _run_workers([[sys.executable, "-m", "fedjax_lite.experiments.cli", *flags, "--process-id", str(k),
+                           "--output-dir", str(tmp_path / f"out{k}")] for k in range(2)], env, WORKER_TIMEOUT_S)
+  for k, (code, out) in enumerate(results):
+    assert code == 0, f"process {k} failed:\n{out[-4000:]}"
+  summary = json.loads([line for line in results[0][1].splitlines() if line.startswith("{")][-1])
+  assert (summary["processes"], summary["devices"], summary["rounds"]) == (2, 2, 2)
+  assert len((tmp_path / "out0" / "metrics.jsonl").read_text().splitlines()) == 2
+  assert not (tmp_path / "out1").exists()
+  assert not any(line.startswith("{") for line in results[1][1].splitlines())
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--num-processes", "2"], "--num-processes applies only with --coordinator-address"),
+    (["--local-devices", "2"], "--local-devices applies only with --coordinator-address"),
+    (["--coordinator-address", "h:1234", "--num-processes", "2"], "needs --num-processes and --process-id"),
+    (["--coordinator-address", "h:1234", "--num-processes", "2", "--process-id", "2"], "--process-id (2) must be <"),
+    (["--coordinator-address", "h", "--num-processes", "2", "--process-id", "0"], "--coordinator-address must be"),
+    (["--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "0", "--checkpoint-dir", "x"],
+     "--checkpoint-dir is not supported with several processes"),
+    (["--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "0", "--algorithm", "scaffold"],
+     "scaffold keeps per-client state"),
+    (["--process-id", "-1"], "non-negative"),
+])
+def test_cli_bad_process_flags_one_line_exit_2(argv, fragment, capsys):
+  from fedjax_lite.experiments import cli
+
+  assert cli.main(["train", "--model", "dense", "--rounds", "1", *argv]) == 2
+  err = capsys.readouterr().err
+  assert fragment in err and err.count("\n") == 1, err
+
+
+def test_cli_process_flags_from_the_environment():
+  from fedjax_lite.experiments import cli
+
+  args = cli.build_parser().parse_args(["train"])
+  environ = {"FEDJAX_LITE_COORDINATOR_ADDRESS": "h:1", "FEDJAX_LITE_NUM_PROCESSES": "2",
+             "FEDJAX_LITE_PROCESS_ID": "1", "FEDJAX_LITE_LOCAL_DEVICES": "1"}
+  assert cli.distributed_config(args, set(), environ) == DistributedConfig("h:1", 2, 1, 1)
+  assert cli.distributed_config(args, set(), {}) is None
+  with pytest.raises(cli.UsageError, match="FEDJAX_LITE_NUM_PROCESSES"):
+    cli.distributed_config(args, set(), {"FEDJAX_LITE_COORDINATOR_ADDRESS": "h:1"})
 
 
 if __name__ == "__main__":
