@@ -2,6 +2,14 @@
 federated data (partitioning, sampling, packing) and the client runner."""
 
 from fedjax_lite.core.client_state import ClientStateStore
+from fedjax_lite.core.device_rounds import (
+    DevicePoissonSampler,
+    DevicePopulation,
+    DeviceShuffledCyclicSampler,
+    DeviceUniformSampler,
+    build_scanned_rounds,
+    device_sampler,
+)
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.model import (
     Model,
@@ -34,6 +42,12 @@ __all__ = [
     "poisson_sample_clients",
     "ClientOutput",
     "ClientStateStore",
+    "DevicePoissonSampler",
+    "DevicePopulation",
+    "DeviceShuffledCyclicSampler",
+    "DeviceUniformSampler",
+    "build_scanned_rounds",
+    "device_sampler",
     "ClientSpec",
     "FederatedData",
     "MeasuredOutput",
