@@ -36,8 +36,11 @@ subnormal float32 input or bound as 0 and flushes a subnormal float32 result to 
 (gradual underflow) instead. Non-finite bounds (an adaptive bound that overflowed) give ``q = 0`` and a NaN
 decoded sum, where the float64 code gives garbage levels and NaN or Inf.
 
-Cost: the client step costs a few hundred 32-bit integer operations per coordinate, fused by XLA into one loop; the
-scalar constants (scale, shift, step) are computed once per leaf; the divisions loop 64 times on scalars.
+Cost: a few hundred 32-bit integer operations per coordinate, fused by XLA into one loop; the scalar constants
+(scale, shift, step) are computed once per call; the divisions loop 64 times on scalars. Measured on 1M float32
+values (2-core XLA:CPU, jitted, one run): quantize 52 ms against 1.8 ms for the x64 code (29x), dequantize 35 ms
+against 1.05 ms (34x). Each call compiles in about 2 s (quantize) and 3 s (dequantize): call them once on the
+concatenation of all leaves rather than once per leaf.
 
 Functions (``M = 2^32 - 1``; limbs are 16-bit values in uint32 arrays ``[num_limbs, *shape]``, least significant
 first):
@@ -420,7 +423,7 @@ def quantize_float(values: jax.Array, upper: Any, lower: Any) -> jax.Array:
   diff_sign = lax.bitcast_convert_type(diff_hi, jnp.int32)
   q = jnp.where(diff_sign < 0, _u32(0), jnp.where(diff_sign > 0, _u32(FLOAT_QUANTIZATION_LEVELS), diff_lo))
   q = jnp.where(constants.finite, q, _u32(0))
-  return jnp.stack([q & _LIMB_MASK, q >> LIMB_BITS])
+  return _split_limbs(q, 2)
 
 
 def dequantize(summed_levels: Words, count: jax.Array, upper: Any, lower: Any, dtype) -> jax.Array:
@@ -487,9 +490,10 @@ def _check_num_limbs(num_limbs: int) -> int:
 
 def _split_limbs(summand: jax.Array, num_limbs: int) -> jax.Array:
   """uint32 ``[num_limbs, *shape]`` 16-bit limbs of a uint32 ``summand`` (limbs above 32 bits are zero)."""
-  limbs = [(summand >> (LIMB_BITS * k)) & _LIMB_MASK if k < 2 else jnp.zeros_like(summand)
-           for k in range(num_limbs)]
-  return jnp.stack(limbs)
+  # One broadcast shift rather than jnp.stack: XLA:CPU's concatenate fusion of a long elementwise chain (the
+  # quantization) runs ~40x slower than this loop fusion.
+  shifts = np.minimum(np.arange(num_limbs) * LIMB_BITS, 32).astype(np.int32)
+  return _shr32(summand[None], jnp.asarray(shifts).reshape((num_limbs,) + (1,) * summand.ndim)) & _LIMB_MASK
 
 
 def to_limbs_int(values: jax.Array, lower: Any, upper: Any, num_limbs: int) -> jax.Array:
