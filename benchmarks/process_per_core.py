@@ -17,7 +17,8 @@ every round with a new key. Every measurement is a fresh set of processes: the f
 ``--rounds`` timed rounds (each ended with ``block_until_ready``); ``steady_s`` is the median. The configurations
 alternate ``--repeats`` times (the order flips each repeat), and the CPU time that OTHER processes used during each
 measurement is reported (``others_cpu_fraction``, from ``/proc/stat`` minus this run's own children), because the
-machine may be shared. The final parameters of the two configurations are compared (float32 summation order only).
+machine may be shared. The parameters of the two configurations are compared after the first round (they differ
+only by float32 summation order) and after the last (where training amplifies those differences).
 
 Run from the repository root::
 
@@ -94,17 +95,20 @@ def worker(mode: str, rounds: int, quick: bool, port: int | None, process_id: in
   state = process.init(params)
   keys = [jax.random.fold_in(jax.random.key(workload.seed), r) for r in range(rounds + 1)]
   times = []
+  sample = lambda tree: [np.asarray(leaf).ravel()[:: max(1, np.asarray(leaf).size // 512)].tolist()  # noqa: E731
+                         for leaf in jax.tree.leaves(tree)]
   for r in range(rounds + 1):
     start = time.perf_counter()
     state, metrics = step(state, round_data, keys[r])
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
+    if r == 0:
+      first_params = sample(state.params)
   if mode == "one" or jax.process_index() == 0:
     print(json.dumps({
         "first_round_s": times[0], "round_s": times[1:], "devices": jax.device_count(),
         "processes": jax.process_count(), "steps_per_client": int(round_data["mask"].shape[1]),
-        "params": [np.asarray(leaf).ravel()[:: max(1, np.asarray(leaf).size // 512)].tolist()
-                   for leaf in jax.tree.leaves(state.params)],
+        "first_params": first_params, "params": sample(state.params),
     }), flush=True)
   if mode == "process":
     distributed.shutdown()
@@ -201,14 +205,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
           f"others used {record['others_cpu_fraction']:.0%} of the CPU")
       records[name].append(record)
   result = {name: summarize(values) for name, values in records.items()}
-  one, many = records["one_process"][-1]["params"], records["process_per_core"][-1]["params"]
+  def max_difference(key):  # over every 512th parameter of each leaf
+    one, many = records["one_process"][-1][key], records["process_per_core"][-1][key]
+    return float(max(np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in zip(one, many)))
+
   result.update(
       benchmark="process_per_core", cpu=cpu_model(), usable_cores=len(cores), pinned=pin,
       workload="quick" if args.quick else "standard", rounds=args.rounds, repeats=args.repeats,
       steady_ratio_process_per_core_to_one_process=(result["process_per_core"]["steady_s"]
                                                     / result["one_process"]["steady_s"]),
-      max_abs_param_difference_after_last_repeat=float(max(
-          np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in zip(one, many))),
+      max_abs_param_difference_after_round_1=max_difference("first_params"),
+      max_abs_param_difference_after_all_rounds=max_difference("params"),
+      max_abs_param_after_round_1=float(max(np.max(np.abs(np.asarray(a)))
+                                            for a in records["one_process"][-1]["first_params"])),
   )
   print(json.dumps(result), flush=True)
   return result
