@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
   rounds.add_argument("--runner", choices=RUNNER_STRATEGIES, default="auto",
                       help="how clients run: sequential scan (CPU default), vmap (accelerator default), chunked")
   rounds.add_argument("--eval-every", type=_positive_int, default=5)
+  rounds.add_argument("--rounds-per-dispatch", type=_positive_int, default=None, metavar="R",
+                      help="whole training on the device: the data copied there once, up to R rounds per "
+                           "dispatch with cohorts and shuffles drawn there (default: rounds packed on the host)")
   output = train.add_argument_group("output")
   output.add_argument("--output-dir", default=None, help="default runs/<dataset>-<model>-<algorithm>-<time>")
   output.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -240,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 # (The process layout changes only the float summation order.)
 _RESULT_NEUTRAL_FLAGS = ("command", "output_dir", "json", "no_progress", "quiet", "log_format", "rounds",
                          "dp_epsilon_budget", "checkpoint_dir", "checkpoint_every", "resume", "data_dir",
-                         "coordinator_address", "num_processes", "process_id", "local_devices")
+                         "coordinator_address", "num_processes", "process_id", "local_devices",
+                         "rounds_per_dispatch")  # R does not change results; host vs device sampling is compared
 
 
 def _run_config(args) -> dict:
@@ -645,7 +649,7 @@ def train_command(args, distributed=None) -> dict | None:
       evaluate_every=args.eval_every,
       metrics_path=os.path.join(output_dir, "metrics.jsonl") if "jsonl" in args.log_format else None,
       progress=not (args.no_progress or args.quiet), on_round_end=report_epsilon,
-      trackers=trackers, **sampling, **checkpointing, **packing,
+      trackers=trackers, **sampling, **checkpointing, **packing, rounds_per_dispatch=args.rounds_per_dispatch,
   )
   if not writer:
     return None
@@ -716,8 +720,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedjax_lite.experiments.loop import TrainingStalledError
 
     if isinstance(error, (ConfigMismatchError, CheckpointError)) or (
-        isinstance(error, ValueError) and "already holds checkpoints" in str(error)):
-      message = str(error).replace("pass resume=True", "pass --resume")
+        isinstance(error, ValueError) and ("already holds checkpoints" in str(error)
+                                           or str(error).startswith("rounds_per_dispatch"))):
+      message = str(error).replace("pass resume=True", "pass --resume").replace("rounds_per_dispatch",
+                                                                                  "--rounds-per-dispatch")
       sys.stderr.write(f"fedjax-lite: error: {message}\n")
       return EXIT_USAGE
     if isinstance(error, TrainingStalledError):

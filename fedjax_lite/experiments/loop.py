@@ -21,6 +21,16 @@ last complete checkpoint and ends bit-identical to an uninterrupted run (paramet
 
 A round in which every real client's update was rejected as non-finite (or the server update was) trains nothing:
 the loop warns, and after ``max_rejected_rounds`` such rounds in a row raises :class:`TrainingStalledError`.
+
+Whole training on the device (``rounds_per_dispatch=R``): for a population that fits on the device, its examples
+are copied there once (:class:`~fedjax_lite.core.device_rounds.DevicePopulation`) and each dispatch runs up to ``R``
+rounds in one compiled ``lax.scan`` (:func:`~fedjax_lite.core.device_rounds.build_scanned_rounds`): cohorts, packing
+and shuffles are drawn on the device from the same ``(seed, round)`` keys, so the results do not depend on ``R``
+(``R = 1`` is the per-round loop of the same device sampler, bit for bit). The cohorts are drawn by ``jax.random``,
+not numpy: the same distribution as the host sampler, not the same clients. Metrics come back stacked per round and
+are written exactly as the per-round loop writes them; a dispatch ends at every evaluation and checkpoint round and
+before the round the privacy budget forbids, so evaluations and checkpoints see the same states as the per-round
+loop. Signals and a stop asked by ``on_round_end`` take effect at the end of the running dispatch.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import numpy as np
 
 from fedjax_lite.core import validation
 from fedjax_lite.core.client_state import ClientStateStore
+from fedjax_lite.core.device_rounds import DevicePopulation, build_scanned_rounds, device_sampler
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.packing import ClientSpec, bucket_num_steps
 from fedjax_lite.core.process import Process
@@ -68,6 +79,31 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
       else:
         flat[name] = array.tolist()
   return flat
+
+
+def _check_device_training(process: Process, sampler: Any, round_packer: Any, train_data: FederatedData,
+                           client_spec: ClientSpec) -> None:
+  """Refuses, with one clear error, what whole training on the device (``rounds_per_dispatch``) cannot run."""
+  if process.client_state is not None:
+    raise ValueError("rounds_per_dispatch: this algorithm keeps per-client state on the host "
+                     "(process.client_state); run it without rounds_per_dispatch.")
+  if round_packer is not None:
+    raise ValueError("rounds_per_dispatch cannot be combined with round_packer (multi-process packing on the host).")
+  try:
+    device_sampler(sampler)
+  except TypeError as error:
+    raise ValueError(f"rounds_per_dispatch: {error}") from None
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  if limit:
+    capacity = int(sampler.cohort_capacity)
+    slots = capacity * client_spec.max_num_steps(train_data) * client_spec.batch_size
+    per_example = sum(value.nbytes // max(value.shape[0], 1) for value in train_data.examples.values())
+    needed = sum(value.nbytes for value in train_data.examples.values()) + slots * (per_example + 1)
+    if needed > limit // 2:
+      raise ValueError(f"rounds_per_dispatch: the population and one round's data need {needed / 2**30:.2f} GiB, "
+                       f"more than half of the device's {limit / 2**30:.2f} GiB; run without rounds_per_dispatch "
+                       "(rounds packed on the host).")
 
 
 class TrainingStalledError(RuntimeError):
@@ -118,6 +154,7 @@ def run_training(
     on_round_end: RoundCallback | None = None,
     sample_with_replacement: bool = False,
     sampler: Sampler | None = None,
+    rounds_per_dispatch: int | None = None,
     privacy: PrivacyLedger | None = None,
     trackers: Sequence[Any] = (),
     checkpoint_dir: str | os.PathLike | None = None,
@@ -152,6 +189,14 @@ def run_training(
     sampler: ``round_num -> client indices`` with a ``cohort_capacity`` (``core.sampling.UniformSampler``,
       ``PoissonSampler``, ``ShuffledCyclicSampler``). Rounds are padded to ``cohort_capacity`` client slots, so
       varying cohort sizes share one compiled round; a larger cohort is padded to the next power of two.
+    rounds_per_dispatch: None (default): the per-round loop above, sampling and packing on the host. An int
+      ``R >= 1``: whole training on the device (see the module docstring): the population is copied to the device
+      once and up to ``R`` rounds run per dispatch in one ``lax.scan``, cohorts drawn by the device counterpart of
+      the sampler (:func:`~fedjax_lite.core.device_rounds.device_sampler`). Refused with one clear error for
+      processes with per-client state, host-only samplers (any other callable), ``round_packer``, and data that
+      does not fit in the device's memory (when the device reports it). ``round_time_in_seconds`` is then the
+      dispatch's wall time divided by its rounds, and ``first_round_seconds`` the first dispatch's wall time
+      (compilation included).
     privacy: optional :class:`~fedjax_lite.privacy.PrivacyLedger`: each round records ``privacy/epsilon`` (spent
       so far, at ``privacy/delta``), and with an ``epsilon_budget`` training stops before the round that would
       exceed it, giving the reason in ``stopped_early``.
@@ -204,6 +249,10 @@ def run_training(
   elif not (callable(sampler) and hasattr(sampler, "cohort_capacity")):
     raise TypeError("sampler must be callable (round_num -> client indices) with a cohort_capacity, e.g. "
                     "fedjax_lite.core.sampling.PoissonSampler.")
+  if rounds_per_dispatch is not None:
+    validation.check_int("rounds_per_dispatch", rounds_per_dispatch, minimum=1)
+    _check_device_training(process, sampler, round_packer, train_data, client_spec)
+    sampler = device_sampler(sampler)
   if privacy is not None and not isinstance(privacy, PrivacyLedger):
     raise TypeError(f"privacy must be a PrivacyLedger, got {type(privacy).__name__}.")
   trackers = tuple(trackers)
@@ -253,6 +302,14 @@ def run_training(
 
   capacity = int(sampler.cohort_capacity)
   check_round = RoundDataChecker("round_data")
+  scanned_rounds = None
+  if rounds_per_dispatch is not None:  # the population on the device once; rounds drawn there
+    scanned_rounds = build_scanned_rounds(
+        process, DevicePopulation.from_data(train_data, client_spec, num_steps=num_steps), sampler, seed=seed)
+    # Every dispatch is a scan of this length; shorter ones (cut at evaluations, checkpoints, the budget, the end)
+    # skip their last rounds (one more compilation in all, whatever their lengths).
+    scan_length = min(rounds_per_dispatch, num_rounds, evaluate_every if evaluate is not None else num_rounds,
+                      checkpoint_every if checkpoint_dir is not None else num_rounds)
 
   def prepare(round_num: int):
     cohort = sampler(round_num)
@@ -334,14 +391,97 @@ def run_training(
   start = time.perf_counter()
   first_round_seconds = math.nan
   catcher = checkpointing.SignalCatcher() if checkpointer is not None else None
+
+  def finish_round(round_num: int, flat: dict, num_real_clients: int, round_seconds: float, *,
+                   dispatch_end: bool = True) -> bool:
+    """Records round ``round_num`` (``flat``: its flattened metrics): evaluation, files, progress bar, stall
+    check, callback; at a dispatch's end also checkpoints and signals. Returns True when the loop stops here."""
+    nonlocal rejected_streak, stopped, first_round_seconds
+    for key in ("broadcasted_bits", "aggregated_bits"):
+      if key in flat:
+        cumulative[key] += int(flat[key])
+        flat[f"cumulative_{key}"] = cumulative[key]
+    flat["round_time_in_seconds"] = round_seconds
+    if privacy is not None:
+      flat["privacy/epsilon"] = privacy.epsilon_after(round_num + 1)
+      flat["privacy/delta"] = privacy.delta
+    if round_num == start_round:
+      first_round_seconds = flat["round_time_in_seconds"]
+    budget_reached = privacy is not None and not privacy.allows(round_num + 2)
+    last_round = round_num + 1 == num_rounds or budget_reached
+    if evaluate is not None and ((round_num + 1) % evaluate_every == 0 or last_round):
+      assert dispatch_end, "evaluation rounds end their dispatch"
+      eval_start = time.perf_counter()
+      flat.update(flatten_metrics(jax.device_get(evaluate(state.params)), "evaluation/"))
+      flat["evaluation_time_in_seconds"] = time.perf_counter() - eval_start
+    history.append(flat)
+    if sink is not None:
+      sink.write(json.dumps(flat) + "\n")
+      sink.flush()
+    for tracker in trackers:
+      tracker.write(flat)
+    if bar is not None:
+      postfix = {"loss": flat.get("client_work/train/loss")}
+      if "client_work/train/accuracy" in flat:
+        postfix["acc"] = flat["client_work/train/accuracy"]
+      if "evaluation/accuracy" in flat:
+        postfix["test_acc"] = flat["evaluation/accuracy"]
+      if "privacy/epsilon" in flat:
+        postfix["eps"] = flat["privacy/epsilon"]
+      if any(cumulative.values()):  # communication so far, both directions, in megabits
+        postfix["Mbit"] = (cumulative["broadcasted_bits"] + cumulative["aggregated_bits"]) / 1e6
+      bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items() if v is not None}, refresh=False)
+      bar.update(1)
+    if _all_clients_rejected(flat, num_real_clients):
+      rejected_streak += 1
+      message = (f"round {round_num}: every client's update was rejected as non-finite (NaN/Inf loss or "
+                 f"update), so the round trained nothing ({rejected_streak} such round(s) in a row); check the "
+                 "data (finite features, labels within the model's classes) and the learning rates")
+      if rejected_streak >= max_rejected_rounds:
+        raise TrainingStalledError(f"{message}. Stopped after {max_rejected_rounds} such rounds "
+                                   "(max_rejected_rounds).")
+      warnings.warn(message + ".", RuntimeWarning, stacklevel=3)
+    elif num_real_clients:
+      rejected_streak = 0
+    if on_round_end is not None:
+      reason = on_round_end(round_num, flat)
+      if reason and stopped is None:
+        stopped = str(reason)
+    if stopped is None and budget_reached and round_num + 1 < num_rounds:
+      stopped = budget_message(round_num + 1)
+    if not dispatch_end:
+      return False
+    interrupted = catcher is not None and catcher.received is not None
+    if checkpointer is not None and ((round_num + 1) % checkpoint_every == 0 or round_num + 1 == num_rounds
+                                     or stopped is not None or interrupted):
+      save_checkpoint(round_num + 1)
+    if interrupted:
+      checkpointer.wait()
+      raise checkpointing.TrainingInterrupted(catcher.received, round_num + 1, checkpointer.directory)
+    return stopped is not None
+
+  def dispatch_length(first_round: int) -> int:
+    """Rounds of the dispatch starting at ``first_round``: at most ``rounds_per_dispatch``, ending at the next
+    evaluation round, checkpoint round, the last round and the last round the privacy budget allows."""
+    end = min(first_round + rounds_per_dispatch, num_rounds)
+    if evaluate is not None:
+      end = min(end, (first_round // evaluate_every + 1) * evaluate_every)
+    if checkpointer is not None:
+      end = min(end, (first_round // checkpoint_every + 1) * checkpoint_every)
+    if privacy is not None:
+      for rounds_done in range(first_round + 1, end):
+        if not privacy.allows(rounds_done + 1):
+          return rounds_done - first_round
+    return end - first_round
+
   try:
     if catcher is not None:
       catcher.__enter__()
     if privacy is not None and start_round and not privacy.allows(start_round + 1) and start_round < num_rounds:
       stopped = budget_message(start_round)  # the checkpoint's run had already spent its budget
-    elif start_round < num_rounds:
+    elif start_round < num_rounds and scanned_rounds is None:
       pending = prepare(start_round)  # (a ledger whose budget does not allow one round was refused when built)
-    for round_num in range(start_round, num_rounds if stopped is None else start_round):
+    for round_num in range(start_round, num_rounds if stopped is None and scanned_rounds is None else start_round):
       round_start = time.perf_counter()
       round_data, num_real_clients, (cohort, num_examples) = pending
       if client_states is None:
@@ -354,65 +494,32 @@ def run_training(
       if client_states is not None:
         client_states.scatter(cohort, jax.device_get(new_client_states), num_examples)
       flat = {"round": round_num, **flatten_metrics(jax.device_get(metrics))}
-      for key in ("broadcasted_bits", "aggregated_bits"):
-        if key in flat:
-          cumulative[key] += int(flat[key])
-          flat[f"cumulative_{key}"] = cumulative[key]
-      flat["round_time_in_seconds"] = time.perf_counter() - round_start
-      if privacy is not None:
-        flat["privacy/epsilon"] = privacy.epsilon_after(round_num + 1)
-        flat["privacy/delta"] = privacy.delta
-      if round_num == start_round:
-        first_round_seconds = flat["round_time_in_seconds"]
-      budget_reached = privacy is not None and not privacy.allows(round_num + 2)
-      last_round = round_num + 1 == num_rounds or budget_reached
-      if evaluate is not None and ((round_num + 1) % evaluate_every == 0 or last_round):
-        eval_start = time.perf_counter()
-        flat.update(flatten_metrics(jax.device_get(evaluate(state.params)), "evaluation/"))
-        flat["evaluation_time_in_seconds"] = time.perf_counter() - eval_start
-      history.append(flat)
-      if sink is not None:
-        sink.write(json.dumps(flat) + "\n")
-        sink.flush()
-      for tracker in trackers:
-        tracker.write(flat)
-      if bar is not None:
-        postfix = {"loss": flat.get("client_work/train/loss")}
-        if "client_work/train/accuracy" in flat:
-          postfix["acc"] = flat["client_work/train/accuracy"]
-        if "evaluation/accuracy" in flat:
-          postfix["test_acc"] = flat["evaluation/accuracy"]
-        if "privacy/epsilon" in flat:
-          postfix["eps"] = flat["privacy/epsilon"]
-        if any(cumulative.values()):  # communication so far, both directions, in megabits
-          postfix["Mbit"] = (cumulative["broadcasted_bits"] + cumulative["aggregated_bits"]) / 1e6
-        bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items() if v is not None}, refresh=False)
-        bar.update(1)
-      if _all_clients_rejected(flat, num_real_clients):
-        rejected_streak += 1
-        message = (f"round {round_num}: every client's update was rejected as non-finite (NaN/Inf loss or "
-                   f"update), so the round trained nothing ({rejected_streak} such round(s) in a row); check the "
-                   "data (finite features, labels within the model's classes) and the learning rates")
-        if rejected_streak >= max_rejected_rounds:
-          raise TrainingStalledError(f"{message}. Stopped after {max_rejected_rounds} such rounds "
-                                     "(max_rejected_rounds).")
-        warnings.warn(message + ".", RuntimeWarning, stacklevel=2)
-      elif num_real_clients:
-        rejected_streak = 0
-      if on_round_end is not None:
-        reason = on_round_end(round_num, flat)
-        if reason:
-          stopped = str(reason)
-      if stopped is None and budget_reached and round_num + 1 < num_rounds:
-        stopped = budget_message(round_num + 1)
-      interrupted = catcher is not None and catcher.received is not None
-      if checkpointer is not None and ((round_num + 1) % checkpoint_every == 0 or round_num + 1 == num_rounds
-                                       or stopped is not None or interrupted):
-        save_checkpoint(round_num + 1)
-      if interrupted:
-        checkpointer.wait()
-        raise checkpointing.TrainingInterrupted(catcher.received, round_num + 1, checkpointer.directory)
-      if stopped is not None:
+      if finish_round(round_num, flat, num_real_clients, time.perf_counter() - round_start):
+        break
+    first_round = start_round
+    while scanned_rounds is not None and stopped is None and first_round < num_rounds:
+      length = dispatch_length(first_round)
+      dispatch_start = time.perf_counter()
+      # A short dispatch skips its last rounds inside a scan of the usual length (no compilation per length); full
+      # ones run the scan without that conditional, which costs XLA:CPU ~10-20% per round.
+      state, outputs = scanned_rounds(state, first_round, scan_length, length if length < scan_length else None)
+      outputs = jax.device_get(outputs)
+      dispatch_seconds = time.perf_counter() - dispatch_start
+      overflowed = np.flatnonzero(outputs.num_sampled > capacity)
+      if overflowed.size:
+        raise RuntimeError(f"round {first_round + int(overflowed[0])} drew {int(outputs.num_sampled[overflowed[0]])} "
+                           f"clients, more than the {capacity} client slots the device program is padded to (a "
+                           "Poisson cohort this large has probability < 1e-9 per round); rerun without "
+                           "rounds_per_dispatch, whose host packing pads such a round further.")
+      for offset in range(length):
+        flat = {"round": first_round + offset,
+                **flatten_metrics(jax.tree.map(lambda leaf: leaf[offset], outputs.metrics))}
+        done = finish_round(first_round + offset, flat, int(outputs.num_real_clients[offset]),
+                            dispatch_seconds / length, dispatch_end=offset + 1 == length)
+      if first_round == start_round:
+        first_round_seconds = dispatch_seconds
+      first_round += length
+      if done:
         break
   finally:
     if catcher is not None:
