@@ -51,6 +51,15 @@ _ALIGNMENT = 64
 _MAX_BUFFERS = 2
 
 
+def _references(buffers: list, index: int) -> int:
+  """The reference count of ``buffers[index]``, always taken by this same expression so that the interpreter's
+  own temporary references (which differ between Python versions) are the same as in ``_UNVIEWED``."""
+  return sys.getrefcount(buffers[index])
+
+
+_UNVIEWED = _references([np.empty((0,), np.uint8)], 0)  # the count of a buffer held only by the store's list
+
+
 class ClientStateStore:
   """The population's client states: a pytree of host arrays ``[num_clients, ...]`` (see the module docstring).
 
@@ -130,11 +139,11 @@ class ClientStateStore:
       offsets.append(total)
       total += -(-num_slots * leaf[:1].nbytes // _ALIGNMENT) * _ALIGNMENT
     raw = None
-    for kept in self._buffers:
-      # References: the list, the loop variable and getrefcount's argument. Any view (a gathered leaf, or the
-      # JAX array that device_put made from it) adds one.
-      if kept.size == total + _ALIGNMENT and sys.getrefcount(kept) == 3:
-        raw = kept
+    for index in range(len(self._buffers)):
+      # Any view of the buffer (a gathered leaf, a slice of it, or the JAX array device_put made from it) holds a
+      # reference to it; with none, the count is what the same expression gives for an unviewed buffer.
+      if self._buffers[index].size == total + _ALIGNMENT and _references(self._buffers, index) <= _UNVIEWED:
+        raw = self._buffers[index]
         break
     if raw is None:
       raw = np.empty((total + _ALIGNMENT,), np.uint8)
