@@ -5,16 +5,16 @@ client of the POPULATION. Most clients are not in a given round, so the state li
 per leaf with a leading population axis (optionally a memory-mapped file, for populations that do not fit in
 memory), and a round only moves its cohort's rows:
 
-1. ``store.gather(cohort)`` -- one vectorized fancy-index per leaf -- gives the cohort's states ``[slots, ...]``,
+1. ``store.gather(cohort)`` -- one vectorized ``np.take`` per leaf -- gives the cohort's states ``[slots, ...]``,
    which ride in the packed round data as ``round_data['client_state']``;
 2. the compiled round reads a client's row as its ``client_state`` and returns its new state stacked;
 3. ``store.scatter(cohort, new_states, num_examples)`` writes the real clients' rows back. Padding slots (a
    Poisson round padded to its capacity, ``num_examples == 0``) never write, and clients never sampled keep their
    initial state.
 
-Device memory grows with the cohort, host memory with the population (``store.nbytes``). No Python runs per
-client, and a round's traffic is two passes over the cohort's rows and no page faults (a 10-client cohort of the
-EMNIST CNN's control variates, 68 MB, went from ~0.3 s to a few tens of ms per round):
+Device memory grows with the cohort, host memory with the population (``store.nbytes``). No Python runs per client,
+and a round's traffic is one pass over the cohort's rows each way, with no new memory in steady state (a 10-client
+cohort of the EMNIST CNN's control variates, 68 MB, went from ~0.3 s to a few tens of ms per round):
 
 * ``gather`` writes each leaf with ONE ``np.take(..., out=)`` into a buffer the store keeps and reuses. Fresh
   68 MB buffers every round cost more in the kernel (page faults and unmapping: 0.1-0.25 s of system time per
@@ -22,12 +22,14 @@ EMNIST CNN's control variates, 68 MB, went from ~0.3 s to a few tens of ms per r
   (``sys.getrefcount`` of its memory; the gathered arrays, their views and the JAX arrays made from them all hold
   a reference), so a gather never changes arrays that are still in use: a caller who keeps a gathered state
   simply gets a fresh buffer next time.
-* The buffer's leaves start on 64-byte boundaries, so ``jax.device_put`` on XLA:CPU aliases them instead of
-  copying (no second 68 MB pass); the JAX array keeps the memory referenced until it is freed.
-  The store keeps at most two such buffers (host memory: twice the cohort's states, besides ``nbytes``).
+* The buffer's leaves start on 64-byte boundaries, so ``jax.device_put`` on XLA:CPU aliases them instead of copying
+  (no second 68 MB pass); the JAX array keeps the memory referenced until it is freed. The store keeps at most two
+  such buffers (host memory: twice the cohort's states, besides ``nbytes``).
 * ``scatter`` assigns the kept slots with one fancy assignment per leaf, taking a view (not a copy) of the new
-  states when the kept slots are a prefix (padding slots are the last ones). A client holds ONE state per round, so a cohort must not repeat a client (sampling with replacement
-would train both slots from the same state and the algorithm's server-side bookkeeping, e.g. SCAFFOLD's
+  states when the kept slots are a prefix (padding slots are the last ones).
+
+A client holds ONE state per round, so a cohort must not repeat a client (sampling with replacement would train both
+slots from the same state and the algorithm's server-side bookkeeping, e.g. SCAFFOLD's
 ``c <- c + (1/N) sum_S Delta c_i``, would count it twice while only one state is kept): ``gather`` and ``scatter``
 refuse repeated ids unless ``allow_repeats=True`` (then the later slot's state is kept).
 """
