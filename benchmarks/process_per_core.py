@@ -6,9 +6,9 @@ in-process concurrency (client lanes, host devices) measured at about one core's
 
 * ``one_process``: the library's default CPU setup (``Runner()``: sequential lanes, one per usable core), in one
   process;
-* ``process_per_core``: ``P`` processes on localhost (``P`` = the cores this process may use), each pinned to one
-  core with ``taskset`` and exposing one CPU device, joined with ``jax.distributed`` (gloo collectives); the round's
-  client axis is sharded over the ``P`` devices, each process packs only its clients
+* ``process_per_core``: ``P`` processes on localhost (``P`` = the cores this process may use), each exposing one CPU
+  device (``--pin``: each also pinned to its core with ``taskset``), joined with ``jax.distributed`` (gloo
+  collectives); the round's client axis is sharded over the ``P`` devices, each process packs only its clients
   (:mod:`fedjax_lite.experiments.distributed`), and the partial sums meet in a cross-process all-reduce.
 
 Workload: the standard round of ``benchmarks/round_speed.py`` (original FedAvg CNN, 62 classes, 10 clients x 200
@@ -22,7 +22,7 @@ only by float32 summation order) and after the last (where training amplifies th
 
 Run from the repository root::
 
-  python benchmarks/process_per_core.py              # standard workload, ~3-6 min on a 2-core CPU
+  python benchmarks/process_per_core.py              # standard workload, ~4-7 min on a 2-core CPU
   python benchmarks/process_per_core.py --quick      # tiny workload, a smoke test
 
 Output: ONE JSON line on stdout (progress on stderr).
@@ -175,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--rounds", type=int, default=10, help="timed rounds per measurement (after the first)")
   parser.add_argument("--repeats", type=int, default=2, help="measurements of each configuration, interleaved")
   parser.add_argument("--quick", action="store_true", help="tiny workload (smoke test)")
-  parser.add_argument("--no-pin", action="store_true", help="do not pin each process to its core with taskset")
+  parser.add_argument("--pin", action="store_true",
+                      help="pin each process to its own core with taskset (measured slower on a shared machine)")
   parser.add_argument("--worker", choices=("one", "process"), default=None, help=argparse.SUPPRESS)
   parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
@@ -192,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   from benchmarks.round_speed import cpu_model
 
   cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-  pin = not args.no_pin and shutil.which("taskset") is not None
+  pin = args.pin and shutil.which("taskset") is not None
+  if args.pin and not pin:
+    log("taskset not found: the processes run unpinned")
   if len(cores) < 2:
     log("only one usable core: the process-per-core configuration runs one process")
   records = {"one_process": [], "process_per_core": []}

@@ -127,9 +127,9 @@ def initialize(config: DistributedConfig) -> None:
   """Joins the multi-process run described by ``config``; call it first, before anything else uses JAX.
 
   On CPU it also sets the host devices per process (``local_devices``) and the cross-process collectives: gloo
-  over TCP (``jax_cpu_collectives_implementation``, jaxlib's CPU default since 0.4.3x; set explicitly unless it was
-  set to another implementation such as ``'mpi'``). Without cross-process collectives a sharded round's ``psum``
-  cannot leave the process.
+  over TCP (``jax_cpu_collectives_implementation``; already the default in jax 0.10.2, set here when it is
+  ``'none'`` and left alone when it names another implementation such as ``'mpi'``). Without cross-process
+  collectives a sharded round's ``psum`` cannot leave the process.
 
   Raises:
     RuntimeError: JAX's backend is already initialized (an array was created or a computation ran), so the
