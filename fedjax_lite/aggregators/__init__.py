@@ -1,4 +1,4 @@
-"""Aggregators: ``(init, next)`` pairs of pure functions, with a client/server split when they only sum.
+"""Aggregators: each one a client part and a server part, joined by a static combine (``'sum'`` or ``'stack'``).
 
 Building blocks (``sum_aggregator``, ``mean``, ``unweighted_mean``), wrappers that compose like the reference's
 factories (``zeroing``, ``clipping``, ``hadamard_rotation``, ``add_debug_measurements``), estimation processes for
@@ -8,12 +8,15 @@ trimmed mean, Krum and multi-Krum), and the recommended presets (``robust_aggreg
 """
 
 from fedjax_lite.aggregators.base import (
+    STACK,
+    SUM,
+    AggregationContext,
     Aggregator,
-    SumParts,
+    aggregate_with_keys,
     broadcast_bits,
+    client_total,
     client_upload_bits,
     split_rng,
-    sum_based,
 )
 from fedjax_lite.aggregators.debug import add_debug_measurements
 from fedjax_lite.aggregators.differential_privacy import (
@@ -42,12 +45,16 @@ from fedjax_lite.aggregators.tree_aggregation import tree_aggregation
 
 __all__ = [
     "as_estimation_process",
+    "AggregationContext",
     "Aggregator",
+    "STACK",
+    "SUM",
+    "aggregate_with_keys",
+    "client_total",
     "BroadcastEncoder",
     "EstimationProcess",
     "ExtractingDpEventFromInitialStateError",
     "QuantileEstimatorState",
-    "SumParts",
     "adaptive_clip_noise_params",
     "add_debug_measurements",
     "broadcast_bits",
@@ -75,7 +82,6 @@ __all__ = [
     "secure_sum",
     "split_rng",
     "sum_aggregator",
-    "sum_based",
     "tree_aggregation",
     "trimmed_mean",
     "unweighted_mean",

@@ -12,11 +12,10 @@ weight, ``a = sum_i w_i``, ``b = sum_i w_i^2`` and ``E[f] = sum_i w_i f_i / a`` 
 * ``server_update_max``, ``server_update_min``: the largest and smallest coordinate over all leaves of the inner
   aggregator's result; ``server_update_norm``: its global L2 norm.
 
-Each client uploads ``(w n, w n^2, w, w^2)`` besides what the inner aggregator needs, so when the inner aggregator
-is sum-based the wrapper is too (``parts`` streams) and ``upload_bits`` grows by 4 float32 scalars. Around a
-non-streamable inner aggregator (e.g. :func:`~fedjax_lite.aggregators.robust_statistics.coordinate_median`) the
-wrapper calls the inner ``next`` and computes the same sums from the stacked values. Padding slots (``client_mask``
-False) count nowhere.
+Each client uploads ``(w n, w n^2, w, w^2)`` besides what the inner aggregator needs (``upload_bits`` grows by 4
+float32 scalars). The wrapper combines as its inner aggregator does: it streams around a sum and stacks around,
+e.g., :func:`~fedjax_lite.aggregators.robust_statistics.coordinate_median`, where the server sums the stacked norm
+terms. Padding slots (weight 0) count nowhere.
 
 The weights are the ones the round passes (``fed_avg``: examples processed, or 1 with ``weighting='uniform'``),
 even when the inner aggregator ignores them. As in the reference these sums are plain, neither secure nor private:
@@ -32,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import Aggregator, client_upload_bits, split_rng, sum_based, sum_contributions
+from fedjax_lite.aggregators.base import Aggregator, check_aggregator, client_total, client_upload_bits
 from fedjax_lite.aggregators.robust import global_norm
 from fedjax_lite.core.process import MeasuredOutput
 
@@ -94,7 +93,7 @@ def add_debug_measurements(inner: Aggregator) -> Aggregator:
   Adds ``average_client_norm``, ``std_dev_client_norm``, ``server_update_max``, ``server_update_norm`` and
   ``server_update_min`` (float32; formulas in the module docstring) to the inner measurements when they are a dict,
   else returns ``{'inner': <inner measurements>, <debug keys>}``. State, result and the inner aggregator's random
-  keys are unchanged. Streamable exactly when ``inner`` is.
+  keys are unchanged. Combines as ``inner`` does (streams exactly when it sums).
 
   Args:
     inner: any aggregator, e.g. ``mean()`` or ``coordinate_median()``.
@@ -105,8 +104,7 @@ def add_debug_measurements(inner: Aggregator) -> Aggregator:
     process = fed_avg(model, client_learning_rate=0.1, aggregator=aggregator)
     # metrics['aggregator'] == {'mean_value': (), 'mean_weight': (), 'average_client_norm': ..., ...}
   """
-  if not isinstance(inner, Aggregator):
-    raise TypeError(f"inner must be an Aggregator, got {type(inner).__name__}.")
+  inner = check_aggregator(inner, "inner")
 
   def finish(inner_output: MeasuredOutput, sums: dict[str, jax.Array]) -> MeasuredOutput:
     average, std_dev = client_norm_statistics(sums)
@@ -118,25 +116,13 @@ def add_debug_measurements(inner: Aggregator) -> Aggregator:
   def upload_bits(value_template: PyTree) -> int:
     return client_upload_bits(inner, value_template) + NUM_DEBUG_SCALARS * 32
 
-  if inner.parts is not None:
-    inner_parts = inner.parts
+  def client(client_params, value, weight, rng):
+    # The inner client gets the same key as without the wrapper, so its result does not change.
+    return {"inner": inner.client(client_params, value, weight, rng), "debug": client_norm_sums(value, weight)}
 
-    def client(client_params, value, weight, rng):
-      # The inner client gets the same key as without the wrapper, so its result does not change.
-      return {"inner": inner_parts.client(client_params, value, weight, rng),
-              "debug": client_norm_sums(value, weight)}
+  def server(state, combined, rng, context):
+    return finish(inner.server(state, combined["inner"], rng, context),
+                  client_total(combined["debug"], inner.combine))
 
-    def server(state, total, rng):
-      return finish(inner_parts.server(state, total["inner"], rng), total["debug"])
-
-    return sum_based(inner.init, inner_parts.broadcast, client, server, upload_bits=upload_bits,
-                     dp_event=inner.dp_event)
-
-  def next_fn(state, values, weights, rng, client_mask=None):
-    inner_output = inner.next(state, values, weights, rng, client_mask)
-    clients_key, _ = split_rng(rng)
-    sums = sum_contributions(lambda params, value, weight, key: client_norm_sums(value, weight), (), values,
-                             weights, clients_key, client_mask)
-    return finish(inner_output, sums)
-
-  return Aggregator(init=inner.init, next=next_fn, parts=None, upload_bits=upload_bits, dp_event=inner.dp_event)
+  return Aggregator(inner.init, inner.broadcast, client, server, combine=inner.combine, upload_bits=upload_bits,
+                    dp_event=inner.dp_event)

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import Aggregator, client_upload_bits, sum_based
+from fedjax_lite.aggregators.base import Aggregator, client_upload_bits
 from fedjax_lite.aggregators.estimation import EstimationProcess, constant_estimate
 from fedjax_lite.aggregators.quantile_estimation import private_quantile_estimator
 from fedjax_lite.aggregators.robust import clip_to, global_norm
@@ -87,16 +87,16 @@ def _gaussian_dp(value_noise_multiplier: float, clients_per_round: float, clip: 
   def client(client_params, value, weight, rng):
     clip_norm, clip_params = client_params
     norm = global_norm(value, 2.0)
-    return {"value": record_sum.parts.client((), clip_to(value, norm, clip_norm), weight, rng),
+    return {"value": record_sum.client((), clip_to(value, norm, clip_norm), weight, rng),
             "clip_record": clip.client(clip_params, norm, jax.random.fold_in(rng, 1))}
 
-  def server(state, total, rng):
+  def server(state, total, rng, context):
     clip_norm = clip.report(state["query_state"])
-    summed = record_sum.parts.server(state["agg_state"], total["value"], jax.random.fold_in(rng, 0))
+    summed = record_sum.server(state["agg_state"], total["value"], jax.random.fold_in(rng, 0), context)
     stddev = jnp.asarray(value_noise_multiplier, jnp.float32) * clip_norm
     noised = jax.tree.map(jnp.add, summed.result, gaussian_noise(jax.random.fold_in(rng, 1), summed.result, stddev))
     result = jax.tree.map(lambda leaf: leaf / jnp.asarray(clients_per_round, leaf.dtype), noised)
-    query_state = clip.server(state["query_state"], total["clip_record"], jax.random.fold_in(rng, 2))
+    query_state = clip.server(state["query_state"], total["clip_record"], jax.random.fold_in(rng, 2), context)
     metrics = {"clip": clip.report(query_state)} if report_clip else {}
     return MeasuredOutput(
         state={"query_state": query_state, "agg_state": summed.state, "is_init_state": jnp.asarray(False)},
@@ -107,7 +107,7 @@ def _gaussian_dp(value_noise_multiplier: float, clients_per_round: float, clip: 
   def upload_bits(value_template):
     return client_upload_bits(record_sum, value_template) + clip.upload_bits
 
-  return sum_based(init, broadcast, client, server, upload_bits=upload_bits, dp_event=dp_event)
+  return Aggregator(init, broadcast, client, server, upload_bits=upload_bits, dp_event=dp_event)
 
 
 def gaussian_fixed(noise_multiplier: float, clients_per_round: float, clip: float) -> Aggregator:

@@ -25,7 +25,9 @@ class EstimationProcess(NamedTuple):
     report: ``state -> estimate`` (float32 scalar), the value used in the current round.
     broadcast: ``state -> client_params``.
     client: ``(client_params, x, rng) -> record`` for one client's float32 scalar ``x``.
-    server: ``(state, summed_records, rng) -> state``.
+    server: ``(state, summed_records, rng, context) -> state``; ``context`` is the calling aggregator's
+      :class:`~fedjax_lite.aggregators.base.AggregationContext` (its ``num_client_slots`` sizes a secure sum of
+      the records).
     upload_bits: bits of one client's record.
     dp_event: for private estimation, ``() -> dp_accounting.DpEvent`` of one round's noisy count; else None.
   """
@@ -34,7 +36,7 @@ class EstimationProcess(NamedTuple):
   report: Callable[[PyTree], jax.Array]
   broadcast: Callable[[PyTree], PyTree]
   client: Callable[[PyTree, jax.Array, jax.Array], PyTree]
-  server: Callable[[PyTree, PyTree, jax.Array], PyTree]
+  server: Callable[[PyTree, PyTree, jax.Array, Any], PyTree]
   upload_bits: int = 0
   dp_event: Callable[[], Any] | None = None
 
@@ -47,7 +49,7 @@ def constant_estimate(value: float | jax.Array) -> EstimationProcess:
       report=lambda state: jnp.asarray(value, jnp.float32),
       broadcast=lambda state: (),
       client=lambda client_params, x, rng: (),
-      server=lambda state, records, rng: state,
+      server=lambda state, records, rng, context: state,
   )
 
 

@@ -3,7 +3,7 @@
 Blanchard, El Mhamdi, Guerraoui & Stainer 2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient
 Descent" (NeurIPS 2017). The reference (TFF) has no such aggregator; these sit beside
 :func:`~fedjax_lite.aggregators.coordinate_median` and :func:`~fedjax_lite.aggregators.trimmed_mean` and follow
-their contract (stacked values, ``client_mask``, unweighted, not streamable).
+their contract (stacked, a positive weight is one vote, padding never takes part).
 
 Let ``x_1 .. x_n`` be the ``n`` REAL clients' values (``client_mask`` marks them; padding slots never take part,
 are never selected and never counted), each flattened over all leaves, and ``f`` the number of Byzantine clients
@@ -32,7 +32,7 @@ client; it is ordered after every finite client (so it is selected only if fewer
 and then the result carries its NaN/Inf). Distances that overflow float32 are +Inf and ordered like any value.
 
 Cost: all pairwise distances, ``O(n^2 d)`` time for ``d`` coordinates, computed one row at a time
-(``lax.map``) so that memory stays ``O(n d)``; NOT streamable (``parts`` is None).
+(``lax.map``) so that memory stays ``O(n d)``; stacked (``combine='stack'``), not streamable.
 
 State ``()``; measurements ``{'num_selected': m, 'num_real_clients': n}`` (int32) for both.
 """
@@ -44,8 +44,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import Aggregator, as_template, num_clients_of
-from fedjax_lite.aggregators.robust_statistics import _real_client_mask, _require_float
+from fedjax_lite.aggregators.base import STACK, Aggregator, as_template
+from fedjax_lite.aggregators.robust_statistics import _require_float, participants, stacked_client
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.core.tree import tree_size_bits
@@ -93,15 +93,15 @@ def _krum_aggregator(aggregator_name: str, num_byzantine: int, num_selected: int
     _require_float(value_template, aggregator_name, "values")
     return ()
 
-  def next_fn(state, values, weights, rng, client_mask=None) -> MeasuredOutput:
-    del weights, rng  # Unweighted and deterministic.
-    _require_float(values, aggregator_name, "values")
-    mask = _real_client_mask(values, client_mask, aggregator_name)
-    num_slots = num_clients_of(values)
+  def server(state, combined, rng, context) -> MeasuredOutput:
+    del rng  # Deterministic.
+    _require_float(context.value_template, aggregator_name, "values")
+    num_slots = context.num_client_slots
     if num_slots < 2 * num_byzantine + 3:
       raise ValueError(f"{aggregator_name} with num_byzantine={num_byzantine} needs at least "
                        f"{2 * num_byzantine + 3} real clients (n > 2f + 2), but values have only {num_slots} "
                        "client slots.")
+    values, mask = participants(combined, context, aggregator_name)
     num_real = jnp.sum(mask, dtype=jnp.int32)
     finite = _client_finite(values)
     usable = mask & finite
@@ -135,7 +135,7 @@ def _krum_aggregator(aggregator_name: str, num_byzantine: int, num_selected: int
     _require_float(value_template, aggregator_name, "values")
     return tree_size_bits(as_template(value_template))
 
-  return Aggregator(init=init, next=next_fn, parts=None, upload_bits=upload_bits)
+  return Aggregator(init, lambda state: (), stacked_client, server, combine=STACK, upload_bits=upload_bits)
 
 
 def krum(num_byzantine: int) -> Aggregator:

@@ -16,19 +16,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import Aggregator, as_template, client_upload_bits, sum_based
+from fedjax_lite.aggregators.base import SUM, Aggregator, as_template, check_aggregator, client_upload_bits
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.core.tree import tree_scale_by_weight
 
+WEIGHT_TEMPLATE = jax.ShapeDtypeStruct((), jnp.float32)
+COUNT_TEMPLATE = jax.ShapeDtypeStruct((), jnp.int32)
+
 
 def _require_sum_based(aggregator: Aggregator | None, name: str) -> Aggregator:
-  aggregator = sum_aggregator() if aggregator is None else aggregator
-  if not isinstance(aggregator, Aggregator):
-    raise TypeError(f"{name} must be an Aggregator, got {type(aggregator).__name__}.")
-  if aggregator.parts is None:
-    raise ValueError(f"{name} must be a sum-based aggregator (with client/server parts), e.g. sum_aggregator().")
-  return aggregator
+  return check_aggregator(sum_aggregator() if aggregator is None else aggregator, name, combine=SUM)
 
 
 def _require_float(value_template) -> None:
@@ -59,26 +57,27 @@ def mean(
     _require_float(value_template)
     return {
         "value_sum_process": value_sum.init(value_template),
-        "weight_sum_process": weight_sum.init(jax.ShapeDtypeStruct((), jnp.float32)),
+        "weight_sum_process": weight_sum.init(WEIGHT_TEMPLATE),
     }
 
   def broadcast(state):
     return (
-        value_sum.parts.broadcast(state["value_sum_process"]),
-        weight_sum.parts.broadcast(state["weight_sum_process"]),
+        value_sum.broadcast(state["value_sum_process"]),
+        weight_sum.broadcast(state["weight_sum_process"]),
     )
 
   def client(client_params, value, weight, rng):
     weight = jnp.asarray(weight, jnp.float32)
     return {
-        "value": value_sum.parts.client(client_params[0], tree_scale_by_weight(value, weight), weight,
-                                        jax.random.fold_in(rng, 0)),
-        "weight": weight_sum.parts.client(client_params[1], weight, weight, jax.random.fold_in(rng, 1)),
+        "value": value_sum.client(client_params[0], tree_scale_by_weight(value, weight), weight,
+                                  jax.random.fold_in(rng, 0)),
+        "weight": weight_sum.client(client_params[1], weight, weight, jax.random.fold_in(rng, 1)),
     }
 
-  def server(state, total, rng):
-    value_out = value_sum.parts.server(state["value_sum_process"], total["value"], jax.random.fold_in(rng, 0))
-    weight_out = weight_sum.parts.server(state["weight_sum_process"], total["weight"], jax.random.fold_in(rng, 1))
+  def server(state, total, rng, context):
+    value_out = value_sum.server(state["value_sum_process"], total["value"], jax.random.fold_in(rng, 0), context)
+    weight_out = weight_sum.server(state["weight_sum_process"], total["weight"], jax.random.fold_in(rng, 1),
+                                   context._replace(value_template=WEIGHT_TEMPLATE))
     weight_total = weight_out.result
 
     def divide(value_total):
@@ -96,9 +95,9 @@ def mean(
 
   def upload_bits(value_template):
     return (client_upload_bits(value_sum, value_template)
-            + client_upload_bits(weight_sum, jax.ShapeDtypeStruct((), jnp.float32)))
+            + client_upload_bits(weight_sum, WEIGHT_TEMPLATE))
 
-  return sum_based(init, broadcast, client, server, upload_bits=upload_bits)
+  return Aggregator(init, broadcast, client, server, upload_bits=upload_bits)
 
 
 def unweighted_mean(value_sum: Aggregator | None = None, count_sum: Aggregator | None = None) -> Aggregator:
@@ -113,21 +112,22 @@ def unweighted_mean(value_sum: Aggregator | None = None, count_sum: Aggregator |
 
   def init(value_template):
     _require_float(value_template)
-    return (value_sum.init(value_template), count_sum.init(jax.ShapeDtypeStruct((), jnp.int32)))
+    return (value_sum.init(value_template), count_sum.init(COUNT_TEMPLATE))
 
   def broadcast(state):
-    return (value_sum.parts.broadcast(state[0]), count_sum.parts.broadcast(state[1]))
+    return (value_sum.broadcast(state[0]), count_sum.broadcast(state[1]))
 
   def client(client_params, value, weight, rng):
     one = jnp.ones((), jnp.int32)
     return {
-        "value": value_sum.parts.client(client_params[0], value, weight, jax.random.fold_in(rng, 0)),
-        "count": count_sum.parts.client(client_params[1], one, weight, jax.random.fold_in(rng, 1)),
+        "value": value_sum.client(client_params[0], value, weight, jax.random.fold_in(rng, 0)),
+        "count": count_sum.client(client_params[1], one, weight, jax.random.fold_in(rng, 1)),
     }
 
-  def server(state, total, rng):
-    value_out = value_sum.parts.server(state[0], total["value"], jax.random.fold_in(rng, 0))
-    count_out = count_sum.parts.server(state[1], total["count"], jax.random.fold_in(rng, 1))
+  def server(state, total, rng, context):
+    value_out = value_sum.server(state[0], total["value"], jax.random.fold_in(rng, 0), context)
+    count_out = count_sum.server(state[1], total["count"], jax.random.fold_in(rng, 1),
+                                 context._replace(value_template=COUNT_TEMPLATE))
     result = jax.tree.map(lambda v: v / jnp.asarray(count_out.result).astype(v.dtype), value_out.result)
     return MeasuredOutput(
         state=(value_out.state, count_out.state),
@@ -137,6 +137,6 @@ def unweighted_mean(value_sum: Aggregator | None = None, count_sum: Aggregator |
 
   def upload_bits(value_template):
     return (client_upload_bits(value_sum, value_template)
-            + client_upload_bits(count_sum, jax.ShapeDtypeStruct((), jnp.int32)))
+            + client_upload_bits(count_sum, COUNT_TEMPLATE))
 
-  return sum_based(init, broadcast, client, server, upload_bits=upload_bits)
+  return Aggregator(init, broadcast, client, server, upload_bits=upload_bits)

@@ -33,12 +33,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import Aggregator
+from fedjax_lite.aggregators.base import SUM, Aggregator, client_upload_bits
 from fedjax_lite.aggregators.estimation import EstimationProcess
 from fedjax_lite.aggregators.secure import secure_sum
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core import validation
-from fedjax_lite.core.tree import tree_size_bits
 from fedjax_lite.privacy.mechanisms import gaussian_noise
 
 PyTree = Any
@@ -73,13 +72,13 @@ def _record(estimate: jax.Array, x: jax.Array) -> jax.Array:
 
 def _require_sum(record_sum: Aggregator | None) -> Aggregator:
   record_sum = sum_aggregator() if record_sum is None else record_sum
-  if not isinstance(record_sum, Aggregator) or record_sum.parts is None:
+  if not isinstance(record_sum, Aggregator) or record_sum.combine != SUM:
     raise TypeError("record_sum must be a sum-based Aggregator (e.g. sum_aggregator() or secure_sum(...)).")
   return record_sum
 
 
 def _records_bits(record_sum: Aggregator, template: PyTree) -> int:
-  return int(record_sum.upload_bits(template)) if record_sum.upload_bits else tree_size_bits(template)
+  return client_upload_bits(record_sum, template)
 
 
 def no_noise_quantile_estimator(
@@ -127,16 +126,16 @@ def no_noise_quantile_estimator(
     return jnp.asarray(multiplier, jnp.float32) * state[0].current_estimate + jnp.asarray(increment, jnp.float32)
 
   def broadcast(state):
-    return (state[0].current_estimate, record_sum.parts.broadcast(state[1]))
+    return (state[0].current_estimate, record_sum.broadcast(state[1]))
 
   def client(client_params, x, rng):
     estimate, sum_params = client_params
     record = {"below": _record(estimate, x), "count": jnp.ones((), jnp.float32)}
-    return record_sum.parts.client(sum_params, record, jnp.ones((), jnp.float32), rng)
+    return record_sum.client(sum_params, record, jnp.ones((), jnp.float32), rng)
 
-  def server(state, records, rng):
+  def server(state, records, rng, context):
     query_state, sum_state = state
-    summed = record_sum.parts.server(sum_state, records, rng)
+    summed = record_sum.server(sum_state, records, rng, context._replace(value_template=record_template))
     count = summed.result["count"]
     below_fraction = summed.result["below"] / jnp.maximum(count, 1.0) + 0.5
     new_estimate = jnp.where(count > 0, _updated_estimate(query_state, below_fraction, geometric=True),
@@ -189,15 +188,16 @@ def private_quantile_estimator(
     return (query_state, record_sum.init(record_template))
 
   def broadcast(state):
-    return (state[0].current_estimate, record_sum.parts.broadcast(state[1]))
+    return (state[0].current_estimate, record_sum.broadcast(state[1]))
 
   def client(client_params, x, rng):
     estimate, sum_params = client_params
-    return record_sum.parts.client(sum_params, _record(estimate, x), jnp.ones((), jnp.float32), rng)
+    return record_sum.client(sum_params, _record(estimate, x), jnp.ones((), jnp.float32), rng)
 
-  def server(state, records, rng):
+  def server(state, records, rng, context):
     query_state, sum_state = state
-    summed = record_sum.parts.server(sum_state, records, jax.random.fold_in(rng, 0))
+    summed = record_sum.server(sum_state, records, jax.random.fold_in(rng, 0),
+                               context._replace(value_template=record_template))
     noise = gaussian_noise(jax.random.fold_in(rng, 1), jax.ShapeDtypeStruct((), jnp.float32),
                            below_estimate_stddev)
     below_fraction = (summed.result + noise) / jnp.asarray(expected_num_records, jnp.float32) + 0.5

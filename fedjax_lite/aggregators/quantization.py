@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.aggregators.base import Aggregator, as_template, sum_based
+from fedjax_lite.aggregators.base import Aggregator, as_template
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.core.tree import dtype_bits
@@ -240,10 +240,10 @@ def quantize_above_threshold(
   def client(client_params, value, weight, rng):
     return _encode_tree(value, bits, threshold, rng, stochastic, min_max)
 
-  def server(state, total, rng):
+  def server(state, total, rng, context):
     return MeasuredOutput(state=state, result=total, measurements=())
 
-  return sum_based(
+  return Aggregator(
       init=lambda value_template: (),
       broadcast=lambda state: (),
       client=client,

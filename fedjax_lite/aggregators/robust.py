@@ -21,8 +21,8 @@ cannot scale an Inf) zeroes it too -- and it is counted in ``zeroed_count``/``cl
 
 State ``{'<kind>_norm': <estimator state>, 'inner_agg': <inner state>, '<zeroed|clipped>_count_agg': <count
 state>}``; measurements ``{'<kind>': <inner measurements>, '<kind>_norm': c, '<zeroed|clipped>_count': count}``,
-the reference's keys. The wrapper is streamable when its inner aggregator is; otherwise it transforms the stacked
-values and calls the inner ``next``.
+the reference's keys. The wrapper combines as its inner aggregator does: streamed when the inner one sums, stacked
+when it stacks (e.g. zeroing around a median), its own norm records and counts summed either way.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.aggregators.base import Aggregator, client_upload_bits, split_rng, sum_based
+from fedjax_lite.aggregators.base import SUM, Aggregator, check_aggregator, client_total, client_upload_bits
 from fedjax_lite.aggregators.estimation import EstimationProcess, as_estimation_process
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core.process import MeasuredOutput
@@ -67,27 +67,19 @@ def clip_to(value: PyTree, norm: jax.Array, threshold: jax.Array) -> PyTree:
   return jax.tree.map(lambda x: jnp.where(finite, x * scale.astype(x.dtype), jnp.zeros_like(x)), value)
 
 
-def _require_aggregator(aggregator: Aggregator | None, name: str, default: Callable[[], Aggregator]) -> Aggregator:
-  aggregator = default() if aggregator is None else aggregator
-  if not isinstance(aggregator, Aggregator):
-    raise TypeError(f"{name} must be an Aggregator, got {type(aggregator).__name__}.")
-  return aggregator
-
-
 def _norm_bounding(
     kind: str,
     count_name: str,
     transform: Callable[[PyTree, jax.Array, jax.Array], PyTree],
     norm: float | EstimationProcess,
-    inner: Aggregator,
+    inner: Aggregator | None,
     norm_order: float,
     count_sum: Aggregator | None,
 ) -> Aggregator:
   estimator = as_estimation_process(norm, f"{kind}_norm")
-  inner = _require_aggregator(inner, "inner", sum_aggregator)
-  count_sum = _require_aggregator(count_sum, f"{count_name}_count_sum", sum_aggregator)
-  if count_sum.parts is None:
-    raise ValueError(f"{count_name}_count_sum must be a sum-based aggregator.")
+  inner = check_aggregator(sum_aggregator() if inner is None else inner, "inner")
+  count_sum = check_aggregator(sum_aggregator() if count_sum is None else count_sum, f"{count_name}_count_sum",
+                               combine=SUM)
   norm_key, count_key = f"{kind}_norm", f"{count_name}_count"
   count_template = jax.ShapeDtypeStruct((), jnp.int32)
 
@@ -95,69 +87,37 @@ def _norm_bounding(
     return {norm_key: estimator.init(), "inner_agg": inner.init(value_template),
             f"{count_key}_agg": count_sum.init(count_template)}
 
-  def client_side(norm_params, count_params, value, rng):
-    """The transformed value and the uploads of the norm record and the count, for ONE client."""
-    threshold, estimator_params = norm_params
+  def broadcast(state):
+    return ((estimator.report(state[norm_key]), estimator.broadcast(state[norm_key])),
+            inner.broadcast(state["inner_agg"]), count_sum.broadcast(state[f"{count_key}_agg"]))
+
+  def client(client_params, value, weight, rng):
+    (threshold, estimator_params), inner_params, count_params = client_params
     raw_norm = global_norm(value, norm_order)
     above = is_above(raw_norm, threshold)
-    norm_record = estimator.client(estimator_params, raw_norm, jax.random.fold_in(rng, 1))
-    count = count_sum.parts.client(count_params, above.astype(jnp.int32), jnp.ones((), jnp.float32),
-                                   jax.random.fold_in(rng, 2))
-    return transform(value, raw_norm, threshold), norm_record, count
+    transformed = transform(value, raw_norm, threshold)
+    return {"inner": inner.client(inner_params, transformed, weight, jax.random.fold_in(rng, 0)),
+            "norm_record": estimator.client(estimator_params, raw_norm, jax.random.fold_in(rng, 1)),
+            "count": count_sum.client(count_params, above.astype(jnp.int32), jnp.ones((), jnp.float32),
+                                      jax.random.fold_in(rng, 2))}
 
-  def finish(state, inner_output, norm_records, counts, rng):
+  def server(state, combined, rng, context):
     threshold = estimator.report(state[norm_key])
-    count_output = count_sum.parts.server(state[f"{count_key}_agg"], counts, jax.random.fold_in(rng, 2))
-    new_state = {norm_key: estimator.server(state[norm_key], norm_records, jax.random.fold_in(rng, 1)),
-                 "inner_agg": inner_output.state, f"{count_key}_agg": count_output.state}
+    inner_output = inner.server(state["inner_agg"], combined["inner"], jax.random.fold_in(rng, 0), context)
+    count_output = count_sum.server(state[f"{count_key}_agg"], client_total(combined["count"], inner.combine),
+                                    jax.random.fold_in(rng, 2), context._replace(value_template=count_template))
+    norm_state = estimator.server(state[norm_key], client_total(combined["norm_record"], inner.combine),
+                                  jax.random.fold_in(rng, 1), context)
+    new_state = {norm_key: norm_state, "inner_agg": inner_output.state, f"{count_key}_agg": count_output.state}
     measurements = {kind: inner_output.measurements, norm_key: threshold, count_key: count_output.result}
     return MeasuredOutput(state=new_state, result=inner_output.result, measurements=measurements)
-
-  def norm_broadcast(state):
-    return (estimator.report(state[norm_key]), estimator.broadcast(state[norm_key]))
 
   def upload_bits(value_template):
     return (client_upload_bits(inner, value_template) + estimator.upload_bits
             + client_upload_bits(count_sum, count_template))
 
-  if inner.parts is not None:
-
-    def broadcast(state):
-      return (norm_broadcast(state), inner.parts.broadcast(state["inner_agg"]),
-              count_sum.parts.broadcast(state[f"{count_key}_agg"]))
-
-    def client(client_params, value, weight, rng):
-      norm_params, inner_params, count_params = client_params
-      transformed, norm_record, count = client_side(norm_params, count_params, value, rng)
-      inner_contribution = inner.parts.client(inner_params, transformed, weight, jax.random.fold_in(rng, 0))
-      return {"inner": inner_contribution, "norm_record": norm_record, "count": count}
-
-    def server(state, total, rng):
-      inner_output = inner.parts.server(state["inner_agg"], total["inner"], jax.random.fold_in(rng, 0))
-      return finish(state, inner_output, total["norm_record"], total["count"], rng)
-
-    return sum_based(init, broadcast, client, server, upload_bits=upload_bits, dp_event=inner.dp_event)
-
-  def next_fn(state, values, weights, rng, client_mask=None):
-    num = jax.tree.leaves(values)[0].shape[0]
-    mask = jnp.ones((num,), bool) if client_mask is None else jnp.asarray(client_mask, bool)
-    clients_key, server_key = split_rng(rng)
-    keys = jax.vmap(lambda i: jax.random.fold_in(clients_key, i))(jnp.arange(num, dtype=jnp.int32))
-    norm_params = norm_broadcast(state)
-    count_params = count_sum.parts.broadcast(state[f"{count_key}_agg"])
-    transformed, norm_records, counts = jax.vmap(client_side, in_axes=(None, None, 0, 0))(
-        norm_params, count_params, values, keys)
-
-    def masked_sum(tree):
-      return jax.tree.map(
-          lambda c: jnp.sum(jnp.where(mask.reshape((num,) + (1,) * (c.ndim - 1)), c, jnp.zeros((), c.dtype)), 0),
-          tree)
-
-    inner_output = inner.next(state["inner_agg"], transformed, weights, jax.random.fold_in(server_key, 0),
-                              client_mask)
-    return finish(state, inner_output, masked_sum(norm_records), masked_sum(counts), server_key)
-
-  return Aggregator(init=init, next=next_fn, parts=None, upload_bits=upload_bits, dp_event=inner.dp_event)
+  return Aggregator(init, broadcast, client, server, combine=inner.combine, upload_bits=upload_bits,
+                    dp_event=inner.dp_event)
 
 
 def zeroing(

@@ -22,11 +22,12 @@ is order-optimal, and the same plus a ``1 / s`` term with the median.
 
 Contract and caveats:
 
-* NOT streamable: a client's contribution cannot be summed away, the server needs every client's value at once
-  (memory ``O(clients x value size)``, time ``O(clients log clients)`` per coordinate). ``parts`` is None, so a
-  round stacks all updates and calls ``next``.
-* Unweighted: ``weights`` are ignored, every real client has one vote. In ``fed_avg`` a client whose update was
-  non-finite is sent as zeros with weight 0; here it still votes, with zeros.
+* Stacked (``combine='stack'``), not streamable: a client's contribution cannot be summed away, the server needs
+  every client's value at once (memory ``O(clients x value size)``, time ``O(clients log clients)`` per
+  coordinate). Each client uploads its value; the server also reads who took part from the weight the round
+  passed with it (padding and rejected clients have weight 0 and never vote).
+* Unweighted: a positive weight is one vote, whatever its size. In ``fed_avg`` a client whose update was
+  non-finite is rejected with weight 0, so it does not vote.
 * A NaN at a coordinate from any real client makes that coordinate NaN (as ``np.median``; ``fed_avg`` then
   rejects the non-finite aggregate and keeps its parameters); +-Inf values are ordered like any other value.
   With no real client (all slots padding) every coordinate is NaN; a client axis of static length 0 raises a
@@ -45,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.aggregators.base import Aggregator, as_template, num_clients_of
+from fedjax_lite.aggregators.base import STACK, AggregationContext, Aggregator, as_template
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.core.tree import tree_size_bits
@@ -61,20 +62,20 @@ def _require_float(tree: PyTree, aggregator_name: str, argument: str) -> None:
       raise TypeError(f"{aggregator_name} needs floating-point {argument}, got a leaf of dtype {leaf.dtype}.")
 
 
-def _real_client_mask(values: PyTree, client_mask: jax.Array | None, aggregator_name: str) -> jax.Array:
-  """Boolean ``[clients]`` of the real slots, after checking the client axis of ``values`` and ``client_mask``."""
-  num_slots = num_clients_of(values)
-  leaves = jax.tree.leaves(values)
-  chex.assert_equal_shape_prefix(leaves, 1)
-  if client_mask is None:
-    if num_slots == 0:
-      raise ValueError(f"{aggregator_name} needs at least one client, got values with a client axis of length 0.")
-    return jnp.ones((num_slots,), bool)
-  client_mask = jnp.asarray(client_mask, bool)
-  if client_mask.shape != (num_slots,):
-    raise ValueError(f"client_mask must have shape ({num_slots},) (one entry per client slot of values), got "
-                     f"{client_mask.shape}.")
-  return client_mask
+def stacked_client(client_params: PyTree, value: PyTree, weight: jax.Array, rng: jax.Array) -> dict:
+  """The client part of a stacked statistic: the value, and the weight that says whether the client takes part."""
+  del client_params, rng
+  return {"value": value, "weight": weight}
+
+
+def participants(combined: dict, context: AggregationContext, aggregator_name: str) -> tuple[PyTree, jax.Array]:
+  """``(values, mask)`` of a stacked statistic's server: the stacked values and bool ``[slots]`` of who took part
+  (weight > 0), after checking the client axis (a static length of 0 is a ValueError)."""
+  values = combined["value"]
+  chex.assert_equal_shape_prefix(jax.tree.leaves(values), 1)
+  if context.num_client_slots == 0:
+    raise ValueError(f"{aggregator_name} needs at least one client, got values with a client axis of length 0.")
+  return values, combined["weight"] > 0
 
 
 def sort_real_first(leaf: jax.Array, mask: jax.Array) -> jax.Array:
@@ -103,10 +104,10 @@ def _coordinatewise(
     _require_float(value_template, aggregator_name, "values")
     return ()
 
-  def next_fn(state, values, weights, rng, client_mask=None) -> MeasuredOutput:
-    del weights, rng  # Unweighted and deterministic.
-    _require_float(values, aggregator_name, "values")
-    mask = _real_client_mask(values, client_mask, aggregator_name)
+  def server(state, combined, rng, context) -> MeasuredOutput:
+    del rng  # Deterministic.
+    _require_float(context.value_template, aggregator_name, "values")
+    values, mask = participants(combined, context, aggregator_name)
     num_real = jnp.sum(mask, dtype=jnp.int32)
     k = trimmed_per_side(num_real, mask.shape[0])
 
@@ -120,7 +121,7 @@ def _coordinatewise(
     _require_float(value_template, aggregator_name, "values")
     return tree_size_bits(as_template(value_template))
 
-  return Aggregator(init=init, next=next_fn, parts=None, upload_bits=upload_bits)
+  return Aggregator(init, lambda state: (), stacked_client, server, combine=STACK, upload_bits=upload_bits)
 
 
 def _median_of_sorted(sorted_leaf: jax.Array, num_real: jax.Array, k: jax.Array) -> jax.Array:

@@ -24,8 +24,8 @@ leaf ``j`` taking the ``j``-th block (``num_repeats`` rows of its padded length)
 a counter advanced by ``num_repeats * num_leaves`` per round; a fixed base key keeps our runs reproducible (the
 signs are not secret; pass a different ``seed`` for independent runs).
 
-The streaming server must slice and reshape without seeing any client value, so each client's contribution also
-carries zero-element arrays shaped ``[0, *leaf.shape]``: they sum to themselves and cost nothing to send.
+The server slices and reshapes with the value template of its static
+:class:`~fedjax_lite.aggregators.base.AggregationContext`; the clients upload only the inner contribution.
 
 State ``{'inner_agg': <inner state>, 'round_seed': int32}``; measurements ``{'hd': <inner measurements>}``.
 """
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.aggregators.base import Aggregator, as_template, client_upload_bits, sum_based
+from fedjax_lite.aggregators.base import Aggregator, as_template, check_aggregator, client_upload_bits
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
@@ -131,7 +131,7 @@ def hadamard_rotation(inner: Aggregator | None = None, *, num_repeats: int = 1, 
   """Rotates each leaf by random signs and the fast Walsh-Hadamard transform before ``inner`` (TFF
   ``HadamardTransformFactory``); the server rotates the inner result back. See the module docstring.
 
-  Streams when ``inner`` is sum-based; ``upload_bits`` is the inner aggregator's on the rotated template (every
+  Combines as ``inner`` does (streams when it sums); ``upload_bits`` is the inner aggregator's on the rotated template (every
   leaf a float32 vector of its padded length ``d2``), plus nothing of its own. A quantizing inner aggregator's
   ``threshold`` therefore applies to the padded lengths.
 
@@ -140,9 +140,7 @@ def hadamard_rotation(inner: Aggregator | None = None, *, num_repeats: int = 1, 
     num_repeats: an int ``>= 1``, how many sign-and-transform rotations to chain.
     seed: an int ``>= 0``, the base key of the shared random signs (combined with the round counter).
   """
-  inner = sum_aggregator() if inner is None else inner
-  if not isinstance(inner, Aggregator):
-    raise TypeError(f"inner must be an Aggregator, got {type(inner).__name__}.")
+  inner = check_aggregator(sum_aggregator() if inner is None else inner, "inner")
   num_repeats = validation.check_int("num_repeats", num_repeats, minimum=1)
   seed = validation.check_int("seed", seed, minimum=0)
 
@@ -191,29 +189,16 @@ def hadamard_rotation(inner: Aggregator | None = None, *, num_repeats: int = 1, 
   def upload_bits(value_template):
     return client_upload_bits(inner, rotated_template(value_template))
 
-  if inner.parts is not None:
+  def broadcast(state):
+    return (state["round_seed"], inner.broadcast(state["inner_agg"]))
 
-    def broadcast(state):
-      return (state["round_seed"], inner.parts.broadcast(state["inner_agg"]))
+  def client(client_params, value, weight, rng):
+    round_seed, inner_params = client_params
+    return inner.client(inner_params, rotate_value(round_seed, value), weight, rng)
 
-    def client(client_params, value, weight, rng):
-      round_seed, inner_params = client_params
-      rotated = inner.parts.client(inner_params, rotate_value(round_seed, value), weight, rng)
-      # Zero-element arrays shaped [0, *leaf.shape] carry each leaf's shape and dtype through the sum to the
-      # server, which needs them to slice and reshape; they cost nothing to send or add.
-      shape_markers = jax.tree.map(lambda leaf: jnp.zeros((0,) + jnp.shape(leaf), jnp.result_type(leaf)), value)
-      return {"rotated": rotated, "shapes": shape_markers}
+  def server(state, combined, rng, context):
+    inner_context = context._replace(value_template=rotated_template(context.value_template))
+    return finish(state, inner.server(state["inner_agg"], combined, rng, inner_context), context.value_template)
 
-    def server(state, total, rng):
-      value_template = jax.tree.map(lambda marker: jax.ShapeDtypeStruct(marker.shape[1:], marker.dtype),
-                                    total["shapes"])
-      return finish(state, inner.parts.server(state["inner_agg"], total["rotated"], rng), value_template)
-
-    return sum_based(init, broadcast, client, server, upload_bits=upload_bits, dp_event=inner.dp_event)
-
-  def next_fn(state, values, weights, rng, client_mask=None):
-    value_template = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype), values)
-    rotated = jax.vmap(rotate_value, in_axes=(None, 0))(state["round_seed"], values)
-    return finish(state, inner.next(state["inner_agg"], rotated, weights, rng, client_mask), value_template)
-
-  return Aggregator(init=init, next=next_fn, parts=None, upload_bits=upload_bits, dp_event=inner.dp_event)
+  return Aggregator(init, broadcast, client, server, combine=inner.combine, upload_bits=upload_bits,
+                    dp_event=inner.dp_event)

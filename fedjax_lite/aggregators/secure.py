@@ -19,19 +19,20 @@ Secure sum of bounded values, :func:`secure_sum` (bounds ``L <= U``, ``n`` real 
   ``U < L``) and casts it to the value's dtype.
 
 The group size. Real SecAgg works modulo a group large enough to hold the whole sum; the simulation uses
-``B = min(62, b + ceil(log2(num_client_slots)))``, computed at trace time from the static length of the client axis
-in ``next``. The server half used by the streaming runner (``parts.server``) never sees that length and takes
-``num_client_slots = 2^16`` (the most clients the exact 32-bit contribution supports); since ``n * (2^b - 1) <
-2^B`` for every ``B >= b + ceil(log2 n)``, both give the same, exact, sum. A user-given ``modulus_bits`` replaces
-``B`` in both paths; when it is too small the result WRAPS AROUND: ``(sum_i v_i mod 2^modulus_bits) + n * L``
+``B = min(62, b + ceil(log2(num_client_slots)))``, computed at trace time from the static number of client slots
+that the server part receives in its :class:`~fedjax_lite.aggregators.base.AggregationContext` (the same in
+``next`` and in a streamed round); since ``n * (2^b - 1) < 2^B`` for every ``B >= b + ceil(log2 n)``, the sum is
+exact. A user-given ``modulus_bits`` replaces ``B``; when it is too small the result WRAPS AROUND: ``(sum_i v_i mod 2^modulus_bits) + n * L``
 (INT mode), and likewise for ``S`` in FLOAT mode. (TFF's simulation instead sums in int64 and only asserts that
 every summand fits ``b`` bits; it never reduces the sum.)
 
 Exactness in 32-bit JAX. Each client's integer summand is split into 16-bit limbs held in uint32 arrays,
 ``v = sum_k limb_k * 2^(16 k)``; a limb sum over at most 65,536 clients is below ``2^32``, so the contributions add
-exactly with plain ``+`` (the streaming runner's ``jnp.add``). All int64/float64 work (quantization, recombining
-the limb sums, the modular reduction, decoding) happens inside ``jax.enable_x64(True)`` blocks, and only 32-bit
-arrays leave them. The client count ``n`` and the clipping indicators are 1-bit secure sums of their own.
+exactly with plain ``+`` (the streaming runner's ``jnp.add``). The int64/float64 formulas (quantization,
+recombining the limb sums, the modular reduction, decoding) are computed bit for bit in 32-bit JAX by
+:mod:`fedjax_lite.aggregators.exact_arithmetic` (64-bit integers as two uint32 words, float64 values as software
+floats), once per client over all leaves concatenated; JAX's x64 mode is never enabled. The client count ``n`` and
+the clipping indicators are 1-bit secure sums of their own.
 
 Adaptive bounds (FLOAT mode): ``upper_bound`` an :class:`EstimationProcess` gives ``U = report(state)`` (cast to the
 value's dtype) and ``L = -U``; each client feeds the process ``max(|min(x_i)|, |max(x_i)|)`` over all leaves,
@@ -66,8 +67,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.aggregators.base import (Aggregator, SumParts, as_template, num_clients_of, split_rng,
-                                          sum_contributions)
+from fedjax_lite.aggregators.base import AggregationContext, Aggregator, as_template
+from fedjax_lite.aggregators import exact_arithmetic as exact
 from fedjax_lite.aggregators.estimation import EstimationProcess
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
@@ -93,29 +94,10 @@ def _num_limbs(summand_bits: int) -> int:
   return max(1, -(-summand_bits // LIMB_BITS))
 
 
-def _to_limbs(summand: jax.Array, num_limbs: int) -> jax.Array:
-  """uint32 ``[num_limbs, *shape]`` 16-bit limbs of a non-negative int64 ``summand`` (call inside an x64 block)."""
-  mask = (1 << LIMB_BITS) - 1
-  return jnp.stack([((summand >> (LIMB_BITS * k)) & mask).astype(jnp.uint32) for k in range(num_limbs)])
-
-
-def _from_limbs(limb_sums: jax.Array, modulus_bits: int) -> jax.Array:
-  """``(sum_k limb_sums[k] * 2^(16 k)) mod 2^modulus_bits`` as int64 (call inside an x64 block).
-
-  uint64 arithmetic wraps modulo ``2^64``, a multiple of ``2^modulus_bits``, so the reduction is exact however
-  large the limb sums are.
-  """
-  total = jnp.zeros(limb_sums.shape[1:], jnp.uint64)
-  for k in range(limb_sums.shape[0]):
-    total = total + (limb_sums[k].astype(jnp.uint64) << (LIMB_BITS * k))
-  return (total & ((1 << modulus_bits) - 1)).astype(jnp.int64)
-
-
 def group_bits(summand_bits: int, num_client_slots: int | None, modulus_bits: int | None = None) -> int:
   """``B``: ``modulus_bits`` if given, else ``min(62, summand_bits + ceil(log2(num_client_slots)))``.
 
-  ``num_client_slots=None`` (the streaming server, which does not see the client axis) stands for the largest
-  supported cohort, ``2^16`` slots.
+  ``num_client_slots=None`` stands for the largest supported cohort, ``2^16`` slots.
   """
   if modulus_bits is not None:
     return modulus_bits
@@ -123,33 +105,13 @@ def group_bits(summand_bits: int, num_client_slots: int | None, modulus_bits: in
   return min(MAX_MODULUS_BITS, summand_bits + (max(slots, 1) - 1).bit_length())
 
 
-def _check_num_slots(num_client_slots: int) -> None:
+def _num_slots(context: AggregationContext) -> int:
+  """The round's static number of client slots, checked against what the 16-bit limbs can sum exactly."""
+  num_client_slots = int(context.num_client_slots)
   if num_client_slots > MAX_CLIENT_SLOTS:
     raise ValueError(f"secure summation supports at most {MAX_CLIENT_SLOTS} client slots per call (its 16-bit "
                      f"limbs must sum exactly in uint32), got {num_client_slots}.")
-
-
-ServerFn = Callable[[PyTree, PyTree, jax.Array, "int | None"], MeasuredOutput]
-
-
-def _slot_aware_aggregator(init, broadcast, client, server: ServerFn, upload_bits) -> Aggregator:
-  """An :class:`Aggregator` whose ``next`` passes the static client-axis length to ``server``.
-
-  ``parts.server`` (used by wrappers and the streaming runner) passes ``None``; see :func:`group_bits`.
-  """
-
-  def streaming_server(state, total, rng):
-    return server(state, total, rng, None)
-
-  def next_fn(state, values, weights, rng, client_mask=None):
-    num_slots = num_clients_of(values)
-    _check_num_slots(num_slots)
-    clients_key, server_key = split_rng(rng)
-    total = sum_contributions(client, broadcast(state), values, weights, clients_key, client_mask)
-    return server(state, total, server_key, num_slots)
-
-  parts = SumParts(broadcast=broadcast, client=client, server=streaming_server)
-  return Aggregator(init=init, next=next_fn, parts=parts, upload_bits=upload_bits)
+  return num_client_slots
 
 
 def _indicator_contribution(*indicators: jax.Array) -> jax.Array:
@@ -159,13 +121,23 @@ def _indicator_contribution(*indicators: jax.Array) -> jax.Array:
 
 def _decode_counts(limb_sums: jax.Array, num_client_slots: int | None) -> jax.Array:
   """The exact counts from 1-bit secure sums (group ``2^(1 + ceil(log2 slots))``, which never wraps), int32."""
-  with jax.enable_x64(True):
-    return _from_limbs(limb_sums, group_bits(COUNT_BITS, num_client_slots)).astype(jnp.int32)
+  return exact.decode_counts(limb_sums, group_bits(COUNT_BITS, num_client_slots))
 
 
-def _dtype_tag(dtype) -> jax.Array:
-  """A zero-size array that carries the value's dtype to the server inside the contribution (0 bits)."""
-  return jnp.zeros((0,), dtype)
+def _joined(tree: PyTree, lead: int) -> jax.Array:
+  """The leaves of ``tree`` (one dtype) flattened after their first ``lead`` axes and concatenated on the last."""
+  leaves = jax.tree.leaves(tree)
+  flat = [jnp.reshape(leaf, leaf.shape[:lead] + (-1,)) for leaf in leaves]
+  return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=-1)
+
+
+def _split(flat: jax.Array, template: PyTree) -> PyTree:
+  """The inverse of :func:`_joined`: ``flat``'s last axis cut into ``template``'s leaves (one value's shapes), the
+  other axes of ``flat`` kept in front."""
+  leaves, treedef = jax.tree.flatten(as_template(template))
+  offsets = np.cumsum([0] + [int(np.prod(leaf.shape, dtype=np.int64)) for leaf in leaves])
+  return jax.tree.unflatten(treedef, [flat[..., offsets[i]:offsets[i + 1]].reshape(flat.shape[:-1] + leaf.shape)
+                                      for i, leaf in enumerate(leaves)])
 
 
 def _single_dtype(value_template: PyTree, name: str) -> np.dtype:
@@ -253,36 +225,6 @@ def _parse_bounds(upper_bound: Any, lower_bound: Any) -> _Bounds:
     raise ValueError(f"lower_bound must be <= upper_bound in FLOAT mode, got lower_bound={lower}, "
                      f"upper_bound={upper}.")
   return _Bounds(_CONSTANT, False, upper, lower)
-
-
-def _quantize(value: jax.Array, upper: jax.Array, lower: jax.Array) -> jax.Array:
-  """FLOAT mode client step for one leaf: ``q = clip(round(clip(x,L,U) s) - round(L s), 0, M)`` as int64.
-
-  ``upper``/``lower`` are in the value's dtype; call inside an x64 block.
-  """
-  clipped = jnp.clip(value, lower, upper).astype(jnp.float64)
-  scale = _scale(upper, lower)
-  shift = jnp.round(lower.astype(jnp.float64) * scale).astype(jnp.int64)
-  levels = jnp.round(clipped * scale).astype(jnp.int64) - shift
-  return jnp.clip(levels, 0, FLOAT_QUANTIZATION_LEVELS)
-
-
-def _scale(upper: jax.Array, lower: jax.Array) -> jax.Array:
-  """``s = M / (U - L)`` in float64, 0 when ``U <= L`` (call inside an x64 block)."""
-  width = upper.astype(jnp.float64) - lower.astype(jnp.float64)
-  return jnp.where(width > 0, FLOAT_QUANTIZATION_LEVELS / jnp.where(width > 0, width, 1.0), 0.0)
-
-
-def _dequantize(summed_levels: jax.Array, count: jax.Array, upper: jax.Array, lower: jax.Array) -> jax.Array:
-  """FLOAT mode server step: ``(S + n round(L s)) (U - L) / M`` in float64 (``n L`` if ``U == L``, NaN if
-  ``U < L``); call inside an x64 block."""
-  upper64, lower64 = upper.astype(jnp.float64), lower.astype(jnp.float64)
-  count64 = count.astype(jnp.float64)
-  scale = _scale(upper, lower)
-  shift = jnp.round(lower64 * scale)
-  decoded = (summed_levels.astype(jnp.float64) + count64 * shift) * ((upper64 - lower64) / FLOAT_QUANTIZATION_LEVELS)
-  decoded = jnp.where(upper64 == lower64, count64 * lower64, decoded)
-  return jnp.where(upper64 < lower64, jnp.nan, decoded)
 
 
 def secure_sum(
@@ -385,45 +327,39 @@ def secure_sum(
     else:
       records = ()
 
-    with jax.enable_x64(True):
-      if bounds.integer:
-        def encode(leaf):
-          upper64, lower64 = upper.astype(jnp.int64), lower.astype(jnp.int64)
-          return _to_limbs(jnp.clip(leaf.astype(jnp.int64), lower64, upper64) - lower64, num_limbs)
-      else:
-        def encode(leaf):
-          return _to_limbs(_quantize(leaf, upper, lower), num_limbs)
-      limbs = jax.tree.map(lambda leaf: encode(leaf) * finite.astype(jnp.uint32), value)
+    # All leaves share one dtype: they are encoded as one concatenated vector (one program, not one per leaf).
+    flat = _joined(value, 0)
+    if bounds.integer:
+      flat_limbs = exact.to_limbs_int(flat, lower, upper, num_limbs)
+    else:
+      flat_limbs = exact.quantize_float(flat, upper, lower)
+    limbs = _split(flat_limbs * finite.astype(jnp.uint32), value)
 
     return {
         "value": limbs,
-        "dtype": _dtype_tag(dtype),
         # [client count, 1[max(x) > U], 1[min(x) < L], 1[non-finite]]: four 1-bit secure sums.
         "indicators": _indicator_contribution(finite, finite & (value_max > upper), finite & (value_min < lower),
                                               ~finite),
         "records": records,
     }
 
-  def server(state, total, rng, num_client_slots):
-    dtype = total["dtype"].dtype
+  def server(state, total, rng, context: AggregationContext):
+    num_client_slots = _num_slots(context)
+    dtype = _single_dtype(context.value_template, "secure_sum")
     upper, lower = reported_bounds(state)
     upper, lower = jnp.asarray(upper, dtype), jnp.asarray(lower, dtype)
     count, upper_clipped_count, lower_clipped_count, non_finite_count = _decode_counts(total["indicators"],
                                                                                       num_client_slots)
     modulus = group_bits(summand_bits, num_client_slots, modulus_bits)
-
-    with jax.enable_x64(True):
-      count64 = count.astype(jnp.int64)
-      if bounds.integer:
-        def decode(limb_sums):
-          return (_from_limbs(limb_sums, modulus) + count64 * lower.astype(jnp.int64)).astype(dtype)
-      else:
-        def decode(limb_sums):
-          return _dequantize(_from_limbs(limb_sums, modulus), count64, upper, lower).astype(dtype)
-      result = jax.tree.map(decode, total["value"])
+    summed = exact.limbs_to_modular(_joined(total["value"], 1), modulus)
+    if bounds.integer:
+      decoded = exact.int_decode(summed, count, lower, dtype)
+    else:
+      decoded = exact.dequantize(summed, count, upper, lower, dtype)
+    result = _split(decoded, context.value_template)
 
     new_process_states = tuple(
-        process.server(s, records, jax.random.fold_in(rng, k))
+        process.server(s, records, jax.random.fold_in(rng, k), context)
         for k, (process, s, records) in enumerate(zip(processes, process_states(state), total["records"])))
     if bounds.kind == _CONSTANT:
       new_state = ()
@@ -445,7 +381,7 @@ def secure_sum(
     records_bits = sum(int(process.upload_bits) for process in processes)
     return tree_num_elements(as_template(value_template)) * summand_bits + 4 * COUNT_BITS + records_bits
 
-  return _slot_aware_aggregator(init, broadcast, client, server, upload_bits)
+  return Aggregator(init, broadcast, client, server, upload_bits=upload_bits)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -497,27 +433,23 @@ def secure_modular_sum(modulus: int, *, symmetric_range: bool = False) -> Aggreg
     return ()
 
   def client(client_params, value, weight, rng):
-    with jax.enable_x64(True):
-      limbs = jax.tree.map(
-          lambda leaf: _to_limbs(jnp.remainder(leaf.astype(jnp.int64), group_modulus), num_limbs), value)
-    return {"value": limbs, "dtype": jax.tree.map(lambda leaf: _dtype_tag(leaf.dtype), value)}
+    return jax.tree.map(lambda leaf: exact.modular_limbs(leaf, group_modulus, num_limbs), value)
 
-  def server(state, total, rng, num_client_slots):
-    def decode(limb_sums, tag):
-      with jax.enable_x64(True):
-        # Limb sums are below 2^32 and at most two limbs exist, so the int64 recombination is exact.
-        residue = jnp.remainder(_from_limbs(limb_sums, MAX_MODULUS_BITS), group_modulus)
-        if symmetric_range:
-          residue = jnp.where(residue >= modulus, residue - group_modulus, residue)
-        return residue.astype(tag.dtype)
+  def server(state, total, rng, context: AggregationContext):
+    _num_slots(context)
 
-    return MeasuredOutput(state=state, result=jax.tree.map(decode, total["value"], total["dtype"]), measurements=())
+    def decode(limb_sums, template):
+      # Limb sums are below 2^32; the residue of their recombination is exact in 32-bit modular arithmetic.
+      return exact.modular_decode(limb_sums, modulus, symmetric_range, template.dtype)
+
+    return MeasuredOutput(state=state, result=jax.tree.map(decode, total, as_template(context.value_template)),
+                          measurements=())
 
   def upload_bits(value_template):
     check_template(value_template)
     return tree_num_elements(as_template(value_template)) * summand_bits
 
-  return _slot_aware_aggregator(init, lambda state: (), client, server, upload_bits)
+  return Aggregator(init, lambda state: (), client, server, upload_bits=upload_bits)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,15 +6,15 @@ and zeroing); weights are ignored.
 
 from __future__ import annotations
 
-from fedjax_lite.aggregators.base import Aggregator, sum_based
+from fedjax_lite.aggregators.base import Aggregator
 from fedjax_lite.core.process import MeasuredOutput
 
 
 def sum_aggregator() -> Aggregator:
   """``sum_i x_i`` over real clients; ignores weights. State ``()``; measurements ``()``."""
-  return sum_based(
+  return Aggregator(
       init=lambda value_template: (),
       broadcast=lambda state: (),
       client=lambda client_params, value, weight, rng: value,
-      server=lambda state, total, rng: MeasuredOutput(state=state, result=total, measurements=()),
+      server=lambda state, total, rng, context: MeasuredOutput(state=state, result=total, measurements=()),
   )

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import Aggregator, sum_based
+from fedjax_lite.aggregators.base import Aggregator
 from fedjax_lite.aggregators.robust import clip_to, global_norm
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
@@ -92,7 +92,7 @@ def tree_aggregation(noise_multiplier: float, clients_per_round: float, clip: fl
   def client(client_params, value, weight, rng):
     return clip_to(value, global_norm(value, 2.0), jnp.asarray(clip, jnp.float32))
 
-  def server(state, total, rng):
+  def server(state, total, rng, context):
     fresh_tree = state["round_in_tree"] == 0
     tree_key = jax.random.key_data(state["tree_key"])
     tree_key = jax.random.wrap_key_data(jnp.where(fresh_tree, jax.random.key_data(jax.random.fold_in(rng, 0)),
@@ -104,4 +104,4 @@ def tree_aggregation(noise_multiplier: float, clients_per_round: float, clip: fl
     return MeasuredOutput(state={"round_in_tree": next_round.astype(jnp.int32), "tree_key": tree_key},
                           result=result, measurements={"dp_query_metrics": {}, "dp": ()})
 
-  return sum_based(init, broadcast, client, server)
+  return Aggregator(init, broadcast, client, server)

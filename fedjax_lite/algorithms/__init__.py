@@ -28,16 +28,24 @@ from fedjax_lite.algorithms.local_training import client_gradient, train_locally
 from fedjax_lite.algorithms.personalization import personalization_evaluation
 from fedjax_lite.algorithms.optimizers import ScheduledOptimizer, scheduled_optimizer
 from fedjax_lite.algorithms.template import (
+    BitCount,
     Broadcast,
     Finalizer,
     ServerState,
+    bits_per_client,
     build_round,
     client_work_and_aggregate,
+    communication_bits,
     model_distributor,
     optimizer_finalizer,
+    round_bits,
 )
 
 __all__ = [
+    "BitCount",
+    "bits_per_client",
+    "communication_bits",
+    "round_bits",
     "fed_kmeans",
     "initial_centroids",
     "personalization_evaluation",

@@ -43,12 +43,13 @@ from fedjax_lite.algorithms.template import (
     Finalizer,
     ServerState,
     apply_optimizer_rejecting_non_finite,
+    bits_per_client,
     build_round,
     check_optimizer,
     check_params,
     client_work_and_aggregate,
-    communication_bits,
     model_distributor,
+    round_bits,
 )
 from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model, masked_loss_and_metric_sums
@@ -218,15 +219,14 @@ def mime(
         state.opt_state, state.params, {"delta": deltas.result, "full_gradient": gradients.result})
     new_state = state.replace(params=params, opt_state=opt_state, round_num=state.round_num + 1,
                               aggregator_state={"full_gradient": gradients.state, "delta": deltas.state})
-    first_bits = communication_bits(full_gradient_mean, state.aggregator_state["full_gradient"], first,
-                                    state.params, round_data)
-    second_bits = communication_bits(delta_mean, state.aggregator_state["delta"], second, state.params, round_data)
+    first_bits = bits_per_client(full_gradient_mean, state.aggregator_state["full_gradient"], first, state.params)
+    second_bits = bits_per_client(delta_mean, state.aggregator_state["delta"], second, state.params)
     metrics = {
         "distributor": {},
         "client_work": client_metrics | {"full_gradient_pass": gradient_metrics},
         "aggregator": {"full_gradient": gradients.measurements, "delta": deltas.measurements},
         "finalizer": finalizer_metrics,
-        **{key: first_bits[key] + second_bits[key] for key in first_bits},
+        **round_bits(first_bits[0] + second_bits[0], first_bits[1] + second_bits[1], round_data),
     }
     return new_state, metrics
 

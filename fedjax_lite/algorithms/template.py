@@ -43,15 +43,16 @@ from typing import Any, Callable, Mapping, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fedjax_lite.aggregators.base import Aggregator, as_template, client_upload_bits, split_rng
+from fedjax_lite.aggregators.base import STACK, SUM, AggregationContext, Aggregator, as_template, client_upload_bits, split_rng
 from fedjax_lite.core.model import finalize_metric_sums
 from fedjax_lite.core.process import MeasuredOutput, Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.round_data import check_round_data
-from fedjax_lite.core.runner import Runner, client_mask, run_clients
+from fedjax_lite.core.runner import Runner, client_mask, num_client_slots, run_clients
 from fedjax_lite.core.tree import tree_all_finite, tree_select, tree_size_bits
 
 PyTree = Any
@@ -250,10 +251,11 @@ def client_work_and_aggregate(
   train_key, aggregator_key = jax.random.split(rng)
   keys = _aggregator_keys(aggregators, aggregator_key)
   split_keys = {name: split_rng(keys[name]) for name in aggregators}
-  streamed = [name for name, agg in aggregators.items() if agg.parts is not None]
-  stacked = [name for name, agg in aggregators.items() if agg.parts is None]
+  streamed = [name for name, agg in aggregators.items() if agg.combine == SUM]
+  stacked = [name for name, agg in aggregators.items() if agg.combine == STACK]
   stateful = CLIENT_STATE_KEY in round_data
-  aggregator_params = {name: aggregators[name].parts.broadcast(states[name]) for name in streamed}
+  aggregator_params = {name: aggregators[name].broadcast(states[name]) for name in aggregators}
+  update_templates = {}  # ONE client's update per aggregator, recorded while tracing (static shapes)
 
   def per_client(server_values, client_data, client_keys):
     broadcast, aggregator_params = server_values
@@ -266,25 +268,28 @@ def client_work_and_aggregate(
     if update_template is not None:
       check_update(output.update, update_template)
     output = reject_non_finite(output, client_state)
-    weight = jnp.where(client_data["num_examples"] > 0, output.weight, 0.0)  # padding: weight 0, always
-    contributions = {
-        name: aggregators[name].parts.client(aggregator_params[name], _pick(output.update, name), weight,
-                                             client_keys["aggregators"][name])
-        for name in streamed}
-    collected = {"values": {name: _pick(output.update, name) for name in stacked}, "weight": weight,
+    is_real = client_data["num_examples"] > 0
+    weight = jnp.where(is_real, output.weight, 0.0)  # padding: weight 0, always
+    contributions = {}
+    for name, agg in aggregators.items():
+      update = _pick(output.update, name)
+      update_templates[name] = as_template(update)
+      contributions[name] = agg.client(aggregator_params[name], update, weight, client_keys["aggregators"][name])
+    # Sums: the runner drops padding slots' summands. Stacks: padding contributions are zeroed here.
+    collected = {"stacked": {name: jax.tree.map(lambda c: jnp.where(is_real, c, jnp.zeros((), c.dtype)),
+                                                contributions[name]) for name in stacked},
                  "state": output.new_state if stateful else None}
-    return (contributions, output.metrics), collected
+    return ({name: contributions[name] for name in streamed}, output.metrics), collected
 
-  client_keys = {"train": train_key, "aggregators": {name: split_keys[name][0] for name in streamed}}
+  client_keys = {"train": train_key, "aggregators": {name: split_keys[name][0] for name in aggregators}}
   (totals, metric_sums), collected = run_clients(
       per_client, (broadcast, aggregator_params), round_data, client_keys, runner=runner)
+  num_slots = num_client_slots(round_data)
   outputs = {}
   for name, agg in aggregators.items():
-    if agg.parts is not None:
-      outputs[name] = agg.parts.server(states[name], totals[name], split_keys[name][1])
-    else:
-      outputs[name] = agg.next(states[name], collected["values"][name], collected["weight"], keys[name],
-                               client_mask(round_data))
+    combined = totals[name] if agg.combine == SUM else collected["stacked"][name]
+    context = AggregationContext(value_template=update_templates[name], num_client_slots=num_slots)
+    outputs[name] = agg.server(states[name], combined, split_keys[name][1], context)
   aggregate = MeasuredOutput(state=_unname({n: o.state for n, o in outputs.items()}),
                              result=_unname({n: o.result for n, o in outputs.items()}),
                              measurements=_unname({n: o.measurements for n, o in outputs.items()}))
@@ -292,6 +297,80 @@ def client_work_and_aggregate(
   non_finite = metric_sums.pop("num_non_finite_clients")
   return (aggregate, {"train": finalize_metric_sums(metric_sums), "num_non_finite_clients": non_finite},
           collected["state"])
+
+
+@jax.tree_util.register_pytree_node_class
+class BitCount:
+  """An exact bit count of a round: a static number of bits per client (a Python int) times the round's traced
+  int32 number of real clients.
+
+  Only the client count is an array (the pytree's leaf), so the round stays in 32-bit JAX and the product, which
+  overflows int32 for a few clients of a large model, is formed exactly on the host: ``int(bits)`` is a Python
+  int, ``np.asarray(bits)`` an int64 array (also for counts stacked over rounds).
+  """
+
+  def __init__(self, num_clients: Any, bits_per_client: int):
+    self.num_clients = num_clients
+    self.bits_per_client = bits_per_client
+
+  def tree_flatten(self):
+    return (self.num_clients,), self.bits_per_client
+
+  @classmethod
+  def tree_unflatten(cls, bits_per_client, children):
+    return cls(children[0], bits_per_client)
+
+  def __array__(self, dtype=None, copy=None):
+    total = np.asarray(np.asarray(self.num_clients, np.int64) * np.int64(self.bits_per_client))
+    return total if dtype is None else total.astype(dtype)
+
+  def __int__(self) -> int:
+    return int(np.asarray(self.num_clients)) * self.bits_per_client
+
+  __index__ = __int__
+
+  def __float__(self) -> float:
+    return float(int(self))
+
+  def __repr__(self) -> str:
+    return f"BitCount({self.bits_per_client} bits x {self.num_clients!r} clients)"
+
+
+def bits_per_client(
+    aggregator: Aggregator | Mapping[str, Aggregator],
+    aggregator_state: PyTree,
+    broadcast: Broadcast,
+    update_template: PyTree,
+    *,
+    model_broadcast_bits: int | None = None,
+) -> tuple[int, int]:
+  """``(download, upload)``: the exact bits the server sends ONE client and ONE client uploads (Python ints).
+
+  The download is the broadcast -- the model (``model_broadcast_bits`` when an encoder compresses it, else every
+  leaf at its dtype's width), the hyperparameters, the extra server values -- plus each aggregator's broadcast
+  (e.g. its clipping norm); the upload is each aggregator's exact payload
+  (:func:`fedjax_lite.aggregators.base.client_upload_bits`). Both are static: they depend on shapes only.
+  """
+  aggregators = _named(aggregator)
+  model_bits = (tree_size_bits(as_template(broadcast.params)) if model_broadcast_bits is None
+                else int(model_broadcast_bits))
+  download = model_bits + tree_size_bits(broadcast.hparams) + tree_size_bits(broadcast.extra)
+  upload = 0
+  for name, agg in aggregators.items():
+    download += tree_size_bits(jax.eval_shape(agg.broadcast, _pick(aggregator_state, name)))
+    upload += client_upload_bits(agg, as_template(_pick(update_template, name)))
+  return download, upload
+
+
+def round_bits(download: int, upload: int, round_data: PyTree) -> dict[str, BitCount]:
+  """``{'broadcasted_bits', 'aggregated_bits'}``: the per-client bits times the round's real clients.
+
+  TFF measured these logical sizes with a sizing executor (``broadcasted_bits`` and ``aggregated_bits``, removed in
+  TFF 0.48); these are the same quantities computed from the payload, each a :class:`BitCount`.
+  """
+  num_clients = jnp.sum(client_mask(round_data), dtype=jnp.int32)
+  return {"broadcasted_bits": BitCount(num_clients, int(download)),
+          "aggregated_bits": BitCount(num_clients, int(upload))}
 
 
 def communication_bits(
@@ -302,30 +381,12 @@ def communication_bits(
     round_data: PyTree,
     *,
     model_broadcast_bits: int | None = None,
-) -> dict[str, jax.Array]:
-  """Exact bits sent to and received from the round's real clients (int64 totals).
-
-  Per client, the download is the broadcast -- the model (``model_broadcast_bits`` when an encoder compresses
-  it, else every leaf at its dtype's width), the hyperparameters, the extra server values -- plus each
-  aggregator's broadcast (e.g. its clipping norm); the upload is each aggregator's exact payload
-  (:func:`fedjax_lite.aggregators.base.client_upload_bits`). Both are static counts, multiplied by the number of
-  real clients. TFF measured logical sizes with a sizing executor (``broadcasted_bits``/``aggregated_bits``,
-  removed in TFF 0.48); these are the same quantities computed from the payload.
-  """
-  aggregators = _named(aggregator)
-  model_bits = (tree_size_bits(as_template(broadcast.params)) if model_broadcast_bits is None
-                else int(model_broadcast_bits))
-  download = model_bits + tree_size_bits(broadcast.hparams) + tree_size_bits(broadcast.extra)
-  upload = 0
-  for name, agg in aggregators.items():
-    state = _pick(aggregator_state, name)
-    if agg.parts is not None:
-      download += tree_size_bits(jax.eval_shape(agg.parts.broadcast, state))
-    upload += client_upload_bits(agg, as_template(_pick(update_template, name)))
-  num_clients = jnp.sum(client_mask(round_data))
-  with jax.enable_x64(True):
-    count = num_clients.astype(jnp.int64)
-    return {"broadcasted_bits": count * download, "aggregated_bits": count * upload}
+) -> dict[str, BitCount]:
+  """Exact bits sent to and received from the round's real clients: :func:`bits_per_client` times the number of
+  real clients (:func:`round_bits`)."""
+  download, upload = bits_per_client(aggregator, aggregator_state, broadcast, update_template,
+                                     model_broadcast_bits=model_broadcast_bits)
+  return round_bits(download, upload, round_data)
 
 
 def place_on_mesh(state: PyTree, runner: Runner | None) -> PyTree:

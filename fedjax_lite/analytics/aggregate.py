@@ -23,12 +23,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import Aggregator, as_template, split_rng
+from fedjax_lite.aggregators.base import SUM, AggregationContext, Aggregator, as_template, split_rng
 from fedjax_lite.aggregators.mean import mean
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.analytics.base import Query, real_mask
 from fedjax_lite.core.process import MeasuredOutput
-from fedjax_lite.core.runner import Runner, client_mask as packed_client_mask, run_clients
+from fedjax_lite.core.runner import Runner, num_client_slots, run_clients
 
 PyTree = Any
 StatisticFn = Callable[[PyTree], tuple[PyTree, jax.Array]]
@@ -113,7 +113,7 @@ def aggregate_client_statistics(
   Args:
     statistic_fn: ONE client's statistic from its packed data (``[steps, batch, ...]`` leaves and ``mask``), e.g.
       the mean of its readings and its example count.
-    aggregator: any aggregator; sum-based ones stream over the clients.
+    aggregator: any aggregator; sum-combined ones stream over the clients, stack-combined ones stack.
     state: the aggregator's state.
     round_data: packed clients (:func:`fedjax_lite.core.pack_clients`), with ``num_examples``.
     rng: the aggregator's key.
@@ -122,20 +122,19 @@ def aggregate_client_statistics(
   _check_aggregator(aggregator)
   if not callable(statistic_fn):
     raise TypeError("statistic_fn must be a function client_data -> (value, weight).")
-  if aggregator.parts is not None:
-    parts = aggregator.parts
-    clients_key, server_key = split_rng(rng)
+  clients_key, server_key = split_rng(rng)
+  value_templates = []  # ONE client's value, recorded while tracing (static shapes)
 
-    def per_client(client_params, client_data, key):
-      value, weight = statistic_fn(client_data)
-      return parts.client(client_params, value, jnp.asarray(weight, jnp.float32), key), None
-
-    total, _ = run_clients(per_client, parts.broadcast(state), round_data, clients_key, runner=runner)
-    return parts.server(state, total, server_key)
-
-  def collect(unused, client_data, key):
+  def per_client(client_params, client_data, key):
     value, weight = statistic_fn(client_data)
-    return (), (value, jnp.asarray(weight, jnp.float32))
+    value_templates.append(as_template(value))
+    is_real = client_data["num_examples"] > 0
+    weight = jnp.where(is_real, jnp.asarray(weight, jnp.float32), 0.0)  # padding: weight 0
+    contribution = aggregator.client(client_params, value, weight, key)
+    if aggregator.combine == SUM:
+      return contribution, None  # the runner sums the real clients' contributions
+    return (), jax.tree.map(lambda c: jnp.where(is_real, c, jnp.zeros((), c.dtype)), contribution)
 
-  _, (values, weights) = run_clients(collect, (), round_data, rng, runner=runner)
-  return aggregator.next(state, values, weights, rng, packed_client_mask(round_data))
+  total, stacked = run_clients(per_client, aggregator.broadcast(state), round_data, clients_key, runner=runner)
+  context = AggregationContext(value_templates[-1], num_client_slots(round_data))
+  return aggregator.server(state, total if aggregator.combine == SUM else stacked, server_key, context)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lite.aggregators.base import AggregationContext
 from fedjax_lite.aggregators.quantile_estimation import no_noise_quantile_estimator, private_quantile_estimator
 from fedjax_lite.analytics.base import Query, gaussian_event, real_mask
 from fedjax_lite.analytics.histogram import check_bin_edges, private_histogram
@@ -107,6 +108,7 @@ def iterative_quantile(
   def compute(values, rng, client_mask=None) -> QuantileEstimate:
     values, mask, any_nan = _scalar_values(values, client_mask)
     slots = jnp.arange(values.shape[0], dtype=jnp.int32)
+    context = AggregationContext(jax.ShapeDtypeStruct((), jnp.float32), values.shape[0])
 
     def one_round(state, round_num):
       clients_key, server_key = jax.random.split(jax.random.fold_in(rng, round_num))
@@ -115,7 +117,7 @@ def iterative_quantile(
       total = jax.tree.map(
           lambda r: jnp.sum(jnp.where(mask.reshape((-1,) + (1,) * (r.ndim - 1)), r, jnp.zeros((), r.dtype)), 0),
           records)
-      state = estimator.server(state, total, server_key)
+      state = estimator.server(state, total, server_key, context)
       return state, estimator.report(state)
 
     _, trajectory = jax.lax.scan(one_round, estimator.init(), jnp.arange(num_rounds, dtype=jnp.int32))

@@ -1,19 +1,19 @@
 """An aggregator wrapper that lets a fraction of each round's clients attack before the inner aggregator runs.
 
 ``byzantine_aggregator(inner, attack, fraction=..., seed=...)`` is an :class:`~fedjax_lite.aggregators.Aggregator`
-for any ``inner`` aggregator (mean, presets, median, trimmed mean, Krum, DP, ...). Its ``next``:
+for any ``inner`` aggregator (mean, presets, median, trimmed mean, Krum, DP, ...). It stacks the clients' values
+(``combine='stack'``: colluding attacks need every update) and its server part:
 
 1. chooses the round's malicious slots with
    :func:`~fedjax_lite.attacks.selection.choose_malicious` from ``(seed, round, slot)``, the round counted in
    the wrapper's state (``{'round_num': int32, 'inner': inner state}``);
-2. replaces their values with ``attack.apply(values, malicious, client_mask, fold_in(rng, ATTACK_STREAM))``
+2. replaces their values with ``attack.apply(values, malicious, mask, fold_in(server_key, ATTACK_STREAM))``
    (weights are kept: an attacker reports its real example count);
-3. calls ``inner.next(inner_state, attacked_values, weights, rng, client_mask)`` with the round's key untouched,
-   so an attacked run and a clean run draw the same aggregator randomness.
+3. runs the inner aggregator on the attacked values with the clients' own keys and the server key
+   (:func:`~fedjax_lite.aggregators.aggregate_with_keys`), so an attacked run and a clean run draw the same
+   aggregator randomness.
 
-It works with ``fed_avg(..., aggregator=byzantine_aggregator(...))`` unchanged: the wrapper is NOT streamable
-(``parts`` is None, colluding attacks need every update), so the round stacks the updates and calls ``next``. The
-attack happens after ``fed_avg``'s client rule (a non-finite update becomes zeros with weight 0), i.e. it models
+It works with ``fed_avg(..., aggregator=byzantine_aggregator(...))`` unchanged. The attack happens after ``fed_avg``'s client rule (a non-finite update becomes zeros with weight 0), i.e. it models
 clients that send finite but malicious values. The upload bits and DP event are the inner aggregator's (the
 attackers send the same payload; a DP guarantee holds for the honest clients' data whatever the others send).
 
@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import Aggregator, client_upload_bits, num_clients_of
+from fedjax_lite.aggregators.base import STACK, Aggregator, aggregate_with_keys, client_upload_bits
 from fedjax_lite.attacks.base import UpdateAttack
 from fedjax_lite.attacks.selection import check_fraction, check_seed, choose_malicious
 from fedjax_lite.core.process import MeasuredOutput
@@ -62,15 +62,17 @@ def byzantine_aggregator(inner: Aggregator, attack: UpdateAttack, *, fraction: f
   def init(value_template: PyTree) -> dict:
     return {"round_num": jnp.zeros((), jnp.int32), "inner": inner.init(value_template)}
 
-  def next_fn(state, values, weights, rng, client_mask=None) -> MeasuredOutput:
-    num_slots = num_clients_of(values)
-    mask = jnp.ones((num_slots,), bool) if client_mask is None else jnp.asarray(client_mask, bool)
-    if mask.shape != (num_slots,):
-      raise ValueError(f"client_mask must have shape ({num_slots},) (one entry per client slot of values), got "
-                       f"{mask.shape}.")
+  def client(client_params, value, weight, rng) -> dict:
+    # The client's own key travels with its value (a simulation detail, not uploaded: see upload_bits), so that
+    # the inner aggregator's clients use the keys they would use without the attack.
+    return {"value": value, "weight": weight, "key": jax.random.key_data(rng)}
+
+  def server(state, combined, rng, context) -> MeasuredOutput:
+    mask = combined["weight"] > 0
     malicious = choose_malicious(seed, state["round_num"], mask, fraction)
-    attacked = attack.apply(values, malicious, mask, jax.random.fold_in(rng, ATTACK_STREAM))
-    output = inner.next(state["inner"], attacked, weights, rng, client_mask)
+    attacked = attack.apply(combined["value"], malicious, mask, jax.random.fold_in(rng, ATTACK_STREAM))
+    client_keys = jax.random.wrap_key_data(combined["key"])
+    output = aggregate_with_keys(inner, state["inner"], attacked, combined["weight"], client_keys, rng, mask)
     count = jnp.sum(malicious, dtype=jnp.int32)
     if isinstance(output.measurements, dict):
       measurements = {**output.measurements, "num_malicious_clients": count}
@@ -79,5 +81,5 @@ def byzantine_aggregator(inner: Aggregator, attack: UpdateAttack, *, fraction: f
     return MeasuredOutput(state={"round_num": state["round_num"] + 1, "inner": output.state},
                           result=output.result, measurements=measurements)
 
-  return Aggregator(init=init, next=next_fn, parts=None,
+  return Aggregator(init, lambda state: (), client, server, combine=STACK,
                     upload_bits=lambda template: client_upload_bits(inner, template), dp_event=inner.dp_event)

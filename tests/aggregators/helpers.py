@@ -6,12 +6,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.aggregators.base import split_rng
+from fedjax_lite.aggregators.base import STACK, AggregationContext, as_template, client_total, split_rng
 
 
 def one_client(values):
   """The first client's value: a template of one client's value."""
   return jax.tree.map(lambda v: v[0], values)
+
+
+def stacked_version(aggregator):
+  """``aggregator`` (sum-combined) as a stack-combined aggregator: the runner stacks the same contributions and the
+  server sums them itself before the original server part. Same result, the other combine path."""
+
+  def server(state, stacked, rng, context):
+    return aggregator.server(state, client_total(stacked, STACK), rng, context)
+
+  return aggregator._replace(combine=STACK, server=server)
 
 
 def run_next(aggregator, state, values, weights, rng, client_mask=None):
@@ -25,8 +35,9 @@ def run_streaming(aggregator, state, values, weights, rng, client_mask=None):
   compiles nothing per client.
   """
   clients_key, server_key = jax.jit(split_rng)(rng)
-  client_params = aggregator.parts.broadcast(state)
-  client = jax.jit(aggregator.parts.client)
+  assert aggregator.combine == "sum", "the streaming path needs a sum-combined aggregator"
+  client_params = aggregator.broadcast(state)
+  client = jax.jit(aggregator.client)
   client_key = jax.jit(jax.random.fold_in)
   add = jax.jit(lambda total, contribution: jax.tree.map(jnp.add, total, contribution))
   host_values, host_weights = jax.tree.map(np.asarray, values), np.asarray(weights, np.float32)
@@ -37,4 +48,5 @@ def run_streaming(aggregator, state, values, weights, rng, client_mask=None):
     contribution = client(client_params, jax.tree.map(lambda v: v[index], host_values), host_weights[index],
                           client_key(clients_key, index))
     total = contribution if total is None else add(total, contribution)
-  return jax.jit(aggregator.parts.server)(state, total, server_key)
+  context = AggregationContext(as_template(one_client(values)), int(host_weights.shape[0]))
+  return jax.jit(lambda s, t, k: aggregator.server(s, t, k, context))(state, total, server_key)

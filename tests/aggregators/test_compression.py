@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_lite.aggregators.base import Aggregator, client_upload_bits, split_rng, sum_based
+from fedjax_lite.aggregators.base import Aggregator, client_upload_bits, split_rng
 from fedjax_lite.aggregators.presets import compression_aggregator
 from fedjax_lite.aggregators.mean import mean
 from fedjax_lite.core.process import MeasuredOutput
@@ -64,7 +64,7 @@ def test_weighted_and_unweighted_means_within_the_quantization_error():
   def both(values, weights, rng):
     state_w, state_u = weighted.init(one_client(values)), unweighted.init(one_client(values))
     # With neither zeroing nor clipping the preset IS the mean: its upload is {'value', 'weight'}.
-    upload = weighted.parts.client(weighted.parts.broadcast(state_w), one_client(values), weights[0], rng)
+    upload = weighted.client(weighted.broadcast(state_w), one_client(values), weights[0], rng)
     return (weighted.next(state_w, values, weights, rng).result, unweighted.next(state_u, values, weights, rng).result,
             upload)
 
@@ -124,12 +124,12 @@ def test_debug_measurements_fn_wraps_the_mean():
   def add_debug_measurements(inner: Aggregator) -> Aggregator:
     seen.append(inner)
 
-    def server(state, total, rng):
-      output = inner.parts.server(state, total, rng)
+    def server(state, total, rng, context):
+      output = inner.server(state, total, rng, context)
       max_abs = jnp.max(jnp.abs(jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(output.result)])))
       return MeasuredOutput(output.state, output.result, {"inner": output.measurements, "max_abs": max_abs})
 
-    return sum_based(inner.init, inner.parts.broadcast, inner.parts.client, server, upload_bits=inner.upload_bits)
+    return inner._replace(server=server)
 
   values = client_values(num_clients=2, seed=3)
   aggregator = compression_aggregator(threshold=20, debug_measurements_fn=add_debug_measurements)

@@ -139,12 +139,12 @@ def test_undefined_statistics_are_zero():
 @pytest.mark.parametrize("build_inner", [mean, lambda: clipping(5.0, mean())], ids=["mean", "clipping_mean"])
 def test_streaming_equals_next(build_inner):
   aggregator = add_debug_measurements(build_inner())
-  assert aggregator.parts is not None
+  assert aggregator.combine == "sum"
   values = make_values(seed=4)
   weights = np.arange(1.0, NUM_SLOTS + 1, dtype=np.float32)
   mask = np.array([True, False, True, True, False, True])
   state = aggregator.init(jax.tree.map(lambda leaf: leaf[0], values))
-  # parts.client per real client with the keys `next` uses, summed, then parts.server.
+  # client part per real client with the keys `next` uses, summed, then the server part.
   streamed = run_streaming(aggregator, state, values, weights, KEY, client_mask=mask)
   direct = jax.jit(aggregator.next)(state, values, weights, KEY, mask)
   chex.assert_trees_all_close(streamed, direct, rtol=1e-6, atol=1e-6)
@@ -156,7 +156,7 @@ def test_streaming_equals_next(build_inner):
 def test_inner_output_unchanged(build_inner):
   inner = build_inner()
   wrapped = add_debug_measurements(inner)
-  assert (wrapped.parts is None) == (inner.parts is None)
+  assert wrapped.combine == inner.combine
   values = make_values(seed=5)
   weights = np.arange(1.0, NUM_SLOTS + 1, dtype=np.float32)
   mask = np.array([True, True, False, True, True, False])

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from fedjax_lite.aggregators import exact_arithmetic as ea
 from fedjax_lite.aggregators import secure
+from tests.aggregators import x64_reference
 
 M = 2**32 - 1
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
@@ -75,13 +76,13 @@ def np_dequantize(summed, count, upper, lower, dtype):
 def x64_quantize(values, upper, lower):
   with jax.enable_x64(True):
     dtype = values.dtype
-    return np.asarray(jax.jit(secure._quantize)(jnp.asarray(values), jnp.asarray(upper, dtype),
+    return np.asarray(jax.jit(x64_reference._quantize)(jnp.asarray(values), jnp.asarray(upper, dtype),
                                                 jnp.asarray(lower, dtype)))
 
 
 @functools.partial(jax.jit, static_argnums=4)
 def _x64_dequantize(summed, count, upper, lower, dtype):
-  return secure._dequantize(summed, count, upper, lower).astype(dtype)
+  return x64_reference._dequantize(summed, count, upper, lower).astype(dtype)
 
 
 def x64_dequantize(summed, count, upper, lower, dtype):
@@ -279,7 +280,7 @@ def test_int_mode_encode_and_decode_equal_the_int64_code(dtype, lower, upper):
     np.testing.assert_array_equal(as_int(summed), shifted.sum(0) % 2**modulus_bits)
     got = jax.jit(ea.int_decode, static_argnums=3)(summed, jnp.int32(50), np.asarray(lower, dtype), dtype)
     with jax.enable_x64(True):
-      expected = (secure._from_limbs(jnp.asarray(limb_sums), modulus_bits)
+      expected = (x64_reference._from_limbs(jnp.asarray(limb_sums), modulus_bits)
                   + 50 * jnp.asarray(lower, dtype).astype(jnp.int64)).astype(dtype)
     assert got.dtype == dtype
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
@@ -300,7 +301,7 @@ def test_decode_counts():
   assert counts.dtype == jnp.int32
   np.testing.assert_array_equal(counts, [0, 1, 65536, 12345])
   with jax.enable_x64(True):
-    np.testing.assert_array_equal(counts, secure._decode_counts(limb_sums, None))
+    np.testing.assert_array_equal(counts, x64_reference._decode_counts(limb_sums, None))
 
 
 # ------------------------------------------------------------------------------------------ modular sum

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_lite.aggregators.base import AggregationContext
 from fedjax_lite.aggregators.estimation import constant_estimate
 from fedjax_lite.aggregators.quantile_estimation import no_noise_quantile_estimator, private_quantile_estimator
 
@@ -19,7 +20,7 @@ def run_round(process, state, xs, rng=0):
   records = [process.client(params, jnp.float32(x), jax.random.key(i)) for i, x in enumerate(xs)]
   total = jax.tree.map(lambda *r: sum(r), *records) if records else jax.tree.map(
       jnp.zeros_like, process.client(params, jnp.float32(0.0), jax.random.key(0)))
-  return process.server(state, total, jax.random.key(rng))
+  return process.server(state, total, jax.random.key(rng), AggregationContext((), max(len(xs), 1)))
 
 
 def test_default_zeroing_worked_values():
@@ -67,7 +68,7 @@ def test_private_estimator_noise_has_the_stated_scale():
   state = process.init()
   params = process.broadcast(state)
   record = process.client(params, jnp.float32(0.0), jax.random.key(0))
-  estimates = jax.vmap(lambda k: process.server(state, record, k)[0].current_estimate)(
+  estimates = jax.vmap(lambda k: process.server(state, record, k, AggregationContext((), 1))[0].current_estimate)(
       jax.random.split(jax.random.key(1), 400))
   log_steps = np.log(np.asarray(estimates))
   assert np.std(log_steps, ddof=1) == pytest.approx(0.1, rel=0.15)

@@ -122,7 +122,7 @@ def test_leaves_at_or_below_threshold_pass_through_bit_exactly():
 
   @jax.jit
   def contribution_and_result(values, rng):
-    contribution = aggregator.parts.client(aggregator.parts.broadcast(state), one_client(values), 1.0, rng)
+    contribution = aggregator.client(aggregator.broadcast(state), one_client(values), 1.0, rng)
     return contribution, aggregator.next(state, values, jnp.ones(3), rng).result
 
   contribution, result = contribution_and_result(values, jax.random.key(0))

@@ -118,11 +118,16 @@ def test_trim_count_uses_float64_floor():
 def test_zero_trim_is_the_unweighted_mean_and_ignores_weights():
   values = make_values(5, seed=1)
   mask = np.array([True, False, True, True, False])
-  output = TRIMMED_NEXT[0.0]((), values, jnp.array([1.0, 7.0, 100.0, 0.0, 3.0]), KEY, mask)
+  output = TRIMMED_NEXT[0.0]((), values, jnp.array([1.0, 7.0, 100.0, 0.5, 3.0]), KEY, mask)
   expected = jax.tree.map(lambda leaf: leaf[mask].mean(axis=0), values)
   chex.assert_trees_all_close(output.result, expected, rtol=1e-6)
+  # Weight 0 is the contract's "takes no part" (padding, rejected clients): such a client has no vote.
+  zero_weight = TRIMMED_NEXT[0.0]((), values, jnp.array([1.0, 7.0, 100.0, 0.0, 3.0]), KEY, mask)
+  voters = mask & np.array([True, True, True, False, True])
+  chex.assert_trees_all_close(zero_weight.result, jax.tree.map(lambda leaf: leaf[voters].mean(axis=0), values),
+                              rtol=1e-6)
   median_a = MEDIAN_NEXT((), values, jnp.ones(5), KEY, mask).result
-  median_b = MEDIAN_NEXT((), values, jnp.array([0.0, 5.0, 2.0, 9.0, 1.0]), jax.random.key(9), mask).result
+  median_b = MEDIAN_NEXT((), values, jnp.array([0.5, 5.0, 2.0, 9.0, 1.0]), jax.random.key(9), mask).result
   chex.assert_trees_all_equal(median_a, median_b)
 
 
@@ -233,7 +238,7 @@ def test_fed_avg_with_median_runs_one_round(population, tiny_model, tiny_params)
 def test_not_streamable_state_and_upload_bits():
   template = {"kernel": jax.ShapeDtypeStruct((3, 2), jnp.float32), "bias": jnp.zeros(4, jnp.float32)}
   for aggregator in (MEDIAN, TRIMMED[0.1]):
-    assert aggregator.parts is None
+    assert aggregator.combine == "stack"
     assert aggregator.init(template) == ()
     assert client_upload_bits(aggregator, template) == 10 * 32  # raw float32 values, no weight
 

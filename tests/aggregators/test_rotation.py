@@ -23,7 +23,7 @@ from fedjax_lite.aggregators.rotation import (
 )
 from fedjax_lite.aggregators.sum import sum_aggregator
 
-from tests.aggregators.helpers import one_client, run_streaming
+from tests.aggregators.helpers import one_client, run_streaming, stacked_version
 
 
 def sylvester_hadamard(size):
@@ -109,9 +109,9 @@ def test_streaming_equals_next_and_a_non_streaming_inner_gives_the_same_sum():
   chex.assert_trees_all_equal(run_streaming(aggregator, state, values, weights, jax.random.key(2)), expected)
 
   plain_sum = sum_aggregator()
-  opaque_sum = Aggregator(init=plain_sum.init, next=plain_sum.next)  # no client/server parts
-  rotation = hadamard_rotation(opaque_sum)
-  assert rotation.parts is None
+  stacked_sum = stacked_version(plain_sum)  # the stack-combined path
+  rotation = hadamard_rotation(stacked_sum)
+  assert rotation.combine == "stack"
   output = jax.jit(rotation.next)(rotation.init(one_client(values)), values, weights, jax.random.key(3),
                                   np.asarray([True, False, True]))
   chex.assert_trees_all_close(output.result, jax.tree.map(lambda v: v[0] + v[2], values), atol=1e-5)
@@ -124,7 +124,7 @@ def test_signs_are_fresh_every_round_and_the_result_stays_exact():
 
   @jax.jit
   def round_and_upload(state, values, rng):
-    upload = aggregator.parts.client(aggregator.parts.broadcast(state), one_client(values), 1.0, rng)
+    upload = aggregator.client(aggregator.broadcast(state), one_client(values), 1.0, rng)
     return aggregator.next(state, values, jnp.ones(2), rng), upload
 
   first, first_upload = round_and_upload(state, values, jax.random.key(0))
@@ -132,7 +132,7 @@ def test_signs_are_fresh_every_round_and_the_result_stays_exact():
   assert int(first.state["round_seed"]) == 1 and int(second.state["round_seed"]) == 2
   # Same client value, same key: only the round counter changed, and the rotated upload with it.
   for leaf in ("kernel", "square", "counts"):
-    assert not np.allclose(first_upload["rotated"][leaf], second_upload["rotated"][leaf])
+    assert not np.allclose(first_upload[leaf], second_upload[leaf])
   expected = jax.tree.map(lambda v: v.sum(0), values)
   chex.assert_trees_all_close(first.result, expected, atol=1e-5)
   chex.assert_trees_all_close(second.result, expected, atol=1e-5)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedjax_lite.aggregators.base import split_rng
+from fedjax_lite.aggregators.base import AggregationContext, as_template, split_rng
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
 from fedjax_lite.aggregators.estimation import EstimationProcess
 from fedjax_lite.aggregators.presets import secure_aggregator
@@ -44,9 +44,9 @@ def run(aggregator, values, *, state=None, weights=None, client_mask=None, rng=K
 
 @functools.cache
 def streaming_round(aggregator):
-  """A jitted round: ``parts.client`` summed over clients by the sequential streaming runner, then
-  ``parts.server``, with the keys ``next`` would use."""
-  parts = aggregator.parts
+  """A jitted round: the client part summed over clients by the sequential streaming runner, then the server
+  part, with the keys ``next`` would use."""
+  parts = aggregator
 
   def one_client(client_params, client_data, client_rng):
     return parts.client(client_params, client_data["value"], client_data["weight"], client_rng), None
@@ -57,7 +57,8 @@ def streaming_round(aggregator):
     round_data = {"value": values, "weight": weights, "num_examples": num_examples}
     total, _ = run_clients(one_client, parts.broadcast(state), round_data, clients_key,
                            runner=Runner(strategy="sequential"))
-    return parts.server(state, total, server_key)
+    context = AggregationContext(as_template(jax.tree.map(lambda v: v[0], values)), num_examples.shape[0])
+    return parts.server(state, total, server_key, context)
 
   return go
 
@@ -77,7 +78,7 @@ def recording_process(report_value: float) -> EstimationProcess:
       report=lambda state: jnp.asarray(report_value, jnp.float32),
       broadcast=lambda state: (),
       client=lambda params, x, rng: x,
-      server=lambda state, records, rng: records,
+      server=lambda state, records, rng, context: records,
       upload_bits=32,
   )
 
@@ -155,8 +156,8 @@ def test_streaming_equals_next_and_padding_changes_nothing(modulus_bits):
 def test_contributions_are_32_bit_arrays():
   aggregator = secure_sum(no_noise_quantile_estimator(1.0, 0.5, 0.2, secure_estimation=True))
   template = {"w": jnp.zeros((3,)), "b": jnp.zeros(())}
-  params = aggregator.parts.broadcast(aggregator.init(template))
-  shapes = jax.eval_shape(aggregator.parts.client, params, template, jnp.float32(1.0), KEY)
+  params = aggregator.broadcast(aggregator.init(template))
+  shapes = jax.eval_shape(aggregator.client, params, template, jnp.float32(1.0), KEY)
   for leaf in jax.tree.leaves(shapes):
     assert leaf.size == 0 or np.dtype(leaf.dtype) in (np.uint32, np.int32, np.float32), leaf
 
@@ -188,7 +189,7 @@ def test_float_mode_rounds_half_to_even_deterministically():
   # Bounds [-3, 3]: s = M / 6 = 715827882.5 exactly, so x = 1 lands on the tie 715827882.5, which rounds to the
   # even 715827882 (not up), and round(L s) = round(-2147483647.5) = -2147483648. Every client rounds alike.
   aggregator = secure_sum(3.0, -3.0)
-  contribution = jax.jit(aggregator.parts.client)((), jnp.ones((2,)), jnp.float32(1.0), KEY)
+  contribution = jax.jit(aggregator.client)((), jnp.ones((2,)), jnp.float32(1.0), KEY)
   limbs = np.asarray(contribution["value"], np.int64)
   levels = limbs[0] + (limbs[1] << 16)
   np.testing.assert_array_equal(levels, [715827882 + 2147483648] * 2)
@@ -214,7 +215,7 @@ def test_float_mode_1000_clients_sum_exactly_in_the_integer_domain():
   aggregator = secure_sum(upper, lower)
   rng = np.random.default_rng(4)
   values = np.concatenate([np.full((500, 4), upper), rng.uniform(-2.0, 4.0, (500, 4))]).astype(np.float32)
-  parts = aggregator.parts
+  parts = aggregator
   summed = jax.jit(lambda v: jax.tree.map(  # uint32 sums with plain +, as the streaming runner adds them
       lambda c: jnp.sum(c, axis=0), jax.vmap(lambda x: parts.client((), x, jnp.float32(1.0), KEY))(v)))(values)
   limb_sums = np.asarray(summed["value"])

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_lite.aggregators.base import Aggregator
+from fedjax_lite.aggregators.base import STACK, Aggregator, client_total
 from fedjax_lite.aggregators.mean import mean
 from fedjax_lite.algorithms.fed_avg import fed_avg
 from fedjax_lite.core.model import masked_loss_and_metric_sums
@@ -176,9 +176,10 @@ def test_strategies_agree(population, tiny_model, tiny_params):
 
 
 def test_streaming_equals_stacked_aggregation(population, tiny_model, tiny_params):
-  """The same aggregator without its client/server parts goes through ``next`` on stacked updates."""
+  """The same aggregator through the stack combine (the server sums the stacked contributions itself)."""
   streaming = mean()
-  stacked = Aggregator(init=streaming.init, next=streaming.next)
+  stacked = streaming._replace(combine=STACK,
+                               server=lambda s, c, r, ctx: streaming.server(s, client_total(c, STACK), r, ctx))
   round_data = pack_clients(population, [0, 1, 2], batch_size=4)
   a = one_round(fed_avg(tiny_model, client_learning_rate=0.1, aggregator=streaming), tiny_params, round_data)
   b = one_round(fed_avg(tiny_model, client_learning_rate=0.1, aggregator=stacked), tiny_params, round_data)

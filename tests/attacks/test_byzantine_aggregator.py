@@ -43,7 +43,7 @@ def test_no_attackers_leaves_the_inner_result_unchanged():
   assert attacked.measurements["num_malicious_clients"] == 0
   assert aggregator.dp_event() == inner.dp_event()
   assert client_upload_bits(aggregator, template) == client_upload_bits(inner, template)
-  assert aggregator.parts is None
+  assert aggregator.combine == "stack"
 
 
 def test_argument_checks():

@@ -12,8 +12,8 @@ Properties:
 * permutation invariance of the client axis (aggregators whose clients draw no slot-keyed randomness): bit for bit
   where every sum is an exact integer sum (secure sums, sorting statistics, Krum), else to the float32 rounding of
   a sum in another order (``tests/tolerances.py``: ulps x terms x the sum of the terms' magnitudes);
-* streaming equals stacked: ``parts`` summed by ``fedjax_lite.core.runner.run_clients`` (sequential lanes, vmap,
-  chunked) equals ``next``;
+* streaming equals stacked: the client parts summed by ``fedjax_lite.core.runner.run_clients`` (sequential lanes,
+  vmap, chunked) then the server part equals ``next``;
 * linearity of the linear sum-based aggregators;
 * faults: a NaN/Inf client never becomes a silent finite wrong value -- each aggregator follows the rule its module
   docstring states (propagate; zero and count; reject and count; NaN coordinate; never selected);
@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedjax_lite import aggregators as agg
-from fedjax_lite.aggregators.base import split_rng
+from fedjax_lite.aggregators.base import AggregationContext, as_template, split_rng
 from fedjax_lite.core.runner import Runner, run_clients
 from tests.aggregators.helpers import run_streaming
 from tests.tolerances import float_atol
@@ -178,10 +178,11 @@ def compiled_next(case: Case):
 
 
 def compiled_streaming(case: Case, runner: Runner):
-  """``parts`` through ``run_clients``: the client halves summed by the runner, then the server half."""
+  """Through ``run_clients``: the client parts summed by the runner, then the server part."""
 
   def build():
-    parts = aggregator_of(case).parts
+    parts = aggregator_of(case)
+    assert parts.combine == "sum"
 
     def streamed(state, values, weights, rng, client_mask):
       clients_key, server_key = split_rng(rng)
@@ -191,7 +192,8 @@ def compiled_streaming(case: Case, runner: Runner):
         return parts.client(client_params, data["value"], data["weight"], key), None
 
       total, _ = run_clients(one_client, parts.broadcast(state), round_data, clients_key, runner=runner)
-      return parts.server(state, total, server_key)
+      context = AggregationContext(as_template(jax.tree.map(lambda v: v[0], values)), client_mask.shape[0])
+      return parts.server(state, total, server_key, context)
 
     return jax.jit(streamed)
 
@@ -264,6 +266,14 @@ def with_padding(round_: Round, fill: float) -> dict:
   for name in values:
     values[name][~round_.mask] = fill
   return values
+
+
+def participants(case: Case, round_: Round) -> np.ndarray:
+  """Boolean [slots] of the clients that take part: the real ones, and for a stacked statistic (median, trimmed
+  mean, Krum) only those with a positive weight (weight 0 is the contract's "takes no part", as for padding)."""
+  if aggregator_of(case).combine == agg.STACK:
+    return round_.mask & (np.asarray(round_.weights) > 0)
+  return round_.mask
 
 
 def faulty_slots(round_: Round) -> np.ndarray:
@@ -479,9 +489,12 @@ def test_non_finite_client_never_becomes_a_silent_finite_value(case, shape, data
   assert bad.any()
   rule = case.nan_rule
   if rule in ("propagate", "propagate_leaf", "nan_coordinate"):
+    taking_part = participants(case, round_)
     for slot, name, coordinate, value in round_.faults:
       if rule == "nan_coordinate" and not np.isnan(value):
         continue  # +-Inf are ordered like any value by the median and the trimmed mean
+      if not taking_part[slot]:
+        continue  # a weight-0 client of a stacked statistic has no vote
       leaf = np.asarray(out.result[name], np.float32).reshape(-1)
       if rule == "propagate_leaf":
         assert not np.all(np.isfinite(leaf)), (name, round_.faults)
@@ -501,7 +514,7 @@ def test_non_finite_client_never_becomes_a_silent_finite_value(case, shape, data
     assert int(out.measurements["secure_non_finite_count"]) == int(bad.sum())
     assert int(reference.measurements["secure_non_finite_count"]) == 0
   elif rule == "krum":
-    finite_real = int((round_.mask & ~bad).sum())
+    finite_real = int((participants(case, round_) & ~bad).sum())
     slots = SHAPES[shape].slots
     if finite_real >= 5 and finite_real >= slots - 1:  # n >= 2f + 3 finite clients, each with n - f - 2 neighbours
       for leaf in jax.tree.leaves(out.result):
@@ -556,7 +569,7 @@ def test_robust_statistics_and_krum_measurements(data):
   value, bit for bit."""
   shape = "two_f32"
   round_ = data.draw(rounds(shape))
-  n = int(round_.mask.sum())
+  n = int(participants(BY_NAME["krum"], round_).sum())  # real clients with a positive weight
   trimmed = run(BY_NAME["trimmed_mean"], shape, round_.values, round_.weights, round_.mask).measurements
   assert int(trimmed["trimmed_per_side"]) == math.floor(0.2 * n)
   out = run(BY_NAME["krum"], shape, round_.values, round_.weights, round_.mask)
@@ -564,7 +577,7 @@ def test_robust_statistics_and_krum_measurements(data):
   enough = n >= 5  # n >= 2f + 3 real clients, f = 1; otherwise the round does not qualify (NaN, none selected)
   assert int(out.measurements["num_selected"]) == (1 if enough else 0)
   if n >= 5:
-    matches = [slot for slot in np.flatnonzero(round_.mask)
+    matches = [slot for slot in np.flatnonzero(participants(BY_NAME["krum"], round_))
                if all(np.array_equal(np.asarray(out.result[k]), round_.values[k][slot]) for k in out.result)]
     assert matches, "Krum's result is not any real client's value"
   multi = run(BY_NAME["multi_krum"], shape, round_.values, round_.weights, round_.mask).measurements
