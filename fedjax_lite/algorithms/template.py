@@ -392,9 +392,10 @@ def communication_bits(
 def place_on_mesh(state: PyTree, runner: Runner | None) -> PyTree:
   """With a mesh runner, the state replicated over the mesh: the layout a sharded round returns it in, so round 2
   does not recompile for a different input sharding. Unchanged otherwise (and under tracing)."""
-  if runner is None or runner.mesh is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
+  mesh = (runner or Runner()).resolved_mesh()
+  if mesh is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
     return state
-  return jax.device_put(state, NamedSharding(runner.mesh, PartitionSpec()))
+  return jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
 
 
 def build_round(

@@ -2,6 +2,7 @@
 federated data (partitioning, sampling, packing) and the client runner."""
 
 from fedjax_lite.core.client_state import ClientStateStore
+from fedjax_lite.core.cpu import configure_cpu, usable_cores
 from fedjax_lite.core.device_rounds import (
     DevicePoissonSampler,
     DevicePopulation,
@@ -23,7 +24,7 @@ from fedjax_lite.core.partition import dirichlet_partition, iid_partition, parti
 from fedjax_lite.core.placement import broadcast, federated_mean, federated_sum, map_clients
 from fedjax_lite.core.process import MeasuredOutput, Process
 from fedjax_lite.core.records import ClientOutput
-from fedjax_lite.core.runner import Runner, client_mask, client_mesh, run_clients
+from fedjax_lite.core.runner import Runner, client_mask, client_mesh, host_client_mesh, run_clients
 from fedjax_lite.core.sampling import (
     PoissonSampler,
     ShuffledCyclicSampler,
@@ -35,6 +36,9 @@ from fedjax_lite.core.sampling import (
 from fedjax_lite.core.tree import tree_all_finite, tree_select, tree_size_bits
 
 __all__ = [
+    "configure_cpu",
+    "host_client_mesh",
+    "usable_cores",
     "PoissonSampler",
     "ShuffledCyclicSampler",
     "UniformSampler",

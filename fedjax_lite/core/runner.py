@@ -27,6 +27,7 @@ is padding: its summand is replaced by zeros.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -55,6 +56,10 @@ class Runner:
       (clients dealt largest first in snake order, so that ragged cohorts keep the lanes balanced), which
       XLA:CPU's runtime executes concurrently, one per core; memory holds ``lanes`` clients at a time. ``None`` (default) picks the number of CPU cores this
       process may use (at most 8) on CPU without a mesh, else 1. See :func:`default_lanes`.
+    shard_host_devices: with no ``mesh`` and several CPU devices in this (single) process -- what
+      :func:`fedjax_lite.core.configure_cpu` sets up, one device per core -- shard the client axis over them
+      (:meth:`resolved_mesh`). The fastest measured CPU configuration (``benchmarks/README.md``): each device
+      runs its share of the clients as one sequential stream, one core each. False keeps one device.
   """
 
   strategy: str = "auto"
@@ -62,6 +67,7 @@ class Runner:
   mesh: Mesh | None = None
   unroll: int = 1
   lanes: int | None = None
+  shard_host_devices: bool = True
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
@@ -75,6 +81,18 @@ class Runner:
       object.__setattr__(self, "lanes", int(self.lanes))
     if self.mesh is not None and not isinstance(self.mesh, Mesh):
       raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(self.mesh).__name__}.")
+    if not isinstance(self.shard_host_devices, bool):
+      raise TypeError(f"shard_host_devices must be a bool, got {type(self.shard_host_devices).__name__}.")
+
+  def resolved_mesh(self) -> Mesh | None:
+    """The mesh the client axis is sharded over: ``mesh`` if set; else, with ``shard_host_devices`` and several
+    CPU devices in a single-process run, a 1-D mesh over them (:func:`host_client_mesh`); else None."""
+    if self.mesh is not None:
+      return self.mesh
+    if (self.shard_host_devices and jax.default_backend() == "cpu" and jax.process_count() == 1
+        and jax.local_device_count() > 1):
+      return host_client_mesh(jax.local_device_count())
+    return None
 
   def resolved_strategy(self) -> str:
     """The concrete strategy: ``'auto'`` becomes ``'sequential'`` on CPU and ``'vmap'`` on GPU/TPU."""
@@ -87,7 +105,7 @@ class Runner:
     """The concrete number of sequential lanes: ``lanes`` if set, else :func:`default_lanes` (1 with a mesh)."""
     if self.lanes is not None:
       return self.lanes
-    return 1 if self.mesh is not None else default_lanes()
+    return 1 if self.resolved_mesh() is not None else default_lanes()
 
 
 MAX_DEFAULT_LANES = 8
@@ -256,12 +274,13 @@ def run_clients(
   num = num_client_slots(round_data)
   indices = jnp.arange(num, dtype=jnp.int32)
 
-  if runner.mesh is None:
+  mesh = runner.resolved_mesh()
+  if mesh is None:
     return _run_local(fn, broadcast, indices, round_data, rng, strategy, runner.chunk_size, runner.unroll,
                       runner.resolved_lanes())
 
-  axis = runner.mesh.axis_names[0]
-  num_devices = runner.mesh.shape[axis]
+  axis = mesh.axis_names[0]
+  num_devices = mesh.shape[axis]
   multiple = num_devices * (runner.chunk_size if strategy == "chunked" else 1)
   (indices, round_data), num = _pad_clients((indices, round_data), multiple)
 
@@ -270,22 +289,29 @@ def run_clients(
                                   runner.resolved_lanes())
     return jax.lax.psum(total, axis), collected
 
-  if any(t == AxisType.Explicit for t in runner.mesh.axis_types):
+  if any(t == AxisType.Explicit for t in mesh.axis_types):
     # Explicit-sharding meshes need the inputs laid out as shard_map expects them.
-    placed = NamedSharding(runner.mesh, PartitionSpec(axis))
-    replicated = NamedSharding(runner.mesh, PartitionSpec())
+    placed = NamedSharding(mesh, PartitionSpec(axis))
+    replicated = NamedSharding(mesh, PartitionSpec())
     indices, round_data = jax.tree.map(lambda x: jax.reshard(x, placed), (indices, round_data))
     broadcast, rng = jax.tree.map(lambda x: jax.reshard(x, replicated), (broadcast, rng))
 
   sharded = jax.shard_map(
       local,
-      mesh=runner.mesh,
+      mesh=mesh,
       in_specs=(PartitionSpec(), PartitionSpec(axis), PartitionSpec(axis), PartitionSpec()),
       out_specs=(PartitionSpec(), PartitionSpec(axis)),
       check_vma=False,
   )
   total, collected = sharded(broadcast, indices, round_data, rng)
   return total, jax.tree.map(lambda x: x[:num], collected)
+
+
+@functools.cache
+def host_client_mesh(num_devices: int) -> Mesh:
+  """The 1-D client mesh over this process's first ``num_devices`` devices (one object per count, so that jitted
+  rounds see the same mesh every time)."""
+  return client_mesh(num_devices)
 
 
 def client_mesh(num_devices: int | None = None, axis_name: str = "clients") -> Mesh:

@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
   rounds.add_argument("--seed", type=_nonnegative_int, default=0)
   rounds.add_argument("--runner", choices=RUNNER_STRATEGIES, default="auto",
                       help="how clients run: sequential scan (CPU default), vmap (accelerator default), chunked")
+  rounds.add_argument("--cpu-devices", type=_positive_int, default=None, metavar="N",
+                      help="XLA:CPU devices, each running its own stream of clients (default: one per usable core, "
+                           "at most 8; 1 for a single device); see fedjax_lite.configure_cpu")
   rounds.add_argument("--eval-every", type=_positive_int, default=5)
   rounds.add_argument("--rounds-per-dispatch", type=_positive_int, default=None, metavar="R",
                       help="whole training on the device: the data copied there once, up to R rounds per "
@@ -378,6 +381,8 @@ def distributed_config(args, given: set[str], environ=None):
       config = DistributedConfig(args.coordinator_address, args.num_processes, args.process_id, args.local_devices)
     except ValueError as error:
       raise UsageError(str(error).replace("coordinator_address", "--coordinator-address")) from None
+  if config is not None and args.cpu_devices is not None:
+    raise UsageError("--cpu-devices applies to one-process runs; with several processes use --local-devices")
   if config is not None and config.num_processes > 1:
     if args.checkpoint_dir is not None:
       raise UsageError("--checkpoint-dir is not supported with several processes yet (one process would write "
@@ -578,6 +583,20 @@ def _build_job(args, mesh=None):
   return train_data, test_data, model, process, client_spec, runner, None
 
 
+def _configure_cpu(cpu_devices: int | None) -> None:
+  """``fedjax_lite.configure_cpu`` (one device per core: the fastest measured CPU setup), unless JAX already started
+  in this process (``main`` called from Python after JAX use): then the default is kept, and an explicit
+  ``--cpu-devices`` is an error."""
+  from fedjax_lite.core import cpu
+
+  if cpu.backend_initialized():
+    if cpu_devices is not None:
+      raise UsageError("--cpu-devices must take effect before JAX starts, but JAX is already running in this "
+                       "process; run fedjax-lite in a new process.")
+    return
+  cpu.configure_cpu(cpu_devices)
+
+
 def train_command(args, distributed=None) -> dict | None:
   """Runs the job; ``distributed`` (a ``DistributedConfig``) joins a multi-process run first. Returns the summary,
   or None on the processes other than process 0."""
@@ -587,6 +606,8 @@ def train_command(args, distributed=None) -> dict | None:
 
   if distributed is not None:  # before anything starts JAX's backend
     multiprocess.initialize(distributed)
+  else:
+    _configure_cpu(args.cpu_devices)
   mesh = multiprocess.global_client_mesh() if jax.process_count() > 1 else None
   writer = multiprocess.is_writer()
 
@@ -683,7 +704,7 @@ def train_command(args, distributed=None) -> dict | None:
       "backend": jax.default_backend(),
       "runner": runner.resolved_strategy(),
       "processes": jax.process_count(),
-      "devices": jax.device_count() if mesh is not None else 1,
+      "devices": runner.resolved_mesh().size if runner.resolved_mesh() is not None else 1,
       "output_dir": output_dir,
       "metrics_file": os.path.join(output_dir, "metrics.jsonl") if "jsonl" in args.log_format else None,
       "csv_file": os.path.join(output_dir, FILE_NAMES["csv"]) if "csv" in args.log_format else None,
