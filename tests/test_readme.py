@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
+import subprocess
+import sys
+import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -26,17 +30,29 @@ def test_readme_main_command_runs_the_train_job():
   assert any(block.endswith("fedjax-lite train") for block in bash_blocks)
 
 
-def test_readme_python_examples_run(capsys):
+def test_readme_python_examples_run(tmp_path):
+  """Every Python block of the README, in order, in a fresh interpreter (as a newcomer runs them: the first one
+  calls ``fedjax_lite.configure_cpu()`` before JAX starts)."""
   blocks = code_blocks("python")
   assert len(blocks) >= 2, "the README needs its training example and its own-algorithm example"
-  namespaces = []
-  for block in blocks:
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
-    namespaces.append(namespace)
-  assert int(namespaces[0]["state"].round_num) == 20
-  custom = namespaces[1]["result"]  # the signSGD example built with build_round
-  assert len(custom.history) == 10 and int(custom.state.round_num) == 10
-  assert custom.history[-1]["client_work/train/loss"] < custom.history[0]["client_work/train/loss"]
-  printed = capsys.readouterr().out
+  checks = textwrap.dedent("""
+      import json
+      custom = namespaces[1]["result"]  # the signSGD example built with build_round
+      print("README-CHECK " + json.dumps({
+          "round_num": int(namespaces[0]["state"].round_num), "custom_rounds": len(custom.history),
+          "custom_round_num": int(custom.state.round_num),
+          "first_loss": custom.history[0]["client_work/train/loss"],
+          "last_loss": custom.history[-1]["client_work/train/loss"]}))
+  """)
+  script = tmp_path / "readme_examples.py"
+  script.write_text("namespaces = []\n" + "".join(
+      f"namespaces.append({{}})\nexec(compile({block!r}, 'README.md', 'exec'), namespaces[-1])\n"
+      for block in blocks) + checks)
+  completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  printed = completed.stdout
+  report = json.loads(printed.split("README-CHECK ", 1)[1].splitlines()[0])
+  assert report["round_num"] == 20
+  assert report["custom_rounds"] == 10 and report["custom_round_num"] == 10
+  assert report["last_loss"] < report["first_loss"]
   assert printed.count("accuracy") >= 2
