@@ -330,9 +330,8 @@ def build_scanned_rounds(process: Process, population: DevicePopulation, sampler
     rounds = first_round + jnp.arange(num_rounds, dtype=jnp.int32)
     if num_active is None:
       return jax.lax.scan(one_round, state, rounds)
-    with jax.enable_x64(True):  # the communication totals are int64 (algorithms.template.communication_bits)
-      skipped = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype),
-                             jax.eval_shape(one_round, state, first_round)[1])
+    skipped = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype),
+                           jax.eval_shape(one_round, state, first_round)[1])
 
     def maybe_round(state, round_num):
       return jax.lax.cond(round_num < first_round + num_active, one_round, lambda s, _: (s, skipped),

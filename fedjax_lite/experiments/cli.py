@@ -583,18 +583,23 @@ def _build_job(args, mesh=None):
   return train_data, test_data, model, process, client_spec, runner, None
 
 
-def _configure_cpu(cpu_devices: int | None) -> None:
+def _configure_cpu(cpu_devices: int | None) -> int | None:
   """``fedjax_lite.configure_cpu`` (one device per core: the fastest measured CPU setup), unless JAX already started
-  in this process (``main`` called from Python after JAX use): then the default is kept, and an explicit
-  ``--cpu-devices`` is an error."""
+  in this process (``main`` called from Python after JAX use): then its devices are kept, and an explicit
+  ``--cpu-devices`` asking for another count is an error. Returns the CPU devices the run uses (None off CPU): the
+  count is part of the run's configuration, since the client axis is split over them (float summation order)."""
+  import jax
+
   from fedjax_lite.core import cpu
 
   if cpu.backend_initialized():
-    if cpu_devices is not None:
-      raise UsageError("--cpu-devices must take effect before JAX starts, but JAX is already running in this "
-                       "process; run fedjax-lite in a new process.")
-    return
-  cpu.configure_cpu(cpu_devices)
+    if cpu_devices is not None and jax.default_backend() == "cpu" and cpu_devices != jax.local_device_count():
+      raise UsageError(f"--cpu-devices {cpu_devices} must take effect before JAX starts, but JAX is already running "
+                       f"in this process with {jax.local_device_count()} CPU device(s); run fedjax-lite in a new "
+                       "process.")
+  else:
+    cpu.configure_cpu(cpu_devices)
+  return jax.local_device_count() if jax.default_backend() == "cpu" else cpu_devices
 
 
 def train_command(args, distributed=None) -> dict | None:
@@ -607,7 +612,7 @@ def train_command(args, distributed=None) -> dict | None:
   if distributed is not None:  # before anything starts JAX's backend
     multiprocess.initialize(distributed)
   else:
-    _configure_cpu(args.cpu_devices)
+    args.cpu_devices = _configure_cpu(args.cpu_devices)  # recorded in the run's configuration (checkpoints)
   mesh = multiprocess.global_client_mesh() if jax.process_count() > 1 else None
   writer = multiprocess.is_writer()
 

@@ -100,7 +100,7 @@ def test_one_device_keeps_the_lanes():
 def test_cli_cpu_devices_errors(capsys):
   jnp.zeros(1).block_until_ready()
   assert cli.main(["train", "--rounds", "1", "--cpu-devices", "2"]) == 2
-  assert "--cpu-devices must take effect before JAX starts" in capsys.readouterr().err
+  assert "--cpu-devices 2 must take effect before JAX starts" in capsys.readouterr().err
   assert cli.main(["train", "--cpu-devices", "2", "--coordinator-address", "localhost:1234", "--num-processes",
                    "2", "--process-id", "0"]) == 2
   assert "--cpu-devices applies to one-process runs" in capsys.readouterr().err
