@@ -91,9 +91,15 @@ def test_arguments_are_checked_first():
     Runner(shard_host_devices="yes")
 
 
-def test_one_device_keeps_the_lanes():
-  assert jax.local_device_count() == 1  # the suite runs without configure_cpu
-  assert Runner().resolved_mesh() is None
+def test_the_default_runner_follows_the_devices():
+  """One CPU device (the suite without configure_cpu): no mesh, the lanes. Several (the suite run with
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=N``): the client axis over all of them."""
+  mesh = Runner().resolved_mesh()
+  if jax.local_device_count() == 1:
+    assert mesh is None
+  else:
+    assert mesh.size == jax.local_device_count() and Runner().resolved_lanes() == 1
+  assert Runner(shard_host_devices=False).resolved_mesh() is None
   assert cpu.usable_cores() >= 1
 
 
