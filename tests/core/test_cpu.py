@@ -105,8 +105,9 @@ def test_the_default_runner_follows_the_devices():
 
 def test_cli_cpu_devices_errors(capsys):
   jnp.zeros(1).block_until_ready()
-  assert cli.main(["train", "--rounds", "1", "--cpu-devices", "2"]) == 2
-  assert "--cpu-devices 2 must take effect before JAX starts" in capsys.readouterr().err
+  other = jax.local_device_count() + 1  # a count JAX is not running with
+  assert cli.main(["train", "--rounds", "1", "--cpu-devices", str(other)]) == 2
+  assert f"--cpu-devices {other} must take effect before JAX starts" in capsys.readouterr().err
   assert cli.main(["train", "--cpu-devices", "2", "--coordinator-address", "localhost:1234", "--num-processes",
                    "2", "--process-id", "0"]) == 2
   assert "--cpu-devices applies to one-process runs" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def test_auto_strategy_is_sequential_on_cpu():
 def test_default_lanes_follow_the_usable_cores():
   cores = len(os.sched_getaffinity(0))
   assert runner_module.default_lanes() == max(1, min(cores, runner_module.MAX_DEFAULT_LANES))
-  assert Runner().resolved_lanes() == runner_module.default_lanes()
+  assert Runner(shard_host_devices=False).resolved_lanes() == runner_module.default_lanes()
   assert Runner(lanes=3).resolved_lanes() == 3
   assert Runner(mesh=client_mesh(1)).resolved_lanes() == 1  # a mesh's devices already run concurrently
 
