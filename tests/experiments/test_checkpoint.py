@@ -32,7 +32,9 @@ from fedjax_lite.privacy import PrivacyLedger, sampled_run_events
 ROUNDS = 12
 BASE = ["train", "--model", "dense", "--rounds", str(ROUNDS), "--clients-per-round", "10", "--local-epochs", "1",
         "--eval-every", "3", "--aggregator", "dp", "--dp-noise-multiplier", "0.8", "--dp-accountant", "pld",
-        "--no-progress", "--json", "--cpu-devices", "1"]  # one device, in this process and in the killed one
+        "--no-progress", "--json",
+        # The killed subprocess uses this process's CPU device count (the client axis is split over the devices).
+        "--cpu-devices", str(jax.local_device_count())]
 if "log_format" in vars(cli.build_parser().parse_args(["train"])):
   BASE += ["--log-format", "jsonl"]  # no plot: faster
 KILL_TIMEOUT_S = 120
