@@ -4,10 +4,12 @@ Where this sits: issue 12 section 1 asks whether the CPU's cores can be kept bus
 in-process concurrency (client lanes, host devices) measured at about one core's throughput
 (``benchmarks/README.md``). This script measures, in ONE run with the two configurations interleaved:
 
-* ``one_process``: the library's default CPU setup (``Runner()``: sequential lanes, one per usable core), in one
-  process;
+* ``one_process``: the library's default CPU setup in one process: :func:`fedjax_lite.configure_cpu` (one host device
+  per usable core, single-threaded Eigen) and ``Runner()``, which shards the client axis over those devices;
+* ``one_process_jax_defaults``: one process with JAX's own defaults (one CPU device, multi-threaded Eigen;
+  ``Runner()`` then runs sequential lanes, one per usable core) -- the configuration before ``configure_cpu``;
 * ``process_per_core``: ``P`` processes on localhost (``P`` = the cores this process may use), each exposing one CPU
-  device (``--pin``: each also pinned to its core with ``taskset``), joined with ``jax.distributed`` (gloo
+  device with single-threaded Eigen (``--pin``: each also pinned to its core with ``taskset``), joined with ``jax.distributed`` (gloo
   collectives); the round's client axis is sharded over the ``P`` devices, each process packs only its clients
   (:mod:`fedjax_lite.experiments.distributed`), and the partial sums meet in a cross-process all-reduce.
 
@@ -15,7 +17,7 @@ Workload: the standard round of ``benchmarks/round_speed.py`` (original FedAvg C
 EMNIST-shaped random examples, batch 20, one epoch, client SGD 0.02, server SGD 1.0), the same packed round data
 every round with a new key. Every measurement is a fresh set of processes: the first round (compile + run), then
 ``--rounds`` timed rounds (each ended with ``block_until_ready``); ``steady_s`` is the median. The configurations
-alternate ``--repeats`` times (the order flips each repeat), and the CPU time that OTHER processes used during each
+alternate ``--repeats`` times (the order rotates each repeat), and the CPU time that OTHER processes used during each
 measurement is reported (``others_cpu_fraction``, from ``/proc/stat`` minus this run's own children), because the
 machine may be shared. The parameters of the two configurations are compared after the first round (they differ
 only by float32 summation order) and after the last (where training amplifies those differences).
@@ -63,6 +65,10 @@ def worker(mode: str, rounds: int, quick: bool, port: int | None, process_id: in
 
     distributed.initialize(distributed.DistributedConfig(f"127.0.0.1:{port}", num_processes, process_id,
                                                          local_devices=1))
+  elif mode == "one":
+    import fedjax_lite
+
+    fedjax_lite.configure_cpu()
   import jax
   import numpy as np
   import optax
@@ -104,7 +110,7 @@ def worker(mode: str, rounds: int, quick: bool, port: int | None, process_id: in
     times.append(time.perf_counter() - start)
     if r == 0:
       first_params = sample(state.params)
-  if mode == "one" or jax.process_index() == 0:
+  if mode != "process" or jax.process_index() == 0:
     print(json.dumps({
         "first_round_s": times[0], "round_s": times[1:], "devices": jax.device_count(),
         "processes": jax.process_count(), "steps_per_client": int(round_data["mask"].shape[1]),
@@ -138,10 +144,14 @@ def measure(mode: str, rounds: int, quick: bool, cores: Sequence[int], pin: bool
   """One measurement in fresh subprocesses; returns process 0's record plus wall time and others' CPU share."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.pop("XLA_FLAGS", None)
+  if mode == "process":  # what configure_cpu sets besides the device count (the one-process mode calls it)
+    from fedjax_lite.core.cpu import EIGEN_FLAG
+
+    env["XLA_FLAGS"] = EIGEN_FLAG
   script = os.path.abspath(__file__)
   common = ["--rounds", str(rounds)] + (["--quick"] if quick else [])
-  if mode == "one":
-    commands = [[sys.executable, script, "--worker", "one", *common]]
+  if mode in ("one", "jax_defaults"):
+    commands = [[sys.executable, script, "--worker", mode, *common]]
   else:
     port = _free_port()
     commands = [(["taskset", "-c", str(core)] if pin else []) +
@@ -177,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--quick", action="store_true", help="tiny workload (smoke test)")
   parser.add_argument("--pin", action="store_true",
                       help="pin each process to its own core with taskset (measured slower on a shared machine)")
-  parser.add_argument("--worker", choices=("one", "process"), default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--worker", choices=("one", "jax_defaults", "process"), default=None, help=argparse.SUPPRESS)
   parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
   parser.add_argument("--num-processes", type=int, default=1, help=argparse.SUPPRESS)
@@ -198,12 +208,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     log("taskset not found: the processes run unpinned")
   if len(cores) < 2:
     log("only one usable core: the process-per-core configuration runs one process")
-  records = {"one_process": [], "process_per_core": []}
+  modes = {"one_process": "one", "process_per_core": "process", "one_process_jax_defaults": "jax_defaults"}
+  records = {name: [] for name in modes}
   for repeat in range(args.repeats):
-    order = ["one_process", "process_per_core"][:: 1 if repeat % 2 == 0 else -1]
+    names = list(modes)
+    order = names[repeat % len(names):] + names[:repeat % len(names)]
     for name in order:
       log(f"repeat {repeat + 1}/{args.repeats}: {name}")
-      record = measure("one" if name == "one_process" else "process", args.rounds, args.quick, cores, pin)
+      record = measure(modes[name], args.rounds, args.quick, cores, pin)
       log(f"  steady {statistics.median(record['round_s']):.3f} s/round, first {record['first_round_s']:.2f} s, "
           f"others used {record['others_cpu_fraction']:.0%} of the CPU")
       records[name].append(record)
@@ -217,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
       workload="quick" if args.quick else "standard", rounds=args.rounds, repeats=args.repeats,
       steady_ratio_process_per_core_to_one_process=(result["process_per_core"]["steady_s"]
                                                     / result["one_process"]["steady_s"]),
+      steady_ratio_one_process_to_jax_defaults=(result["one_process"]["steady_s"]
+                                                / result["one_process_jax_defaults"]["steady_s"]),
       max_abs_param_difference_after_round_1=max_difference("first_params"),
       max_abs_param_difference_after_all_rounds=max_difference("params"),
       max_abs_param_after_round_1=float(max(np.max(np.abs(np.asarray(a)))

@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/process_per_core.py``: ``--quick`` runs both configurations and prints one JSON line.
+"""Smoke test of ``benchmarks/process_per_core.py``: ``--quick`` runs the three configurations and prints one JSON line.
 
 No timing assertions. It checks that the process-per-core configuration really ran as several processes with one
 device each, and that its first round equals the one-process round up to float32 summation order.
@@ -33,10 +33,14 @@ def test_quick_run_prints_one_json_line():
   result = json.loads(lines[0])
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   assert result["process_per_core"]["processes"] == result["process_per_core"]["devices"] == cores
-  assert result["one_process"]["processes"] == 1
-  for name in ("one_process", "process_per_core"):
+  assert result["one_process"]["processes"] == result["one_process_jax_defaults"]["processes"] == 1
+  # configure_cpu gives the one process a device per usable core (at most 8); JAX's defaults give one.
+  assert result["one_process"]["devices"] == min(cores, 8)
+  assert result["one_process_jax_defaults"]["devices"] == 1
+  for name in ("one_process", "process_per_core", "one_process_jax_defaults"):
     assert result[name]["steady_s"] > 0 and result[name]["first_round_s"] > 0
   assert result["steady_ratio_process_per_core_to_one_process"] > 0
+  assert result["steady_ratio_one_process_to_jax_defaults"] > 0
   # The same clients and keys; the clients' weighted deltas are summed in another order (lanes in one process,
   # a cross-process all-reduce), then divided and applied: a few ulps times (clients + 2) at the parameters' scale.
   assert result["max_abs_param_difference_after_round_1"] <= float_atol(QUICK_CLIENTS + 2,
