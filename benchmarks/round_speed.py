@@ -16,9 +16,13 @@ Variants (each advances its own model, round after round; all start from the sam
 
 * ``library_equal`` / ``library_ragged``: ``jax.jit(fed_avg(...).next)`` with the default runner (a sequential
   ``lax.scan`` over clients on CPU), data packed by ``fedjax_lite.core.pack_clients``.
-* ``library_equal_sharded`` / ``library_ragged_sharded`` (only when the process sees several devices, e.g. under
-  ``XLA_FLAGS=--xla_force_host_platform_device_count=2``): the same with ``Runner(mesh=client_mesh())``, i.e. the
-  client axis split over the host's CPU "devices", each running its share of the clients as a sequential scan.
+  The script calls :func:`fedjax_lite.configure_cpu` first, as the CLI and the README's research example do (one
+  host device per usable core, single-threaded Eigen), so the default runner shards the client axis over those
+  devices; ``--jax-defaults`` skips it (one CPU device, multi-threaded Eigen, the runner's sequential lanes).
+* ``library_equal_sharded`` / ``library_ragged_sharded`` (only when the process sees several devices and the default
+  runner does not already shard over them, or when named in ``--only``): the same with
+  ``Runner(mesh=client_mesh())``, i.e. the client axis split over the host's CPU "devices", each running its share
+  of the clients as a sequential scan.
 * hand-written rounds written here with jax/optax/flax only (no fedjax_lite runner or algorithm):
 
   - ``vmap``: one jit, ``vmap`` over clients of a rolled ``lax.scan`` over batches, canonical-conv model;
@@ -40,7 +44,10 @@ Sections beside the variants (skip any with ``--skip``):
 * ``single_step``: one SGD step jitted alone (plain and canonical conv), and per step inside a rolled 10-step scan;
 * ``recompilation``: ``fedjax_lite.experiments.loop.run_training`` over random cohorts from a ragged population,
   counting XLA compilations with a ``jax.monitoring`` listener on ``/jax/core/compile/backend_compile_duration``;
-* ``memory``: one library round of many one-step clients, in a subprocess so that its peak RSS is its own.
+* ``memory``: one library round of many one-step clients, in a subprocess so that its peak RSS is its own;
+* ``fp32_peak``: the share of the machine's FP32 peak each variant reaches: FLOPs per round (XLA's cost analysis
+  of one jitted SGD step, times the round's local steps) / steady seconds per round / the peak measured with a
+  large float32 matmul on every device at once (the same devices and threads the rounds use).
 
 Output: ONE JSON line on stdout (progress goes to stderr); ``--output PATH`` also appends it to a file.
 ``--compare-xla-flags FLAGS`` additionally runs the library variants in fresh subprocesses with and without
@@ -97,7 +104,7 @@ HANDWRITTEN_VARIANTS = (
 )
 ALL_VARIANTS = LIBRARY_VARIANTS + SHARDED_VARIANTS + HANDWRITTEN_VARIANTS
 OPT_IN_VARIANTS = ("scan_plain",)  # ~10x slower per step; run only when named in --only
-SECTIONS = ("single_step", "recompilation", "memory")
+SECTIONS = ("single_step", "recompilation", "memory", "fp32_peak")
 
 LIBRARY_EQUAL_TARGET = 1.10
 LIBRARY_RAGGED_TARGET = 1.25
@@ -656,6 +663,63 @@ def single_step_section(workload: Workload, initial_params: PyTree, equal: dict)
   return out
 
 
+def compiled_flops(function: Callable, *args) -> float:
+  """XLA's cost-analysis FLOP count of ``jax.jit(function)(*args)`` (a loop-free program: XLA counts a loop's
+  body once, so rolled programs are measured one step at a time)."""
+  analysis = jax.jit(function).lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax returns one dict per computation
+    analysis = analysis[0]
+  return float(analysis["flops"])
+
+
+def matmul_peak(size: int, calls: int) -> dict:
+  """FP32 FLOP/s of ``size x size`` matmuls on every device at once (one matmul per device, each with the threads
+  its device has), and on one device alone; the best of ``calls`` timed calls after a warm-up."""
+  def best_rate(devices) -> float:
+    count = len(devices)
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("d",)), jax.sharding.PartitionSpec("d"))
+    rng = np.random.default_rng(0)
+    a, b = (jax.device_put(rng.standard_normal((count, size, size), dtype=np.float32), sharding) for _ in range(2))
+    program = jax.jit(jax.vmap(lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)))
+    jax.block_until_ready(program(a, b))
+    best = float("inf")
+    for _ in range(calls):
+      start = time.perf_counter()
+      jax.block_until_ready(program(a, b))
+      best = min(best, time.perf_counter() - start)
+    return count * 2.0 * size**3 / best
+
+  devices = jax.local_devices()
+  return {"matmul_size": size, "devices": len(devices), "peak_flops": best_rate(devices),
+          "one_device_flops": best_rate(devices[:1])}
+
+
+def fp32_peak_section(workload: Workload, initial_params: PyTree, equal: dict, variants: dict[str, dict],
+                      quick: bool) -> dict:
+  """FLOPs per round / steady time / measured matmul peak, for every timed variant.
+
+  FLOPs per local step come from XLA's cost analysis of one jitted SGD step of each model (forward, backward and
+  update of one batch); a round is its variant's ``local_steps`` of them (the aggregation and the server step add
+  a few FLOPs per parameter, under 0.1% here, and are left out).
+  """
+  images, labels, _ = dense_equal_round(equal)
+  batch = jax.device_put((images[0, 0], labels[0, 0]))
+  flops_per_step = {kind: compiled_flops(make_sgd_step(module, workload.client_learning_rate), initial_params, *batch)
+                    for kind, module in build_modules(workload.num_classes).items()}
+  peak = matmul_peak(512 if quick else 2048, 3 if quick else 10)
+  out = {"flops_per_local_step": flops_per_step, **peak, "variants": {}}
+  for name, result in variants.items():
+    kind = "plain" if name in ("python_loop", "unrolled", "scan_plain") else "canonical"
+    round_flops = flops_per_step[kind] * result["local_steps"]
+    achieved = round_flops / result["steady_s"]
+    out["variants"][name] = {"round_gflops": round(round_flops / 1e9, 2), "achieved_gflops_per_s": round(achieved / 1e9, 2),
+                             "share_of_peak": round(achieved / peak["peak_flops"], 3)}
+  log(f"fp32 peak: {peak['peak_flops'] / 1e9:.1f} GFLOP/s on {peak['devices']} device(s) "
+      f"({peak['one_device_flops'] / 1e9:.1f} on one); " + ", ".join(
+          f"{n} {v['share_of_peak']:.0%}" for n, v in out["variants"].items()))
+  return out
+
+
 def recompilation_section(workload: Workload, initial_params: PyTree) -> dict:
   """``run_training`` over random cohorts of a ragged population; counts XLA compilations per round."""
   sizes = np.random.default_rng(workload.seed + 2).integers(
@@ -830,7 +894,7 @@ class MemoryProbe:
 COMPARED_KEYS = ("first_round_s", "compile_s", "steady_s", "min_s")
 
 
-def compare_xla_flags(flags: str, rounds: int, quick: bool, repeats: int) -> dict:
+def compare_xla_flags(flags: str, rounds: int, quick: bool, repeats: int, jax_defaults: bool) -> dict:
   """The library variants in fresh subprocesses, alternating without and with ``XLA_FLAGS=flags``."""
   runs: dict[str, list[dict]] = {"baseline": [], "flagged": []}
   for _ in range(repeats):
@@ -841,8 +905,7 @@ def compare_xla_flags(flags: str, rounds: int, quick: bool, repeats: int) -> dic
         env["XLA_FLAGS"] = flags
       command = [sys.executable, os.path.abspath(__file__), "--rounds", str(rounds),
                  "--only", "library_equal,library_ragged,scan_canonical", "--skip", ",".join(SECTIONS)]
-      if quick:
-        command.append("--quick")
+      command += ["--quick"] * quick + ["--jax-defaults"] * jax_defaults
       log(f"xla flags comparison: {label} child ({flags if label == 'flagged' else 'no XLA_FLAGS'})")
       child = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=True)
       variants = json.loads(child.stdout.strip().splitlines()[-1])["variants"]
@@ -890,6 +953,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--compare-xla-flags", default=None, metavar="FLAGS",
                       help="also run the library variants in subprocesses with and without XLA_FLAGS=FLAGS")
   parser.add_argument("--compare-repeats", type=int, default=2, help="alternations for --compare-xla-flags")
+  parser.add_argument("--jax-defaults", action="store_true",
+                      help="do not call fedjax_lite.configure_cpu() (JAX's defaults: one CPU device, multi-threaded "
+                           "Eigen, the runner's sequential lanes)")
   parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.rounds is None:
@@ -902,6 +968,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
   workload = QUICK if args.quick else STANDARD
+  if not args.jax_defaults:
+    fedjax_lite.configure_cpu()  # before any array: the library's default CPU setup (the CLI's too)
   if args.memory_child is not None:
     memory_child(args.memory_child, workload)
     return {}
@@ -909,7 +977,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   skip = parse_names(args.skip, ALL_VARIANTS + SECTIONS, "--skip")
   only = parse_names(args.only, ALL_VARIANTS, "--only")
   default = [name for name in ALL_VARIANTS if name not in OPT_IN_VARIANTS]
-  if jax.device_count() == 1:
+  default_mesh = Runner().resolved_mesh()
+  if jax.device_count() == 1 or default_mesh is not None:  # nothing to shard over, or the default already shards
     default = [name for name in default if name not in SHARDED_VARIANTS]
   selected = [name for name in (only or default) if name not in skip]
   started = time.perf_counter()
@@ -950,6 +1019,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "backend": jax.default_backend(),
       "device_count": jax.device_count(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "configure_cpu": not args.jax_defaults,
+      "default_runner_mesh_devices": 0 if default_mesh is None else int(default_mesh.devices.size),
       "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
       "workload": {
           "clients": workload.num_clients,
@@ -974,6 +1045,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results = time_variants(variants, args.rounds)
     report["variants"] = results
     report["ratios"] = ratios(results)
+    if "fp32_peak" not in skip:
+      report["fp32_peak"] = fp32_peak_section(workload, initial_params, equal_round, results, args.quick)
     del variants
     gc.collect()
   if "single_step" not in skip:
@@ -986,7 +1059,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report["memory"] = memory_probe.result()
   if args.compare_xla_flags:
     report["xla_flags_comparison"] = compare_xla_flags(args.compare_xla_flags, args.rounds, args.quick,
-                                                       args.compare_repeats)
+                                                       args.compare_repeats, args.jax_defaults)
   report["total_compilations"] = len(COMPILE_LOG.compiles())
   report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
   report["benchmark_s"] = round(time.perf_counter() - started, 1)

@@ -98,10 +98,27 @@ def check_memory_subprocess(quick_report):
   assert memory["all_updates_at_once_bytes"] == 20 * memory["num_params"] * 4
 
 
+def check_fp32_peak(quick_report):
+  peak = quick_report["fp32_peak"]
+  assert _positive(peak["peak_flops"]) and _positive(peak["one_device_flops"])
+  # The script configures one CPU device per usable core (at most 8), as the library's default setup does.
+  assert quick_report["configure_cpu"] is True
+  assert peak["devices"] == quick_report["device_count"] == min(quick_report["cpu_affinity"], 8)
+  # XLA's cost analysis of one SGD step of the CNN (batch 20): at least the forward
+  # convolutions' multiply-adds, 2 * 20 * (28*28*32*25 + 14*14*64*25*32) = 4.5e8 FLOPs.
+  for kind in ("plain", "canonical"):
+    assert peak["flops_per_local_step"][kind] >= 2 * 20 * (28 * 28 * 32 * 25 + 14 * 14 * 64 * 25 * 32)
+  assert set(peak["variants"]) == EXPECTED_VARIANTS
+  for name, result in peak["variants"].items():
+    assert 0 < result["share_of_peak"], name
+    assert result["round_gflops"] * 1e9 == pytest.approx(
+        peak["flops_per_local_step"]["canonical"] * quick_report["variants"][name]["local_steps"], rel=1e-2)
+
+
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
   # One subprocess run for all checks (a module-scoped fixture would run once per xdist worker).
   quick_report = run_quick(tmp_path)
   for check in (check_top_level_keys, check_variants_have_positive_times_and_agree, check_ratios,
-                check_single_step, check_recompilation_counts, check_memory_subprocess):
+                check_single_step, check_recompilation_counts, check_memory_subprocess, check_fp32_peak):
     check(quick_report)
