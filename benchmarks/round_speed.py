@@ -32,6 +32,8 @@ Variants (each advances its own model, round after round; all start from the sam
   - ``unrolled``: one jit, clients and batches both unrolled in Python, plain flax conv; ``unrolled_canonical``
     with the zoo model;
   - ``scan_canonical``: one jit, ``lax.scan`` over clients around a ``lax.scan`` over batches, zoo model;
+  - ``scan_sharded`` (when the process has several devices that divide the clients): ``scan_canonical`` with the
+    client axis split over the devices by ``shard_map``, the delta sums joined by one ``psum``;
   - ``scan_plain`` (not run unless named in ``--only``): ``scan_canonical`` with plain flax convolutions, the
     rolled-loop slowdown of jax-ml/jax#12868.
 
@@ -100,8 +102,10 @@ LIBRARY_VARIANTS = ("library_equal", "library_ragged")
 SHARDED_VARIANTS = ("library_equal_sharded", "library_ragged_sharded")
 HANDWRITTEN_VARIANTS = (
     "vmap", "python_loop", "python_loop_canonical", "unrolled", "unrolled_canonical", "scan_canonical",
-    "scan_plain",
+    "scan_sharded", "scan_plain",
 )
+# Hand-written variants that split the clients over several devices: listed when the process has several.
+MULTI_DEVICE_VARIANTS = ("scan_sharded",)
 ALL_VARIANTS = LIBRARY_VARIANTS + SHARDED_VARIANTS + HANDWRITTEN_VARIANTS
 OPT_IN_VARIANTS = ("scan_plain",)  # ~10x slower per step; run only when named in --only
 SECTIONS = ("single_step", "recompilation", "memory", "fp32_peak")
@@ -339,10 +343,13 @@ class LibraryRound:
 class HandwrittenRound:
   """A jitted ``round_fn(params, opt_state, images, labels, weights) -> (params, opt_state)`` of pure JAX."""
 
-  def __init__(self, round_fn: Callable, server_optimizer, initial_params, images, labels, weights):
+  def __init__(self, round_fn: Callable, server_optimizer, initial_params, images, labels, weights,
+               state_sharding=None):
     self._round = jax.jit(round_fn)
-    self._params = initial_params
-    self._opt_state = server_optimizer.init(initial_params)
+    # A round whose output is replicated over several devices gets its state placed so from the start (else
+    # round 2 recompiles for the new input sharding).
+    self._params = jax.device_put(initial_params, state_sharding)
+    self._opt_state = jax.device_put(server_optimizer.init(initial_params), state_sharding)
     self._inputs = jax.device_put((images, labels, weights))
 
   def __call__(self) -> None:
@@ -405,6 +412,31 @@ def scan_round_fn(step, server_optimizer):
   return round_fn
 
 
+def scan_sharded_round_fn(step, server_optimizer):
+  """``scan_round_fn`` with the client axis split over every local device (``shard_map``): each device scans its
+  share of the clients, and the weighted delta sums meet in one ``psum``."""
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("clients",))
+  spec = jax.sharding.PartitionSpec
+
+  def round_fn(params, opt_state, images, labels, weights):
+    def device_part(params, images, labels, weights):
+      def one_client(total, client):
+        client_images, client_labels, weight = client
+        final_params = local_epoch_scan(step, params, client_images, client_labels)
+        return add_weighted_delta(total, params, final_params, weight), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      delta_sum, _ = jax.lax.scan(one_client, zeros, (images, labels, weights))
+      return jax.lax.psum(delta_sum, "clients")
+
+    delta_sum = jax.shard_map(device_part, mesh=mesh, in_specs=(spec(), spec("clients"), spec("clients"),
+                                                                spec("clients")), out_specs=spec(),
+                             check_vma=False)(  # models.Conv's custom_vjp does not carry the varying-axis types
+        params, images, labels, weights)
+    return server_update(server_optimizer, params, opt_state, delta_sum, weights.sum())
+  return round_fn
+
+
 def unrolled_round_fn(step, server_optimizer):
   def round_fn(params, opt_state, images, labels, weights):
     delta_sum = jax.tree.map(jnp.zeros_like, params)
@@ -444,9 +476,13 @@ def build_variants(names: Sequence[str], workload: Workload, initial_params: PyT
   def sharded():
     return Runner(mesh=client_mesh())
 
-  def handwritten(round_fn_builder, kind):
+  def handwritten(round_fn_builder, kind, state_sharding=None):
     return HandwrittenRound(round_fn_builder(steps[kind], server_optimizer), server_optimizer, initial_params,
-                            images, labels, weights)
+                            images, labels, weights, state_sharding)
+
+  def all_devices_replicated():
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()), ("clients",)),
+                                      jax.sharding.PartitionSpec())
 
   builders = {
       "library_equal": (lambda: library(equal), equal_steps,
@@ -471,6 +507,8 @@ def build_variants(names: Sequence[str], workload: Workload, initial_params: PyT
                              "unrolled with the canonical (zoo) conv"),
       "scan_canonical": (lambda: handwritten(scan_round_fn, "canonical"), equal_steps,
                          "one jit, lax.scan over clients and over batches, canonical (zoo) conv"),
+      "scan_sharded": (lambda: handwritten(scan_sharded_round_fn, "canonical", all_devices_replicated()), equal_steps,
+                       "scan_canonical with the client axis split over the host's CPU devices (shard_map, psum)"),
       "scan_plain": (lambda: handwritten(scan_round_fn, "plain"), equal_steps,
                      "scan_canonical with plain flax conv (rolled-loop slowdown, jax#12868)"),
   }
@@ -980,6 +1018,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   default_mesh = Runner().resolved_mesh()
   if jax.device_count() == 1 or default_mesh is not None:  # nothing to shard over, or the default already shards
     default = [name for name in default if name not in SHARDED_VARIANTS]
+  if jax.device_count() == 1 or workload.num_clients % jax.device_count():
+    default = [name for name in default if name not in MULTI_DEVICE_VARIANTS]
   selected = [name for name in (only or default) if name not in skip]
   started = time.perf_counter()
 

@@ -17,7 +17,9 @@ Strategies (``Runner.strategy``):
 * ``'auto'`` -- ``'sequential'`` on CPU, ``'vmap'`` elsewhere.
 
 With ``Runner.mesh`` set, the client axis is sharded over the mesh's first axis with ``jax.shard_map``: each
-device runs the strategy on its clients and the partial sums are combined with ``psum`` (an XLA all-reduce).
+device runs the strategy on its clients and the partial sums are combined with ``psum`` (an XLA all-reduce). With
+the sequential strategy in one process, the clients are dealt to the devices largest first in snake order, so
+that ragged cohorts keep the devices' streams balanced.
 
 Every client's randomness is ``fold_in(key, client_slot)`` of the round's key(s), so results do not depend on the strategy, the chunk
 size or the number of devices (up to floating-point summation order). A client slot with ``num_examples == 0``
@@ -176,6 +178,16 @@ def _lane_grid(num_slots: int, lanes: int) -> np.ndarray:
   return grid
 
 
+def _balanced_order(num_examples: jax.Array, parts: int) -> jax.Array:
+  """A permutation of the client slots that splits into ``parts`` contiguous blocks of nearly equal work: the
+  slots dealt largest first in snake order (:func:`_lane_grid`), block ``d`` holding column ``d`` of the grid.
+
+  ``len(num_examples)`` must be a multiple of ``parts``.
+  """
+  by_size = jnp.argsort(-jnp.asarray(num_examples), stable=True)
+  return by_size[_lane_grid(num_examples.shape[0], parts)].T.reshape(-1)
+
+
 def _run_lanes(fn, broadcast, indices, round_data, rng, lanes, unroll):
   """``lanes`` independent sequential scans in one program; each lane's total is added at the end.
 
@@ -283,16 +295,30 @@ def run_clients(
   num_devices = mesh.shape[axis]
   multiple = num_devices * (runner.chunk_size if strategy == "chunked" else 1)
   (indices, round_data), num = _pad_clients((indices, round_data), multiple)
+  # A sequential stream per device takes as long as its clients' steps: in one process, deal the clients to the
+  # devices by size (snake order) so that ragged cohorts keep the devices balanced. Client slot k keeps its keys
+  # (``indices``), so only the summation order changes. Across processes each process packs its own block of
+  # slots (experiments.distributed), which must stay where it is.
+  explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
+  placed = NamedSharding(mesh, PartitionSpec(axis))
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def permute(x, permutation, sharding):  # an explicit mesh's gathers need their output sharding spelled out
+    x = jnp.asarray(x)
+    return x.at[permutation].get(out_sharding=sharding) if explicit else x[permutation]
+
+  order = None
+  if strategy == "sequential" and jax.process_count() == 1:
+    order = _balanced_order(round_data["num_examples"], num_devices)
+    indices, round_data = jax.tree.map(lambda x: permute(x, order, placed), (indices, round_data))
 
   def local(broadcast, indices, round_data, rng):
     total, collected = _run_local(fn, broadcast, indices, round_data, rng, strategy, runner.chunk_size, runner.unroll,
                                   runner.resolved_lanes())
     return jax.lax.psum(total, axis), collected
 
-  if any(t == AxisType.Explicit for t in mesh.axis_types):
+  if explicit:
     # Explicit-sharding meshes need the inputs laid out as shard_map expects them.
-    placed = NamedSharding(mesh, PartitionSpec(axis))
-    replicated = NamedSharding(mesh, PartitionSpec())
     indices, round_data = jax.tree.map(lambda x: jax.reshard(x, placed), (indices, round_data))
     broadcast, rng = jax.tree.map(lambda x: jax.reshard(x, replicated), (broadcast, rng))
 
@@ -304,7 +330,12 @@ def run_clients(
       check_vma=False,
   )
   total, collected = sharded(broadcast, indices, round_data, rng)
-  return total, jax.tree.map(lambda x: x[:num], collected)
+  if order is None and not explicit:
+    return total, jax.tree.map(lambda x: x[:num], collected)
+  # Back to slot order, without the padding slots (on an explicit mesh, into a replicated layout: the real
+  # clients need not divide over the devices).
+  back = (jnp.arange(num) if order is None else jnp.argsort(order)[:num])
+  return total, jax.tree.map(lambda x: permute(x, back, replicated), collected)
 
 
 @functools.cache

@@ -156,6 +156,22 @@ SHARDED_SCRIPT = textwrap.dedent("""
       out[name] = {{"params": [np.asarray(l).tolist() for l in jax.tree.leaves(state.params)],
                    "loss": float(metrics["client_work"]["train"]["loss"]),
                    "num_examples": int(metrics["client_work"]["train"]["num_examples"])}}
+    # Ragged clients dealt to the devices by size: the per-client outputs come back in slot order, under an
+    # auto and an explicit mesh alike.
+    from jax.sharding import AxisType
+    from tests.core.test_runner import client_fn, toy_round
+    toy = toy_round(num_clients=7)
+    run = lambda runner: jax.jit(lambda b, d, r: run_clients(client_fn, b, d, r, runner=runner))(
+        np.float32(2.0), toy, jax.random.key(5))
+    from fedjax_lite.core.runner import run_clients
+    explicit = jax.make_mesh((4,), ("clients",), axis_types=(AxisType.Explicit,))
+    for name, runner in [("toy_single", Runner(strategy="sequential", lanes=1)),
+                         ("toy_sharded", Runner(strategy="sequential", mesh=client_mesh(4))),
+                         ("toy_explicit", Runner(strategy="sequential", mesh=explicit))]:
+      total, collected = run(runner)
+      out[name] = {{"total": float(total["value"]), "count": int(total["count"]),
+                   "values": np.asarray(collected["value"]).tolist(),
+                   "key_draws": np.asarray(collected["key_draw"]).tolist()}}
     print(json.dumps(out))
 """)
 
@@ -179,6 +195,26 @@ def test_sharded_clients_match_single_device():
     assert out[name]["num_examples"] == single["num_examples"]
     assert out[name]["loss"] == pytest.approx(
         single["loss"], abs=float_atol(single["num_examples"], abs(single["loss"])))
+  # The toy round's ragged clients, dealt to the 4 devices by size: each slot's value and key come back in slot
+  # order (computed the same way: equal), and the sum of the 6 real values differs only in order.
+  for name in ("toy_sharded", "toy_explicit"):
+    assert out[name]["values"] == out["toy_single"]["values"]
+    assert out[name]["key_draws"] == out["toy_single"]["key_draws"]
+    assert out[name]["count"] == out["toy_single"]["count"] == 6
+    assert out[name]["total"] == pytest.approx(out["toy_single"]["total"],
+                                               abs=float_atol(6, max(map(abs, out["toy_single"]["values"]))))
+
+
+def test_balanced_order_deals_clients_to_devices_by_size():
+  """Clients dealt largest first in snake order: every device's block gets nearly the same examples."""
+  sizes = jnp.array([350, 30, 68, 306, 184, 198, 282, 105, 0, 127, 350, 0], jnp.int32)  # 12 slots, 2 padding
+  order = np.asarray(runner_module._balanced_order(sizes, 4))
+  assert sorted(order.tolist()) == list(range(12))  # a permutation
+  blocks = np.asarray(sizes)[order].reshape(4, 3)
+  # By size: 350 350 306 282 | 198 184 127 105 | 68 30 0 0, dealt in rows of 4: left to right, right to left, ...
+  np.testing.assert_array_equal(blocks, [[350, 105, 68], [350, 127, 30], [306, 184, 0], [282, 198, 0]])
+  # The busiest device has 523 examples; split in slot order it would have 306 + 184 + 198 = 688.
+  assert blocks.sum(axis=1).max() == 523 < np.asarray(sizes).reshape(4, 3).sum(axis=1).max() == 688
 
 
 @pytest.mark.parametrize("runner", [Runner("sequential", lanes=1), Runner("sequential", lanes=2),
