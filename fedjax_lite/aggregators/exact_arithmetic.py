@@ -40,7 +40,10 @@ Cost: a few hundred 32-bit integer operations per coordinate, fused by XLA into 
 (scale, shift, step) are computed once per call; the divisions loop 64 times on scalars. Measured on 1M float32
 values (2-core XLA:CPU, jitted, one run): quantize 52 ms against 1.8 ms for the x64 code (29x), dequantize 35 ms
 against 1.05 ms (34x). Each call compiles in about 2 s (quantize) and 3 s (dequantize): call them once on the
-concatenation of all leaves rather than once per leaf.
+concatenation of all leaves rather than once per leaf. The routines are ``jax.jit`` functions, so a program with
+several secure sums (an aggregator and its bound estimators) traces and lowers each routine once per shape: the
+weighted ``secure_aggregator``'s round went from 6.9 s of tracing and lowering and 9.3 s of XLA compilation to
+3.0 s and 7.4 s (4.1 MB of StableHLO to 1.3 MB).
 
 Functions (``M = 2^32 - 1``; limbs are 16-bit values in uint32 arrays ``[num_limbs, *shape]``, least significant
 first):
@@ -57,6 +60,7 @@ first):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -228,6 +232,7 @@ def _from_uint(value: int | jax.Array) -> _Float:
   return _from_words(Words(jnp.zeros_like(value), value))
 
 
+@functools.partial(jax.jit, static_argnames=("precision", "min_exponent"))
 def _round(f: _Float, precision: int, min_exponent: int) -> _Float:
   """``f`` rounded half-to-even to ``precision`` significant bits, but to a multiple of ``2^min_exponent`` at least.
 
@@ -250,6 +255,7 @@ def _round64(f: _Float) -> _Float:
   return _round(f, _FLOAT64_PRECISION, _FLOAT64_MIN_EXPONENT)
 
 
+@functools.partial(jax.jit, static_argnames=("a_limbs",))
 def _mul(a: _Float, b: _Float, a_limbs: int = 4) -> _Float:
   """The exact product's top 64 bits with a sticky bit (round it with :func:`_round`).
 
@@ -281,6 +287,7 @@ def _mul(a: _Float, b: _Float, a_limbs: int = 4) -> _Float:
   return _normalize(a.negative ^ b.negative, hi, lo, exponent)
 
 
+@jax.jit
 def _add(a: _Float, b: _Float) -> _Float:
   """``a + b`` for operands of at most 53 significant bits: 64 bits with a sticky bit (round with :func:`_round`)."""
   a_bigger = (a.exponent > b.exponent) | ((a.exponent == b.exponent) & _ge64(a.hi, a.lo, b.hi, b.lo))
@@ -296,6 +303,7 @@ def _add(a: _Float, b: _Float) -> _Float:
   return _normalize(negative, hi, lo, big.exponent + 1)
 
 
+@jax.jit
 def _div(a: _Float, b: _Float) -> _Float:
   """``a / b`` (``b != 0``), operands of at most 53 significant bits: 64 quotient bits with a sticky bit."""
   a_hi, a_lo = _shr64(a.hi, a.lo, 2)  # top bit at 61, so that the doubled remainder fits 64 bits
@@ -329,6 +337,7 @@ _FORMATS = {  # dtype: (precision, minimum normal exponent, exponent bias, total
 }
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",))
 def _to_dtype(f: _Float, dtype) -> jax.Array:
   """``f`` correctly rounded to ``dtype`` (IEEE: gradual underflow, overflow to Inf).
 
@@ -391,6 +400,7 @@ def _float_bound(bound, dtype) -> jax.Array:
   return jnp.asarray(bound, dtype)
 
 
+@jax.jit
 def quantize_float(values: jax.Array, upper: Any, lower: Any) -> jax.Array:
   """FLOAT mode client step: ``q = clip(round(clip(x, L, U) s) - round(L s), 0, M)`` as 2 uint32 16-bit limbs.
 
@@ -426,6 +436,7 @@ def quantize_float(values: jax.Array, upper: Any, lower: Any) -> jax.Array:
   return _split_limbs(q, 2)
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize(summed_levels: Words, count: jax.Array, upper: Any, lower: Any, dtype) -> jax.Array:
   """FLOAT mode server step: ``(S + n round(L s)) (U - L) / M`` rounded to ``dtype``.
 

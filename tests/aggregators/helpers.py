@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +26,15 @@ def stacked_version(aggregator):
   return aggregator._replace(combine=STACK, server=server)
 
 
+@functools.cache
+def jitted_next(aggregator):
+  """``jax.jit(aggregator.next)``, one per aggregator: ``aggregator.next`` is a new bound method at every access,
+  so a fresh ``jax.jit`` of it would trace and compile again on every call (seconds for the secure sums)."""
+  return jax.jit(aggregator.next)
+
+
 def run_next(aggregator, state, values, weights, rng, client_mask=None):
-  return jax.jit(aggregator.next)(state, values, jnp.asarray(weights, jnp.float32), rng, client_mask)
+  return jitted_next(aggregator)(state, values, jnp.asarray(weights, jnp.float32), rng, client_mask)
 
 
 def run_streaming(aggregator, state, values, weights, rng, client_mask=None):

@@ -24,6 +24,7 @@ from fedjax_lite.aggregators.robust import clipping, zeroing
 from fedjax_lite.aggregators.secure import (FLOAT_QUANTIZATION_LEVELS, MAX_CLIENT_SLOTS, secure_modular_sum,
                                             secure_sum)
 from fedjax_lite.core.runner import Runner, run_clients
+from tests.aggregators.helpers import jitted_next
 
 M = FLOAT_QUANTIZATION_LEVELS
 KEY = jax.random.key(0)
@@ -39,7 +40,7 @@ def run(aggregator, values, *, state=None, weights=None, client_mask=None, rng=K
   num = jax.tree.leaves(values)[0].shape[0]
   state = aggregator.init(first_client(values)) if state is None else state
   weights = jnp.ones((num,), jnp.float32) if weights is None else weights
-  return jax.jit(aggregator.next)(state, values, weights, rng, client_mask)
+  return jitted_next(aggregator)(state, values, weights, rng, client_mask)
 
 
 @functools.cache
