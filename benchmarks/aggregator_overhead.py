@@ -18,11 +18,17 @@ import argparse
 import json
 import platform
 import statistics
+import os
 import sys
 import time
 
 import jax
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: the repository root, for ``benchmarks.cpu_setup``
+  sys.path.insert(0, ROOT)
+from benchmarks import cpu_setup  # noqa: E402
 
 
 def build_variants(names):
@@ -52,7 +58,9 @@ def main(argv=None) -> int:
   parser.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (after one warm-up)")
   parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
   parser.add_argument("--variants", default="mean,robust,compression,unweighted_mean,dp")
+  cpu_setup.add_argument(parser)
   args = parser.parse_args(argv)
+  setup = cpu_setup.apply(args)
 
   from fedjax_lite import models
   from fedjax_lite.algorithms import fed_avg
@@ -90,7 +98,7 @@ def main(argv=None) -> int:
   ratios = {name: median[name] / median[BASELINE[name]] for name in names
             if name in BASELINE and BASELINE[name] in median}
   print(json.dumps({
-      "benchmark": "aggregator_overhead",
+      "benchmark": "aggregator_overhead", **setup,
       "workload": f"original FedAvg CNN (62 classes), {num_clients} clients x {examples} examples, batch "
                   f"{batch_size}, 1 epoch",
       "seconds_per_round": {k: round(v, 4) for k, v in median.items()},

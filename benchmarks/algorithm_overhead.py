@@ -21,12 +21,18 @@ import argparse
 import json
 import platform
 import statistics
+import os
 import sys
 import time
 
 import jax
 import numpy as np
 import optax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: the repository root, for ``benchmarks.cpu_setup``
+  sys.path.insert(0, ROOT)
+from benchmarks import cpu_setup  # noqa: E402
 
 TARGET = {"fedprox": 1.05, "scaffold": 1.25, "mimelite": 1.3}
 VARIANTS = ("fedavg", "fedprox", "scaffold", "mimelite", "mime", "fedadam", "fedsgd")
@@ -52,7 +58,9 @@ def main(argv=None) -> int:
   parser.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (after one warm-up)")
   parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
   parser.add_argument("--variants", default=",".join(VARIANTS))
+  cpu_setup.add_argument(parser)
   args = parser.parse_args(argv)
+  setup = cpu_setup.apply(args)
 
   from fedjax_lite import models
   from fedjax_lite.core import ClientStateStore, FederatedData, pack_clients
@@ -129,7 +137,7 @@ def main(argv=None) -> int:
       "target": {k: TARGET[k] for k in ratios if k in TARGET},
       "meets_target": {k: ratios[k] <= TARGET[k] for k in ratios if k in TARGET},
       "jax": jax.__version__, "backend": jax.default_backend(), "python": platform.python_version(),
-      "date": time.strftime("%Y-%m-%d"),
+      "date": time.strftime("%Y-%m-%d"), **setup,
   }
   if "scaffold" in stores:
     per_client = stores["scaffold"].nbytes // population

@@ -25,8 +25,14 @@ import argparse
 import json
 import platform
 import statistics
+import os
 import sys
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: the repository root, for ``benchmarks.cpu_setup``
+  sys.path.insert(0, ROOT)
+from benchmarks import cpu_setup  # noqa: E402
 
 WORKLOADS = {
     "digits": ["train"],
@@ -44,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--workloads", default="digits,synthetic")
   parser.add_argument("--quick", action="store_true", help="smoke run: 10 rounds, dense models, 1 repetition")
   parser.add_argument("--output", default=None, help="also append the JSON line to this file")
+  cpu_setup.add_argument(parser)
   return parser
 
 
@@ -82,13 +89,14 @@ def one_run(argv: list[str], rounds: int, eval_every: int, rounds_per_dispatch: 
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  setup = cpu_setup.apply(args)
   import jax
 
   rounds, repeats = (10, 1) if args.quick else (args.rounds, args.repeats)
   report = {"benchmark": "whole_training", "backend": jax.default_backend(), "device": str(jax.devices()[0]),
             "machine": platform.processor() or platform.machine(), "jax": jax.__version__, "rounds": rounds,
             "repeats": repeats, "rounds_per_dispatch": args.rounds_per_dispatch, "eval_every": args.eval_every,
-            "workloads": {}}
+            "workloads": {}, **setup}
   for name in args.workloads.split(","):
     job = list(WORKLOADS[name])
     if args.quick and "--model" not in job:
