@@ -49,6 +49,7 @@ from fedjax_lite.algorithms.template import (
     check_params,
     client_work_and_aggregate,
     model_distributor,
+    place_on_mesh,
     round_bits,
 )
 from fedjax_lite.core import validation
@@ -199,10 +200,11 @@ def mime(
     check_params(params)
     params = jax.tree.map(jnp.asarray, params)
     template = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-    return ServerState(params=params, opt_state=finalizer.init(params),
-                       aggregator_state={"full_gradient": full_gradient_mean.init(template),
-                                         "delta": delta_mean.init(template)},
-                       round_num=jnp.zeros((), jnp.int32))
+    state = ServerState(params=params, opt_state=finalizer.init(params),
+                        aggregator_state={"full_gradient": full_gradient_mean.init(template),
+                                          "delta": delta_mean.init(template)},
+                        round_num=jnp.zeros((), jnp.int32))
+    return place_on_mesh(state, runner)  # in the layout a sharded round returns it: round 2 reuses round 1's program
 
   def next_fn(state, round_data, rng):
     gradient_key, training_key = jax.random.split(rng)
