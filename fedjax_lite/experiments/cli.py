@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
   data.add_argument("--partition", choices=PARTITIONS, default="shards",
                     help="how digits are split into clients (shards: McMahan's non-IID split)")
   data.add_argument("--dirichlet-alpha", type=_positive_float, default=0.5)
-  data.add_argument("--test-fraction", type=_fraction, default=0.2)
+  data.add_argument("--test-fraction", type=_fraction, default=0.2,
+                    help="held out for testing: of each class (digits), of each client's examples (synthetic)")
   model = train.add_argument_group("model and algorithm")
   model.add_argument("--model", choices=MODELS, default="cnn")
   model.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg",
@@ -295,7 +296,7 @@ _FLAG_CONDITIONS = {
                  lambda a: a.dataset not in ("digits", "synthetic")),
     "num_clients": ("--dataset digits, synthetic or tfds:NAME (the others come with their own clients)",
                     lambda a: a.dataset in ("digits", "synthetic") or a.dataset.startswith("tfds:")),
-    "test_fraction": ("--dataset digits", lambda a: a.dataset == "digits"),
+    "test_fraction": ("--dataset digits or synthetic", lambda a: a.dataset in ("digits", "synthetic")),
     "dirichlet_alpha": ("--dataset digits --partition dirichlet",
                         lambda a: a.dataset == "digits" and a.partition == "dirichlet"),
     "checkpoint_every": ("--checkpoint-dir", lambda a: a.checkpoint_dir is not None),
@@ -450,12 +451,31 @@ def _load_data(args):
     return digits.train, digits.test, digits.num_classes, tuple(digits.input_shape)
   if args.dataset != "synthetic":
     return _load_file_dataset(args)
-  population = synthetic_leaf(num_clients=args.num_clients + 1, seed=args.seed)
-  # The last client is held out as the test set.
-  held_out = population.client_ids[-1]
-  test = population[held_out]
-  train = population.subset(population.client_ids[:-1])
-  return train, {k: np.asarray(v) for k, v in test.items()}, 10, tuple(train.element_spec["x"][0])
+  population = synthetic_leaf(num_clients=args.num_clients, seed=args.seed)
+  train, test = _split_each_client(population, args.test_fraction, args.seed)
+  return train, test, 10, tuple(train.element_spec["x"][0])
+
+
+def _split_each_client(population, test_fraction: float, seed: int):
+  """LEAF's split of Synthetic: each client's examples, shuffled, give ``round(test_fraction n)`` (at least one, at
+  most ``n - 1``) to a pooled test set and keep the rest. A held-out client would be useless as a test set here:
+  every Synthetic(alpha, beta) client has its own teacher, so its labels follow no training client's (a whole
+  held-out client measured 0% accuracy)."""
+  import numpy as np
+
+  from fedjax_lite.core import FederatedData
+
+  rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+  train_clients, test_parts = {}, []
+  for client_id in population.client_ids:
+    examples = population[client_id]
+    size = len(next(iter(examples.values())))
+    order = rng.permutation(size)
+    num_test = int(np.clip(round(test_fraction * size), 1, size - 1))
+    test_parts.append({key: np.asarray(value)[order[:num_test]] for key, value in examples.items()})
+    train_clients[client_id] = {key: np.asarray(value)[order[num_test:]] for key, value in examples.items()}
+  test = {key: np.concatenate([part[key] for part in test_parts]) for key in test_parts[0]}
+  return FederatedData.from_clients(train_clients), test
 
 
 def _load_file_dataset(args):
