@@ -404,15 +404,21 @@ def vmap_round_fn(step, server_optimizer):
   return round_fn
 
 
+def scanned_delta_sum(step, params, images, labels, weights):
+  """The clients' weighted delta sum, one client after another in a ``lax.scan``, each client's epoch rolled."""
+  def one_client(total, client):
+    client_images, client_labels, weight = client
+    final_params = local_epoch_scan(step, params, client_images, client_labels)
+    return add_weighted_delta(total, params, final_params, weight), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  delta_sum, _ = jax.lax.scan(one_client, zeros, (images, labels, weights))
+  return delta_sum
+
+
 def scan_round_fn(step, server_optimizer):
   def round_fn(params, opt_state, images, labels, weights):
-    def one_client(total, client):
-      client_images, client_labels, weight = client
-      final_params = local_epoch_scan(step, params, client_images, client_labels)
-      return add_weighted_delta(total, params, final_params, weight), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    delta_sum, _ = jax.lax.scan(one_client, zeros, (images, labels, weights))
+    delta_sum = scanned_delta_sum(step, params, images, labels, weights)
     return server_update(server_optimizer, params, opt_state, delta_sum, weights.sum())
   return round_fn
 
@@ -425,14 +431,7 @@ def scan_sharded_round_fn(step, server_optimizer):
 
   def round_fn(params, opt_state, images, labels, weights):
     def device_part(params, images, labels, weights):
-      def one_client(total, client):
-        client_images, client_labels, weight = client
-        final_params = local_epoch_scan(step, params, client_images, client_labels)
-        return add_weighted_delta(total, params, final_params, weight), None
-
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      delta_sum, _ = jax.lax.scan(one_client, zeros, (images, labels, weights))
-      return jax.lax.psum(delta_sum, "clients")
+      return jax.lax.psum(scanned_delta_sum(step, params, images, labels, weights), "clients")
 
     delta_sum = jax.shard_map(device_part, mesh=mesh, in_specs=(spec(), spec("clients"), spec("clients"),
                                                                 spec("clients")), out_specs=spec(),

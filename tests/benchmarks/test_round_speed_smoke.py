@@ -19,7 +19,8 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "benchmarks" / "round_speed.py"
 # The smoke test runs a subset (each hand-written variant costs a compile); the full run has them all.
-EXPECTED_VARIANTS = {"library_equal", "library_ragged", "python_loop_canonical", "unrolled_canonical", "scan_canonical"}
+EXPECTED_VARIANTS = {"library_equal", "library_ragged", "python_loop_canonical", "unrolled_canonical", "scan_canonical",
+                     "scan_sharded"}
 
 
 def run_quick(tmp_path):
