@@ -43,7 +43,7 @@ against 1.05 ms (34x). Each call compiles in about 2 s (quantize) and 3 s (dequa
 concatenation of all leaves rather than once per leaf. The routines are ``jax.jit`` functions, so a program with
 several secure sums (an aggregator and its bound estimators) traces and lowers each routine once per shape: the
 weighted ``secure_aggregator``'s round went from 6.9 s of tracing and lowering and 9.3 s of XLA compilation to
-3.0 s and 7.4 s (4.1 MB of StableHLO to 1.3 MB).
+2.4 s and 6.6 s (4.1 MB of StableHLO to 1.4 MB).
 
 Functions (``M = 2^32 - 1``; limbs are 16-bit values in uint32 arrays ``[num_limbs, *shape]``, least significant
 first):
