@@ -1,11 +1,15 @@
 """Local training on one client: optimizer steps over the client's packed batches, in a rolled loop.
 
-The loop has a STATIC trip count, the length of the step axis, and each padded step (a batch with no real example)
-is a no-op (``lax.cond``: on CPU its branch is skipped, so ragged clients padded to a common step axis take the
-time of their real data; under ``vmap`` it is a select). A static loop is a ``scan``, so ``jax.grad`` flows through
-local training and through whole rounds (e.g. with respect to the client or server learning rate). The loop stays
-rolled, so compile time does not grow with the number of steps; on XLA:CPU this is fast only for convolutions whose
-backward pass is canonical (``fedjax_lite.models.Conv``; see ``../shared/reference/xla-cpu.md``).
+The loop (:func:`step_loop`) runs the client's REAL steps only: a ``while_loop`` up to the count of non-empty
+batches, so ragged clients padded to a common step axis take the time of their real data (under ``vmap`` the loop
+runs to the longest client, masking the others). Reverse-mode differentiation cannot go through a while loop, so
+the loop carries a custom JVP: the JVP of the same steps in a loop of static length, the step axis, whose padding
+steps are no-ops (``lax.cond``); that one JAX can transpose, so ``jax.grad`` flows through local training and
+through whole rounds (e.g. with respect to the client or server learning rate). The static loop alone used to run
+forward too; on XLA:CPU each skipped step still copied the carried parameters (~1 ms for the 1.7 M-parameter CNN),
+so clients padded from 10 to 32 steps took 0.87x the time with the while loop (``benchmarks/README.md``). The
+loop stays rolled, so compile time does not grow with the number of steps; on XLA:CPU this is fast only for
+convolutions whose backward pass is canonical (``fedjax_lite.models.Conv``; see ``../shared/reference/xla-cpu.md``).
 
 Client work of the algorithms is built from two functions here: :func:`train_locally` (FedAvg, FedProx, SCAFFOLD,
 MimeLite, Mime: optimizer steps from the broadcast params) and :func:`client_gradient` (FedSGD, Mime: one gradient
@@ -14,6 +18,7 @@ of the client's mean loss at the broadcast params).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -46,14 +51,43 @@ def zero_metric_sums(model: Model) -> dict[str, jax.Array]:
   return sums
 
 
-def static_step_loop(steps: dict, num_steps: jax.Array, step_fn, carry):
-  """``carry = step_fn(step, batch, carry)`` for every REAL step, in a rolled loop of static length."""
+def _static_loop(step_fn, steps: dict, num_steps: jax.Array, carry, consts: tuple):
+  """The steps in a loop of the step axis' static length, padding steps skipped by ``lax.cond`` (transposable)."""
 
   def body(step, carry):
     batch = step_batch(steps, step)
-    return jax.lax.cond(step < num_steps, lambda c: step_fn(step, batch, c), lambda c: c, carry)
+    return jax.lax.cond(step < num_steps, lambda c: step_fn(step, batch, c, *consts), lambda c: c, carry)
 
   return jax.lax.fori_loop(0, steps["mask"].shape[0], body, carry)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _real_steps_loop(step_fn, steps: dict, num_steps: jax.Array, carry, consts: tuple):
+  """The real steps only, in a ``while_loop``; differentiated as :func:`_static_loop` (same values)."""
+
+  def body(state):
+    step, carry = state
+    return step + 1, step_fn(step, step_batch(steps, step), carry, *consts)
+
+  return jax.lax.while_loop(lambda state: state[0] < num_steps, body, (jnp.zeros((), jnp.int32), carry))[1]
+
+
+@_real_steps_loop.defjvp
+def _real_steps_loop_jvp(step_fn, primals, tangents):
+  return jax.jvp(functools.partial(_static_loop, step_fn), primals, tangents)
+
+
+def step_loop(steps: dict, num_steps: jax.Array, step_fn, carry):
+  """``carry = step_fn(step, batch, carry)`` for every REAL step ``step < num_steps``, in order.
+
+  Runs the real steps only (a ``while_loop``); differentiable in both modes through a custom JVP that runs the
+  same steps in a static-length loop (module docstring). ``step_fn`` may close over traced values (the broadcast
+  parameters, a learning rate being differentiated): :func:`jax.closure_convert` makes them explicit inputs, so
+  their tangents flow.
+  """
+  example = (jnp.zeros((), jnp.int32), step_batch(steps, jnp.zeros((), jnp.int32)), carry)
+  converted, consts = jax.closure_convert(step_fn, *example)
+  return _real_steps_loop(converted, steps, num_steps, carry, tuple(consts))
 
 
 def add_metric_sums(sums: dict, batch_sums: dict) -> dict:
@@ -100,7 +134,7 @@ def train_locally(
     return optax.apply_updates(params, updates), opt_state, add_metric_sums(sums, batch_sums)
 
   opt_state = optimizer.init(params) if opt_state is None else opt_state
-  final_params, _, sums = static_step_loop(steps, num_steps, step_fn, (params, opt_state, zero_metric_sums(model)))
+  final_params, _, sums = step_loop(steps, num_steps, step_fn, (params, opt_state, zero_metric_sums(model)))
   return final_params, sums
 
 
@@ -120,7 +154,7 @@ def client_gradient(model: Model, params: PyTree, client_data: PyTree, rng: jax.
     grads, batch_sums = jax.grad(summed_loss, has_aux=True)(params)
     return jax.tree.map(jnp.add, grad_sum, grads), add_metric_sums(sums, batch_sums)
 
-  grad_sum, sums = static_step_loop(steps, num_steps, step_fn,
+  grad_sum, sums = step_loop(steps, num_steps, step_fn,
                                      (jax.tree.map(jnp.zeros_like, params), zero_metric_sums(model)))
   count = jnp.maximum(sums["num_examples"], 1).astype(jnp.float32)
   return jax.tree.map(lambda g: g / count, grad_sum), sums

@@ -34,7 +34,7 @@ from fedjax_lite.algorithms.local_training import (
     add_metric_sums,
     client_gradient,
     split_steps,
-    static_step_loop,
+    step_loop,
     train_locally,
     zero_metric_sums,
 )
@@ -159,7 +159,7 @@ def svrg_corrected_training(model: Model, base_optimizer, base_state, x, full_gr
     updates, opt_state = optimizer.update(corrected, opt_state, y)
     return optax.apply_updates(y, updates), opt_state, add_metric_sums(sums, batch_sums)
 
-  y, _, sums = static_step_loop(steps, num_steps, step_fn, (x, optimizer.init(x), zero_metric_sums(model)))
+  y, _, sums = step_loop(steps, num_steps, step_fn, (x, optimizer.init(x), zero_metric_sums(model)))
   return y, sums
 
 
