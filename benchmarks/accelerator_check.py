@@ -22,7 +22,7 @@ a section that would start after the budget is spent is recorded as skipped). It
   bounded doubling search (``--search-start``, ``--search-max``) that catches RESOURCE_EXHAUSTED (the data is made
   on the device, so host memory does not limit it);
 * ``digits_main_job`` -- the CLI's main job (``fedjax-lite train`` defaults: FedAvg, the CNN on scikit-learn's
-  digits, 50 clients, 10 per round) through ``fedjax_lite.experiments.run_training``: rounds/s.
+  digits, 50 clients, 10 per round) through ``fedjax_lite.training.run_training``: rounds/s.
 
 Every measurement runs in its own ``try``: an error is recorded in the JSON (``{"error": ...}``), never raised.
 
@@ -438,8 +438,8 @@ def digits_section(rounds: int | None, smoke: bool) -> dict:
   """The CLI's main job (``fedjax-lite train`` defaults) through ``run_training``: rounds/s."""
   import jax
 
-  from fedjax_lite.experiments import cli
-  from fedjax_lite.experiments.loop import run_training
+  from fedjax_lite.training import cli
+  from fedjax_lite.training.loop import run_training
 
   argv = ["train"] + ([] if rounds is None else ["--rounds", str(rounds)])
   if smoke:

@@ -11,7 +11,7 @@ in-process concurrency (client lanes, host devices) measured at about one core's
 * ``process_per_core``: ``P`` processes on localhost (``P`` = the cores this process may use), each exposing one CPU
   device with single-threaded Eigen (``--pin``: each also pinned to its core with ``taskset``), joined with ``jax.distributed`` (gloo
   collectives); the round's client axis is sharded over the ``P`` devices, each process packs only its clients
-  (:mod:`fedjax_lite.experiments.distributed`), and the partial sums meet in a cross-process all-reduce.
+  (:mod:`fedjax_lite.training.distributed`), and the partial sums meet in a cross-process all-reduce.
 
 Workload: the standard round of ``benchmarks/round_speed.py`` (original FedAvg CNN, 62 classes, 10 clients x 200
 EMNIST-shaped random examples, batch 20, one epoch, client SGD 0.02, server SGD 1.0), the same packed round data
@@ -61,7 +61,7 @@ def log(message: str) -> None:
 def worker(mode: str, rounds: int, quick: bool, port: int | None, process_id: int, num_processes: int) -> None:
   """Runs the first round and ``rounds`` timed rounds; process 0 (or the one process) prints one JSON line."""
   if mode == "process":
-    from fedjax_lite.experiments import distributed
+    from fedjax_lite.training import distributed
 
     distributed.initialize(distributed.DistributedConfig(f"127.0.0.1:{port}", num_processes, process_id,
                                                          local_devices=1))

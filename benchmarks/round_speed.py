@@ -44,7 +44,7 @@ rotates each repetition) so that machine noise hits all of them alike; ``steady_
 Sections beside the variants (skip any with ``--skip``):
 
 * ``single_step``: one SGD step jitted alone (plain and canonical conv), and per step inside a rolled 10-step scan;
-* ``recompilation``: ``fedjax_lite.experiments.loop.run_training`` over random cohorts from a ragged population,
+* ``recompilation``: ``fedjax_lite.training.loop.run_training`` over random cohorts from a ragged population,
   counting XLA compilations with a ``jax.monitoring`` listener on ``/jax/core/compile/backend_compile_duration``;
 * ``memory``: one library round of many one-step clients, in a subprocess so that its peak RSS is its own;
 * ``fp32_peak``: the share of the machine's FP32 peak each variant reaches: FLOPs per round (XLA's cost analysis
@@ -84,7 +84,7 @@ import optax
 import fedjax_lite
 from fedjax_lite.algorithms import fed_avg
 from fedjax_lite.core import ClientSpec, FederatedData, Runner, client_mesh, pack_clients
-from fedjax_lite.experiments.loop import run_training
+from fedjax_lite.training.loop import run_training
 from fedjax_lite.models import OriginalFedAvgCNN, original_fedavg_cnn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

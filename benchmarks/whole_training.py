@@ -5,7 +5,7 @@ sampled and packed on the host, one dispatch per round; the default) and whole t
 (``rounds_per_dispatch=R``: the population on the device once, R rounds per ``lax.scan`` dispatch, cohorts and
 shuffles drawn there). Both evaluate on the test set every ``--eval-every`` rounds, as the CLI does.
 
-Workloads (the CLI's own jobs, built by ``fedjax_lite.experiments.cli``):
+Workloads (the CLI's own jobs, built by ``fedjax_lite.training.cli``):
 
 * ``digits``: ``fedjax-lite train`` with no flags: FedAvg, the original FedAvg CNN on scikit-learn's digits, 50
   non-IID clients, 10 per round, 5 local epochs, batch 10, evaluation every 5 rounds.
@@ -59,8 +59,8 @@ def one_run(argv: list[str], rounds: int, eval_every: int, rounds_per_dispatch: 
   import jax
 
   from fedjax_lite.algorithms import centralized_evaluation
-  from fedjax_lite.experiments import cli
-  from fedjax_lite.experiments.loop import run_training
+  from fedjax_lite.training import cli
+  from fedjax_lite.training.loop import run_training
 
   args = cli.build_parser().parse_args(argv + ["--rounds", str(rounds), "--eval-every", str(eval_every)])
   train_data, test_data, model, process, client_spec, runner, _ = cli._build_job(args)

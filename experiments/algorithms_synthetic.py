@@ -95,7 +95,7 @@ def main(argv=None) -> int:
   from fedjax_lite import algorithms, models
   from fedjax_lite.core import ClientSpec
   from fedjax_lite.datasets import synthetic_leaf
-  from fedjax_lite.experiments import run_training
+  from fedjax_lite.training import run_training
 
   os.makedirs(args.output_dir, exist_ok=True)
   settings = SETTINGS[-1:] if args.fast else SETTINGS

@@ -132,7 +132,7 @@ def make_process(aggregator_name: str, attack_name: str, model, args: argparse.N
 def run(args: argparse.Namespace) -> dict:
   import jax
 
-  from fedjax_lite import algorithms, core, datasets, experiments, models
+  from fedjax_lite import algorithms, core, datasets, training, models
 
   os.makedirs(args.output_dir, exist_ok=True)
   start = time.perf_counter()
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> dict:
       process = make_process(aggregator_name, attack_name, model, args, args.attack_seed)
       for seed in args.seeds:
         digits = data[seed]
-        result = experiments.run_training(
+        result = training.run_training(
             process, digits.train, model.init(jax.random.key(seed)), client_spec=spec,
             clients_per_round=args.clients_per_round, num_rounds=args.rounds, seed=seed,
             evaluate=lambda params, test=digits.test: evaluate(params, test), evaluate_every=args.rounds,

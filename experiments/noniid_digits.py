@@ -75,7 +75,7 @@ def rounds_to_target(accuracies: list[float], target: float) -> int | None:
 def run(args: argparse.Namespace) -> dict:
   import jax
 
-  from fedjax_lite import algorithms, core, datasets, experiments, models
+  from fedjax_lite import algorithms, core, datasets, training, models
 
   os.makedirs(args.output_dir, exist_ok=True)
   start = time.perf_counter()
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
       for seed in args.seeds:
         digits = datasets.load_digits(num_clients=args.num_clients, partition=partition,
                                       alpha=args.dirichlet_alpha, seed=seed)
-        result = experiments.run_training(
+        result = training.run_training(
             process, digits.train, model.init(jax.random.key(seed)), client_spec=spec,
             clients_per_round=args.clients_per_round, num_rounds=args.rounds, seed=seed,
             evaluate=lambda params, test=digits.test: evaluate(params, test), evaluate_every=1, progress=False)

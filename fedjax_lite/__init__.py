@@ -1,7 +1,7 @@
 """fedjax_lite: federated-learning algorithms as pure JAX functions over pytrees.
 
 Layers: ``core`` (records, process template, data, runner) -> ``aggregators`` -> ``privacy`` -> ``algorithms``
--> ``datasets``/``models`` -> ``experiments``; ``analytics`` (federated statistics) and ``attacks`` (Byzantine
+-> ``datasets``/``models`` -> ``training``; ``analytics`` (federated statistics) and ``attacks`` (Byzantine
 clients) sit beside ``algorithms``. Import the sub-packages, e.g.::
 
   from fedjax_lite import algorithms, aggregators, core, datasets, models

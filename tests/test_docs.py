@@ -44,7 +44,7 @@ def test_docs_build_in_strict_mode(tmp_path):
 
 def test_tff_page_names_only_existing_fedjax_lite_api():
   # Code spans that start with a fedjax_lite package (TFF's own names start with tff.).
-  qualified = set(re.findall(r"`(core|aggregators|algorithms|privacy|experiments|models|datasets)\.(\w+)",
+  qualified = set(re.findall(r"`(core|aggregators|algorithms|privacy|training|models|datasets)\.(\w+)",
                              TFF_PAGE))
   assert len(qualified) > 20
   for package, name in sorted(qualified):

@@ -35,7 +35,7 @@ MODULES = modules_with_examples()
 
 
 def test_some_modules_have_examples():
-  assert "fedjax_lite.experiments.tracking" in MODULES
+  assert "fedjax_lite.training.tracking" in MODULES
 
 
 @pytest.mark.parametrize("module_name", MODULES)

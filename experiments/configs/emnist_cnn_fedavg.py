@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not argv or argv[0] not in PRESETS:
     sys.stderr.write(f"usage: emnist_cnn_fedavg.py {{{','.join(PRESETS)}}} [fedjax-lite train flags]\n")
     return 2
-  from fedjax_lite.experiments.cli import main as cli_main  # pylint: disable=import-outside-toplevel
+  from fedjax_lite.training.cli import main as cli_main  # pylint: disable=import-outside-toplevel
   return cli_main(preset_argv(argv[0], argv[1:]))
 
 

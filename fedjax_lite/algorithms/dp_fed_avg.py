@@ -9,7 +9,7 @@
   epoch, and a ledger of tree-aggregation events.
 
 Each returns a :class:`PrivateTraining` ``(process, sampler, ledger)`` to pass to
-``fedjax_lite.experiments.run_training(process, ..., sampler=sampler, privacy=ledger)``.
+``fedjax_lite.training.run_training(process, ..., sampler=sampler, privacy=ledger)``.
 
 Zeroing: the reference's ``dp_aggregator`` zeroes client updates with a threshold estimated from the clients'
 norms WITHOUT noise, and broadcasts it; that estimate is not covered by the DP guarantee. These recipes therefore

@@ -81,7 +81,7 @@ def scaffold(
   Returns:
     ``Process(init, next, client_state)``: ``next(state, round_data, rng) -> (state, metrics,
     new_client_states)`` with ``round_data['client_state']`` the cohort's control variates (see
-    :class:`fedjax_lite.core.ClientStateStore` and ``fedjax_lite.experiments.run_training``, which do the
+    :class:`fedjax_lite.core.ClientStateStore` and ``fedjax_lite.training.run_training``, which do the
     gathering and scattering).
   """
   check_model(model)

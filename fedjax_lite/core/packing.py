@@ -81,7 +81,7 @@ def pack_clients(
     round_num: the round, so each round shuffles differently yet reproducibly.
     client_slots: optional ``(start, stop)``: return only client slots ``start..stop-1`` of the packed cohort,
       equal to packing all ``cohort_size`` slots and slicing, but gathering only those clients' examples (a
-      process of a multi-process run packs its own share: :mod:`fedjax_lite.experiments.distributed`).
+      process of a multi-process run packs its own share: :mod:`fedjax_lite.training.distributed`).
 
   Returns:
     dict of numpy arrays as described in the module docstring.

@@ -298,7 +298,7 @@ def run_clients(
   # A sequential stream per device takes as long as its clients' steps: in one process, deal the clients to the
   # devices by size (snake order) so that ragged cohorts keep the devices balanced. Client slot k keeps its keys
   # (``indices``), so only the summation order changes. Across processes each process packs its own block of
-  # slots (experiments.distributed), which must stay where it is.
+  # slots (training.distributed), which must stay where it is.
   explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
   placed = NamedSharding(mesh, PartitionSpec(axis))
   replicated = NamedSharding(mesh, PartitionSpec())

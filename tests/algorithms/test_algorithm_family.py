@@ -224,7 +224,7 @@ def test_scaffold_refuses_a_client_twice_in_a_cohort(setup):
   with pytest.raises(ValueError, match="sample without replacement"):
     store.gather(np.asarray([1, 1, 2]), COHORT_SIZE)
   from fedjax_lite.core.packing import ClientSpec
-  from fedjax_lite.experiments import run_training
+  from fedjax_lite.training import run_training
 
   with pytest.raises(ValueError, match="without replacement"):
     run_training(process, population, params, client_spec=ClientSpec(batch_size=BATCH_SIZE), clients_per_round=2,

@@ -15,7 +15,7 @@ from fedjax_lite.algorithms.fed_avg import fed_avg
 from fedjax_lite.core.model import masked_loss_and_metric_sums
 from fedjax_lite.core.packing import ClientSpec, pack_clients
 from fedjax_lite.core.runner import Runner
-from fedjax_lite.experiments.loop import run_training
+from fedjax_lite.training.loop import run_training
 
 from tests.conftest import make_population
 

@@ -16,7 +16,7 @@ import pytest
 
 import fedjax_lite
 from fedjax_lite.core import Runner, cpu
-from fedjax_lite.experiments import cli
+from fedjax_lite.training import cli
 
 CHILD = textwrap.dedent("""
     import json, os

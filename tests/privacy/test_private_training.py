@@ -22,7 +22,7 @@ from fedjax_lite.core.sampling import (
     poisson_cohort_capacity,
     poisson_sample_clients,
 )
-from fedjax_lite.experiments.loop import run_training
+from fedjax_lite.training.loop import run_training
 from fedjax_lite.privacy import PrivacyLedger, sampled_run_events
 
 from tests.conftest import make_population

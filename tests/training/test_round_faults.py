@@ -11,7 +11,7 @@ import pytest
 from fedjax_lite.algorithms import fed_avg
 from fedjax_lite.core import ClientSpec
 from fedjax_lite.core.federated_data import FederatedData
-from fedjax_lite.experiments.loop import TrainingStalledError, run_training
+from fedjax_lite.training.loop import TrainingStalledError, run_training
 from tests.conftest import make_population
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from fedjax_lite.experiments.plotting import plot_history
+from fedjax_lite.training.plotting import plot_history
 
 
 def test_plot_history_writes_a_png_with_extra_panels(tmp_path):
@@ -20,9 +20,9 @@ def test_plot_history_writes_a_png_with_extra_panels(tmp_path):
 
 
 def test_importing_fedjax_lite_does_not_switch_the_matplotlib_backend():
-  # A notebook's inline backend must survive `from fedjax_lite import experiments` (it used to be forced to Agg,
+  # A notebook's inline backend must survive `from fedjax_lite import training` (it used to be forced to Agg,
   # which silently dropped every plot of the tutorial notebooks).
-  code = ("import matplotlib; matplotlib.use('svg'); import fedjax_lite.experiments; "
-          "import fedjax_lite.experiments.plotting; print(matplotlib.get_backend())")
+  code = ("import matplotlib; matplotlib.use('svg'); import fedjax_lite.training; "
+          "import fedjax_lite.training.plotting; print(matplotlib.get_backend())")
   completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
   assert completed.stdout.strip().splitlines()[-1] == "svg"

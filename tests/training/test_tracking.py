@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from fedjax_lite.experiments import tracking
+from fedjax_lite.training import tracking
 
 RECORDS = [
     {"round": 0, "client_work/train/loss": 2.25, "aggregated_bits": 1024, "cumulative_aggregated_bits": 1024},
@@ -166,7 +166,7 @@ def test_bad_records_and_paths_are_refused(tmp_path):
 
 
 def test_cli_writes_every_log_format_and_quiet_prints_nothing(tmp_path, capsys):
-  from fedjax_lite.experiments import cli
+  from fedjax_lite.training import cli
 
   out = tmp_path / "run"
   code = cli.main(["train", "--model", "dense", "--rounds", "3", "--eval-every", "2", "--clients-per-round", "4",
@@ -191,14 +191,14 @@ def test_cli_writes_every_log_format_and_quiet_prints_nothing(tmp_path, capsys):
 
 
 def test_cli_refuses_an_unknown_log_format(capsys):
-  from fedjax_lite.experiments import cli
+  from fedjax_lite.training import cli
 
   assert cli.main(["train", "--log-format", "jsonl,xml"]) == cli.EXIT_USAGE
   assert "unknown log format 'xml'" in capsys.readouterr().err
 
 
 def test_progress_bar_shows_round_loss_accuracy_epsilon_and_bits(tmp_path, capsys):
-  from fedjax_lite.experiments import cli
+  from fedjax_lite.training import cli
 
   code = cli.main(["train", "--model", "dense", "--rounds", "2", "--eval-every", "1", "--local-epochs", "1",
                    "--aggregator", "dp", "--output-dir", str(tmp_path), "--log-format", "jsonl"])
@@ -249,7 +249,7 @@ def test_cli_log_format_wandb_uses_the_wandb_tracker_or_exits_2_without_wandb(tm
   import sys
   import types
 
-  from fedjax_lite.experiments import cli
+  from fedjax_lite.training import cli
 
   argv = ["train", "--model", "dense", "--rounds", "2", "--clients-per-round", "4", "--local-epochs", "1",
           "--output-dir", str(tmp_path / "run"), "--log-format", "wandb", "--quiet"]

@@ -23,7 +23,7 @@ if ROOT not in sys.path:  # when run as the worker script
   sys.path.insert(0, ROOT)
 
 from fedjax_lite.core.packing import ClientSpec, pack_clients  # noqa: E402
-from fedjax_lite.experiments.distributed import DistributedConfig  # noqa: E402
+from fedjax_lite.training.distributed import DistributedConfig  # noqa: E402
 from tests.conftest import TinyMLP, make_population  # noqa: E402
 
 NUM_CLIENTS = 7
@@ -48,14 +48,14 @@ def _job(runner):
 
 def worker(port: int, process_id: int, output_dir: str) -> None:
   """One process of the two-process run (see the module docstring)."""
-  from fedjax_lite.experiments import distributed
+  from fedjax_lite.training import distributed
 
   distributed.initialize(DistributedConfig(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
                                            local_devices=2))
   import jax
 
   from fedjax_lite.core.runner import Runner
-  from fedjax_lite.experiments.loop import run_training
+  from fedjax_lite.training.loop import run_training
 
   assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2), jax.devices()
   mesh = distributed.global_client_mesh()
@@ -139,7 +139,7 @@ def test_two_processes_match_one_process(tmp_path):
   import jax
 
   from fedjax_lite.core.sampling import UniformSampler
-  from fedjax_lite.experiments.loop import run_training
+  from fedjax_lite.training.loop import run_training
 
   process, population, params = _job(None)  # one process, the default runner
   cohort = UniformSampler(NUM_CLIENTS, COHORT, SEED)(0)
@@ -216,7 +216,7 @@ def test_config_from_env():
 def test_initialize_after_backend_start_is_refused():
   import jax
 
-  from fedjax_lite.experiments import distributed
+  from fedjax_lite.training import distributed
 
   jax.devices()  # the backend is up in this (pytest) process
   with pytest.raises(RuntimeError, match="before JAX initializes"):
@@ -251,7 +251,7 @@ def test_cli_two_processes_write_one_summary(tmp_path):
   flags = ["train", "--dataset", "synthetic", "--num-clients", "6", "--model", "dense", "--rounds", "2",
            "--clients-per-round", "3", "--local-epochs", "1", "--eval-every", "1", "--json", "--log-format",
            "jsonl", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--local-devices", "1"]
-  results = _run_workers([[sys.executable, "-m", "fedjax_lite.experiments.cli", *flags, "--process-id", str(k),
+  results = _run_workers([[sys.executable, "-m", "fedjax_lite.training.cli", *flags, "--process-id", str(k),
                            "--output-dir", str(tmp_path / f"out{k}")] for k in range(2)], env, WORKER_TIMEOUT_S)
   for k, (code, out) in enumerate(results):
     assert code == 0, f"process {k} failed:\n{out[-4000:]}"
@@ -275,7 +275,7 @@ def test_cli_two_processes_write_one_summary(tmp_path):
     (["--process-id", "-1"], "non-negative"),
 ])
 def test_cli_bad_process_flags_one_line_exit_2(argv, fragment, capsys):
-  from fedjax_lite.experiments import cli
+  from fedjax_lite.training import cli
 
   assert cli.main(["train", "--model", "dense", "--rounds", "1", *argv]) == 2
   err = capsys.readouterr().err
@@ -283,7 +283,7 @@ def test_cli_bad_process_flags_one_line_exit_2(argv, fragment, capsys):
 
 
 def test_cli_process_flags_from_the_environment():
-  from fedjax_lite.experiments import cli
+  from fedjax_lite.training import cli
 
   args = cli.build_parser().parse_args(["train"])
   environ = {"FEDJAX_LITE_COORDINATOR_ADDRESS": "h:1", "FEDJAX_LITE_NUM_PROCESSES": "2",

@@ -1,8 +1,8 @@
 """Experiment tracking: writers that record each round's flat metrics as JSON lines, CSV or TensorBoard events.
 
-:func:`~fedjax_lite.experiments.run_training` hands every round's flat metrics dict (``{'round': 3,
+:func:`~fedjax_lite.training.run_training` hands every round's flat metrics dict (``{'round': 3,
 'client_work/train/loss': 0.41, 'evaluation/accuracy': 0.93, ...}``, see
-:func:`~fedjax_lite.experiments.flatten_metrics`) to each tracker given in ``trackers=``, and closes them at the
+:func:`~fedjax_lite.training.flatten_metrics`) to each tracker given in ``trackers=``, and closes them at the
 end of the run. A tracker is any object with ``write(record)`` and ``close()`` (:class:`Tracker`):
 
 * :class:`JsonlTracker` — one JSON object per line (the format of ``metrics.jsonl``);

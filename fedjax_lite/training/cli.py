@@ -11,7 +11,7 @@ that is a file. With ``--checkpoint-dir DIR`` the run saves checkpoints (every `
 end, and on SIGINT/SIGTERM, after which it exits with 128 + the signal number); ``--resume`` continues the run in DIR
 and ends bit-identical to an uninterrupted one, or refuses (exit 2) flags that would change the results.
 
-Many processes (:mod:`fedjax_lite.experiments.distributed`): every process runs the same command with
+Many processes (:mod:`fedjax_lite.training.distributed`): every process runs the same command with
 ``--coordinator-address HOST:PORT --num-processes N --process-id K`` (or the ``FEDJAX_LITE_*`` environment
 variables), plus ``--local-devices D`` on CPU; the clients of each round are split over every device of every
 process, each process packs only its own clients, and only process 0 writes files and prints the summary.
@@ -122,7 +122,7 @@ def _fraction(text: str) -> float:
 
 
 def _log_formats(text: str) -> tuple[str, ...]:
-  from fedjax_lite.experiments.tracking import LOG_FORMATS, parse_log_formats
+  from fedjax_lite.training.tracking import LOG_FORMATS, parse_log_formats
 
   try:
     return parse_log_formats(text, LOG_FORMATS + ("png", "wandb"))
@@ -361,9 +361,9 @@ _DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id", "loc
 
 
 def distributed_config(args, given: set[str], environ=None):
-  """The :class:`~fedjax_lite.experiments.distributed.DistributedConfig` of the flags (else of the
+  """The :class:`~fedjax_lite.training.distributed.DistributedConfig` of the flags (else of the
   ``FEDJAX_LITE_*`` environment variables), or None for a one-process run; bad combinations are ``UsageError``."""
-  from fedjax_lite.experiments.distributed import DistributedConfig
+  from fedjax_lite.training.distributed import DistributedConfig
 
   if not given & set(_DISTRIBUTED_FLAGS):
     try:
@@ -627,7 +627,7 @@ def train_command(args, distributed=None) -> dict | None:
   or None on the processes other than process 0."""
   import jax
 
-  from fedjax_lite.experiments import distributed as multiprocess
+  from fedjax_lite.training import distributed as multiprocess
 
   if distributed is not None:  # before anything starts JAX's backend
     multiprocess.initialize(distributed)
@@ -637,9 +637,9 @@ def train_command(args, distributed=None) -> dict | None:
   writer = multiprocess.is_writer()
 
   from fedjax_lite.algorithms import centralized_evaluation
-  from fedjax_lite.experiments.loop import run_training
-  from fedjax_lite.experiments.plotting import plot_history
-  from fedjax_lite.experiments.tracking import FILE_NAMES, make_trackers
+  from fedjax_lite.training.loop import run_training
+  from fedjax_lite.training.plotting import plot_history
+  from fedjax_lite.training.tracking import FILE_NAMES, make_trackers
 
   try:
     train_data, test_data, model, process, client_spec, runner, private = _build_job(args, mesh)
@@ -681,7 +681,7 @@ def train_command(args, distributed=None) -> dict | None:
   tracked_formats = [name for name in args.log_format if name in ("csv", "tensorboard")]  # jsonl: metrics_path
   trackers = make_trackers(tracked_formats, output_dir) if tracked_formats else ()
   if "wandb" in args.log_format:
-    from fedjax_lite.experiments.tracking import WandbTracker
+    from fedjax_lite.training.tracking import WandbTracker
 
     try:
       trackers = [*trackers, WandbTracker(os.environ.get("WANDB_PROJECT", "fedjax-lite"),
@@ -762,8 +762,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stderr.write(f"fedjax-lite: error: {error}\n")
     return EXIT_USAGE
   except Exception as error:  # the run's own failures: one line each, no traceback
-    from fedjax_lite.experiments.checkpoint import CheckpointError, ConfigMismatchError
-    from fedjax_lite.experiments.loop import TrainingStalledError
+    from fedjax_lite.training.checkpoint import CheckpointError, ConfigMismatchError
+    from fedjax_lite.training.loop import TrainingStalledError
 
     if isinstance(error, (ConfigMismatchError, CheckpointError)) or (
         isinstance(error, ValueError) and ("already holds checkpoints" in str(error)
@@ -777,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 1
     raise
   except KeyboardInterrupt as interrupt:
-    from fedjax_lite.experiments.checkpoint import TrainingInterrupted
+    from fedjax_lite.training.checkpoint import TrainingInterrupted
 
     if isinstance(interrupt, TrainingInterrupted):
       sys.stderr.write(f"fedjax-lite: {interrupt}; continue with --resume\n")

@@ -20,7 +20,7 @@ results equal the one-process round up to float32 summation order.
 
 Example (two processes on one machine, two CPU devices each; run the same code with ``process_id=1``)::
 
-  from fedjax_lite.experiments import distributed
+  from fedjax_lite.training import distributed
   distributed.initialize(distributed.DistributedConfig("127.0.0.1:12345", num_processes=2, process_id=0,
                                                        local_devices=2))   # before anything else uses JAX
   mesh = distributed.global_client_mesh()
@@ -138,7 +138,7 @@ def initialize(config: DistributedConfig) -> None:
   if not isinstance(config, DistributedConfig):
     raise TypeError(f"config must be a DistributedConfig, got {type(config).__name__}.")
   if _backends_initialized():
-    raise RuntimeError("fedjax_lite.experiments.distributed.initialize must be called before JAX initializes its "
+    raise RuntimeError("fedjax_lite.training.distributed.initialize must be called before JAX initializes its "
                        "backend (before any array is created or computation runs).")
   if config.local_devices is not None:
     jax.config.update("jax_num_cpu_devices", int(config.local_devices))
@@ -230,7 +230,7 @@ class ProcessShard:
     return replicate(tree, self.mesh)
 
   def packer(self, client_spec: ClientSpec, data: FederatedData) -> Callable[..., tuple[PyTree, int]]:
-    """The ``round_packer`` of :func:`fedjax_lite.experiments.loop.run_training`.
+    """The ``round_packer`` of :func:`fedjax_lite.training.loop.run_training`.
 
     ``packer(cohort, *, seed, round_num, num_steps, cohort_size) -> (global round data, real clients of the whole
     cohort)``; the count (clients with examples) is computed from the cohort's sizes, the same on every process.

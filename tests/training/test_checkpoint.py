@@ -24,9 +24,9 @@ import pytest
 
 from fedjax_lite.algorithms import fed_avg
 from fedjax_lite.core import ClientSpec
-from fedjax_lite.experiments import checkpoint as ckpt
-from fedjax_lite.experiments import cli
-from fedjax_lite.experiments.loop import run_training
+from fedjax_lite.training import checkpoint as ckpt
+from fedjax_lite.training import cli
+from fedjax_lite.training.loop import run_training
 from fedjax_lite.privacy import PrivacyLedger, sampled_run_events
 
 ROUNDS = 12
@@ -79,7 +79,7 @@ def _assert_same_run(resumed, reference):
 
 def _start(output_dir, checkpoint_dir, every, delay):
   env = dict(os.environ, **{ckpt.SAVE_DELAY_ENV: delay})
-  argv = [sys.executable, "-m", "fedjax_lite.experiments.cli", *BASE, "--output-dir", str(output_dir),
+  argv = [sys.executable, "-m", "fedjax_lite.training.cli", *BASE, "--output-dir", str(output_dir),
           "--checkpoint-dir", str(checkpoint_dir), "--checkpoint-every", str(every)]
   return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -269,7 +269,7 @@ def test_bad_checkpoint_arguments(tmp_path, tiny_model, tiny_params, population)
     (ckpt.TrainingInterrupted(signal.SIGINT, 2, "/ck"), 128 + signal.SIGINT, "continue with --resume"),
 ])
 def test_cli_reports_an_interrupted_run_in_one_line(monkeypatch, capsys, tmp_path, error, code, fragment):
-  from fedjax_lite.experiments import loop
+  from fedjax_lite.training import loop
 
   def interrupted(*args, **kwargs):
     raise error
@@ -282,7 +282,7 @@ def test_cli_reports_an_interrupted_run_in_one_line(monkeypatch, capsys, tmp_pat
 
 
 def test_cli_reports_a_stalled_run_in_one_line(monkeypatch, capsys, tmp_path):
-  from fedjax_lite.experiments import loop
+  from fedjax_lite.training import loop
 
   def stalled(*args, **kwargs):
     raise loop.TrainingStalledError("round 2: every client's update was rejected")

@@ -1,4 +1,4 @@
-"""Checkpoints of a training run (orbax-checkpoint): what :func:`~fedjax_lite.experiments.run_training` saves, and
+"""Checkpoints of a training run (orbax-checkpoint): what :func:`~fedjax_lite.training.run_training` saves, and
 how a resumed run continues bit for bit.
 
 A checkpoint is the state of the loop after ``rounds_completed`` complete rounds, saved as one orbax step
@@ -24,7 +24,7 @@ Guarantees:
 
 Test hook: with the environment variable ``FEDJAX_LITE_TEST_SAVE_DELAY=<rounds_completed>:<seconds>`` the
 background write of that step sleeps before writing its meta, so a test can kill the process in the middle of a
-save (``tests/experiments/test_checkpoint.py``).
+save (``tests/training/test_checkpoint.py``).
 """
 
 from __future__ import annotations

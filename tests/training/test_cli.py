@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from fedjax_lite.experiments import cli
+from fedjax_lite.training import cli
 
 
 def test_train_writes_metrics_plot_and_summary(tmp_path, capsys):
@@ -43,7 +43,7 @@ def test_synthetic_tests_on_each_clients_held_out_examples(tmp_path, capsys):
   """Regression: the synthetic test set was one held-out client, whose own teacher labels its examples, so the
   trained model scored 0.0 on it. Now 20% of every client's examples are pooled into the test set (LEAF's split)."""
   from fedjax_lite.datasets import synthetic_leaf
-  from fedjax_lite.experiments.cli import _split_each_client
+  from fedjax_lite.training.cli import _split_each_client
 
   population = synthetic_leaf(num_clients=6, seed=3)
   train, test = _split_each_client(population, 0.2, seed=3)
@@ -139,7 +139,7 @@ def test_bad_flags_one_line_exit_2(argv, fragment, capsys):
 
 
 def test_console_script_bad_flag_has_no_traceback():
-  completed = subprocess.run([sys.executable, "-m", "fedjax_lite.experiments.cli", "train", "--rounds", "-1"],
+  completed = subprocess.run([sys.executable, "-m", "fedjax_lite.training.cli", "train", "--rounds", "-1"],
                              capture_output=True, text=True, timeout=120, env=dict(os.environ))
   assert completed.returncode == 2
   assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr

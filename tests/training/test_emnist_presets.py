@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from fedjax_lite.experiments.cli import build_parser
+from fedjax_lite.training.cli import build_parser
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "configs" / "emnist_cnn_fedavg.py"
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fedjax_lite.experiments import cli
+from fedjax_lite.training import cli
 
 TINY = ["train", "--dataset", "synthetic", "--num-clients", "6", "--model", "dense", "--rounds", "2",
         "--clients-per-round", "3", "--local-epochs", "1", "--eval-every", "2", "--no-progress", "--json",

@@ -11,7 +11,7 @@ from jax import monitoring
 
 from fedjax_lite.algorithms.fed_avg import fed_avg
 from fedjax_lite.core.packing import ClientSpec
-from fedjax_lite.experiments.loop import flatten_metrics, run_training
+from fedjax_lite.training.loop import flatten_metrics, run_training
 
 from tests.conftest import make_population
 

@@ -13,9 +13,9 @@ The host work of round ``r + 1`` (sampling and packing) overlaps the device work
 dispatched before the previous round's metrics are read. Rounds, cohorts, shuffles and keys depend only on the
 seed and the round number, so a run is reproducible.
 
-With ``checkpoint_dir`` the loop saves a checkpoint (:mod:`fedjax_lite.experiments.checkpoint`) every
+With ``checkpoint_dir`` the loop saves a checkpoint (:mod:`fedjax_lite.training.checkpoint`) every
 ``checkpoint_every`` rounds, after the last round, and when SIGINT/SIGTERM arrives (at the end of the running round,
-then :class:`~fedjax_lite.experiments.checkpoint.TrainingInterrupted` is raised); ``resume=True`` continues from the
+then :class:`~fedjax_lite.training.checkpoint.TrainingInterrupted` is raised); ``resume=True`` continues from the
 last complete checkpoint and ends bit-identical to an uninterrupted run (parameters, every metric except the
 ``*_time_in_seconds`` wall times, epsilon), or refuses a configuration that differs.
 
@@ -54,7 +54,7 @@ from fedjax_lite.core.packing import ClientSpec, bucket_num_steps
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.round_data import RoundDataChecker, check_labels
 from fedjax_lite.core.sampling import UniformSampler
-from fedjax_lite.experiments import checkpoint as checkpointing
+from fedjax_lite.training import checkpoint as checkpointing
 from fedjax_lite.privacy.accounting import PrivacyLedger
 
 PyTree = Any
@@ -201,9 +201,9 @@ def run_training(
       so far, at ``privacy/delta``), and with an ``epsilon_budget`` training stops before the round that would
       exceed it, giving the reason in ``stopped_early``.
     trackers: objects with ``write(flat_metrics)`` and ``close()`` receiving every round's record (CSV,
-      TensorBoard, ...: :mod:`fedjax_lite.experiments.tracking`); closed when the loop ends.
+      TensorBoard, ...: :mod:`fedjax_lite.training.tracking`); closed when the loop ends.
     checkpoint_dir: optional directory of checkpoints (orbax): saved every ``checkpoint_every`` rounds, after the
-      last round and on SIGINT/SIGTERM; see :mod:`fedjax_lite.experiments.checkpoint`.
+      last round and on SIGINT/SIGTERM; see :mod:`fedjax_lite.training.checkpoint`.
     checkpoint_every: rounds between checkpoints (>= 1).
     checkpoint_keep: complete checkpoints kept (>= 1).
     resume: continue from the last complete checkpoint in ``checkpoint_dir`` (start afresh if there is none).
@@ -211,7 +211,7 @@ def run_training(
       with the checkpoint's history, then continued.
     config: a JSON-able description of everything else that changes the results (model, algorithm,
       hyperparameters; the CLI passes its flags), saved with the checkpoints; resuming with a different one is
-      refused (:class:`~fedjax_lite.experiments.checkpoint.ConfigMismatchError`) naming the differences. The loop
+      refused (:class:`~fedjax_lite.training.checkpoint.ConfigMismatchError`) naming the differences. The loop
       compares what it knows itself (seed, sampler, client spec, data, initial parameters, privacy ledger) anyway.
     extra_state: name -> state the caller keeps across rounds on the host and wants checkpointed with the server
       state: a store with an ``arrays`` property and ``load(arrays)`` (``core.client_state.ClientStateStore``), or
@@ -228,7 +228,7 @@ def run_training(
       ``round_data['client_state']`` just before the round runs (after the previous round's states were written
       back) and the real clients' new states are scattered back; the store is checkpointed as
       ``extra_state['client_states']``.
-    round_packer: multi-process runs (:meth:`fedjax_lite.experiments.distributed.ProcessShard.packer`):
+    round_packer: multi-process runs (:meth:`fedjax_lite.training.distributed.ProcessShard.packer`):
       ``round_packer(cohort, *, seed, round_num, num_steps, cohort_size) -> (round data on the devices, real
       clients in the cohort)`` packs this process's share only; default: the whole cohort packed here.
   """

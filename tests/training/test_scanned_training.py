@@ -18,7 +18,7 @@ from fedjax_lite.algorithms.fed_avg import fed_avg
 from fedjax_lite.core import sampling
 from fedjax_lite.core.device_rounds import DevicePoissonSampler, DevicePopulation, DeviceUniformSampler, round_key
 from fedjax_lite.core.packing import ClientSpec
-from fedjax_lite.experiments.loop import flatten_metrics, run_training
+from fedjax_lite.training.loop import flatten_metrics, run_training
 
 from tests.conftest import make_population
 
@@ -140,7 +140,7 @@ def test_poisson_sampling_on_the_device_runs(tiny_model, tiny_params):
 
 
 def test_cli_flag_runs_and_refuses_stateful_algorithms_in_one_line(tmp_path, capsys):
-  from fedjax_lite.experiments import cli
+  from fedjax_lite.training import cli
 
   code = cli.main(["train", "--model", "dense", "--rounds", "2", "--local-epochs", "1", "--rounds-per-dispatch",
                    "2", "--output-dir", str(tmp_path / "run"), "--json", "--log-format", "jsonl"])

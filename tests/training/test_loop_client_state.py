@@ -11,7 +11,7 @@ from fedjax_lite.algorithms import fed_avg, scaffold
 from fedjax_lite.core.client_state import ClientStateStore
 from fedjax_lite.core.packing import ClientSpec
 from fedjax_lite.core.sampling import sample_clients
-from fedjax_lite.experiments.loop import run_training
+from fedjax_lite.training.loop import run_training
 from tests.conftest import make_population
 from tests.tolerances import assert_trees_close_to_rounding
 

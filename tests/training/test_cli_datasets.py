@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedjax_lite.datasets.file_writers import write_tff_sqlite
-from fedjax_lite.experiments.cli import main
+from fedjax_lite.training.cli import main
 from tests.datasets.fake_files import emnist_splits
 
 
