@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     programs[name] = jax.jit(process.next)
     states[name] = process.init(params)
     start = time.perf_counter()
-    states[name], _ = programs[name](states[name], round_data, jax.random.key(0))
+    states[name], _, _ = programs[name](states[name], round_data, jax.random.key(0))
     jax.block_until_ready(states[name])
     first[name] = time.perf_counter() - start
 
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
   for repetition in range(args.rounds):
     for name in names:
       start = time.perf_counter()
-      states[name], metrics = programs[name](states[name], round_data, jax.random.key(repetition + 1))
+      states[name], metrics, _ = programs[name](states[name], round_data, jax.random.key(repetition + 1))
       jax.block_until_ready((states[name], metrics))
       seconds[name].append(time.perf_counter() - start)
 

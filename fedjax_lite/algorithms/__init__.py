@@ -11,7 +11,7 @@ from fedjax_lite.algorithms.evaluation import (
     federated_evaluation,
 )
 from fedjax_lite.algorithms.fed_avg import fed_avg, local_training_work
-from fedjax_lite.algorithms.fed_kmeans import fed_kmeans, initial_centroids
+from fedjax_lite.algorithms.fed_kmeans import KMeansServerState, fed_kmeans, initial_centroids
 from fedjax_lite.algorithms.fed_opt import (
     adaptive_server_optimizer,
     fed_adagrad,
@@ -22,14 +22,15 @@ from fedjax_lite.algorithms.fed_opt import (
 )
 from fedjax_lite.algorithms.fed_prox import fed_prox, proximal_term
 from fedjax_lite.algorithms.fed_sgd import fed_sgd
-from fedjax_lite.algorithms.mime import frozen_state, mime, mime_lite
-from fedjax_lite.algorithms.scaffold import control_variate_correction, scaffold
+from fedjax_lite.algorithms.mime import MimeServerState, frozen_state, mime, mime_lite
+from fedjax_lite.algorithms.scaffold import ScaffoldServerState, control_variate_correction, scaffold
 from fedjax_lite.algorithms.local_training import client_gradient, train_locally
 from fedjax_lite.algorithms.personalization import personalization_evaluation
 from fedjax_lite.algorithms.optimizers import ScheduledOptimizer, scheduled_optimizer
 from fedjax_lite.algorithms.template import (
     BitCount,
     Broadcast,
+    CohortWork,
     Finalizer,
     ServerState,
     bits_per_client,
@@ -43,6 +44,10 @@ from fedjax_lite.algorithms.template import (
 
 __all__ = [
     "BitCount",
+    "CohortWork",
+    "KMeansServerState",
+    "MimeServerState",
+    "ScaffoldServerState",
     "bits_per_client",
     "communication_bits",
     "round_bits",

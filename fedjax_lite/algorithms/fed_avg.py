@@ -140,13 +140,13 @@ def fed_avg(
 
   Returns:
     ``Process(init, next)`` with ``init(params) -> ServerState`` and
-    ``next(state, round_data, rng) -> (state, metrics)``, jittable end to end.
+    ``next(state, round_data, rng) -> RoundOutput(state, metrics, client_states=None)``, jittable end to end.
 
   Example::
 
     process = fed_avg(model, client_learning_rate=0.02)
     state = process.init(model.init(jax.random.key(0)))
-    state, metrics = jax.jit(process.next)(state, round_data, jax.random.key(1))
+    state, metrics, _ = jax.jit(process.next)(state, round_data, jax.random.key(1))
   """
   return fed_avg_round(model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
                        server_optimizer=server_optimizer, weighting=weighting, aggregator=aggregator,

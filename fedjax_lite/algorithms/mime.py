@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -45,6 +46,7 @@ from fedjax_lite.algorithms.template import (
     apply_optimizer_rejecting_non_finite,
     bits_per_client,
     build_round,
+    check_client_states_given,
     check_optimizer,
     check_params,
     client_work_and_aggregate,
@@ -54,12 +56,26 @@ from fedjax_lite.algorithms.template import (
 )
 from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model, masked_loss_and_metric_sums
-from fedjax_lite.core.process import Process
+from fedjax_lite.core.process import Process, RoundOutput
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner
 from fedjax_lite.core.tree import tree_all_finite, tree_select
 
 PyTree = Any
+
+
+@flax.struct.dataclass
+class MimeServerState:
+  """Mime's and MimeLite's finalizer state (``ServerState.finalizer_state``).
+
+  Attributes:
+    server_optimizer: the server optimizer's optax state (applied to the mean delta).
+    base_optimizer: the base optimizer's state ``s``, frozen on the clients and updated on the server from the
+      mean full gradient.
+  """
+
+  server_optimizer: PyTree
+  base_optimizer: PyTree
 
 
 def frozen_state(base_optimizer: optax.GradientTransformation, state: PyTree) -> optax.GradientTransformation:
@@ -74,15 +90,16 @@ def frozen_state(base_optimizer: optax.GradientTransformation, state: PyTree) ->
 def _mime_finalizer(base_optimizer, server_optimizer) -> Finalizer:
   """Model: ``server_opt(x, delta)``; base state: ``B.update(g, s, x).state``; both rejected when non-finite."""
 
-  def init(params):
-    return {"optimizer": server_optimizer.init(params), "base_optimizer": base_optimizer.init(params)}
+  def init(params) -> MimeServerState:
+    return MimeServerState(server_optimizer=server_optimizer.init(params),
+                           base_optimizer=base_optimizer.init(params))
 
-  def apply(state, params, aggregate):
+  def apply(state: MimeServerState, params, aggregate):
     new_params, opt_state, measurements = apply_optimizer_rejecting_non_finite(
-        server_optimizer, state["optimizer"], params, aggregate["delta"])
-    _, stepped = base_optimizer.update(aggregate["full_gradient"], state["base_optimizer"], params)
-    base_state = tree_select(tree_all_finite(aggregate["full_gradient"]), stepped, state["base_optimizer"])
-    return new_params, {"optimizer": opt_state, "base_optimizer": base_state}, measurements
+        server_optimizer, state.server_optimizer, params, aggregate["delta"])
+    _, stepped = base_optimizer.update(aggregate["full_gradient"], state.base_optimizer, params)
+    base_state = tree_select(tree_all_finite(aggregate["full_gradient"]), stepped, state.base_optimizer)
+    return new_params, MimeServerState(server_optimizer=opt_state, base_optimizer=base_state), measurements
 
   return Finalizer(init, apply)
 
@@ -128,7 +145,7 @@ def mime_lite(
                         weight=client_weight(weighting, metric_sums), metrics=metric_sums)
 
   return build_round(
-      distributor=model_distributor(extra=lambda state: state.opt_state["base_optimizer"]),
+      distributor=model_distributor(extra=lambda state: state.finalizer_state.base_optimizer),
       client_work=client_work,
       aggregator={"delta": resolve_aggregator(aggregator, weighted),
                   "full_gradient": resolve_aggregator(full_gradient_aggregator, weighted)},
@@ -200,13 +217,14 @@ def mime(
     check_params(params)
     params = jax.tree.map(jnp.asarray, params)
     template = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-    state = ServerState(params=params, opt_state=finalizer.init(params),
+    state = ServerState(params=params, finalizer_state=finalizer.init(params),
                         aggregator_state={"full_gradient": full_gradient_mean.init(template),
                                           "delta": delta_mean.init(template)},
                         round_num=jnp.zeros((), jnp.int32))
     return place_on_mesh(state, runner)  # in the layout a sharded round returns it: round 2 reuses round 1's program
 
-  def next_fn(state, round_data, rng):
+  def next_fn(state, round_data, rng, client_states=None):
+    check_client_states_given(False, client_states, round_data)
     gradient_key, training_key = jax.random.split(rng)
     # Pass 1: broadcast x; clients compute full gradients; mean.
     first = Broadcast(params=state.params)
@@ -214,12 +232,12 @@ def mime(
         full_gradient_work, full_gradient_mean, state.aggregator_state["full_gradient"], first, round_data,
         gradient_key, runner)
     # Pass 2: broadcast x, s and g; clients train with the correction; mean of the deltas.
-    second = Broadcast(params=state.params, extra=(state.opt_state["base_optimizer"], gradients.result))
+    second = Broadcast(params=state.params, extra=(state.finalizer_state.base_optimizer, gradients.result))
     deltas, client_metrics, _ = client_work_and_aggregate(
         training_work, delta_mean, state.aggregator_state["delta"], second, round_data, training_key, runner)
-    params, opt_state, finalizer_metrics = finalizer.apply(
-        state.opt_state, state.params, {"delta": deltas.result, "full_gradient": gradients.result})
-    new_state = state.replace(params=params, opt_state=opt_state, round_num=state.round_num + 1,
+    params, finalizer_state, finalizer_metrics = finalizer.apply(
+        state.finalizer_state, state.params, {"delta": deltas.result, "full_gradient": gradients.result})
+    new_state = state.replace(params=params, finalizer_state=finalizer_state, round_num=state.round_num + 1,
                               aggregator_state={"full_gradient": gradients.state, "delta": deltas.state})
     first_bits = bits_per_client(full_gradient_mean, state.aggregator_state["full_gradient"], first, state.params)
     second_bits = bits_per_client(delta_mean, state.aggregator_state["delta"], second, state.params)
@@ -230,6 +248,6 @@ def mime(
         "finalizer": finalizer_metrics,
         **round_bits(first_bits[0] + second_bits[0], first_bits[1] + second_bits[1], round_data),
     }
-    return new_state, metrics
+    return RoundOutput(new_state, metrics)
 
   return Process(init=init, next=next_fn)

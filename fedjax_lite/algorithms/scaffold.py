@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -49,6 +50,20 @@ from fedjax_lite.core.runner import Runner
 from fedjax_lite.core.tree import tree_all_finite, tree_select
 
 PyTree = Any
+
+
+@flax.struct.dataclass
+class ScaffoldServerState:
+  """SCAFFOLD's finalizer state (``ServerState.finalizer_state``).
+
+  Attributes:
+    server_optimizer: the server optimizer's optax state.
+    control_variate: the server control variate ``c`` (shaped like the params), the mean of all ``N`` clients'
+      ``c_i``.
+  """
+
+  server_optimizer: PyTree
+  control_variate: PyTree
 
 
 def control_variate_correction(correction: PyTree) -> optax.GradientTransformation:
@@ -79,10 +94,10 @@ def scaffold(
     runner: the client runner.
 
   Returns:
-    ``Process(init, next, client_state)``: ``next(state, round_data, rng) -> (state, metrics,
-    new_client_states)`` with ``round_data['client_state']`` the cohort's control variates (see
-    :class:`fedjax_lite.core.ClientStateStore` and ``fedjax_lite.training.run_training``, which do the
-    gathering and scattering).
+    ``Process(init, next, client_state)``: ``next(state, round_data, rng, client_states) -> RoundOutput(state,
+    metrics, client_states)`` with ``client_states`` the cohort's control variates ``c_i`` in and ``c_i+`` out
+    (see :class:`fedjax_lite.core.ClientStateStore` and ``fedjax_lite.training.run_training``, which do the
+    gathering and scattering); ``state.finalizer_state`` is a :class:`ScaffoldServerState`.
   """
   check_model(model)
   validation.check_int("num_clients", num_clients, minimum=1)
@@ -110,19 +125,20 @@ def scaffold(
     return ClientOutput(update={"delta": delta, "control": control_change},
                         weight=client_weight(weighting, metric_sums), metrics=metric_sums, new_state=new_control)
 
-  def init_finalizer(params):
-    return {"optimizer": server_optimizer.init(params), "control_variate": jax.tree.map(jnp.zeros_like, params)}
+  def init_finalizer(params) -> ScaffoldServerState:
+    return ScaffoldServerState(server_optimizer=server_optimizer.init(params),
+                               control_variate=jax.tree.map(jnp.zeros_like, params))
 
-  def apply_finalizer(state, params, aggregate):
+  def apply_finalizer(state: ScaffoldServerState, params, aggregate):
     params, opt_state, measurements = apply_optimizer_rejecting_non_finite(
-        server_optimizer, state["optimizer"], params, aggregate["delta"])
-    control = state["control_variate"]
+        server_optimizer, state.server_optimizer, params, aggregate["delta"])
+    control = state.control_variate
     stepped = jax.tree.map(lambda c, s: c + s / num_clients, control, aggregate["control"])
     control = tree_select(tree_all_finite(aggregate["control"]), stepped, control)
-    return params, {"optimizer": opt_state, "control_variate": control}, measurements
+    return params, ScaffoldServerState(server_optimizer=opt_state, control_variate=control), measurements
 
   return build_round(
-      distributor=model_distributor(optimizer.hparams, extra=lambda state: state.opt_state["control_variate"]),
+      distributor=model_distributor(optimizer.hparams, extra=lambda state: state.finalizer_state.control_variate),
       client_work=client_work,
       aggregator={"delta": delta_aggregator, "control": sum_aggregator()},
       finalizer=Finalizer(init_finalizer, apply_finalizer),

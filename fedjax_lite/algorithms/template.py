@@ -27,9 +27,12 @@ Rules the template enforces for every algorithm, so a user's own parts cannot ge
 * metrics are grouped ``{'distributor', 'client_work', 'aggregator', 'finalizer', 'broadcasted_bits',
   'aggregated_bits'}``; client metrics are sums finalized once on the server (example-weighted over the cohort).
 
-Algorithms with per-client state pass ``client_state=`` (one client's initial state from the params): their
-``next`` then reads ``round_data['client_state']`` (the cohort's states, gathered from a
-:class:`fedjax_lite.core.ClientStateStore`) and returns ``(state, metrics, new_client_states)``.
+``next(state, round_data, rng, client_states=None)`` always returns ONE record,
+:class:`~fedjax_lite.core.RoundOutput` ``(state, metrics, client_states)``. Algorithms with per-client state pass
+``client_state=`` (one client's initial state from the params): their ``next`` then takes the cohort's states
+(stacked ``[client slots, ...]``, gathered from a :class:`fedjax_lite.core.ClientStateStore`) as its own
+argument ``client_states``, hands client slot ``k`` its row as ``client_state``, and returns the new states in
+``RoundOutput.client_states`` (None for stateless algorithms).
 
 Randomness: the round key is split into ``(train, aggregator)``; client slot ``k`` trains with
 ``fold_in(train, k)``; a single aggregator uses the aggregator key as its own ``next`` would, several use
@@ -49,7 +52,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_lite.aggregators.base import STACK, SUM, AggregationContext, Aggregator, as_template, client_upload_bits, split_rng
 from fedjax_lite.core.model import finalize_metric_sums
-from fedjax_lite.core.process import MeasuredOutput, Process
+from fedjax_lite.core.process import MeasuredOutput, Process, RoundOutput
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.round_data import check_round_data
 from fedjax_lite.core.runner import Runner, client_mask, num_client_slots, run_clients
@@ -57,7 +60,6 @@ from fedjax_lite.core.tree import tree_all_finite, tree_select, tree_size_bits
 
 PyTree = Any
 BROADCAST_STREAM = 0xB40AD  # the broadcast encoder's key is fold_in(round key, BROADCAST_STREAM)
-CLIENT_STATE_KEY = "client_state"
 
 
 class Broadcast(NamedTuple):
@@ -81,14 +83,16 @@ class ServerState:
 
   Attributes:
     params: the global model parameters.
-    opt_state: the finalizer's state: the server optimizer's state, and for some algorithms more (SCAFFOLD's
-      control variate, Mime's base optimizer state).
+    finalizer_state: the finalizer's state, a typed record of the algorithm: the server optimizer's optax state
+      (:func:`optimizer_finalizer`: FedAvg, FedSGD, FedProx, FedOpt), or a record with named fields
+      (``scaffold.ScaffoldServerState(server_optimizer, control_variate)``,
+      ``mime.MimeServerState(server_optimizer, base_optimizer)``, ``fed_kmeans.KMeansServerState(weights)``).
     aggregator_state: the aggregator's state (e.g. its quantile estimates); a dict when the round has several.
     round_num: int32 count of completed rounds; schedules read it.
   """
 
   params: PyTree
-  opt_state: PyTree
+  finalizer_state: PyTree
   aggregator_state: PyTree
   round_num: jax.Array
 
@@ -222,6 +226,33 @@ def check_update(update: PyTree, template: PyTree) -> None:
                        f"but the aggregator was initialized for {want.dtype}{list(want.shape)}.")
 
 
+class CohortWork(NamedTuple):
+  """Parts 2 and 3 of a round over a cohort (:func:`client_work_and_aggregate`).
+
+  Attributes:
+    aggregate: the aggregator's ``MeasuredOutput(state, result, measurements)`` (its fields dicts keyed like the
+      aggregators when they are a dict).
+    metrics: the client metrics ``{'train': finalized sums, 'num_non_finite_clients'}``.
+    client_states: the cohort's new client states stacked ``[client slots, ...]`` (padding and rejected slots
+      hand back the state they were given), or None when no client states were passed.
+  """
+
+  aggregate: MeasuredOutput
+  metrics: dict
+  client_states: PyTree = None
+
+
+def check_client_states(client_states: PyTree, round_data: PyTree) -> None:
+  """Every leaf of ``client_states`` has the round's client axis first (at trace time), else a ``ValueError``."""
+  num_slots = num_client_slots(round_data)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(client_states)[0]:
+    shape = jnp.shape(leaf)
+    if not shape or shape[0] != num_slots:
+      raise ValueError(f"client_states{jax.tree_util.keystr(path)} has shape {list(shape)}, but the round has "
+                       f"{num_slots} client slots: client_states must stack one state per slot of round_data "
+                       "(e.g. ClientStateStore.gather(cohort, num_slots)).")
+
+
 def client_work_and_aggregate(
     client_work: ClientWork,
     aggregator: Aggregator | Mapping[str, Aggregator],
@@ -231,21 +262,24 @@ def client_work_and_aggregate(
     rng: jax.Array,
     runner: Runner | None,
     update_template: PyTree | None = None,
-) -> tuple[MeasuredOutput, dict[str, jax.Array], PyTree]:
+    client_states: PyTree | None = None,
+) -> CohortWork:
   """Parts 2 and 3 of a round: every client's work, then the aggregation.
 
   ``update_template`` (shape structs of ONE client's update, what the aggregators were initialized with), when
   given, is checked against what the client work returns: a different tree, shape or dtype is a ``ValueError``
-  naming both, instead of an aggregator silently summing the wrong thing.
+  naming both, instead of an aggregator silently summing the wrong thing. ``client_states`` (stacked
+  ``[client slots, ...]``), when given, hands client slot ``k`` its row as ``client_state`` and collects the new
+  states; without it every client gets ``client_state=None``.
 
-  Returns ``(aggregate, client metrics, new client states or None)``: ``aggregate`` is the aggregator's
-  ``MeasuredOutput`` (its fields dicts keyed like ``aggregator`` when it is a dict); the client metrics are
-  ``{'train': finalized sums, 'num_non_finite_clients'}``.
+  Returns a :class:`CohortWork` ``(aggregate, metrics, client_states)``.
   """
   # Structure checks at trace time (once per shape): a clear error naming the input instead of a shape error deep
   # inside the runner.
-  check_round_data({key: value for key, value in round_data.items() if key != CLIENT_STATE_KEY}
-                   if isinstance(round_data, Mapping) else round_data)
+  check_round_data(round_data)
+  stateful = client_states is not None
+  if stateful:
+    check_client_states(client_states, round_data)
   aggregators = _named(aggregator)
   states = {name: _pick(aggregator_state, name) for name in aggregators}
   train_key, aggregator_key = jax.random.split(rng)
@@ -253,14 +287,12 @@ def client_work_and_aggregate(
   split_keys = {name: split_rng(keys[name]) for name in aggregators}
   streamed = [name for name, agg in aggregators.items() if agg.combine == SUM]
   stacked = [name for name, agg in aggregators.items() if agg.combine == STACK]
-  stateful = CLIENT_STATE_KEY in round_data
   aggregator_params = {name: aggregators[name].broadcast(states[name]) for name in aggregators}
   update_templates = {}  # ONE client's update per aggregator, recorded while tracing (static shapes)
 
-  def per_client(server_values, client_data, client_keys):
+  def per_client(server_values, slot, client_keys):
     broadcast, aggregator_params = server_values
-    client_data = dict(client_data)
-    client_state = client_data.pop(CLIENT_STATE_KEY, None)
+    client_data, client_state = slot["data"], slot["state"]
     output = client_work(broadcast, client_data, client_state, client_keys["train"])
     if not isinstance(output, ClientOutput):
       raise TypeError(f"client_work must return a ClientOutput(update, weight, metrics, new_state), got "
@@ -282,8 +314,10 @@ def client_work_and_aggregate(
     return ({name: contributions[name] for name in streamed}, output.metrics), collected
 
   client_keys = {"train": train_key, "aggregators": {name: split_keys[name][0] for name in aggregators}}
+  # The runner maps every leaf over the client axis; its masking and balancing read the top-level num_examples.
+  slots = {"num_examples": round_data["num_examples"], "data": round_data, "state": client_states}
   (totals, metric_sums), collected = run_clients(
-      per_client, (broadcast, aggregator_params), round_data, client_keys, runner=runner)
+      per_client, (broadcast, aggregator_params), slots, client_keys, runner=runner)
   num_slots = num_client_slots(round_data)
   outputs = {}
   for name, agg in aggregators.items():
@@ -295,8 +329,9 @@ def client_work_and_aggregate(
                              measurements=_unname({n: o.measurements for n, o in outputs.items()}))
   metric_sums = dict(metric_sums)
   non_finite = metric_sums.pop("num_non_finite_clients")
-  return (aggregate, {"train": finalize_metric_sums(metric_sums), "num_non_finite_clients": non_finite},
-          collected["state"])
+  return CohortWork(aggregate=aggregate,
+                    metrics={"train": finalize_metric_sums(metric_sums), "num_non_finite_clients": non_finite},
+                    client_states=collected["state"])
 
 
 @jax.tree_util.register_pytree_node_class
@@ -398,6 +433,20 @@ def place_on_mesh(state: PyTree, runner: Runner | None) -> PyTree:
   return jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
 
 
+def check_client_states_given(stateful: bool, client_states: PyTree, round_data: PyTree) -> None:
+  """The client states are given exactly when the algorithm keeps them, else a ``ValueError`` saying what to do."""
+  if isinstance(round_data, Mapping) and "client_state" in round_data:
+    raise ValueError("round_data has a 'client_state' entry: client states are next's own argument, "
+                     "next(state, round_data, rng, client_states), not part of the round data.")
+  if stateful and client_states is None:
+    raise ValueError("this algorithm keeps per-client state: pass the cohort's states as next(state, round_data, "
+                     "rng, client_states), stacked [client slots, ...] (ClientStateStore.gather(cohort, num_slots); "
+                     "fedjax_lite.training.run_training does this).")
+  if not stateful and client_states is not None:
+    raise ValueError("client_states were given but this algorithm keeps no per-client state (build_round was "
+                     "called without client_state=).")
+
+
 def build_round(
     client_work: ClientWork,
     *,
@@ -426,8 +475,9 @@ def build_round(
     runner: the client runner (default: the backend's strategy).
 
   Returns:
-    ``Process(init, next, client_state)``: ``init(params) -> ServerState``; ``next(state, round_data, rng) ->
-    (state, metrics)``, or ``(state, metrics, new_client_states)`` with ``client_state``. Jittable end to end.
+    ``Process(init, next, client_state)``: ``init(params) -> ServerState``; ``next(state, round_data, rng,
+    client_states=None) -> RoundOutput(state, metrics, client_states)``, ``client_states`` given and returned
+    exactly when ``client_state`` is set (None otherwise). Jittable end to end.
 
   Example -- FedAvg in its four parts::
 
@@ -463,19 +513,15 @@ def build_round(
     template = as_template(update_template(params))
     state = ServerState(
         params=params,
-        opt_state=finalizer.init(params),
+        finalizer_state=finalizer.init(params),
         aggregator_state=_unname({name: agg.init(as_template(_pick(template, name)))
                                   for name, agg in aggregators.items()}),
         round_num=jnp.zeros((), jnp.int32),
     )
     return place_on_mesh(state, runner)
 
-  def next_fn(state: ServerState, round_data: PyTree, rng: jax.Array):
-    if (client_state is not None) != (CLIENT_STATE_KEY in round_data):
-      raise ValueError(
-          "this algorithm keeps per-client state: round_data needs 'client_state' (the cohort's states, "
-          "gathered from a fedjax_lite.core.ClientStateStore)" if client_state is not None else
-          "round_data has 'client_state' but this algorithm keeps no per-client state.")
+  def next_fn(state: ServerState, round_data: PyTree, rng: jax.Array, client_states: PyTree = None) -> RoundOutput:
+    check_client_states_given(client_state is not None, client_states, round_data)
     # 1. distributor
     broadcast = distributor(state)
     model_bits = None
@@ -484,24 +530,23 @@ def build_round(
       broadcast = broadcast._replace(
           params=broadcast_encoder.encode(broadcast.params, jax.random.fold_in(rng, BROADCAST_STREAM)))
     # 2. client work and 3. aggregation
-    aggregate, client_metrics, new_client_states = client_work_and_aggregate(
+    work = client_work_and_aggregate(
         client_work, aggregator, state.aggregator_state, broadcast, round_data, rng, runner,
-        update_template=jax.eval_shape(update_template, state.params))
+        update_template=jax.eval_shape(update_template, state.params), client_states=client_states)
     # 4. finalizer
-    params, opt_state, finalizer_metrics = finalizer.apply(state.opt_state, state.params, aggregate.result)
-    new_state = state.replace(params=params, opt_state=opt_state, aggregator_state=aggregate.state,
+    params, finalizer_state, finalizer_metrics = finalizer.apply(state.finalizer_state, state.params,
+                                                                 work.aggregate.result)
+    new_state = state.replace(params=params, finalizer_state=finalizer_state, aggregator_state=work.aggregate.state,
                               round_num=state.round_num + 1)
     metrics = {
         "distributor": {},
-        "client_work": client_metrics | dict(broadcast.hparams),
-        "aggregator": aggregate.measurements,
+        "client_work": work.metrics | dict(broadcast.hparams),
+        "aggregator": work.aggregate.measurements,
         "finalizer": finalizer_metrics,
         **communication_bits(aggregator, state.aggregator_state, broadcast,
                              jax.eval_shape(update_template, state.params), round_data,
                              model_broadcast_bits=model_bits),
     }
-    if client_state is not None:
-      return new_state, metrics, new_client_states
-    return new_state, metrics
+    return RoundOutput(state=new_state, metrics=metrics, client_states=work.client_states)
 
   return Process(init=init, next=next_fn, client_state=client_state)

@@ -172,7 +172,8 @@ def run_training(
   """Trains ``process`` for ``num_rounds`` rounds; see the module docstring.
 
   Args:
-    process: an algorithm ``Process`` whose ``next(state, round_data, rng) -> (state, metrics)``.
+    process: an algorithm ``Process`` whose ``next(state, round_data, rng, client_states=None) ->
+      RoundOutput(state, metrics, client_states)``.
     train_data: the client population.
     initial_params: passed to ``process.init``.
     client_spec: batch size, epochs and step cap of local training.
@@ -224,9 +225,9 @@ def run_training(
     label_key: the label feature checked with ``num_classes``.
     client_states: for a process with per-client state (``process.client_state`` set, e.g. SCAFFOLD): the
       population's :class:`~fedjax_lite.core.ClientStateStore`; default a new one with every client at
-      ``process.client_state(initial_params)``. Each round the cohort's states are gathered into
-      ``round_data['client_state']`` just before the round runs (after the previous round's states were written
-      back) and the real clients' new states are scattered back; the store is checkpointed as
+      ``process.client_state(initial_params)``. Each round the cohort's states are gathered and passed as
+      ``process.next``'s ``client_states`` just before the round runs (after the previous round's states were
+      written back) and the real clients' new states are scattered back; the store is checkpointed as
       ``extra_state['client_states']``.
     round_packer: multi-process runs (:meth:`fedjax_lite.training.distributed.ProcessShard.packer`):
       ``round_packer(cohort, *, seed, round_num, num_steps, cohort_size) -> (round data on the devices, real
@@ -484,15 +485,15 @@ def run_training(
     for round_num in range(start_round, num_rounds if stopped is None and scanned_rounds is None else start_round):
       round_start = time.perf_counter()
       round_data, num_real_clients, (cohort, num_examples) = pending
-      if client_states is None:
-        state, metrics = next_fn(state, round_data, jax.random.fold_in(base_key, round_num))
-      else:  # gathered now, after the previous round's states were written back
-        round_data = dict(round_data, client_state=jax.device_put(client_states.gather(cohort, len(num_examples))))
-        state, metrics, new_client_states = next_fn(state, round_data, jax.random.fold_in(base_key, round_num))
+      # The cohort's client states are gathered now, after the previous round's states were written back.
+      cohort_states = (None if client_states is None
+                       else jax.device_put(client_states.gather(cohort, len(num_examples))))
+      output = next_fn(state, round_data, jax.random.fold_in(base_key, round_num), cohort_states)
+      state, metrics = output.state, output.metrics
       if round_num + 1 < num_rounds and (privacy is None or privacy.allows(round_num + 2)):
         pending = prepare(round_num + 1)  # host work overlaps the device's round
       if client_states is not None:
-        client_states.scatter(cohort, jax.device_get(new_client_states), num_examples)
+        client_states.scatter(cohort, jax.device_get(output.client_states), num_examples)
       flat = {"round": round_num, **flatten_metrics(jax.device_get(metrics))}
       if finish_round(round_num, flat, num_real_clients, time.perf_counter() - round_start):
         break
