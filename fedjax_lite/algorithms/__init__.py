@@ -10,7 +10,7 @@ from fedjax_lite.algorithms.evaluation import (
     evaluate_clients,
     federated_evaluation,
 )
-from fedjax_lite.algorithms.fed_avg import fed_avg, local_training_work
+from fedjax_lite.algorithms.fed_avg import FED_AVG_OPTIONS, fed_avg, fed_avg_options, local_training_work
 from fedjax_lite.algorithms.fed_kmeans import KMeansServerState, fed_kmeans, initial_centroids
 from fedjax_lite.algorithms.fed_opt import (
     adaptive_server_optimizer,
@@ -32,6 +32,8 @@ from fedjax_lite.algorithms.template import (
     Broadcast,
     CohortWork,
     Finalizer,
+    Prepass,
+    RoundParts,
     ServerState,
     bits_per_client,
     build_round,
@@ -43,6 +45,10 @@ from fedjax_lite.algorithms.template import (
 )
 
 __all__ = [
+    "FED_AVG_OPTIONS",
+    "Prepass",
+    "RoundParts",
+    "fed_avg_options",
     "BitCount",
     "CohortWork",
     "KMeansServerState",

@@ -25,12 +25,10 @@ import optax
 from fedjax_lite.aggregators.differential_privacy import gaussian_adaptive, gaussian_fixed
 from fedjax_lite.aggregators.presets import default_zeroing
 from fedjax_lite.aggregators.tree_aggregation import tree_aggregation
-from fedjax_lite.algorithms.fed_avg import fed_avg
-from fedjax_lite.algorithms.optimizers import OptimizerFactory
+from fedjax_lite.algorithms.fed_avg import fed_avg, fed_avg_options
 from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
-from fedjax_lite.core.runner import Runner
 from fedjax_lite.core.sampling import PoissonSampler, ShuffledCyclicSampler
 from fedjax_lite.privacy.accounting import PrivacyLedger, sampled_run_events, tree_run_events
 
@@ -50,15 +48,12 @@ def dp_fed_avg(
     num_clients: int,
     expected_clients_per_round: float,
     delta: float,
-    client_learning_rate: float | optax.Schedule,
-    client_optimizer: optax.GradientTransformation | OptimizerFactory = optax.sgd,
-    server_optimizer: optax.GradientTransformation | None = None,
     clip: float | None = None,
     zeroing: bool = False,
     epsilon_budget: float | None = None,
     accountant: str = "rdp",
     seed: int = 0,
-    runner: Runner | None = None,
+    **options,
 ) -> PrivateTraining:
   """User-level DP-FedAvg with Poisson client sampling and a privacy ledger.
 
@@ -68,13 +63,14 @@ def dp_fed_avg(
     num_clients: population size ``N``.
     expected_clients_per_round: ``m = q N`` with ``0 < m <= N``; also the DP mean's fixed normalizer.
     delta: the run's delta in (0, 1), e.g. below ``1 / N``.
-    client_learning_rate, client_optimizer, server_optimizer: as in :func:`fed_avg` (server default SGD 1.0).
     clip: a fixed L2 clip; None (default) adapts the clip to the median norm (Andrew et al.).
     zeroing: add the reference's adaptive zeroing (not covered by the guarantee; see the module docstring).
     epsilon_budget: optional: training stops before exceeding it.
     accountant: ``'rdp'`` or ``'pld'``.
     seed: the sampler's seed (use the run's seed).
-    runner: the client runner.
+    **options: every option of :func:`fed_avg` (``client_learning_rate``, ``client_optimizer``,
+      ``server_optimizer`` (default SGD 1.0), ``runner``, ...) except ``weighting`` and ``aggregator``, which the
+      recipe sets (uniform weighting, the DP mean).
   """
   validation.check_positive("noise_multiplier", noise_multiplier)
   validation.check_int("num_clients", num_clients, minimum=1)
@@ -89,8 +85,8 @@ def dp_fed_avg(
   round_event = aggregator.dp_event()
   if zeroing:
     aggregator = default_zeroing(aggregator)
-  process = fed_avg(model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
-                    server_optimizer=server_optimizer, weighting="uniform", aggregator=aggregator, runner=runner)
+  process = fed_avg(model, weighting="uniform", aggregator=aggregator,
+                    **fed_avg_options("dp_fed_avg", options, sets=("weighting", "aggregator")))
   probability = float(expected_clients_per_round) / num_clients
   sampler = PoissonSampler(num_clients, probability, seed)
   ledger = PrivacyLedger(sampled_run_events(round_event, sampling="poisson", sampling_probability=probability),
@@ -106,24 +102,23 @@ def dp_ftrl(
     clients_per_round: int,
     clip: float,
     delta: float,
-    client_learning_rate: float | optax.Schedule,
-    client_optimizer: optax.GradientTransformation | OptimizerFactory = optax.sgd,
-    server_optimizer: optax.GradientTransformation | None = None,
     epsilon_budget: float | None = None,
     seed: int = 0,
-    runner: Runner | None = None,
+    **options,
 ) -> PrivateTraining:
   """DP-FTRL: tree-aggregated noise, no sampling assumption; clients once per epoch, the tree restarting each
-  epoch of ``num_clients // clients_per_round`` rounds. Server default: SGD(1.0) with momentum 0.9 as in
-  Kairouz et al.'s federated experiments.
+  epoch of ``num_clients // clients_per_round`` rounds. ``options``: every option of :func:`fed_avg` except
+  ``weighting`` and ``aggregator``; the server default is SGD(1.0) with momentum 0.9 as in Kairouz et al.'s
+  federated experiments.
   """
   validation.check_positive("noise_multiplier", noise_multiplier)
   sampler = ShuffledCyclicSampler(num_clients, clients_per_round, seed)
   aggregator = tree_aggregation(noise_multiplier, float(clients_per_round), clip,
                                 rounds_per_tree=sampler.rounds_per_epoch)
-  server_optimizer = optax.sgd(1.0, momentum=0.9) if server_optimizer is None else server_optimizer
-  process = fed_avg(model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
-                    server_optimizer=server_optimizer, weighting="uniform", aggregator=aggregator, runner=runner)
+  options = fed_avg_options("dp_ftrl", options, sets=("weighting", "aggregator"))
+  if options.get("server_optimizer") is None:
+    options["server_optimizer"] = optax.sgd(1.0, momentum=0.9)
+  process = fed_avg(model, weighting="uniform", aggregator=aggregator, **options)
   ledger = PrivacyLedger(tree_run_events(noise_multiplier, sampler.rounds_per_epoch), delta, "rdp",
                          epsilon_budget)
   return PrivateTraining(process, sampler, ledger)

@@ -70,11 +70,14 @@ class Broadcast(NamedTuple):
     hparams: the round's client hyperparameters, e.g. ``{'learning_rate': lr}`` (reported in the
       ``client_work`` metrics).
     extra: the algorithm's other server values (SCAFFOLD's control variate, Mime's optimizer state, ...).
+    prepass: in a round with a :class:`Prepass`, the pre-pass's aggregate over the cohort (Mime's mean full
+      gradient), which the client work then sees; ``()`` otherwise.
   """
 
   params: PyTree
   hparams: PyTree = ()
   extra: PyTree = ()
+  prepass: PyTree = ()
 
 
 @flax.struct.dataclass
@@ -99,6 +102,29 @@ class ServerState:
 
 Distributor = Callable[[ServerState], Broadcast]
 ClientWork = Callable[[Broadcast, PyTree, PyTree, jax.Array], ClientOutput]
+
+
+class Prepass(NamedTuple):
+  """A first pass over the round's cohort whose aggregate the client work then sees (a two-stage round).
+
+  Every client runs ``client_work`` on the round's broadcast; its uploads are aggregated by ``aggregator`` (a dict
+  whose keys differ from the round's own aggregators'); the aggregate reaches every client of the second stage as
+  ``broadcast.prepass`` (and counts in ``broadcasted_bits``), and the finalizer receives both stages' aggregates in
+  one dict. Mime's full gradients at the server model are such a pre-pass (:func:`fedjax_lite.algorithms.mime`).
+  The pre-pass reads the clients' states but does not change them (only the main client work does); a client it
+  rejects as non-finite has weight 0 in its aggregate and still runs the second stage.
+
+  Attributes:
+    client_work: ``(broadcast, client_data, client_state, rng) -> ClientOutput`` for ONE client.
+    aggregator: ``{key: Aggregator}`` of the pre-pass uploads ``update[key]``.
+    update_template: ``params -> ONE client's pre-pass update``; default every key shaped like the params.
+    name: the pre-pass's client metrics appear as ``metrics['client_work'][name]``.
+  """
+
+  client_work: ClientWork
+  aggregator: Mapping[str, Aggregator]
+  update_template: Callable[[PyTree], PyTree] | None = None
+  name: str = "prepass"
 
 
 class Finalizer(NamedTuple):
@@ -235,11 +261,13 @@ class CohortWork(NamedTuple):
     metrics: the client metrics ``{'train': finalized sums, 'num_non_finite_clients'}``.
     client_states: the cohort's new client states stacked ``[client slots, ...]`` (padding and rejected slots
       hand back the state they were given), or None when no client states were passed.
+    broadcast: the broadcast as the client work received it (with a pre-pass: its aggregate included).
   """
 
   aggregate: MeasuredOutput
   metrics: dict
   client_states: PyTree = None
+  broadcast: Broadcast | None = None
 
 
 def check_client_states(client_states: PyTree, round_data: PyTree) -> None:
@@ -276,10 +304,8 @@ def client_work_and_aggregate(
   """
   # Structure checks at trace time (once per shape): a clear error naming the input instead of a shape error deep
   # inside the runner.
-  check_round_data(round_data)
+  slots = _slots(round_data, client_states)
   stateful = client_states is not None
-  if stateful:
-    check_client_states(client_states, round_data)
   aggregators = _named(aggregator)
   states = {name: _pick(aggregator_state, name) for name in aggregators}
   train_key, aggregator_key = jax.random.split(rng)
@@ -292,16 +318,9 @@ def client_work_and_aggregate(
 
   def per_client(server_values, slot, client_keys):
     broadcast, aggregator_params = server_values
-    client_data, client_state = slot["data"], slot["state"]
-    output = client_work(broadcast, client_data, client_state, client_keys["train"])
-    if not isinstance(output, ClientOutput):
-      raise TypeError(f"client_work must return a ClientOutput(update, weight, metrics, new_state), got "
-                      f"{type(output).__name__}.")
-    if update_template is not None:
-      check_update(output.update, update_template)
-    output = reject_non_finite(output, client_state)
-    is_real = client_data["num_examples"] > 0
-    weight = jnp.where(is_real, output.weight, 0.0)  # padding: weight 0, always
+    output = one_client(client_work, broadcast, slot, client_keys["train"], update_template)
+    is_real = slot["num_examples"] > 0
+    weight = output.weight
     contributions = {}
     for name, agg in aggregators.items():
       update = _pick(output.update, name)
@@ -314,8 +333,6 @@ def client_work_and_aggregate(
     return ({name: contributions[name] for name in streamed}, output.metrics), collected
 
   client_keys = {"train": train_key, "aggregators": {name: split_keys[name][0] for name in aggregators}}
-  # The runner maps every leaf over the client axis; its masking and balancing read the top-level num_examples.
-  slots = {"num_examples": round_data["num_examples"], "data": round_data, "state": client_states}
   (totals, metric_sums), collected = run_clients(
       per_client, (broadcast, aggregator_params), slots, client_keys, runner=runner)
   num_slots = num_client_slots(round_data)
@@ -331,7 +348,84 @@ def client_work_and_aggregate(
   non_finite = metric_sums.pop("num_non_finite_clients")
   return CohortWork(aggregate=aggregate,
                     metrics={"train": finalize_metric_sums(metric_sums), "num_non_finite_clients": non_finite},
-                    client_states=collected["state"])
+                    client_states=collected["state"], broadcast=broadcast)
+
+
+def one_client(client_work: ClientWork, broadcast: Broadcast, slot: dict, rng: jax.Array,
+               update_template: PyTree | None) -> ClientOutput:
+  """ONE client's work with the template's client rules: the output type and update shapes checked, a non-finite
+  client rejected (:func:`reject_non_finite`), a padding slot's weight 0 whatever the work returned."""
+  client_data, client_state = slot["data"], slot["state"]
+  output = client_work(broadcast, client_data, client_state, rng)
+  if not isinstance(output, ClientOutput):
+    raise TypeError(f"client_work must return a ClientOutput(update, weight, metrics, new_state), got "
+                    f"{type(output).__name__}.")
+  if update_template is not None:
+    check_update(output.update, update_template)
+  output = reject_non_finite(output, client_state)
+  is_real = slot["num_examples"] > 0
+  return output._replace(weight=jnp.where(is_real, output.weight, 0.0))  # padding: weight 0, always
+
+
+def _slots(round_data: PyTree, client_states: PyTree) -> dict:
+  """What the runner maps over the client axis: the data and the states (its masking reads ``num_examples``)."""
+  check_round_data(round_data)
+  if client_states is not None:
+    check_client_states(client_states, round_data)
+  return {"num_examples": round_data["num_examples"], "data": round_data, "state": client_states}
+
+
+def stacked_client_outputs(
+    client_work: ClientWork,
+    broadcast: Broadcast,
+    round_data: PyTree,
+    rng: jax.Array,
+    runner: Runner | None,
+    *,
+    update_template: PyTree | None = None,
+    client_states: PyTree | None = None,
+) -> ClientOutput:
+  """Part 2 alone: every client slot's :class:`ClientOutput`, stacked ``[client slots, ...]``, nothing aggregated.
+
+  The client rules are those of :func:`client_work_and_aggregate` (padding weight 0, non-finite clients rejected,
+  the same keys: slot ``k`` trains with ``fold_in(split(rng)[0], k)``); ``new_state`` is None without
+  ``client_states``. Memory holds every client's upload: for drivers that aggregate later (asynchronous rounds).
+  """
+  slots = _slots(round_data, client_states)
+  train_key, _ = jax.random.split(rng)
+
+  def per_client(broadcast, slot, client_keys):
+    output = one_client(client_work, broadcast, slot, client_keys["train"], update_template)
+    if client_states is None:
+      output = output._replace(new_state=None)
+    return (), output
+
+  _, outputs = run_clients(per_client, broadcast, slots, {"train": train_key}, runner=runner)
+  return outputs
+
+
+def aggregate_stacked(
+    aggregator: Aggregator | Mapping[str, Aggregator],
+    aggregator_state: PyTree,
+    outputs: ClientOutput,
+    rng: jax.Array,
+    client_mask: jax.Array | None = None,
+) -> MeasuredOutput:
+  """Part 3 on stacked uploads: ``outputs.update`` (a leading client axis) aggregated with ``outputs.weight``.
+
+  Each aggregator runs its own ``next`` on its values (:meth:`Aggregator.next`) with the keys
+  :func:`client_work_and_aggregate` derives from ``rng``, so a cohort's stacked outputs aggregate as the streamed
+  round does (up to summation order). ``client_mask`` (bool ``[rows]``) marks real clients; default every row.
+  """
+  aggregators = _named(aggregator)
+  _, aggregator_key = jax.random.split(rng)
+  keys = _aggregator_keys(aggregators, aggregator_key)
+  outs = {name: agg.next(_pick(aggregator_state, name), _pick(outputs.update, name),
+                         outputs.weight, keys[name], client_mask)
+          for name, agg in aggregators.items()}
+  return MeasuredOutput(state=_unname({n: o.state for n, o in outs.items()}),
+                        result=_unname({n: o.result for n, o in outs.items()}),
+                        measurements=_unname({n: o.measurements for n, o in outs.items()}))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -382,14 +476,15 @@ def bits_per_client(
   """``(download, upload)``: the exact bits the server sends ONE client and ONE client uploads (Python ints).
 
   The download is the broadcast -- the model (``model_broadcast_bits`` when an encoder compresses it, else every
-  leaf at its dtype's width), the hyperparameters, the extra server values -- plus each aggregator's broadcast
-  (e.g. its clipping norm); the upload is each aggregator's exact payload
+  leaf at its dtype's width), the hyperparameters, the extra server values, a pre-pass's aggregate -- plus each
+  aggregator's broadcast (e.g. its clipping norm); the upload is each aggregator's exact payload
   (:func:`fedjax_lite.aggregators.base.client_upload_bits`). Both are static: they depend on shapes only.
   """
   aggregators = _named(aggregator)
   model_bits = (tree_size_bits(as_template(broadcast.params)) if model_broadcast_bits is None
                 else int(model_broadcast_bits))
-  download = model_bits + tree_size_bits(broadcast.hparams) + tree_size_bits(broadcast.extra)
+  download = (model_bits + tree_size_bits(broadcast.hparams) + tree_size_bits(broadcast.extra)
+              + tree_size_bits(broadcast.prepass))
   upload = 0
   for name, agg in aggregators.items():
     download += tree_size_bits(jax.eval_shape(agg.broadcast, _pick(aggregator_state, name)))
@@ -447,6 +542,56 @@ def check_client_states_given(stateful: bool, client_states: PyTree, round_data:
                      "called without client_state=).")
 
 
+class RoundParts(NamedTuple):
+  """The four parts of a round built by :func:`build_round`, as separate (jittable) functions.
+
+  ``next`` is their composition, and a driver may run them apart -- e.g. an asynchronous algorithm (FedBuff) runs
+  the client work of a batch of clients from the server version they downloaded, keeps their uploads, and later
+  aggregates ``K`` arrivals and updates the server in a separate step::
+
+    outputs = parts.client_outputs(parts.distribute(state_v, rng), round_data, rng)   # [slots, ...] uploads
+    state, measurements = parts.finalize(state, parts.aggregate(state, arrivals, rng2))
+
+  Attributes:
+    distribute: ``(state, rng) -> Broadcast``: part 1, what every client receives (the encoder applied).
+    work: ``(state, broadcast, round_data, rng, client_states=None) -> CohortWork``: parts 2 and 3 streamed over
+      the cohort (the pre-pass first, when there is one): the aggregate, the client metrics, the new client
+      states, and the broadcast as the client work saw it.
+    finalize: ``(state, aggregate: MeasuredOutput) -> (new ServerState, finalizer measurements)``: part 4, the
+      finalizer applied to ``aggregate.result``; the new state holds ``aggregate.state`` as its aggregator state
+      and ``round_num + 1``.
+    client_outputs: ``(broadcast, round_data, rng, client_states=None) -> ClientOutput`` stacked
+      ``[client slots, ...]``: part 2 alone, every client's upload kept (padding slots weight 0, the non-finite
+      rule applied), for drivers that aggregate later.
+    aggregate: ``(state, outputs: ClientOutput, rng, client_mask=None) -> MeasuredOutput``: part 3 on stacked
+      uploads (e.g. ``K`` arrivals; ``client_mask`` marks real rows, default all).
+  """
+
+  distribute: Callable[..., Broadcast]
+  work: Callable[..., CohortWork]
+  finalize: Callable[..., tuple[ServerState, dict]]
+  client_outputs: Callable[..., ClientOutput]
+  aggregate: Callable[..., MeasuredOutput]
+
+
+def _check_update_template(aggregators: dict, template: PyTree, what: str) -> None:
+  if SINGLE in aggregators:
+    return
+  missing = sorted(set(aggregators) - set(template)) if isinstance(template, Mapping) else sorted(aggregators)
+  if missing:
+    raise ValueError(f"{what} is a dict of aggregators with keys {sorted(aggregators)}, but ONE client's update "
+                     f"(the update template) has no {missing}: pass update_template=lambda params: "
+                     f"{{{', '.join(repr(k) + ': ...' for k in sorted(aggregators))}}} to build_round, with the shape "
+                     "structs (or arrays) of one client's update under each key.")
+
+
+def _default_update_template(aggregators: dict) -> Callable[[PyTree], PyTree]:
+  """The params' shapes (a model delta); with a dict of aggregators, the params' shapes under every key."""
+  if SINGLE in aggregators:
+    return as_template
+  return lambda params: {name: as_template(params) for name in aggregators}
+
+
 def build_round(
     client_work: ClientWork,
     *,
@@ -455,6 +600,7 @@ def build_round(
     distributor: Distributor | None = None,
     client_state: Callable[[PyTree], PyTree] | None = None,
     update_template: Callable[[PyTree], PyTree] | None = None,
+    prepass: Prepass | None = None,
     broadcast_encoder: Any | None = None,
     runner: Runner | None = None,
 ) -> Process:
@@ -468,16 +614,20 @@ def build_round(
     distributor: ``server_state -> Broadcast``; default the params and no hyperparameters.
     client_state: for stateful clients, ``params -> ONE client's initial state``.
     update_template: ``params -> ONE client's update`` (arrays or shape structs) to initialize the aggregators;
-      default the params' shapes (a model delta). Needed when the update is not shaped like the model.
+      default the params' shapes (a model delta), under every key with a dict of aggregators. Needed when the
+      update is not shaped like that; a client work whose update differs from it is a ``ValueError`` naming both.
+    prepass: optional :class:`Prepass`: a first pass over the cohort whose aggregate the client work sees as
+      ``broadcast.prepass`` (Mime). Its aggregators and ``aggregator`` (then a dict) have distinct keys.
     broadcast_encoder: optional server-to-client compression of the params, with ``encode(params, rng)`` and
       ``bits(params_template)`` (e.g. ``aggregators.broadcast_encoder(8)``): clients receive the decoded
       params, the server keeps its exact ones.
     runner: the client runner (default: the backend's strategy).
 
   Returns:
-    ``Process(init, next, client_state)``: ``init(params) -> ServerState``; ``next(state, round_data, rng,
+    ``Process(init, next, client_state, parts)``: ``init(params) -> ServerState``; ``next(state, round_data, rng,
     client_states=None) -> RoundOutput(state, metrics, client_states)``, ``client_states`` given and returned
-    exactly when ``client_state`` is set (None otherwise). Jittable end to end.
+    exactly when ``client_state`` is set (None otherwise); ``parts`` the :class:`RoundParts` that ``next``
+    composes. Jittable end to end.
 
   Example -- FedAvg in its four parts::
 
@@ -505,48 +655,112 @@ def build_round(
     raise TypeError("broadcast_encoder must have encode(params, rng) and bits(params_template) methods, e.g. "
                     "fedjax_lite.aggregators.quantization.broadcast_encoder().")
   distributor = distributor or model_distributor()
-  update_template = update_template or as_template
+  update_template = update_template or _default_update_template(aggregators)
+  prepass_aggregators = {}
+  if prepass is not None:
+    if not isinstance(prepass, Prepass):
+      raise TypeError(f"prepass must be a Prepass(client_work, aggregator, ...), got {type(prepass).__name__}.")
+    if not callable(prepass.client_work):
+      raise TypeError(f"prepass.client_work must be a function, got {type(prepass.client_work).__name__}.")
+    if not isinstance(prepass.aggregator, Mapping):
+      raise TypeError("prepass.aggregator must be a dict {key: Aggregator} (the finalizer receives both stages' "
+                      f"aggregates in one dict), got {type(prepass.aggregator).__name__}.")
+    prepass_aggregators = _named(prepass.aggregator)
+    if SINGLE in aggregators or set(aggregators) & set(prepass_aggregators):
+      raise ValueError(f"with a prepass, aggregator must be a dict whose keys differ from the prepass's "
+                       f"{sorted(prepass_aggregators)}, got {sorted(aggregators) if SINGLE not in aggregators else 'one aggregator'}.")
+    if not isinstance(prepass.name, str) or not prepass.name or prepass.name in ("train", "num_non_finite_clients"):
+      raise ValueError(f"prepass.name must be a non-empty str other than 'train' and 'num_non_finite_clients', got "
+                       f"{prepass.name!r}.")
+  prepass_template = (None if prepass is None
+                      else prepass.update_template or _default_update_template(prepass_aggregators))
+  all_aggregators = {**prepass_aggregators, **aggregators}
+
+  def templates(params):
+    """``(main update template, pre-pass update template or None)`` as shape structs, checked against the keys."""
+    main = jax.eval_shape(update_template, params)
+    _check_update_template(aggregators, main, "aggregator")
+    if prepass is None:
+      return main, None
+    before = jax.eval_shape(prepass_template, params)
+    _check_update_template(prepass_aggregators, before, "prepass.aggregator")
+    return main, before
 
   def init(params: PyTree) -> ServerState:
     check_params(params)
     params = jax.tree.map(jnp.asarray, params)
-    template = as_template(update_template(params))
+    main, before = templates(params)
+    aggregator_state = {name: agg.init(as_template(_pick(main, name))) for name, agg in aggregators.items()}
+    if prepass is not None:
+      aggregator_state.update({name: agg.init(as_template(before[name])) for name, agg in prepass_aggregators.items()})
     state = ServerState(
         params=params,
         finalizer_state=finalizer.init(params),
-        aggregator_state=_unname({name: agg.init(as_template(_pick(template, name)))
-                                  for name, agg in aggregators.items()}),
+        aggregator_state=_unname(aggregator_state),
         round_num=jnp.zeros((), jnp.int32),
     )
     return place_on_mesh(state, runner)
 
-  def next_fn(state: ServerState, round_data: PyTree, rng: jax.Array, client_states: PyTree = None) -> RoundOutput:
-    check_client_states_given(client_state is not None, client_states, round_data)
-    # 1. distributor
+  def distribute(state: ServerState, rng: jax.Array) -> Broadcast:
     broadcast = distributor(state)
-    model_bits = None
     if broadcast_encoder is not None:
-      model_bits = int(broadcast_encoder.bits(as_template(broadcast.params)))
       broadcast = broadcast._replace(
           params=broadcast_encoder.encode(broadcast.params, jax.random.fold_in(rng, BROADCAST_STREAM)))
-    # 2. client work and 3. aggregation
-    work = client_work_and_aggregate(
-        client_work, aggregator, state.aggregator_state, broadcast, round_data, rng, runner,
-        update_template=jax.eval_shape(update_template, state.params), client_states=client_states)
-    # 4. finalizer
-    params, finalizer_state, finalizer_metrics = finalizer.apply(state.finalizer_state, state.params,
-                                                                 work.aggregate.result)
-    new_state = state.replace(params=params, finalizer_state=finalizer_state, aggregator_state=work.aggregate.state,
-                              round_num=state.round_num + 1)
+    return broadcast
+
+  def work(state: ServerState, broadcast: Broadcast, round_data: PyTree, rng: jax.Array,
+           client_states: PyTree = None) -> CohortWork:
+    main_template, prepass_update = templates(state.params)
+    if prepass is None:
+      return client_work_and_aggregate(client_work, aggregator, state.aggregator_state, broadcast, round_data, rng,
+                                       runner, update_template=main_template, client_states=client_states)
+    prepass_key, rng = jax.random.split(rng)
+    before = client_work_and_aggregate(prepass.client_work, prepass.aggregator, state.aggregator_state, broadcast,
+                                       round_data, prepass_key, runner, update_template=prepass_update,
+                                       client_states=client_states)
+    broadcast = broadcast._replace(prepass=before.aggregate.result)
+    after = client_work_and_aggregate(client_work, aggregator, state.aggregator_state, broadcast, round_data, rng,
+                                      runner, update_template=main_template, client_states=client_states)
+    aggregate = MeasuredOutput(*(dict(a, **b) for a, b in zip(before.aggregate, after.aggregate)))
+    return CohortWork(aggregate=aggregate, metrics=after.metrics | {prepass.name: before.metrics},
+                      client_states=after.client_states, broadcast=broadcast)
+
+  def finalize(state: ServerState, aggregate: MeasuredOutput) -> tuple[ServerState, dict]:
+    params, finalizer_state, measurements = finalizer.apply(state.finalizer_state, state.params, aggregate.result)
+    return state.replace(params=params, finalizer_state=finalizer_state, aggregator_state=aggregate.state,
+                         round_num=state.round_num + 1), measurements
+
+  def client_outputs(broadcast: Broadcast, round_data: PyTree, rng: jax.Array,
+                     client_states: PyTree = None) -> ClientOutput:
+    return stacked_client_outputs(client_work, broadcast, round_data, rng, runner, client_states=client_states)
+
+  def aggregate_outputs(state: ServerState, outputs: ClientOutput, rng: jax.Array,
+                        client_mask: jax.Array | None = None) -> MeasuredOutput:
+    return aggregate_stacked(aggregator, state.aggregator_state, outputs, rng, client_mask)
+
+  def next_fn(state: ServerState, round_data: PyTree, rng: jax.Array, client_states: PyTree = None) -> RoundOutput:
+    check_client_states_given(client_state is not None, client_states, round_data)
+    broadcast = distribute(state, rng)                                              # 1. distributor
+    cohort = work(state, broadcast, round_data, rng, client_states)                  # 2. client work, 3. aggregator
+    new_state, finalizer_metrics = finalize(state, cohort.aggregate)                 # 4. finalizer
+    model_bits = (None if broadcast_encoder is None
+                  else int(broadcast_encoder.bits(jax.eval_shape(lambda s: distributor(s).params, state))))
     metrics = {
         "distributor": {},
-        "client_work": work.metrics | dict(broadcast.hparams),
-        "aggregator": work.aggregate.measurements,
+        "client_work": cohort.metrics | dict(broadcast.hparams),
+        "aggregator": cohort.aggregate.measurements,
         "finalizer": finalizer_metrics,
-        **communication_bits(aggregator, state.aggregator_state, broadcast,
-                             jax.eval_shape(update_template, state.params), round_data,
+        **communication_bits(_unname(all_aggregators), state.aggregator_state, cohort.broadcast,
+                             _merged_templates(templates(state.params)), round_data,
                              model_broadcast_bits=model_bits),
     }
-    return RoundOutput(state=new_state, metrics=metrics, client_states=work.client_states)
+    return RoundOutput(state=new_state, metrics=metrics, client_states=cohort.client_states)
 
-  return Process(init=init, next=next_fn, client_state=client_state)
+  parts = RoundParts(distribute=distribute, work=work, finalize=finalize, client_outputs=client_outputs,
+                     aggregate=aggregate_outputs)
+  return Process(init=init, next=next_fn, client_state=client_state, parts=parts)
+
+
+def _merged_templates(templates: tuple[PyTree, PyTree | None]) -> PyTree:
+  main, before = templates
+  return main if before is None else {**before, **main}
