@@ -35,16 +35,20 @@ from fedjax_lite.algorithms.template import (
     Prepass,
     RoundParts,
     ServerState,
+    apply_optimizer_rejecting_non_finite,
     bits_per_client,
     build_round,
     client_work_and_aggregate,
     communication_bits,
     model_distributor,
     optimizer_finalizer,
+    reject_non_finite_update,
     round_bits,
 )
 
 __all__ = [
+    "apply_optimizer_rejecting_non_finite",
+    "reject_non_finite_update",
     "FED_AVG_OPTIONS",
     "Prepass",
     "RoundParts",

@@ -17,7 +17,8 @@ Both keep a base optimizer ``B`` (an optax transformation, e.g. ``optax.sgd(lr, 
   evaluates two gradients (at ``y`` and at ``x``) on the same batch.
 
 In both, local steps use the base state ``s_t`` of the start of the round; ``s_{t+1}`` is computed from ``g`` at
-the end of the round, as in the paper. A non-finite aggregate leaves the model, the server optimizer and ``s`` unchanged.
+the end of the round, as in the paper. A non-finite aggregate leaves the model, the server optimizer and ``s``
+unchanged (the round template's rule).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from fedjax_lite.algorithms.template import (
     Broadcast,
     Finalizer,
     Prepass,
-    apply_optimizer_rejecting_non_finite,
     build_round,
     check_optimizer,
     model_distributor,
@@ -53,7 +53,6 @@ from fedjax_lite.core.model import Model, masked_loss_and_metric_sums
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner
-from fedjax_lite.core.tree import tree_all_finite, tree_select
 
 PyTree = Any
 
@@ -82,18 +81,18 @@ def frozen_state(base_optimizer: optax.GradientTransformation, state: PyTree) ->
 
 
 def _mime_finalizer(base_optimizer, server_optimizer) -> Finalizer:
-  """Model: ``server_opt(x, delta)``; base state: ``B.update(g, s, x).state``; both rejected when non-finite."""
+  """Model: ``server_opt(x, delta)``; base state: ``B.update(g, s, x).state`` (both kept when the aggregate is
+  non-finite: the template's rule)."""
 
   def init(params) -> MimeServerState:
     return MimeServerState(server_optimizer=server_optimizer.init(params),
                            base_optimizer=base_optimizer.init(params))
 
   def apply(state: MimeServerState, params, aggregate):
-    new_params, opt_state, measurements = apply_optimizer_rejecting_non_finite(
-        server_optimizer, state.server_optimizer, params, aggregate["delta"])
-    _, stepped = base_optimizer.update(aggregate["full_gradient"], state.base_optimizer, params)
-    base_state = tree_select(tree_all_finite(aggregate["full_gradient"]), stepped, state.base_optimizer)
-    return new_params, MimeServerState(server_optimizer=opt_state, base_optimizer=base_state), measurements
+    updates, opt_state = server_optimizer.update(aggregate["delta"], state.server_optimizer, params)
+    _, base_state = base_optimizer.update(aggregate["full_gradient"], state.base_optimizer, params)
+    return (optax.apply_updates(params, updates), MimeServerState(server_optimizer=opt_state,
+                                                                  base_optimizer=base_state), {})
 
   return Finalizer(init, apply)
 

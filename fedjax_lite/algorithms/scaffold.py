@@ -37,7 +37,6 @@ from fedjax_lite.algorithms.optimizers import scheduled_optimizer
 from fedjax_lite.algorithms.template import (
     Broadcast,
     Finalizer,
-    apply_optimizer_rejecting_non_finite,
     build_round,
     check_optimizer,
     model_distributor,
@@ -47,7 +46,7 @@ from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner
-from fedjax_lite.core.tree import tree_all_finite, tree_select
+from fedjax_lite.core.tree import tree_select
 
 PyTree = Any
 
@@ -130,12 +129,10 @@ def scaffold(
                                control_variate=jax.tree.map(jnp.zeros_like, params))
 
   def apply_finalizer(state: ScaffoldServerState, params, aggregate):
-    params, opt_state, measurements = apply_optimizer_rejecting_non_finite(
-        server_optimizer, state.server_optimizer, params, aggregate["delta"])
-    control = state.control_variate
-    stepped = jax.tree.map(lambda c, s: c + s / num_clients, control, aggregate["control"])
-    control = tree_select(tree_all_finite(aggregate["control"]), stepped, control)
-    return params, ScaffoldServerState(server_optimizer=opt_state, control_variate=control), measurements
+    updates, opt_state = server_optimizer.update(aggregate["delta"], state.server_optimizer, params)
+    control = jax.tree.map(lambda c, s: c + s / num_clients, state.control_variate, aggregate["control"])
+    return (optax.apply_updates(params, updates), ScaffoldServerState(server_optimizer=opt_state,
+                                                                      control_variate=control), {})
 
   return build_round(
       distributor=model_distributor(optimizer.hparams, extra=lambda state: state.finalizer_state.control_variate),

@@ -147,33 +147,57 @@ def model_distributor(client_hparams: Callable[[jax.Array], PyTree] | None = Non
   return distribute
 
 
+def _all_finite(tree: PyTree) -> jax.Array:
+  """True iff every floating-point leaf of ``tree`` is finite (integer, boolean and key leaves are not checked)."""
+  return tree_all_finite([leaf for leaf in jax.tree.leaves(tree)
+                          if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)])
+
+
+def reject_non_finite_update(aggregate: PyTree, updated: PyTree, current: PyTree) -> tuple[PyTree, dict]:
+  """The server's non-finite rule (TFF's ``reject_non_finite_update``), which :func:`build_round` applies to
+  EVERY finalizer: ``updated`` (the new params and finalizer state) when the aggregate and ``updated`` are all
+  finite, else ``current`` unchanged.
+
+  Returns ``(kept, {'update_non_finite': int32 0 or 1})``: 1 when the aggregate -- or what the finalizer computed
+  from it -- holds a NaN or Inf, so a NaN never reaches the model or the server optimizer's state. Use it in a
+  round written by hand; rounds built by :func:`build_round` get it whatever their finalizer does.
+  """
+  finite = _all_finite((aggregate, updated))
+  return (tree_select(finite, updated, current),
+          {"update_non_finite": jnp.where(finite, 0, 1).astype(jnp.int32)})
+
+
 def apply_optimizer_rejecting_non_finite(
     server_optimizer: optax.GradientTransformation, opt_state: PyTree, params: PyTree, aggregate: PyTree
 ) -> tuple[PyTree, PyTree, dict[str, jax.Array]]:
-  """``params + server_optimizer(aggregate)``; a non-finite aggregate keeps params AND optimizer state.
+  """``params + server_optimizer(aggregate)`` under :func:`reject_non_finite_update`: a non-finite aggregate
+  (or step) keeps params AND optimizer state; returns ``(params, opt_state, {'update_non_finite'})``.
 
-  The aggregate plays the role of a gradient (FedAvg's averaged pseudo-gradient, FedSGD's averaged gradient). TFF
-  ``reject_non_finite_update``: ``update_non_finite`` is 1 when the aggregate holds any NaN/Inf.
+  The aggregate plays the role of a gradient (FedAvg's averaged pseudo-gradient, FedSGD's averaged gradient). For
+  rounds written by hand; :func:`optimizer_finalizer` in a :func:`build_round` round gets the rule from the
+  template.
   """
   updates, stepped_state = server_optimizer.update(aggregate, opt_state, params)
   stepped = optax.apply_updates(params, updates)
-  finite = tree_all_finite(aggregate)
-  return (tree_select(finite, stepped, params), tree_select(finite, stepped_state, opt_state),
-          {"update_non_finite": jnp.where(finite, 0, 1).astype(jnp.int32)})
+  (params, opt_state), measurements = reject_non_finite_update(aggregate, (stepped, stepped_state),
+                                                               (params, opt_state))
+  return params, opt_state, measurements
 
 
 def optimizer_finalizer(server_optimizer: optax.GradientTransformation) -> Finalizer:
   """The finalizer of FedAvg and its adaptive variants: ``params <- params + server_optimizer(aggregate)``.
 
   With ``optax.sgd(1.0)`` and the weighted mean of the clients' deltas this is exactly the weighted average of the
-  client models (McMahan et al. 2017); with Adam/Yogi/Adagrad it is Reddi et al. 2021's FedOpt.
+  client models (McMahan et al. 2017); with Adam/Yogi/Adagrad it is Reddi et al. 2021's FedOpt. Its state is the
+  server optimizer's optax state. (A non-finite aggregate leaves both unchanged: the template's rule.)
   """
   check_optimizer("server_optimizer", server_optimizer)
-  return Finalizer(
-      init=server_optimizer.init,
-      apply=lambda opt_state, params, aggregate: apply_optimizer_rejecting_non_finite(
-          server_optimizer, opt_state, params, aggregate),
-  )
+
+  def apply(opt_state, params, aggregate):
+    updates, opt_state = server_optimizer.update(aggregate, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, {}
+
+  return Finalizer(init=server_optimizer.init, apply=apply)
 
 
 def check_optimizer(name: str, optimizer: Any) -> None:
@@ -542,6 +566,22 @@ def check_client_states_given(stateful: bool, client_states: PyTree, round_data:
                      "called without client_state=).")
 
 
+def check_finalizer_output(output: tuple, current: tuple[PyTree, PyTree]) -> None:
+  """The finalizer returned ``(params, state, measurements)`` with the params' and state's structures, shapes and
+  dtypes unchanged (at trace time), else a ``TypeError``/``ValueError`` naming what differs."""
+  params, finalizer_state, measurements = output
+  if not isinstance(measurements, Mapping):
+    raise TypeError(f"finalizer.apply must return measurements as a dict (possibly empty), got "
+                    f"{type(measurements).__name__}.")
+  for what, new, old in (("params", params, current[0]), ("state", finalizer_state, current[1])):
+    if jax.tree.structure(as_template(new)) != jax.tree.structure(as_template(old)) or any(
+        jnp.shape(a) != jnp.shape(b) or jnp.result_type(a) != jnp.result_type(b)
+        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old))):
+      raise ValueError(f"finalizer.apply returned {what} {as_template(new)}, but the round started with "
+                       f"{as_template(old)}: a finalizer keeps the structure, shapes and dtypes of the params and of "
+                       "its state.")
+
+
 class RoundParts(NamedTuple):
   """The four parts of a round built by :func:`build_round`, as separate (jittable) functions.
 
@@ -727,8 +767,12 @@ def build_round(
 
   def finalize(state: ServerState, aggregate: MeasuredOutput) -> tuple[ServerState, dict]:
     params, finalizer_state, measurements = finalizer.apply(state.finalizer_state, state.params, aggregate.result)
+    check_finalizer_output((params, finalizer_state, measurements), (state.params, state.finalizer_state))
+    # The server's non-finite rule, for every finalizer: a NaN/Inf aggregate (or step) changes nothing.
+    (params, finalizer_state), rule = reject_non_finite_update(
+        aggregate.result, (params, finalizer_state), (state.params, state.finalizer_state))
     return state.replace(params=params, finalizer_state=finalizer_state, aggregator_state=aggregate.state,
-                         round_num=state.round_num + 1), measurements
+                         round_num=state.round_num + 1), {**measurements, **rule}
 
   def client_outputs(broadcast: Broadcast, round_data: PyTree, rng: jax.Array,
                      client_states: PyTree = None) -> ClientOutput:

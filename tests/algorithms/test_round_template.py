@@ -10,9 +10,10 @@ from __future__ import annotations
 import chex
 import jax
 import numpy as np
+import optax
 import pytest
 
-from fedjax_lite import algorithms, core
+from fedjax_lite import aggregators, algorithms, core
 from fedjax_lite.core.client_state import ClientStateStore
 from fedjax_lite.core.packing import pack_clients
 from tests.conftest import make_population
@@ -76,3 +77,31 @@ def test_client_states_are_next_s_own_argument(scaffold_round, tiny_model, tiny_
   stateless = algorithms.fed_avg(tiny_model, client_learning_rate=0.1)
   with pytest.raises(ValueError, match="keeps no per-client state"):
     stateless.next(stateless.init(tiny_params), round_data, jax.random.key(1), gathered)
+
+
+def _plain_finalizer(scale):
+  """A researcher's own finalizer with no finiteness check: ``params - scale * aggregate``."""
+  return algorithms.Finalizer(
+      init=lambda params: (),
+      apply=lambda state, params, aggregate: (
+          jax.tree.map(lambda p, a: p - scale * a, params, aggregate), state, {}))
+
+
+@pytest.mark.parametrize("case", ["every client rejected", "the finalizer's own step"])
+def test_the_server_non_finite_rule_holds_for_any_finalizer(case, tiny_model, tiny_params, population):
+  """A NaN aggregate (every client rejected: the mean is 0/0), or a NaN the finalizer makes itself, leaves the
+  model as it was and reports ``finalizer/update_non_finite`` -- the template's rule, which a finalizer of one's own
+  cannot lose (before: NaN parameters)."""
+  round_data = pack_clients(population, [0, 1, 2], batch_size=4)
+  scale = 1.0
+  if case == "every client rejected":
+    round_data["x"] = np.full_like(round_data["x"], np.nan)
+  else:
+    scale = np.inf
+  process = algorithms.build_round(
+      algorithms.local_training_work(tiny_model, algorithms.scheduled_optimizer(optax.sgd(0.1))),
+      aggregator=aggregators.mean(), finalizer=_plain_finalizer(scale))
+  state, metrics, _ = jax.jit(process.next)(process.init(tiny_params), round_data, jax.random.key(0))
+  chex.assert_trees_all_equal(state.params, process.init(tiny_params).params)
+  assert int(metrics["finalizer"]["update_non_finite"]) == 1
+  assert int(state.round_num) == 1
