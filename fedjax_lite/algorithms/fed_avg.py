@@ -82,22 +82,19 @@ def local_training_work(
 ) -> ClientWork:
   """FedAvg's client work: local steps from the broadcast params, upload ``delta = params - final_params``.
 
-  ``gradient_correction(broadcast, client_state)``, when given, returns an optax transformation chained BEFORE
-  the client optimizer, i.e. applied to every local gradient (FedProx's proximal term, SCAFFOLD's control-variate
-  correction).
+  The local optimizer is ``optimizer.for_round(broadcast.hparams, correction)``: build the round with
+  ``build_round(..., client_optimizer=optimizer)``, which broadcasts the round's hyperparameters (a scheduled
+  learning rate); without them this raises. ``gradient_correction(broadcast, client_state)``, when given, returns
+  an optax transformation chained BEFORE the client optimizer, i.e. applied to every local gradient (FedProx's
+  proximal term).
   """
   check_model(model)
   validation.check_choice("weighting", weighting, WEIGHTINGS)
 
   def work(broadcast: Broadcast, client_data: PyTree, client_state: PyTree, rng: jax.Array) -> ClientOutput:
-    opt_state = optimizer.init(broadcast.params, broadcast.hparams)
-    transformation = optimizer.transformation
-    if gradient_correction is not None:
-      correction = gradient_correction(broadcast, client_state)
-      transformation = optax.chain(correction, transformation)
-      opt_state = (correction.init(broadcast.params), opt_state)
-    final_params, metric_sums = train_locally(model, transformation, broadcast.params, client_data, rng,
-                                              opt_state=opt_state)
+    corrections = () if gradient_correction is None else (gradient_correction(broadcast, client_state),)
+    final_params, metric_sums = train_locally(model, optimizer.for_round(broadcast.hparams, *corrections),
+                                              broadcast.params, client_data, rng)
     delta = jax.tree.map(jnp.subtract, broadcast.params, final_params)
     return ClientOutput(update=delta, weight=client_weight(weighting, metric_sums), metrics=metric_sums)
 
@@ -171,7 +168,8 @@ def fed_avg(
     server_optimizer = optax.chain(server_optimizer, optax.scale(server_midpoint_fraction))
   return build_round(
       local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction),  # 2.
-      distributor=model_distributor(optimizer.hparams),                                                      # 1.
+      distributor=model_distributor(),                                                                       # 1.
+      client_optimizer=optimizer,                                                                            #    rate
       aggregator=resolve_aggregator(aggregator, weighted=weighting == "num_examples"),                      # 3.
       finalizer=optimizer_finalizer(server_optimizer),                                                       # 4.
       broadcast_encoder=broadcast_encoder,

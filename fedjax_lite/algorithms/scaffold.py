@@ -112,9 +112,8 @@ def scaffold(
   def client_work(broadcast: Broadcast, client_data, client_control, rng) -> ClientOutput:
     x, server_control = broadcast.params, broadcast.extra
     correction = jax.tree.map(jnp.subtract, server_control, client_control)  # c - c_i
-    transformation = optax.chain(control_variate_correction(correction), optimizer.transformation)
-    opt_state = (optax.EmptyState(), optimizer.init(x, broadcast.hparams))
-    y, metric_sums = train_locally(model, transformation, x, client_data, rng, opt_state=opt_state)
+    y, metric_sums = train_locally(
+        model, optimizer.for_round(broadcast.hparams, control_variate_correction(correction)), x, client_data, rng)
     delta = jax.tree.map(jnp.subtract, x, y)
     steps = metric_sums["num_batches"].astype(jnp.float32)
     scale = 1.0 / (jnp.maximum(steps, 1.0) * broadcast.hparams["learning_rate"])
@@ -135,7 +134,8 @@ def scaffold(
                                                                       control_variate=control), {})
 
   return build_round(
-      distributor=model_distributor(optimizer.hparams, extra=lambda state: state.finalizer_state.control_variate),
+      distributor=model_distributor(extra=lambda state: state.finalizer_state.control_variate),
+      client_optimizer=optimizer,
       client_work=client_work,
       aggregator={"delta": delta_aggregator, "control": sum_aggregator()},
       finalizer=Finalizer(init_finalizer, apply_finalizer),

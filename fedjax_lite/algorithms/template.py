@@ -51,6 +51,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_lite.aggregators.base import STACK, SUM, AggregationContext, Aggregator, as_template, client_upload_bits, split_rng
+from fedjax_lite.algorithms.optimizers import ScheduledOptimizer
 from fedjax_lite.core.model import finalize_metric_sums
 from fedjax_lite.core.process import MeasuredOutput, Process, RoundOutput
 from fedjax_lite.core.records import ClientOutput
@@ -641,6 +642,7 @@ def build_round(
     client_state: Callable[[PyTree], PyTree] | None = None,
     update_template: Callable[[PyTree], PyTree] | None = None,
     prepass: Prepass | None = None,
+    client_optimizer: ScheduledOptimizer | None = None,
     broadcast_encoder: Any | None = None,
     runner: Runner | None = None,
 ) -> Process:
@@ -658,6 +660,10 @@ def build_round(
       update is not shaped like that; a client work whose update differs from it is a ``ValueError`` naming both.
     prepass: optional :class:`Prepass`: a first pass over the cohort whose aggregate the client work sees as
       ``broadcast.prepass`` (Mime). Its aggregators and ``aggregator`` (then a dict) have distinct keys.
+    client_optimizer: the clients' :class:`~fedjax_lite.algorithms.ScheduledOptimizer`, whose round
+      hyperparameters (a learning rate scheduled by round) the template adds to every broadcast's ``hparams``;
+      the client work takes the round's optimizer with ``client_optimizer.for_round(broadcast.hparams, ...)``,
+      which refuses a broadcast without them.
     broadcast_encoder: optional server-to-client compression of the params, with ``encode(params, rng)`` and
       ``bits(params_template)`` (e.g. ``aggregators.broadcast_encoder(8)``): clients receive the decoded
       params, the server keeps its exact ones.
@@ -669,13 +675,15 @@ def build_round(
     exactly when ``client_state`` is set (None otherwise); ``parts`` the :class:`RoundParts` that ``next``
     composes. Jittable end to end.
 
-  Example -- FedAvg in its four parts::
+  Example -- FedAvg in its four parts, the client learning rate scheduled by round::
 
+    optimizer = scheduled_optimizer(optax.sgd, optax.exponential_decay(0.1, 100, 0.5))
     process = build_round(
-        local_training_work(model, lambda hparams: optax.sgd(0.1)),      # 2. client work
+        local_training_work(model, optimizer),                          # 2. client work
         aggregator=aggregators.mean(),                                  # 3. aggregation
         finalizer=optimizer_finalizer(optax.sgd(1.0)),                  # 4. server update
-        distributor=model_distributor())                                # 1. broadcast
+        distributor=model_distributor(),                                # 1. broadcast: the model ...
+        client_optimizer=optimizer)                                     #    ... and the round's rate
   """
   if not callable(client_work):
     raise TypeError(f"client_work must be a function (broadcast, client_data, client_state, rng) -> "
@@ -694,6 +702,9 @@ def build_round(
                                             and callable(getattr(broadcast_encoder, "bits", None))):
     raise TypeError("broadcast_encoder must have encode(params, rng) and bits(params_template) methods, e.g. "
                     "fedjax_lite.aggregators.quantization.broadcast_encoder().")
+  if client_optimizer is not None and not isinstance(client_optimizer, ScheduledOptimizer):
+    raise TypeError(f"client_optimizer must be a ScheduledOptimizer (algorithms.scheduled_optimizer(optax.sgd, "
+                    f"learning_rate_or_schedule)), got {type(client_optimizer).__name__}.")
   distributor = distributor or model_distributor()
   update_template = update_template or _default_update_template(aggregators)
   prepass_aggregators = {}
@@ -743,6 +754,16 @@ def build_round(
 
   def distribute(state: ServerState, rng: jax.Array) -> Broadcast:
     broadcast = distributor(state)
+    if client_optimizer is not None:  # the optimizer's round hyperparameters, threaded by the template
+      scheduled = client_optimizer.hparams(state.round_num)
+      if broadcast.hparams and not isinstance(broadcast.hparams, Mapping):
+        raise TypeError(f"with client_optimizer, the distributor's Broadcast.hparams must be a dict, got "
+                        f"{type(broadcast.hparams).__name__}.")
+      own = dict(broadcast.hparams or {})
+      if set(own) & set(scheduled):
+        raise ValueError(f"the hyperparameters {sorted(set(own) & set(scheduled))} are broadcast both by the "
+                         "distributor and by client_optimizer: let client_optimizer= alone broadcast its own.")
+      broadcast = broadcast._replace(hparams={**own, **scheduled})
     if broadcast_encoder is not None:
       broadcast = broadcast._replace(
           params=broadcast_encoder.encode(broadcast.params, jax.random.fold_in(rng, BROADCAST_STREAM)))

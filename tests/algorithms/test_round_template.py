@@ -105,3 +105,17 @@ def test_the_server_non_finite_rule_holds_for_any_finalizer(case, tiny_model, ti
   chex.assert_trees_all_equal(state.params, process.init(tiny_params).params)
   assert int(metrics["finalizer"]["update_non_finite"]) == 1
   assert int(state.round_num) == 1
+
+
+def test_a_schedule_the_round_does_not_broadcast_is_an_error(tiny_model, tiny_params, population):
+  """The schedule's wiring, forgotten: a round whose broadcast lacks the client optimizer's learning rate. Before,
+  every round silently trained at the schedule's round-0 rate; now the client work refuses, naming the fix."""
+  optimizer = algorithms.scheduled_optimizer(optax.sgd, lambda round_num: 0.1 / (1.0 + round_num))
+  forgotten = algorithms.build_round(
+      algorithms.local_training_work(tiny_model, optimizer), aggregator=aggregators.mean(),
+      finalizer=algorithms.optimizer_finalizer(optax.sgd(1.0)), distributor=algorithms.model_distributor())
+  round_data = pack_clients(population, [0, 1], batch_size=4)
+  with pytest.raises(ValueError, match=r"\['learning_rate'\] are set by the server.*client_optimizer="):
+    jax.eval_shape(forgotten.next, forgotten.init(tiny_params), round_data, jax.random.key(0))
+  with pytest.raises(ValueError, match="client_optimizer="):  # a client work of one's own, same rule
+    optimizer.init(tiny_params, {})
