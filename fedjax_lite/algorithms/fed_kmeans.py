@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.algorithms.local_training import split_steps
-from fedjax_lite.algorithms.template import Broadcast, Finalizer, build_round
+from fedjax_lite.algorithms.template import Broadcast, Finalizer, FinalizerOutput, build_round
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
@@ -96,7 +96,7 @@ def fed_kmeans(num_clusters: int, data_shape: Sequence[int], *, feature_key: str
     expand = (slice(None),) + (None,) * len(data_shape)
     moved = (weights[expand] * centroids + sums) / new_weights[expand]
     new_centroids = jnp.where((counts > 0)[expand], moved, centroids)
-    return new_centroids, KMeansServerState(weights=new_weights), {}
+    return FinalizerOutput(state=KMeansServerState(weights=new_weights), params=new_centroids)
 
   def update_template(centroids):
     if centroids.shape != (num_clusters,) + data_shape:

@@ -43,6 +43,7 @@ from fedjax_lite.algorithms.local_training import (
 from fedjax_lite.algorithms.template import (
     Broadcast,
     Finalizer,
+    FinalizerOutput,
     Prepass,
     build_round,
     check_optimizer,
@@ -91,8 +92,8 @@ def _mime_finalizer(base_optimizer, server_optimizer) -> Finalizer:
   def apply(state: MimeServerState, params, aggregate):
     updates, opt_state = server_optimizer.update(aggregate["delta"], state.server_optimizer, params)
     _, base_state = base_optimizer.update(aggregate["full_gradient"], state.base_optimizer, params)
-    return (optax.apply_updates(params, updates), MimeServerState(server_optimizer=opt_state,
-                                                                  base_optimizer=base_state), {})
+    return FinalizerOutput(state=MimeServerState(server_optimizer=opt_state, base_optimizer=base_state),
+                           params=optax.apply_updates(params, updates))
 
   return Finalizer(init, apply)
 

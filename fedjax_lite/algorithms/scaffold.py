@@ -37,6 +37,7 @@ from fedjax_lite.algorithms.optimizers import scheduled_optimizer
 from fedjax_lite.algorithms.template import (
     Broadcast,
     Finalizer,
+    FinalizerOutput,
     build_round,
     check_optimizer,
     model_distributor,
@@ -130,8 +131,8 @@ def scaffold(
   def apply_finalizer(state: ScaffoldServerState, params, aggregate):
     updates, opt_state = server_optimizer.update(aggregate["delta"], state.server_optimizer, params)
     control = jax.tree.map(lambda c, s: c + s / num_clients, state.control_variate, aggregate["control"])
-    return (optax.apply_updates(params, updates), ScaffoldServerState(server_optimizer=opt_state,
-                                                                      control_variate=control), {})
+    return FinalizerOutput(state=ScaffoldServerState(server_optimizer=opt_state, control_variate=control),
+                           params=optax.apply_updates(params, updates))
 
   return build_round(
       distributor=model_distributor(extra=lambda state: state.finalizer_state.control_variate),

@@ -4,26 +4,36 @@ A round of every algorithm in this library has the reference's four parts (TFF `
 :func:`build_round` keeps them visible:
 
 1. **distributor** -- ``distributor(server_state) -> Broadcast(params, hparams, extra)``: what the server sends to
-   every client: the model, the round's hyperparameters (e.g. a client learning rate scheduled by round) and any
-   extra server values (SCAFFOLD's server control variate, Mime's optimizer state).
+   every client: the model, the round's hyperparameters and any extra server values (SCAFFOLD's server control
+   variate, Mime's optimizer state). A client optimizer whose learning rate is scheduled by round
+   (:class:`~fedjax_lite.algorithms.ScheduledOptimizer`) is given to ``build_round(client_optimizer=...)``, which
+   adds its round hyperparameters to every broadcast; the client work takes ``optimizer.for_round(
+   broadcast.hparams, *corrections)``, which refuses a broadcast without them.
 2. **client work** -- ``client_work(broadcast, client_data, client_state, rng) -> ClientOutput(update, weight,
    metrics, new_state)`` for ONE client. The runner maps it over the round's client slots (one scan per core on
-   CPU, ``vmap`` on accelerators, chunks, or a device mesh: :mod:`fedjax_lite.core.runner`).
+   CPU, ``vmap`` on accelerators, chunks, or a device mesh: :mod:`fedjax_lite.core.runner`). A :class:`Prepass`
+   runs a first client work over the cohort whose aggregate the client work then sees (``broadcast.prepass``).
 3. **aggregator** -- one :class:`~fedjax_lite.aggregators.Aggregator`, or a dict of them, one per key of the
-   clients' ``update`` (e.g. the model delta and a second quantity). A sum-based aggregator is streamed: each
-   client's contribution is added to a running sum as it is produced, so memory grows with the clients in flight,
-   not the cohort; any other (median, trimmed mean, Krum) receives the stacked values.
+   clients' ``update`` (e.g. the model delta and a second quantity), each with the client's ``weight`` (or its own
+   entry of a dict of weights). A sum-based aggregator is streamed: each client's contribution is added to a
+   running sum as it is produced, so memory grows with the clients in flight, not the cohort; any other (median,
+   trimmed mean, Krum) receives the stacked values.
 4. **finalizer** -- ``Finalizer(init, apply)``: the server update, ``apply(finalizer_state, params, aggregate) ->
-   (params, finalizer_state, measurements)``; :func:`optimizer_finalizer` applies an optax transformation.
+   FinalizerOutput(state, params, measurements)``; :func:`optimizer_finalizer` applies an optax transformation.
+   Its state is ``ServerState.finalizer_state``, a typed record of the algorithm.
 
 Rules the template enforces for every algorithm, so a user's own parts cannot get them wrong:
 
 * padding slots (``num_examples == 0``) have weight 0 and add nothing, whatever the client work returns, and never
   write client state;
-* a client whose update has any NaN/Inf is rejected (zeros, weight 0, metrics reset, its state left as it was) and
-  counted in ``client_work/num_non_finite_clients`` (TFF's client rule). Weight 0 removes it from a weighted mean;
-  the unweighted mean counts real slots, not weights, so under uniform weighting a rejected client still counts in
-  the denominator, exactly as TFF's ``UnweightedMeanFactory`` does;
+* a client whose update, new state, loss or metrics hold any NaN/Inf is rejected (zeros, weight 0, metrics reset,
+  its state left as it was) and counted in ``client_work/num_non_finite_clients`` (TFF's client rule, extended to
+  the loss). Weight 0 removes it from a weighted mean; the unweighted mean counts real slots, not weights, so under
+  uniform weighting a rejected client still counts in the denominator, exactly as TFF's ``UnweightedMeanFactory``
+  does;
+* a non-finite aggregate, or a non-finite result of the finalizer, leaves the params and the finalizer state
+  unchanged, and ``finalizer/update_non_finite`` is 1 (TFF's ``reject_non_finite_update``, for every finalizer:
+  :func:`reject_non_finite_update`);
 * metrics are grouped ``{'distributor', 'client_work', 'aggregator', 'finalizer', 'broadcasted_bits',
   'aggregated_bits'}``; client metrics are sums finalized once on the server (example-weighted over the cohort).
 
@@ -32,11 +42,14 @@ Rules the template enforces for every algorithm, so a user's own parts cannot ge
 ``client_state=`` (one client's initial state from the params): their ``next`` then takes the cohort's states
 (stacked ``[client slots, ...]``, gathered from a :class:`fedjax_lite.core.ClientStateStore`) as its own
 argument ``client_states``, hands client slot ``k`` its row as ``client_state``, and returns the new states in
-``RoundOutput.client_states`` (None for stateless algorithms).
+``RoundOutput.client_states`` (None for stateless algorithms). ``process.parts`` (:class:`RoundParts`) are the
+four parts as separate functions, for drivers that run them apart (client work and server update in different
+steps, as asynchronous algorithms do).
 
 Randomness: the round key is split into ``(train, aggregator)``; client slot ``k`` trains with
 ``fold_in(train, k)``; a single aggregator uses the aggregator key as its own ``next`` would, several use
-``fold_in(aggregator_key, i)`` in sorted key order.
+``fold_in(aggregator_key, i)`` in sorted key order. With a pre-pass, the round key is split first into the
+pre-pass's key and the main stage's. A broadcast encoder uses ``fold_in(round key, BROADCAST_STREAM)``.
 """
 
 from __future__ import annotations
@@ -128,12 +141,34 @@ class Prepass(NamedTuple):
   name: str = "prepass"
 
 
+class FinalizerOutput(NamedTuple):
+  """What ``Finalizer.apply(state, params, aggregate)`` returns, in the order of its arguments.
+
+  Attributes:
+    state: the finalizer's new state (same structure, shapes and dtypes as before).
+    params: the new server parameters (same structure, shapes and dtypes as before).
+    measurements: a dict of scalars reported as ``metrics['finalizer']`` (None: none); the template adds
+      ``update_non_finite``.
+  """
+
+  state: PyTree
+  params: PyTree
+  measurements: dict | None = None
+
+
 class Finalizer(NamedTuple):
-  """The server update: ``init(params) -> state``; ``apply(state, params, aggregate) -> (params, state,
-  measurements)``."""
+  """The server update (part 4 of a round).
+
+  Attributes:
+    init: ``init(params) -> state``: the finalizer's initial state (``ServerState.finalizer_state``), a typed
+      record of the algorithm (e.g. ``ScaffoldServerState``) or an optax state.
+    apply: ``apply(state, params, aggregate) -> FinalizerOutput(state, params, measurements)``. The round template
+      keeps both unchanged when the aggregate or what ``apply`` computed is non-finite
+      (:func:`reject_non_finite_update`), so ``apply`` needs no check of its own.
+  """
 
   init: Callable[[PyTree], PyTree]
-  apply: Callable[[PyTree, PyTree, PyTree], tuple[PyTree, PyTree, dict]]
+  apply: Callable[[PyTree, PyTree, PyTree], FinalizerOutput]
 
 
 def model_distributor(client_hparams: Callable[[jax.Array], PyTree] | None = None,
@@ -194,9 +229,9 @@ def optimizer_finalizer(server_optimizer: optax.GradientTransformation) -> Final
   """
   check_optimizer("server_optimizer", server_optimizer)
 
-  def apply(opt_state, params, aggregate):
+  def apply(opt_state, params, aggregate) -> FinalizerOutput:
     updates, opt_state = server_optimizer.update(aggregate, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {}
+    return FinalizerOutput(state=opt_state, params=optax.apply_updates(params, updates))
 
   return Finalizer(init=server_optimizer.init, apply=apply)
 
@@ -218,9 +253,9 @@ def check_params(params: PyTree) -> None:
 def reject_non_finite(output: ClientOutput, client_state: PyTree) -> ClientOutput:
   """TFF's client rule: an update with any NaN/Inf becomes zeros with weight 0, its metrics are reset and its
   state stays ``client_state``. The metrics gain ``num_non_finite_clients`` (1 for a rejected client)."""
-  finite = tree_all_finite(output.update)
+  finite = _all_finite(output.update)
   if output.new_state is not None:
-    finite = finite & tree_all_finite(output.new_state)
+    finite = finite & _all_finite(output.new_state)
   zeros = jax.tree.map(jnp.zeros_like, output.update)
   metrics = tree_select(finite, output.metrics, jax.tree.map(jnp.zeros_like, output.metrics))
   metrics = dict(metrics, num_non_finite_clients=jnp.where(finite, 0, 1).astype(jnp.int32))
@@ -228,7 +263,8 @@ def reject_non_finite(output: ClientOutput, client_state: PyTree) -> ClientOutpu
   if new_state is not None:
     new_state = tree_select(finite, new_state, client_state)
   return ClientOutput(update=tree_select(finite, output.update, zeros),
-                      weight=jnp.where(finite, jnp.asarray(output.weight, jnp.float32), 0.0),
+                      weight=jax.tree.map(lambda w: jnp.where(finite, jnp.asarray(w, jnp.float32), 0.0),
+                                          output.weight),
                       metrics=metrics, new_state=new_state)
 
 
@@ -261,6 +297,22 @@ def _aggregator_keys(aggregators: dict, rng: jax.Array) -> dict:
   if SINGLE in aggregators:
     return {SINGLE: rng}
   return {name: jax.random.fold_in(rng, i) for i, name in enumerate(aggregators)}
+
+
+def weight_of(weight: Any, name: str, aggregators: dict, *, stacked: bool = False) -> jax.Array:
+  """The client weight for aggregator ``name``: ``weight`` itself (one float32 scalar for every aggregator), or
+  ``weight[name]`` when the client work returns one weight per key of a dict of aggregators (``stacked``: weights
+  with a leading client axis)."""
+  if isinstance(weight, Mapping):
+    if SINGLE in aggregators or set(weight) != set(aggregators):
+      raise ValueError(f"ClientOutput.weight is a dict with keys {sorted(weight)}: a per-key weight needs a dict "
+                       f"of aggregators with the same keys, got "
+                       f"{'one aggregator' if SINGLE in aggregators else sorted(aggregators)}.")
+    weight = weight[name]
+  if jnp.ndim(weight) != (1 if stacked else 0):
+    raise ValueError(f"ClientOutput.weight must be a float scalar per client (or a dict of them, one per "
+                     f"aggregator key), got shape {list(jnp.shape(weight))}.")
+  return weight
 
 
 def check_update(update: PyTree, template: PyTree) -> None:
@@ -350,7 +402,8 @@ def client_work_and_aggregate(
     for name, agg in aggregators.items():
       update = _pick(output.update, name)
       update_templates[name] = as_template(update)
-      contributions[name] = agg.client(aggregator_params[name], update, weight, client_keys["aggregators"][name])
+      contributions[name] = agg.client(aggregator_params[name], update, weight_of(weight, name, aggregators),
+                                       client_keys["aggregators"][name])
     # Sums: the runner drops padding slots' summands. Stacks: padding contributions are zeroed here.
     collected = {"stacked": {name: jax.tree.map(lambda c: jnp.where(is_real, c, jnp.zeros((), c.dtype)),
                                                 contributions[name]) for name in stacked},
@@ -387,9 +440,13 @@ def one_client(client_work: ClientWork, broadcast: Broadcast, slot: dict, rng: j
                     f"{type(output).__name__}.")
   if update_template is not None:
     check_update(output.update, update_template)
+  if client_state is not None and as_template(output.new_state) != as_template(client_state):
+    raise ValueError(f"client_work of an algorithm with per-client state must return ClientOutput(..., new_state=...) "
+                     f"shaped like its client_state {as_template(client_state)}, got {as_template(output.new_state)} "
+                     "(return client_state itself when the round does not change it).")
   output = reject_non_finite(output, client_state)
   is_real = slot["num_examples"] > 0
-  return output._replace(weight=jnp.where(is_real, output.weight, 0.0))  # padding: weight 0, always
+  return output._replace(weight=jax.tree.map(lambda w: jnp.where(is_real, w, 0.0), output.weight))  # padding: 0
 
 
 def _slots(round_data: PyTree, client_states: PyTree) -> dict:
@@ -446,7 +503,7 @@ def aggregate_stacked(
   _, aggregator_key = jax.random.split(rng)
   keys = _aggregator_keys(aggregators, aggregator_key)
   outs = {name: agg.next(_pick(aggregator_state, name), _pick(outputs.update, name),
-                         outputs.weight, keys[name], client_mask)
+                         weight_of(outputs.weight, name, aggregators, stacked=True), keys[name], client_mask)
           for name, agg in aggregators.items()}
   return MeasuredOutput(state=_unname({n: o.state for n, o in outs.items()}),
                         result=_unname({n: o.result for n, o in outs.items()}),
@@ -567,13 +624,15 @@ def check_client_states_given(stateful: bool, client_states: PyTree, round_data:
                      "called without client_state=).")
 
 
-def check_finalizer_output(output: tuple, current: tuple[PyTree, PyTree]) -> None:
-  """The finalizer returned ``(params, state, measurements)`` with the params' and state's structures, shapes and
-  dtypes unchanged (at trace time), else a ``TypeError``/``ValueError`` naming what differs."""
-  params, finalizer_state, measurements = output
-  if not isinstance(measurements, Mapping):
-    raise TypeError(f"finalizer.apply must return measurements as a dict (possibly empty), got "
-                    f"{type(measurements).__name__}.")
+def check_finalizer_output(output: Any, current: tuple[PyTree, PyTree]) -> None:
+  """The finalizer returned a :class:`FinalizerOutput` with the params' and state's structures, shapes and dtypes
+  unchanged (at trace time), else a ``TypeError``/``ValueError`` naming what differs."""
+  if not isinstance(output, FinalizerOutput):
+    raise TypeError(f"finalizer.apply(state, params, aggregate) must return FinalizerOutput(state, params, "
+                    f"measurements), got {type(output).__name__}.")
+  finalizer_state, params, measurements = output
+  if measurements is not None and not isinstance(measurements, Mapping):
+    raise TypeError(f"FinalizerOutput.measurements must be a dict or None, got {type(measurements).__name__}.")
   for what, new, old in (("params", params, current[0]), ("state", finalizer_state, current[1])):
     if jax.tree.structure(as_template(new)) != jax.tree.structure(as_template(old)) or any(
         jnp.shape(a) != jnp.shape(b) or jnp.result_type(a) != jnp.result_type(b)
@@ -776,9 +835,9 @@ def build_round(
       return client_work_and_aggregate(client_work, aggregator, state.aggregator_state, broadcast, round_data, rng,
                                        runner, update_template=main_template, client_states=client_states)
     prepass_key, rng = jax.random.split(rng)
-    before = client_work_and_aggregate(prepass.client_work, prepass.aggregator, state.aggregator_state, broadcast,
-                                       round_data, prepass_key, runner, update_template=prepass_update,
-                                       client_states=client_states)
+    before = client_work_and_aggregate(_reading_state(prepass.client_work), prepass.aggregator,
+                                       state.aggregator_state, broadcast, round_data, prepass_key, runner,
+                                       update_template=prepass_update, client_states=client_states)
     broadcast = broadcast._replace(prepass=before.aggregate.result)
     after = client_work_and_aggregate(client_work, aggregator, state.aggregator_state, broadcast, round_data, rng,
                                       runner, update_template=main_template, client_states=client_states)
@@ -787,8 +846,9 @@ def build_round(
                       client_states=after.client_states, broadcast=broadcast)
 
   def finalize(state: ServerState, aggregate: MeasuredOutput) -> tuple[ServerState, dict]:
-    params, finalizer_state, measurements = finalizer.apply(state.finalizer_state, state.params, aggregate.result)
-    check_finalizer_output((params, finalizer_state, measurements), (state.params, state.finalizer_state))
+    output = finalizer.apply(state.finalizer_state, state.params, aggregate.result)
+    check_finalizer_output(output, (state.params, state.finalizer_state))
+    params, finalizer_state, measurements = output.params, output.state, dict(output.measurements or {})
     # The server's non-finite rule, for every finalizer: a NaN/Inf aggregate (or step) changes nothing.
     (params, finalizer_state), rule = reject_non_finite_update(
         aggregate.result, (params, finalizer_state), (state.params, state.finalizer_state))
@@ -824,6 +884,16 @@ def build_round(
   parts = RoundParts(distribute=distribute, work=work, finalize=finalize, client_outputs=client_outputs,
                      aggregate=aggregate_outputs)
   return Process(init=init, next=next_fn, client_state=client_state, parts=parts)
+
+
+def _reading_state(client_work: ClientWork) -> ClientWork:
+  """``client_work`` that leaves the client's state as it was (a pre-pass reads the states, never writes them)."""
+
+  def work(broadcast, client_data, client_state, rng):
+    output = client_work(broadcast, client_data, client_state, rng)
+    return output._replace(new_state=client_state) if isinstance(output, ClientOutput) else output
+
+  return work
 
 
 def _merged_templates(templates: tuple[PyTree, PyTree | None]) -> PyTree:
