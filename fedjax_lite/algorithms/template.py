@@ -251,9 +251,11 @@ def check_params(params: PyTree) -> None:
 
 
 def reject_non_finite(output: ClientOutput, client_state: PyTree) -> ClientOutput:
-  """TFF's client rule: an update with any NaN/Inf becomes zeros with weight 0, its metrics are reset and its
-  state stays ``client_state``. The metrics gain ``num_non_finite_clients`` (1 for a rejected client)."""
-  finite = _all_finite(output.update)
+  """TFF's client rule, extended to everything a client reports: a client whose update, new state, loss or
+  metrics hold any NaN/Inf is rejected -- its update becomes zeros with weight 0, its metrics are reset and its
+  state stays ``client_state`` -- and counted: the metrics gain ``num_non_finite_clients`` (1 for a rejected
+  client). A finite update with a NaN loss (e.g. a label outside the model's classes) is rejected too."""
+  finite = _all_finite((output.update, output.metrics))
   if output.new_state is not None:
     finite = finite & _all_finite(output.new_state)
   zeros = jax.tree.map(jnp.zeros_like, output.update)

@@ -151,6 +151,23 @@ def test_nan_client_is_zeroed_with_weight_zero(population, tiny_model, tiny_para
   assert int(metrics["client_work"]["train"]["num_examples"]) == int(without["num_examples"].sum())
 
 
+def test_a_client_with_a_non_finite_loss_is_rejected_like_a_non_finite_update(population, tiny_model, tiny_params):
+  """A label outside the model's classes gives a NaN loss but a finite gradient: before, the client trained with
+  its NaN loss summed into the round's metrics and ``num_non_finite_clients`` 0 (issue #19 section 2). Now it is
+  rejected and counted exactly as a client whose update is non-finite: the round equals the round without it."""
+  round_data = pack_clients(population, [0, 1, 2], batch_size=4)
+  poisoned = dict(round_data, y=round_data["y"].copy())
+  poisoned["y"][1, 0, 0] = 42  # the tiny model has 4 classes
+  process = fed_avg(tiny_model, client_learning_rate=0.1)
+  state, metrics, _ = one_round(process, tiny_params, poisoned)
+  without = jax.tree.map(lambda x: x[np.array([0, 2])], round_data)
+  expected, expected_metrics, _ = one_round(process, tiny_params, without)
+  assert int(metrics["client_work"]["num_non_finite_clients"]) == 1
+  assert np.isfinite(float(metrics["client_work"]["train"]["loss"]))
+  chex.assert_trees_all_close(state.params, expected.params, atol=1e-6)
+  assert int(metrics["client_work"]["train"]["num_examples"]) == int(without["num_examples"].sum())
+
+
 def test_all_clients_non_finite_leave_state_unchanged(population, tiny_model, tiny_params):
   round_data = pack_clients(population, [0, 1], batch_size=4)
   poisoned = with_nan_client(with_nan_client(round_data, 0), 1)
