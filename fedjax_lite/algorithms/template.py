@@ -779,8 +779,9 @@ def build_round(
                       f"aggregates in one dict), got {type(prepass.aggregator).__name__}.")
     prepass_aggregators = _named(prepass.aggregator)
     if SINGLE in aggregators or set(aggregators) & set(prepass_aggregators):
+      got = "one aggregator" if SINGLE in aggregators else f"the keys {sorted(aggregators)}"
       raise ValueError(f"with a prepass, aggregator must be a dict whose keys differ from the prepass's "
-                       f"{sorted(prepass_aggregators)}, got {sorted(aggregators) if SINGLE not in aggregators else 'one aggregator'}.")
+                       f"{sorted(prepass_aggregators)}, got {got}.")
     if not isinstance(prepass.name, str) or not prepass.name or prepass.name in ("train", "num_non_finite_clients"):
       raise ValueError(f"prepass.name must be a non-empty str other than 'train' and 'num_non_finite_clients', got "
                        f"{prepass.name!r}.")
