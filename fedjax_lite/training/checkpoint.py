@@ -255,8 +255,6 @@ class RunCheckpointer:
                             ) from None
     self._lock = self._take_lock() if exclusive else None
     self._pending: int | None = None  # the step being written in the background
-    self._failed = False
-    self._closed = False
     try:
       # Step directories are created before save() returns, so that a folder that cannot take them fails there
       # (created in orbax's background threads, the failure leaves threads waiting for them for minutes).
@@ -287,6 +285,8 @@ class RunCheckpointer:
 
   def steps(self) -> list[int]:
     """Round counts of the complete checkpoints, ascending (temporary directories of unfinished saves excluded)."""
+    if self._manager is None:
+      raise CheckpointError(f"the checkpointer of {self.directory} is closed (after a failed save, or close()).")
     self._manager.reload()
     return sorted(int(step) for step in self._manager.all_steps())
 
@@ -300,6 +300,8 @@ class RunCheckpointer:
     """
     validation.check_int("rounds_completed", rounds_completed, minimum=1)
     self._finish_pending()
+    if self._manager is None:
+      raise CheckpointError(f"the checkpointer of {self.directory} is closed (after a failed save, or close()).")
     items: dict[str, Any] = {}
     tree_meta = {}
     for name, tree in trees.items():
@@ -332,16 +334,15 @@ class RunCheckpointer:
       self._save_failed(step, error)
 
   def _save_failed(self, step: int, error: BaseException):
-    """Removes the step's partial files and raises :class:`CheckpointSaveError` saying what is left."""
-    self._failed = True
+    """Stops orbax, removes the step's partial files and raises :class:`CheckpointSaveError` saying what is left.
+
+    The checkpointer is closed afterwards (its lock stays held until :meth:`close`)."""
+    self._stop_orbax()  # its other background writes would go on filling the partial step
     partial = glob.glob(os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*"))
     for path in partial:
       shutil.rmtree(path, ignore_errors=True)
     left = [path for path in partial if os.path.exists(path)]
-    try:
-      complete = [done for done in self.steps() if done != step]
-    except Exception:  # pylint: disable=broad-except  (the listing itself may fail on a broken filesystem)
-      complete = []
+    complete = [done for done in _step_folders(self.directory) if done != step]
     last = complete[-1] if complete else None
     message = f"could not write the checkpoint after {step} rounds in {self.directory} ({_error_reason(error)}); "
     if left:
@@ -351,6 +352,19 @@ class RunCheckpointer:
     message += (f"the last complete checkpoint (after {last} rounds) is intact" if last is not None else
                 "no earlier checkpoint was complete")
     raise CheckpointSaveError(message, step, last) from error
+
+  def _stop_orbax(self) -> None:
+    """Closes orbax's manager, waiting for every background write: after a failure each of its waits raises the
+    error of one more of them (and skips the rest), so it is closed until one close goes through."""
+    if self._manager is None:
+      return
+    manager, self._manager = self._manager, None
+    for _ in range(16):
+      try:
+        manager.close()
+        return
+      except Exception:  # pylint: disable=broad-except  (the failure is reported once, by the caller)
+        continue
 
   def restore_latest(self, templates: Mapping[str, PyTree], *, check=None) -> Restored | None:
     """The newest readable checkpoint, or None if there is none.
@@ -476,23 +490,26 @@ class RunCheckpointer:
     Raises:
       CheckpointSaveError: the last save could not be written.
     """
-    if self._closed:
-      return
-    self._closed = True
     try:
       self._finish_pending()
-    finally:
-      try:
+      if self._manager is not None:
         self._manager.close()
-      except Exception:  # pylint: disable=broad-except
-        if not self._failed:  # after a failed save orbax raises its error again here: reported once already
-          raise
-      finally:
-        self._release_lock()
+        self._manager = None
+    finally:
+      self._release_lock()
 
 
 class _Damaged(Exception):
   """A checkpoint step that cannot be read back as it was written."""
+
+
+def _step_folders(directory: str) -> list[int]:
+  """The step folders orbax renamed into place (complete on a local filesystem), ascending."""
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  return sorted(int(name) for name in names if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
 def _error_reason(error: BaseException) -> str:
