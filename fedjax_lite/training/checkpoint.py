@@ -310,8 +310,9 @@ class RunCheckpointer:
                          f"got {name!r}.")
       paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
       arrays = [_to_host(leaf) for _, leaf in paths_and_leaves]
-      tree_meta[name] = {"treedef": str(treedef), "paths": [jax.tree_util.keystr(path) for path, _ in paths_and_leaves],
-                         "leaves": [_leaf_spec(leaf) for _, leaf in paths_and_leaves], "sha256": _digest(arrays)}
+      tree_meta[name] = {"treedef": str(treedef), "leaves": [_leaf_spec(leaf) for _, leaf in paths_and_leaves],
+                         "paths": [jax.tree_util.keystr(path) for path, _ in paths_and_leaves],
+                         "sha256": _digest(arrays)}
       if arrays:
         items[name] = ocp.args.StandardSave({_leaf_name(k): array for k, array in enumerate(arrays)})
     full_meta = dict(jsonable(dict(meta)), format=CHECKPOINT_FORMAT, rounds_completed=int(rounds_completed),

@@ -7,9 +7,14 @@ directory, and ends with a one-line summary (``--json`` prints the summary as JS
 
 Bad flags give one line on stderr and exit code 2: unknown values, flags that do not apply to the chosen
 algorithm, aggregator or dataset (e.g. ``--trim-fraction`` without ``--aggregator trimmed-mean``), an output path
-that is a file. With ``--checkpoint-dir DIR`` the run saves checkpoints (every ``--checkpoint-every`` rounds, at the
-end, and on SIGINT/SIGTERM, after which it exits with 128 + the signal number); ``--resume`` continues the run in DIR
-and ends bit-identical to an uninterrupted one, or refuses (exit 2) flags that would change the results.
+that is a file or cannot be written (checked before any training). With ``--checkpoint-dir DIR`` the run saves
+checkpoints (every ``--checkpoint-every`` rounds, at the end, and on SIGINT/SIGTERM, after which it exits with 128 +
+the signal number); ``--resume`` continues the run in DIR and ends bit-identical to an uninterrupted one, or refuses
+(exit 2) flags that would change the results, naming each (``--algorithm: "scaffold" in the checkpoint, "fedavg"
+now``). A DIR another run writes (its lock file), or one that cannot be written, is refused with exit 2; a checkpoint
+that cannot be written mid-run (full disk, read-only folder) ends the run with exit 1, the previous checkpoint and the
+finished rounds' metrics intact. Every such fault is one line (``fedjax-lite: error: ...``); warnings are one line
+each (``fedjax-lite: warning: ...``, e.g. a damaged checkpoint set aside), and orbax's own logs are not shown.
 
 Many processes (:mod:`fedjax_lite.training.distributed`): every process runs the same command with
 ``--coordinator-address HOST:PORT --num-processes N --process-id K`` (or the ``FEDJAX_LITE_*`` environment
@@ -754,7 +759,8 @@ def train_command(args, distributed=None) -> dict | None:
 
 
 # The environment's faults that end a run (exit 1): one line naming the file and the reason.
-_ENVIRONMENT_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM,
+                       errno.EIO)
 
 
 class _HideOrbaxLogs(logging.Filter):

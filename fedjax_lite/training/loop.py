@@ -33,7 +33,6 @@ the loop warns, and after ``max_rejected_rounds`` such rounds in a row raises :c
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -189,7 +188,7 @@ def run_training(
   """
   sampler = _checked_sampler(train_data, clients_per_round, sampler, sample_with_replacement, seed)
   trackers = tuple(trackers)
-  _check_arguments(process, train_data, client_spec, num_rounds=num_rounds, seed=seed, evaluate_every=evaluate_every,
+  _check_arguments(process, client_spec, num_rounds=num_rounds, seed=seed, evaluate_every=evaluate_every,
                    checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep,
                    max_rejected_rounds=max_rejected_rounds, privacy=privacy, trackers=trackers, resume=resume,
                    checkpoint_dir=checkpoint_dir, config=config)
@@ -260,8 +259,8 @@ def _checked_sampler(train_data: FederatedData, clients_per_round: int | None, s
   return sampler
 
 
-def _check_arguments(process: Process, train_data: FederatedData, client_spec: ClientSpec, *, num_rounds: int,
-                     seed: int, evaluate_every: int, checkpoint_every: int, checkpoint_keep: int,
+def _check_arguments(process: Process, client_spec: ClientSpec, *, num_rounds: int, seed: int, evaluate_every: int,
+                     checkpoint_every: int, checkpoint_keep: int,
                      max_rejected_rounds: int, privacy: PrivacyLedger | None, trackers: tuple, resume: bool,
                      checkpoint_dir: str | os.PathLike | None, config: Mapping[str, Any] | None) -> None:
   """The arguments of ``run_training`` that need no building: one clear error for the first wrong one."""

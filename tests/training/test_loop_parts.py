@@ -127,7 +127,8 @@ def test_recorder_stops_for_the_callback_and_for_the_budget(tmp_path):
   recorder = Recorder(RoundSchedule(num_rounds=9, privacy=_Ledger(allowed=2)))
   with recorder:
     assert not _record(recorder, 0) and _record(recorder, 1)
-  assert recorder.progress.stopped.startswith("privacy budget") and "stopped after 2 rounds" in recorder.progress.stopped
+  stopped = recorder.progress.stopped
+  assert stopped.startswith("privacy budget") and "stopped after 2 rounds" in stopped
 
 
 def test_recorder_resumes_rewriting_the_metrics_file(tmp_path):
