@@ -7,8 +7,9 @@ atomic create on local and NFS filesystems) and holding JSON: ``{"pid", "host", 
 
 A lock whose owner is gone is *stale* and is taken over (the caller reports it): its host is this host and its PID
 runs no process, or runs another process than the one that took the lock (``process_start``, the process's start
-time from ``/proc``, differs: the PID was reused). A lock of another host cannot be checked from here and is
-respected; its message says which file to delete once that process is known to be gone. Taking the lock is also the
+time from ``/proc``, differs: the PID was reused). A lock of another host cannot be checked from here (nor any lock
+on Windows, which has no harmless signal 0) and is respected; its message says which file to delete once that
+process is known to be gone. Taking the lock is also the
 first write into the folder, so a folder that cannot be written is reported here, before any training.
 """
 
@@ -141,6 +142,8 @@ def _is_running(holder: dict, path: str) -> bool:
   if pid == os.getpid():
     with _HELD_GUARD:
       return path in _HELD_IN_THIS_PROCESS  # else left by an earlier process with this PID
+  if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C there: no safe probe, the lock is respected
+    return True
   try:
     os.kill(pid, 0)
   except ProcessLookupError:

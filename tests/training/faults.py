@@ -24,6 +24,7 @@ import subprocess
 from typing import Iterator
 
 FORCE_FAKE = os.environ.get("FEDJAX_LITE_FAULTS") == "fake"
+IS_ROOT = getattr(os, "geteuid", lambda: -1)() == 0
 
 
 def _under(path, root: str) -> bool:
@@ -84,7 +85,7 @@ def _chattr(flag: str, path) -> bool:
 @contextlib.contextmanager
 def read_only(path, monkeypatch) -> Iterator[str]:
   """``path`` (an existing folder) read-only inside the block; yields how: 'chmod', 'chattr' or 'fake'."""
-  if not FORCE_FAKE and os.geteuid() != 0:
+  if not FORCE_FAKE and not IS_ROOT:
     mode = os.stat(path).st_mode
     os.chmod(path, 0o555)
     try:
@@ -118,7 +119,7 @@ class FullDisk:
     os.makedirs(self.path, exist_ok=True)
     self._filler = None
     self._fault = None
-    mounted = not FORCE_FAKE and os.geteuid() == 0 and shutil.which("mount") is not None and subprocess.run(
+    mounted = not FORCE_FAKE and IS_ROOT and shutil.which("mount") is not None and subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", self.path], capture_output=True).returncode == 0
     self.how = "tmpfs" if mounted else "fake"
     if not mounted:
