@@ -773,20 +773,26 @@ class _HideOrbaxLogs(logging.Filter):
 @contextlib.contextmanager
 def _one_line_reports() -> Iterator[None]:
   """Warnings as one line each on stderr (``fedjax-lite: warning: ...``), orbax's logs hidden."""
-  previous = warnings.showwarning
+  previous_show, previous_unraisable = warnings.showwarning, sys.unraisablehook
 
   def show(message, category, filename, lineno, file=None, line=None):
     del category, filename, lineno, line
     (file or sys.stderr).write(f"fedjax-lite: warning: {message}\n")
 
-  warnings.showwarning = show
+  def unraisable(report):
+    # After a failed save, tensorstore may complete one of orbax's other writes once orbax's event loop is closed;
+    # the callback's error is about a write already reported as failed.
+    if not (isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"):
+      previous_unraisable(report)
+
+  warnings.showwarning, sys.unraisablehook = show, unraisable
   orbax_logs = _HideOrbaxLogs()
   absl_logger = logging.getLogger("absl")  # orbax logs through absl
   absl_logger.addFilter(orbax_logs)
   try:
     yield
   finally:
-    warnings.showwarning = previous
+    warnings.showwarning, sys.unraisablehook = previous_show, previous_unraisable
     absl_logger.removeFilter(orbax_logs)
 
 
