@@ -1,7 +1,7 @@
 """Round-speed benchmark: the library's FedAvg round against hand-written pure-JAX rounds of the same math.
 
 Where this sits: ``benchmarks/`` re-measures, on the machine at hand, the facts that shaped the client runner
-(``../shared/DESIGN.md``, "Measured facts"). Run it from the repository root::
+(``docs/xla_cpu.md``, "Measured facts that shaped the client runner"). Run it from the repository root::
 
   python benchmarks/round_speed.py                  # full run, ~15 min on a 2-core CPU
   python benchmarks/round_speed.py --quick          # tiny sizes, a smoke test (< 60 s)

@@ -1,5 +1,5 @@
-"""Federated k-means (TFF ``build_fed_kmeans``; ``../shared/reference/tff-semantics.md`` §3.3), the first algorithm
-on the round template that trains no neural network: its "params" are the centroids.
+"""Federated k-means, the first algorithm on the round template that trains no neural network: its "params" are
+the centroids (TFF's ``build_fed_kmeans``, ``tensorflow_federated/python/learning/algorithms/kmeans_clustering.py``).
 
 Mini-batch k-means with pseudo-counts (Sculley 2010, "Web-scale k-means clustering"), federated:
 

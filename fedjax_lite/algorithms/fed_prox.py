@@ -5,8 +5,9 @@ local gradient becomes ``grad L_i(w) + mu (w - w0)``, which pulls the local mode
 and limits client drift on heterogeneous data. The server is FedAvg's (default SGD(1.0) on the weighted mean
 delta). ``mu = 0`` is FedAvg exactly.
 
-Sign. TFF's ``build_weighted_fed_prox`` adds ``mu (w0 - w)`` to the gradient (``proximal_client_work.py``,
-``../shared/reference/tff-semantics.md`` §3.3). The gradient of ``mu/2 ||w - w0||^2`` is ``+mu (w - w0)``; with the
+Sign. TFF's ``build_weighted_fed_prox`` adds ``mu (w0 - w)`` to the gradient
+(``tensorflow_federated/python/learning/templates/proximal_client_work.py``). The gradient of ``mu/2 ||w - w0||^2``
+is ``+mu (w - w0)``; with the
 reference's sign the term pushes the local model AWAY from ``w0``. ``tests/algorithms/test_fed_prox.py`` checks
 numerically that our term is the gradient of the proximal objective (and that one step with a zero loss gradient
 moves ``w`` towards ``w0``); we follow the paper, not the reference's code.

@@ -9,7 +9,7 @@ through whole rounds (e.g. with respect to the client or server learning rate). 
 forward too; on XLA:CPU each skipped step still copied the carried parameters (~1 ms for the 1.7 M-parameter CNN),
 so clients padded from 10 to 32 steps took 0.87x the time with the while loop (``benchmarks/README.md``). The
 loop stays rolled, so compile time does not grow with the number of steps; on XLA:CPU this is fast only for
-convolutions whose backward pass is canonical (``fedjax_lite.models.Conv``; see ``../shared/reference/xla-cpu.md``).
+convolutions whose backward pass is canonical (``fedjax_lite.models.Conv``; see ``docs/xla_cpu.md``).
 
 Client work of the algorithms is built from two functions here: :func:`train_locally` (FedAvg, FedProx, SCAFFOLD,
 MimeLite, Mime: optimizer steps from the broadcast params) and :func:`client_gradient` (FedSGD, Mime: one gradient

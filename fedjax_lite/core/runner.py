@@ -11,7 +11,7 @@ Strategies (``Runner.strategy``):
   (default: one per usable CPU core) that XLA:CPU runs concurrently; memory holds ``lanes`` clients at a time. The
   CPU default: measured on a 2-core CPU (``benchmarks/README.md``), two lanes make the standard CNN round ~20%
   faster than one scan, and the scans are fast only because :class:`fedjax_lite.models.Conv` keeps its backward
-  convolutions canonical inside loops (``../shared/reference/xla-cpu.md``).
+  convolutions canonical inside loops (``docs/xla_cpu.md``).
 * ``'vmap'`` -- all clients at once; the accelerator default.
 * ``'chunked'`` -- ``chunk_size`` clients at a time with ``vmap``, chunks in a ``lax.scan``.
 * ``'auto'`` -- ``'sequential'`` on CPU, ``'vmap'`` elsewhere.
