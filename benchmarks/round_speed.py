@@ -18,7 +18,7 @@ Variants (each advances its own model, round after round; all start from the sam
   ``lax.scan`` over clients on CPU), data packed by ``fedjax_lite.core.pack_clients``.
   The script calls :func:`fedjax_lite.configure_cpu` first, as the CLI and the README's research example do (one
   host device per usable core, single-threaded Eigen), so the default runner shards the client axis over those
-  devices; ``--jax-defaults`` skips it (one CPU device, multi-threaded Eigen, the runner's sequential lanes).
+  devices; ``--jax-defaults`` skips it (one CPU device, multi-threaded Eigen, one sequential scan).
 * ``library_equal_sharded`` / ``library_ragged_sharded`` (only when the process sees several devices and the default
   runner does not already shard over them, or when named in ``--only``): the same with
   ``Runner(mesh=client_mesh())``, i.e. the client axis split over the host's CPU "devices", each running its share
