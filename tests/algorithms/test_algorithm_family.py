@@ -21,7 +21,7 @@ import pytest
 from fedjax_lite import algorithms
 from fedjax_lite.core.client_state import ClientStateStore
 from fedjax_lite.core.packing import max_num_steps, pack_clients
-from fedjax_lite.core.runner import Runner
+from fedjax_lite.core.runner import Runner, client_mesh
 from fedjax_lite.models.adapter import from_flax
 from tests.algorithms import reference_impl as ref
 from tests.algorithms.family_setup import (
