@@ -3,6 +3,10 @@
 Each round's cohort is drawn from a numpy generator seeded with ``(seed, round_num, stream)``, so it does not
 depend on which rounds ran before: a resumed run samples exactly the cohorts the uninterrupted run would have
 (TFF's ``build_uniform_sampling_fn`` has the same property).
+
+Each distribution's parameters, their checks and the cohort size they imply are defined once
+(:class:`UniformCohorts`, :class:`PoissonCohorts`, :class:`CyclicCohorts`) and shared by the host samplers here and
+the device samplers of :mod:`fedjax_lite.core.device_rounds`, which draw the same distributions with ``jax.random``.
 """
 
 from __future__ import annotations
@@ -91,23 +95,79 @@ def poisson_cohort_capacity(num_clients: int, sampling_probability: float,
 
 
 @dataclasses.dataclass(frozen=True)
-class UniformSampler:
-  """``clients_per_round`` clients drawn uniformly each round (:func:`sample_clients`)."""
+class UniformCohorts:
+  """Uniform cohorts of ``clients_per_round`` out of ``num_clients`` clients, without replacement unless
+  ``replace`` (the parameters and their checks)."""
 
   num_clients: int
   clients_per_round: int
-  seed: int = 0
-  replace: bool = False
+  replace = False  # not a field here: the samplers declare it as their own (after ``seed`` on the host)
 
   def __post_init__(self):
     validation.check_int("num_clients", self.num_clients, minimum=1)
     validation.check_int("clients_per_round", self.clients_per_round, minimum=1,
                          maximum=None if self.replace else self.num_clients)
-    validation.check_int("seed", self.seed, minimum=0)
 
   @property
   def cohort_capacity(self) -> int:
+    """Client slots of a round's data: ``clients_per_round``."""
     return self.clients_per_round
+
+
+@dataclasses.dataclass(frozen=True)
+class PoissonCohorts:
+  """Cohorts where each of ``num_clients`` clients joins independently with probability ``sampling_probability``."""
+
+  num_clients: int
+  sampling_probability: float
+
+  def __post_init__(self):
+    validation.check_int("num_clients", self.num_clients, minimum=1)
+    validation.check_float("sampling_probability", self.sampling_probability, low=0.0, high=1.0,
+                           low_inclusive=False)
+
+  @property
+  def cohort_capacity(self) -> int:
+    """Client slots of a round's data: :func:`poisson_cohort_capacity`."""
+    return poisson_cohort_capacity(self.num_clients, self.sampling_probability)
+
+  @property
+  def expected_clients_per_round(self) -> float:
+    return self.num_clients * self.sampling_probability
+
+
+@dataclasses.dataclass(frozen=True)
+class CyclicCohorts:
+  """Epochs of ``num_clients // clients_per_round`` rounds, each epoch a permutation of the clients cut into cohorts
+  of ``clients_per_round``."""
+
+  num_clients: int
+  clients_per_round: int
+
+  def __post_init__(self):
+    validation.check_int("num_clients", self.num_clients, minimum=1)
+    validation.check_int("clients_per_round", self.clients_per_round, minimum=1, maximum=self.num_clients)
+
+  @property
+  def cohort_capacity(self) -> int:
+    """Client slots of a round's data: ``clients_per_round``."""
+    return self.clients_per_round
+
+  @property
+  def rounds_per_epoch(self) -> int:
+    return self.num_clients // self.clients_per_round
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformSampler(UniformCohorts):
+  """``clients_per_round`` clients drawn uniformly each round (:func:`sample_clients`)."""
+
+  seed: int = 0
+  replace: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    validation.check_int("seed", self.seed, minimum=0)
 
   def __call__(self, round_num: int) -> np.ndarray:
     return sample_clients(self.num_clients, self.clients_per_round, seed=self.seed, round_num=round_num,
@@ -115,27 +175,15 @@ class UniformSampler:
 
 
 @dataclasses.dataclass(frozen=True)
-class PoissonSampler:
+class PoissonSampler(PoissonCohorts):
   """Each client independently with probability ``sampling_probability`` (:func:`poisson_sample_clients`);
   rounds are padded to ``cohort_capacity`` client slots (:func:`poisson_cohort_capacity`)."""
 
-  num_clients: int
-  sampling_probability: float
   seed: int = 0
 
   def __post_init__(self):
-    validation.check_int("num_clients", self.num_clients, minimum=1)
-    validation.check_float("sampling_probability", self.sampling_probability, low=0.0, high=1.0,
-                           low_inclusive=False)
+    super().__post_init__()
     validation.check_int("seed", self.seed, minimum=0)
-
-  @property
-  def cohort_capacity(self) -> int:
-    return poisson_cohort_capacity(self.num_clients, self.sampling_probability)
-
-  @property
-  def expected_clients_per_round(self) -> float:
-    return self.num_clients * self.sampling_probability
 
   def __call__(self, round_num: int) -> np.ndarray:
     return poisson_sample_clients(self.num_clients, self.sampling_probability, seed=self.seed,
@@ -143,7 +191,7 @@ class PoissonSampler:
 
 
 @dataclasses.dataclass(frozen=True)
-class ShuffledCyclicSampler:
+class ShuffledCyclicSampler(CyclicCohorts):
   """Each epoch, a fresh permutation of the clients is cut into cohorts of ``clients_per_round``: every client
   takes part at most once per epoch (what DP-FTRL's tree aggregation needs; Kairouz et al. 2021).
 
@@ -151,22 +199,11 @@ class ShuffledCyclicSampler:
   end of that epoch's permutation sit it out (a different few each epoch).
   """
 
-  num_clients: int
-  clients_per_round: int
   seed: int = 0
 
   def __post_init__(self):
-    validation.check_int("num_clients", self.num_clients, minimum=1)
-    validation.check_int("clients_per_round", self.clients_per_round, minimum=1, maximum=self.num_clients)
+    super().__post_init__()
     validation.check_int("seed", self.seed, minimum=0)
-
-  @property
-  def cohort_capacity(self) -> int:
-    return self.clients_per_round
-
-  @property
-  def rounds_per_epoch(self) -> int:
-    return self.num_clients // self.clients_per_round
 
   def __call__(self, round_num: int) -> np.ndarray:
     _check_seed_round(self.seed, round_num)
