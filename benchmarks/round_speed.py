@@ -84,6 +84,7 @@ import optax
 import fedjax_lite
 from fedjax_lite.algorithms import fed_avg
 from fedjax_lite.core import ClientSpec, FederatedData, Runner, client_mesh, pack_clients
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.training.loop import run_training
 from fedjax_lite.models import OriginalFedAvgCNN, original_fedavg_cnn
 
@@ -91,8 +92,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: the repository root, for ``benchmarks.cpu_setup``
   sys.path.insert(0, ROOT)
 from benchmarks import cpu_setup  # noqa: E402
-
-PyTree = Any
 
 # jax.monitoring duration events of this jax version (jax/_src/dispatch.py). backend_compile fires once per XLA
 # compilation (cache hits of jit's in-memory cache do not compile and do not fire).

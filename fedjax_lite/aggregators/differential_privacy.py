@@ -24,7 +24,6 @@ State ``{'query_state': ..., 'agg_state': ..., 'is_init_state': bool}``; measure
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +35,8 @@ from fedjax_lite.aggregators.robust import clip_to, global_norm
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.privacy.mechanisms import gaussian_noise
-
-PyTree = Any
 
 
 class ExtractingDpEventFromInitialStateError(ValueError):

@@ -42,9 +42,8 @@ import numpy as np
 from fedjax_lite.aggregators.base import Aggregator, as_template
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
-from fedjax_lite.core.tree import dtype_bits
+from fedjax_lite.core.tree import dtype_bits, PyTree
 
-PyTree = Any
 RANGE_BITS = 64  # a quantized leaf's float32 lo and hi, sent beside its levels when the range is per client
 
 

@@ -15,7 +15,7 @@ Metrics: ``client_work/train/num_examples`` (points assigned) as the reference's
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,6 @@ from fedjax_lite.core import validation
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner
-
-PyTree = Any
 
 
 def initial_centroids(num_clusters: int, data_shape: Sequence[int], seed: int) -> jax.Array:

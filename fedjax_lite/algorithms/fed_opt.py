@@ -24,7 +24,7 @@ size; the accumulator start and ``tau`` are arguments.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +37,8 @@ from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.runner import Runner
+from fedjax_lite.core.tree import PyTree
 
-PyTree = Any
 ACCUMULATORS = ("adagrad", "adam", "yogi")
 
 

@@ -15,7 +15,7 @@ moves ``w`` towards ``w0``); we follow the paper, not the reference's code.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import optax
@@ -27,8 +27,7 @@ from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.runner import Runner
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 
 class ProximalState(NamedTuple):

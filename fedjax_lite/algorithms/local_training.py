@@ -19,15 +19,13 @@ of the client's mean loss at the broadcast params).
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_lite.core.model import Model, masked_loss_and_metric_sums
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 
 def split_steps(client_data: PyTree) -> tuple[dict, jax.Array]:

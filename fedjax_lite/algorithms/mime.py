@@ -22,8 +22,6 @@ the end of the round, as in the paper. A non-finite aggregate leaves the model, 
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -57,9 +55,7 @@ from fedjax_lite.core.model import Model, masked_loss_and_metric_sums
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner
-from fedjax_lite.core.tree import tree_all_finite, tree_select
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree, tree_all_finite, tree_select
 
 
 def frozen_state(base_optimizer: optax.GradientTransformation, state: PyTree) -> optax.GradientTransformation:

@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from fedjax_lite.core import validation
+from fedjax_lite.core.tree import PyTree
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-PyTree = Any
 ClientFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, PyTree]]
 
 STRATEGIES = ("auto", "sequential", "vmap", "chunked")

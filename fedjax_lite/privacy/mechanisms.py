@@ -8,13 +8,11 @@ model with many leaves compiles much faster this way, with the same distribution
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 
 def gaussian_noise(rng: jax.Array, template: PyTree, stddev: jax.Array | float) -> PyTree:

@@ -54,10 +54,10 @@ from fedjax_lite.core.packing import ClientSpec, bucket_num_steps
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.round_data import RoundDataChecker, check_labels
 from fedjax_lite.core.sampling import UniformSampler
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.training import checkpoint as checkpointing
 from fedjax_lite.privacy.accounting import PrivacyLedger
 
-PyTree = Any
 EvaluateFn = Callable[[PyTree], Mapping[str, Any]]
 RoundCallback = Callable[[int, dict], bool | None]
 Sampler = Callable[[int], np.ndarray]
