@@ -36,9 +36,12 @@ def _sqlite(folder, splits):
   return folder
 
 
-def _hdf5(folder, clients, split="train"):
+def _hdf5(folder, clients, test_clients):
+  """The legacy digits-only files: ``clients`` as the train split, ``test_clients`` as the test split."""
   folder.mkdir(parents=True, exist_ok=True)
-  write_tff_hdf5(folder / f"fed_emnist_digitsonly_{split}.h5", clients)
+  for split, content in (("train", clients), ("test", test_clients)):
+    (folder / f"fed_emnist_digitsonly_{split}.h5").unlink(missing_ok=True)
+    write_tff_hdf5(folder / f"fed_emnist_digitsonly_{split}.h5", content)
   return folder
 
 
@@ -206,13 +209,13 @@ def test_a_changed_file_at_the_same_path_rebuilds_and_a_touched_one_does_not(spl
 # ---- A damaged cache is rebuilt from the source, or reported when the source is gone ---------------------------
 
 def _label_file(cache):
-  [path] = (cache / "arrays" / "emnist_digits" / "train").glob("*/label.npy")
+  [path] = (cache / "arrays" / "emnist_digits" / "train").rglob("label.npy")
   return path
 
 
 def _flip_last_byte(path):
   content = bytearray(path.read_bytes())
-  content[-1] ^= 0x7F  # the high byte of the last int32 label: 2 -> 2130706434
+  content[-1] ^= 0x7F  # the high byte of the last int32 label: v -> v + 0x7F000000
   path.write_bytes(bytes(content))
 
 
@@ -247,15 +250,14 @@ def test_hdf5_float_labels_are_integers_or_an_error(splits, tmp_path):
   pytest.importorskip("h5py")
   clients = _legacy_clients(splits)
   clients["f0002_07"] = dict(clients["f0002_07"], label=np.array([1.7]))
-  _hdf5(tmp_path / "data", clients)
+  _hdf5(tmp_path / "data", clients, _legacy_clients(splits, "digits_only_test"))
   with pytest.raises(DatasetFormatError, match=r"fed_emnist_digitsonly_train.h5: client 'f0002_07' example 0 has "
                                                r"'label' value 1.7 \(float64\); expected a class label in \[0, 10\)"):
     emnist_lib.load_emnist(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
   assert not _files(tmp_path / "cache" / "arrays")
   # Whole-number floats are the integers they spell.
   clients["f0002_07"] = dict(clients["f0002_07"], label=np.array([7.0]))
-  _hdf5(tmp_path / "whole", clients)
-  _hdf5(tmp_path / "whole", _legacy_clients(splits, "digits_only_test"), "test")
+  _hdf5(tmp_path / "whole", clients, _legacy_clients(splits, "digits_only_test"))
   data = emnist_lib.load_emnist(data_dir=tmp_path / "whole", cache_dir=tmp_path / "cache")
   assert data.train["f0002_07"]["y"].tolist() == [7]
 
@@ -264,7 +266,7 @@ def test_hdf5_negative_label_is_an_error(splits, tmp_path):
   pytest.importorskip("h5py")
   clients = _legacy_clients(splits)
   clients["f0000_14"] = dict(clients["f0000_14"], label=np.array([1, -3, 2, 0], np.int32))
-  _hdf5(tmp_path / "data", clients)
+  _hdf5(tmp_path / "data", clients, _legacy_clients(splits, "digits_only_test"))
   with pytest.raises(DatasetFormatError, match=r"client 'f0000_14' example 1 has 'label' value -3"):
     emnist_lib.load_emnist(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
 
@@ -344,15 +346,13 @@ def test_hdf5_client_with_zero_examples_leaves_no_cache(splits, tmp_path):
   pytest.importorskip("h5py")
   clients = _legacy_clients(splits)
   clients["f0009_99"] = {"pixels": np.zeros((0, 28, 28), np.float32), "label": np.zeros(0, np.int32)}
-  _hdf5(tmp_path / "data", clients)
+  _hdf5(tmp_path / "data", clients, _legacy_clients(splits, "digits_only_test"))
   with pytest.raises(DatasetFormatError, match=r"fed_emnist_digitsonly_train.h5: client 'f0009_99' has no examples "
                                                r".*expected at least one example per client"):
     emnist_lib.load_emnist(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
   assert not _files(tmp_path / "cache" / "arrays")
   del clients["f0009_99"]  # the fixed file loads: nothing of the failed conversion stood in the way
-  (tmp_path / "data" / "fed_emnist_digitsonly_train.h5").unlink()
-  _hdf5(tmp_path / "data", clients)
-  _hdf5(tmp_path / "data", _legacy_clients(splits, "digits_only_test"), "test")
+  _hdf5(tmp_path / "data", clients, _legacy_clients(splits, "digits_only_test"))
   assert emnist_lib.load_emnist(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache").train.num_clients == 3
 
 
