@@ -42,8 +42,8 @@ import numpy as np
 
 from fedjax_lite.datasets.errors import DatasetFormatError
 
-__all__ = ["RaggedBytes", "RawSplit", "SplitWriter", "open_split", "CacheDamagedError", "FORMAT_VERSION",
-           "BLOCK_SIZE"]
+__all__ = ["RaggedBytes", "RawSplit", "SplitWriter", "open_split", "record_source", "CacheDamagedError",
+           "FORMAT_VERSION", "BLOCK_SIZE"]
 
 FORMAT_VERSION = 2  # 2: per-file sizes and block CRC-32s, the source's identity (path and sha256)
 BLOCK_SIZE = 1 << 26  # 64 MiB per CRC-32: blocks are checked in parallel, and a mismatch names its offset
@@ -215,6 +215,24 @@ def open_split(directory: str | os.PathLike) -> tuple[RawSplit, dict[str, Any]] 
   if not consistent:
     raise CacheDamagedError(directory, "its files disagree on the number of clients or examples")
   return RawSplit(client_ids, client_offsets, arrays, ragged), manifest
+
+
+def record_source(directory: str | os.PathLike, manifest: Mapping[str, Any], source: Mapping[str, Any]) -> None:
+  """Rewrites the manifest of the cache in ``directory`` with ``source`` as its source record (atomically).
+
+  For a source whose bytes are unchanged but whose modification time moved (a copy restored, a ``touch``), so
+  that the next load need not hash it again. Best effort: a read-only cache keeps its old record.
+  """
+  directory = Path(directory)
+  updated = {key: value for key, value in manifest.items() if key != "manifest_crc32"}
+  updated["source"] = dict(source)
+  updated["manifest_crc32"] = _manifest_crc(updated)
+  temp = directory / f".{_MANIFEST}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  try:
+    temp.write_text(json.dumps(updated, indent=1))
+    os.replace(temp, directory / _MANIFEST)
+  except OSError:
+    temp.unlink(missing_ok=True)
 
 
 class SplitWriter:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedjax_lite.datasets import download as download_lib
-from fedjax_lite.datasets.array_cache import CacheDamagedError, RawSplit, open_split
+from fedjax_lite.datasets.array_cache import CacheDamagedError, RawSplit, open_split, record_source
 from fedjax_lite.datasets.errors import DatasetFormatError, DatasetNotFoundError
 from fedjax_lite.datasets.feature_spec import FeatureSpec
 from fedjax_lite.datasets.hdf5_client_data import convert_hdf5_split
@@ -175,6 +175,15 @@ def _other_caches(split_root: Path) -> str:
           f"file: pass data_dir={folders[0]} to use one.")
 
 
+def _remove_legacy_cache(split_root: Path) -> None:
+  """Deletes a cache of format 1 (its files directly in ``<dataset>/<split>/``, made before caches were keyed by
+  their source): this version cannot trust it, and it can hold gigabytes."""
+  if (split_root / "manifest.json").is_file():
+    for path in split_root.iterdir():
+      if path.is_file():
+        path.unlink(missing_ok=True)
+
+
 def _convert(source: DatasetSource, path: Path, cache: Path, directory: Path, record: Mapping[str, Any]) -> None:
   """Converts the found file ``path`` (unpacking an archive first) into the cache folder ``directory``."""
   name = path.name
@@ -239,8 +248,11 @@ def load_raw_split(source: DatasetSource, split: str, *, data_dir=None, cache_di
     split_data, manifest = opened
     recorded = manifest.get("source", {})
     if recorded.get("spec") == _spec_record(source) and same_source(recorded, path):
+      if recorded.get("mtime_ns") != path.stat().st_mtime_ns:  # same bytes, new time: hash it only this once
+        record_source(directory, manifest, {**identify(path), "spec": recorded["spec"]})
       return split_data
   record = {**identify(path, sha256=known_sha256), "spec": _spec_record(source)}
+  _remove_legacy_cache(split_root)
   _convert(source, path, cache, directory, record)
   opened = open_split(directory)
   if opened is None:  # pragma: no cover - the writer just produced it

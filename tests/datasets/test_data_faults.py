@@ -196,6 +196,8 @@ def test_a_changed_file_at_the_same_path_rebuilds_and_a_touched_one_does_not(spl
   monkeypatch.setattr(sources, "convert_sql_split", lambda *a, **k: calls.append(a) or original(*a, **k))
   emnist_lib.load_emnist(data_dir=data_dir, cache_dir=cache)
   assert calls == []  # the sha256 still matches: the cache is the source's
+  [manifest] = (cache / "arrays" / "emnist_digits" / "train").glob("*/manifest.json")
+  assert json.loads(manifest.read_text())["source"]["mtime_ns"] == source.stat().st_mtime_ns  # not hashed again
   # Another label at the same path: the sha256 differs, so the cache is rebuilt.
   changed = with_label(splits, "digits_only_train", "f0001_01", 0,
                        (int(splits["digits_only_train"]["f0001_01"]["label"][0]) + 1) % 10)
@@ -204,6 +206,15 @@ def test_a_changed_file_at_the_same_path_rebuilds_and_a_touched_one_does_not(spl
   data = emnist_lib.load_emnist(data_dir=data_dir, cache_dir=cache)
   assert len(calls) == 2  # train and test
   np.testing.assert_array_equal(data.train.examples["y"], expected_federated(changed["digits_only_train"], "label"))
+
+
+def test_a_cache_of_the_unkeyed_format_is_removed_when_its_split_is_converted(splits, tmp_path):
+  legacy = tmp_path / "cache" / "arrays" / "emnist_digits" / "train"
+  legacy.mkdir(parents=True)
+  (legacy / "manifest.json").write_text(json.dumps({"format_version": 1}))
+  (legacy / "pixels.npy").write_bytes(b"\x00" * 1000)
+  emnist_lib.load_emnist(data_dir=_sqlite(tmp_path / "data", splits), cache_dir=tmp_path / "cache")
+  assert not [p for p in legacy.iterdir() if p.is_file()] and len([p for p in legacy.iterdir() if p.is_dir()]) == 1
 
 
 # ---- A damaged cache is rebuilt from the source, or reported when the source is gone ---------------------------
