@@ -134,7 +134,7 @@ class BatchDecoder:
   def _at(self, row: int, client: Any) -> str:
     return f"{self.where}: row {row}" + ("" if client is None else f" (client {client!r})")
 
-  def check_values(self, name: str, values: np.ndarray, rows: np.ndarray, clients: Sequence[Any] | None,
+  def _check_values(self, name: str, values: np.ndarray, rows: np.ndarray, clients: Sequence[Any] | None,
                    indices: np.ndarray) -> None:
     """Raises if feature ``name``'s decoded ``values`` (``[len(indices), ...]``, of the blobs ``indices``, file rows
     ``rows``) hold a value its cached dtype or classes cannot (see :meth:`.FeatureSpec.out_of_range`)."""
@@ -169,7 +169,7 @@ class BatchDecoder:
                                  f"expected {feature_spec.describe()} ({expected} values).")
       out[name] = values[0] if feature_spec.kind == "bytes" else np.asarray(values).reshape(feature_spec.shape)
       if feature_spec.kind == "int64":
-        self.check_values(name, out[name], np.array([row]), None if client is None else [client], np.zeros(1, int))
+        self._check_values(name, out[name][np.newaxis], np.array([row]), [client], np.zeros(1, np.int64))
     if len(self._templates) < MAX_TEMPLATES and len(blob) not in self._templates and self.numeric and \
         len(self.numeric) == len(self.spec):
       spans = _payload_spans(bytes(blob))
@@ -239,7 +239,7 @@ class BatchDecoder:
         for name, values in decoded.items():
           if self.spec[name].kind == "int64":
             indices = candidates[matched]
-            self.check_values(name, values, first_row + indices, clients, indices)
+            self._check_values(name, values, first_row + indices, clients, indices)
           arrays[name][slots[candidates[matched]]] = values
         done[candidates[matched]] = True
         self.rows_by_template += int(matched.sum())
