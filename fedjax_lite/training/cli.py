@@ -485,6 +485,19 @@ def _load_file_dataset(args):
   return data.train, data.test.all_examples(), data.num_classes, tuple(data.input_shape)
 
 
+def _check_dataset_labels(train_data, test_data, num_classes: int, dataset: str) -> None:
+  """Labels outside the model's classes would train to a NaN loss every round: refuse the dataset in one line
+  naming the client, the label and the class count."""
+  from fedjax_lite.core.round_data import check_labels
+
+  try:
+    check_labels(train_data.examples, num_classes, name="train_data", client_ids=train_data.client_ids,
+                 client_offsets=train_data.offsets)
+    check_labels(test_data, num_classes, name="test_data")
+  except (ValueError, TypeError) as error:
+    raise UsageError(f"--dataset {dataset}: {error}") from None
+
+
 def _build_model(name: str, num_classes: int, input_shape, dataset: str = "digits"):
   from fedjax_lite import models
 
@@ -550,6 +563,7 @@ def _build_job(args, mesh=None):
   from fedjax_lite.core import ClientSpec, Runner
 
   train_data, test_data, num_classes, input_shape = _load_data(args)
+  _check_dataset_labels(train_data, test_data, num_classes, args.dataset)
   if args.clients_per_round > train_data.num_clients:
     raise UsageError(f"--clients-per-round ({args.clients_per_round}) exceeds the {train_data.num_clients} "
                      "clients of the population")

@@ -294,7 +294,8 @@ def run_training(
   if config is not None and not isinstance(config, Mapping):
     raise TypeError(f"config must be a mapping (JSON-able), got {type(config).__name__}.")
   if num_classes is not None:
-    check_labels(train_data.examples, num_classes, label_key=label_key, name="train_data")
+    check_labels(train_data.examples, num_classes, label_key=label_key, name="train_data",
+                 client_ids=train_data.client_ids, client_offsets=train_data.offsets)
 
   num_steps = client_spec.max_num_steps(train_data)
   next_fn = jax.jit(process.next, donate_argnums=(0,))
