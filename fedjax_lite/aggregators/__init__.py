@@ -2,8 +2,9 @@
 
 Building blocks (``sum_aggregator``, ``mean``, ``unweighted_mean``), wrappers that compose like the reference's
 factories (``zeroing``, ``clipping``, ``hadamard_rotation``, ``add_debug_measurements``), estimation processes for
-adaptive thresholds, differential privacy, compression, simulated secure summation, robust statistics (median,
-trimmed mean, Krum and multi-Krum), and the recommended presets (``robust_aggregator``, ``dp_aggregator``,
+adaptive thresholds, differential privacy (Gaussian, tree and matrix-factorization DP-FTRL), compression,
+simulated secure summation, robust statistics (median, trimmed mean, Krum and multi-Krum), and the recommended
+presets (``robust_aggregator``, ``dp_aggregator``,
 ``compression_aggregator``, ``secure_aggregator``).
 """
 
@@ -27,6 +28,7 @@ from fedjax_lite.aggregators.differential_privacy import (
     gaussian_fixed,
 )
 from fedjax_lite.aggregators.krum import krum, multi_krum
+from fedjax_lite.aggregators.matrix_factorization import dp_matrix_factorization
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
 from fedjax_lite.aggregators.presets import compression_aggregator, dp_aggregator, robust_aggregator, secure_aggregator
 from fedjax_lite.aggregators.estimation import EstimationProcess, as_estimation_process, constant_estimate
@@ -65,6 +67,7 @@ __all__ = [
     "constant_estimate",
     "coordinate_median",
     "dp_aggregator",
+    "dp_matrix_factorization",
     "extract_dp_event",
     "gaussian_adaptive",
     "gaussian_fixed",

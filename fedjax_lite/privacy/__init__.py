@@ -2,8 +2,11 @@
 
 Accounting answers "how much privacy has this run spent?" in the run itself: :class:`PrivacyLedger` gives the
 epsilon after any number of rounds for the run's events (:func:`sampled_run_events` for Poisson or fixed-size
-sampling, :func:`tree_run_events` for DP-FTRL), :func:`planned_epsilon` plans a run, and
-:func:`calibrate_noise_multiplier` finds the noise for a target ``(epsilon, delta)``. An accountant is named by
+sampling, :func:`tree_run_events` for DP-FTRL's tree, :func:`matrix_factorization_run_events` for
+matrix-factorization DP-FTRL on :func:`matrix_factorization`'s BLT/BandMF/Toeplitz strategies, built on
+``jax_privacy``), :func:`planned_epsilon` plans a run, and
+:func:`calibrate_noise_multiplier` (and :func:`calibrate_run_noise` for any run) finds the noise for a
+target ``(epsilon, delta)``. An accountant is named by
 ``'rdp'``/``'pld'``, given by its parameters, or passed as your own ``dp_accounting`` accountant; the PLD
 accountant chooses its discretization from the requested accuracy (``accounting``'s module docstring).
 """
@@ -25,21 +28,33 @@ from fedjax_lite.privacy.accounting import (
     sampled_run_events,
     tree_run_events,
 )
+from fedjax_lite.privacy.matrix_factorization import (
+    MatrixFactorization,
+    NoiseGenerator,
+    calibrate_run_noise,
+    matrix_factorization,
+    matrix_factorization_run_events,
+)
 from fedjax_lite.privacy.mechanisms import add_gaussian_noise, gaussian_noise
 
 __all__ = [
     "ACCOUNTANTS",
     "DEFAULT_PLD_RELATIVE_ACCURACY",
+    "MatrixFactorization",
+    "NoiseGenerator",
     "PrivacyLedger",
     "RunEvents",
     "add_gaussian_noise",
     "calibrate_noise_multiplier",
+    "calibrate_run_noise",
     "check_accountant",
     "describe_accountant",
     "epsilon_of",
     "gaussian_noise",
     "halve_gaussian_noise",
     "make_accountant",
+    "matrix_factorization",
+    "matrix_factorization_run_events",
     "merge_gaussians",
     "planned_epsilon",
     "run_epsilon",
