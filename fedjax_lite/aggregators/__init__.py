@@ -28,6 +28,7 @@ from fedjax_lite.aggregators.differential_privacy import (
     gaussian_fixed,
 )
 from fedjax_lite.aggregators.krum import krum, multi_krum
+from fedjax_lite.aggregators.local_dp import local_dp
 from fedjax_lite.aggregators.matrix_factorization import dp_matrix_factorization
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
 from fedjax_lite.aggregators.presets import compression_aggregator, dp_aggregator, robust_aggregator, secure_aggregator
@@ -74,6 +75,7 @@ __all__ = [
     "global_norm",
     "hadamard_rotation",
     "krum",
+    "local_dp",
     "mean",
     "multi_krum",
     "no_noise_quantile_estimator",

@@ -6,7 +6,8 @@ sampling, :func:`tree_run_events` for DP-FTRL's tree, :func:`matrix_factorizatio
 matrix-factorization DP-FTRL on :func:`matrix_factorization`'s BLT/BandMF/Toeplitz strategies, built on
 ``jax_privacy``), :func:`planned_epsilon` plans a run, and
 :func:`calibrate_noise_multiplier` (and :func:`calibrate_run_noise` for any run) finds the noise for a
-target ``(epsilon, delta)``. An accountant is named by
+target ``(epsilon, delta)``. :mod:`~fedjax_lite.privacy.local` has the local-DP mechanisms (Gaussian and Laplace on
+a clipped value, k-ary randomized response and its unbiased decoder) and each client's epsilon. An accountant is named by
 ``'rdp'``/``'pld'``, given by its parameters, or passed as your own ``dp_accounting`` accountant; the PLD
 accountant chooses its discretization from the requested accuracy (``accounting``'s module docstring).
 """
@@ -35,7 +36,15 @@ from fedjax_lite.privacy.matrix_factorization import (
     matrix_factorization,
     matrix_factorization_run_events,
 )
-from fedjax_lite.privacy.mechanisms import add_gaussian_noise, gaussian_noise
+from fedjax_lite.privacy.local import (
+    decode_randomized_response,
+    local_dp_event,
+    local_epsilon,
+    randomized_response,
+    randomized_response_event,
+    randomized_response_probabilities,
+)
+from fedjax_lite.privacy.mechanisms import add_gaussian_noise, gaussian_noise, laplace_noise
 
 __all__ = [
     "ACCOUNTANTS",
@@ -48,15 +57,22 @@ __all__ = [
     "calibrate_noise_multiplier",
     "calibrate_run_noise",
     "check_accountant",
+    "decode_randomized_response",
     "describe_accountant",
     "epsilon_of",
     "gaussian_noise",
     "halve_gaussian_noise",
+    "laplace_noise",
+    "local_dp_event",
+    "local_epsilon",
     "make_accountant",
     "matrix_factorization",
     "matrix_factorization_run_events",
     "merge_gaussians",
     "planned_epsilon",
+    "randomized_response",
+    "randomized_response_event",
+    "randomized_response_probabilities",
     "run_epsilon",
     "sampled_run_events",
     "tree_run_events",
