@@ -19,6 +19,7 @@ from fedjax_lite.aggregators.base import (
     client_upload_bits,
     split_rng,
 )
+from fedjax_lite.aggregators.canaries import insert_canaries
 from fedjax_lite.aggregators.debug import add_debug_measurements
 from fedjax_lite.aggregators.differential_privacy import (
     ExtractingDpEventFromInitialStateError,
@@ -74,6 +75,7 @@ __all__ = [
     "gaussian_fixed",
     "global_norm",
     "hadamard_rotation",
+    "insert_canaries",
     "krum",
     "local_dp",
     "mean",

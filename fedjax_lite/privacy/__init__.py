@@ -7,7 +7,8 @@ matrix-factorization DP-FTRL on :func:`matrix_factorization`'s BLT/BandMF/Toepli
 ``jax_privacy``), :func:`planned_epsilon` plans a run, and
 :func:`calibrate_noise_multiplier` (and :func:`calibrate_run_noise` for any run) finds the noise for a
 target ``(epsilon, delta)``. :mod:`~fedjax_lite.privacy.local` has the local-DP mechanisms (Gaussian and Laplace on
-a clipped value, k-ary randomized response and its unbiased decoder) and each client's epsilon. An accountant is named by
+a clipped value, k-ary randomized response and its unbiased decoder) and each client's epsilon;
+:func:`audit` estimates epsilon empirically from canary clients (Andrew et al. 2024). An accountant is named by
 ``'rdp'``/``'pld'``, given by its parameters, or passed as your own ``dp_accounting`` accountant; the PLD
 accountant chooses its discretization from the requested accuracy (``accounting``'s module docstring).
 """
@@ -36,6 +37,7 @@ from fedjax_lite.privacy.matrix_factorization import (
     matrix_factorization,
     matrix_factorization_run_events,
 )
+from fedjax_lite.privacy.audit import AuditResult, audit, canary_cosines, canary_directions, gdp_epsilon
 from fedjax_lite.privacy.local import (
     decode_randomized_response,
     local_dp_event,
@@ -53,7 +55,11 @@ __all__ = [
     "NoiseGenerator",
     "PrivacyLedger",
     "RunEvents",
+    "AuditResult",
     "add_gaussian_noise",
+    "audit",
+    "canary_cosines",
+    "canary_directions",
     "calibrate_noise_multiplier",
     "calibrate_run_noise",
     "check_accountant",
@@ -61,6 +67,7 @@ __all__ = [
     "describe_accountant",
     "epsilon_of",
     "gaussian_noise",
+    "gdp_epsilon",
     "halve_gaussian_noise",
     "laplace_noise",
     "local_dp_event",
