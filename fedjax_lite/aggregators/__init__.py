@@ -44,6 +44,7 @@ from fedjax_lite.aggregators.robust import clipping, global_norm, zeroing
 from fedjax_lite.aggregators.robust_statistics import coordinate_median, trimmed_mean
 from fedjax_lite.aggregators.rotation import hadamard_rotation
 from fedjax_lite.aggregators.secure import secure_modular_sum, secure_sum
+from fedjax_lite.aggregators.sparsification import count_sketch, random_k, sign_compression, top_k
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.aggregators.tree_aggregation import tree_aggregation
 
@@ -68,6 +69,7 @@ __all__ = [
     "compression_aggregator",
     "constant_estimate",
     "coordinate_median",
+    "count_sketch",
     "dp_aggregator",
     "dp_matrix_factorization",
     "extract_dp_event",
@@ -83,12 +85,15 @@ __all__ = [
     "no_noise_quantile_estimator",
     "private_quantile_estimator",
     "quantize_above_threshold",
+    "random_k",
     "robust_aggregator",
     "secure_aggregator",
     "secure_modular_sum",
+    "sign_compression",
     "secure_sum",
     "split_rng",
     "sum_aggregator",
+    "top_k",
     "tree_aggregation",
     "trimmed_mean",
     "unweighted_mean",
