@@ -210,3 +210,69 @@ class ShuffledCyclicSampler(CyclicCohorts):
     epoch, position = divmod(int(round_num), self.rounds_per_epoch)
     permutation = round_generator(self.seed, epoch, CYCLIC_STREAM).permutation(self.num_clients)
     return permutation[position * self.clients_per_round:(position + 1) * self.clients_per_round].astype(np.int64)
+
+
+GROUP_STREAM = 0x6B0D
+
+
+@dataclasses.dataclass(frozen=True)
+class CyclicSampler:
+  """b-min-separated participation: the clients are split ONCE into ``num_groups`` fixed groups (a seeded
+  permutation cut into near-equal parts, sizes differing by at most one), and round ``t`` draws from group
+  ``t mod num_groups``: the whole group (``sampling_probability = 1``) or each of its clients independently with
+  probability ``q`` (Poisson sampling within the group).
+
+  This is the participation that matrix-factorization DP-FTRL's accounting assumes (Choquette-Choo et al. 2023,
+  "(Amplified) Banded Matrix Factorization", arXiv:2306.08153; jax_privacy's ``CyclicPoissonSampling``): a client
+  takes part at most once every ``min_separation = num_groups`` rounds, so at most ``ceil(T / num_groups)`` times
+  in ``T`` rounds, and with ``q < 1`` each participation is Poisson-sampled (BandMF's amplification). Unlike
+  :class:`ShuffledCyclicSampler`, whose fresh permutation every epoch lets a client take the last round of one
+  epoch and the first of the next, the groups never change. Reproducible from ``(seed, round_num)`` alone.
+  """
+
+  num_clients: int
+  num_groups: int
+  sampling_probability: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    validation.check_int("num_clients", self.num_clients, minimum=1)
+    validation.check_int("num_groups", self.num_groups, minimum=1, maximum=self.num_clients)
+    validation.check_float("sampling_probability", self.sampling_probability, low=0.0, high=1.0,
+                           low_inclusive=False)
+    validation.check_int("seed", self.seed, minimum=0)
+
+  @property
+  def groups(self) -> list[np.ndarray]:
+    """The ``num_groups`` fixed groups of client indices (int64)."""
+    permutation = round_generator(self.seed, 0, GROUP_STREAM).permutation(self.num_clients).astype(np.int64)
+    return np.array_split(permutation, self.num_groups)
+
+  @property
+  def min_separation(self) -> int:
+    """The fewest rounds between two participations of one client (``b``)."""
+    return self.num_groups
+
+  def max_participations(self, rounds: int) -> int:
+    """The most rounds one client can take part in among the first ``rounds``: ``ceil(rounds / num_groups)``."""
+    validation.check_int("rounds", rounds, minimum=0)
+    return -(-int(rounds) // self.num_groups)
+
+  @property
+  def cohort_capacity(self) -> int:
+    largest = -(-self.num_clients // self.num_groups)
+    if self.sampling_probability == 1.0:
+      return largest
+    return poisson_cohort_capacity(largest, self.sampling_probability)
+
+  @property
+  def expected_clients_per_round(self) -> float:
+    return self.num_clients * self.sampling_probability / self.num_groups
+
+  def __call__(self, round_num: int) -> np.ndarray:
+    _check_seed_round(self.seed, round_num)
+    group = self.groups[int(round_num) % self.num_groups]
+    if self.sampling_probability == 1.0:
+      return np.sort(group)
+    chosen = round_generator(self.seed, round_num, POISSON_STREAM).random(group.shape[0]) < self.sampling_probability
+    return np.sort(group[chosen])
