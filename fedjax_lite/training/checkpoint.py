@@ -53,9 +53,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fedjax_lite.core import validation
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.training.folder_lock import FolderLock, FolderLockedError, FolderNotWritableError, describe_holder
-
-PyTree = Any
 
 CHECKPOINT_FORMAT = 1
 SERVER_STATE = "server_state"

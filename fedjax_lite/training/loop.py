@@ -48,6 +48,7 @@ from fedjax_lite.core.packing import ClientSpec
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.round_data import check_labels
 from fedjax_lite.core.sampling import UniformSampler
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.privacy.accounting import PrivacyLedger
 from fedjax_lite.training import checkpoint as checkpointing
 from fedjax_lite.training.recorder import Recorder, TrainingStalledError, flatten_metrics
@@ -56,7 +57,6 @@ from fedjax_lite.training.run_checkpoints import RunCheckpoints
 from fedjax_lite.training.scanned_driver import check_device_training, drive_scanned_rounds
 from fedjax_lite.training.schedule import RoundSchedule
 
-PyTree = Any
 EvaluateFn = Callable[[PyTree], Mapping[str, Any]]
 RoundCallback = Callable[[int, dict], bool | None]
 Sampler = Callable[[int], np.ndarray]
@@ -201,7 +201,8 @@ def run_training(
                                       sample_with_replacement=sample_with_replacement, round_packer=round_packer)
   checkpointing.check_extra_state(extra_state)
   if num_classes is not None:
-    check_labels(train_data.examples, num_classes, label_key=label_key, name="train_data")
+    check_labels(train_data.examples, num_classes, label_key=label_key, name="train_data",
+                 client_ids=train_data.client_ids, client_offsets=train_data.offsets)
 
   num_steps = client_spec.max_num_steps(train_data)
   schedule = RoundSchedule(num_rounds, evaluate_every if evaluate is not None else None,

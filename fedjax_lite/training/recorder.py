@@ -26,11 +26,11 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.training.checkpoint import CheckpointSaveError, SignalCatcher, TrainingInterrupted
 from fedjax_lite.training.run_checkpoints import Progress, RunCheckpoints
 from fedjax_lite.training.schedule import RoundSchedule
 
-PyTree = Any
 EvaluateFn = Callable[[PyTree], Mapping[str, Any]]
 RoundCallback = Callable[[int, dict], "bool | str | None"]
 

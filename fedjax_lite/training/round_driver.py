@@ -28,9 +28,9 @@ from fedjax_lite.core.device_rounds import round_key
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.packing import ClientSpec, bucket_num_steps
 from fedjax_lite.core.round_data import RoundDataChecker
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.training.recorder import Recorder, flatten_metrics
 
-PyTree = Any
 HostWork = TypeVar("HostWork")
 
 

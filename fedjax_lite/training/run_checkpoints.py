@@ -14,9 +14,9 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.training import checkpoint as checkpointing
 
-PyTree = Any
 
 
 def _no_bits() -> dict[str, int]:

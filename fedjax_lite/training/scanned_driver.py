@@ -27,9 +27,9 @@ from fedjax_lite.core.device_rounds import device_sampler
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.packing import ClientSpec
 from fedjax_lite.core.process import Process
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.training.recorder import Recorder, flatten_metrics
 
-PyTree = Any
 
 
 def check_device_training(process: Process, sampler: Any, round_packer: Any, train_data: FederatedData,
