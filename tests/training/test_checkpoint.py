@@ -127,7 +127,8 @@ def test_sigkill_mid_save_leaves_no_valid_checkpoint_and_resume_is_bit_identical
   unfinished = [name for name in os.listdir(ck) if name.startswith("6.") and "tmp" in name]
   assert unfinished, os.listdir(ck)  # the killed save's temporary directory...
   assert _complete_steps(ck) == [3]  # ...is not a checkpoint
-  checkpointer = ckpt.RunCheckpointer(ck)
+  with pytest.warns(RuntimeWarning, match=f"took over the lock left by PID {process.pid} .* no longer running"):
+    checkpointer = ckpt.RunCheckpointer(ck)  # the killed run's lock is stale
   assert checkpointer.steps() == [3]
   checkpointer.close()
   assert _run_in_process(out, ck, "--checkpoint-every", "3", "--resume") == 0
