@@ -276,20 +276,18 @@ def diurnal_availability(
     starts = generator.uniform(0.0, 24.0, num_clients) * 3600.0
   else:
     starts = np.mod(generator.normal(start_hour, start_spread_hours, num_clients), 24.0) * 3600.0
+  full_day = lengths >= SECONDS_PER_DAY  # online all day: one window [0, day)
   ends = starts + lengths
-  wraps = ends > SECONDS_PER_DAY  # split at midnight: (0, end - day) then (start, day), sorted by start
+  wraps = (ends > SECONDS_PER_DAY) & ~full_day  # split at midnight: (0, end - day) then (start, day)
   counts = np.where(wraps, 2, 1)
   offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
   window_starts = np.empty(int(offsets[-1]))
   window_ends = np.empty(int(offsets[-1]))
   last = offsets[1:] - 1
-  window_starts[last] = starts
-  window_ends[last] = np.where(wraps, SECONDS_PER_DAY, ends)
-  window_starts[offsets[:-1][wraps]] = 0.0
-  window_ends[offsets[:-1][wraps]] = ends[wraps] - SECONDS_PER_DAY
-  full_day = wraps & (ends - SECONDS_PER_DAY >= starts)  # 24 hours online: one window, the whole day
-  if np.any(full_day):
-    return AvailabilityWindows.from_windows(
-        [list(zip(window_starts[a:b].tolist(), window_ends[a:b].tolist())) for a, b in zip(offsets[:-1], offsets[1:])],
-        period_seconds=SECONDS_PER_DAY)
+  window_starts[last] = np.where(full_day, 0.0, starts)
+  window_ends[last] = np.where(wraps | full_day, SECONDS_PER_DAY, ends)
+  first = offsets[:-1][wraps]
+  window_starts[first] = 0.0
+  # (end - day) < start for lengths under a day; min() keeps a rounding error from making the pieces touch.
+  window_ends[first] = np.minimum(ends[wraps] - SECONDS_PER_DAY, np.nextafter(starts[wraps], 0.0))
   return AvailabilityWindows(offsets, window_starts, window_ends, SECONDS_PER_DAY)
