@@ -130,6 +130,13 @@ def steps_within(systems: ClientSystems, clients, *, seconds: float, full_steps,
   seconds = validation.check_float("seconds", seconds, low=0.0)
   download_bits, upload_bits = check_bits(download_bits, upload_bits)
 
+  return search_steps(systems, clients, seconds, full_steps, num_examples, batch_size, download_bits, upload_bits)
+
+
+def search_steps(systems: ClientSystems, clients: np.ndarray, seconds: float, full_steps: np.ndarray,
+                 num_examples: np.ndarray, batch_size: int, download_bits: int, upload_bits: int) -> np.ndarray:
+  """:func:`steps_within` on checked arguments (the binary search itself)."""
+
   def fits(steps):
     return task_seconds(systems, clients, steps, num_examples, batch_size, download_bits, upload_bits) <= seconds
 

@@ -51,7 +51,7 @@ from fedjax_lite.core import validation
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.packing import ClientSpec
 from fedjax_lite.systems.clock import (SimulatedClock, check_bits, check_clients, check_counts, examples_done,
-                                      steps_within, task_seconds)
+                                      search_steps, task_seconds)
 from fedjax_lite.systems.population import ClientSystems
 
 COUNTED, DISCARDED, TIMED_OUT, DROPPED_OUT = 0, 1, 2, 3
@@ -224,8 +224,8 @@ def plan_round(
     fitting = full_steps
     steps = full_steps
   else:
-    fitting = steps_within(systems, clients, seconds=deadline, full_steps=full_steps, num_examples=num_examples,
-                           batch_size=batch_size, download_bits=download_bits, upload_bits=upload_bits)
+    fitting = search_steps(systems, clients, deadline, full_steps, num_examples, batch_size, download_bits,
+                           upload_bits)
     steps = np.maximum(fitting, 0) if policy.partial_work else full_steps
   report = task_seconds(systems, clients, steps, num_examples, batch_size, download_bits, upload_bits)
   if deadline is None:
