@@ -52,6 +52,7 @@ from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.packing import ClientSpec
 from fedjax_lite.systems.clock import (SimulatedClock, check_bits, check_clients, check_counts, examples_done,
                                       search_steps, task_seconds)
+from fedjax_lite.systems.availability import AvailabilityWindows
 from fedjax_lite.systems.population import ClientSystems
 
 COUNTED, DISCARDED, TIMED_OUT, DROPPED_OUT = 0, 1, 2, 3
@@ -410,5 +411,9 @@ class SystemsRounds:
     for array in (self.systems.seconds_per_example, self.systems.seconds_per_step,
                   self.systems.download_bits_per_second, self.systems.upload_bits_per_second):
       digest.update(np.ascontiguousarray(array).tobytes())
+    windows = self.systems.availability
+    if isinstance(windows, AvailabilityWindows):
+      for array in (windows.offsets, windows.starts, windows.ends):
+        digest.update(np.ascontiguousarray(array).tobytes())
     return {"systems": self.systems.describe(), "systems_sha256": digest.hexdigest(), "policy": self.policy.describe(),
             "bits": None if self.bits is None else list(self.bits)}

@@ -265,7 +265,7 @@ def run_training(
                        "rounds_per_dispatch or round_packer.")
     simulated_time = SimulatedTimeDriver(systems, train_data=train_data, client_spec=client_spec,
                                          clients_per_round=clients_per_round, sampler=sampler, seed=seed,
-                                         sample_with_replacement=sample_with_replacement)
+                                         sample_with_replacement=sample_with_replacement, privacy=privacy)
     sampler = simulated_time.sampler
   if rounds_per_dispatch is not None:
     validation.check_int("rounds_per_dispatch", rounds_per_dispatch, minimum=1)

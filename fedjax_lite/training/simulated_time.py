@@ -47,14 +47,19 @@ class SimulatedTimeDriver:
     clients_per_round: the target ``m`` (give this or ``sampler``); ``sampler``: a sampler whose cohort is the
       selection (over-selection then refused).
     seed: the run's seed; ``sample_with_replacement``: as ``run_training``'s.
+    privacy: ``run_training``'s privacy ledger, if any: refused with over-selection.
   """
 
   def __init__(self, rounds: SystemsRounds, *, train_data: FederatedData, client_spec: ClientSpec,
                clients_per_round: int | None, sampler: Callable[[int], np.ndarray] | None, seed: int,
-               sample_with_replacement: bool = False):
+               sample_with_replacement: bool = False, privacy: Any = None):
     if not isinstance(rounds, SystemsRounds):
       raise TypeError(f"systems must be a fedjax_lite.systems.SystemsRounds, got {type(rounds).__name__}.")
     rounds.systems.check_population(train_data.num_clients, train_data.client_ids)
+    if privacy is not None and rounds.policy.over_selection != 1.0:
+      raise ValueError("a privacy ledger with over-selection: each round selects ceil(f * m) clients, more than the "
+                       "m the ledger's sampling assumes, so its epsilon would be too small; run DP without "
+                       "over_selection (dropout and deadlines only remove clients from the sampled cohort).")
     self.rounds = rounds
     self.train_data = train_data
     self.client_spec = client_spec

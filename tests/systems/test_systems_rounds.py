@@ -65,3 +65,14 @@ def test_rounds_in_order_restore_and_bits():
   assert shapes["x"].shape == (3, 8, 3, 8) and shapes["mask"].dtype == np.bool_
   described = rounds.describe()
   assert described["policy"]["over_selection"] == 1.0 and len(described["systems_sha256"]) == 64
+
+
+def test_a_round_where_everyone_drops_out_packs_empty_slots():
+  data = make_population(num_clients=12, seed=1)
+  rounds = systems.SystemsRounds(systems.constant_systems(12, availability=systems.RandomDropout(1.0)),
+                                 download_bits=10, upload_bits=10)
+  packed, plan = rounds.prepare(data, SPEC, [0, 1, 2], seed=0, round_num=0, target_clients=3, num_steps=16)
+  assert packed["mask"].shape[:2] == (3, 16) and not packed["mask"].any()
+  np.testing.assert_array_equal(packed["num_examples"], [0, 0, 0])
+  assert plan.metrics()["systems/num_dropped_out"] == 3
+  assert 0 < plan.duration_seconds == plan.offline_seconds.max()  # the server waited for the last drop

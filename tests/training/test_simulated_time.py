@@ -163,5 +163,13 @@ def test_refusals(tiny_model, tiny_params):
   with pytest.raises(ValueError, match="7 clients but the population has 6"):
     run_training(process, data, tiny_params, clients_per_round=2, systems=systems.SystemsRounds(
         systems.constant_systems(7)), **base)
+  with pytest.raises(ValueError, match="privacy ledger with over-selection"):
+    import dp_accounting
+    from fedjax_lite.privacy import PrivacyLedger, sampled_run_events
+
+    events = sampled_run_events(dp_accounting.GaussianDpEvent(1.0), sampling="without_replacement", num_clients=6,
+                                clients_per_round=2)
+    run_training(process, data, tiny_params, clients_per_round=2, systems=rounds,
+                 privacy=PrivacyLedger(events, 1e-5, "rdp"), **base)
   with pytest.raises(TypeError, match="SystemsRounds"):
     run_training(process, data, tiny_params, clients_per_round=2, systems=systems.constant_systems(6), **base)
