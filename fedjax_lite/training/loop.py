@@ -349,7 +349,7 @@ def run_training(
   # A private copy: the jitted round donates its input state, which must not invalidate the caller's arrays.
   state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, process.init(initial_params))
   if simulated_time is not None:  # the round's per-client bits; the systems join the run's configuration
-    config = simulated_time.start(process, state, num_steps=num_steps, key=base_key, client_states=client_states,
+    config = simulated_time.start(next_fn, state, num_steps=num_steps, key=base_key, client_states=client_states,
                                   config=config)
   history: list[dict] = []
   cumulative = {"broadcasted_bits": 0, "aggregated_bits": 0}

@@ -31,7 +31,6 @@ import numpy as np
 from fedjax_lite.core.client_state import ClientStateStore
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.packing import ClientSpec
-from fedjax_lite.core.process import Process
 from fedjax_lite.core.sampling import UniformSampler
 from fedjax_lite.systems.rounds import SystemsRounds, bits_per_client, round_data_shapes
 
@@ -81,17 +80,20 @@ class SimulatedTimeDriver:
       self.capacity = int(sampler.cohort_capacity)
     self._metrics: dict[int, dict] = {}
 
-  def start(self, process: Process, state: PyTree, *, num_steps: int, key: jax.Array,
+  def start(self, round_step: Callable, state: PyTree, *, num_steps: int, key: jax.Array,
             client_states: ClientStateStore | None, config: Mapping[str, Any] | None) -> dict:
-    """Reads the round's per-client bits (unless the ``SystemsRounds`` was given them) from ``jax.eval_shape`` of
-    ``process.next``; returns ``config`` with the systems' description under ``'systems'`` (what a checkpoint
-    compares on resume)."""
+    """Reads the round's per-client bits (unless the ``SystemsRounds`` was given them) from the output shapes of
+    ``round_step(state, round_data, key)`` -- the loop's jitted ``process.next``, traced here once and the trace
+    reused by its first call (``jax.jit(...).trace``), or any function (``jax.eval_shape``); returns ``config``
+    with the systems' description under ``'systems'`` (what a checkpoint compares on resume)."""
     if self.rounds.bits is None:
       shapes = round_data_shapes(self.train_data, self.client_spec, num_steps=num_steps, cohort_size=self.capacity)
       if client_states is not None:
         shapes["client_state"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                               client_states.gather([], self.capacity))
-      outputs = jax.eval_shape(process.next, state, shapes, key)
+      trace = getattr(round_step, "trace", None)
+      outputs = (trace(state, shapes, key).out_info if trace is not None
+                 else jax.eval_shape(round_step, state, shapes, key))
       metrics = outputs.metrics if hasattr(outputs, "metrics") else outputs[1]
       self.rounds.set_bits(*bits_per_client(metrics))
     if config is not None and "systems" in config:

@@ -21,6 +21,7 @@ from fedjax_lite.algorithms.fed_avg import fed_avg
 from fedjax_lite.algorithms.scaffold import scaffold
 from fedjax_lite.core.client_state import ClientStateStore
 from fedjax_lite.core.packing import ClientSpec
+from fedjax_lite.core.process import Process
 from fedjax_lite.core.sampling import PoissonSampler, sample_clients
 from fedjax_lite.core.tree import tree_size_bits
 from fedjax_lite.training.loop import run_training
@@ -43,8 +44,15 @@ def test_ideal_systems_change_nothing_and_the_clock_matches_numpy(tiny_model, ti
   plain = run_training(process, data, tiny_params, client_spec=SPEC, clients_per_round=4, num_rounds=3, seed=5,
                        progress=False)
   rounds = systems.SystemsRounds(population)
-  timed = run_training(process, data, tiny_params, client_spec=SPEC, clients_per_round=4, num_rounds=3, seed=5,
-                       progress=False, systems=rounds)
+  traces = []
+
+  def counted_next(*args):
+    traces.append(1)
+    return process.next(*args)
+
+  timed = run_training(Process(process.init, counted_next, process.client_state), data, tiny_params,
+                       client_spec=SPEC, clients_per_round=4, num_rounds=3, seed=5, progress=False, systems=rounds)
+  assert len(traces) == 1  # the round traced once: reading its bits reused the jitted round's trace
   for before, after in zip(without_times(plain.history), without_times(timed.history)):
     assert {key: value for key, value in after.items() if not key.startswith("systems/")} == before
   # The bits (read from jax.eval_shape of the round): FedAvg with the mean sends the float32 model and the round's
