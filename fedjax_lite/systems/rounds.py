@@ -254,14 +254,14 @@ def plan_round(
     end = min(float(events.max()) if events.size else 0.0, limit)
   counted_or_discarded = (status == COUNTED) | (status == DISCARDED)
   steps = np.where(counted_or_discarded, steps, 0)
-  for array in (clients, status, full_steps, steps, num_examples, report, offline):
+  arrays = dict(clients=clients, status=status, full_steps=full_steps, steps=steps,
+                num_examples=np.where(counted_or_discarded, examples_done(steps, num_examples, batch_size), 0),
+                report_seconds=np.where(counted_or_discarded, report, np.inf), offline_seconds=offline)
+  for array in arrays.values():
     array.setflags(write=False)
-  return RoundPlan(
-      round_num=int(round_num), start_seconds=start_seconds, duration_seconds=end + policy.overhead_seconds,
-      clients=clients, status=status, full_steps=full_steps, steps=steps,
-      num_examples=np.where(counted_or_discarded, examples_done(steps, num_examples, batch_size), 0),
-      report_seconds=np.where(counted_or_discarded, report, np.inf), offline_seconds=offline,
-      download_bits=int(download_bits), upload_bits=int(upload_bits))
+  return RoundPlan(round_num=int(round_num), start_seconds=start_seconds,
+                   duration_seconds=end + policy.overhead_seconds, download_bits=int(download_bits),
+                   upload_bits=int(upload_bits), **arrays)
 
 
 def bits_per_client(metrics: Mapping[str, Any]) -> tuple[int, int]:
