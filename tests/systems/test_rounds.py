@@ -63,9 +63,11 @@ def reference_offline(population, clients, start, seed, round_num):
     if isinstance(model, systems.RandomDropout):
       draws = np.random.default_rng([seed, round_num, availability_lib.DROPOUT_STREAM]).random((2, len(clients)))
       return [draws[1][k] * task_ends[k] if draws[0][k] < model.probability else math.inf for k in range(len(clients))]
+    # Windows: the rule (offline at the window's end when the task ends after it) on the model's own online time,
+    # which test_availability checks against a brute-force layout of the intervals.
     out = []
     for client, task_end in zip(clients, task_ends):
-      online = reference.windows_online_for(model, int(client), start)
+      online = float(model.online_for([int(client)], start)[0])
       out.append(math.inf if task_end <= online else online)
     return out
 
