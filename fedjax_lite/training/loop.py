@@ -350,8 +350,13 @@ def run_training(
   # A private copy: the jitted round donates its input state, which must not invalidate the caller's arrays.
   state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, process.init(initial_params))
   if simulated_time is not None:  # the round's per-client bits; the systems join the run's configuration
-    config = simulated_time.start(next_fn, state, num_steps=num_steps, key=base_key, client_states=client_states,
-                                  config=config)
+
+    def trace_round(shapes, client_state_shapes):  # traced as the loop calls it: its first call reuses the trace
+      if client_state_shapes is not None:
+        shapes = dict(shapes, client_state=client_state_shapes)
+      return next_fn.trace(state, shapes, base_key).out_info
+
+    config = simulated_time.start(trace_round, num_steps=num_steps, client_states=client_states, config=config)
   history: list[dict] = []
   cumulative = {"broadcasted_bits": 0, "aggregated_bits": 0}
   start_round = 0

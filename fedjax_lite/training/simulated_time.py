@@ -80,20 +80,24 @@ class SimulatedTimeDriver:
       self.capacity = int(sampler.cohort_capacity)
     self._metrics: dict[int, dict] = {}
 
-  def start(self, round_step: Callable, state: PyTree, *, num_steps: int, key: jax.Array,
+  def start(self, trace_round: Callable[[dict, PyTree], Any], *, num_steps: int,
             client_states: ClientStateStore | None, config: Mapping[str, Any] | None) -> dict:
-    """Reads the round's per-client bits (unless the ``SystemsRounds`` was given them) from the output shapes of
-    ``round_step(state, round_data, key)`` -- the loop's jitted ``process.next``, traced here once and the trace
-    reused by its first call (``jax.jit(...).trace``), or any function (``jax.eval_shape``); returns ``config``
-    with the systems' description under ``'systems'`` (what a checkpoint compares on resume)."""
+    """Reads the round's per-client bits (unless the ``SystemsRounds`` was given them) from the round's output
+    shapes; returns ``config`` with the systems' description under ``'systems'`` (what a checkpoint compares on
+    resume).
+
+    ``trace_round(round_data_shapes, client_state_shapes)`` returns the round's outputs (or their shapes) for those
+    input shapes (``client_state_shapes`` is None without per-client state), as the loop calls its round: e.g.
+    ``next_fn.trace(state, round_data_shapes, key).out_info`` for the loop's jitted ``process.next``, whose first
+    call then reuses that trace, or ``jax.eval_shape``. The metrics are its ``.metrics`` or its second element.
+    """
     if self.rounds.bits is None:
       shapes = round_data_shapes(self.train_data, self.client_spec, num_steps=num_steps, cohort_size=self.capacity)
+      state_shapes = None
       if client_states is not None:
-        shapes["client_state"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                              client_states.gather([], self.capacity))
-      trace = getattr(round_step, "trace", None)
-      outputs = (trace(state, shapes, key).out_info if trace is not None
-                 else jax.eval_shape(round_step, state, shapes, key))
+        state_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                    client_states.gather([], self.capacity))
+      outputs = trace_round(shapes, state_shapes)
       metrics = outputs.metrics if hasattr(outputs, "metrics") else outputs[1]
       self.rounds.set_bits(*bits_per_client(metrics))
     if config is not None and "systems" in config:
