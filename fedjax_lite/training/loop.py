@@ -50,12 +50,14 @@ from fedjax_lite.core.round_data import check_labels
 from fedjax_lite.core.sampling import UniformSampler
 from fedjax_lite.core.tree import PyTree
 from fedjax_lite.privacy.accounting import PrivacyLedger
+from fedjax_lite.systems.rounds import SystemsRounds
 from fedjax_lite.training import checkpoint as checkpointing
 from fedjax_lite.training.recorder import Recorder, TrainingStalledError, flatten_metrics
-from fedjax_lite.training.round_driver import HostRoundPacker, drive_rounds
+from fedjax_lite.training.round_driver import HostRoundPacker, drive_rounds, trace_round
 from fedjax_lite.training.run_checkpoints import RunCheckpoints
 from fedjax_lite.training.scanned_driver import check_device_training, drive_scanned_rounds
 from fedjax_lite.training.schedule import RoundSchedule
+from fedjax_lite.training.simulated_time import SimulatedTimeDriver
 
 EvaluateFn = Callable[[PyTree], Mapping[str, Any]]
 RoundCallback = Callable[[int, dict], bool | None]
@@ -113,6 +115,7 @@ def run_training(
     label_key: str = "y",
     client_states: ClientStateStore | None = None,
     round_packer: Callable[..., tuple[PyTree, int]] | None = None,
+    systems: SystemsRounds | None = None,
 ) -> TrainingResult:
   """Trains ``process`` for ``num_rounds`` rounds; see the module docstring.
 
@@ -179,6 +182,12 @@ def run_training(
     round_packer: multi-process runs (:meth:`fedjax_lite.training.distributed.ProcessShard.packer`):
       ``round_packer(cohort, *, seed, round_num, num_steps, cohort_size) -> (round data on the devices, real
       clients in the cohort)`` packs this process's share only; default: the whole cohort packed here.
+    systems: optional :class:`fedjax_lite.systems.SystemsRounds`: synchronous rounds with client systems on a
+      simulated clock (dropout, over-selection with a deadline, stragglers' partial work;
+      :mod:`fedjax_lite.training.simulated_time`). With ``clients_per_round=m`` each round selects
+      ``ceil(f * m)`` clients and keeps at most ``m``; every record gets the ``systems/`` metrics
+      (``systems/round_seconds``, ``systems/elapsed_hours``, ...). Not with ``rounds_per_dispatch`` or
+      ``round_packer``.
 
   Raises:
     TrainingStalledError: ``max_rejected_rounds`` rounds in a row trained nothing.
@@ -187,6 +196,15 @@ def run_training(
       made read-only): the rounds run are in the metrics file, the previous checkpoint is intact.
   """
   sampler = _checked_sampler(train_data, clients_per_round, sampler, sample_with_replacement, seed)
+  simulated_time = None
+  if systems is not None:
+    if rounds_per_dispatch is not None or round_packer is not None:
+      raise ValueError("systems (simulated client systems) runs rounds packed on the host: not with "
+                       "rounds_per_dispatch or round_packer.")
+    simulated_time = SimulatedTimeDriver(systems, train_data=train_data, client_spec=client_spec,
+                                         clients_per_round=clients_per_round, sampler=sampler, seed=seed,
+                                         sample_with_replacement=sample_with_replacement, privacy=privacy)
+    sampler = simulated_time.sampler
   trackers = tuple(trackers)
   _check_arguments(process, client_spec, num_rounds=num_rounds, seed=seed, evaluate_every=evaluate_every,
                    checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep,
@@ -208,12 +226,17 @@ def run_training(
   schedule = RoundSchedule(num_rounds, evaluate_every if evaluate is not None else None,
                            checkpoint_every if checkpoint_dir is not None else None, privacy)
   if rounds_per_dispatch is None:
-    pack = HostRoundPacker(train_data, client_spec, sampler, seed=seed, num_steps=num_steps, round_packer=round_packer)
+    next_fn = jax.jit(process.next, donate_argnums=(0,))
+    pack = HostRoundPacker(train_data, client_spec, sampler, seed=seed, num_steps=num_steps, round_packer=round_packer,
+                           simulated_time=simulated_time)
   else:  # the population on the device once; rounds drawn there
     scanned_rounds = build_scanned_rounds(
         process, DevicePopulation.from_data(train_data, client_spec, num_steps=num_steps), sampler, seed=seed)
   # A private copy: the jitted round donates its input state, which must not invalidate the caller's arrays.
   state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, process.init(initial_params))
+  if simulated_time is not None:  # the round's per-client bits; the systems join the run's configuration
+    config = simulated_time.start(trace_round(next_fn, state, jax.random.key(seed)), num_steps=num_steps,
+                                  client_states=client_states, config=config)
   checkpoints = resumed = None
   if checkpoint_dir is not None:
     run = checkpointing.describe_run(
@@ -226,14 +249,15 @@ def run_training(
     except BaseException:
       checkpoints.close()
       raise
+  if simulated_time is not None:  # the clock continues from the (restored) history
+    simulated_time.restore(resumed.history if resumed is not None else [])
   recorder = Recorder(schedule, evaluate=evaluate, metrics_path=metrics_path, trackers=trackers, progress_bar=progress,
                       on_round_end=on_round_end, max_rejected_rounds=max_rejected_rounds, checkpoints=checkpoints,
-                      resumed=resumed)
+                      resumed=resumed, round_metrics=simulated_time.metrics if simulated_time is not None else None)
   with recorder:
     start = time.perf_counter()
     if rounds_per_dispatch is None:
-      state = drive_rounds(jax.jit(process.next, donate_argnums=(0,)), state, recorder, pack, seed=seed,
-                           client_states=client_states)
+      state = drive_rounds(next_fn, state, recorder, pack, seed=seed, client_states=client_states)
     else:
       state = drive_scanned_rounds(scanned_rounds, state, recorder, rounds_per_dispatch=rounds_per_dispatch,
                                    capacity=int(sampler.cohort_capacity))

@@ -79,6 +79,8 @@ class Recorder:
     max_rejected_rounds: consecutive rounds that trained nothing before :class:`TrainingStalledError`.
     checkpoints: the run's checkpoint folder, or None (closed when the recorder is).
     resumed: the progress restored from a checkpoint, or None for a fresh run.
+    round_metrics: optional ``round_num -> metrics`` merged into each record first (e.g. the simulated clock's
+      ``systems/`` metrics, :meth:`~fedjax_lite.training.simulated_time.SimulatedTimeDriver.metrics`).
 
   Attributes:
     progress: the run's :class:`~fedjax_lite.training.run_checkpoints.Progress` (history, totals, stop reason).
@@ -89,7 +91,8 @@ class Recorder:
   def __init__(self, schedule: RoundSchedule, *, evaluate: EvaluateFn | None = None,
                metrics_path: str | os.PathLike | None = None, trackers: Sequence[Any] = (),
                progress_bar: bool = False, on_round_end: RoundCallback | None = None, max_rejected_rounds: int = 3,
-               checkpoints: RunCheckpoints | None = None, resumed: Progress | None = None):
+               checkpoints: RunCheckpoints | None = None, resumed: Progress | None = None,
+               round_metrics: Callable[[int], Mapping[str, Any]] | None = None):
     self.schedule = schedule
     self._evaluate = evaluate
     self._metrics_path = metrics_path
@@ -98,6 +101,7 @@ class Recorder:
     self._on_round_end = on_round_end
     self._max_rejected_rounds = max_rejected_rounds
     self._checkpoints = checkpoints
+    self._round_metrics = round_metrics
     self.progress = resumed if resumed is not None else Progress()
     self.start_round = self.progress.rounds_completed
     self.first_round_seconds = math.nan
@@ -137,6 +141,8 @@ class Recorder:
     """Records round ``round_num`` (``flat``: its flattened metrics, with ``'round'``); ``state`` is the server
     state after it (None inside a scanned dispatch, where the schedule never evaluates)."""
     progress = self.progress
+    if self._round_metrics is not None:
+      flat.update(self._round_metrics(round_num))
     for key in ("broadcasted_bits", "aggregated_bits"):
       if key in flat:
         progress.cumulative[key] += int(flat[key])

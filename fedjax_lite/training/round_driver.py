@@ -30,6 +30,7 @@ from fedjax_lite.core.packing import ClientSpec, bucket_num_steps
 from fedjax_lite.core.round_data import RoundDataChecker
 from fedjax_lite.core.tree import PyTree
 from fedjax_lite.training.recorder import Recorder, flatten_metrics
+from fedjax_lite.training.simulated_time import SimulatedTimeDriver
 
 HostWork = TypeVar("HostWork")
 
@@ -64,20 +65,28 @@ class HostRoundPacker:
     seed: the run's seed (the shuffles derive from ``(seed, round)``).
     num_steps: the step axis, for every round.
     round_packer: multi-process runs: packs this process's share of the cohort instead (see ``run_training``).
+    simulated_time: rounds with client systems (``run_training(systems=...)``): the selection is planned on the
+      simulated clock and its counted clients packed with their step budgets
+      (:meth:`~fedjax_lite.training.simulated_time.SimulatedTimeDriver.prepare`), in its ``capacity`` slots.
   """
 
   def __init__(self, train_data: FederatedData, client_spec: ClientSpec, sampler: Callable[[int], np.ndarray], *,
-               seed: int, num_steps: int, round_packer: Callable[..., tuple[PyTree, int]] | None = None):
+               seed: int, num_steps: int, round_packer: Callable[..., tuple[PyTree, int]] | None = None,
+               simulated_time: SimulatedTimeDriver | None = None):
     self._train_data = train_data
     self._client_spec = client_spec
     self._sampler = sampler
-    self._capacity = int(sampler.cohort_capacity)
+    self._capacity = int(sampler.cohort_capacity) if simulated_time is None else simulated_time.capacity
     self._seed = seed
     self._num_steps = num_steps
     self._round_packer = round_packer
+    self._simulated_time = simulated_time
     self._check_round = RoundDataChecker("round_data")
 
   def __call__(self, round_num: int) -> PackedRound:
+    if self._simulated_time is not None:
+      packed, cohort = self._simulated_time.prepare(round_num, num_steps=self._num_steps)
+      return self._placed(packed, cohort)
     cohort = self._sampler(round_num)
     slots = self._capacity if len(cohort) <= self._capacity else bucket_num_steps(len(cohort))
     if self._round_packer is not None:
@@ -86,9 +95,25 @@ class HostRoundPacker:
       return PackedRound(placed, num_real, cohort, None)
     packed = self._client_spec.pack(self._train_data, cohort, seed=self._seed, round_num=round_num,
                                     num_steps=self._num_steps, cohort_size=slots)
+    return self._placed(packed, cohort)
+
+  def _placed(self, packed: dict[str, np.ndarray], cohort: np.ndarray) -> PackedRound:
     self._check_round(packed)  # once per shape
     num_examples = np.asarray(packed["num_examples"])
     return PackedRound(jax.device_put(packed), int(np.count_nonzero(num_examples)), cohort, num_examples)
+
+
+# The round's call: the only place that knows ``process.next``'s signature ------------------------------------------
+
+
+def call_round(round_fn: Callable[..., Any], state: PyTree, round_data: PyTree, rng: jax.Array,
+               client_state: PyTree | None = None) -> Any:
+  """Calls ``round_fn`` -- the jitted ``process.next``, or its ``.trace`` -- as ``process.next`` takes its
+  arguments: the cohort's client states (algorithms with per-client state) travel in ``round_data['client_state']``.
+  Returns what ``round_fn`` returns: ``(state, metrics)``, or ``(state, metrics, new_client_states)``."""
+  if client_state is not None:
+    round_data = dict(round_data, client_state=client_state)
+  return round_fn(state, round_data, rng)
 
 
 def run_round(next_fn: Callable[..., Any], state: PyTree, packed: PackedRound, rng: jax.Array,
@@ -96,20 +121,33 @@ def run_round(next_fn: Callable[..., Any], state: PyTree, packed: PackedRound, r
               ) -> tuple[PyTree, PyTree, HostWork]:
   """ONE round: the only call of ``process.next`` in the per-round driver, with the client-state plumbing.
 
-  For an algorithm with per-client state the cohort's states are gathered from ``client_states`` into
-  ``round_data['client_state']`` just before the round (after the previous round's were written back), and the new
-  states of the real clients are scattered back after it. ``host_work()`` (packing the next round) runs while the
-  device computes this round. Returns ``(state, metrics, host_work())``; the metrics stay on the device.
+  For an algorithm with per-client state the cohort's states are gathered from ``client_states`` just before the
+  round (after the previous round's were written back), and the new states of the real clients are scattered back
+  after it. ``host_work()`` (packing the next round) runs while the device computes this round. Returns
+  ``(state, metrics, host_work())``; the metrics stay on the device.
   """
   if client_states is None:
-    state, metrics = next_fn(state, packed.round_data, rng)
+    state, metrics = call_round(next_fn, state, packed.round_data, rng)
     return state, metrics, host_work()
-  round_data = dict(packed.round_data, client_state=jax.device_put(
-      client_states.gather(packed.cohort, len(packed.num_examples))))
-  state, metrics, new_client_states = next_fn(state, round_data, rng)
+  gathered = jax.device_put(client_states.gather(packed.cohort, len(packed.num_examples)))
+  state, metrics, new_client_states = call_round(next_fn, state, packed.round_data, rng, gathered)
   done = host_work()
   client_states.scatter(packed.cohort, jax.device_get(new_client_states), packed.num_examples)
   return state, metrics, done
+
+
+def trace_round(next_fn: Callable[..., Any], state: PyTree, rng: jax.Array) -> Callable[..., Any]:
+  """``(round_data_shapes, client_state_shapes) -> the round's output shapes``, traced as :func:`run_round` calls
+  ``next_fn`` (its first call then reuses the trace): what the simulated clock reads the round's bits from
+  (:meth:`~fedjax_lite.training.simulated_time.SimulatedTimeDriver.start`)."""
+
+  def traced(round_data_shapes: PyTree, client_state_shapes: PyTree | None) -> Any:
+    return call_round(next_fn.trace, state, round_data_shapes, rng, client_state_shapes).out_info
+
+  return traced
+
+
+# The driver ---------------------------------------------------------------------------------------------------------
 
 
 def drive_rounds(next_fn: Callable[..., Any], state: PyTree, recorder: Recorder,
