@@ -11,6 +11,11 @@ Each round ``r``:
    are read, so the host's work overlaps the device's);
 3. the metrics come back to the host and go to the :class:`~fedjax_lite.training.recorder.Recorder`, which also
    checkpoints and says when to stop.
+
+With client systems (``run_training(systems=...)``) step 1 is the selection planned on the simulated clock
+(:mod:`~fedjax_lite.training.simulated_time`). ``process.next``'s signature is known in one place:
+:func:`call_round` (its arguments, client states included) and :func:`run_round` (its outputs and the client-state
+store's gather and scatter); :func:`trace_round` traces the round through :func:`call_round` too.
 """
 
 from __future__ import annotations
