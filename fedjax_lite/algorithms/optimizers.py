@@ -17,15 +17,15 @@ stayed at its round-0 value). Gradient clipping is ``optax.clip_by_global_norm``
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_lite.core import validation
+from fedjax_lite.core.tree import PyTree
 
-PyTree = Any
 OptimizerFactory = Callable[..., optax.GradientTransformation]
 
 
