@@ -1,7 +1,8 @@
 """Aggregators: each one a client part and a server part, joined by a static combine (``'sum'`` or ``'stack'``).
 
 Building blocks (``sum_aggregator``, ``mean``, ``unweighted_mean``), wrappers that compose like the reference's
-factories (``zeroing``, ``clipping``, ``hadamard_rotation``, ``add_debug_measurements``), estimation processes for
+factories (``zeroing``, ``clipping``, ``hadamard_rotation``, ``add_debug_measurements``; write your own with
+``Inner`` and ``wrapper``), estimation processes for
 adaptive thresholds, differential privacy, compression, simulated secure summation, robust statistics (median,
 trimmed mean, Krum and multi-Krum), and the recommended presets (``robust_aggregator``, ``dp_aggregator``,
 ``compression_aggregator``, ``secure_aggregator``).
@@ -42,6 +43,7 @@ from fedjax_lite.aggregators.rotation import hadamard_rotation
 from fedjax_lite.aggregators.secure import secure_modular_sum, secure_sum
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.aggregators.tree_aggregation import tree_aggregation
+from fedjax_lite.aggregators.wrapping import Inner, total_upload_bits, wrapper
 
 __all__ = [
     "as_estimation_process",
@@ -54,6 +56,7 @@ __all__ = [
     "BroadcastEncoder",
     "EstimationProcess",
     "ExtractingDpEventFromInitialStateError",
+    "Inner",
     "QuantileEstimatorState",
     "adaptive_clip_noise_params",
     "add_debug_measurements",
@@ -82,8 +85,10 @@ __all__ = [
     "secure_sum",
     "split_rng",
     "sum_aggregator",
+    "total_upload_bits",
     "tree_aggregation",
     "trimmed_mean",
     "unweighted_mean",
+    "wrapper",
     "zeroing",
 ]

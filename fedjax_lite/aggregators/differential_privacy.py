@@ -29,11 +29,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import Aggregator, client_upload_bits
+from fedjax_lite.aggregators.base import Aggregator
 from fedjax_lite.aggregators.estimation import EstimationProcess, constant_estimate
 from fedjax_lite.aggregators.quantile_estimation import private_quantile_estimator
 from fedjax_lite.aggregators.robust import clip_to, global_norm
 from fedjax_lite.aggregators.sum import sum_aggregator
+from fedjax_lite.aggregators.wrapping import Inner, total_upload_bits
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.privacy.mechanisms import gaussian_noise
@@ -75,28 +76,32 @@ def adaptive_clip_noise_params(
 def _gaussian_dp(value_noise_multiplier: float, clients_per_round: float, clip: EstimationProcess,
                  dp_event, report_clip: bool) -> Aggregator:
   """The DP sum query: clip to ``report(clip_state)``, add ``N(0, (z_v C)^2)``, divide by ``m``."""
-  record_sum = sum_aggregator()
+  # Keys: the record sum fold_in(rng, 0), the value noise 1, the clip estimator 2.
+  record_sum = Inner(sum_aggregator(), key=0)
+  clip_part = Inner(clip, key=2)
+  noise_key = 1
 
   def init(value_template):
-    return {"query_state": clip.init(), "agg_state": record_sum.init(value_template),
+    return {"query_state": clip_part.init(), "agg_state": record_sum.init(value_template),
             "is_init_state": jnp.asarray(True)}
 
   def broadcast(state):
-    return (clip.report(state["query_state"]), clip.broadcast(state["query_state"]))
+    return (clip.report(state["query_state"]), clip_part.broadcast(state["query_state"]))
 
   def client(client_params, value, weight, rng):
     clip_norm, clip_params = client_params
     norm = global_norm(value, 2.0)
     return {"value": record_sum.client((), clip_to(value, norm, clip_norm), weight, rng),
-            "clip_record": clip.client(clip_params, norm, jax.random.fold_in(rng, 1))}
+            "clip_record": clip_part.client(clip_params, norm, rng)}
 
   def server(state, total, rng, context):
     clip_norm = clip.report(state["query_state"])
-    summed = record_sum.server(state["agg_state"], total["value"], jax.random.fold_in(rng, 0), context)
+    summed = record_sum.server(state["agg_state"], total["value"], rng, context)
     stddev = jnp.asarray(value_noise_multiplier, jnp.float32) * clip_norm
-    noised = jax.tree.map(jnp.add, summed.result, gaussian_noise(jax.random.fold_in(rng, 1), summed.result, stddev))
+    noise = gaussian_noise(jax.random.fold_in(rng, noise_key), summed.result, stddev)
+    noised = jax.tree.map(jnp.add, summed.result, noise)
     result = jax.tree.map(lambda leaf: leaf / jnp.asarray(clients_per_round, leaf.dtype), noised)
-    query_state = clip.server(state["query_state"], total["clip_record"], jax.random.fold_in(rng, 2), context)
+    query_state = clip_part.server(state["query_state"], total["clip_record"], rng, context)
     metrics = {"clip": clip.report(query_state)} if report_clip else {}
     return MeasuredOutput(
         state={"query_state": query_state, "agg_state": summed.state, "is_init_state": jnp.asarray(False)},
@@ -104,10 +109,8 @@ def _gaussian_dp(value_noise_multiplier: float, clients_per_round: float, clip: 
         measurements={"dp_query_metrics": metrics, "dp": summed.measurements},
     )
 
-  def upload_bits(value_template):
-    return client_upload_bits(record_sum, value_template) + clip.upload_bits
-
-  return Aggregator(init, broadcast, client, server, upload_bits=upload_bits, dp_event=dp_event)
+  return Aggregator(init, broadcast, client, server, upload_bits=total_upload_bits((record_sum, clip_part)),
+                    dp_event=dp_event)
 
 
 def gaussian_fixed(noise_multiplier: float, clients_per_round: float, clip: float) -> Aggregator:
