@@ -23,13 +23,15 @@ the quantile estimators) are written this way; :func:`wrapper`'s docstring has a
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from fedjax_lite.aggregators.base import AggregationContext, Aggregator, client_upload_bits
 from fedjax_lite.aggregators.estimation import EstimationProcess
+from fedjax_lite.core import validation
 
 PyTree = Any
 Template = Any  # None (the wrapper's value template), a function of the wrapper's template, or a fixed template
@@ -38,7 +40,8 @@ COUNT_TEMPLATE = jax.ShapeDtypeStruct((), jnp.int32)  # what a count sum sees: o
 WEIGHT_TEMPLATE = jax.ShapeDtypeStruct((), jnp.float32)  # what a weight sum sees: one float32 per client
 
 
-class Inner(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Inner:
   """An aggregator or estimation process that runs inside a wrapper: which key it draws from, which template it sees.
 
   Attributes:
@@ -55,6 +58,11 @@ class Inner(NamedTuple):
   part: Aggregator | EstimationProcess
   key: int | None = None
   template: Template = None
+
+  def __post_init__(self):
+    if not isinstance(self.part, (Aggregator, EstimationProcess)):
+      raise TypeError(f"Inner's part must be an Aggregator or an EstimationProcess, got {type(self.part).__name__}.")
+    validation.check_int("key", self.key, minimum=0, allow_none=True)
 
   @property
   def combine(self) -> str:
@@ -104,6 +112,10 @@ def total_upload_bits(parts: Sequence[Inner], own_bits: int | Callable[[PyTree],
                       ) -> Callable[[PyTree], int]:
   """``upload_bits(value_template)`` of a wrapper: its ``own_bits`` (a count, or a function of the template) plus
   every part's."""
+  parts = tuple(parts)
+  for part in parts:
+    if not isinstance(part, Inner):
+      raise TypeError(f"parts must be Inner records, e.g. Inner(sum_aggregator(), key=1), got {part!r}.")
 
   def upload_bits(value_template: PyTree) -> int:
     own = own_bits(value_template) if callable(own_bits) else own_bits
@@ -153,6 +165,12 @@ def wrapper(
   >>> aggregator.upload_bits(values[0])  # the mean's 2 values and 1 weight, and the count: 4 x 32 bits
   128
   """
+  if not isinstance(inner, Inner) or not isinstance(inner.part, Aggregator):
+    raise TypeError(f"inner must be an Inner holding an Aggregator, e.g. Inner(mean(), key=0), got {inner!r}.")
+  for name, function, optional in (("client", client, False), ("server", server, False), ("init", init, True),
+                                   ("broadcast", broadcast, True)):
+    if not (callable(function) or (optional and function is None)):
+      raise TypeError(f"{name} must be a function, got {type(function).__name__}.")
   return Aggregator(
       init=inner.init if init is None else init,
       broadcast=inner.broadcast if broadcast is None else broadcast,

@@ -94,3 +94,21 @@ def test_a_wrapper_inherits_combine_privacy_event_state_and_parameters():
   assert wrapped.upload_bits(VALUE) == 3 * 32
   dp = aggregators.gaussian_fixed(1.0, 10.0, 1.0)
   assert wrapper(Inner(dp), dp.client, dp.server).dp_event() == dp.dp_event()
+
+
+def test_bad_arguments_name_what_is_wrong():
+  with pytest.raises(TypeError, match="part must be an Aggregator or an EstimationProcess, got int"):
+    Inner(3)
+  with pytest.raises(ValueError, match="key"):
+    Inner(aggregators.sum_aggregator(), key=-1)
+  with pytest.raises(TypeError, match="key"):
+    Inner(aggregators.sum_aggregator(), key=1.5)
+  estimator = Inner(aggregators.constant_estimate(1.0))
+  with pytest.raises(TypeError, match="inner must be an Inner holding an Aggregator"):
+    wrapper(estimator, lambda *args: (), lambda *args: ())
+  with pytest.raises(TypeError, match="inner must be an Inner"):
+    wrapper(aggregators.mean(), lambda *args: (), lambda *args: ())
+  with pytest.raises(TypeError, match="server must be a function"):
+    wrapper(Inner(aggregators.mean()), lambda *args: (), None)
+  with pytest.raises(TypeError, match="parts must be Inner records"):
+    total_upload_bits([aggregators.sum_aggregator()])
