@@ -422,7 +422,6 @@ def secure_sum(
     params = tuple(part.broadcast(s) for part, s in zip(process_parts, process_states(state)))
     return (reported_bounds(state), params)
 
-
   def encode(value, finite, upper, lower):
     """The client's limbs (inside the x64 region): ``clip(x, L, U) - L`` (INT) or the level ``q`` (FLOAT)."""
 
