@@ -39,16 +39,13 @@ State ``()``; measurements ``{'num_selected': m, 'num_real_clients': n}`` (int32
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from fedjax_lite.aggregators.base import Aggregator
 from fedjax_lite.aggregators.robust_statistics import participants, stacked_statistic
 from fedjax_lite.core import validation
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 
 def pairwise_squared_distances(values: PyTree) -> jax.Array:

@@ -49,9 +49,8 @@ import numpy as np
 from fedjax_lite.aggregators.base import STACK, AggregationContext, Aggregator, as_template, require_floating
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
-from fedjax_lite.core.tree import tree_size_bits
+from fedjax_lite.core.tree import PyTree, tree_size_bits
 
-PyTree = Any
 # (sorted leaf with padding last, number of real clients, k per side) -> per-coordinate statistic.
 StatisticFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 # (stacked contributions, context) -> (result, measurements): the server step of a stacked statistic.

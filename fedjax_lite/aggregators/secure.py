@@ -81,9 +81,7 @@ from fedjax_lite.aggregators.estimation import EstimationProcess
 from fedjax_lite.aggregators.wrapping import Inner, total_upload_bits
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
-from fedjax_lite.core.tree import tree_all_finite, tree_num_elements, tree_select
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree, tree_all_finite, tree_num_elements, tree_select
 
 LIMB_BITS = 16
 LIMB_MASK = (1 << LIMB_BITS) - 1

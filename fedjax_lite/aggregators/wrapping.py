@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from fedjax_lite.aggregators.base import AggregationContext, Aggregator, client_upload_bits
 from fedjax_lite.aggregators.estimation import EstimationProcess
 from fedjax_lite.core import validation
+from fedjax_lite.core.tree import PyTree
 
-PyTree = Any
 Template = Any  # None (the wrapper's value template), a function of the wrapper's template, or a fixed template
 
 COUNT_TEMPLATE = jax.ShapeDtypeStruct((), jnp.int32)  # what a count sum sees: one int32 per client
