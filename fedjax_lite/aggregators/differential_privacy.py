@@ -24,6 +24,7 @@ State ``{'query_state': ..., 'agg_state': ..., 'is_init_state': bool}``; measure
 from __future__ import annotations
 
 import warnings
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,42 @@ def _gaussian_dp(value_noise_multiplier: float, clients_per_round: float, clip: 
                     dp_event=dp_event)
 
 
+def gaussian_event(noise_multiplier: float) -> Callable[[], Any]:
+  """``dp_event`` of a round with a fixed clip: ``GaussianDpEvent(z)``."""
+
+  def dp_event():
+    import dp_accounting
+
+    return dp_accounting.GaussianDpEvent(float(noise_multiplier))
+
+  return dp_event
+
+
+def adaptive_clip(noise_multiplier: float, clients_per_round: float, initial_l2_norm_clip: float,
+                  target_unclipped_quantile: float, learning_rate: float, clipped_count_stddev: float | None
+                  ) -> tuple[float, EstimationProcess, Callable[[], Any]]:
+  """``(z_v, clip estimator, dp_event)`` of adaptive clipping (Andrew et al. 2021), shared by the Gaussian and the
+  matrix-factorization DP means.
+
+  ``z`` splits into the value noise ``z_v`` and the clipped count's ``sigma_b`` (:func:`adaptive_clip_noise_params`);
+  the clip is the private quantile estimator's (geometric update, ``m`` expected records); one round is the
+  composition ``[GaussianDpEvent(z_v), GaussianDpEvent(2 sigma_b)]`` (``NonPrivateDpEvent`` for ``z = 0``).
+  """
+  value_noise, count_stddev = adaptive_clip_noise_params(noise_multiplier, clients_per_round, clipped_count_stddev)
+  estimator = private_quantile_estimator(initial_l2_norm_clip, target_unclipped_quantile, learning_rate,
+                                         count_stddev, clients_per_round, geometric_update=True)
+
+  def dp_event():
+    import dp_accounting
+
+    if noise_multiplier == 0:
+      return dp_accounting.NonPrivateDpEvent()
+    return dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(value_noise),
+                                          dp_accounting.GaussianDpEvent(2.0 * count_stddev)])
+
+  return value_noise, estimator, dp_event
+
+
 def gaussian_fixed(noise_multiplier: float, clients_per_round: float, clip: float) -> Aggregator:
   """DP mean with a fixed clip: ``(sum_i clip_C(x_i) + N(0, (z C)^2 I)) / m``; event ``GaussianDpEvent(z)``.
 
@@ -139,13 +176,8 @@ def gaussian_fixed(noise_multiplier: float, clients_per_round: float, clip: floa
   validation.check_float("noise_multiplier", noise_multiplier, low=0.0)
   validation.check_positive("clients_per_round", clients_per_round)
   validation.check_positive("clip", clip)
-
-  def dp_event():
-    import dp_accounting
-
-    return dp_accounting.GaussianDpEvent(float(noise_multiplier))
-
-  return _gaussian_dp(noise_multiplier, clients_per_round, constant_estimate(clip), dp_event, report_clip=False)
+  return _gaussian_dp(noise_multiplier, clients_per_round, constant_estimate(clip), gaussian_event(noise_multiplier),
+                      report_clip=False)
 
 
 def gaussian_adaptive(
@@ -167,18 +199,8 @@ def gaussian_adaptive(
     learning_rate: ``eta > 0`` of the geometric update.
     clipped_count_stddev: ``sigma_b``; default ``0.05 m`` when ``z > 0``.
   """
-  value_noise, count_stddev = adaptive_clip_noise_params(noise_multiplier, clients_per_round, clipped_count_stddev)
-  estimator = private_quantile_estimator(initial_l2_norm_clip, target_unclipped_quantile, learning_rate,
-                                         count_stddev, clients_per_round, geometric_update=True)
-
-  def dp_event():
-    import dp_accounting
-
-    if noise_multiplier == 0:
-      return dp_accounting.NonPrivateDpEvent()
-    return dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(value_noise),
-                                          dp_accounting.GaussianDpEvent(2.0 * count_stddev)])
-
+  value_noise, estimator, dp_event = adaptive_clip(noise_multiplier, clients_per_round, initial_l2_norm_clip,
+                                                   target_unclipped_quantile, learning_rate, clipped_count_stddev)
   return _gaussian_dp(value_noise, clients_per_round, estimator, dp_event, report_clip=True)
 
 
