@@ -5,6 +5,10 @@ digits split into 50 non-IID clients (2 label shards each), 10 clients a round, 
 it shows a progress bar, writes per-round metrics (JSON lines), a PNG plot and a JSON summary to the output
 directory, and ends with a one-line summary (``--json`` prints the summary as JSON instead).
 
+Datasets read from files (``--dataset emnist``, ...) are looked for in ``--data-dir`` and the cache; ``--download``
+fetches them when they are not on disk (with a progress bar for large files), and a missing file's message names
+the flags that fix it. ``fedjax-lite --version`` prints the versions of fedjax_lite, JAX and Python.
+
 Bad flags give one line on stderr and exit code 2: unknown values, flags that do not apply to the chosen
 algorithm, aggregator or dataset (e.g. ``--trim-fraction`` without ``--aggregator trimmed-mean``), an output path
 that is a file. With ``--checkpoint-dir DIR`` the run saves checkpoints (every ``--checkpoint-every`` rounds, at the
@@ -138,6 +142,8 @@ def _dataset_name(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="fedjax-lite", description="Federated learning simulations in JAX.")
+  parser.add_argument("--version", action="store_true",
+                      help="print the versions of fedjax_lite, JAX, jaxlib and Python, and exit")
   commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
   train = commands.add_parser("train", help="run a federated training job")
   data = train.add_argument_group("data")
@@ -147,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "cifar100 read the reference's files from --data-dir; tfds:NAME a prepared TFDS dataset")
   data.add_argument("--data-dir", default=None,
                     help="folder with the dataset's files (default: $FEDJAX_LITE_DATA or ~/.cache/fedjax_lite)")
+  data.add_argument("--download", action="store_true",
+                    help="fetch the dataset when it is not on disk: the reference's files for emnist, shakespeare, "
+                         "stackoverflow and cifar100 (sha256-checked, into the cache), TFDS's download and "
+                         "preparation for tfds:NAME")
   data.add_argument("--num-clients", type=_positive_int, default=50, help="clients in the population")
   data.add_argument("--partition", choices=PARTITIONS, default="shards",
                     help="how digits are split into clients (shards: McMahan's non-IID split)")
@@ -245,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Flags that never change a run's results: not compared when resuming.
 # (--data-dir only says where the files are: the data itself is compared by its hash.)
 # (The process layout changes only the float summation order.)
-_RESULT_NEUTRAL_FLAGS = ("command", "output_dir", "json", "no_progress", "quiet", "log_format", "rounds",
+_RESULT_NEUTRAL_FLAGS = ("command", "version", "download", "output_dir", "json", "no_progress", "quiet", "log_format", "rounds",
                          "dp_epsilon_budget", "checkpoint_dir", "checkpoint_every", "resume", "data_dir",
                          "coordinator_address", "num_processes", "process_id", "local_devices",
                          "rounds_per_dispatch")  # R does not change results; host vs device sampling is compared
@@ -294,6 +304,8 @@ _FLAG_CONDITIONS = {
     "partition": ("--dataset digits", lambda a: a.dataset == "digits"),
     "data_dir": ("--dataset emnist, shakespeare, stackoverflow, cifar100 or tfds:NAME",
                  lambda a: a.dataset not in ("digits", "synthetic")),
+    "download": ("--dataset emnist, shakespeare, stackoverflow, cifar100 or tfds:NAME (digits and synthetic are "
+                 "built in)", lambda a: a.dataset not in ("digits", "synthetic")),
     "num_clients": ("--dataset digits, synthetic or tfds:NAME (the others come with their own clients)",
                     lambda a: a.dataset in ("digits", "synthetic") or a.dataset.startswith("tfds:")),
     "test_fraction": ("--dataset digits or synthetic", lambda a: a.dataset in ("digits", "synthetic")),
@@ -355,6 +367,23 @@ _INTERNAL_PHRASES = (
      "Raise --clients-per-round, or use a fixed --dp-clip."),
     ("must be < 2 * clipped_count_stddev (", "must be, with adaptive clipping, < 0.1 x --clients-per-round ("),
 )
+
+
+# The dataset loaders' advice names Python arguments; on the command line it names the flags that set them, and
+# drops what no flag reaches. (`--data_dir` with an underscore is the `tfds` command's own flag: kept.)
+_DATASET_PHRASES = (
+    (", or pass vocabulary=[...] explicitly", ""),
+    ("pass download=True", "add --download"),
+)
+
+
+def dataset_message(message: str) -> str:
+  """A dataset loader's message restated for the command line: ``--download``, ``--data-dir``."""
+  import re
+
+  for internal, public in _DATASET_PHRASES:
+    message = message.replace(internal, public)
+  return re.sub(r"(?<![\w-])data_dir(?![\w-])", "--data-dir", message)
 
 
 _DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id", "local_devices")
@@ -488,17 +517,19 @@ def _load_file_dataset(args):
     if args.dataset.startswith("tfds:"):
       name = args.dataset[len("tfds:"):]
       train = datasets.from_tfds(name, split="train", data_dir=args.data_dir, num_clients=args.num_clients,
-                                 seed=args.seed)
-      test = datasets.from_tfds(name, split="test", data_dir=args.data_dir, num_clients=1, seed=args.seed)
+                                 seed=args.seed, download=args.download)
+      test = datasets.from_tfds(name, split="test", data_dir=args.data_dir, num_clients=1, seed=args.seed,
+                                download=args.download)
       num_classes = int(max(np.max(train.examples["y"]), np.max(test.examples["y"]))) + 1
       return train, test.all_examples(), num_classes, tuple(train.element_spec["x"][0])
-    loader = {"emnist": lambda: datasets.load_emnist(only_digits=False, data_dir=args.data_dir),
-              "shakespeare": lambda: datasets.load_shakespeare(data_dir=args.data_dir),
-              "stackoverflow": lambda: datasets.load_stackoverflow(data_dir=args.data_dir),
-              "cifar100": lambda: datasets.load_cifar100(data_dir=args.data_dir)}[args.dataset]
+    files = dict(data_dir=args.data_dir, download=args.download)
+    loader = {"emnist": lambda: datasets.load_emnist(only_digits=False, **files),
+              "shakespeare": lambda: datasets.load_shakespeare(**files),
+              "stackoverflow": lambda: datasets.load_stackoverflow(**files),
+              "cifar100": lambda: datasets.load_cifar100(**files)}[args.dataset]
     data = loader()
   except (datasets.DatasetNotFoundError, datasets.DatasetFormatError, datasets.MissingDependencyError) as error:
-    raise UsageError(str(error)) from None
+    raise UsageError(dataset_message(str(error))) from None
   return data.train, data.test.all_examples(), data.num_classes, tuple(data.input_shape)
 
 
@@ -742,6 +773,24 @@ def train_command(args, distributed=None) -> dict | None:
   return summary
 
 
+def version_line() -> str:
+  """``fedjax-lite 0.1.0 (jax 0.10.2, jaxlib 0.10.2, Python 3.11.7)``: read from the installed packages' metadata,
+  without starting JAX."""
+  import importlib.metadata
+  import platform
+
+  import fedjax_lite
+
+  def installed(name: str) -> str:
+    try:
+      return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      return "not installed"
+
+  return (f"fedjax-lite {fedjax_lite.__version__} (jax {installed('jax')}, jaxlib {installed('jaxlib')}, "
+          f"Python {platform.python_version()})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``fedjax-lite`` console script."""
   parser = build_parser()
@@ -753,6 +802,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pass
   try:
     args = parser.parse_args(argv)
+    if args.version:
+      print(version_line())
+      return 0
     if args.command is None:
       raise UsageError("a command is required: fedjax-lite train [flags] (see fedjax-lite train --help)")
     given = _explicit_flags(argv)
