@@ -670,6 +670,7 @@ def train_command(args, distributed=None) -> dict | None:
   from fedjax_lite.algorithms import centralized_evaluation
   from fedjax_lite.training.loop import run_training
   from fedjax_lite.training.plotting import plot_history
+  from fedjax_lite.training import units
   from fedjax_lite.training.tracking import FILE_NAMES, make_trackers
 
   try:
@@ -755,8 +756,8 @@ def train_command(args, distributed=None) -> dict | None:
       "epsilon": last.get("privacy/epsilon"),
       "delta": last.get("privacy/delta"),
       "stopped_early": result.stopped_early,
-      "broadcasted_mebibits": last.get("cumulative_broadcasted_bits", 0) / 2**20,
-      "aggregated_mebibits": last.get("cumulative_aggregated_bits", 0) / 2**20,
+      "broadcasted_mebibits": units.mebibits(last.get("cumulative_broadcasted_bits", 0)),  # training.units
+      "aggregated_mebibits": units.mebibits(last.get("cumulative_aggregated_bits", 0)),
       "backend": jax.default_backend(),
       "runner": runner.resolved_strategy(),
       "processes": jax.process_count(),

@@ -55,6 +55,7 @@ from fedjax_lite.core.process import Process
 from fedjax_lite.core.round_data import RoundDataChecker, check_labels
 from fedjax_lite.core.sampling import UniformSampler
 from fedjax_lite.training import checkpoint as checkpointing
+from fedjax_lite.training import units
 from fedjax_lite.privacy.accounting import PrivacyLedger
 
 PyTree = Any
@@ -182,7 +183,8 @@ def run_training(
     evaluate: optional ``params -> metrics`` (e.g. centralized test accuracy), recorded under ``evaluation/``.
     evaluate_every: evaluate every this many rounds (and always after the last).
     metrics_path: optional JSON-lines file receiving one flat metrics dict per round.
-    progress: show a tqdm progress bar: round, loss, accuracies, epsilon and the megabits sent so far.
+    progress: show a tqdm progress bar: rounds done, loss, accuracies, epsilon and the mebibits sent so far in
+      each direction (``down_Mibit``, ``up_Mibit``; :mod:`fedjax_lite.training.units`).
     on_round_end: optional ``callback(round_num, flat_metrics)``; returning a string stops training with that
       reason.
     sample_with_replacement: sample cohorts with replacement (with ``clients_per_round``).
@@ -428,9 +430,10 @@ def run_training(
         postfix["test_acc"] = flat["evaluation/accuracy"]
       if "privacy/epsilon" in flat:
         postfix["eps"] = flat["privacy/epsilon"]
-      if any(cumulative.values()):  # communication so far, both directions, in megabits
-        postfix["Mbit"] = (cumulative["broadcasted_bits"] + cumulative["aggregated_bits"]) / 1e6
-      bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items() if v is not None}, refresh=False)
+      postfix = {k: f"{v:.4g}" for k, v in postfix.items() if v is not None}
+      if any(cumulative.values()):  # communication so far, per direction, in Mibit (training.units)
+        postfix.update(units.communication_postfix(cumulative["broadcasted_bits"], cumulative["aggregated_bits"]))
+      bar.set_postfix(postfix, refresh=False)
       bar.update(1)
     if _all_clients_rejected(flat, num_real_clients):
       rejected_streak += 1

@@ -1,8 +1,9 @@
 """Plots of a training run: loss and accuracy per round, written as a PNG (matplotlib, no display needed).
 
-The figure is a bare ``matplotlib.figure.Figure`` rendered by its own canvas: importing this module neither
-imports ``pyplot`` nor switches matplotlib's global backend, so notebooks that import fedjax_lite keep their
-inline plots.
+The x axis is the records' ``round``, numbered from 0 as in ``metrics.jsonl`` and every other output
+(:mod:`fedjax_lite.training.units`). The figure is a bare ``matplotlib.figure.Figure`` rendered by its own canvas:
+importing this module neither imports ``pyplot`` nor switches matplotlib's global backend, so notebooks that
+import fedjax_lite keep their inline plots.
 """
 
 from __future__ import annotations
@@ -12,20 +13,21 @@ from typing import Sequence
 
 from matplotlib.figure import Figure
 
+ROUND_AXIS_LABEL = "round (from 0, as in metrics.jsonl)"
+
 
 def _series(history: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
   rounds, values = [], []
   for record in history:
     value = record.get(key)
     if isinstance(value, (int, float)):
-      rounds.append(record["round"] + 1)
+      rounds.append(record["round"])
       values.append(float(value))
   return rounds, values
 
 
-def plot_history(history: Sequence[dict], path: str | os.PathLike, *, title: str = "",
-                 extra_keys: Sequence[str] = ()) -> None:
-  """Writes loss (left) and accuracy (right) per round, plus one panel per ``extra_keys`` entry."""
+def history_figure(history: Sequence[dict], *, title: str = "", extra_keys: Sequence[str] = ()) -> Figure:
+  """Loss (left) and accuracy (right) against each record's ``round``, plus one panel per ``extra_keys`` entry."""
   panels = [
       ("loss", ["client_work/train/loss", "evaluation/loss"]),
       ("accuracy", ["client_work/train/accuracy", "evaluation/accuracy"]),
@@ -39,7 +41,7 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike, *, title: str
         axis.plot(rounds, values, marker="." if len(values) < 60 else None,
                   label="train (clients)" if key.startswith("client_work") else
                   ("test" if key.startswith("evaluation") else key))
-    axis.set_xlabel("round")
+    axis.set_xlabel(ROUND_AXIS_LABEL)
     axis.set_ylabel(label)
     axis.grid(alpha=0.3)
     if axis.get_legend_handles_labels()[0]:
@@ -47,4 +49,10 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike, *, title: str
   if title:
     figure.suptitle(title)
   figure.tight_layout()
-  figure.savefig(path, dpi=110)
+  return figure
+
+
+def plot_history(history: Sequence[dict], path: str | os.PathLike, *, title: str = "",
+                 extra_keys: Sequence[str] = ()) -> None:
+  """Writes :func:`history_figure` of ``history`` to ``path`` (PNG)."""
+  history_figure(history, title=title, extra_keys=extra_keys).savefig(path, dpi=110)
