@@ -213,7 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="server learning rate (default 1.0 for FedAvg, 0.1 for FedSGD)")
   rounds.add_argument("--seed", type=_nonnegative_int, default=0)
   rounds.add_argument("--runner", choices=RUNNER_STRATEGIES, default="auto",
-                      help="how clients run: sequential scan (CPU default), vmap (accelerator default), chunked")
+                      help="how clients run: sequential scan (CPU default), vmap (accelerator default: all the "
+                           "round's clients at once), chunked (vmap over --chunk-size clients at a time, for memory)")
+  rounds.add_argument("--chunk-size", type=_positive_int, default=8, metavar="K",
+                      help="clients per vmap chunk of --runner chunked (memory holds K clients at a time; the cohort "
+                           "is padded to a multiple of K)")
   rounds.add_argument("--cpu-devices", type=_positive_int, default=None, metavar="N",
                       help="XLA:CPU devices, each running its own stream of clients (default: one per usable core, "
                            "at most 8; 1 for a single device); see fedjax_lite.configure_cpu")
@@ -312,6 +316,7 @@ _FLAG_CONDITIONS = {
     "dirichlet_alpha": ("--dataset digits --partition dirichlet",
                         lambda a: a.dataset == "digits" and a.partition == "dirichlet"),
     "checkpoint_every": ("--checkpoint-dir", lambda a: a.checkpoint_dir is not None),
+    "chunk_size": ("--runner chunked", lambda a: a.runner == "chunked"),
     "resume": ("--checkpoint-dir", lambda a: a.checkpoint_dir is not None),
 }
 
@@ -602,7 +607,7 @@ def _build_job(args, mesh=None):
     raise UsageError(f"--clients-per-round ({args.clients_per_round}) exceeds the {train_data.num_clients} "
                      "clients of the population")
   model = _build_model(args.model, num_classes, input_shape, dataset=args.dataset)
-  runner = Runner(strategy=args.runner, mesh=mesh)
+  runner = Runner(strategy=args.runner, chunk_size=args.chunk_size, mesh=mesh)
   server_lr = args.server_lr if args.server_lr is not None else DEFAULT_SERVER_LR.get(args.algorithm, 1.0)
   server_optimizer = _server_optimizer(args.server_optimizer, server_lr)
   if args.aggregator == "dp":
