@@ -99,5 +99,6 @@ def test_readme_docs_and_notebooks_use_the_same_units_and_numbering():
       # Per-round curves are plotted at the records' rounds (from 0), not at 1..N.
       assert not re.search(r"np\.arange\(1,", code), page.name
       assert not re.search(r"""\[["']round["']\] \+ 1""", code), page.name
+      assert not re.search(r"round 1:|round \{num_rounds\}", code), page.name  # rounds named by their record
   readme = (ROOT / "README.md").read_text()
   assert "numbered from 0" in readme and "2**20 bits" in readme
