@@ -9,7 +9,7 @@ through whole rounds (e.g. with respect to the client or server learning rate). 
 forward too; on XLA:CPU each skipped step still copied the carried parameters (~1 ms for the 1.7 M-parameter CNN),
 so clients padded from 10 to 32 steps took 0.87x the time with the while loop (``benchmarks/README.md``). The
 loop stays rolled, so compile time does not grow with the number of steps; on XLA:CPU this is fast only for
-convolutions whose backward pass is canonical (``fedjax_lite.models.Conv``; see ``../shared/reference/xla-cpu.md``).
+convolutions whose backward pass is canonical (``fedjax_lite.models.Conv``; see ``docs/xla_cpu.md``).
 
 Client work of the algorithms is built from two functions here: :func:`train_locally` (FedAvg, FedProx, SCAFFOLD,
 MimeLite, Mime: optimizer steps from the broadcast params) and :func:`client_gradient` (FedSGD, Mime: one gradient
@@ -19,15 +19,13 @@ of the client's mean loss at the broadcast params).
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_lite.core.model import Model, masked_loss_and_metric_sums
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 
 def split_steps(client_data: PyTree) -> tuple[dict, jax.Array]:

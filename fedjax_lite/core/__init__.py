@@ -26,6 +26,7 @@ from fedjax_lite.core.process import MeasuredOutput, Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner, client_mask, client_mesh, host_client_mesh, run_clients
 from fedjax_lite.core.sampling import (
+    CyclicSampler,
     PoissonSampler,
     ShuffledCyclicSampler,
     UniformSampler,
@@ -39,6 +40,7 @@ __all__ = [
     "configure_cpu",
     "host_client_mesh",
     "usable_cores",
+    "CyclicSampler",
     "PoissonSampler",
     "ShuffledCyclicSampler",
     "UniformSampler",

@@ -11,13 +11,14 @@ any metric.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
+
 Params = PyTree
 Batch = Mapping[str, jax.Array]
 PerExampleFn = Callable[[Batch, jax.Array], jax.Array]

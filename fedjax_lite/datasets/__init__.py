@@ -8,7 +8,10 @@
   memory-mapped cache): :func:`load_emnist`, :func:`load_shakespeare`, :func:`load_stackoverflow`,
   :func:`load_cifar100` (each a :class:`FederatedDataset`), LEAF's JSON (:func:`load_leaf`) and any TFDS
   dataset (:func:`from_tfds`, optional extra ``tfds``). A missing file raises :class:`DatasetNotFoundError`
-  saying which file, where to put it and where it comes from; a corrupt one :class:`DatasetFormatError`.
+  saying which file, where to put it and where it comes from; a corrupt one, or a value the model cannot take
+  (a label outside the classes, a fractional or negative label), :class:`DatasetFormatError` naming the file,
+  the row or client and what was expected. A converted cache is used only for the file it was made from (its
+  path and sha256) and is checked against its CRC-32s when opened: a damaged one is rebuilt from the file.
 """
 
 from fedjax_lite.datasets.digits import DIGITS_NUM_CLASSES, DIGITS_NUM_EXAMPLES, DigitsData, load_digits

@@ -46,8 +46,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_args
 
 from fedjax_lite.core import validation
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 CHECKPOINT_FORMAT = 1
 SERVER_STATE = "server_state"

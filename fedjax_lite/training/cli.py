@@ -29,7 +29,7 @@ import math
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 EXIT_USAGE = 2
 
@@ -57,69 +57,52 @@ class _Parser(argparse.ArgumentParser):
     raise UsageError(message)
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return value
+def number_type(kind: type, description: str, accept: Callable[[float], bool]) -> Callable[[str], float]:
+  """An argparse ``type=``: the text parsed as ``kind`` (``int`` or ``float``, a float must be finite) and kept when
+  ``accept(value)``; otherwise ``ArgumentTypeError("expected {description}, got '...'")``. The benchmarks'
+  command lines use these parsers too."""
+
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
+    if (kind is float and not math.isfinite(value)) or not accept(value):
+      raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
+    return value
+
+  return parse
 
 
-def _nonnegative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-  return value
-
-
-def _positive_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}") from None
-  if not math.isfinite(value) or value <= 0:
-    raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-  return value
-
-
-def _nonnegative_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a non-negative finite number, got {text!r}") from None
-  if not math.isfinite(value) or value < 0:
-    raise argparse.ArgumentTypeError(f"expected a non-negative finite number, got {text!r}")
-  return value
+positive_int = number_type(int, "a positive integer", lambda value: value >= 1)
+nonnegative_int = number_type(int, "a non-negative integer", lambda value: value >= 0)
+positive_float = number_type(float, "a positive finite number", lambda value: value > 0)
+nonnegative_float = number_type(float, "a non-negative finite number", lambda value: value >= 0)
 
 
 def _trim_fraction(text: str) -> float:
-  value = _nonnegative_float(text)
+  value = nonnegative_float(text)
   if value >= 0.5:
     raise argparse.ArgumentTypeError(f"expected a number in [0, 0.5), got {text!r}")
   return value
 
 
 def _bits(text: str) -> int:
-  value = _positive_int(text)
+  value = positive_int(text)
   if value > 16:
     raise argparse.ArgumentTypeError(f"expected an integer in 1..16, got {text!r}")
   return value
 
 
 def _bits_or_zero(text: str) -> int:
-  value = _nonnegative_int(text)
+  value = nonnegative_int(text)
   if value > 16:
     raise argparse.ArgumentTypeError(f"expected an integer in 0..16, got {text!r}")
   return value
 
 
 def _fraction(text: str) -> float:
-  value = _positive_float(text)
+  value = positive_float(text)
   if value >= 1:
     raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
   return value
@@ -157,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fetch the dataset when it is not on disk: the reference's files for emnist, shakespeare, "
                          "stackoverflow and cifar100 (sha256-checked, into the cache), TFDS's download and "
                          "preparation for tfds:NAME")
-  data.add_argument("--num-clients", type=_positive_int, default=50, help="clients in the population")
+  data.add_argument("--num-clients", type=positive_int, default=50, help="clients in the population")
   data.add_argument("--partition", choices=PARTITIONS, default="shards",
                     help="how digits are split into clients (shards: McMahan's non-IID split)")
-  data.add_argument("--dirichlet-alpha", type=_positive_float, default=0.5)
+  data.add_argument("--dirichlet-alpha", type=positive_float, default=0.5)
   data.add_argument("--test-fraction", type=_fraction, default=0.2,
                     help="held out for testing: of each class (digits), of each client's examples (synthetic)")
   model = train.add_argument_group("model and algorithm")
@@ -169,10 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fedavg; fedsgd; fedprox (--proximal-strength); scaffold (per-client control variates); "
                           "mimelite, mime (client steps with the server's momentum, --base-momentum); fedadam, "
                           "fedyogi, fedadagrad (adaptive server, --adaptivity); fedavgm (--server-momentum)")
-  model.add_argument("--proximal-strength", type=_nonnegative_float, default=0.01,
+  model.add_argument("--proximal-strength", type=nonnegative_float, default=0.01,
                      help="FedProx's mu (>= 0)")
   model.add_argument("--server-momentum", type=_fraction, default=0.9, help="FedAvgM's server momentum")
-  model.add_argument("--adaptivity", type=_positive_float, default=1e-3,
+  model.add_argument("--adaptivity", type=positive_float, default=1e-3,
                      help="tau of FedAdam/FedYogi/FedAdagrad (Reddi et al. 2021)")
   model.add_argument("--base-momentum", type=_fraction, default=0.9,
                      help="momentum of Mime/MimeLite's base optimizer (SGD with the client learning rate)")
@@ -180,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mean; robust (adaptive zeroing + clipping); dp (adaptive-clip Gaussian DP, unweighted); "
                           "compression (robust + 8-bit quantized upload); secure (simulated SecAgg); median; "
                           "trimmed-mean; krum, multi-krum (Blanchard et al. 2017, --num-byzantine)")
-  model.add_argument("--num-byzantine", type=_nonnegative_int, default=1,
+  model.add_argument("--num-byzantine", type=nonnegative_int, default=1,
                      help="f, the Byzantine clients --aggregator krum/multi-krum tolerates (needs clients-per-round "
                           "> 2f + 2)")
   model.add_argument("--trim-fraction", type=_trim_fraction, default=0.1,
@@ -189,40 +172,40 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bits of --aggregator compression, 1..16")
   privacy = train.add_argument_group("differential privacy (--aggregator dp: user-level DP-FedAvg with Poisson "
                                      "sampling of clients at rate clients-per-round / num-clients)")
-  privacy.add_argument("--dp-noise-multiplier", type=_positive_float, default=0.5,
+  privacy.add_argument("--dp-noise-multiplier", type=positive_float, default=0.5,
                        help="total noise multiplier z (adaptive clipping splits it)")
   privacy.add_argument("--dp-delta", type=_fraction, default=1e-3, help="delta of the reported epsilon")
-  privacy.add_argument("--dp-epsilon-budget", type=_positive_float, default=None,
+  privacy.add_argument("--dp-epsilon-budget", type=positive_float, default=None,
                        help="stop before the round that would spend more than this epsilon")
   privacy.add_argument("--dp-accountant", choices=("rdp", "pld"), default="rdp")
-  privacy.add_argument("--dp-clip", type=_positive_float, default=None,
+  privacy.add_argument("--dp-clip", type=positive_float, default=None,
                        help="fixed L2 clip (default: adaptive, the median update norm)")
   model.add_argument("--broadcast-quantization-bits", type=_bits_or_zero, default=0,
                      help="quantize the broadcast model's tensors above 10,000 elements to this many bits "
                           "(0: off)")
   model.add_argument("--weighting", choices=("num_examples", "uniform"), default="num_examples")
   rounds = train.add_argument_group("rounds")
-  rounds.add_argument("--rounds", type=_positive_int, default=100)
-  rounds.add_argument("--clients-per-round", type=_positive_int, default=10)
-  rounds.add_argument("--local-epochs", type=_positive_int, default=5)
-  rounds.add_argument("--batch-size", type=_positive_int, default=10)
-  rounds.add_argument("--max-local-steps", type=_positive_int, default=None)
-  rounds.add_argument("--client-lr", type=_positive_float, default=0.1)
+  rounds.add_argument("--rounds", type=positive_int, default=100)
+  rounds.add_argument("--clients-per-round", type=positive_int, default=10)
+  rounds.add_argument("--local-epochs", type=positive_int, default=5)
+  rounds.add_argument("--batch-size", type=positive_int, default=10)
+  rounds.add_argument("--max-local-steps", type=positive_int, default=None)
+  rounds.add_argument("--client-lr", type=positive_float, default=0.1)
   rounds.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default="sgd")
-  rounds.add_argument("--server-lr", type=_positive_float, default=None,
+  rounds.add_argument("--server-lr", type=positive_float, default=None,
                       help="server learning rate (default 1.0 for FedAvg, 0.1 for FedSGD)")
-  rounds.add_argument("--seed", type=_nonnegative_int, default=0)
+  rounds.add_argument("--seed", type=nonnegative_int, default=0)
   rounds.add_argument("--runner", choices=RUNNER_STRATEGIES, default="auto",
                       help="how clients run: sequential scan (CPU default), vmap (accelerator default: all the "
                            "round's clients at once), chunked (vmap over --chunk-size clients at a time, for memory)")
-  rounds.add_argument("--chunk-size", type=_positive_int, default=8, metavar="K",
+  rounds.add_argument("--chunk-size", type=positive_int, default=8, metavar="K",
                       help="clients per vmap chunk of --runner chunked (memory holds K clients at a time; the cohort "
                            "is padded to a multiple of K)")
-  rounds.add_argument("--cpu-devices", type=_positive_int, default=None, metavar="N",
+  rounds.add_argument("--cpu-devices", type=positive_int, default=None, metavar="N",
                       help="XLA:CPU devices, each running its own stream of clients (default: one per usable core, "
                            "at most 8; 1 for a single device); see fedjax_lite.configure_cpu")
-  rounds.add_argument("--eval-every", type=_positive_int, default=5)
-  rounds.add_argument("--rounds-per-dispatch", type=_positive_int, default=None, metavar="R",
+  rounds.add_argument("--eval-every", type=positive_int, default=5)
+  rounds.add_argument("--rounds-per-dispatch", type=positive_int, default=None, metavar="R",
                       help="whole training on the device: the data copied there once, up to R rounds per "
                            "dispatch with cohorts and shuffles drawn there (default: rounds packed on the host)")
   output = train.add_argument_group("output")
@@ -240,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
   checkpoints.add_argument("--checkpoint-dir", default=None,
                            help="save checkpoints here (every --checkpoint-every rounds, at the end, and on "
                                 "SIGINT/SIGTERM)")
-  checkpoints.add_argument("--checkpoint-every", type=_positive_int, default=10, help="rounds between checkpoints")
+  checkpoints.add_argument("--checkpoint-every", type=positive_int, default=10, help="rounds between checkpoints")
   checkpoints.add_argument("--resume", action="store_true",
                            help="continue the run saved in --checkpoint-dir (start afresh if it holds none)")
   hosts = train.add_argument_group("many processes (jax.distributed: run the same command in every process, "
@@ -248,10 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
   hosts.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                      help="process 0's host and a free port, the same for every process (default "
                           "$FEDJAX_LITE_COORDINATOR_ADDRESS; unset: one process)")
-  hosts.add_argument("--num-processes", type=_positive_int, default=None, help="processes in the run")
-  hosts.add_argument("--process-id", type=_nonnegative_int, default=None,
+  hosts.add_argument("--num-processes", type=positive_int, default=None, help="processes in the run")
+  hosts.add_argument("--process-id", type=nonnegative_int, default=None,
                      help="this process's rank, 0 .. --num-processes - 1 (process 0 writes the files)")
-  hosts.add_argument("--local-devices", type=_positive_int, default=None,
+  hosts.add_argument("--local-devices", type=positive_int, default=None,
                      help="CPU only: host devices this process exposes (e.g. 1 per core it may use)")
   return parser
 
@@ -379,6 +362,7 @@ _INTERNAL_PHRASES = (
 _DATASET_PHRASES = (
     (", or pass vocabulary=[...] explicitly", ""),
     ("pass download=True", "add --download"),
+    ("pass data_dir=", "pass --data-dir "),
 )
 
 
@@ -538,6 +522,19 @@ def _load_file_dataset(args):
   return data.train, data.test.all_examples(), data.num_classes, tuple(data.input_shape)
 
 
+def _check_dataset_labels(train_data, test_data, num_classes: int, dataset: str) -> None:
+  """Labels outside the model's classes would train to a NaN loss every round: refuse the dataset in one line
+  naming the client, the label and the class count."""
+  from fedjax_lite.core.round_data import check_labels
+
+  try:
+    check_labels(train_data.examples, num_classes, name="train_data", client_ids=train_data.client_ids,
+                 client_offsets=train_data.offsets)
+    check_labels(test_data, num_classes, name="test_data")
+  except (ValueError, TypeError) as error:
+    raise UsageError(f"--dataset {dataset}: {error}") from None
+
+
 def _build_model(name: str, num_classes: int, input_shape, dataset: str = "digits"):
   from fedjax_lite import models
 
@@ -603,6 +600,7 @@ def _build_job(args, mesh=None):
   from fedjax_lite.core import ClientSpec, Runner
 
   train_data, test_data, num_classes, input_shape = _load_data(args)
+  _check_dataset_labels(train_data, test_data, num_classes, args.dataset)
   if args.clients_per_round > train_data.num_clients:
     raise UsageError(f"--clients-per-round ({args.clients_per_round}) exceeds the {train_data.num_clients} "
                      "clients of the population")

@@ -54,11 +54,11 @@ from fedjax_lite.core.packing import ClientSpec, bucket_num_steps
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.round_data import RoundDataChecker, check_labels
 from fedjax_lite.core.sampling import UniformSampler
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.training import checkpoint as checkpointing
 from fedjax_lite.training import units
 from fedjax_lite.privacy.accounting import PrivacyLedger
 
-PyTree = Any
 EvaluateFn = Callable[[PyTree], Mapping[str, Any]]
 RoundCallback = Callable[[int, dict], bool | None]
 Sampler = Callable[[int], np.ndarray]
@@ -296,7 +296,8 @@ def run_training(
   if config is not None and not isinstance(config, Mapping):
     raise TypeError(f"config must be a mapping (JSON-able), got {type(config).__name__}.")
   if num_classes is not None:
-    check_labels(train_data.examples, num_classes, label_key=label_key, name="train_data")
+    check_labels(train_data.examples, num_classes, label_key=label_key, name="train_data",
+                 client_ids=train_data.client_ids, client_offsets=train_data.offsets)
 
   num_steps = client_spec.max_num_steps(train_data)
   next_fn = jax.jit(process.next, donate_argnums=(0,))
