@@ -29,8 +29,9 @@ a section that would start after the budget is spent is recorded as skipped). It
 Every measurement runs in its own ``try``: an error is recorded in the JSON (``{"error": ...}``), never raised.
 
 Usage (on the GPU machine): ``python benchmarks/accelerator_check.py [--output results.jsonl]``.
-Smoke mode on CPU (what the test suite runs; about 20 s of CPU time): ``JAX_PLATFORMS=cpu python benchmarks/accelerator_check.py
---platform cpu`` -- tiny sizes (cohorts 2 and 4, 20 examples per client, a dense softmax instead of the CNN).
+Smoke mode on CPU (what the test suite runs; about 20 s of CPU time):
+``JAX_PLATFORMS=cpu python benchmarks/accelerator_check.py --platform cpu`` -- tiny sizes (cohorts 2 and 4, 20
+examples per client, a dense softmax instead of the CNN).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--search-max", type=positive_int, default=None, help="the memory search stops here")
   parser.add_argument("--digits-rounds", type=positive_int, default=None,
                       help="rounds of the digits main job (default: the CLI's 100; smoke: 2)")
-  parser.add_argument("--rounds-per-dispatch", type=_positive_int, default=None,
+  parser.add_argument("--rounds-per-dispatch", type=positive_int, default=None,
                       help="R of the digits job's whole-training-on-the-device run (default 25; smoke: 2)")
   parser.add_argument("--output", default=None, help="also append the JSON line to this file")
   return parser

@@ -86,7 +86,8 @@ INVENTORIES = {
 
 def write_inventory(path: pathlib.Path, project: str, entries: dict[str, dict[str, str]]) -> None:
   """Writes a Sphinx version-2 inventory (the ``objects.inv`` format) of ``entries`` to ``path``."""
-  lines = [f"{name} {role} 1 {page} -" for role, names in sorted(entries.items()) for name, page in sorted(names.items())]
+  lines = [f"{name} {role} 1 {page} -"
+           for role, names in sorted(entries.items()) for name, page in sorted(names.items())]
   header = (f"# Sphinx inventory version 2\n# Project: {project}\n# Version: \n"
             "# The remainder of this file is compressed using zlib.\n")
   data = header.encode() + zlib.compress(("\n".join(lines) + "\n").encode())

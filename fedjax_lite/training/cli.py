@@ -242,9 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 # Flags that never change a run's results: not compared when resuming.
 # (--data-dir only says where the files are: the data itself is compared by its hash.)
 # (The process layout changes only the float summation order.)
-_RESULT_NEUTRAL_FLAGS = ("command", "version", "download", "output_dir", "json", "no_progress", "quiet", "log_format", "rounds",
-                         "dp_epsilon_budget", "checkpoint_dir", "checkpoint_every", "resume", "data_dir",
-                         "coordinator_address", "num_processes", "process_id", "local_devices",
+_RESULT_NEUTRAL_FLAGS = ("command", "version", "download", "output_dir", "json", "no_progress", "quiet",
+                         "log_format", "rounds", "dp_epsilon_budget", "checkpoint_dir", "checkpoint_every", "resume",
+                         "data_dir", "coordinator_address", "num_processes", "process_id", "local_devices",
                          "rounds_per_dispatch")  # R does not change results; host vs device sampling is compared
 
 
@@ -672,8 +672,8 @@ def train_command(args, distributed=None) -> dict | None:
 
   from fedjax_lite.algorithms import centralized_evaluation
   from fedjax_lite.training.loop import run_training
-  from fedjax_lite.training.plotting import plot_history
   from fedjax_lite.training import units
+  from fedjax_lite.training.plotting import plot_history
   from fedjax_lite.training.tracking import FILE_NAMES, make_trackers
 
   try:

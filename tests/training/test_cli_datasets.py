@@ -129,8 +129,8 @@ def test_download_flag_fetches_the_file_and_trains(tmp_path, capsys, monkeypatch
   write_tff_sqlite(served / "emnist_all.sqlite", emnist_splits())
   (served / "emnist_all.sqlite.lzma").write_bytes(lzma.compress((served / "emnist_all.sqlite").read_bytes()))
   remote = (served / "emnist_all.sqlite.lzma").as_uri()
-  monkeypatch.setattr(emnist_lib, "EMNIST_SQLITE", RemoteFile("emnist_all.sqlite.lzma", remote,
-                                                              download_lib.sha256_of(served / "emnist_all.sqlite.lzma")))
+  digest = download_lib.sha256_of(served / "emnist_all.sqlite.lzma")
+  monkeypatch.setattr(emnist_lib, "EMNIST_SQLITE", RemoteFile("emnist_all.sqlite.lzma", remote, digest))
   argv = ["train", "--dataset", "emnist", "--model", "dense", "--rounds", "1", "--clients-per-round", "2",
           "--batch-size", "4", "--output-dir", str(tmp_path / "run"), "--json", "--quiet"]
   assert main(argv) == 2  # not on disk: the message names --download
