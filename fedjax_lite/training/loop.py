@@ -55,8 +55,10 @@ from fedjax_lite.core.process import Process
 from fedjax_lite.core.round_data import RoundDataChecker, check_labels
 from fedjax_lite.core.sampling import UniformSampler
 from fedjax_lite.core.tree import PyTree
+from fedjax_lite.systems.rounds import SystemsRounds
 from fedjax_lite.training import checkpoint as checkpointing
 from fedjax_lite.training import units
+from fedjax_lite.training.simulated_time import SimulatedTimeDriver
 from fedjax_lite.privacy.accounting import PrivacyLedger
 
 EvaluateFn = Callable[[PyTree], Mapping[str, Any]]
@@ -169,6 +171,7 @@ def run_training(
     label_key: str = "y",
     client_states: ClientStateStore | None = None,
     round_packer: Callable[..., tuple[PyTree, int]] | None = None,
+    systems: SystemsRounds | None = None,
 ) -> TrainingResult:
   """Trains ``process`` for ``num_rounds`` rounds; see the module docstring.
 
@@ -233,6 +236,12 @@ def run_training(
     round_packer: multi-process runs (:meth:`fedjax_lite.training.distributed.ProcessShard.packer`):
       ``round_packer(cohort, *, seed, round_num, num_steps, cohort_size) -> (round data on the devices, real
       clients in the cohort)`` packs this process's share only; default: the whole cohort packed here.
+    systems: optional :class:`fedjax_lite.systems.SystemsRounds`: synchronous rounds with client systems on a
+      simulated clock (dropout, over-selection with a deadline, stragglers' partial work;
+      :mod:`fedjax_lite.training.simulated_time`). With ``clients_per_round=m`` each round selects
+      ``ceil(f * m)`` clients and keeps at most ``m``; every record gets the ``systems/`` metrics
+      (``systems/round_seconds``, ``systems/elapsed_hours``, ...). Not with ``rounds_per_dispatch`` or
+      ``round_packer``.
   """
   if not isinstance(process, Process):
     raise TypeError(f"process must be a fedjax_lite Process, got {type(process).__name__}.")
@@ -251,6 +260,15 @@ def run_training(
   elif not (callable(sampler) and hasattr(sampler, "cohort_capacity")):
     raise TypeError("sampler must be callable (round_num -> client indices) with a cohort_capacity, e.g. "
                     "fedjax_lite.core.sampling.PoissonSampler.")
+  simulated_time = None
+  if systems is not None:
+    if rounds_per_dispatch is not None or round_packer is not None:
+      raise ValueError("systems (simulated client systems) runs rounds packed on the host: not with "
+                       "rounds_per_dispatch or round_packer.")
+    simulated_time = SimulatedTimeDriver(systems, train_data=train_data, client_spec=client_spec,
+                                         clients_per_round=clients_per_round, sampler=sampler, seed=seed,
+                                         sample_with_replacement=sample_with_replacement, privacy=privacy)
+    sampler = simulated_time.sampler
   if rounds_per_dispatch is not None:
     validation.check_int("rounds_per_dispatch", rounds_per_dispatch, minimum=1)
     _check_device_training(process, sampler, round_packer, train_data, client_spec)
@@ -303,7 +321,7 @@ def run_training(
   next_fn = jax.jit(process.next, donate_argnums=(0,))
   base_key = jax.random.key(seed)
 
-  capacity = int(sampler.cohort_capacity)
+  capacity = int(sampler.cohort_capacity) if simulated_time is None else simulated_time.capacity
   check_round = RoundDataChecker("round_data")
   scanned_rounds = None
   if rounds_per_dispatch is not None:  # the population on the device once; rounds drawn there
@@ -315,6 +333,11 @@ def run_training(
                       checkpoint_every if checkpoint_dir is not None else num_rounds)
 
   def prepare(round_num: int):
+    if simulated_time is not None:  # the selection planned on the simulated clock; its counted clients packed
+      packed, cohort = simulated_time.prepare(round_num, num_steps=num_steps)
+      check_round(packed)
+      num_examples = np.asarray(packed["num_examples"])
+      return jax.device_put(packed), int(np.count_nonzero(num_examples)), (cohort, num_examples)
     cohort = sampler(round_num)
     slots = capacity if len(cohort) <= capacity else bucket_num_steps(len(cohort))
     if round_packer is not None:
@@ -328,6 +351,14 @@ def run_training(
 
   # A private copy: the jitted round donates its input state, which must not invalidate the caller's arrays.
   state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, process.init(initial_params))
+  if simulated_time is not None:  # the round's per-client bits; the systems join the run's configuration
+
+    def trace_round(shapes, client_state_shapes):  # traced as the loop calls it: its first call reuses the trace
+      if client_state_shapes is not None:
+        shapes = dict(shapes, client_state=client_state_shapes)
+      return next_fn.trace(state, shapes, base_key).out_info
+
+    config = simulated_time.start(trace_round, num_steps=num_steps, client_states=client_states, config=config)
   history: list[dict] = []
   cumulative = {"broadcasted_bits": 0, "aggregated_bits": 0}
   start_round = 0
@@ -358,6 +389,8 @@ def run_training(
       cumulative = dict(restored.meta["cumulative"])
       rejected_streak = int(restored.meta["rejected_streak"])
       start_round = restored.rounds_completed
+  if simulated_time is not None:  # the clock continues from the (restored) history
+    simulated_time.restore(history)
 
   def save_checkpoint(rounds_completed: int) -> None:
     trees = {checkpointing.SERVER_STATE: state}
@@ -400,6 +433,8 @@ def run_training(
     """Records round ``round_num`` (``flat``: its flattened metrics): evaluation, files, progress bar, stall
     check, callback; at a dispatch's end also checkpoints and signals. Returns True when the loop stops here."""
     nonlocal rejected_streak, stopped, first_round_seconds
+    if simulated_time is not None:
+      flat.update(simulated_time.metrics(round_num))
     for key in ("broadcasted_bits", "aggregated_bits"):
       if key in flat:
         cumulative[key] += int(flat[key])
