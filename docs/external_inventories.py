@@ -51,6 +51,7 @@ INVENTORIES = {
         "py:class": {
             "jax.Array": "_autosummary/jax.Array.html#$",
             "jax.Device": "_autosummary/jax.Device.html#$",
+            "jax.ShapeDtypeStruct": "_autosummary/jax.ShapeDtypeStruct.html#$",
             "jax.lax.Precision": "jax.lax.html#$",
             "jax.sharding.Mesh": "jax.sharding.html#$",
             "jax.sharding.NamedSharding": "jax.sharding.html#$",

@@ -13,7 +13,8 @@ Where this sits: read by the training loop's progress bar, the CLI's ``summary.j
   ``cumulative_*`` totals: exact integers) and shown to people in **mebibits**, 1 Mibit = 2**20 bits, one figure
   per direction: ``down`` is the broadcast (server to clients, ``broadcasted_bits``), ``up`` the upload (clients
   to server, ``aggregated_bits``). The progress bar shows ``down_Mibit``/``up_Mibit`` so far, ``summary.json``
-  has ``broadcasted_mebibits``/``aggregated_mebibits``, and the notebooks print Mibit.
+  has ``broadcasted_mebibits``/``aggregated_mebibits``, and the notebooks print Mibit. (Network bandwidths of
+  simulated client systems are rates, quoted in Mbit/s = 10**6 bits per second as links are measured.)
 """
 
 from __future__ import annotations
