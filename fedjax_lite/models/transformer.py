@@ -27,11 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model
-from fedjax_lite.models.adapter import from_flax
 from fedjax_lite.models.lora import LoRADense
-from fedjax_lite.models.recurrent import special_tokens
-from fedjax_lite.models.sequence import sequence_loss, sequence_metrics
+from fedjax_lite.models.recurrent import language_model, special_tokens
 
 LORA_TARGETS: tuple[str, ...] = ("query", "key", "value", "out", "mlp_in", "mlp_out")
 _INIT = nn.initializers.normal(0.02)
@@ -141,12 +140,6 @@ class TransformerLM(nn.Module):
     return LoRADense(self.vocab_size, name="logits")(hidden)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-  return value
-
-
 def transformer_lm(
     vocab_size: int = 86,
     sequence_length: int = 80,
@@ -192,20 +185,22 @@ def transformer_lm(
       'mlp_out')``.
   """
   tokens, total = special_tokens(vocab_size, num_oov_buckets, pad_id, oov_ids, bos_id, eos_id)
-  _check_int("sequence_length", sequence_length, 1)
-  context_length = sequence_length if context_length is None else _check_int("context_length", context_length, 1)
+  validation.check_int("sequence_length", sequence_length, minimum=1)
+  if context_length is None:
+    context_length = sequence_length
+  validation.check_int("context_length", context_length, minimum=1)
   if context_length < sequence_length:
     raise ValueError(f"context_length ({context_length}) must be >= sequence_length ({sequence_length}).")
-  _check_int("num_layers", num_layers, 1)
-  _check_int("num_heads", num_heads, 1)
-  _check_int("width", width, 1)
+  validation.check_int("num_layers", num_layers, minimum=1)
+  validation.check_int("num_heads", num_heads, minimum=1)
+  validation.check_int("width", width, minimum=1)
   if width % num_heads:
     raise ValueError(f"width ({width}) must be divisible by num_heads ({num_heads}).")
   if mlp_width is not None:
-    _check_int("mlp_width", mlp_width, 1)
+    validation.check_int("mlp_width", mlp_width, minimum=1)
   if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, (int, float)) or not 0 <= dropout_rate < 1:
     raise ValueError(f"dropout_rate must be a number in [0, 1), got {dropout_rate!r}.")
-  _check_int("lora_rank", lora_rank, 0)
+  validation.check_int("lora_rank", lora_rank, minimum=0)
   if lora_alpha is not None and (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float))
                                  or not lora_alpha > 0):
     raise ValueError(f"lora_alpha must be a positive number or None, got {lora_alpha!r}.")
@@ -217,6 +212,5 @@ def transformer_lm(
                          num_heads=num_heads, width=width, mlp_width=mlp_width, dropout_rate=float(dropout_rate),
                          tie_embeddings=bool(tie_embeddings), lora_rank=lora_rank,
                          lora_alpha=None if lora_alpha is None else float(lora_alpha), lora_targets=targets)
-  sample = jnp.zeros((1, sequence_length), jnp.int32)
   name = "transformer_lm" if not lora_rank else f"transformer_lm_lora{lora_rank}"
-  return from_flax(module, sample, loss=sequence_loss(tokens), metrics=sequence_metrics(tokens), name=name)
+  return language_model(module, sequence_length, tokens, name)

@@ -79,8 +79,8 @@ def np_forward(params, ids, num_heads, alpha_over_rank=1.0):
   return np_layer_norm(h, p["final_norm"]) @ p["token_embedding"].T
 
 
-@pytest.mark.parametrize("lora_kwargs", [{}, {"lora_rank": 2, "lora_alpha": 6.0, "lora_targets": transformer.LORA_TARGETS}],
-                         ids=["base", "lora"])
+@pytest.mark.parametrize("lora_kwargs", [{}, {"lora_rank": 2, "lora_alpha": 6.0,
+                                              "lora_targets": transformer.LORA_TARGETS}], ids=["base", "lora"])
 def test_forward_pass_equals_numpy(lora_kwargs):
   model = tiny(**lora_kwargs)
   params = randomized(model.init(jax.random.key(0)))
