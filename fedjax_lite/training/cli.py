@@ -7,9 +7,14 @@ directory, and ends with a one-line summary (``--json`` prints the summary as JS
 
 Bad flags give one line on stderr and exit code 2: unknown values, flags that do not apply to the chosen
 algorithm, aggregator or dataset (e.g. ``--trim-fraction`` without ``--aggregator trimmed-mean``), an output path
-that is a file. With ``--checkpoint-dir DIR`` the run saves checkpoints (every ``--checkpoint-every`` rounds, at the
-end, and on SIGINT/SIGTERM, after which it exits with 128 + the signal number); ``--resume`` continues the run in DIR
-and ends bit-identical to an uninterrupted one, or refuses (exit 2) flags that would change the results.
+that is a file or cannot be written (checked before any training). With ``--checkpoint-dir DIR`` the run saves
+checkpoints (every ``--checkpoint-every`` rounds, at the end, and on SIGINT/SIGTERM, after which it exits with 128 +
+the signal number); ``--resume`` continues the run in DIR and ends bit-identical to an uninterrupted one, or refuses
+(exit 2) flags that would change the results, naming each (``--algorithm: "scaffold" in the checkpoint, "fedavg"
+now``). A DIR another run writes (its lock file), or one that cannot be written, is refused with exit 2; a checkpoint
+that cannot be written mid-run (full disk, read-only folder) ends the run with exit 1, the previous checkpoint and the
+finished rounds' metrics intact. Every such fault is one line (``fedjax-lite: error: ...``); warnings are one line
+each (``fedjax-lite: warning: ...``, e.g. a damaged checkpoint set aside), and orbax's own logs are not shown.
 
 Many processes (:mod:`fedjax_lite.training.distributed`): every process runs the same command with
 ``--coordinator-address HOST:PORT --num-processes N --process-id K`` (or the ``FEDJAX_LITE_*`` environment
@@ -20,12 +25,17 @@ process, each process packs only its own clients, and only process 0 writes file
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import logging
 import math
 import os
 import sys
+import tempfile
 import time
-from typing import Callable, Sequence
+import warnings
+from typing import Callable, Iterator, Sequence
 
 EXIT_USAGE = 2
 
@@ -377,13 +387,19 @@ def distributed_config(args, given: set[str], environ=None):
 
 
 def _check_output_path(flag: str, path: str) -> None:
-  """A directory flag must not name a file (one line, exit 2, instead of a traceback)."""
+  """A directory flag must name a directory this process can write (one line, exit 2, before any training)."""
   if os.path.exists(path) and not os.path.isdir(path):
     raise UsageError(f"{flag} {path} is a file, not a directory")
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as error:
     raise UsageError(f"{flag} {path}: cannot create the directory ({error.strerror or error})") from None
+  try:  # a real write: permission bits do not tell (root, read-only mounts, immutable folders, ACLs)
+    descriptor, probe = tempfile.mkstemp(prefix=".fedjax-lite-write-test-", dir=path)
+    os.close(descriptor)
+    os.unlink(probe)
+  except OSError as error:
+    raise UsageError(f"{flag} {path} is not writable ({error.strerror or error})") from None
 
 
 def _server_optimizer(name: str, learning_rate: float):
@@ -739,6 +755,44 @@ def train_command(args, distributed=None) -> dict | None:
   return summary
 
 
+# The environment's faults that end a run (exit 1): one line naming the file and the reason.
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM,
+                       errno.EIO)
+
+
+class _HideOrbaxLogs(logging.Filter):
+  """Drops orbax's own log records: a failed save is reported once, in one line, by the CLI."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def _one_line_reports() -> Iterator[None]:
+  """Warnings as one line each on stderr (``fedjax-lite: warning: ...``), orbax's logs hidden."""
+  previous_show, previous_unraisable = warnings.showwarning, sys.unraisablehook
+
+  def show(message, category, filename, lineno, file=None, line=None):
+    del category, filename, lineno, line
+    (file or sys.stderr).write(f"fedjax-lite: warning: {message}\n")
+
+  def unraisable(report):
+    # After a failed save, tensorstore may complete one of orbax's other writes once orbax's event loop is closed;
+    # the callback's error is about a write already reported as failed.
+    if not (isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"):
+      previous_unraisable(report)
+
+  warnings.showwarning, sys.unraisablehook = show, unraisable
+  orbax_logs = _HideOrbaxLogs()
+  absl_logger = logging.getLogger("absl")  # orbax logs through absl
+  absl_logger.addFilter(orbax_logs)
+  try:
+    yield
+  finally:
+    warnings.showwarning, sys.unraisablehook = previous_show, previous_unraisable
+    absl_logger.removeFilter(orbax_logs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``fedjax-lite`` console script."""
   parser = build_parser()
@@ -749,19 +803,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ImportError:
     pass
   try:
-    args = parser.parse_args(argv)
-    if args.command is None:
-      raise UsageError("a command is required: fedjax-lite train [flags] (see fedjax-lite train --help)")
-    given = _explicit_flags(argv)
-    check_flags_apply(args, given)
-    summary = train_command(args, distributed_config(args, given))
+    with _one_line_reports():
+      args = parser.parse_args(argv)
+      if args.command is None:
+        raise UsageError("a command is required: fedjax-lite train [flags] (see fedjax-lite train --help)")
+      given = _explicit_flags(argv)
+      check_flags_apply(args, given)
+      summary = train_command(args, distributed_config(args, given))
   except UsageError as error:
     sys.stderr.write(f"fedjax-lite: error: {error}\n")
     return EXIT_USAGE
   except Exception as error:  # the run's own failures: one line each, no traceback
-    from fedjax_lite.training.checkpoint import CheckpointError, ConfigMismatchError
+    from fedjax_lite.training.checkpoint import CheckpointError, CheckpointSaveError, ConfigMismatchError
     from fedjax_lite.training.loop import TrainingStalledError
 
+    if isinstance(error, CheckpointSaveError):  # the environment failed mid-run: not a usage error
+      sys.stderr.write(f"fedjax-lite: error: {error}; continue with --resume once it can be written\n")
+      return 1
     if isinstance(error, (ConfigMismatchError, CheckpointError)) or (
         isinstance(error, ValueError) and ("already holds checkpoints" in str(error)
                                            or str(error).startswith("rounds_per_dispatch"))):
@@ -771,6 +829,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       return EXIT_USAGE
     if isinstance(error, TrainingStalledError):
       sys.stderr.write(f"fedjax-lite: error: {error}\n")
+      return 1
+    if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
+      where = f"{error.filename}: " if error.filename else ""
+      sys.stderr.write(f"fedjax-lite: error: {where}{error.strerror or error}\n")
       return 1
     raise
   except KeyboardInterrupt as interrupt:
