@@ -22,7 +22,8 @@ cold first round):
 The configurations run round-robin ``--repeats`` times, the order rotated each repetition, so machine noise hits
 them alike; each measurement reports its steady seconds per round (the median of rounds 3..R) and its first round.
 ``ratios`` divides the library's median steady time by each pfl configuration's, and by pfl's best (the faster of
-the two). Output: one JSON line on stdout (and ``--output``), progress on stderr.
+the two); ``cpu_time_library_to_*`` divides the CPU seconds per steady round (all of a configuration's processes
+and threads), the steadier figure on a loaded machine (it counts work, not waiting; spinning threads count too). Output: one JSON line on stdout (and ``--output``), progress on stderr.
 """
 
 from __future__ import annotations
@@ -86,15 +87,18 @@ def library_child(workload_name: str, rounds: int, seed: int, configure: bool, b
   state = process.init(model.init(jax.random.key(seed)))
   step = jax.jit(process.next)
   keys = jax.random.split(jax.random.key(seed + 1), rounds)
-  marks = [time.perf_counter()]
+  marks, cpu_marks = [time.perf_counter()], [time.process_time()]
   for index in range(rounds):
     state, metrics = step(state, round_data, keys[index])
     jax.block_until_ready((state, metrics))
     marks.append(time.perf_counter())
+    cpu_marks.append(time.process_time())
   rounds_s = [b - a for a, b in zip(marks, marks[1:])]
+  cpu_s = [b - a for a, b in zip(cpu_marks, cpu_marks[1:])]
   return {"system": "fedjax_lite", "workload": workload_name, "rounds": rounds,
           "round_s": [round(r, 4) for r in rounds_s], "first_round_s": round(rounds_s[0], 3),
           "startup_s": round(marks[0] - start, 3), "steady_s": round(statistics.median(rounds_s[2:] or rounds_s), 4),
+          "cpu_round_s": [round(c, 4) for c in cpu_s], "steady_cpu_s": round(statistics.median(cpu_s[2:] or cpu_s), 4),
           "cpu_devices": devices, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
@@ -111,7 +115,11 @@ def run_json(command: list[str], env: dict, timeout: float) -> dict:
   lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
   if proc.returncode != 0 or not lines:
     return {"error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-2000:]}
-  result = json.loads(lines[-1])
+  records = [json.loads(line) for line in lines]
+  result = next((r for r in records if r.get("rank", 0) == 0), records[-1])
+  if len(records) > 1 and all("steady_cpu_s" in r for r in records):  # several workers: their CPU time adds up
+    result["steady_cpu_s"] = round(sum(r["steady_cpu_s"] for r in records), 4)
+    result["worker_steady_s"] = [r["steady_s"] for r in records]
   result["process_wall_s"] = round(time.perf_counter() - started, 2)
   return result
 
@@ -142,6 +150,9 @@ def summarize(samples: dict[str, list[dict]]) -> dict:
     out[name] = {
         "steady_s": [r["steady_s"] for r in good], "first_round_s": [r["first_round_s"] for r in good],
         "median_steady_s": round(statistics.median([r["steady_s"] for r in good]), 4) if good else None,
+        "steady_cpu_s": [r.get("steady_cpu_s") for r in good],
+        "median_steady_cpu_s": (round(statistics.median([r["steady_cpu_s"] for r in good]), 4)
+                                if good and all("steady_cpu_s" in r for r in good) else None),
         "errors": [r for r in results if "error" in r],
     }
   return out
@@ -155,6 +166,10 @@ def ratios(summary: dict) -> dict:
     for name, value in pfl.items():
       out[f"library_to_{name}"] = round(lib / value, 3)
     out["library_to_pfl_best"] = round(lib / min(pfl.values()), 3)
+    lib_cpu = summary["library"].get("median_steady_cpu_s")
+    for name in pfl:
+      if lib_cpu and summary[name].get("median_steady_cpu_s"):
+        out[f"cpu_time_library_to_{name}"] = round(lib_cpu / summary[name]["median_steady_cpu_s"], 3)
     if summary.get("library+flags", {}).get("median_steady_s"):
       out["library+flags_to_pfl_best"] = round(summary["library+flags"]["median_steady_s"] / min(pfl.values()), 3)
       out["library+flags_to_library"] = round(summary["library+flags"]["median_steady_s"] / lib, 3)

@@ -26,8 +26,9 @@ Workloads (the same as the library's side, ``peer_side_by_side.py``):
 
 Every round trains the whole population (the cohort is every user, sampled with pfl's ``minimize_reuse``
 sampler). Times are taken by a callback at the end of every central iteration: ``first_round_s`` from the start
-of ``run`` to the end of round 1, ``steady_s`` the median round of rounds 3..R. Output: one JSON line on stdout
-from rank 0.
+of ``run`` to the end of round 1, ``steady_s`` the median round of rounds 3..R; ``steady_cpu_s`` is the same for
+the CPU time the process used (on a loaded machine a steadier measure of the work done than wall time). Output: one
+JSON line on stdout per worker.
 """
 
 from __future__ import annotations
@@ -126,14 +127,17 @@ def run(workload_name: str, rounds: int, seed: int) -> dict:
   backend = SimulatedBackend(training_data=training_data, val_data=None, postprocessors=[weighting])
 
   marks: list[float] = []
+  cpu_marks: list[float] = []
 
   class RoundTimer(TrainingProcessCallback):
     def on_train_begin(self, *, model):
       marks.append(time.perf_counter())
+      cpu_marks.append(time.process_time())
       return Metrics()
 
     def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
       marks.append(time.perf_counter())
+      cpu_marks.append(time.process_time())
       return False, Metrics()
 
   start = time.perf_counter()
@@ -146,13 +150,16 @@ def run(workload_name: str, rounds: int, seed: int) -> dict:
       model_eval_params=NNEvalHyperParams(local_batch_size=1000),
       callbacks=[RoundTimer()])
   rounds_s = [b - a for a, b in zip(marks, marks[1:])]
+  cpu_s = [b - a for a, b in zip(cpu_marks, cpu_marks[1:])]
   distributed = get_default_framework_module().distributed
   first_param = next(torch_model.parameters())
   return {
       "system": "pfl", "workload": workload_name, "rounds": rounds, "round_s": [round(r, 4) for r in rounds_s],
       "first_round_s": round(marks[1] - start, 3) if len(marks) > 1 else None,
       "steady_s": round(statistics.median(rounds_s[2:] or rounds_s), 4),
-      "workers": distributed.world_size, "torch_threads": torch.get_num_threads(),
+      "cpu_round_s": [round(c, 4) for c in cpu_s],
+      "steady_cpu_s": round(statistics.median(cpu_s[2:] or cpu_s), 4),
+      "rank": distributed.global_rank, "workers": distributed.world_size, "torch_threads": torch.get_num_threads(),
       "param_checksum": float(first_param.detach().double().abs().sum()),
   }
 
@@ -169,8 +176,7 @@ def main(argv=None) -> dict:
   result = run(args.workload, args.rounds, args.seed)
   result.update({"torch": torch.__version__, "pfl": __import__("pfl").__version__ if hasattr(__import__("pfl"),
                                                                                            "__version__") else "0.6.0"})
-  if int(os.environ.get("RANK", "0")) == 0:
-    print(json.dumps(result), flush=True)
+  print(json.dumps(result), flush=True)  # every worker prints its own line (the driver sums their CPU time)
   return result
 
 
