@@ -56,8 +56,9 @@ def log(message: str) -> None:
 # The library's side (a child process) --------------------------------------------------------------------------------
 
 
-def library_child(workload_name: str, rounds: int, seed: int, configure: bool, bf16: bool = False) -> dict:
-  """Runs ``rounds`` FedAvg rounds of the library on the workload and returns the per-round times."""
+def library_child(workload_name: str, rounds: int, seed: int, configure: bool, quick: bool = False) -> dict:
+  """Runs ``rounds`` FedAvg rounds of the library on the workload and returns the per-round times (``quick``: the
+  same model on 2 clients of 2 batches, a smoke test)."""
   start = time.perf_counter()
   import fedjax_lite
 
@@ -70,7 +71,9 @@ def library_child(workload_name: str, rounds: int, seed: int, configure: bool, b
   from fedjax_lite.core import FederatedData, pack_clients
   from fedjax_lite.models import cnn_dropout, original_fedavg_cnn
 
-  workload = WORKLOADS[workload_name]
+  workload = dict(WORKLOADS[workload_name])
+  if quick:
+    workload.update(users=2, examples=2 * workload["batch"])
   rng = np.random.default_rng(seed)
   total = workload["users"] * workload["examples"]
   examples = {"x": rng.random((total,) + workload["image"], dtype=np.float32),
@@ -99,7 +102,7 @@ def library_child(workload_name: str, rounds: int, seed: int, configure: bool, b
           "round_s": [round(r, 4) for r in rounds_s], "first_round_s": round(rounds_s[0], 3),
           "startup_s": round(marks[0] - start, 3), "steady_s": round(statistics.median(rounds_s[2:] or rounds_s), 4),
           "cpu_round_s": [round(c, 4) for c in cpu_s], "steady_cpu_s": round(statistics.median(cpu_s[2:] or cpu_s), 4),
-          "cpu_devices": devices, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "cpu_devices": devices, "users": workload["users"], "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 # The driver ----------------------------------------------------------------------------------------------------------
@@ -214,12 +217,14 @@ def main(argv=None) -> dict:
   parser.add_argument("--output", default=None)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--jax-defaults", action="store_true", help="library child: skip configure_cpu()")
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny cohorts (2 clients of 2 batches), the library only unless --pfl-python: a smoke test")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--workload", default="standard", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
   if args.child == "library":
-    result = library_child(args.workload, args.rounds, args.seed, configure=not args.jax_defaults)
+    result = library_child(args.workload, args.rounds, args.seed, configure=not args.jax_defaults, quick=args.quick)
     print(json.dumps(result), flush=True)
     return result
 
@@ -243,6 +248,8 @@ def main(argv=None) -> dict:
         extra = ["--workload", workload, "--rounds", str(args.rounds), "--seed", str(args.seed)]
         if name.startswith("library") and args.jax_defaults:
           extra.append("--jax-defaults")
+        if name.startswith("library") and args.quick:
+          extra.append("--quick")
         load = os.getloadavg()[0]
         record = run_json(command + extra, env, args.timeout)
         record["load_average_before"] = load
