@@ -43,6 +43,8 @@ import sys
 import time
 import traceback
 
+from fedjax_lite.training.cli import positive_float, positive_int
+
 EPS32 = 2.0 ** -23  # float32 unit roundoff x 2 (machine epsilon)
 
 
@@ -56,38 +58,18 @@ def _parse_cohorts(text: str) -> list[int]:
   return values
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-  return value
-
-
-def _positive_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-  if not value > 0 or value == float("inf"):
-    raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-  return value
-
-
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--platform", default=None,
                       help="JAX platform to run on (e.g. cpu, cuda); 'cpu' selects the smoke sizes. Default: JAX's")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes (implied by --platform cpu)")
   parser.add_argument("--full", action="store_true", help="full sizes even with --platform cpu (slow)")
-  parser.add_argument("--budget-s", type=_positive_float, default=290.0, help="total time budget in seconds")
+  parser.add_argument("--budget-s", type=positive_float, default=290.0, help="total time budget in seconds")
   parser.add_argument("--cohorts", type=_parse_cohorts, default=None, help="default 10,100,1000 (smoke: 2,4)")
-  parser.add_argument("--rounds", type=_positive_int, default=3, help="timed rounds per cohort after one warm-up")
-  parser.add_argument("--search-start", type=_positive_int, default=None, help="first cohort of the memory search")
-  parser.add_argument("--search-max", type=_positive_int, default=None, help="the memory search stops here")
-  parser.add_argument("--digits-rounds", type=_positive_int, default=None,
+  parser.add_argument("--rounds", type=positive_int, default=3, help="timed rounds per cohort after one warm-up")
+  parser.add_argument("--search-start", type=positive_int, default=None, help="first cohort of the memory search")
+  parser.add_argument("--search-max", type=positive_int, default=None, help="the memory search stops here")
+  parser.add_argument("--digits-rounds", type=positive_int, default=None,
                       help="rounds of the digits main job (default: the CLI's 100; smoke: 2)")
   parser.add_argument("--output", default=None, help="also append the JSON line to this file")
   return parser

@@ -3,7 +3,8 @@
 ``fedjax-lite train`` and the README's research example call :func:`fedjax_lite.configure_cpu` first (one XLA:CPU
 device per usable core, single-threaded Eigen; the default runner then shards the clients over the devices), so
 the benchmarks measure that configuration by default; ``--jax-defaults`` measures JAX's own defaults instead (one
-CPU device, multi-threaded Eigen, the runner's sequential lanes). Call :func:`apply` before anything uses JAX.
+CPU device, multi-threaded Eigen, the runner's one sequential scan over the clients). Call :func:`apply` before
+anything uses JAX.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import fedjax_lite
 def add_argument(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--jax-defaults", action="store_true",
                       help="do not call fedjax_lite.configure_cpu() (JAX's defaults: one CPU device, multi-threaded "
-                           "Eigen, the runner's sequential lanes)")
+                           "Eigen, the runner's one sequential scan over the clients)")
 
 
 def apply(args: argparse.Namespace) -> dict:

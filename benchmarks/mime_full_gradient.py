@@ -2,8 +2,8 @@
 
 MimeLite's client computes ``g_i = grad f_i(x)`` over its whole data before its local steps (one more forward and
 backward pass per example). Fewer, larger ops are often faster on XLA, so this compares, on the standard workload
-(the original FedAvg CNN, 10 clients x 200 examples, batch 20) and inside scans over the clients as the runner's
-two lanes run them:
+(the original FedAvg CNN, 10 clients x 200 examples, batch 20) and inside two independent scans, each over half of
+the clients (as two host devices run them under ``fedjax_lite.configure_cpu()``, here in one program):
 
 * ``loop``: the library's ``client_gradient``, one batch per step of a rolled loop (padded steps skipped);
 * ``one_batch``: the client's whole packed data as ONE batch (``steps x batch`` examples, padding included);
@@ -95,12 +95,12 @@ def main(argv=None) -> int:
 
   def over_clients(fn):
     def program(p, data, key):
-      def lane(lane_data):
+      def scan_clients(half):
         def body(total, client_data):
           return jax.tree.map(jnp.add, total, fn(p, client_data, key)), None
-        return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, p), lane_data)[0]
-      lanes = [lane(jax.tree.map(lambda x, i=i: x[i::2], data)) for i in range(2)]
-      return jax.tree.map(jnp.add, *lanes)
+        return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, p), half)[0]
+      halves = [scan_clients(jax.tree.map(lambda x, i=i: x[i::2], data)) for i in range(2)]
+      return jax.tree.map(jnp.add, *halves)
     return jax.jit(program)
 
   programs = {name: over_clients(fn) for name, fn in variants.items()}

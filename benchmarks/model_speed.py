@@ -2,7 +2,7 @@
 
 Where this sits: ``benchmarks/`` measures the facts behind the models' design (``fedjax_lite/models/recurrent.py``).
 On XLA:CPU a convolution's backward pass inside a rolled loop was ~10x slower than alone
-(``../shared/reference/xla-cpu.md``); this script checks that the recurrent models do not pay such a price in the
+(jax-ml/jax#12868, ``docs/xla_cpu.md``); this script checks that the recurrent models do not pay such a price in the
 loops the library runs them in. Run it from the repository root::
 
   python benchmarks/model_speed.py                 # the reference's model: embedding 8, LSTM 256 x 2, T = 80

@@ -34,29 +34,14 @@ import time
 
 import numpy as np
 
+from fedjax_lite.training.cli import number_type, positive_int
+
 FEATURE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 62
 BATCH_SIZE = 10
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-  return value
-
-
-def _mean_examples(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}") from None
-  if not 1.0 <= value < 1e6:
-    raise argparse.ArgumentTypeError(f"expected a number in [1, 1e6), got {text!r}")
-  return value
+_mean_examples = number_type(float, "a number in [1, 1e6)", lambda value: 1.0 <= value < 1e6)
 
 
 def rss_bytes() -> dict:
@@ -250,14 +235,14 @@ def run(num_clients: int, cohort: int, rounds: int, mean_examples: float, seed: 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="3,400 clients, cohorts of 100: a smoke test")
-  parser.add_argument("--clients", type=_positive_int, default=None, help="population size (default 340,000)")
-  parser.add_argument("--cohort", type=_positive_int, default=None, help="clients per round (default 10,000)")
-  parser.add_argument("--rounds", type=_positive_int, default=3, help="rounds (each samples and packs a cohort)")
+  parser.add_argument("--clients", type=positive_int, default=None, help="population size (default 340,000)")
+  parser.add_argument("--cohort", type=positive_int, default=None, help="clients per round (default 10,000)")
+  parser.add_argument("--rounds", type=positive_int, default=3, help="rounds (each samples and packs a cohort)")
   parser.add_argument("--mean-examples", type=_mean_examples, default=3.0, help="mean examples per client")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--runner", choices=("auto", "sequential", "vmap", "chunked"), default="auto",
                       help="the round's client runner (default: the library's, sequential on CPU, vmap elsewhere)")
-  parser.add_argument("--chunk-size", type=_positive_int, default=8, help="clients per vmap chunk for chunked")
+  parser.add_argument("--chunk-size", type=positive_int, default=8, help="clients per vmap chunk for chunked")
   parser.add_argument("--dir", default=None, help="where to write the population (default: a temporary dir)")
   parser.add_argument("--output", default=None, help="also append the JSON line to this file")
   args = parser.parse_args(argv)

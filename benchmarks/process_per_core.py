@@ -1,13 +1,13 @@
 """Process per core: the standard round run by one process per CPU core (jax.distributed) against one process.
 
 Where this sits: issue 12 section 1 asks whether the CPU's cores can be kept busy by one process per core, since
-in-process concurrency (client lanes, host devices) measured at about one core's throughput
+in-process concurrency (parallel client scans, host devices) measured at about one core's throughput
 (``benchmarks/README.md``). This script measures, in ONE run with the two configurations interleaved:
 
 * ``one_process``: the library's default CPU setup in one process: :func:`fedjax_lite.configure_cpu` (one host device
   per usable core, single-threaded Eigen) and ``Runner()``, which shards the client axis over those devices;
 * ``one_process_jax_defaults``: one process with JAX's own defaults (one CPU device, multi-threaded Eigen;
-  ``Runner()`` then runs sequential lanes, one per usable core) -- the configuration before ``configure_cpu``;
+  ``Runner()`` then runs one sequential scan over the clients) -- the configuration before ``configure_cpu``;
 * ``process_per_core``: ``P`` processes on localhost (``P`` = the cores this process may use), each exposing one CPU
   device with single-threaded Eigen (``--pin``: each also pinned to its core with ``taskset``), joined with ``jax.distributed`` (gloo
   collectives); the round's client axis is sharded over the ``P`` devices, each process packs only its clients

@@ -1,7 +1,7 @@
 """Round-speed benchmark: the library's FedAvg round against hand-written pure-JAX rounds of the same math.
 
 Where this sits: ``benchmarks/`` re-measures, on the machine at hand, the facts that shaped the client runner
-(``../shared/DESIGN.md``, "Measured facts"). Run it from the repository root::
+(``docs/xla_cpu.md``, "Measured facts that shaped the client runner"). Run it from the repository root::
 
   python benchmarks/round_speed.py                  # full run, ~15 min on a 2-core CPU
   python benchmarks/round_speed.py --quick          # tiny sizes, a smoke test (< 60 s)
@@ -18,7 +18,7 @@ Variants (each advances its own model, round after round; all start from the sam
   ``lax.scan`` over clients on CPU), data packed by ``fedjax_lite.core.pack_clients``.
   The script calls :func:`fedjax_lite.configure_cpu` first, as the CLI and the README's research example do (one
   host device per usable core, single-threaded Eigen), so the default runner shards the client axis over those
-  devices; ``--jax-defaults`` skips it (one CPU device, multi-threaded Eigen, the runner's sequential lanes).
+  devices; ``--jax-defaults`` skips it (one CPU device, multi-threaded Eigen, one sequential scan).
 * ``library_equal_sharded`` / ``library_ragged_sharded`` (only when the process sees several devices and the default
   runner does not already shard over them, or when named in ``--only``): the same with
   ``Runner(mesh=client_mesh())``, i.e. the client axis split over the host's CPU "devices", each running its share
@@ -84,6 +84,7 @@ import optax
 import fedjax_lite
 from fedjax_lite.algorithms import fed_avg
 from fedjax_lite.core import ClientSpec, FederatedData, Runner, client_mesh, pack_clients
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.training.loop import run_training
 from fedjax_lite.models import OriginalFedAvgCNN, original_fedavg_cnn
 
@@ -91,8 +92,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: the repository root, for ``benchmarks.cpu_setup``
   sys.path.insert(0, ROOT)
 from benchmarks import cpu_setup  # noqa: E402
-
-PyTree = Any
 
 # jax.monitoring duration events of this jax version (jax/_src/dispatch.py). backend_compile fires once per XLA
 # compilation (cache hits of jit's in-memory cache do not compile and do not fire).

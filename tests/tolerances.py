@@ -1,6 +1,6 @@
 """Float tolerances derived from the computation, not from what passed on one machine.
 
-Two programs that compute the same float32 sum in different orders (lanes, devices, fused multiply-add
+Two programs that compute the same float32 sum in different orders (by-size dealing, devices, fused multiply-add
 contraction) can differ by the rounding error of the sum. For ``s = x_1 + ... + x_n`` computed in any order,
 the forward error is at most ``gamma_{n-1} * sum |x_i| <= (n - 1) * eps * n * max |x_i|`` (Higham, "Accuracy and
 Stability of Numerical Algorithms", 2002, eq. 4.4); the difference of two such results is at most twice that.

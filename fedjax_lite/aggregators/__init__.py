@@ -2,8 +2,9 @@
 
 Building blocks (``sum_aggregator``, ``mean``, ``unweighted_mean``), wrappers that compose like the reference's
 factories (``zeroing``, ``clipping``, ``hadamard_rotation``, ``add_debug_measurements``), estimation processes for
-adaptive thresholds, differential privacy, compression, simulated secure summation, robust statistics (median,
-trimmed mean, Krum and multi-Krum), and the recommended presets (``robust_aggregator``, ``dp_aggregator``,
+adaptive thresholds, differential privacy (Gaussian, tree and matrix-factorization DP-FTRL), compression,
+simulated secure summation, robust statistics (median, trimmed mean, Krum and multi-Krum), and the recommended
+presets (``robust_aggregator``, ``dp_aggregator``,
 ``compression_aggregator``, ``secure_aggregator``).
 """
 
@@ -18,6 +19,7 @@ from fedjax_lite.aggregators.base import (
     client_upload_bits,
     split_rng,
 )
+from fedjax_lite.aggregators.canaries import insert_canaries
 from fedjax_lite.aggregators.debug import add_debug_measurements
 from fedjax_lite.aggregators.differential_privacy import (
     ExtractingDpEventFromInitialStateError,
@@ -27,6 +29,8 @@ from fedjax_lite.aggregators.differential_privacy import (
     gaussian_fixed,
 )
 from fedjax_lite.aggregators.krum import krum, multi_krum
+from fedjax_lite.aggregators.local_dp import local_dp
+from fedjax_lite.aggregators.matrix_factorization import dp_matrix_factorization
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
 from fedjax_lite.aggregators.presets import compression_aggregator, dp_aggregator, robust_aggregator, secure_aggregator
 from fedjax_lite.aggregators.estimation import EstimationProcess, as_estimation_process, constant_estimate
@@ -40,6 +44,7 @@ from fedjax_lite.aggregators.robust import clipping, global_norm, zeroing
 from fedjax_lite.aggregators.robust_statistics import coordinate_median, trimmed_mean
 from fedjax_lite.aggregators.rotation import hadamard_rotation
 from fedjax_lite.aggregators.secure import secure_modular_sum, secure_sum
+from fedjax_lite.aggregators.sparsification import count_sketch, random_k, sign_compression, top_k
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.aggregators.tree_aggregation import tree_aggregation
 
@@ -64,24 +69,31 @@ __all__ = [
     "compression_aggregator",
     "constant_estimate",
     "coordinate_median",
+    "count_sketch",
     "dp_aggregator",
+    "dp_matrix_factorization",
     "extract_dp_event",
     "gaussian_adaptive",
     "gaussian_fixed",
     "global_norm",
     "hadamard_rotation",
+    "insert_canaries",
     "krum",
+    "local_dp",
     "mean",
     "multi_krum",
     "no_noise_quantile_estimator",
     "private_quantile_estimator",
     "quantize_above_threshold",
+    "random_k",
     "robust_aggregator",
     "secure_aggregator",
     "secure_modular_sum",
+    "sign_compression",
     "secure_sum",
     "split_rng",
     "sum_aggregator",
+    "top_k",
     "tree_aggregation",
     "trimmed_mean",
     "unweighted_mean",

@@ -44,9 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lite.core.process import MeasuredOutput
-from fedjax_lite.core.tree import tree_size_bits
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree, tree_size_bits
 
 SUM = "sum"
 STACK = "stack"

@@ -26,7 +26,6 @@ through, for the inner result only) does not account for.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +33,8 @@ import jax.numpy as jnp
 from fedjax_lite.aggregators.base import Aggregator, check_aggregator, client_total, client_upload_bits
 from fedjax_lite.aggregators.robust import global_norm
 from fedjax_lite.core.process import MeasuredOutput
+from fedjax_lite.core.tree import PyTree
 
-PyTree = Any
 DEBUG_KEYS = ("average_client_norm", "std_dev_client_norm", "server_update_max", "server_update_norm",
               "server_update_min")
 NUM_DEBUG_SCALARS = 4  # w n, w n^2, w, w^2

@@ -24,7 +24,6 @@ State ``{'query_state': ..., 'agg_state': ..., 'is_init_state': bool}``; measure
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +35,8 @@ from fedjax_lite.aggregators.robust import clip_to, global_norm
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.privacy.mechanisms import gaussian_noise
-
-PyTree = Any
 
 
 class ExtractingDpEventFromInitialStateError(ValueError):
@@ -73,13 +71,22 @@ def adaptive_clip_noise_params(
 
 
 def _gaussian_dp(value_noise_multiplier: float, clients_per_round: float, clip: EstimationProcess,
-                 dp_event, report_clip: bool) -> Aggregator:
-  """The DP sum query: clip to ``report(clip_state)``, add ``N(0, (z_v C)^2)``, divide by ``m``."""
+                 dp_event, report_clip: bool, correlated_noise=None) -> Aggregator:
+  """The DP sum query: clip to ``report(clip_state)``, add ``N(0, (z_v C)^2)``, divide by ``m``.
+
+  With ``correlated_noise`` (a ``privacy.matrix_factorization.NoiseGenerator`` of ``C^{-1}``), the noise is row
+  ``t`` of ``z_v C_t (C^{-1} Z)``: the round's unit normals ``Z_t`` (the very draw the Gaussian mechanism scales)
+  pass through the generator, whose state (``'noise_state'``) carries the correlation across rounds.
+  """
   record_sum = sum_aggregator()
 
   def init(value_template):
-    return {"query_state": clip.init(), "agg_state": record_sum.init(value_template),
-            "is_init_state": jnp.asarray(True)}
+    state = {"query_state": clip.init(), "agg_state": record_sum.init(value_template),
+             "is_init_state": jnp.asarray(True)}
+    if correlated_noise is not None:
+      zeros = jax.tree.map(lambda t: jnp.zeros(jnp.shape(t), jnp.float32), value_template)
+      state["noise_state"] = correlated_noise.init(zeros)
+    return state
 
   def broadcast(state):
     return (clip.report(state["query_state"]), clip.broadcast(state["query_state"]))
@@ -94,12 +101,21 @@ def _gaussian_dp(value_noise_multiplier: float, clients_per_round: float, clip: 
     clip_norm = clip.report(state["query_state"])
     summed = record_sum.server(state["agg_state"], total["value"], jax.random.fold_in(rng, 0), context)
     stddev = jnp.asarray(value_noise_multiplier, jnp.float32) * clip_norm
-    noised = jax.tree.map(jnp.add, summed.result, gaussian_noise(jax.random.fold_in(rng, 1), summed.result, stddev))
+    new_state = {}
+    if correlated_noise is None:
+      noise = gaussian_noise(jax.random.fold_in(rng, 1), summed.result, stddev)
+    else:
+      unit = gaussian_noise(jax.random.fold_in(rng, 1), summed.result, 1.0)
+      correlated, new_state["noise_state"] = correlated_noise.next(unit, state["noise_state"])
+      noise = jax.tree.map(lambda c, leaf: (c * stddev.astype(c.dtype)).astype(leaf.dtype), correlated,
+                           summed.result)
+    noised = jax.tree.map(jnp.add, summed.result, noise)
     result = jax.tree.map(lambda leaf: leaf / jnp.asarray(clients_per_round, leaf.dtype), noised)
     query_state = clip.server(state["query_state"], total["clip_record"], jax.random.fold_in(rng, 2), context)
     metrics = {"clip": clip.report(query_state)} if report_clip else {}
     return MeasuredOutput(
-        state={"query_state": query_state, "agg_state": summed.state, "is_init_state": jnp.asarray(False)},
+        state={"query_state": query_state, "agg_state": summed.state, "is_init_state": jnp.asarray(False),
+               **new_state},
         result=result,
         measurements={"dp_query_metrics": metrics, "dp": summed.measurements},
     )

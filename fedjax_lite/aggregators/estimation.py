@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lite.core import validation
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 
 class EstimationProcess(NamedTuple):

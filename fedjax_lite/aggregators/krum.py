@@ -39,8 +39,6 @@ State ``()``; measurements ``{'num_selected': m, 'num_real_clients': n}`` (int32
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
@@ -48,9 +46,7 @@ from fedjax_lite.aggregators.base import STACK, Aggregator, as_template
 from fedjax_lite.aggregators.robust_statistics import _require_float, participants, stacked_client
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
-from fedjax_lite.core.tree import tree_size_bits
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree, tree_size_bits
 
 
 def pairwise_squared_distances(values: PyTree) -> jax.Array:

@@ -28,7 +28,7 @@ the record sum's state beside it as in the reference's ``(query_state, agg_state
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +38,8 @@ from fedjax_lite.aggregators.estimation import EstimationProcess
 from fedjax_lite.aggregators.secure import secure_sum
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core import validation
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.privacy.mechanisms import gaussian_noise
-
-PyTree = Any
 
 
 class QuantileEstimatorState(NamedTuple):

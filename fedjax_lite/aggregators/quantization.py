@@ -25,7 +25,8 @@ Communication (``upload_bits``), per client: a quantized leaf of ``d`` elements 
 bit-packed plus 64 bits for its float32 ``lo`` and ``hi`` (0 with a fixed ``min_max``, which the server knows);
 any other leaf ``d * bits(dtype)``. TFF packs the ``b``-bit integers into int32 words carrying 28 bits each, so
 its sizing would count ``ceil(d * b / 28) * 32 + 64`` bits for the same leaf (about 14% more at 8 bits); we count
-the exact payload (reference notes, tff-semantics §1.6 and §5).
+the exact payload (TFF 0.82's ``tensorflow_federated/python/aggregators/encoded.py`` with the bit-packing stage of
+TensorFlow Model Optimization's ``tensor_encoding``).
 
 :func:`broadcast_encoder` applies the same quantizer to the server-to-client broadcast of the model.
 """
@@ -41,9 +42,8 @@ import numpy as np
 from fedjax_lite.aggregators.base import Aggregator, as_template
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
-from fedjax_lite.core.tree import dtype_bits
+from fedjax_lite.core.tree import dtype_bits, PyTree
 
-PyTree = Any
 RANGE_BITS = 64  # a quantized leaf's float32 lo and hi, sent beside its levels when the range is per client
 
 

@@ -28,7 +28,7 @@ when it stacks (e.g. zeroing around a median), its own norm records and counts s
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +38,8 @@ from fedjax_lite.aggregators.base import SUM, Aggregator, check_aggregator, clie
 from fedjax_lite.aggregators.estimation import EstimationProcess, as_estimation_process
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core.process import MeasuredOutput
+from fedjax_lite.core.tree import PyTree
 
-PyTree = Any
 NORM_ORDERS = (1.0, 2.0, math.inf)
 
 

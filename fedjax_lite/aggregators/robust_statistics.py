@@ -39,7 +39,7 @@ Contract and caveats:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import chex
 import jax
@@ -49,9 +49,8 @@ import numpy as np
 from fedjax_lite.aggregators.base import STACK, AggregationContext, Aggregator, as_template
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
-from fedjax_lite.core.tree import tree_size_bits
+from fedjax_lite.core.tree import PyTree, tree_size_bits
 
-PyTree = Any
 # (sorted leaf with padding last, number of real clients, k per side) -> per-coordinate statistic.
 StatisticFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 

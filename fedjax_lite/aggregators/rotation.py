@@ -32,7 +32,7 @@ State ``{'inner_agg': <inner state>, 'round_seed': int32}``; measurements ``{'hd
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,6 @@ from fedjax_lite.aggregators.base import Aggregator, as_template, check_aggregat
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
-
-PyTree = Any
 
 
 def padded_size(size: int) -> int:

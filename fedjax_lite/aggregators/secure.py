@@ -72,9 +72,7 @@ from fedjax_lite.aggregators import exact_arithmetic as exact
 from fedjax_lite.aggregators.estimation import EstimationProcess
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
-from fedjax_lite.core.tree import tree_all_finite, tree_num_elements, tree_select
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree, tree_all_finite, tree_num_elements, tree_select
 
 LIMB_BITS = 16
 MAX_CLIENT_SLOTS = 2**16  # limb sums stay below 2^32 for this many clients

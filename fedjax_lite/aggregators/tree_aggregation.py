@@ -23,8 +23,6 @@ estimator that TFF uses by default).
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
@@ -32,9 +30,8 @@ from fedjax_lite.aggregators.base import Aggregator
 from fedjax_lite.aggregators.robust import clip_to, global_norm
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.privacy.mechanisms import gaussian_noise
-
-PyTree = Any
 
 
 def _node_noise(tree_key: jax.Array, level: int, index: jax.Array, template: PyTree, stddev) -> PyTree:

@@ -8,7 +8,7 @@ with the same machinery, the dataset packed as one client.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import numpy as np
@@ -18,8 +18,7 @@ from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model, finalize_metric_sums, masked_loss_and_metric_sums
 from fedjax_lite.core.packing import pack_centralized
 from fedjax_lite.core.runner import Runner, run_clients
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 
 def client_metric_sums(model: Model, params: PyTree, client_data: PyTree) -> dict[str, jax.Array]:

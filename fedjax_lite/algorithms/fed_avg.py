@@ -43,8 +43,8 @@ from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner
+from fedjax_lite.core.tree import PyTree
 
-PyTree = Any
 WEIGHTINGS = ("num_examples", "uniform")
 GradientCorrection = Callable[[Broadcast, PyTree], optax.GradientTransformation]
 

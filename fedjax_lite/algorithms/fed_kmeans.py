@@ -1,5 +1,5 @@
-"""Federated k-means (TFF ``build_fed_kmeans``; ``../shared/reference/tff-semantics.md`` §3.3), the first algorithm
-on the round template that trains no neural network: its "params" are the centroids.
+"""Federated k-means, the first algorithm on the round template that trains no neural network: its "params" are
+the centroids (TFF's ``build_fed_kmeans``, ``tensorflow_federated/python/learning/algorithms/kmeans_clustering.py``).
 
 Mini-batch k-means with pseudo-counts (Sculley 2010, "Web-scale k-means clustering"), federated:
 
@@ -15,7 +15,7 @@ Metrics: ``client_work/train/num_examples`` (points assigned) as the reference's
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,6 @@ from fedjax_lite.core import validation
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner
-
-PyTree = Any
 
 
 def initial_centroids(num_clusters: int, data_shape: Sequence[int], seed: int) -> jax.Array:

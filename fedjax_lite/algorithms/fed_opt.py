@@ -10,11 +10,12 @@ Algorithm 2 of the paper, with ``Delta_t`` the aggregated client delta (here the
 * FedYogi: ``v_t = v_{t-1} - (1 - beta2) Delta_t^2 sign(v_{t-1} - Delta_t^2)``
 * ``x_{t+1} = x_t - eta m_t / (sqrt(v_t) + tau)``
 
-Defaults from the paper's experiments (§5 and App. C; ``../shared/reference/tff-semantics.md`` §7.2): adaptivity
+Defaults from the paper's experiments (§5 and App. C): adaptivity
 ``tau = 1e-3``, ``beta1 = 0.9``, ``beta2 = 0.99``, initial accumulator ``v_{-1} = 0`` (the paper's FedAdagrad and
 FedYogi runs), FedAvgM momentum 0.9. FedAdagrad's ``beta1`` defaults to 0 (classic Adagrad).
 
-Differences from TFF's optimizers (§3.4), stated because results depend on them: TFF's ``build_adam`` and
+Differences from TFF's optimizers (``tensorflow_federated/python/learning/optimizers/``), stated because results
+depend on them: TFF's ``build_adam`` and
 ``build_yogi`` (and optax's ``adam``) BIAS-CORRECT the step, ``eta_t = eta sqrt(1 - beta2^t) / (1 - beta1^t)``,
 which the paper's Algorithm 2 does not; TFF's ``build_adagrad`` puts ``epsilon`` inside the square root and starts
 from ``v = 0.1``; TFF's ``build_yogi`` starts from ``v = 1e-6``. ``bias_correction=True`` gives the TFF/optax step
@@ -23,7 +24,7 @@ size; the accumulator start and ``tau`` are arguments.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,8 @@ from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.runner import Runner
+from fedjax_lite.core.tree import PyTree
 
-PyTree = Any
 ACCUMULATORS = ("adagrad", "adam", "yogi")
 
 

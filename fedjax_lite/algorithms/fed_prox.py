@@ -5,8 +5,9 @@ local gradient becomes ``grad L_i(w) + mu (w - w0)``, which pulls the local mode
 and limits client drift on heterogeneous data. The server is FedAvg's (default SGD(1.0) on the weighted mean
 delta). ``mu = 0`` is FedAvg exactly.
 
-Sign. TFF's ``build_weighted_fed_prox`` adds ``mu (w0 - w)`` to the gradient (``proximal_client_work.py``,
-``../shared/reference/tff-semantics.md`` §3.3). The gradient of ``mu/2 ||w - w0||^2`` is ``+mu (w - w0)``; with the
+Sign. TFF's ``build_weighted_fed_prox`` adds ``mu (w0 - w)`` to the gradient
+(``tensorflow_federated/python/learning/templates/proximal_client_work.py``). The gradient of ``mu/2 ||w - w0||^2``
+is ``+mu (w - w0)``; with the
 reference's sign the term pushes the local model AWAY from ``w0``. ``tests/algorithms/test_fed_prox.py`` checks
 numerically that our term is the gradient of the proximal objective (and that one step with a zero loss gradient
 moves ``w`` towards ``w0``); we follow the paper, not the reference's code.
@@ -14,7 +15,7 @@ moves ``w`` towards ``w0``); we follow the paper, not the reference's code.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import optax
@@ -26,8 +27,7 @@ from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.runner import Runner
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 
 class ProximalState(NamedTuple):

@@ -8,8 +8,6 @@ weighted mean): ``params <- server_optimizer(params, g)``, default ``optax.sgd(0
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax.numpy as jnp
 import optax
 
@@ -21,8 +19,6 @@ from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner
-
-PyTree = Any
 
 
 def fed_sgd(

@@ -4,8 +4,8 @@ learning", NeurIPS; arXiv:2008.03606): a centralized optimizer's state (e.g. mom
 Both keep a base optimizer ``B`` (an optax transformation, e.g. ``optax.sgd(lr, momentum=0.9)``) whose state
 ``s`` lives on the server and is FROZEN during local training. Per round, with server model ``x``:
 
-* **MimeLite** (TFF ``build_weighted_mime_lite``, ``../shared/reference/tff-semantics.md`` §3.3): client ``i``
-  computes its full-batch gradient ``g_i = grad f_i(x)`` (mean over its examples), then runs local steps
+* **MimeLite** (TFF ``build_weighted_mime_lite``, ``tensorflow_federated/python/learning/algorithms/mime.py``):
+  client ``i`` computes its full-batch gradient ``g_i = grad f_i(x)`` (mean over its examples), then runs local steps
   ``y <- y + B.update(grad f_i(y; batch), s)`` with ``s`` frozen, and uploads ``delta_i = x - y`` and ``g_i``. The
   server aggregates ``delta = mean(delta_i)`` and ``g = mean(g_i)`` (same weights), updates the base state with the
   full gradient, ``s <- B.update(g, s, x).state``, and the model with its own optimizer, ``x <- server_opt(x,
@@ -21,8 +21,6 @@ the end of the round, as in the paper. A non-finite aggregate leaves the model, 
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,9 +55,7 @@ from fedjax_lite.core.model import Model, masked_loss_and_metric_sums
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner
-from fedjax_lite.core.tree import tree_all_finite, tree_select
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree, tree_all_finite, tree_select
 
 
 def frozen_state(base_optimizer: optax.GradientTransformation, state: PyTree) -> optax.GradientTransformation:

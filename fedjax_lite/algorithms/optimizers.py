@@ -10,15 +10,15 @@ learning_rate=lr)``. Gradient clipping is ``optax.clip_by_global_norm`` chained 
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_lite.core import validation
+from fedjax_lite.core.tree import PyTree
 
-PyTree = Any
 OptimizerFactory = Callable[..., optax.GradientTransformation]
 
 

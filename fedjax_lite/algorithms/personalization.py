@@ -16,7 +16,7 @@ packed separately for the same cohort (``core.pack_clients``) and passed togethe
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import optax
@@ -27,8 +27,8 @@ from fedjax_lite.algorithms.local_training import train_locally
 from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model, finalize_metric_sums
 from fedjax_lite.core.runner import Runner, run_clients
+from fedjax_lite.core.tree import PyTree
 
-PyTree = Any
 Strategy = tuple[optax.GradientTransformation, int]
 
 

@@ -21,8 +21,6 @@ not finite is rejected and keeps its ``c_i``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -46,9 +44,7 @@ from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner
-from fedjax_lite.core.tree import tree_all_finite, tree_select
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree, tree_all_finite, tree_select
 
 
 def control_variate_correction(correction: PyTree) -> optax.GradientTransformation:

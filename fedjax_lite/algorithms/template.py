@@ -53,9 +53,8 @@ from fedjax_lite.core.process import MeasuredOutput, Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.round_data import check_round_data
 from fedjax_lite.core.runner import Runner, client_mask, num_client_slots, run_clients
-from fedjax_lite.core.tree import tree_all_finite, tree_select, tree_size_bits
+from fedjax_lite.core.tree import PyTree, tree_all_finite, tree_select, tree_size_bits
 
-PyTree = Any
 BROADCAST_STREAM = 0xB40AD  # the broadcast encoder's key is fold_in(round key, BROADCAST_STREAM)
 CLIENT_STATE_KEY = "client_state"
 

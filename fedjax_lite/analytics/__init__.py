@@ -8,13 +8,20 @@ Each builder returns a query with a jittable ``compute`` (vectorized over client
 * :func:`iterative_quantile` -- the quantile estimation process run to convergence; :func:`histogram_quantile` --
   one-shot quantiles from a private histogram;
 * :func:`private_histogram` -- Gaussian-noised histograms of L2-clipped client counts;
-* :func:`count_sketch_heavy_hitters` -- the items most clients hold, from a private count sketch.
+* :func:`count_sketch_heavy_hitters` -- the items most clients hold, from a private count sketch;
+* :func:`randomized_response_histogram`, :func:`randomized_response_heavy_hitters` -- the same under LOCAL DP
+  (k-ary randomized response and its unbiased decoder; each client's epsilon in ``dp_event()``).
 """
 
 from fedjax_lite.analytics.aggregate import aggregate_client_statistics, federated_mean, federated_sum
 from fedjax_lite.analytics.base import Query
 from fedjax_lite.analytics.heavy_hitters import HeavyHitters, SketchQuery, count_sketch_heavy_hitters
 from fedjax_lite.analytics.histogram import private_histogram
+from fedjax_lite.analytics.local import (
+    LocalHeavyHitters,
+    randomized_response_heavy_hitters,
+    randomized_response_histogram,
+)
 from fedjax_lite.analytics.quantiles import (
     QuantileEstimate,
     histogram_quantile,
@@ -24,6 +31,7 @@ from fedjax_lite.analytics.quantiles import (
 
 __all__ = [
     "HeavyHitters",
+    "LocalHeavyHitters",
     "QuantileEstimate",
     "Query",
     "SketchQuery",
@@ -35,4 +43,6 @@ __all__ = [
     "iterative_quantile",
     "private_histogram",
     "quantiles_from_counts",
+    "randomized_response_heavy_hitters",
+    "randomized_response_histogram",
 ]

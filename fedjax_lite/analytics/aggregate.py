@@ -18,7 +18,7 @@ its data) and the server wants their mean. Here the aggregation step IS an
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +29,8 @@ from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.analytics.base import Query, real_mask
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.core.runner import Runner, num_client_slots, run_clients
+from fedjax_lite.core.tree import PyTree
 
-PyTree = Any
 StatisticFn = Callable[[PyTree], tuple[PyTree, jax.Array]]
 
 

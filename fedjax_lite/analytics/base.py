@@ -16,7 +16,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 
 class Query(NamedTuple):

@@ -25,7 +25,7 @@ A NaN value makes the answer NaN in both (the input is malformed; ``x <= C`` wou
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +36,6 @@ from fedjax_lite.aggregators.quantile_estimation import no_noise_quantile_estima
 from fedjax_lite.analytics.base import Query, gaussian_event, real_mask
 from fedjax_lite.analytics.histogram import check_bin_edges, private_histogram
 from fedjax_lite.core import validation
-
-PyTree = Any
 
 
 class QuantileEstimate(NamedTuple):

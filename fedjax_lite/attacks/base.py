@@ -18,15 +18,14 @@ aggregator's ``next``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fedjax_lite.core.records import ClientOutput
-from fedjax_lite.core.tree import tree_select
+from fedjax_lite.core.tree import PyTree, tree_select
 
-PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array], PyTree]
 ClientFn = Callable[[PyTree, jax.Array], PyTree]
 

@@ -23,8 +23,6 @@ Measurements: the inner aggregator's (a dict is extended, anything else is kept 
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
@@ -32,8 +30,8 @@ from fedjax_lite.aggregators.base import STACK, Aggregator, aggregate_with_keys,
 from fedjax_lite.attacks.base import UpdateAttack
 from fedjax_lite.attacks.selection import check_fraction, check_seed, choose_malicious
 from fedjax_lite.core.process import MeasuredOutput
+from fedjax_lite.core.tree import PyTree
 
-PyTree = Any
 ATTACK_STREAM = 0xA77AC  # the attack's key is fold_in(aggregation key, ATTACK_STREAM); the inner key is untouched
 
 

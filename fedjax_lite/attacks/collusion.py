@@ -23,16 +23,13 @@ paper does with gradients, moves the model the wrong way.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri
 
 from fedjax_lite.attacks.base import UpdateAttack, select_clients
 from fedjax_lite.core import validation
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 
 def honest_mean_and_std(updates: PyTree, honest: jax.Array) -> tuple[PyTree, PyTree]:

@@ -16,7 +16,7 @@ their poisoned data, so every aggregator, clipping and DP step sees a well-forme
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,8 @@ from fedjax_lite.attacks.selection import check_fraction, check_seed, choose_mal
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.runner import client_mask
+from fedjax_lite.core.tree import PyTree
 
-PyTree = Any
 DataTransform = Callable[[PyTree, jax.Array], PyTree]
 
 

@@ -44,8 +44,7 @@ import jax
 import numpy as np
 
 from fedjax_lite.core import validation
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 # XLA:CPU's ``device_put`` aliases host arrays whose data starts on a 64-byte boundary instead of copying them.
 _ALIGNMENT = 64

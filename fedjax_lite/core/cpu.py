@@ -7,9 +7,9 @@ code calls it right after the imports::
   import fedjax_lite
   fedjax_lite.configure_cpu()   # before any jnp array is created
 
-Why (measured, ``benchmarks/README.md``, "Every core busy"): within one device, XLA:CPU runs a round's
-client lanes at about ONE core's throughput -- a batch-20 training step gains nothing from a second intra-op
-thread. With one host device per core (``jax_num_cpu_devices``) and single-threaded Eigen kernels
+Why (measured, ``benchmarks/README.md``, "Every core busy"; ``docs/xla_cpu.md``): within one device, XLA:CPU
+runs a round's clients at about ONE core's throughput -- a batch-20 training step gains nothing from a second
+intra-op thread. With one host device per core (``jax_num_cpu_devices``) and single-threaded Eigen kernels
 (``--xla_cpu_multi_thread_eigen=false``), the default :class:`~fedjax_lite.core.runner.Runner` shards the client
 axis over the devices (``Runner.resolved_mesh``), each device running its clients as one sequential stream: the
 standard EMNIST-CNN round went from 1.93 s to 1.11 s on a 2-core Intel Xeon (0.58x), with the first round in

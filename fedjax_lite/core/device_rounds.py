@@ -39,8 +39,7 @@ from fedjax_lite.core import sampling, validation
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.packing import ClientSpec
 from fedjax_lite.core.process import Process
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 DEVICE_SAMPLING_STREAM = 0x5A3E
 DEVICE_PACKING_STREAM = 0x9AC5
@@ -63,23 +62,15 @@ class Cohort(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class DeviceUniformSampler:
+class DeviceUniformSampler(sampling.UniformCohorts):
   """``clients_per_round`` clients drawn uniformly on the device (without replacement unless ``replace``)."""
 
-  num_clients: int
-  clients_per_round: int
   replace: bool = False
 
   def __post_init__(self):
-    validation.check_int("num_clients", self.num_clients, minimum=1)
-    validation.check_int("clients_per_round", self.clients_per_round, minimum=1,
-                         maximum=None if self.replace else self.num_clients)
+    super().__post_init__()
     if not isinstance(self.replace, bool):
       raise TypeError(f"replace must be a bool, got {type(self.replace).__name__}.")
-
-  @property
-  def cohort_capacity(self) -> int:
-    return self.clients_per_round
 
   def __call__(self, base_key: jax.Array, round_num: jax.Array) -> Cohort:
     key = jax.random.fold_in(round_key(base_key, round_num), DEVICE_SAMPLING_STREAM)
@@ -89,7 +80,7 @@ class DeviceUniformSampler:
 
 
 @dataclasses.dataclass(frozen=True)
-class DevicePoissonSampler:
+class DevicePoissonSampler(sampling.PoissonCohorts):
   """Every client joins independently with probability ``sampling_probability`` (Poisson sampling, as DP-FedAvg's
   accounting assumes), padded to ``cohort_capacity`` slots (:func:`~fedjax_lite.core.poisson_cohort_capacity`).
 
@@ -97,18 +88,6 @@ class DevicePoissonSampler:
   shapes cannot, so such a round (probability ``POISSON_OVERFLOW_PROBABILITY`` per round) is reported through
   ``Cohort.num_sampled`` and refused by ``run_training`` rather than silently dropping clients.
   """
-
-  num_clients: int
-  sampling_probability: float
-
-  def __post_init__(self):
-    validation.check_int("num_clients", self.num_clients, minimum=1)
-    validation.check_float("sampling_probability", self.sampling_probability, low=0.0, high=1.0,
-                           low_inclusive=False)
-
-  @property
-  def cohort_capacity(self) -> int:
-    return sampling.poisson_cohort_capacity(self.num_clients, self.sampling_probability)
 
   def __call__(self, base_key: jax.Array, round_num: jax.Array) -> Cohort:
     key = jax.random.fold_in(round_key(base_key, round_num), DEVICE_SAMPLING_STREAM)
@@ -120,24 +99,9 @@ class DevicePoissonSampler:
 
 
 @dataclasses.dataclass(frozen=True)
-class DeviceShuffledCyclicSampler:
+class DeviceShuffledCyclicSampler(sampling.CyclicCohorts):
   """Each epoch a fresh device permutation of the clients is cut into cohorts of ``clients_per_round``: every
   client takes part at most once per epoch (as :class:`~fedjax_lite.core.ShuffledCyclicSampler`)."""
-
-  num_clients: int
-  clients_per_round: int
-
-  def __post_init__(self):
-    validation.check_int("num_clients", self.num_clients, minimum=1)
-    validation.check_int("clients_per_round", self.clients_per_round, minimum=1, maximum=self.num_clients)
-
-  @property
-  def cohort_capacity(self) -> int:
-    return self.clients_per_round
-
-  @property
-  def rounds_per_epoch(self) -> int:
-    return self.num_clients // self.clients_per_round
 
   def __call__(self, base_key: jax.Array, round_num: jax.Array) -> Cohort:
     epoch, position = jnp.divmod(jnp.asarray(round_num, jnp.int32), self.rounds_per_epoch)

@@ -16,16 +16,14 @@ strategy choice.)
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from fedjax_lite.core import validation
 from fedjax_lite.core.runner import Runner
-from fedjax_lite.core.tree import tree_scale_by_weight
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree, tree_scale_by_weight
 
 
 def broadcast(value: PyTree, num_clients: int) -> PyTree:

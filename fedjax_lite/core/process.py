@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 
 class MeasuredOutput(NamedTuple):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 
 class ClientOutput(NamedTuple):

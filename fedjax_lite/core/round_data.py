@@ -15,7 +15,7 @@ as non-finite and the run silently trains nothing. These checks run on the host 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -132,11 +132,20 @@ class RoundDataChecker:
 
 
 def check_labels(examples: Mapping[str, Any], num_classes: int, *, label_key: str = "y",
-                 name: str = "train_data") -> None:
+                 name: str = "train_data", client_ids: Sequence[Any] | None = None,
+                 client_offsets: Any = None) -> None:
   """Integer labels ``examples[label_key]`` must lie in ``[0, num_classes)``.
 
   Out-of-range labels make softmax cross-entropy NaN (``jax.nn.log_softmax`` indexed out of bounds), every client
   is then rejected as non-finite, and training silently does nothing; this check names the input instead.
+
+  Args:
+    examples: the population's examples (``FederatedData.examples``) or a centralized set.
+    num_classes: the model's number of classes.
+    label_key: the label feature.
+    name: the input's name in the message.
+    client_ids, client_offsets: with a population (``FederatedData.client_ids`` and ``.offsets``), the
+      message names the client holding the first bad label.
   """
   validation.check_int("num_classes", num_classes, minimum=1)
   if label_key not in examples:
@@ -149,6 +158,19 @@ def check_labels(examples: Mapping[str, Any], num_classes: int, *, label_key: st
   low, high = int(labels.min()), int(labels.max())
   if low < 0 or high >= num_classes:
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    raise ValueError(f"{name}[{label_key!r}] has labels outside the model's {num_classes} classes "
-                     f"[0, {num_classes}): {labels.reshape(-1)[bad[:5]].tolist()} (at example "
-                     f"{bad[:5].tolist()}; {bad.size} in all, range [{low}, {high}]).")
+    flat = labels.reshape(-1)
+    prefix = f"{name}[{label_key!r}] has labels outside the model's {num_classes} classes [0, {num_classes})"
+    if client_ids is not None and client_offsets is not None:
+      per_example = max(1, flat.size // max(1, labels.shape[0]))
+      offsets = np.asarray(client_offsets)
+      examples_of_bad = bad // per_example
+      clients_of_bad = np.searchsorted(offsets, examples_of_bad, side="right") - 1
+      first = int(clients_of_bad[0])
+      others = sorted({client_ids[int(k)] for k in clients_of_bad[1:].tolist()} - {client_ids[first]}, key=str)
+      more = (f"; {bad.size - 1} more in {'this client' if not others else 'clients'}"
+              f"{'' if not others else ' ' + ', '.join(repr(c) for c in others[:5])}"
+              f"{'' if len(others) <= 5 else ', ...'}") if bad.size > 1 else ""
+      raise ValueError(f"{prefix}: client {client_ids[first]!r} has label {flat[bad[0]].item()} (its example "
+                       f"{int(examples_of_bad[0] - offsets[first])}){more}; labels range over [{low}, {high}].")
+    raise ValueError(f"{prefix}: {flat[bad[:5]].tolist()} (at example {bad[:5].tolist()}; {bad.size} in all, "
+                     f"range [{low}, {high}]).")

@@ -7,11 +7,12 @@ is what keeps memory proportional to the clients processed at once rather than t
 
 Strategies (``Runner.strategy``):
 
-* ``'sequential'`` -- a ``lax.scan`` over clients carrying the running sum, split into ``lanes`` independent scans
-  (default: one per usable CPU core) that XLA:CPU runs concurrently; memory holds ``lanes`` clients at a time. The
-  CPU default: measured on a 2-core CPU (``benchmarks/README.md``), two lanes make the standard CNN round ~20%
-  faster than one scan, and the scans are fast only because :class:`fedjax_lite.models.Conv` keeps its backward
-  convolutions canonical inside loops (``../shared/reference/xla-cpu.md``).
+* ``'sequential'`` -- a ``lax.scan`` over clients carrying the running sum; memory holds one client at a time (per
+  device). The CPU default: the scan is fast only because :class:`fedjax_lite.models.Conv` keeps its backward
+  convolutions canonical inside loops (``docs/xla_cpu.md``). To keep every core busy, run one stream of clients per
+  core: :func:`fedjax_lite.core.configure_cpu` gives this process one CPU device per core, and the default runner
+  shards the client axis over them (below; measured on a 2-core CPU, ``benchmarks/README.md``: the standard CNN
+  round 0.58x the one-device time).
 * ``'vmap'`` -- all clients at once; the accelerator default.
 * ``'chunked'`` -- ``chunk_size`` clients at a time with ``vmap``, chunks in a ``lax.scan``.
 * ``'auto'`` -- ``'sequential'`` on CPU, ``'vmap'`` elsewhere.
@@ -30,16 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from fedjax_lite.core import validation
+from fedjax_lite.core.tree import PyTree
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-PyTree = Any
 ClientFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, PyTree]]
 
 STRATEGIES = ("auto", "sequential", "vmap", "chunked")
@@ -54,10 +54,6 @@ class Runner:
     chunk_size: clients per ``vmap`` chunk for ``'chunked'``.
     mesh: optional device mesh; the client axis is sharded over its first axis.
     unroll: ``unroll`` of the sequential ``lax.scan`` over clients.
-    lanes: for ``'sequential'``: the client axis is split into this many independent scans in the same program
-      (clients dealt largest first in snake order, so that ragged cohorts keep the lanes balanced), which
-      XLA:CPU's runtime executes concurrently, one per core; memory holds ``lanes`` clients at a time. ``None`` (default) picks the number of CPU cores this
-      process may use (at most 8) on CPU without a mesh, else 1. See :func:`default_lanes`.
     shard_host_devices: with no ``mesh`` and several CPU devices in this (single) process -- what
       :func:`fedjax_lite.core.configure_cpu` sets up, one device per core -- shard the client axis over them
       (:meth:`resolved_mesh`). The fastest measured CPU configuration (``benchmarks/README.md``): each device
@@ -68,7 +64,6 @@ class Runner:
   chunk_size: int = 8
   mesh: Mesh | None = None
   unroll: int = 1
-  lanes: int | None = None
   shard_host_devices: bool = True
 
   def __post_init__(self):
@@ -78,9 +73,6 @@ class Runner:
     validation.check_int("unroll", self.unroll, minimum=1)
     object.__setattr__(self, "chunk_size", int(self.chunk_size))
     object.__setattr__(self, "unroll", int(self.unroll))
-    if self.lanes is not None:
-      validation.check_int("lanes", self.lanes, minimum=1)
-      object.__setattr__(self, "lanes", int(self.lanes))
     if self.mesh is not None and not isinstance(self.mesh, Mesh):
       raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(self.mesh).__name__}.")
     if not isinstance(self.shard_host_devices, bool):
@@ -102,33 +94,6 @@ class Runner:
       return self.strategy
     platform = self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
     return "sequential" if platform == "cpu" else "vmap"
-
-  def resolved_lanes(self) -> int:
-    """The concrete number of sequential lanes: ``lanes`` if set, else :func:`default_lanes` (1 with a mesh)."""
-    if self.lanes is not None:
-      return self.lanes
-    return 1 if self.resolved_mesh() is not None else default_lanes()
-
-
-MAX_DEFAULT_LANES = 8
-
-
-def default_lanes() -> int:
-  """Independent client lanes for the sequential runner: the CPU cores this process may use (1 to 8); 1 off CPU.
-
-  Why: in a round every client starts from the same broadcast, so clients are independent computations. On a
-  2-core CPU, XLA:CPU's convolution and matmul kernels gain little from the second core within one small op
-  (batch 20), but independent computations in one program run concurrently. Measured with the standard CNN round
-  (``benchmarks/round_speed.py``): one sequential scan over 10 clients ~3.6 s, two lanes of 5 ~3.0 s, the
-  fully unrolled hand-written round (whose clients XLA also runs concurrently) ~2.5 s.
-  """
-  if jax.default_backend() != "cpu":
-    return 1
-  try:
-    cores = len(os.sched_getaffinity(0))
-  except (AttributeError, OSError):
-    cores = os.cpu_count() or 1
-  return max(1, min(cores, MAX_DEFAULT_LANES))
 
 
 def client_mask(round_data: PyTree) -> jax.Array:
@@ -168,62 +133,33 @@ def _one_client(fn: ClientFn, broadcast, index, client_data, rng):
   return _masked(summand, client_data["num_examples"] > 0), collected
 
 
-def _lane_grid(num_slots: int, lanes: int) -> np.ndarray:
-  """``[rows, lanes]`` positions in the by-size order: row ``r`` goes left to right when even, right to left when odd.
+def _snake_grid(num_slots: int, parts: int) -> np.ndarray:
+  """``[rows, parts]`` positions in the by-size order: row ``r`` goes left to right when even, right to left when odd.
 
-  Dealing the clients, largest first, in this "snake" order gives every lane nearly the same total work.
+  Dealing the clients, largest first, in this "snake" order gives every part nearly the same total work.
   """
-  grid = np.arange(num_slots).reshape(-1, lanes)
+  grid = np.arange(num_slots).reshape(-1, parts)
   grid[1::2] = grid[1::2, ::-1]
   return grid
 
 
 def _balanced_order(num_examples: jax.Array, parts: int) -> jax.Array:
   """A permutation of the client slots that splits into ``parts`` contiguous blocks of nearly equal work: the
-  slots dealt largest first in snake order (:func:`_lane_grid`), block ``d`` holding column ``d`` of the grid.
+  slots dealt largest first in snake order (:func:`_snake_grid`), block ``d`` holding column ``d`` of the grid.
 
   ``len(num_examples)`` must be a multiple of ``parts``.
   """
   by_size = jnp.argsort(-jnp.asarray(num_examples), stable=True)
-  return by_size[_lane_grid(num_examples.shape[0], parts)].T.reshape(-1)
+  return by_size[_snake_grid(num_examples.shape[0], parts)].T.reshape(-1)
 
 
-def _run_lanes(fn, broadcast, indices, round_data, rng, lanes, unroll):
-  """``lanes`` independent sequential scans in one program; each lane's total is added at the end.
-
-  Clients are dealt to lanes by size (largest first, snake order) so that ragged cohorts keep the lanes balanced;
-  client slot ``k`` still uses its own keys (``fold_in(key, k)``), so results do not depend on the lanes.
-  """
-  (indices, round_data), num = _pad_clients((indices, round_data), lanes)
-  num_slots = indices.shape[0]
-  by_size = jnp.argsort(-jnp.asarray(round_data["num_examples"]), stable=True)
-  slots = by_size[_lane_grid(num_slots, lanes)]  # [rows, lanes]: the client slot each lane runs at each row
-  # jnp.asarray: round data may be NumPy arrays closed over by a traced function; indexing them with the traced
-  # ``slots`` needs a JAX array.
-  gathered = jax.tree.map(lambda x: jnp.asarray(x)[slots], (indices, round_data))
-  results = [
-      _run_local(fn, broadcast, *jax.tree.map(lambda x, lane=lane: x[:, lane], gathered), rng, "sequential", 1,
-                 unroll, 1)
-      for lane in range(lanes)
-  ]
-  total = jax.tree.map(lambda *totals: sum(totals[1:], totals[0]), *[result[0] for result in results])
-  back = jnp.argsort(slots.reshape(-1))  # row-major cell -> slot, inverted
-  collected = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1).reshape((-1,) + xs[0].shape[1:])[back][:num],
-                           *[result[1] for result in results])
-  return total, collected
-
-
-def _run_local(fn, broadcast, indices, round_data, rng, strategy, chunk_size, unroll, lanes):
+def _run_local(fn, broadcast, indices, round_data, rng, strategy, chunk_size, unroll):
   """Runs ``fn`` over the (local) client axis of ``round_data`` with one strategy."""
   if strategy == "vmap":
     summands, collected = jax.vmap(_one_client, in_axes=(None, None, 0, 0, None))(
         fn, broadcast, indices, round_data, rng
     )
     return jax.tree.map(lambda x: jnp.sum(x, axis=0), summands), collected
-
-  if strategy == "sequential" and lanes > 1:
-    return _run_lanes(fn, broadcast, indices, round_data, rng, min(lanes, jax.tree.leaves(indices)[0].shape[0]),
-                      unroll)
 
   if strategy == "sequential":
     first = jax.tree.map(lambda x: x[0], round_data)
@@ -241,11 +177,11 @@ def _run_local(fn, broadcast, indices, round_data, rng, strategy, chunk_size, un
     chunked = jax.tree.map(lambda x: x.reshape((-1, chunk_size) + x.shape[1:]), (indices, round_data))
     first = jax.tree.map(lambda x: x[0], chunked)
     summand_shape, _ = jax.eval_shape(
-        lambda b, xs, r: _run_local(fn, b, xs[0], xs[1], r, "vmap", chunk_size, 1, 1), broadcast, first, rng
+        lambda b, xs, r: _run_local(fn, b, xs[0], xs[1], r, "vmap", chunk_size, 1), broadcast, first, rng
     )
 
     def chunk_body(total, xs):
-      summand, collected = _run_local(fn, broadcast, xs[0], xs[1], rng, "vmap", chunk_size, 1, 1)
+      summand, collected = _run_local(fn, broadcast, xs[0], xs[1], rng, "vmap", chunk_size, 1)
       return jax.tree.map(jnp.add, total, summand), collected
 
     total, collected = jax.lax.scan(chunk_body, _zeros_like_shape(summand_shape), chunked)
@@ -288,8 +224,7 @@ def run_clients(
 
   mesh = runner.resolved_mesh()
   if mesh is None:
-    return _run_local(fn, broadcast, indices, round_data, rng, strategy, runner.chunk_size, runner.unroll,
-                      runner.resolved_lanes())
+    return _run_local(fn, broadcast, indices, round_data, rng, strategy, runner.chunk_size, runner.unroll)
 
   axis = mesh.axis_names[0]
   num_devices = mesh.shape[axis]
@@ -313,8 +248,8 @@ def run_clients(
     indices, round_data = jax.tree.map(lambda x: permute(x, order, placed), (indices, round_data))
 
   def local(broadcast, indices, round_data, rng):
-    total, collected = _run_local(fn, broadcast, indices, round_data, rng, strategy, runner.chunk_size, runner.unroll,
-                                  runner.resolved_lanes())
+    total, collected = _run_local(fn, broadcast, indices, round_data, rng, strategy, runner.chunk_size,
+                                  runner.unroll)
     return jax.lax.psum(total, axis), collected
 
   if explicit:

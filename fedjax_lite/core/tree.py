@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+PyTree = Any  # a pytree of arrays; the one definition, imported wherever a signature names one
 
 
 def tree_all_finite(tree: PyTree) -> jax.Array:

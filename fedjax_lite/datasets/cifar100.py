@@ -3,7 +3,8 @@
 TFF's ``cifar100.load_data``: 500 train clients / 100 test clients of 100 images each (50,000 / 10,000), labels
 0-99 (coarse 0-19), partitioned with the Pachinko Allocation Method (coarse labels ~ Dir(0.1), fine given
 coarse ~ Dir(10)). The reference's files store ``image`` as int64 ``[32, 32, 3]`` (cached as uint8, as the
-reference casts it), ``label`` and ``coarse_label`` as int64.
+reference casts it; a value outside ``[0, 255]`` is an error, never wrapped), ``label`` and ``coarse_label`` as
+int64 (checked to lie in ``[0, 100)`` and ``[0, 20)``).
 
 Preprocessing as TFF's baseline (``baselines/cifar100/image_classification_preprocessing.py`` with its default
 ``distort_image=False``): cast to float32, crop the central ``crop_size x crop_size`` (``resize_with_crop_or_pad``
@@ -24,8 +25,9 @@ from fedjax_lite.datasets.sources import TFF_URL, DatasetSource, RemoteFile, loa
 
 __all__ = ["load_cifar100", "cifar100_source", "crop_and_standardize"]
 
-CIFAR100_SPEC = {"image": FeatureSpec("int64", (32, 32, 3), np.uint8), "label": FeatureSpec("int64", (), np.int32),
-                 "coarse_label": FeatureSpec("int64", (), np.int32)}
+CIFAR100_SPEC = {"image": FeatureSpec("int64", (32, 32, 3), np.uint8),
+                 "label": FeatureSpec("int64", (), np.int32, num_classes=100),
+                 "coarse_label": FeatureSpec("int64", (), np.int32, num_classes=20)}
 CIFAR100_SQLITE = RemoteFile("cifar100.sqlite.lzma", TFF_URL + "cifar100.sqlite.lzma",
                              "23d3916c9caa33395737ee560cc7cb77bbd05fc7b73647ee7be3a7e764172939")
 CIFAR100_LEGACY = RemoteFile("fed_cifar100.tar.bz2", TFF_URL + "fed_cifar100.tar.bz2", None)

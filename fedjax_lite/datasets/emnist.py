@@ -21,9 +21,14 @@ from fedjax_lite.datasets.feature_spec import FeatureSpec
 from fedjax_lite.datasets.records import FederatedDataset
 from fedjax_lite.datasets.sources import TFF_URL, DatasetSource, RemoteFile, load_raw_split
 
-__all__ = ["load_emnist", "emnist_source", "EMNIST_SPEC"]
+__all__ = ["load_emnist", "emnist_source", "emnist_spec"]
 
-EMNIST_SPEC = {"pixels": FeatureSpec("float", (28, 28), np.float32), "label": FeatureSpec("int64", (), np.int32)}
+
+def emnist_spec(only_digits: bool) -> dict[str, FeatureSpec]:
+  """The features of a row: 28x28 float pixels, and a label in ``[0, 10)`` (digits only) or ``[0, 62)``."""
+  return {"pixels": FeatureSpec("float", (28, 28), np.float32),
+          "label": FeatureSpec("int64", (), np.int32, num_classes=10 if only_digits else 62)}
+
 EMNIST_SQLITE = RemoteFile("emnist_all.sqlite.lzma", TFF_URL + "emnist_all.sqlite.lzma",
                            "c3aaf91b4cf4e69d53d81627ad119eccdc878ff906f68e66063ff10f67faad48")
 _LEGACY = {
@@ -41,7 +46,7 @@ def emnist_source(only_digits: bool, split: str) -> DatasetSource:
   return DatasetSource(
       title=f"Federated EMNIST ({'digits only' if only_digits else 'all 62 classes'})",
       cache_key="emnist_digits" if only_digits else "emnist_all",
-      sqlite=EMNIST_SQLITE, sql_split=f"{prefix}_{split}", spec=EMNIST_SPEC,
+      sqlite=EMNIST_SQLITE, sql_split=f"{prefix}_{split}", spec=emnist_spec(only_digits),
       hdf5_file=f"{legacy.name[:-len('.tar.bz2')]}_{split}.h5", hdf5_archive=legacy)
 
 
@@ -70,7 +75,8 @@ def load_emnist(only_digits: bool = True, *, data_dir=None, download: bool = Fal
 
   Raises:
     DatasetNotFoundError: the files are not on disk (the message says which, where, and from where).
-    DatasetFormatError: a file is truncated or corrupt.
+    DatasetFormatError: a file is truncated or corrupt, or holds a label outside ``[0, num_classes)`` (the
+      message names the file, the row or client and the label).
   """
   if not isinstance(only_digits, bool):
     raise TypeError(f"only_digits must be a bool, got {type(only_digits).__name__}.")

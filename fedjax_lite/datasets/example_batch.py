@@ -9,6 +9,10 @@ same bytes — with numpy over the whole batch at once (a 2-D ``uint8`` view, fl
 little-endian float32, varints summed over their byte columns). Rows that match no template go through the
 exact decoder, so the result is the same as decoding row by row; templates are learned per row length (at most
 :data:`MAX_TEMPLATES`), so rows whose labels need a longer varint get their own template.
+
+Both paths check integer values before they are stored: a value the cached dtype cannot hold or a label
+outside the spec's classes (:meth:`.FeatureSpec.out_of_range`) is a :class:`~.errors.DatasetFormatError`
+naming the file, the row, the client and the value, as is a row that is not a well-formed Example.
 """
 
 from __future__ import annotations
@@ -127,21 +131,45 @@ class BatchDecoder:
     self.rows_by_template = 0
     self.rows_by_parser = 0
 
-  def _decode_one(self, blob: bytes, row: int) -> dict[str, Any]:
-    features = decode_example(blob)
+  def _at(self, row: int, client: Any) -> str:
+    return f"{self.where}: row {row}" + ("" if client is None else f" (client {client!r})")
+
+  def _check_values(self, name: str, values: np.ndarray, rows: np.ndarray, clients: Sequence[Any] | None,
+                   indices: np.ndarray) -> None:
+    """Raises if feature ``name``'s decoded ``values`` (``[len(indices), ...]``, of the blobs ``indices``, file rows
+    ``rows``) hold a value its cached dtype or classes cannot (see :meth:`.FeatureSpec.out_of_range`)."""
+    feature_spec = self.spec[name]
+    bad = feature_spec.out_of_range(values)
+    if bad is None:
+      return
+    per_example = max(1, feature_spec.size)
+    first = int(bad[0]) // per_example
+    value = np.asarray(values).reshape(-1)[int(bad[0])]
+    client = None if clients is None else clients[int(indices[first])]
+    raise DatasetFormatError(f"{self._at(int(rows[first]), client)} has {name!r} value {value.item()!r}; expected "
+                             f"{feature_spec.expected_values()} ({bad.size} such value(s) in this chunk of rows).")
+
+  def _decode_one(self, blob: bytes, row: int, client: Any = None) -> dict[str, Any]:
+    try:
+      features = decode_example(blob)
+    except DatasetFormatError as error:
+      raise DatasetFormatError(f"{self._at(row, client)}: {error} Expected a serialized tf.train.Example with "
+                               f"features {sorted(self.spec)}.") from None
     out = {}
     for name, feature_spec in self.spec.items():
       if name not in features:
-        raise DatasetFormatError(f"{self.where}: row {row} lacks feature {name!r} (it has {sorted(features)}).")
+        raise DatasetFormatError(f"{self._at(row, client)} lacks feature {name!r} (it has {sorted(features)}).")
       kind, values = features[name]
       expected = 1 if feature_spec.kind == "bytes" else feature_spec.size
       if kind != feature_spec.kind:
-        raise DatasetFormatError(f"{self.where}: row {row} has feature {name!r} as a {kind} list, expected "
+        raise DatasetFormatError(f"{self._at(row, client)} has feature {name!r} as a {kind} list, expected "
                                  f"{feature_spec.kind}.")
       if len(values) != expected:
-        raise DatasetFormatError(f"{self.where}: row {row} has {len(values)} values for feature {name!r}, "
+        raise DatasetFormatError(f"{self._at(row, client)} has {len(values)} values for feature {name!r}, "
                                  f"expected {feature_spec.describe()} ({expected} values).")
       out[name] = values[0] if feature_spec.kind == "bytes" else np.asarray(values).reshape(feature_spec.shape)
+      if feature_spec.kind == "int64":
+        self._check_values(name, out[name][np.newaxis], np.array([row]), [client], np.zeros(1, np.int64))
     if len(self._templates) < MAX_TEMPLATES and len(blob) not in self._templates and self.numeric and \
         len(self.numeric) == len(self.spec):
       spans = _payload_spans(bytes(blob))
@@ -150,7 +178,8 @@ class BatchDecoder:
     return out
 
   def decode(self, blobs: Sequence[bytes], first_row: int = 0, *, out: Mapping[str, np.ndarray] | None = None,
-             slots: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+             slots: np.ndarray | None = None,
+             clients: Sequence[Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, list]]:
     """Decodes ``blobs`` (rows ``first_row...`` of the file, for messages).
 
     Args:
@@ -159,6 +188,11 @@ class BatchDecoder:
       out: optional arrays to write the numeric features into (e.g. the cache's memmaps), at rows ``slots``
         (``slots[i]`` receives ``blobs[i]``); without it new arrays are returned.
       slots: int array of ``len(blobs)`` destination rows, with ``out``.
+      clients: optional client id of each blob, named in error messages.
+
+    Raises:
+      DatasetFormatError: a row is not a well-formed Example of ``spec``, or holds an integer value that its
+        feature's dtype or classes cannot hold.
 
     Returns:
       ``(arrays, texts)``: numeric features as ``[len(blobs), *shape]`` arrays of the spec's dtype (or ``out``),
@@ -177,7 +211,7 @@ class BatchDecoder:
     done = np.zeros(count, bool)
 
     def parse(i):
-      one = self._decode_one(blobs[i], first_row + i)
+      one = self._decode_one(blobs[i], first_row + i, None if clients is None else clients[i])
       self.rows_by_parser += 1
       for name, value in one.items():
         if name in arrays:
@@ -203,6 +237,9 @@ class BatchDecoder:
         matched = template.match(rows)
         decoded = template.decode(rows if matched.all() else rows[matched])
         for name, values in decoded.items():
+          if self.spec[name].kind == "int64":
+            indices = candidates[matched]
+            self._check_values(name, values, first_row + indices, clients, indices)
           arrays[name][slots[candidates[matched]]] = values
         done[candidates[matched]] = True
         self.rows_by_template += int(matched.sum())

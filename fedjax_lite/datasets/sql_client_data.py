@@ -12,9 +12,10 @@ table (TFF always writes one) the layout is known up front and the file is read 
 order, each row goes to its client's next free slot, and the counts must end up exactly those of the table.
 Without it a first pass reads the client ids only. Blobs are decoded in batches
 (:class:`.example_batch.BatchDecoder`) and written straight into preallocated memmaps, so memory stays bounded
-by a chunk whatever the file's size. Any SQLite or proto error, or rows that disagree with ``client_metadata``
-(a truncated file), becomes a :class:`~.errors.DatasetFormatError` naming the file, and the half-written cache
-is removed.
+by a chunk whatever the file's size. Any SQLite or proto error, a ``client_metadata`` count that is not a
+positive integer, a value the spec's dtype or classes cannot hold, or rows that disagree with
+``client_metadata`` (a truncated file), becomes a :class:`~.errors.DatasetFormatError` naming the file, the
+split and the row or client, and the half-written cache is removed.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from fedjax_lite.datasets.array_cache import RaggedBytes, SplitWriter, source_fingerprint
+from fedjax_lite.datasets.array_cache import RaggedBytes, SplitWriter
 from fedjax_lite.datasets.errors import DatasetFormatError
 from fedjax_lite.datasets.example_batch import BatchDecoder
 from fedjax_lite.datasets.feature_spec import FeatureSpec
@@ -58,7 +59,7 @@ def sql_split_names(path: str | os.PathLike) -> list[str]:
 
 
 def convert_sql_split(path: str | os.PathLike, split_name: str, spec: Mapping[str, FeatureSpec],
-                      cache_directory: str | os.PathLike) -> None:
+                      cache_directory: str | os.PathLike, *, source: Mapping[str, Any]) -> None:
   """Converts split ``split_name`` of a TFF SQLite file into a cache directory.
 
   Args:
@@ -66,6 +67,7 @@ def convert_sql_split(path: str | os.PathLike, split_name: str, spec: Mapping[st
     split_name: e.g. ``'digits_only_train'`` (EMNIST), ``'train'``.
     spec: feature name -> :class:`FeatureSpec`; other features of the protos are ignored.
     cache_directory: where the converted split goes (written atomically).
+    source: the source's identity, recorded in the cache's manifest (:func:`.source_identity.identify`).
 
   Raises:
     DatasetFormatError: the file is not a SQLite database of this layout, is truncated, lacks the split, or a
@@ -77,20 +79,28 @@ def convert_sql_split(path: str | os.PathLike, split_name: str, spec: Mapping[st
   except sqlite3.Error as error:
     raise _corrupt(path, str(error)) from None
   try:
-    _convert(connection, path, split_name, spec, Path(cache_directory))
+    _convert(connection, path, split_name, spec, Path(cache_directory), source)
   except sqlite3.Error as error:
     raise _corrupt(path, str(error)) from None
   finally:
     connection.close()
 
 
-def _metadata_counts(connection: sqlite3.Connection, split_name: str) -> dict[str, int]:
+def _metadata_counts(connection: sqlite3.Connection, path: Path, split_name: str) -> dict[str, int]:
   has_metadata = connection.execute(
       "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'client_metadata'").fetchone()[0]
   if not has_metadata:
     return {}
-  return {str(c): int(n) for c, n in connection.execute(
-      "SELECT client_id, num_examples FROM client_metadata WHERE split_name = ?", (split_name,)).fetchall()}
+  counts = {}
+  for client_id, num_examples in connection.execute(
+      "SELECT client_id, num_examples FROM client_metadata WHERE split_name = ?", (split_name,)).fetchall():
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+      raise DatasetFormatError(
+          f"{path}: table client_metadata gives client {str(client_id)!r} of split {split_name!r} num_examples "
+          f"{num_examples!r} ({type(num_examples).__name__}); expected a positive INTEGER, the client's number of "
+          f"rows in table examples.")
+    counts[str(client_id)] = num_examples
+  return counts
 
 
 def _layout_from_rows(connection: sqlite3.Connection, path: Path, split_name: str,
@@ -119,13 +129,11 @@ def _inconsistent(path: Path, split_name: str) -> DatasetFormatError:
 
 
 def _convert(connection: sqlite3.Connection, path: Path, split_name: str, spec: Mapping[str, FeatureSpec],
-             cache_directory: Path) -> None:
-  expected = _metadata_counts(connection, split_name)
+             cache_directory: Path, source: Mapping[str, Any]) -> None:
+  expected = _metadata_counts(connection, path, split_name)
   if expected:  # one pass: the table gives the layout, each row goes to its client's next free slot
     client_ids = np.array(sorted(expected))
     counts = np.array([expected[c] for c in client_ids.tolist()], np.int64)
-    if np.any(counts < 1):
-      raise _inconsistent(path, split_name)
     client_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     index_of = {c: k for k, c in enumerate(client_ids.tolist())}
     destination = None
@@ -139,7 +147,7 @@ def _convert(connection: sqlite3.Connection, path: Path, split_name: str, spec: 
   text = [name for name, s in spec.items() if s.kind == "bytes"]
   decoder = BatchDecoder(spec, where=f"{path}, split {split_name!r}")
   with SplitWriter(cache_directory, client_ids=tuple(client_ids.tolist()), client_offsets=client_offsets,
-                   source=source_fingerprint(path)) as writer:
+                   source=source) as writer:
     outputs = {name: writer.allocate(name, s.shape, s.dtype) for name, s in fixed.items()}
     text_values: dict[str, list[bytes]] = {name: [] for name in text}
     cursor = connection.execute(
@@ -153,14 +161,17 @@ def _convert(connection: sqlite3.Connection, path: Path, split_name: str, spec: 
       if row + len(chunk) > num_rows:
         raise _inconsistent(path, split_name)
       blobs = [blob for _, blob in chunk]
+      clients_of_rows = [str(c) for c, _ in chunk]
       for offset, blob in enumerate(blobs):
         if not isinstance(blob, bytes):
-          raise DatasetFormatError(f"{path}: row {row + offset} of split {split_name!r} holds no serialized proto.")
+          raise DatasetFormatError(f"{path}, split {split_name!r}: row {row + offset} (client "
+                                   f"{clients_of_rows[offset]!r}) holds {type(blob).__name__}, not a serialized "
+                                   f"tf.train.Example (a BLOB).")
       if destination is not None:
         slots = destination[row:row + len(chunk)]
       else:
         try:
-          clients = np.fromiter((index_of[str(c)] for c, _ in chunk), np.int64, len(chunk))
+          clients = np.fromiter((index_of[c] for c in clients_of_rows), np.int64, len(chunk))
         except KeyError:
           raise _inconsistent(path, split_name) from None
         order = np.argsort(clients, kind="stable")
@@ -172,7 +183,7 @@ def _convert(connection: sqlite3.Connection, path: Path, split_name: str, spec: 
         if np.any(next_slot > client_offsets[1:]):
           raise _inconsistent(path, split_name)
       slots_in_row_order[row:row + len(chunk)] = slots
-      _, texts = decoder.decode(blobs, first_row=row, out=outputs, slots=slots)
+      _, texts = decoder.decode(blobs, first_row=row, out=outputs, slots=slots, clients=clients_of_rows)
       for name in text:
         text_values[name].extend(texts[name])
       row += len(chunk)

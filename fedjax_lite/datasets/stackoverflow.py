@@ -24,7 +24,8 @@ from fedjax_lite.datasets.array_cache import RawSplit
 from fedjax_lite.datasets.errors import DatasetNotFoundError
 from fedjax_lite.datasets.feature_spec import FeatureSpec
 from fedjax_lite.datasets.records import FederatedDataset
-from fedjax_lite.datasets.sources import TFF_URL, DatasetSource, RemoteFile, find_file, load_raw_split
+from fedjax_lite.datasets.source_identity import unpacked
+from fedjax_lite.datasets.sources import TFF_URL, DatasetSource, RemoteFile, find_first, load_raw_split
 from fedjax_lite.datasets.text import word_sequences, word_special_tokens
 
 __all__ = ["load_stackoverflow", "load_stackoverflow_vocabulary", "stackoverflow_source"]
@@ -51,24 +52,24 @@ def load_stackoverflow_vocabulary(vocabulary_size: int = 10000, *, data_dir=None
                                   cache_dir=None) -> tuple[str, ...]:
   """The ``vocabulary_size`` most frequent words of the reference's ``stackoverflow.word_count`` file.
 
-  The file (one ``word count`` per line, most frequent first) is looked for in ``data_dir`` and the cache
-  root, else extracted from ``stackoverflow.word_count.tar.bz2``, else downloaded with ``download=True``.
+  The file (one ``word count`` per line, most frequent first) or ``stackoverflow.word_count.tar.bz2`` (extracted
+  once into the cache root's ``unpacked/``) is looked for in ``data_dir``, then in the cache root; else the
+  archive is downloaded with ``download=True``.
   """
   vocabulary_size = validation.check_int("vocabulary_size", vocabulary_size, minimum=1)
   cache = Path(cache_dir).expanduser() if cache_dir is not None else download_lib.cache_root()
   dirs = ([Path(data_dir).expanduser()] if data_dir is not None else []) + [cache]
   name = "stackoverflow.word_count"
-  path = find_file(name, dirs)
+  path = find_first([name, WORD_COUNTS.name], dirs)
+  if path is None and download:
+    path = download_lib.download_file(WORD_COUNTS.url, cache / WORD_COUNTS.name, sha256=WORD_COUNTS.sha256)
   if path is None:
-    archive = find_file(WORD_COUNTS.name, dirs)
-    if archive is None and download:
-      archive = download_lib.download_file(WORD_COUNTS.url, cache / WORD_COUNTS.name, sha256=WORD_COUNTS.sha256)
-    if archive is None:
-      raise DatasetNotFoundError(
-          f"the StackOverflow vocabulary is not on disk: no {name} nor {WORD_COUNTS.name} in "
-          f"{' or '.join(map(str, dirs))}. Put {WORD_COUNTS.name} (from {WORD_COUNTS.describe()}) into {dirs[0]}, "
-          f"pass download=True, or pass vocabulary=[...] explicitly.")
-    path = download_lib.extract_tar(archive, cache, [name])[0]
+    raise DatasetNotFoundError(
+        f"the StackOverflow vocabulary is not on disk: no {name} nor {WORD_COUNTS.name} in "
+        f"{' or '.join(map(str, dirs))}. Put {WORD_COUNTS.name} (from {WORD_COUNTS.describe()}) into {dirs[0]}, "
+        f"pass download=True, or pass vocabulary=[...] explicitly.")
+  if path.name == WORD_COUNTS.name:  # extracted once, beside no other archive's copy
+    path = unpacked(path, cache, [name], lambda archive, folder: download_lib.extract_tar(archive, folder, [name]))[0]
   words = []
   with open(path, encoding="utf-8") as file:
     for line in file:

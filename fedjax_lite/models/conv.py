@@ -44,15 +44,15 @@ def _plain_canonical_conv(lhs: jax.Array, rhs: jax.Array, padding: PaddingPairs,
 
 
 @functools.lru_cache(maxsize=None)
-def _lane_conv(padding: PaddingPairs, precision):
-  """The canonical conv as a ``custom_vmap`` function whose batching rule keeps per-lane convs separate on CPU.
+def _per_client_conv(padding: PaddingPairs, precision):
+  """The canonical conv as a ``custom_vmap`` function whose batching rule keeps the mapped convs separate on CPU.
 
   JAX batches a convolution whose kernel is mapped (``vmap`` over clients, each with its own weights) into ONE
-  grouped convolution (``feature_group_count = lanes``). XLA:CPU has no fast kernel for grouped convolutions: on
-  the 2-core reference machine the standard round with ``vmap`` over clients was 5-7x slower than a scan over
-  clients. On CPU this rule instead emits one canonical convolution per lane (the lanes are independent, so XLA's
-  runtime runs them concurrently on different cores); an unmapped kernel folds the lanes into the conv's batch
-  dim. Elsewhere (GPU/TPU, whose grouped convolutions are fast) it defers to JAX's own batching rule.
+  grouped convolution (``feature_group_count`` = the mapped size). XLA:CPU has no fast kernel for grouped
+  convolutions: on the 2-core reference machine the standard round with ``vmap`` over clients was 5-7x slower than
+  a scan over clients. On CPU this rule instead emits one canonical convolution per mapped element (they are
+  independent, so XLA's runtime may run them concurrently on different cores); an unmapped kernel folds the mapped
+  axis into the conv's batch dim. Elsewhere (GPU/TPU, whose grouped convolutions are fast) it defers to JAX's own batching rule.
   """
 
   @jax.custom_batching.custom_vmap
@@ -65,11 +65,11 @@ def _lane_conv(padding: PaddingPairs, precision):
     if jax.default_backend() != "cpu":
       in_axes = (0 if lhs_batched else None, 0 if rhs_batched else None)
       return jax.vmap(lambda x, w: _plain_canonical_conv(x, w, padding, precision), in_axes=in_axes)(lhs, rhs), True
-    if not rhs_batched:  # one kernel for every lane: fold the lanes into the batch dim
+    if not rhs_batched:  # one kernel for every mapped element: fold the mapped axis into the batch dim
       folded = conv(lhs.reshape((-1,) + lhs.shape[2:]), rhs)
       return folded.reshape((axis_size, lhs.shape[1]) + folded.shape[1:]), True
-    lanes = [conv(lhs[lane] if lhs_batched else lhs, rhs[lane]) for lane in range(axis_size)]
-    return jnp.stack(lanes), True
+    per_client = [conv(lhs[k] if lhs_batched else lhs, rhs[k]) for k in range(axis_size)]
+    return jnp.stack(per_client), True
 
   return conv
 
@@ -77,9 +77,10 @@ def _lane_conv(padding: PaddingPairs, precision):
 def _canonical_conv(lhs: jax.Array, rhs: jax.Array, padding: PaddingPairs, precision) -> jax.Array:
   """``lax.conv_general_dilated`` in XLA:CPU's canonical layout, stride 1, no dilation, no groups.
 
-  Under ``vmap`` with a mapped kernel it stays one canonical convolution per lane on CPU (see :func:`_lane_conv`).
+  Under ``vmap`` with a mapped kernel it stays one canonical convolution per client on CPU (see
+  :func:`_per_client_conv`).
   """
-  return _lane_conv(tuple(map(tuple, padding)), precision)(lhs, rhs)
+  return _per_client_conv(tuple(map(tuple, padding)), precision)(lhs, rhs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

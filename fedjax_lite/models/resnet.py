@@ -23,7 +23,7 @@ same gradient.
 Speed on XLA:CPU inside rolled loops: every convolution goes through :class:`fedjax_lite.models.conv.Conv`'s
 canonical path (stride 1; the stem's stride-2 conv is computed as a stride-1 conv with the stride-2 'same' padding,
 subsampled), and the 3x3/2 max-pool is written with reshapes and elementwise maxima (no ``reduce_window``, whose
-gradient is slow there; ``../shared/reference/xla-cpu.md``).
+gradient is slow there; ``docs/xla_cpu.md``).
 """
 
 from __future__ import annotations

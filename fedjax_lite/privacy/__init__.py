@@ -2,8 +2,13 @@
 
 Accounting answers "how much privacy has this run spent?" in the run itself: :class:`PrivacyLedger` gives the
 epsilon after any number of rounds for the run's events (:func:`sampled_run_events` for Poisson or fixed-size
-sampling, :func:`tree_run_events` for DP-FTRL), :func:`planned_epsilon` plans a run, and
-:func:`calibrate_noise_multiplier` finds the noise for a target ``(epsilon, delta)``. An accountant is named by
+sampling, :func:`tree_run_events` for DP-FTRL's tree, :func:`matrix_factorization_run_events` for
+matrix-factorization DP-FTRL on :func:`matrix_factorization`'s BLT/BandMF/Toeplitz strategies, built on
+``jax_privacy``), :func:`planned_epsilon` plans a run, and
+:func:`calibrate_noise_multiplier` (and :func:`calibrate_run_noise` for any run) finds the noise for a
+target ``(epsilon, delta)``. :mod:`~fedjax_lite.privacy.local` has the local-DP mechanisms (Gaussian and Laplace on
+a clipped value, k-ary randomized response and its unbiased decoder) and each client's epsilon;
+:func:`audit` estimates epsilon empirically from canary clients (Andrew et al. 2024). An accountant is named by
 ``'rdp'``/``'pld'``, given by its parameters, or passed as your own ``dp_accounting`` accountant; the PLD
 accountant chooses its discretization from the requested accuracy (``accounting``'s module docstring).
 """
@@ -25,23 +30,56 @@ from fedjax_lite.privacy.accounting import (
     sampled_run_events,
     tree_run_events,
 )
-from fedjax_lite.privacy.mechanisms import add_gaussian_noise, gaussian_noise
+from fedjax_lite.privacy.matrix_factorization import (
+    MatrixFactorization,
+    NoiseGenerator,
+    calibrate_run_noise,
+    matrix_factorization,
+    matrix_factorization_run_events,
+)
+from fedjax_lite.privacy.audit import AuditResult, audit, canary_cosines, canary_directions, gdp_epsilon
+from fedjax_lite.privacy.local import (
+    decode_randomized_response,
+    local_dp_event,
+    local_epsilon,
+    randomized_response,
+    randomized_response_event,
+    randomized_response_probabilities,
+)
+from fedjax_lite.privacy.mechanisms import add_gaussian_noise, gaussian_noise, laplace_noise
 
 __all__ = [
     "ACCOUNTANTS",
     "DEFAULT_PLD_RELATIVE_ACCURACY",
+    "MatrixFactorization",
+    "NoiseGenerator",
     "PrivacyLedger",
     "RunEvents",
+    "AuditResult",
     "add_gaussian_noise",
+    "audit",
+    "canary_cosines",
+    "canary_directions",
     "calibrate_noise_multiplier",
+    "calibrate_run_noise",
     "check_accountant",
+    "decode_randomized_response",
     "describe_accountant",
     "epsilon_of",
     "gaussian_noise",
+    "gdp_epsilon",
     "halve_gaussian_noise",
+    "laplace_noise",
+    "local_dp_event",
+    "local_epsilon",
     "make_accountant",
+    "matrix_factorization",
+    "matrix_factorization_run_events",
     "merge_gaussians",
     "planned_epsilon",
+    "randomized_response",
+    "randomized_response_event",
+    "randomized_response_probabilities",
     "run_epsilon",
     "sampled_run_events",
     "tree_run_events",

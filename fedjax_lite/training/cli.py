@@ -7,9 +7,14 @@ directory, and ends with a one-line summary (``--json`` prints the summary as JS
 
 Bad flags give one line on stderr and exit code 2: unknown values, flags that do not apply to the chosen
 algorithm, aggregator or dataset (e.g. ``--trim-fraction`` without ``--aggregator trimmed-mean``), an output path
-that is a file. With ``--checkpoint-dir DIR`` the run saves checkpoints (every ``--checkpoint-every`` rounds, at the
-end, and on SIGINT/SIGTERM, after which it exits with 128 + the signal number); ``--resume`` continues the run in DIR
-and ends bit-identical to an uninterrupted one, or refuses (exit 2) flags that would change the results.
+that is a file or cannot be written (checked before any training). With ``--checkpoint-dir DIR`` the run saves
+checkpoints (every ``--checkpoint-every`` rounds, at the end, and on SIGINT/SIGTERM, after which it exits with 128 +
+the signal number); ``--resume`` continues the run in DIR and ends bit-identical to an uninterrupted one, or refuses
+(exit 2) flags that would change the results, naming each (``--algorithm: "scaffold" in the checkpoint, "fedavg"
+now``). A DIR another run writes (its lock file), or one that cannot be written, is refused with exit 2; a checkpoint
+that cannot be written mid-run (full disk, read-only folder) ends the run with exit 1, the previous checkpoint and the
+finished rounds' metrics intact. Every such fault is one line (``fedjax-lite: error: ...``); warnings are one line
+each (``fedjax-lite: warning: ...``, e.g. a damaged checkpoint set aside), and orbax's own logs are not shown.
 
 Many processes (:mod:`fedjax_lite.training.distributed`): every process runs the same command with
 ``--coordinator-address HOST:PORT --num-processes N --process-id K`` (or the ``FEDJAX_LITE_*`` environment
@@ -20,12 +25,17 @@ process, each process packs only its own clients, and only process 0 writes file
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import logging
 import math
 import os
 import sys
+import tempfile
 import time
-from typing import Sequence
+import warnings
+from typing import Callable, Iterator, Sequence
 
 EXIT_USAGE = 2
 
@@ -53,69 +63,52 @@ class _Parser(argparse.ArgumentParser):
     raise UsageError(message)
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return value
+def number_type(kind: type, description: str, accept: Callable[[float], bool]) -> Callable[[str], float]:
+  """An argparse ``type=``: the text parsed as ``kind`` (``int`` or ``float``, a float must be finite) and kept when
+  ``accept(value)``; otherwise ``ArgumentTypeError("expected {description}, got '...'")``. The benchmarks'
+  command lines use these parsers too."""
+
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
+    if (kind is float and not math.isfinite(value)) or not accept(value):
+      raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
+    return value
+
+  return parse
 
 
-def _nonnegative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-  return value
-
-
-def _positive_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}") from None
-  if not math.isfinite(value) or value <= 0:
-    raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-  return value
-
-
-def _nonnegative_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a non-negative finite number, got {text!r}") from None
-  if not math.isfinite(value) or value < 0:
-    raise argparse.ArgumentTypeError(f"expected a non-negative finite number, got {text!r}")
-  return value
+positive_int = number_type(int, "a positive integer", lambda value: value >= 1)
+nonnegative_int = number_type(int, "a non-negative integer", lambda value: value >= 0)
+positive_float = number_type(float, "a positive finite number", lambda value: value > 0)
+nonnegative_float = number_type(float, "a non-negative finite number", lambda value: value >= 0)
 
 
 def _trim_fraction(text: str) -> float:
-  value = _nonnegative_float(text)
+  value = nonnegative_float(text)
   if value >= 0.5:
     raise argparse.ArgumentTypeError(f"expected a number in [0, 0.5), got {text!r}")
   return value
 
 
 def _bits(text: str) -> int:
-  value = _positive_int(text)
+  value = positive_int(text)
   if value > 16:
     raise argparse.ArgumentTypeError(f"expected an integer in 1..16, got {text!r}")
   return value
 
 
 def _bits_or_zero(text: str) -> int:
-  value = _nonnegative_int(text)
+  value = nonnegative_int(text)
   if value > 16:
     raise argparse.ArgumentTypeError(f"expected an integer in 0..16, got {text!r}")
   return value
 
 
 def _fraction(text: str) -> float:
-  value = _positive_float(text)
+  value = positive_float(text)
   if value >= 1:
     raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
   return value
@@ -147,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "cifar100 read the reference's files from --data-dir; tfds:NAME a prepared TFDS dataset")
   data.add_argument("--data-dir", default=None,
                     help="folder with the dataset's files (default: $FEDJAX_LITE_DATA or ~/.cache/fedjax_lite)")
-  data.add_argument("--num-clients", type=_positive_int, default=50, help="clients in the population")
+  data.add_argument("--num-clients", type=positive_int, default=50, help="clients in the population")
   data.add_argument("--partition", choices=PARTITIONS, default="shards",
                     help="how digits are split into clients (shards: McMahan's non-IID split)")
-  data.add_argument("--dirichlet-alpha", type=_positive_float, default=0.5)
+  data.add_argument("--dirichlet-alpha", type=positive_float, default=0.5)
   data.add_argument("--test-fraction", type=_fraction, default=0.2,
                     help="held out for testing: of each class (digits), of each client's examples (synthetic)")
   model = train.add_argument_group("model and algorithm")
@@ -159,10 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fedavg; fedsgd; fedprox (--proximal-strength); scaffold (per-client control variates); "
                           "mimelite, mime (client steps with the server's momentum, --base-momentum); fedadam, "
                           "fedyogi, fedadagrad (adaptive server, --adaptivity); fedavgm (--server-momentum)")
-  model.add_argument("--proximal-strength", type=_nonnegative_float, default=0.01,
+  model.add_argument("--proximal-strength", type=nonnegative_float, default=0.01,
                      help="FedProx's mu (>= 0)")
   model.add_argument("--server-momentum", type=_fraction, default=0.9, help="FedAvgM's server momentum")
-  model.add_argument("--adaptivity", type=_positive_float, default=1e-3,
+  model.add_argument("--adaptivity", type=positive_float, default=1e-3,
                      help="tau of FedAdam/FedYogi/FedAdagrad (Reddi et al. 2021)")
   model.add_argument("--base-momentum", type=_fraction, default=0.9,
                      help="momentum of Mime/MimeLite's base optimizer (SGD with the client learning rate)")
@@ -170,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mean; robust (adaptive zeroing + clipping); dp (adaptive-clip Gaussian DP, unweighted); "
                           "compression (robust + 8-bit quantized upload); secure (simulated SecAgg); median; "
                           "trimmed-mean; krum, multi-krum (Blanchard et al. 2017, --num-byzantine)")
-  model.add_argument("--num-byzantine", type=_nonnegative_int, default=1,
+  model.add_argument("--num-byzantine", type=nonnegative_int, default=1,
                      help="f, the Byzantine clients --aggregator krum/multi-krum tolerates (needs clients-per-round "
                           "> 2f + 2)")
   model.add_argument("--trim-fraction", type=_trim_fraction, default=0.1,
@@ -179,36 +172,36 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bits of --aggregator compression, 1..16")
   privacy = train.add_argument_group("differential privacy (--aggregator dp: user-level DP-FedAvg with Poisson "
                                      "sampling of clients at rate clients-per-round / num-clients)")
-  privacy.add_argument("--dp-noise-multiplier", type=_positive_float, default=0.5,
+  privacy.add_argument("--dp-noise-multiplier", type=positive_float, default=0.5,
                        help="total noise multiplier z (adaptive clipping splits it)")
   privacy.add_argument("--dp-delta", type=_fraction, default=1e-3, help="delta of the reported epsilon")
-  privacy.add_argument("--dp-epsilon-budget", type=_positive_float, default=None,
+  privacy.add_argument("--dp-epsilon-budget", type=positive_float, default=None,
                        help="stop before the round that would spend more than this epsilon")
   privacy.add_argument("--dp-accountant", choices=("rdp", "pld"), default="rdp")
-  privacy.add_argument("--dp-clip", type=_positive_float, default=None,
+  privacy.add_argument("--dp-clip", type=positive_float, default=None,
                        help="fixed L2 clip (default: adaptive, the median update norm)")
   model.add_argument("--broadcast-quantization-bits", type=_bits_or_zero, default=0,
                      help="quantize the broadcast model's tensors above 10,000 elements to this many bits "
                           "(0: off)")
   model.add_argument("--weighting", choices=("num_examples", "uniform"), default="num_examples")
   rounds = train.add_argument_group("rounds")
-  rounds.add_argument("--rounds", type=_positive_int, default=100)
-  rounds.add_argument("--clients-per-round", type=_positive_int, default=10)
-  rounds.add_argument("--local-epochs", type=_positive_int, default=5)
-  rounds.add_argument("--batch-size", type=_positive_int, default=10)
-  rounds.add_argument("--max-local-steps", type=_positive_int, default=None)
-  rounds.add_argument("--client-lr", type=_positive_float, default=0.1)
+  rounds.add_argument("--rounds", type=positive_int, default=100)
+  rounds.add_argument("--clients-per-round", type=positive_int, default=10)
+  rounds.add_argument("--local-epochs", type=positive_int, default=5)
+  rounds.add_argument("--batch-size", type=positive_int, default=10)
+  rounds.add_argument("--max-local-steps", type=positive_int, default=None)
+  rounds.add_argument("--client-lr", type=positive_float, default=0.1)
   rounds.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default="sgd")
-  rounds.add_argument("--server-lr", type=_positive_float, default=None,
+  rounds.add_argument("--server-lr", type=positive_float, default=None,
                       help="server learning rate (default 1.0 for FedAvg, 0.1 for FedSGD)")
-  rounds.add_argument("--seed", type=_nonnegative_int, default=0)
+  rounds.add_argument("--seed", type=nonnegative_int, default=0)
   rounds.add_argument("--runner", choices=RUNNER_STRATEGIES, default="auto",
                       help="how clients run: sequential scan (CPU default), vmap (accelerator default), chunked")
-  rounds.add_argument("--cpu-devices", type=_positive_int, default=None, metavar="N",
+  rounds.add_argument("--cpu-devices", type=positive_int, default=None, metavar="N",
                       help="XLA:CPU devices, each running its own stream of clients (default: one per usable core, "
                            "at most 8; 1 for a single device); see fedjax_lite.configure_cpu")
-  rounds.add_argument("--eval-every", type=_positive_int, default=5)
-  rounds.add_argument("--rounds-per-dispatch", type=_positive_int, default=None, metavar="R",
+  rounds.add_argument("--eval-every", type=positive_int, default=5)
+  rounds.add_argument("--rounds-per-dispatch", type=positive_int, default=None, metavar="R",
                       help="whole training on the device: the data copied there once, up to R rounds per "
                            "dispatch with cohorts and shuffles drawn there (default: rounds packed on the host)")
   output = train.add_argument_group("output")
@@ -226,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
   checkpoints.add_argument("--checkpoint-dir", default=None,
                            help="save checkpoints here (every --checkpoint-every rounds, at the end, and on "
                                 "SIGINT/SIGTERM)")
-  checkpoints.add_argument("--checkpoint-every", type=_positive_int, default=10, help="rounds between checkpoints")
+  checkpoints.add_argument("--checkpoint-every", type=positive_int, default=10, help="rounds between checkpoints")
   checkpoints.add_argument("--resume", action="store_true",
                            help="continue the run saved in --checkpoint-dir (start afresh if it holds none)")
   hosts = train.add_argument_group("many processes (jax.distributed: run the same command in every process, "
@@ -234,10 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
   hosts.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                      help="process 0's host and a free port, the same for every process (default "
                           "$FEDJAX_LITE_COORDINATOR_ADDRESS; unset: one process)")
-  hosts.add_argument("--num-processes", type=_positive_int, default=None, help="processes in the run")
-  hosts.add_argument("--process-id", type=_nonnegative_int, default=None,
+  hosts.add_argument("--num-processes", type=positive_int, default=None, help="processes in the run")
+  hosts.add_argument("--process-id", type=nonnegative_int, default=None,
                      help="this process's rank, 0 .. --num-processes - 1 (process 0 writes the files)")
-  hosts.add_argument("--local-devices", type=_positive_int, default=None,
+  hosts.add_argument("--local-devices", type=positive_int, default=None,
                      help="CPU only: host devices this process exposes (e.g. 1 per core it may use)")
   return parser
 
@@ -394,13 +387,19 @@ def distributed_config(args, given: set[str], environ=None):
 
 
 def _check_output_path(flag: str, path: str) -> None:
-  """A directory flag must not name a file (one line, exit 2, instead of a traceback)."""
+  """A directory flag must name a directory this process can write (one line, exit 2, before any training)."""
   if os.path.exists(path) and not os.path.isdir(path):
     raise UsageError(f"{flag} {path} is a file, not a directory")
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as error:
     raise UsageError(f"{flag} {path}: cannot create the directory ({error.strerror or error})") from None
+  try:  # a real write: permission bits do not tell (root, read-only mounts, immutable folders, ACLs)
+    descriptor, probe = tempfile.mkstemp(prefix=".fedjax-lite-write-test-", dir=path)
+    os.close(descriptor)
+    os.unlink(probe)
+  except OSError as error:
+    raise UsageError(f"{flag} {path} is not writable ({error.strerror or error})") from None
 
 
 def _server_optimizer(name: str, learning_rate: float):
@@ -502,6 +501,19 @@ def _load_file_dataset(args):
   return data.train, data.test.all_examples(), data.num_classes, tuple(data.input_shape)
 
 
+def _check_dataset_labels(train_data, test_data, num_classes: int, dataset: str) -> None:
+  """Labels outside the model's classes would train to a NaN loss every round: refuse the dataset in one line
+  naming the client, the label and the class count."""
+  from fedjax_lite.core.round_data import check_labels
+
+  try:
+    check_labels(train_data.examples, num_classes, name="train_data", client_ids=train_data.client_ids,
+                 client_offsets=train_data.offsets)
+    check_labels(test_data, num_classes, name="test_data")
+  except (ValueError, TypeError) as error:
+    raise UsageError(f"--dataset {dataset}: {error}") from None
+
+
 def _build_model(name: str, num_classes: int, input_shape, dataset: str = "digits"):
   from fedjax_lite import models
 
@@ -567,6 +579,7 @@ def _build_job(args, mesh=None):
   from fedjax_lite.core import ClientSpec, Runner
 
   train_data, test_data, num_classes, input_shape = _load_data(args)
+  _check_dataset_labels(train_data, test_data, num_classes, args.dataset)
   if args.clients_per_round > train_data.num_clients:
     raise UsageError(f"--clients-per-round ({args.clients_per_round}) exceeds the {train_data.num_clients} "
                      "clients of the population")
@@ -742,6 +755,44 @@ def train_command(args, distributed=None) -> dict | None:
   return summary
 
 
+# The environment's faults that end a run (exit 1): one line naming the file and the reason.
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM,
+                       errno.EIO)
+
+
+class _HideOrbaxLogs(logging.Filter):
+  """Drops orbax's own log records: a failed save is reported once, in one line, by the CLI."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def _one_line_reports() -> Iterator[None]:
+  """Warnings as one line each on stderr (``fedjax-lite: warning: ...``), orbax's logs hidden."""
+  previous_show, previous_unraisable = warnings.showwarning, sys.unraisablehook
+
+  def show(message, category, filename, lineno, file=None, line=None):
+    del category, filename, lineno, line
+    (file or sys.stderr).write(f"fedjax-lite: warning: {message}\n")
+
+  def unraisable(report):
+    # After a failed save, tensorstore may complete one of orbax's other writes once orbax's event loop is closed;
+    # the callback's error is about a write already reported as failed.
+    if not (isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"):
+      previous_unraisable(report)
+
+  warnings.showwarning, sys.unraisablehook = show, unraisable
+  orbax_logs = _HideOrbaxLogs()
+  absl_logger = logging.getLogger("absl")  # orbax logs through absl
+  absl_logger.addFilter(orbax_logs)
+  try:
+    yield
+  finally:
+    warnings.showwarning, sys.unraisablehook = previous_show, previous_unraisable
+    absl_logger.removeFilter(orbax_logs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``fedjax-lite`` console script."""
   parser = build_parser()
@@ -752,19 +803,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ImportError:
     pass
   try:
-    args = parser.parse_args(argv)
-    if args.command is None:
-      raise UsageError("a command is required: fedjax-lite train [flags] (see fedjax-lite train --help)")
-    given = _explicit_flags(argv)
-    check_flags_apply(args, given)
-    summary = train_command(args, distributed_config(args, given))
+    with _one_line_reports():
+      args = parser.parse_args(argv)
+      if args.command is None:
+        raise UsageError("a command is required: fedjax-lite train [flags] (see fedjax-lite train --help)")
+      given = _explicit_flags(argv)
+      check_flags_apply(args, given)
+      summary = train_command(args, distributed_config(args, given))
   except UsageError as error:
     sys.stderr.write(f"fedjax-lite: error: {error}\n")
     return EXIT_USAGE
   except Exception as error:  # the run's own failures: one line each, no traceback
-    from fedjax_lite.training.checkpoint import CheckpointError, ConfigMismatchError
+    from fedjax_lite.training.checkpoint import CheckpointError, CheckpointSaveError, ConfigMismatchError
     from fedjax_lite.training.loop import TrainingStalledError
 
+    if isinstance(error, CheckpointSaveError):  # the environment failed mid-run: not a usage error
+      sys.stderr.write(f"fedjax-lite: error: {error}; continue with --resume once it can be written\n")
+      return 1
     if isinstance(error, (ConfigMismatchError, CheckpointError)) or (
         isinstance(error, ValueError) and ("already holds checkpoints" in str(error)
                                            or str(error).startswith("rounds_per_dispatch"))):
@@ -774,6 +829,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       return EXIT_USAGE
     if isinstance(error, TrainingStalledError):
       sys.stderr.write(f"fedjax-lite: error: {error}\n")
+      return 1
+    if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
+      where = f"{error.filename}: " if error.filename else ""
+      sys.stderr.write(f"fedjax-lite: error: {where}{error.strerror or error}\n")
       return 1
     raise
   except KeyboardInterrupt as interrupt:

@@ -48,8 +48,7 @@ from fedjax_lite.core.packing import ClientSpec
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.round_data import RoundDataChecker
 from fedjax_lite.core.runner import client_mesh
-
-PyTree = Any
+from fedjax_lite.core.tree import PyTree
 
 # Environment variables read by DistributedConfig.from_env (the CLI flags take precedence).
 ENV_COORDINATOR_ADDRESS = "FEDJAX_LITE_COORDINATOR_ADDRESS"

@@ -13,19 +13,25 @@ from typing import Sequence
 from matplotlib.figure import Figure
 
 
-def _series(history: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
-  rounds, values = [], []
+def _series(history: Sequence[dict], key: str, x_key: str = "round") -> tuple[list[float], list[float]]:
+  """``(x, y)`` of the records holding ``key``: x is the round counted from 1, or the record's ``x_key``."""
+  xs, values = [], []
   for record in history:
     value = record.get(key)
-    if isinstance(value, (int, float)):
-      rounds.append(record["round"] + 1)
+    x = record["round"] + 1 if x_key == "round" else record.get(x_key)
+    if isinstance(value, (int, float)) and isinstance(x, (int, float)):
+      xs.append(x)
       values.append(float(value))
-  return rounds, values
+  return xs, values
 
 
 def plot_history(history: Sequence[dict], path: str | os.PathLike, *, title: str = "",
-                 extra_keys: Sequence[str] = ()) -> None:
-  """Writes loss (left) and accuracy (right) per round, plus one panel per ``extra_keys`` entry."""
+                 extra_keys: Sequence[str] = (), x_key: str = "round") -> None:
+  """Writes loss (left) and accuracy (right) per round, plus one panel per ``extra_keys`` entry.
+
+  ``x_key`` chooses the horizontal axis: ``'round'`` (default), or any metric of the records, e.g.
+  ``'systems/elapsed_hours'`` (simulated time, ``run_training(systems=...)``) for accuracy against simulated hours.
+  """
   panels = [
       ("loss", ["client_work/train/loss", "evaluation/loss"]),
       ("accuracy", ["client_work/train/accuracy", "evaluation/accuracy"]),
@@ -34,12 +40,12 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike, *, title: str
   axes = figure.subplots(1, len(panels), squeeze=False)
   for axis, (label, keys) in zip(axes[0], panels):
     for key in keys:
-      rounds, values = _series(history, key)
+      xs, values = _series(history, key, x_key)
       if values:
-        axis.plot(rounds, values, marker="." if len(values) < 60 else None,
+        axis.plot(xs, values, marker="." if len(values) < 60 else None,
                   label="train (clients)" if key.startswith("client_work") else
                   ("test" if key.startswith("evaluation") else key))
-    axis.set_xlabel("round")
+    axis.set_xlabel({"round": "round", "systems/elapsed_hours": "simulated hours"}.get(x_key, x_key))
     axis.set_ylabel(label)
     axis.grid(alpha=0.3)
     if axis.get_legend_handles_labels()[0]:

@@ -21,7 +21,7 @@ import pytest
 from fedjax_lite import algorithms
 from fedjax_lite.core.client_state import ClientStateStore
 from fedjax_lite.core.packing import max_num_steps, pack_clients
-from fedjax_lite.core.runner import Runner
+from fedjax_lite.core.runner import Runner, client_mesh
 from fedjax_lite.models.adapter import from_flax
 from tests.algorithms import reference_impl as ref
 from tests.algorithms.family_setup import (
@@ -137,10 +137,10 @@ def run_scaffold_round(step, state, store, cohort, round_data, rng):
 
 @pytest.mark.parametrize("weighting, runner", [
     ("uniform", None), ("num_examples", None),
-    # The client states come back stacked in slot order whatever the strategy (lanes deal clients by size).
-    ("uniform", Runner("sequential", lanes=2)), ("uniform", Runner("vmap")),
+    # The client states come back stacked in slot order whatever the strategy (a mesh deals clients by size).
+    ("uniform", Runner("sequential", mesh=client_mesh(1))), ("uniform", Runner("vmap")),
     ("uniform", Runner("chunked", chunk_size=3)),
-], ids=["uniform", "num_examples", "lanes2", "vmap", "chunked3"])
+], ids=["uniform", "num_examples", "sequential_mesh1", "vmap", "chunked3"])
 def test_scaffold_two_rounds_equal_numpy_reference(setup, weighting, runner):
   population, model, params, rounds = setup
   n = population.num_clients

@@ -9,11 +9,13 @@ import pytest
 from fedjax_lite.algorithms import scaffold
 from fedjax_lite.core.client_state import ClientStateStore
 from fedjax_lite.core.packing import pack_clients
-from fedjax_lite.core.runner import Runner
+from fedjax_lite.core.runner import Runner, client_mesh
 from tests.conftest import make_population
 from tests.tolerances import assert_trees_close_to_rounding
 
-RUNNERS = {"lanes1": Runner("sequential", lanes=1), "lanes2": Runner("sequential", lanes=2),
+# An explicit mesh, even of one device, deals the clients to its devices by size: states must still come back to
+# their own slots.
+RUNNERS = {"sequential": Runner("sequential"), "sequential_mesh1": Runner("sequential", mesh=client_mesh(1)),
            "vmap": Runner("vmap"), "chunked": Runner("chunked", chunk_size=2)}
 
 
@@ -31,7 +33,7 @@ def one_round(model, params, runner):
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, tiny_params):
-  return one_round(tiny_model, tiny_params, RUNNERS["lanes1"])
+  return one_round(tiny_model, tiny_params, RUNNERS["sequential"])
 
 
 @pytest.mark.parametrize("name", sorted(RUNNERS))

@@ -41,7 +41,7 @@ def test_quick_run_prints_one_json_line():
     assert result[name]["steady_s"] > 0 and result[name]["first_round_s"] > 0
   assert result["steady_ratio_process_per_core_to_one_process"] > 0
   assert result["steady_ratio_one_process_to_jax_defaults"] > 0
-  # The same clients and keys; the clients' weighted deltas are summed in another order (lanes in one process,
+  # The same clients and keys; the clients' weighted deltas are summed in another order (one process's scans,
   # a cross-process all-reduce), then divided and applied: a few ulps times (clients + 2) at the parameters' scale.
   assert result["max_abs_param_difference_after_round_1"] <= float_atol(QUICK_CLIENTS + 2,
                                                                         result["max_abs_param_after_round_1"])

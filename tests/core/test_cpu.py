@@ -52,7 +52,7 @@ CHILD = textwrap.dedent("""
     scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(results["one_device"][0]))
     print(json.dumps({
         "configured": configured, "devices": jax.local_device_count(), "xla_flags": os.environ["XLA_FLAGS"],
-        "mesh_size": Runner().resolved_mesh().size, "lanes": Runner().resolved_lanes(),
+        "mesh_size": Runner().resolved_mesh().size,
         "round2_compiles": results["sharded"][1], "difference": difference,
         "tolerance": float_atol(num_terms=5 + 2, scale=scale),
     }))
@@ -68,7 +68,7 @@ def test_configure_cpu_sets_devices_and_the_default_runner_shards_over_them():
   assert "--xla_cpu_multi_thread_eigen=false" in report["xla_flags"]
   # The compile-time flag only where this jaxlib has it (an unknown flag would have aborted the child).
   assert (cpu.COMPILE_FLAG in report["xla_flags"]) == cpu.compile_flag_supported()
-  assert report["mesh_size"] == 2 and report["lanes"] == 1
+  assert report["mesh_size"] == 2
   assert report["round2_compiles"] == 0  # the state is placed on the mesh: round 2 reuses round 1's program
   # Round 1 on both: the 5 clients' weighted deltas summed in another order (two device partial sums), then the
   # division and the server step: float32 rounding of a 7-term computation at the parameters' scale.
@@ -106,13 +106,13 @@ def test_arguments_are_checked_first():
 
 
 def test_the_default_runner_follows_the_devices():
-  """One CPU device (the suite without configure_cpu): no mesh, the lanes. Several (the suite run with
+  """One CPU device (the suite without configure_cpu): no mesh, one scan. Several (the suite run with
   ``XLA_FLAGS=--xla_force_host_platform_device_count=N``): the client axis over all of them."""
   mesh = Runner().resolved_mesh()
   if jax.local_device_count() == 1:
     assert mesh is None
   else:
-    assert mesh.size == jax.local_device_count() and Runner().resolved_lanes() == 1
+    assert mesh.size == jax.local_device_count()
   assert Runner(shard_host_devices=False).resolved_mesh() is None
   assert cpu.usable_cores() >= 1
 

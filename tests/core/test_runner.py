@@ -31,13 +31,13 @@ def client_fn(broadcast, client_data, rng):
   return summand, {"value": value, "key_draw": jax.random.uniform(rng)}
 
 
-@pytest.mark.parametrize("strategy, lanes", [
-    ("sequential", 1), ("sequential", 2), ("sequential", 3), ("sequential", 7), ("sequential", 9),
-    ("vmap", None), ("chunked", None)])
-def test_strategies_give_the_same_sum_and_per_client_values(strategy, lanes):
+@pytest.mark.parametrize("strategy, mesh_devices", [
+    ("sequential", None), ("sequential", 1), ("vmap", None), ("vmap", 1), ("chunked", None)])
+def test_strategies_give_the_same_sum_and_per_client_values(strategy, mesh_devices):
   round_data = toy_round()
+  mesh = None if mesh_devices is None else client_mesh(mesh_devices)  # a mesh deals the clients by size
   total, collected = jax.jit(
-      lambda b, d, r: run_clients(client_fn, b, d, r, runner=Runner(strategy=strategy, chunk_size=3, lanes=lanes))
+      lambda b, d, r: run_clients(client_fn, b, d, r, runner=Runner(strategy=strategy, chunk_size=3, mesh=mesh))
   )(jnp.float32(2.0), round_data, jax.random.key(5))
   # Reference, client by client.
   expected_values = []
@@ -70,24 +70,17 @@ def test_auto_strategy_is_sequential_on_cpu():
   assert Runner().resolved_strategy() == "sequential"
 
 
-def test_default_lanes_follow_the_usable_cores():
-  cores = len(os.sched_getaffinity(0))
-  assert runner_module.default_lanes() == max(1, min(cores, runner_module.MAX_DEFAULT_LANES))
-  assert Runner(shard_host_devices=False).resolved_lanes() == runner_module.default_lanes()
-  assert Runner(lanes=3).resolved_lanes() == 3
-  assert Runner(mesh=client_mesh(1)).resolved_lanes() == 1  # a mesh's devices already run concurrently
-
-
-def test_lane_grid_deals_largest_first_in_snake_order():
-  np.testing.assert_array_equal(runner_module._lane_grid(6, 2), [[0, 1], [3, 2], [4, 5]])
-  # Clients of sizes 8, 7, ..., 0 (sorted) over 3 lanes: totals 13, 12, 11 (round-robin would give 15, 12, 9).
-  grid = runner_module._lane_grid(9, 3)
+def test_snake_grid_deals_largest_first_in_snake_order():
+  np.testing.assert_array_equal(runner_module._snake_grid(6, 2), [[0, 1], [3, 2], [4, 5]])
+  # Clients of sizes 8, 7, ..., 0 (sorted) over 3 devices: totals 13, 12, 11 (round-robin would give 15, 12, 9).
+  grid = runner_module._snake_grid(9, 3)
   sizes = np.arange(9)[::-1]
   np.testing.assert_array_equal(sizes[grid].sum(axis=0), [13, 12, 11])
 
 
-def test_lanes_balance_ragged_clients_and_keep_slot_order():
-  # Each client's "work" is its slot's size; the collected outputs come back in slot order whatever the lanes.
+def test_clients_dealt_by_size_come_back_in_slot_order():
+  # Each client's "work" is its slot's size; a mesh (even of one device) runs the clients in by-size order, and the
+  # collected outputs come back in slot order all the same.
   num_examples = np.array([5, 40, 1, 0, 33, 7, 12, 2], np.int32)
   round_data = {"x": np.arange(8, dtype=np.float32)[:, None], "num_examples": num_examples}
 
@@ -95,23 +88,22 @@ def test_lanes_balance_ragged_clients_and_keep_slot_order():
     return client_data["x"][0], (client_data["x"][0], client_data["num_examples"], jax.random.uniform(rng))
 
   outputs = {}
-  for lanes in (1, 2, 3, 4):
-    total, collected = jax.jit(lambda d, r, lanes=lanes: run_clients(
-        fn, None, d, r, runner=Runner(strategy="sequential", lanes=lanes)))(round_data, jax.random.key(0))
+  runners = {"one_device": Runner(strategy="sequential", shard_host_devices=False),
+             "mesh1": Runner(strategy="sequential", mesh=client_mesh(1))}
+  for name, runner in runners.items():
+    total, collected = jax.jit(lambda d, r, runner=runner: run_clients(fn, None, d, r, runner=runner))(
+        round_data, jax.random.key(0))
     np.testing.assert_array_equal(collected[0], np.arange(8))
     np.testing.assert_array_equal(collected[1], num_examples)
     assert float(total) == float(np.arange(8)[num_examples > 0].sum())
-    outputs[lanes] = np.asarray(collected[2])
-  for lanes in (2, 3, 4):  # keys are per slot, not per lane or position
-    np.testing.assert_array_equal(outputs[lanes], outputs[1])
+    outputs[name] = np.asarray(collected[2])
+  np.testing.assert_array_equal(outputs["mesh1"], outputs["one_device"])  # keys are per slot, not per position
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(strategy="parallel"), "strategy"),
     (dict(chunk_size=0), "chunk_size"),
     (dict(unroll=0), "unroll"),
-    (dict(lanes=0), "lanes"),
-    (dict(lanes=1.5), "lanes"),
     (dict(mesh="cpu"), "mesh"),
 ])
 def test_runner_bad_arguments(kwargs, match):
@@ -165,7 +157,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
         np.float32(2.0), toy, jax.random.key(5))
     from fedjax_lite.core.runner import run_clients
     explicit = jax.make_mesh((4,), ("clients",), axis_types=(AxisType.Explicit,))
-    for name, runner in [("toy_single", Runner(strategy="sequential", lanes=1)),
+    for name, runner in [("toy_single", Runner(strategy="sequential")),
                          ("toy_sharded", Runner(strategy="sequential", mesh=client_mesh(4))),
                          ("toy_explicit", Runner(strategy="sequential", mesh=explicit))]:
       total, collected = run(runner)
@@ -217,11 +209,11 @@ def test_balanced_order_deals_clients_to_devices_by_size():
   assert blocks.sum(axis=1).max() == 523 < np.asarray(sizes).reshape(4, 3).sum(axis=1).max() == 688
 
 
-@pytest.mark.parametrize("runner", [Runner("sequential", lanes=1), Runner("sequential", lanes=2),
-                                    Runner("sequential", lanes=3), Runner("vmap"), Runner("chunked", chunk_size=2)],
-                         ids=["lanes1", "lanes2", "lanes3", "vmap", "chunked"])
+@pytest.mark.parametrize("runner", [Runner("sequential"), Runner("sequential", mesh=client_mesh(1)), Runner("vmap"),
+                                    Runner("chunked", chunk_size=2)],
+                         ids=["sequential", "sequential_mesh1", "vmap", "chunked"])
 def test_round_data_closed_over_as_numpy_under_jit(runner):
-  """Regression: the lane gather indexed closed-over NumPy round data with a tracer (TracerArrayConversionError)."""
+  """Regression: the by-size gather indexed closed-over NumPy round data with a tracer (TracerArrayConversionError)."""
   round_data = jax.tree.map(np.asarray, toy_round())
 
   @jax.jit

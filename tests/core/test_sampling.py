@@ -174,3 +174,30 @@ def test_rejects_bad_round_num(round_num):
 def test_rejects_bools(kwargs, name):
   with pytest.raises((ValueError, TypeError), match=name):
     sample_clients(**kwargs)
+
+
+def test_cyclic_sampler_fixed_groups_min_separation_and_poisson_within_groups():
+  full = sampling.CyclicSampler(23, 5, seed=3)
+  groups = full.groups
+  assert sorted(np.concatenate(groups).tolist()) == list(range(23))
+  assert {len(g) for g in groups} == {4, 5} and full.cohort_capacity == 5
+  last_round = {}
+  for round_num in range(40):
+    cohort = full(round_num)
+    np.testing.assert_array_equal(cohort, np.sort(groups[round_num % 5]))
+    for client in cohort:
+      assert round_num - last_round.get(client, -5) >= full.min_separation
+      last_round[client] = round_num
+  assert full.max_participations(40) == 8 and full.max_participations(41) == 9
+  poisson = sampling.CyclicSampler(2000, 4, sampling_probability=0.25, seed=1)
+  sizes = []
+  for round_num in range(8):
+    cohort = poisson(round_num)
+    assert set(cohort.tolist()) <= set(poisson.groups[round_num % 4].tolist())
+    np.testing.assert_array_equal(cohort, poisson(round_num))  # reproducible from (seed, round) alone
+    sizes.append(len(cohort))
+  # Binomial(500, 0.25): mean 125, sd 9.7; the mean of 8 rounds is within 4 sd (3.4) of 125.
+  assert abs(np.mean(sizes) - 125) < 14 and poisson.expected_clients_per_round == 125
+  assert poisson.cohort_capacity >= max(sizes)
+  with pytest.raises(ValueError, match="num_groups"):
+    sampling.CyclicSampler(3, 4)

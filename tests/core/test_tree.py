@@ -143,3 +143,23 @@ def test_tree_size_bits_sums_over_mixed_tree():
 def test_tree_size_bits_works_on_shapes_only():
   shapes = jax.eval_shape(lambda: {"w": jnp.zeros((8, 8)), "b": jnp.zeros(8, jnp.int8)})
   assert tree_size_bits(shapes) == 64 * 32 + 8 * 8
+
+
+def test_the_pytree_alias_is_defined_once():
+  """``PyTree`` is defined in ``core/tree.py`` only; every other module (and benchmark) imports it from there."""
+  import ast
+  import pathlib
+
+  root = pathlib.Path(__file__).resolve().parents[2]
+  definitions = []
+  for path in sorted([*root.joinpath("fedjax_lite").rglob("*.py"), *root.joinpath("benchmarks").rglob("*.py")]):
+    for node in ast.parse(path.read_text()).body:
+      if isinstance(node, ast.Assign):
+        targets = node.targets
+      elif isinstance(node, ast.AnnAssign):
+        targets = [node.target]
+      else:
+        continue
+      if any(isinstance(target, ast.Name) and target.id == "PyTree" for target in targets):
+        definitions.append(f"{path.relative_to(root)}:{node.lineno}")
+  assert [where.split(":")[0] for where in definitions] == ["fedjax_lite/core/tree.py"], definitions

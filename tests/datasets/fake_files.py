@@ -24,3 +24,14 @@ def emnist_splits() -> dict[str, dict[str, dict[str, np.ndarray]]]:
 def expected_federated(clients: dict[str, dict[str, np.ndarray]], feature: str) -> np.ndarray:
   """A feature concatenated in the loaders' storage order: sorted client ids, rows in file order."""
   return np.concatenate([clients[cid][feature] for cid in sorted(clients)])
+
+
+def with_label(splits: dict, split: str, client: str, index: int, label) -> dict:
+  """``splits`` with example ``index`` of ``client`` in ``split`` relabelled ``label`` (the rest shared, not copied)."""
+  changed = {name: dict(clients) for name, clients in splits.items()}
+  features = dict(changed[split][client])
+  labels = np.array(features["label"], dtype=np.float64 if isinstance(label, float) else np.int64)  # a copy
+  labels[index] = label
+  features["label"] = labels
+  changed[split][client] = features
+  return changed

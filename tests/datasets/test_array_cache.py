@@ -1,11 +1,13 @@
-"""The converted-array cache: atomic build, memory-mapped read back, incomplete caches ignored."""
+"""The converted-array cache: atomic build, memory-mapped read back, damage (missing, truncated, flipped bytes) caught."""
 
 import json
 
 import numpy as np
 import pytest
 
-from fedjax_lite.datasets.array_cache import RaggedBytes, SplitWriter, open_split
+from fedjax_lite.datasets import array_cache
+from fedjax_lite.datasets.array_cache import CacheDamagedError, RaggedBytes, SplitWriter, open_split
+from fedjax_lite.datasets.errors import DatasetFormatError
 
 
 def _write(directory, fail=False):
@@ -40,13 +42,59 @@ def test_failure_leaves_nothing_and_keeps_old_cache(tmp_path):
   assert [p.name for p in tmp_path.iterdir()] == ["split"]
 
 
-def test_incomplete_or_foreign_cache_is_ignored(tmp_path):
+def _flip_byte(path, offset):
+  content = bytearray(path.read_bytes())
+  content[offset] ^= 0x40
+  path.write_bytes(bytes(content))
+
+
+def _damage(directory, how):
+  if how == "missing_file":
+    (directory / "text.offsets.npy").unlink()
+  elif how == "truncated":
+    content = (directory / "pixels.npy").read_bytes()
+    (directory / "pixels.npy").write_bytes(content[:-4])
+  elif how == "flipped_data_byte":  # the last value: a byte of the data, not of the .npy header
+    _flip_byte(directory / "pixels.npy", -1)
+  elif how == "flipped_manifest_digit":
+    manifest = (directory / "manifest.json").read_text()
+    (directory / "manifest.json").write_text(manifest.replace('"num_examples": 3', '"num_examples": 2'))
+  elif how == "manifest_garbage":
+    (directory / "manifest.json").write_bytes(b"\x00" * 20)
+  elif how == "no_manifest":
+    (directory / "manifest.json").unlink()
+  else:  # another format version
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["format_version"] = -1
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("how, detail", [
+    ("missing_file", "text.offsets.npy is missing"),
+    ("truncated", "pixels.npy has 172 bytes, expected 176"),
+    ("flipped_data_byte", "pixels.npy fails its CRC-32 at bytes 0..176"),
+    ("flipped_manifest_digit", "manifest.json fails its CRC-32"),
+    ("manifest_garbage", "manifest.json is unreadable"),
+    ("no_manifest", "manifest.json is missing"),
+    ("foreign_version", "format version -1"),
+])
+def test_damaged_cache_is_reported_never_read(tmp_path, how, detail):
   assert open_split(tmp_path / "absent") is None
   _write(tmp_path / "split")
-  (tmp_path / "split" / "text.offsets.npy").unlink()
-  assert open_split(tmp_path / "split") is None
-  _write(tmp_path / "other")
-  manifest = json.loads((tmp_path / "other" / "manifest.json").read_text())
-  manifest["format_version"] = -1
-  (tmp_path / "other" / "manifest.json").write_text(json.dumps(manifest))
-  assert open_split(tmp_path / "other") is None
+  _damage(tmp_path / "split", how)
+  with pytest.raises(CacheDamagedError, match=detail) as info:
+    open_split(tmp_path / "split")
+  assert isinstance(info.value, DatasetFormatError) and str(tmp_path / "split") in str(info.value)
+
+
+def test_every_block_is_checked_in_parallel(tmp_path, monkeypatch):
+  """With 16-byte blocks the pixels file has 11 blocks (checked by the thread pool); a flip in any one is caught
+  and named by its byte range."""
+  monkeypatch.setattr(array_cache, "BLOCK_SIZE", 16)
+  _write(tmp_path / "split")
+  manifest = json.loads((tmp_path / "split" / "manifest.json").read_text())
+  assert manifest["block_size"] == 16 and len(manifest["files"]["pixels.npy"]["crc32"]) == 11
+  assert open_split(tmp_path / "split") is not None
+  _flip_byte(tmp_path / "split" / "pixels.npy", 150)
+  with pytest.raises(CacheDamagedError, match="pixels.npy fails its CRC-32 at bytes 144..160"):
+    open_split(tmp_path / "split")

@@ -4,6 +4,7 @@ import contextlib
 import functools
 import hashlib
 import http.server
+import json
 import lzma
 import threading
 
@@ -70,8 +71,12 @@ def test_download_checksum_extract_and_cache(served, tmp_path, monkeypatch):
   np.testing.assert_array_equal(again.test.examples["x"][..., 0],
                                 expected_federated(splits["digits_only_test"], "pixels"))
   cache = tmp_path / "cache"
-  assert (cache / "emnist_all.sqlite.lzma").is_file() and (cache / "emnist_all.sqlite").is_file()
-  assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+  assert (cache / "emnist_all.sqlite.lzma").is_file()
+  assert len(list((cache / "unpacked").glob("*/emnist_all.sqlite"))) == 1
+  assert not [p for p in cache.rglob("*") if p.name.startswith(".")]
+  # The cache records the download's published sha256 as the source's identity.
+  manifests = list((cache / "arrays" / "emnist_digits" / "train").glob("*/manifest.json"))
+  assert len(manifests) == 1 and json.loads(manifests[0].read_text())["source"]["sha256"] == digest
 
 
 def test_bad_checksum_writes_nothing(served, tmp_path, monkeypatch):
@@ -101,8 +106,7 @@ def test_truncated_lzma_is_a_format_error(served, tmp_path):
   (tmp_path / "emnist_all.sqlite.lzma").write_bytes(content[: len(content) // 2])
   with pytest.raises(DatasetFormatError, match="not a complete LZMA file"):
     emnist_lib.load_emnist(data_dir=tmp_path, cache_dir=tmp_path / "c")
-  assert not (tmp_path / "c" / "emnist_all.sqlite").exists()
-  assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]
+  assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]  # no partial copy, no cache
 
 
 def test_download_argument_checks(tmp_path):

@@ -27,7 +27,7 @@ def test_femnist_folder_of_files(tmp_path):
 
 def test_shakespeare_text_to_ids(tmp_path):
   write_leaf_json(tmp_path / "train.json", {"ROMEO": {"x": ["abc", "bc~"], "y": ["d", "~"]}})
-  data = load_leaf(tmp_path / "train.json")
+  data = load_leaf(tmp_path / "train.json", label_vocabulary="characters")
   ids = {c: SHAKESPEARE_VOCABULARY.index(c) + 1 for c in "abcd"}
   # '~' is outside the 86-character vocabulary: OOV, id 87.
   np.testing.assert_array_equal(data["ROMEO"]["x"], [[ids["a"], ids["b"], ids["c"]], [ids["b"], ids["c"], 87]])

@@ -104,19 +104,19 @@ def test_conv2d_canonical_under_vmap():
   assert_close(actual, expected)
 
 
-def test_vmap_with_mapped_kernels_keeps_one_canonical_conv_per_lane():
+def test_vmap_with_mapped_kernels_keeps_one_canonical_conv_per_client():
   # vmap over clients, each with its own kernel: values and gradients equal the per-client plain conv, and on CPU
   # the compiled program has no grouped convolution (JAX's own rule would emit feature_group_count=3).
   inputs = random_normal(0, (3, 2, 7, 7, 2))
   kernels = random_normal(1, (3, 3, 3, 2, 4))
   mapped = jax.vmap(lambda x, w: value_and_grads(lambda a, b: conv2d_canonical(a, b, "SAME"), x, w))
-  per_lane = lambda xs, ws: [value_and_grads(lambda a, b: plain_conv(a, b, "SAME"), x, w) for x, w in zip(xs, ws)]
+  per_client = lambda xs, ws: [value_and_grads(lambda a, b: plain_conv(a, b, "SAME"), x, w) for x, w in zip(xs, ws)]
   actual = jax.jit(mapped)(inputs, kernels)
-  expected = jax.jit(per_lane)(inputs, kernels)
+  expected = jax.jit(per_client)(inputs, kernels)
   assert_trees_close(actual, jax.tree.map(lambda *xs: jnp.stack(xs), *expected))
   hlo_text = jax.jit(mapped).lower(inputs, kernels).compile().as_text()
   assert "feature_group_count" not in hlo_text
-  assert len(convolution_instructions(hlo_text)) == 3 * 3  # forward, input- and kernel-gradient, per lane
+  assert len(convolution_instructions(hlo_text)) == 3 * 3  # forward, input- and kernel-gradient, per client
   assert non_canonical_convolutions(hlo_text) == []
 
 

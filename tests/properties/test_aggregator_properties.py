@@ -12,8 +12,8 @@ Properties:
 * permutation invariance of the client axis (aggregators whose clients draw no slot-keyed randomness): bit for bit
   where every sum is an exact integer sum (secure sums, sorting statistics, Krum), else to the float32 rounding of
   a sum in another order (``tests/tolerances.py``: ulps x terms x the sum of the terms' magnitudes);
-* streaming equals stacked: the client parts summed by ``fedjax_lite.core.runner.run_clients`` (sequential lanes,
-  vmap, chunked) then the server part equals ``next``;
+* streaming equals stacked: the client parts summed by ``fedjax_lite.core.runner.run_clients`` (sequential, on
+  one device or a mesh that deals the clients by size, vmap, chunked) then the server part equals ``next``;
 * linearity of the linear sum-based aggregators;
 * faults: a NaN/Inf client never becomes a silent finite wrong value -- each aggregator follows the rule its module
   docstring states (propagate; zero and count; reject and count; NaN coordinate; never selected);
@@ -37,7 +37,7 @@ from hypothesis.extra import numpy as hnp
 
 from fedjax_lite import aggregators as agg
 from fedjax_lite.aggregators.base import AggregationContext, as_template, split_rng
-from fedjax_lite.core.runner import Runner, run_clients
+from fedjax_lite.core.runner import Runner, client_mesh, run_clients
 from tests.aggregators.helpers import run_streaming
 from tests.tolerances import float_atol
 
@@ -399,7 +399,8 @@ def test_client_order_does_not_matter(case, shape, data):
                          SHAPES[shape].slots)
 
 
-STREAM_RUNNERS = [Runner("sequential", lanes=1), Runner("sequential", lanes=3), Runner("vmap"),
+# A mesh, even of one device, runs the clients in by-size order (another summation order).
+STREAM_RUNNERS = [Runner("sequential"), Runner("sequential", mesh=client_mesh(1)), Runner("vmap"),
                   Runner("chunked", chunk_size=4)]
 
 
@@ -410,9 +411,10 @@ HOST_LOOP_CASES = ("mean", "zeroing", "secure_sum_float", "secure_modular_sum") 
 @_settings(EXAMPLES["streaming"])
 @given(data=st.data())
 def test_streaming_equals_stacked(case, shape, data):
-  """``parts`` summed by ``run_clients`` (one runner strategy per aggregator, rotating through sequential lanes,
-  vmap and chunked) equals ``next``, and so does the host loop of ``tests/aggregators/helpers.py`` (for
-  ``HOST_LOOP_CASES``): bit for bit for exact aggregators, else to the rounding of the reordered sum."""
+  """``parts`` summed by ``run_clients`` (one runner strategy per aggregator, rotating through sequential on one
+  device and on a mesh, vmap and chunked) equals ``next``, and so does the host loop of
+  ``tests/aggregators/helpers.py`` (for ``HOST_LOOP_CASES``): bit for bit for exact aggregators, else to the
+  rounding of the reordered sum."""
   runner = STREAM_RUNNERS[STREAMABLE.index(case) % len(STREAM_RUNNERS)]
   round_ = data.draw(rounds(shape, case.min_real))
   stacked = run(case, shape, round_.values, round_.weights, round_.mask, seed=3)

@@ -1,7 +1,8 @@
 """Property tests (hypothesis) for the client runner, ``fedjax_lite.core.runner.run_clients``.
 
-Every strategy -- sequential with 1 to 4 lanes, vmap, chunked with chunk sizes 1, 2, 3 and 5 -- and, in one
-subprocess with 4 forced host devices, meshes of 1, 2 and 4 devices, on ragged cohorts (each client a random number
+Every strategy -- sequential (on one device, and on a mesh of one device, which runs the clients in by-size
+order), vmap, chunked with chunk sizes 1, 2, 3 and 5 -- and, in one subprocess with 4 forced host devices, meshes
+of 1, 2 and 4 devices, on ragged cohorts (each client a random number
 of examples, padding slots with ``num_examples == 0`` holding NaN/Inf garbage) must give:
 
 * the same per-client outputs: every slot's random key is ``fold_in(key, slot)`` whatever the strategy, so the
@@ -29,24 +30,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedjax_lite.core.runner import Runner, run_clients
+from fedjax_lite.core.runner import Runner, client_mesh, run_clients
 from tests.tolerances import float_atol
 
 EXAMPLES = 4  # generated cohorts per (runner, cohort size)
 MAX_EXAMPLES_PER_CLIENT = 6
 FEATURES = 3
 RUNNERS = {
-    "lanes1": Runner("sequential", lanes=1),
-    "lanes2": Runner("sequential", lanes=2),
-    "lanes3": Runner("sequential", lanes=3),
-    "lanes4": Runner("sequential", lanes=4),
+    "sequential": Runner("sequential"),
+    "sequential_mesh1": Runner("sequential", mesh=client_mesh(1)),
     "vmap": Runner("vmap"),
     "chunk1": Runner("chunked", chunk_size=1),
     "chunk2": Runner("chunked", chunk_size=2),
     "chunk3": Runner("chunked", chunk_size=3),
     "chunk5": Runner("chunked", chunk_size=5),
 }
-SLOTS = (5, 8)  # 5: fewer slots than some lanes x rows and not a multiple of any chunk size but 1 and 5
+SLOTS = (5, 8)  # 5: not a multiple of any chunk size but 1 and 5
 GARBAGE = (np.nan, np.inf, -np.inf)
 
 CLIENT_FN_SOURCE = '''
@@ -127,7 +126,7 @@ def check(out, data, broadcast, seed, label=""):
           suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_every_strategy_gives_the_same_round(runner_name, slots, data):
-  """Per-client outputs, draws and the real-client sum of a ragged cohort, for every strategy and lane count."""
+  """Per-client outputs, draws and the real-client sum of a ragged cohort, for every strategy."""
   cohort, broadcast, seed = data.draw(cohorts(slots))
   out = compiled(runner_name)(broadcast, cohort, jax.random.key(seed))
   check(out, cohort, broadcast, seed, label=runner_name)

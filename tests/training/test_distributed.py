@@ -154,7 +154,7 @@ def test_two_processes_match_one_process(tmp_path):
   reference = run_training(process, population, params, client_spec=SPEC, clients_per_round=COHORT, num_rounds=1,
                            seed=SEED, progress=False)
   # The same clients, keys and shuffles; the 5 weighted deltas are summed in another order (over 4 devices and a
-  # psum instead of one process's lanes), then divided and applied: a few ulps times (clients + 2) at the
+  # psum instead of one process's scan), then divided and applied: a few ulps times (clients + 2) at the
   # parameters' scale. The loss is a sum over the round's examples.
   from tests.tolerances import float_atol
 

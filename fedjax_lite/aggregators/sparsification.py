@@ -1,0 +1,234 @@
+"""Sparsified and sign-compressed uploads, and a count-sketch upload (FetchSGD), with exact upload bit counts.
+
+Wrappers around an inner sum-based aggregator (default :func:`~fedjax_lite.aggregators.mean`): in the client part
+each client compresses its value and the inner client part receives the DECODED value (zeros where nothing was
+sent), so the round streams like any sum while ``upload_bits`` counts the encoded message:
+
+* :func:`top_k` (Stich, Cordonnier & Jaggi 2018, "Sparsified SGD with Memory"; Aji & Heafield 2017): keep the ``k``
+  entries of largest magnitude, globally over all leaves or per leaf (``per_layer``). Message: ``k`` indices of
+  ``ceil(log2 d)`` bits and ``k`` values at the leaf's width (global: ``d`` the total size).
+* :func:`random_k` (Stich et al. 2018): keep ``k`` entries chosen uniformly without replacement from the client's
+  own key, scaled by ``d / k`` so the decoded value is unbiased (``unbiased=False``: unscaled). Message: ``k``
+  values and the 32-bit seed of the choice (the server regenerates the indices).
+* :func:`sign_compression` (Bernstein et al. 2018 signSGD; Karimireddy et al. 2019, "Error Feedback Fixes SignSGD",
+  ICML, scaled sign): ``(||x||_1 / d) sign(x)`` per leaf (or globally): ``d`` sign bits and one float32 scale.
+
+Top-k and sign compression are biased; Stich et al. and Karimireddy et al. restore convergence with ERROR FEEDBACK
+(each client adds its last residual ``e = x + e_prev - C(x + e_prev)`` before compressing), which needs per-client
+state in the client-state store: not provided here (see the README's roadmap).
+
+:func:`count_sketch` (Rothchild et al. 2020, "FetchSGD", ICML) is an aggregator, not a wrapper: each client uploads
+the count sketch ``S(w_i x_i)`` (``depth x width`` float32: rows of hashed, signed sums of the flattened value);
+sketches are linear, so the server sums them into ``S(sum_i w_i x_i)``, divides by ``sum_i w_i``, estimates every
+coordinate as the median over rows of its signed bucket, and returns the ``k`` coordinates of largest estimated
+magnitude (zeros elsewhere). FetchSGD's server-side momentum and error accumulation in sketch space are not
+included (they are server state; compose with a server optimizer instead).
+
+Composition. Quantizing the kept values (``quantization_bits``) applies stochastic uniform quantization
+(:func:`~fedjax_lite.aggregators.quantize_above_threshold`'s quantizer) to the ``k`` values, counted at ``b`` bits
+each plus their float32 range. A secure sum cannot take these messages: client-specific indices do not add up
+under masking, so ``inner=secure_sum(...)`` would securely sum the zero-filled DENSE value (correct, but
+``upload_bits`` then counts the dense secure payload, which the wrapper reports as the inner's); only a random-k
+mask shared by all clients of a round would compose (not provided). Differential privacy composes outside
+(clip and noise the decoded sum), not inside.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lite.aggregators.base import SUM, Aggregator, as_template, check_aggregator
+from fedjax_lite.aggregators.mean import mean
+from fedjax_lite.aggregators.quantization import RANGE_BITS, quantize_dequantize
+from fedjax_lite.core import validation
+from fedjax_lite.core.process import MeasuredOutput
+from fedjax_lite.core.tree import dtype_bits
+
+from fedjax_lite.core.tree import PyTree
+SEED_BITS = 32
+SCALE_BITS = 32
+
+
+def index_bits(size: int) -> int:
+  """Bits of one index into ``size`` entries: ``ceil(log2 size)`` (0 for one entry)."""
+  return max(0, math.ceil(math.log2(size))) if size > 1 else 0
+
+
+def _flatten(tree: PyTree) -> tuple[jax.Array, Any]:
+  leaves, treedef = jax.tree.flatten(tree)
+  flat = jnp.concatenate([jnp.ravel(leaf).astype(jnp.float32) for leaf in leaves])
+  return flat, (treedef, [(jnp.shape(leaf), jnp.result_type(leaf)) for leaf in leaves])
+
+
+def _unflatten(flat: jax.Array, layout) -> PyTree:
+  treedef, shapes = layout
+  pieces, offset = [], 0
+  for shape, dtype in shapes:
+    size = int(np.prod(shape, dtype=np.int64))
+    pieces.append(flat[offset:offset + size].reshape(shape).astype(dtype))
+    offset += size
+  return jax.tree.unflatten(treedef, pieces)
+
+
+def _check_k(k: int | None, fraction: float | None) -> None:
+  if (k is None) == (fraction is None):
+    raise ValueError("give exactly one of k (entries kept) and fraction (of each vector's entries).")
+  validation.check_int("k", k, minimum=1, allow_none=True)
+  validation.check_float("fraction", fraction, low=0.0, high=1.0, low_inclusive=False, allow_none=True)
+
+
+def _kept(size: int, k: int | None, fraction: float | None) -> int:
+  return min(size, int(k)) if k is not None else max(1, math.ceil(fraction * size))
+
+
+def _quantized(values: jax.Array, bits: int | None, rng: jax.Array) -> jax.Array:
+  if bits is None:
+    return values
+  return quantize_dequantize(values, bits, rng)
+
+
+def _groups(value_template: PyTree, per_layer: bool) -> list[tuple[int, int]]:
+  """``(size, value bits)`` of each compressed vector: every leaf, or all leaves as one float32 vector."""
+  leaves = jax.tree.leaves(as_template(value_template))
+  sizes = [int(np.prod(leaf.shape, dtype=np.int64)) for leaf in leaves]
+  if per_layer:
+    return [(size, dtype_bits(leaf.dtype)) for size, leaf in zip(sizes, leaves)]
+  return [(sum(sizes), 32)]
+
+
+def _wrapper(name: str, compress, upload_bits, inner: Aggregator | None, per_layer: bool) -> Aggregator:
+  inner = check_aggregator(mean() if inner is None else inner, "inner", combine=SUM)
+
+  def client(client_params, value, weight, rng):
+    compress_key, inner_key = jax.random.split(rng)
+    if per_layer:
+      leaves, treedef = jax.tree.flatten(value)
+      keys = jax.random.split(compress_key, max(len(leaves), 1))
+      decoded = jax.tree.unflatten(treedef, [compress(leaf.ravel().astype(jnp.float32), key).reshape(leaf.shape)
+                                             .astype(leaf.dtype) for leaf, key in zip(leaves, keys)])
+    else:
+      flat, layout = _flatten(value)
+      decoded = _unflatten(compress(flat, compress_key), layout)
+    return inner.client(client_params, decoded, weight, inner_key)
+
+  def server(state, combined, rng, context):
+    out = inner.server(state, combined, rng, context)
+    return MeasuredOutput(out.state, out.result, {name: out.measurements})
+
+  return Aggregator(inner.init, inner.broadcast, client, server, upload_bits=upload_bits)
+
+
+def top_k(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
+          quantization_bits: int | None = None, inner: Aggregator | None = None) -> Aggregator:
+  """Keep the ``k`` (or ``ceil(fraction d)``) largest-magnitude entries of each client's value (module docstring).
+
+  Upload bits per compressed vector of ``d`` entries: ``k (ceil(log2 d) + value bits)``, value bits the leaf's
+  width (float32 globally) or ``quantization_bits`` plus 64 for the kept values' range. Measurements
+  ``{'top_k': <inner measurements>}``.
+  """
+  _check_k(k, fraction)
+  validation.check_int("quantization_bits", quantization_bits, minimum=1, maximum=16, allow_none=True)
+
+  def compress(flat, rng):
+    kept = _kept(flat.shape[0], k, fraction)
+    _, index = jax.lax.top_k(jnp.abs(flat), kept)
+    return jnp.zeros_like(flat).at[index].set(_quantized(flat[index], quantization_bits, rng))
+
+  def upload_bits(value_template):
+    total = 0
+    for size, value_bits in _groups(value_template, per_layer):
+      kept = _kept(size, k, fraction)
+      values = kept * quantization_bits + RANGE_BITS if quantization_bits else kept * value_bits
+      total += kept * index_bits(size) + values
+    return total
+
+  return _wrapper("top_k", compress, upload_bits, inner, per_layer)
+
+
+def random_k(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
+             unbiased: bool = True, quantization_bits: int | None = None,
+             inner: Aggregator | None = None) -> Aggregator:
+  """Keep ``k`` (or ``ceil(fraction d)``) entries chosen uniformly from the client's key, scaled by ``d / k`` when
+  ``unbiased`` (module docstring). Upload bits per vector: ``k`` values (as :func:`top_k`) plus a 32-bit seed.
+  Measurements ``{'random_k': <inner measurements>}``."""
+  _check_k(k, fraction)
+  validation.check_int("quantization_bits", quantization_bits, minimum=1, maximum=16, allow_none=True)
+  if not isinstance(unbiased, bool):
+    raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}.")
+
+  def compress(flat, rng):
+    size = flat.shape[0]
+    kept = _kept(size, k, fraction)
+    choice_key, quantize_key = jax.random.split(rng)
+    index = jax.random.choice(choice_key, size, (kept,), replace=False)
+    scale = size / kept if unbiased else 1.0
+    return jnp.zeros_like(flat).at[index].set(_quantized(flat[index], quantization_bits, quantize_key) * scale)
+
+  def upload_bits(value_template):
+    total = 0
+    for size, value_bits in _groups(value_template, per_layer):
+      kept = _kept(size, k, fraction)
+      total += SEED_BITS + (kept * quantization_bits + RANGE_BITS if quantization_bits else kept * value_bits)
+    return total
+
+  return _wrapper("random_k", compress, upload_bits, inner, per_layer)
+
+
+def sign_compression(*, per_layer: bool = True, inner: Aggregator | None = None) -> Aggregator:
+  """Scaled sign ``(||x||_1 / d) sign(x)`` of each leaf (or of all leaves together) (module docstring). Upload bits:
+  ``d`` sign bits plus a 32-bit scale per compressed vector. Measurements ``{'sign': <inner measurements>}``."""
+  if not isinstance(per_layer, bool):
+    raise TypeError(f"per_layer must be a bool, got {type(per_layer).__name__}.")
+
+  def compress(flat, rng):
+    return jnp.mean(jnp.abs(flat)) * jnp.sign(flat)
+
+  def upload_bits(value_template):
+    return sum(size + SCALE_BITS for size, _ in _groups(value_template, per_layer))
+
+  return _wrapper("sign", compress, upload_bits, inner, per_layer)
+
+
+def count_sketch(*, k: int, width: int, depth: int = 5, seed: int = 0) -> Aggregator:
+  """FetchSGD's count-sketch upload: the weighted mean's ``k`` heaviest coordinates from the summed sketches
+  (module docstring). Hashes: fully random tables from ``numpy.random.default_rng(seed)`` (built at ``init``'s
+  size). Upload bits: ``depth * width * 32`` plus the 32-bit weight. State ``()``; measurements ``{}``.
+  """
+  validation.check_int("k", k, minimum=1)
+  validation.check_int("width", width, minimum=1)
+  validation.check_int("depth", depth, minimum=1)
+  validation.check_int("seed", seed, minimum=0)
+
+  def tables(size: int):
+    generator = np.random.default_rng(seed)
+    buckets = generator.integers(0, width, size=(depth, size)).astype(np.int32)
+    signs = (2 * generator.integers(0, 2, size=(depth, size)) - 1).astype(np.float32)
+    return jnp.asarray(buckets), jnp.asarray(signs)
+
+  def client(client_params, value, weight, rng):
+    flat, _ = _flatten(value)
+    buckets, signs = tables(flat.shape[0])
+    rows = jax.vmap(lambda b, s: jnp.zeros((width,), jnp.float32).at[b].add(s * flat * weight))(buckets, signs)
+    return {"sketch": rows, "weight": jnp.asarray(weight, jnp.float32)}
+
+  def server(state, combined, rng, context):
+    template = context.value_template
+    size = sum(int(np.prod(leaf.shape, dtype=np.int64)) for leaf in jax.tree.leaves(template))
+    if k > size:
+      raise ValueError(f"k ({k}) must be <= the value's {size} entries.")
+    buckets, signs = tables(size)
+    sketch = combined["sketch"] / jnp.where(combined["weight"] > 0, combined["weight"], 1.0)
+    estimates = jnp.median(signs * jnp.take_along_axis(sketch, buckets, axis=1), axis=0)
+    _, index = jax.lax.top_k(jnp.abs(estimates), k)
+    flat = jnp.zeros((size,), jnp.float32).at[index].set(estimates[index])
+    leaves, treedef = jax.tree.flatten(template)
+    layout = (treedef, [(leaf.shape, leaf.dtype) for leaf in leaves])
+    return MeasuredOutput((), _unflatten(flat, layout), {})
+
+  return Aggregator(lambda template: (), lambda state: (), client, server,
+                    upload_bits=lambda template: depth * width * 32 + 32)

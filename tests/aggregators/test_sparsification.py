@@ -1,0 +1,120 @@
+"""Sparsified, sign-compressed and count-sketch uploads against NumPy, with their exact upload bits."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_lite.aggregators import (
+    client_upload_bits,
+    count_sketch,
+    quantize_above_threshold,
+    random_k,
+    sign_compression,
+    sum_aggregator,
+    top_k,
+)
+
+from tests.aggregators.helpers import run_next
+
+VALUES = {"a": jnp.array([[0.5, -3.0, 0.1, 2.0], [1.0, 0.0, -0.2, 0.3], [9.0, 9.0, 9.0, 9.0]]),
+          "b": jnp.array([[-1.5, 0.2], [0.05, -4.0], [9.0, 9.0]])}
+MASK = jnp.array([True, True, False])
+TEMPLATE = {"a": jnp.zeros(4), "b": jnp.zeros(2)}
+
+
+def _numpy_top_k(vector, kept):
+  out = np.zeros_like(vector)
+  index = np.argsort(-np.abs(vector), kind="stable")[:kept]
+  out[index] = vector[index]
+  return out
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_top_k_against_numpy_and_its_bits(per_layer):
+  aggregator = top_k(k=2, per_layer=per_layer, inner=sum_aggregator())
+  out = run_next(aggregator, aggregator.init(TEMPLATE), VALUES, [1.0, 1.0, 1.0], jax.random.key(0), MASK)
+  expected = {"a": np.zeros(4), "b": np.zeros(2)}
+  for i in range(2):
+    a, b = np.asarray(VALUES["a"][i]), np.asarray(VALUES["b"][i])
+    if per_layer:
+      expected["a"] += _numpy_top_k(a, 2)
+      expected["b"] += _numpy_top_k(b, 2)
+    else:
+      flat = _numpy_top_k(np.concatenate([a, b]), 2)
+      expected["a"] += flat[:4]
+      expected["b"] += flat[4:]
+  for name in ("a", "b"):
+    np.testing.assert_allclose(out.result[name], expected[name], rtol=1e-6)
+  # global: 2 indices into 6 entries (3 bits) + 2 float32 values; per leaf: 2 x (2 + 32) + 2 x (1 + 32).
+  assert client_upload_bits(aggregator, TEMPLATE) == (2 * (3 + 32) if not per_layer else 2 * 34 + 2 * 33)
+
+
+def test_random_k_is_unbiased_and_sends_k_values_and_a_seed():
+  """Over 20,000 clients with the same value, the mean of the decoded uploads is the value (each entry within 4.5
+  standard errors: kept with probability k / d and scaled by d / k), and each upload has exactly k non-zeros."""
+  value = jnp.array([1.0, -2.0, 0.5, 4.0, 0.0, 3.0])
+  aggregator = random_k(k=2, inner=sum_aggregator())
+  decoded = jax.vmap(lambda key: aggregator.client((), {"w": value}, jnp.float32(1.0), key))(
+      jax.random.split(jax.random.key(1), 20_000))
+  uploads = np.asarray(decoded["w"])
+  assert np.all(np.sum(uploads != 0, axis=1) <= 2)
+  standard_error = np.abs(np.asarray(value)) * math.sqrt(3 - 1) / math.sqrt(20_000)  # Var = x^2 (d/k - 1)
+  assert np.all(np.abs(uploads.mean(0) - np.asarray(value)) <= 4.5 * standard_error + 1e-6)
+  assert client_upload_bits(random_k(k=2), TEMPLATE) == 32 + 2 * 32
+
+
+def test_sign_compression_against_numpy_and_its_bits():
+  aggregator = sign_compression(inner=sum_aggregator())
+  out = run_next(aggregator, aggregator.init(TEMPLATE), VALUES, [1.0, 1.0, 1.0], jax.random.key(0), MASK)
+  for name in ("a", "b"):
+    rows = np.asarray(VALUES[name][:2], np.float64)
+    expected = sum(np.mean(np.abs(row)) * np.sign(row) for row in rows)
+    np.testing.assert_allclose(out.result[name], expected, rtol=1e-6)
+  assert client_upload_bits(aggregator, TEMPLATE) == (4 + 32) + (2 + 32)
+
+
+def test_quantized_top_k_values_and_composition_with_quantization():
+  aggregator = top_k(fraction=0.5, quantization_bits=4)
+  assert client_upload_bits(aggregator, TEMPLATE) == 3 * 3 + 3 * 4 + 64
+  # inside: the zero-filled dense value is quantized (the inner's payload is what is counted)
+  dense = top_k(k=3, inner=quantize_above_threshold(8, threshold=0))
+  assert client_upload_bits(dense, TEMPLATE) == 3 * (3 + 32)
+
+
+def test_count_sketch_recovers_the_heavy_coordinates_like_numpy():
+  """Two clients, d = 200 with three heavy coordinates: the server's estimate (NumPy's median-of-rows decode of
+  the summed sketch over the total weight) keeps the 3 heaviest and they match NumPy's decode."""
+  rng = np.random.default_rng(0)
+  values = rng.normal(0, 0.01, size=(2, 200)).astype(np.float32)
+  values[:, [5, 50, 150]] += np.array([3.0, -2.0, 1.5], np.float32)
+  weights = np.array([1.0, 3.0], np.float32)
+  aggregator = count_sketch(k=3, width=64, depth=5, seed=4)
+  out = run_next(aggregator, (), {"w": jnp.asarray(values)}, weights, jax.random.key(0))
+  generator = np.random.default_rng(4)
+  buckets = generator.integers(0, 64, size=(5, 200))
+  signs = (2 * generator.integers(0, 2, size=(5, 200)) - 1).astype(np.float64)
+  sketch = np.zeros((5, 64))
+  for row in range(5):
+    np.add.at(sketch[row], buckets[row], signs[row] * (weights[:, None] * values).sum(0))
+  estimates = np.median(signs * np.take_along_axis(sketch / weights.sum(), buckets, axis=1), axis=0)
+  expected = np.zeros(200)
+  expected[[5, 50, 150]] = estimates[[5, 50, 150]]
+  np.testing.assert_allclose(out.result["w"], expected, atol=1e-5)
+  assert set(np.flatnonzero(np.asarray(out.result["w"]))) == {5, 50, 150}
+  assert client_upload_bits(aggregator, {"w": jnp.zeros(200)}) == 5 * 64 * 32 + 32
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: top_k(), "exactly one of k"),
+    (lambda: top_k(k=1, fraction=0.5), "exactly one of k"),
+    (lambda: random_k(fraction=1.5), "fraction"),
+    (lambda: count_sketch(k=0, width=4), "k"),
+])
+def test_bad_arguments(build, match):
+  with pytest.raises(ValueError, match=match):
+    build()
