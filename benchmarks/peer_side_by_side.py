@@ -100,6 +100,7 @@ def library_child(workload_name: str, rounds: int, seed: int, configure: bool, q
   cpu_s = [b - a for a, b in zip(cpu_marks, cpu_marks[1:])]
   return {"system": "fedjax_lite", "workload": workload_name, "rounds": rounds,
           "round_s": [round(r, 4) for r in rounds_s], "first_round_s": round(rounds_s[0], 3),
+          "first_round_cpu_s": round(cpu_s[0], 3),
           "startup_s": round(marks[0] - start, 3), "steady_s": round(statistics.median(rounds_s[2:] or rounds_s), 4),
           "cpu_round_s": [round(c, 4) for c in cpu_s], "steady_cpu_s": round(statistics.median(cpu_s[2:] or cpu_s), 4),
           "cpu_devices": devices, "users": workload["users"], "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
@@ -152,6 +153,7 @@ def summarize(samples: dict[str, list[dict]]) -> dict:
     good = [r for r in results if "steady_s" in r]
     out[name] = {
         "steady_s": [r["steady_s"] for r in good], "first_round_s": [r["first_round_s"] for r in good],
+        "first_round_cpu_s": [r.get("first_round_cpu_s") for r in good],
         "median_steady_s": round(statistics.median([r["steady_s"] for r in good]), 4) if good else None,
         "steady_cpu_s": [r.get("steady_cpu_s") for r in good],
         "median_steady_cpu_s": (round(statistics.median([r["steady_cpu_s"] for r in good]), 4)
