@@ -77,6 +77,11 @@ import optax  # noqa: E402
 from fedjax_lite.models import CNNDropout, OriginalFedAvgCNN  # noqa: E402
 from fedjax_lite.models.conv import conv2d_canonical  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: the repository root, for ``benchmarks.report``
+  sys.path.insert(0, ROOT)
+from benchmarks import report  # noqa: E402
+
 
 def log(message: str) -> None:
   print(f"[conv_kernels {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -310,15 +315,6 @@ def measure(ops: dict[str, tuple[Callable, int]], repeats: int, calls: int, stat
           "cpu_best": {name: min(values) for name, values in cpu_samples.items()}}
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 def run_workload(name: str, args) -> dict:
@@ -376,7 +372,7 @@ def main() -> dict:
     import torch
     torch.set_num_threads(max(1, args.cores))
   result = {
-      "benchmark": "conv_kernels", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": cpu_model(),
+      "benchmark": "conv_kernels", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": report.cpu_model(),
       "jax": jax.__version__, "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "cores": sorted(os.sched_getaffinity(0)), "load_average": os.getloadavg(),
       "repeats": args.repeats, "calls": args.calls,
@@ -389,11 +385,7 @@ def main() -> dict:
     result[name] = run_workload(name, args)
     log(f"{name} (best): " + json.dumps(result[name]["best"]["ratio_jax_to_torch"]))
   result["load_average_end"] = os.getloadavg()
-  line = json.dumps(result)
-  print(line)
-  if args.output:
-    with open(args.output, "a") as f:
-      f.write(line + "\n")
+  report.emit(result, args.output)
   return result
 
 

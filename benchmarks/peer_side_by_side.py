@@ -39,6 +39,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
+if ROOT not in sys.path:  # run as a script: the repository root, for ``benchmarks.report``
+  sys.path.insert(0, ROOT)
+from benchmarks import report  # noqa: E402
 
 # The two workloads, as pfl_peer.WORKLOADS (the library side reads them from here).
 WORKLOADS = {
@@ -194,15 +197,6 @@ def paired_ratios(samples: dict[str, list[dict]]) -> dict:
   return out
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown"
 
 
 def main(argv=None) -> dict:
@@ -237,7 +231,7 @@ def main(argv=None) -> dict:
     if unknown:
       parser.error(f"unknown configurations {unknown}; available: {sorted(configs)}")
     configs = {name: configs[name] for name in wanted}
-  result = {"benchmark": "peer_side_by_side", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": cpu_model(),
+  result = {"benchmark": "peer_side_by_side", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": report.cpu_model(),
             "cores": len(os.sched_getaffinity(0)), "load_average_start": os.getloadavg(), "rounds": args.rounds,
             "repeats": args.repeats, "configurations": list(configs)}
   for workload in args.workloads.split(","):
@@ -263,11 +257,7 @@ def main(argv=None) -> dict:
                         "raw": samples}
     log(f"{workload}: " + json.dumps(result[workload]["ratios"]))
   result["load_average_end"] = os.getloadavg()
-  line = json.dumps(result)
-  print(line)
-  if args.output:
-    with open(args.output, "a") as f:
-      f.write(line + "\n")
+  report.emit(result, args.output)
   return result
 
 
