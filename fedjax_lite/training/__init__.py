@@ -11,7 +11,7 @@ from fedjax_lite.training.checkpoint import (CheckpointError, CheckpointInUseErr
                                              ConfigMismatchError, RunCheckpointer, TrainingInterrupted,
                                              read_checkpoint)
 from fedjax_lite.training.loop import TrainingResult, TrainingStalledError, flatten_metrics, run_training
-from fedjax_lite.training.plotting import plot_history
+from fedjax_lite.training.plotting import history_figure, plot_history
 from fedjax_lite.training.recorder import Recorder
 from fedjax_lite.training.round_driver import HostRoundPacker, PackedRound, drive_rounds
 from fedjax_lite.training.run_checkpoints import Progress, RunCheckpoints
@@ -24,4 +24,4 @@ __all__ = ["CheckpointError", "CheckpointInUseError", "CheckpointSaveError", "Co
            "HostRoundPacker", "JsonlTracker", "PackedRound", "Progress", "Recorder", "RoundSchedule",
            "RunCheckpointer", "RunCheckpoints", "TensorBoardTracker", "Tracker", "TrainingInterrupted",
            "TrainingResult", "TrainingStalledError", "WandbTracker", "drive_rounds", "drive_scanned_rounds",
-           "flatten_metrics", "make_trackers", "plot_history", "read_checkpoint", "run_training"]
+           "flatten_metrics", "history_figure", "make_trackers", "plot_history", "read_checkpoint", "run_training"]

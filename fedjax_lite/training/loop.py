@@ -130,7 +130,8 @@ def run_training(
     evaluate: optional ``params -> metrics`` (e.g. centralized test accuracy), recorded under ``evaluation/``.
     evaluate_every: evaluate every this many rounds (and always after the last).
     metrics_path: optional JSON-lines file receiving one flat metrics dict per round.
-    progress: show a tqdm progress bar: round, loss, accuracies, epsilon and the megabits sent so far.
+    progress: show a tqdm progress bar: rounds done, loss, accuracies, epsilon and the mebibits sent so far in
+      each direction (``down_Mibit``, ``up_Mibit``; :mod:`fedjax_lite.training.units`).
     on_round_end: optional ``callback(round_num, flat_metrics)``; returning a string stops training with that
       reason.
     sample_with_replacement: sample cohorts with replacement (with ``clients_per_round``).

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from fedjax_lite.core.tree import PyTree
+from fedjax_lite.training import units
 from fedjax_lite.training.checkpoint import CheckpointSaveError, SignalCatcher, TrainingInterrupted
 from fedjax_lite.training.run_checkpoints import Progress, RunCheckpoints
 from fedjax_lite.training.schedule import RoundSchedule
@@ -180,9 +181,10 @@ class Recorder:
       cumulative = self.progress.cumulative
       postfix = {"loss": flat.get("client_work/train/loss"), "acc": flat.get("client_work/train/accuracy"),
                  "test_acc": flat.get("evaluation/accuracy"), "eps": flat.get("privacy/epsilon")}
-      if any(cumulative.values()):  # communication so far, both directions, in megabits
-        postfix["Mbit"] = (cumulative["broadcasted_bits"] + cumulative["aggregated_bits"]) / 1e6
-      self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items() if v is not None}, refresh=False)
+      postfix = {k: f"{v:.4g}" for k, v in postfix.items() if v is not None}
+      if any(cumulative.values()):  # communication so far, per direction, in Mibit (training.units)
+        postfix.update(units.communication_postfix(cumulative["broadcasted_bits"], cumulative["aggregated_bits"]))
+      self._bar.set_postfix(postfix, refresh=False)
       self._bar.update(1)
 
   def _count_rejected(self, round_num: int, flat: dict, num_real_clients: int) -> None:
