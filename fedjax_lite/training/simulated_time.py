@@ -32,9 +32,8 @@ from fedjax_lite.core.client_state import ClientStateStore
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.packing import ClientSpec
 from fedjax_lite.core.sampling import UniformSampler
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.systems.rounds import SystemsRounds, bits_per_client, round_data_shapes
-
-PyTree = Any
 
 
 class SimulatedTimeDriver:
