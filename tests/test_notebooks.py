@@ -23,7 +23,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ("00_introduction.ipynb", "01_fedavg_from_scratch.ipynb", "02_aggregators.ipynb",
-         "03_differential_privacy.ipynb", "04_compression.ipynb")
+         "03_differential_privacy.ipynb", "04_compression.ipynb", "06_dp_ftrl.ipynb")
+EXTRAS = {"06_dp_ftrl.ipynb": "[dp_mf]"}  # the optional extra a notebook installs with fedjax_lite
 
 
 def load(name: str) -> dict:
@@ -115,12 +116,14 @@ def test_notebook_opens_in_colab_and_installs_from_the_readme_url(name):
   assert notebook["metadata"]["colab"]["name"] == name
   install = source(next(cell for cell in notebook["cells"] if cell["cell_type"] == "code"))
   lines = install.splitlines()
-  # Installs only when fedjax_lite is not importable, with IPython's %pip (the kernel's own environment).
+  # Installs only when fedjax_lite is not importable, with IPython's %pip (the kernel's own environment); a
+  # notebook may pin the JAX already installed (a Colab GPU/TPU runtime keeps its accelerator build).
   assert 'if importlib.util.find_spec("fedjax_lite") is None:' in lines
-  pip_lines = [line.strip() for line in lines if "%pip" in line]
-  assert pip_lines == [f'%pip install -q "fedjax_lite @ git+{url}"'], pip_lines
+  pip_lines = [line.strip() for line in lines if line.lstrip().startswith("%pip")]
+  package = f"fedjax_lite{EXTRAS.get(name, '')} @ git+{url}"
+  assert pip_lines in ([f'%pip install -q "{package}"'], [f'%pip install -q "{package}" "{{keep_jax}}"']), pip_lines
   guard = lines.index('if importlib.util.find_spec("fedjax_lite") is None:')
-  pip_index = next(index for index, line in enumerate(lines) if "%pip" in line)
+  pip_index = next(index for index, line in enumerate(lines) if line.lstrip().startswith("%pip"))
   assert pip_index > guard and lines[pip_index].startswith("  ")  # inside the guard
   # Every install URL in any notebook cell is the README's.
   for cell in notebook["cells"]:
