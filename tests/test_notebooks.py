@@ -279,3 +279,35 @@ def test_04_compression():
         assert [r[f"cumulative_{key}"] for r in history] == list(np.cumsum([r[key] for r in history]))
     assert kernel["upload_ratio_8bit"] > 3.9 and kernel["broadcast_ratio_8bit"] > 3.9
     assert all(0.0 <= accuracy <= 1.0 for accuracy in kernel["final_accuracy"].values())
+
+
+@pytest.mark.slow
+def test_06_dp_ftrl():
+  pytest.importorskip("jax_privacy", reason="the [dp_mf] extra (jax_privacy, Python >= 3.11)")
+  with run_notebook("06_dp_ftrl.ipynb") as kernel:
+    target, num_rounds = kernel["TARGET_EPSILON"], kernel["NUM_ROUNDS"]
+    # Every calibrated mechanism spends its target epsilon (calibration: within 0.1% below it).
+    epsilons = kernel["ledger_epsilon"]
+    assert set(epsilons) == {"DP-FedAvg (Gaussian, Poisson)", "tree", "banded", "blt"}
+    assert all(0.99 * target <= epsilon <= target + 1e-9 for epsilon in epsilons.values()), epsilons
+    # At equal epsilon the factorizations leave less noise in the model than the tree, at the end and on average.
+    prefix = kernel["prefix_std"]
+    for name in ("banded", "blt"):
+      assert prefix[name][-1] < prefix["tree"][-1] and prefix[name].mean() < prefix["tree"].mean()
+    # The aggregator's noise has the promised prefix-sum std: the std of 20,000 Gaussian coordinates has relative
+    # sampling error 1 / sqrt(2 * 20,000) = 0.005; the largest of the rounds' deviations stays below 6 of those.
+    assert all(deviation < 0.03 for deviation in kernel["noise_check"].values()), kernel["noise_check"]
+    # The samplers each strategy needs; Poisson sampling inside the groups amplifies BandMF.
+    assert kernel.eval("type(recipes['blt'].sampler).__name__") == "CyclicSampler"
+    assert kernel.eval("recipes['banded'].sampler.min_separation") == kernel["MIN_SEPARATION"]
+    assert kernel.eval("type(recipes['tree'].sampler).__name__") == "ShuffledCyclicSampler"
+    assert kernel["amplified_epsilon"] < epsilons["banded"]
+    # Training: a test accuracy per round and seed for every mechanism.
+    accuracy = kernel["accuracy"]
+    assert all(curves.shape == (len(kernel["seeds"]), num_rounds) for curves in accuracy.values())
+    assert all(0.0 <= value <= 1.0 for curves in accuracy.values() for value in curves.ravel())
+    # The audit's lower bounds never exceed the accountant's epsilon (a bug if they did).
+    for name, audit in kernel["audits"].items():
+      assert audit["lower_bound"] <= audit["accountant"], (name, audit)
+      assert audit["lower_bound_clopper_pearson"] <= audit["accountant"], (name, audit)
+      assert audit["estimate"] >= audit["lower_bound"]
