@@ -2,7 +2,7 @@
 
 Default: the server part of a round on an EMNIST-CNN-sized value (1.2M float32 parameters, 10 clients), each
 aggregator's jitted ``next`` timed in interleaved repetitions (median ratio). The aggregation step only. BLT: 2
-buffers (a fixed BLT of jax_privacy's optimizer); banded: 4 bands.
+buffers (a fixed BLT of jax_privacy's optimizer); banded: each of ``--bands`` band widths.
 
 ``--full-round``: a whole FedAvg round (the workload of ``aggregator_overhead.py``: EMNIST-shaped 28x28x1 data, 62
 classes, the original FedAvg CNN, 10 clients x 200 examples, batch 20, one epoch, client SGD 0.02, server SGD 1.0),
@@ -10,7 +10,7 @@ classes, the original FedAvg CNN, 10 clients x 200 examples, batch 20, one epoch
 and BandMF with each of ``--bands`` band widths, interleaved round-robin in one process; the ratio of medians to the
 Gaussian round (target: BLT <= 1.1x) and BandMF's cost per band width. Prints one JSON line. Needs the [dp_mf] extra.
 
-  python benchmarks/mf_aggregator.py [--repeats 15]
+  python benchmarks/mf_aggregator.py [--repeats 15] [--bands 2,4,8,16]
   python benchmarks/mf_aggregator.py --full-round [--repeats 7] [--bands 2,4,8,16]
 """
 
@@ -50,9 +50,10 @@ def aggregation_step(args) -> None:
       "gaussian": aggregators.gaussian_fixed(1.0, 10.0, 1.0),
       "identity": aggregators.dp_matrix_factorization(1.0, 10.0, "identity", num_rounds=100, clip=1.0),
       "blt": aggregators.dp_matrix_factorization(1.0, 10.0, "blt", num_rounds=100, clip=1.0, blt_parameters=BLT),
-      "banded": aggregators.dp_matrix_factorization(1.0, 10.0, "banded", num_rounds=100, clip=1.0, min_separation=4,
-                                                    coefficients=[0.75, 0.5, 0.3, 0.2]),
   }
+  for bands in args.bands:
+    builds[f"banded_{bands}"] = aggregators.dp_matrix_factorization(
+        1.0, 10.0, "banded", num_rounds=100, clip=1.0, min_separation=bands, coefficients=banded_coefficients(bands))
   steps, states = {}, {}
   for name, aggregator in builds.items():
     steps[name] = jax.jit(aggregator.next)
@@ -133,7 +134,7 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 15; 7 full rounds)")
   parser.add_argument("--size", type=int, default=1_200_000, help="aggregation step: the value's float32 entries")
   parser.add_argument("--full-round", action="store_true", help="time whole FedAvg rounds instead (module doc)")
-  parser.add_argument("--bands", default="2,4,8,16", help="--full-round: BandMF band widths, a comma list")
+  parser.add_argument("--bands", default="2,4,8,16", help="BandMF band widths, a comma list")
   parser.add_argument("--quick", action="store_true",
                       help="--full-round at tiny sizes with softmax regression, for a smoke test")
   cpu_setup.add_argument(parser)
