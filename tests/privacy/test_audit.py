@@ -63,23 +63,35 @@ def test_gdp_epsilon_matches_dp_accounting():
     assert privacy.gdp_epsilon(mu, 1e-5) <= reference <= privacy.gdp_epsilon(mu, 1e-5) * 1.005
 
 
+CANARY_DIMENSION = 5000
+
+
+def _canaries(clip):
+  """800 canary directions in d = 5,000 (norm ``clip``): 400 to insert, 400 held out."""
+  canaries = privacy.canary_directions(jax.random.key(1), {"w": jnp.zeros(CANARY_DIMENSION)}, 800, norm=clip)
+  return jax.tree.map(lambda c: c[:400], canaries), jax.tree.map(lambda c: c[400:], canaries)
+
+
+def _released_total(aggregator, rounds):
+  """The sum of ``aggregator``'s results over ``rounds`` rounds of 5 fixed small clients."""
+  values = {"w": jax.random.normal(jax.random.key(2), (5, CANARY_DIMENSION)) * 0.05}
+  state, total = aggregator.init({"w": jnp.zeros(CANARY_DIMENSION)}), jnp.zeros(CANARY_DIMENSION)
+  for round_num in range(rounds):
+    out = run_next(aggregator, state, values, [1.0] * 5, jax.random.fold_in(jax.random.key(3), round_num))
+    state, total = out.state, total + out.result["w"]
+  return {"w": total}
+
+
 @pytest.mark.parametrize("noise_multiplier", [2.0, 8.0])
 def test_empirical_epsilon_never_exceeds_the_gaussian_accountant(noise_multiplier):
   """DP sums over 4 rounds, every canary in every round (sampling 'all'): the released total of the rounds is a
   Gaussian mechanism with mu = sqrt(4) / z on each canary's direction, the accountant's bound. Both lower bounds
   (95% confidence) stay below the accountant's epsilon, and the estimate finds mu within 5 of its standard errors
   (about 0.07 with 400 + 400 canaries in d = 5,000, where the canaries' cross-talk lowers mu by about 2%)."""
-  rounds, clip, delta, dimension = 4, 1.0, 1e-5, 5000
-  canaries = privacy.canary_directions(jax.random.key(1), {"w": jnp.zeros(dimension)}, 800, norm=clip)
-  inserted = jax.tree.map(lambda c: c[:400], canaries)
-  held_out = jax.tree.map(lambda c: c[400:], canaries)
-  aggregator = insert_canaries(gaussian_fixed(noise_multiplier, 1.0, clip), inserted)
-  values = {"w": jax.random.normal(jax.random.key(2), (5, dimension)) * 0.05}
-  state, total = aggregator.init({"w": jnp.zeros(dimension)}), jnp.zeros(dimension)
-  for round_num in range(rounds):
-    out = run_next(aggregator, state, values, [1.0] * 5, jax.random.fold_in(jax.random.key(3), round_num))
-    state, total = out.state, total + out.result["w"]
-  result = privacy.audit({"w": total}, inserted, held_out, delta=delta, significance=0.05)
+  rounds, clip, delta = 4, 1.0, 1e-5
+  inserted, held_out = _canaries(clip)
+  total = _released_total(insert_canaries(gaussian_fixed(noise_multiplier, 1.0, clip), inserted), rounds)
+  result = privacy.audit(total, inserted, held_out, delta=delta, significance=0.05)
   bound = privacy.planned_epsilon(noise_multiplier, rounds=rounds, delta=delta, sampling="all")
   assert result.epsilon_lower_bound <= bound
   if result.epsilon_lower_bound_clopper_pearson is not None:
@@ -103,18 +115,11 @@ def test_empirical_epsilon_never_exceeds_the_matrix_factorization_accountant(str
   correlated noise), so mu = k / (z ||C||_col ||1^T C^{-1}||) <= the accountant's. Both lower bounds (95%) stay
   below the accountant's epsilon; the estimate finds mu within 0.35 (5 standard errors, as for the Gaussian)."""
   pytest.importorskip("jax_privacy", reason="the [dp_mf] extra (jax_privacy, Python >= 3.11)")
-  rounds, groups, clip, delta, dimension, z = 8, 2, 1.0, 1e-5, 5000, 3.0
+  rounds, groups, clip, delta, z = 8, 2, 1.0, 1e-5, 3.0
   mechanism = privacy.matrix_factorization(strategy, num_rounds=rounds, **options)
-  canaries = privacy.canary_directions(jax.random.key(1), {"w": jnp.zeros(dimension)}, 800, norm=clip)
-  inserted = jax.tree.map(lambda c: c[:400], canaries)
-  held_out = jax.tree.map(lambda c: c[400:], canaries)
+  inserted, held_out = _canaries(clip)
   aggregator = insert_canaries(dp_matrix_factorization(z, 1.0, mechanism, clip=clip), inserted, num_groups=groups)
-  values = {"w": jax.random.normal(jax.random.key(2), (5, dimension)) * 0.05}
-  state, total = aggregator.init({"w": jnp.zeros(dimension)}), jnp.zeros(dimension)
-  for round_num in range(rounds):
-    out = run_next(aggregator, state, values, [1.0] * 5, jax.random.fold_in(jax.random.key(3), round_num))
-    state, total = out.state, total + out.result["w"]
-  result = privacy.audit({"w": total}, inserted, held_out, delta=delta, significance=0.05)
+  result = privacy.audit(_released_total(aggregator, rounds), inserted, held_out, delta=delta, significance=0.05)
   bound = privacy.run_epsilon(privacy.matrix_factorization_run_events(mechanism, z, min_separation=groups), rounds,
                               delta)
   assert result.epsilon_lower_bound <= bound
