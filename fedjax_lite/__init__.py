@@ -9,7 +9,7 @@ On CPU, call ``fedjax_lite.configure_cpu()`` first (one device per core; see :mo
 """
 
 from fedjax_lite import layers
-from fedjax_lite import aggregators, algorithms, analytics, attacks, core, datasets, models
+from fedjax_lite import aggregators, algorithms, analytics, attacks, core, datasets, models, systems
 from fedjax_lite.core.cpu import configure_cpu
 
 if __doc__:  # None under ``python -OO``
@@ -18,4 +18,4 @@ if __doc__:  # None under ``python -OO``
 __version__ = "0.1.0"
 
 __all__ = ["aggregators", "algorithms", "analytics", "attacks", "configure_cpu", "core", "datasets", "layers",
-           "models", "__version__"]
+           "models", "systems", "__version__"]

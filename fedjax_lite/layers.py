@@ -11,6 +11,7 @@ from __future__ import annotations
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("core",),  # records, the process template, pytree math, argument checks, federated data, the client runner
+    ("systems",),  # client systems (speeds, bandwidths, availability), the simulated clock, realistic rounds' plans
     ("privacy",),  # noise mechanisms and accounting; below the aggregators, whose DP ones draw their noise here
     ("aggregators",),  # (init, next) aggregators and their presets
     ("algorithms", "analytics", "attacks"),  # the round template and algorithms; federated statistics; attacks

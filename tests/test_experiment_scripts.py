@@ -80,6 +80,27 @@ def test_algorithms_synthetic_fast_run_writes_results(tmp_path, capsys):
   assert (out / "algorithms_synthetic.png").stat().st_size > 1000
 
 
+def test_pretrain_transformer_fast_run_saves_weights_that_load_into_a_lora_model(tmp_path, capsys):
+  import jax
+
+  from fedjax_lite import models
+
+  spec = importlib.util.spec_from_file_location("pretrain_transformer", SCRIPT.parent / "pretrain_transformer.py")
+  pretrain = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(pretrain)
+  with pytest.raises(SystemExit) as error:
+    pretrain.parse_args(["--width", "10", "--heads", "4"])
+  assert error.value.code == 2
+  assert pretrain.main(["--fast", "--output", str(tmp_path / "weights.npz")]) == 0
+  summary = json.loads((tmp_path / "weights.npz.json").read_text())
+  assert summary["test_after"]["loss"] < summary["test_before"]["loss"]  # 20 steps learn something
+  assert "saved" in capsys.readouterr().out
+  model = models.transformer_lm(**summary["model"], lora_rank=2)
+  params = models.load_params(tmp_path / "weights.npz", model.init(jax.random.key(0)),
+                              missing_ok=models.is_lora_path)
+  assert sum(leaf.size for leaf in jax.tree.leaves(params)) > summary["num_parameters"]
+
+
 def _dp_ftrl_script():
   spec = importlib.util.spec_from_file_location("dp_ftrl_experiment", SCRIPT.parent / "dp_ftrl.py")
   module = importlib.util.module_from_spec(spec)

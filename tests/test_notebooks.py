@@ -23,7 +23,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ("00_introduction.ipynb", "01_fedavg_from_scratch.ipynb", "02_aggregators.ipynb",
-         "03_differential_privacy.ipynb", "04_compression.ipynb", "06_dp_ftrl.ipynb")
+         "03_differential_privacy.ipynb", "04_compression.ipynb", "05_tuning_aggregations.ipynb",
+         "06_dp_ftrl.ipynb")
 EXTRAS = {"06_dp_ftrl.ipynb": "[dp_mf]"}  # the optional extra a notebook installs with fedjax_lite
 
 
@@ -80,6 +81,9 @@ def run_notebook(name: str):
   with client.setup_kernel(env=env):
     for index, cell in enumerate(notebook.cells):
       client.execute_cell(cell, index)  # raises CellExecutionError naming the cell on the first error
+    install = next(cell for cell in notebook.cells if cell.cell_type == "code")
+    printed = "".join(output.get("text", "") for output in install.outputs)
+    assert re.match(r"jax \S+ on \d+ x CPU \(", printed), printed  # the suite runs on CPU: it says so
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert any("image/png" in output.get("data", {}) for cell in code_cells for output in cell.outputs), (
         "the fast run drew no plot")
@@ -114,14 +118,21 @@ def test_notebook_opens_in_colab_and_installs_from_the_readme_url(name):
   badge = f"https://colab.research.google.com/github/{owner_and_name}/blob/main/notebooks/{name}"
   assert badge in source(notebook["cells"][0])
   assert notebook["metadata"]["colab"]["name"] == name
-  install = source(next(cell for cell in notebook["cells"] if cell["cell_type"] == "code"))
+  install_cell = next(cell for cell in notebook["cells"] if cell["cell_type"] == "code")
+  install = source(install_cell)
   lines = install.splitlines()
-  # Installs only when fedjax_lite is not importable, with IPython's %pip (the kernel's own environment); a
-  # notebook may pin the JAX already installed (a Colab GPU/TPU runtime keeps its accelerator build).
+  # Installs only when fedjax_lite (with the notebook's extra, if any) is not importable, with IPython's %pip (the
+  # kernel's own environment), pinning the JAX already installed so that a Colab GPU/TPU runtime keeps its
+  # accelerator build.
   assert 'if importlib.util.find_spec("fedjax_lite") is None:' in lines
   pip_lines = [line.strip() for line in lines if line.lstrip().startswith("%pip")]
   package = f"fedjax_lite{EXTRAS.get(name, '')} @ git+{url}"
-  assert pip_lines in ([f'%pip install -q "{package}"'], [f'%pip install -q "{package}" "{{keep_jax}}"']), pip_lines
+  assert pip_lines == [f'%pip install -q "{package}" "{{keep_jax}}"'], pip_lines
+  assert '    keep_jax = "jax==" + importlib.metadata.version("jax")' in lines
+  # Then it prints the device found; the stored output is a real run's.
+  assert "device = jax.devices()[0]" in lines
+  printed = "".join(source({"source": output.get("text", "")}) for output in install_cell["outputs"])
+  assert re.match(r"jax \S+ on \d+ x (CPU|GPU|TPU) \(", printed), printed
   guard = lines.index('if importlib.util.find_spec("fedjax_lite") is None:')
   pip_index = next(index for index, line in enumerate(lines) if line.lstrip().startswith("%pip"))
   assert pip_index > guard and lines[pip_index].startswith("  ")  # inside the guard
@@ -228,6 +239,12 @@ def test_03_differential_privacy():
     calibrated = namespace.eval("privacy.planned_epsilon(calibrated_z, rounds=num_rounds, delta=DELTA, "
                                 "sampling_probability=SAMPLING_PROBABILITY)")
     assert calibrated <= namespace["target_epsilon"] + 1e-9
+    # PLD calibration meets the target by PLD, with less noise than RDP needs (the prose says so, not a time).
+    calibrated_pld = namespace.eval("privacy.planned_epsilon(calibrated_z_pld, rounds=num_rounds, delta=DELTA, "
+                                    "sampling_probability=SAMPLING_PROBABILITY, accountant='pld')")
+    assert calibrated_pld <= namespace["target_epsilon"] + 1e-9
+    assert namespace["calibrated_z_pld"] < namespace["calibrated_z"]
+    assert set(namespace["calibration_seconds"]) == {"rdp", "pld"}
     assert namespace["adaptive_epsilon"] == pytest.approx(planned[1.0]["rdp"])
     assert namespace["larger_population_epsilon"] < planned[1.0]["rdp"] / 2
     # The ledger's epsilon increases every round and the budget stops the run before exceeding it.
@@ -279,6 +296,56 @@ def test_04_compression():
         assert [r[f"cumulative_{key}"] for r in history] == list(np.cumsum([r[key] for r in history]))
     assert kernel["upload_ratio_8bit"] > 3.9 and kernel["broadcast_ratio_8bit"] > 3.9
     assert all(0.0 <= accuracy <= 1.0 for accuracy in kernel["final_accuracy"].values())
+
+
+@pytest.mark.slow
+def test_05_tuning_aggregations():
+  with run_notebook("05_tuning_aggregations.ipynb") as kernel:
+    history = kernel["debug_history"]
+    assert len(history) == kernel["num_rounds"] == 4
+    # Debug measurements at both places: raw (outside the preset) and what the mean receives (inside clipping).
+    for record in history:
+      raw, inner = record["aggregator/average_client_norm"], record["aggregator/zeroing/clipping/average_client_norm"]
+      clip = record["aggregator/zeroing/clipping_norm"]
+      # Clipping only shortens (same weights): inner <= raw; the mean's input never exceeds the clipping norm; a
+      # mean is never longer than the average length. float32 sums of <= 10 terms: 1e-5 relative slack.
+      assert inner <= raw * (1 + 1e-5) and inner <= clip * (1 + 1e-5)
+      assert record["aggregator/zeroing/clipping/server_update_norm"] <= inner * (1 + 1e-5)
+      assert record["aggregator/server_update_min"] <= record["aggregator/server_update_max"]
+      assert record["aggregator/std_dev_client_norm"] >= 0
+    # robust_aggregator's switches: clipping saves the attacked run; each switch removes its measurements.
+    accuracy, combos = kernel["combo_accuracy"], kernel["combos"]
+    assert min(accuracy[(True, True)], accuracy[(False, True)]) > max(accuracy[(True, False)],
+                                                                      accuracy[(False, False)]) + 0.2
+    assert "aggregator/zeroing_norm" in combos[(True, False)][-1] and "aggregator/zeroing_norm" not in combos[
+        (False, True)][-1]
+    assert "aggregator/clipping_norm" in combos[(False, True)][-1]
+    assert not any("clipping_norm" in key for key in combos[(True, False)][-1])
+    # Unweighted: the same measurements, with uniform weights.
+    assert 0.0 <= kernel["unweighted_history"][-1]["evaluation/accuracy"] <= 1.0
+    # DP: the adaptive clip moved from its initial 0.1; epsilon is finite and positive.
+    clip = kernel["dp_clip"]
+    assert clip[0] != pytest.approx(0.1) and np.all(clip > 0) and 0 < kernel["dp_epsilon"] < math.inf
+    # Compression: exact uploads; the default threshold quantizes nothing of this model, threshold=1000 does.
+    bits = kernel["upload_bits"]
+    num_parameters = kernel.eval("sum(leaf.size for leaf in jax.tree.leaves(params))")
+    assert bits["mean (float32)"] == 32 * num_parameters + 32
+    assert bits["compression_aggregator()"] == bits["robust_aggregator()"] > bits["mean (float32)"]
+    assert bits["  threshold=1000, 4 bits"] < bits["  threshold=1000"] < bits["mean (float32)"] / 3
+    assert kernel["compressed_history"][0]["aggregated_bits"] == 10 * bits["  threshold=1000, 4 bits"]
+    # Secure: its measurements are there and the adapted value range cut no client.
+    assert any("secure_upper_threshold" in key for key in kernel["secure_keys"])
+    assert kernel["secure_clipped_total"] == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prose_claims_no_measured_time(name):
+  """Regression: notebook 03 said PLD calibration "took minutes" when it took seconds. Times belong in outputs
+  (printed by the cell that measured them), not in the prose."""
+  for cell in load(name)["cells"]:
+    if cell["cell_type"] == "markdown":
+      assert not re.search(r"\btook (about |only |nearly )?(\d|a few|minutes|seconds|hours)", source(cell)), (
+          name, source(cell)[:200])
 
 
 @pytest.mark.slow

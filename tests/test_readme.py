@@ -56,3 +56,18 @@ def test_readme_python_examples_run(tmp_path):
   assert report["custom_rounds"] == 10 and report["custom_round_num"] == 10
   assert report["last_loss"] < report["first_loss"]
   assert printed.count("accuracy") >= 2
+
+
+def test_readme_states_the_suite_time_and_the_versions_ci_tests():
+  """The README says how long the suite takes and which Python/JAX pairs CI runs; the pairs agree with
+  pyproject's minimum and with the newest Python that .ci/run looks for first."""
+  assert re.search(r"about \d+ minutes on 2 cores", README)
+  oldest = re.search(r"oldest\s+supported pair \(Python (3\.\d+) with jax ([\d.]+)\)", README)
+  newest = re.search(r"newest pair \(Python (3\.\d+) with the newest\s+jax pip offers: ([\d.]+) today\)", README)
+  assert oldest and newest, "the README must name both pairs CI tests"
+  pyproject = (ROOT / "pyproject.toml").read_text()
+  assert f'"jax>={oldest.group(2)}"' in pyproject
+  ci_script = (ROOT / ".ci" / "run").read_text()
+  assert re.search(rf"for version in {re.escape(newest.group(1))}\b", ci_script)
+  supported = re.search(r"Supported: Python (3\.\d+)-(3\.\d+)", README)
+  assert supported and f'requires-python = ">={supported.group(1)}"' in pyproject

@@ -24,7 +24,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.core.model import Model, masked_loss_and_metric_sums
+from fedjax_lite.core.model import (
+    Model,
+    masked_loss_and_metric_sums,
+    masked_loss_metric_sums_and_state,
+    with_model_state,
+)
 from fedjax_lite.core.tree import PyTree
 
 
@@ -109,6 +114,12 @@ def train_locally(
   real examples only. Algorithm-specific gradient corrections (FedProx's proximal term, SCAFFOLD's control
   variates) are optax transformations chained before the optimizer.
 
+  A model with non-trainable state (BatchNorm statistics, :attr:`Model.state_collections`) gets it from the
+  step's forward pass: after the optimizer step the state collections are overwritten with the value
+  :attr:`Model.train_apply` returned (whatever the optimizer did to them), so batch statistics follow the
+  client's data and never the gradient. To keep some parameters out of the carried loop entirely (a frozen base
+  shared by every client under ``vmap``), train a :func:`fedjax_lite.core.partial_model`.
+
   Args:
     model: the model.
     optimizer: the client optimizer.
@@ -125,11 +136,12 @@ def train_locally(
     mask = batch.pop("mask")
 
     def loss_fn(p):
-      return masked_loss_and_metric_sums(model, p, batch, mask, jax.random.fold_in(rng, step), True)
+      return masked_loss_metric_sums_and_state(model, p, batch, mask, jax.random.fold_in(rng, step))
 
-    (_, batch_sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (_, (batch_sums, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, add_metric_sums(sums, batch_sums)
+    params = with_model_state(model, optax.apply_updates(params, updates), new_state)
+    return params, opt_state, add_metric_sums(sums, batch_sums)
 
   opt_state = optimizer.init(params) if opt_state is None else opt_state
   final_params, _, sums = step_loop(steps, num_steps, step_fn, (params, opt_state, zero_metric_sums(model)))

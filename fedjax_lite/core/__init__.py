@@ -1,5 +1,6 @@
 """The federated vocabulary, free of any algorithm: records, the process template, pytree math, placement,
-federated data (partitioning, sampling, packing) and the client runner."""
+federated data (partitioning, sampling, packing), parameter partitions (global / local / frozen) and the client
+runner."""
 
 from fedjax_lite.core.client_state import ClientStateStore
 from fedjax_lite.core.cpu import configure_cpu, usable_cores
@@ -17,9 +18,26 @@ from fedjax_lite.core.model import (
     accuracy_metric,
     finalize_metric_sums,
     masked_loss_and_metric_sums,
+    masked_loss_metric_sums_and_state,
     softmax_cross_entropy_loss,
+    split_model_state,
+    with_model_state,
 )
 from fedjax_lite.core.packing import ClientSpec, bucket_num_steps, max_num_steps, pack_centralized, pack_clients
+from fedjax_lite.core.param_partition import (
+    FROZEN,
+    GLOBAL,
+    LOCAL,
+    PARAM_LABELS,
+    count_params,
+    label_params,
+    merge_params,
+    partial_model,
+    partition_optimizer,
+    path_names,
+    select_params,
+    split_params,
+)
 from fedjax_lite.core.partition import dirichlet_partition, iid_partition, partition_dataset, shard_partition
 from fedjax_lite.core.placement import broadcast, federated_mean, federated_sum, map_clients
 from fedjax_lite.core.process import MeasuredOutput, Process
@@ -37,6 +55,21 @@ from fedjax_lite.core.sampling import (
 from fedjax_lite.core.tree import tree_all_finite, tree_select, tree_size_bits
 
 __all__ = [
+    "FROZEN",
+    "GLOBAL",
+    "LOCAL",
+    "PARAM_LABELS",
+    "count_params",
+    "label_params",
+    "masked_loss_metric_sums_and_state",
+    "merge_params",
+    "partial_model",
+    "partition_optimizer",
+    "path_names",
+    "select_params",
+    "split_model_state",
+    "split_params",
+    "with_model_state",
     "configure_cpu",
     "host_client_mesh",
     "usable_cores",

@@ -6,6 +6,14 @@ Batches are dicts of arrays with a leading batch axis; a boolean ``mask`` of the
 marks real examples. :func:`masked_loss_and_metric_sums` is the one place where padding is excluded: padded
 examples are overwritten by a real one before the forward pass and carry no weight in the loss, its gradient or
 any metric.
+
+Models with non-trainable state (BatchNorm's running statistics: flax's mutable collections) keep it in their
+params, as top-level entries named by :attr:`Model.state_collections` (``{'params': ..., 'batch_stats': ...}``),
+so that it is broadcast, labelled (:mod:`fedjax_lite.core.param_partition`: local for FedBN, or global and
+aggregated) and checkpointed like any parameter. It is never trained by gradient: the training forward pass
+(:attr:`Model.train_apply`, given the example mask so that padding stays out of the batch statistics) returns its
+new value, which local training writes over the state after each optimizer step (:func:`with_model_state`);
+evaluation (``train=False``) reads the stored running statistics.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from fedjax_lite.core.tree import PyTree
 Params = PyTree
 Batch = Mapping[str, jax.Array]
 PerExampleFn = Callable[[Batch, jax.Array], jax.Array]
+ModelState = dict  # {collection name: its new value}: what a training forward pass returns besides predictions
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity: usable as a static jit argument
@@ -36,6 +45,13 @@ class Model:
     metrics: name -> ``(batch, predictions) -> per-example value [batch]``; each metric is reported as its
       example-weighted mean over real examples (as TFF's ``sum_then_finalize`` does).
     name: a label used in logs.
+    train_apply: only for a model with non-trainable state (default None: none). ``(params, batch, mask, rng) ->
+      (predictions, new_state)``: the training forward pass, where ``mask`` ``[batch]`` marks the real examples
+      (padded ones must not enter batch statistics) and ``new_state`` is ``{collection: new value}`` for each of
+      :attr:`state_collections`. ``apply(params, batch, rng, True)`` of such a model gives the same predictions
+      without a mask and discards the new state; ``apply(..., False)`` reads the stored state (running averages).
+    state_collections: the top-level keys of ``params`` that hold non-trainable state (e.g. ``('batch_stats',)``);
+      empty (the default) for a model without; non-empty exactly when ``train_apply`` is set.
   """
 
   init: Callable[[jax.Array], Params]
@@ -43,17 +59,75 @@ class Model:
   loss: PerExampleFn
   metrics: Mapping[str, PerExampleFn] = dataclasses.field(default_factory=dict)
   name: str = "model"
+  train_apply: Callable[[Params, Batch, jax.Array, jax.Array | None], tuple[jax.Array, ModelState]] | None = None
+  state_collections: tuple[str, ...] = ()
 
   def __post_init__(self):
     for field in ("init", "apply", "loss"):
       if not callable(getattr(self, field)):
         raise TypeError(f"Model.{field} must be callable, got {type(getattr(self, field)).__name__}.")
+    if isinstance(self.state_collections, str) or not all(
+        isinstance(c, str) for c in _as_tuple(self.state_collections)):
+      raise TypeError(f"Model.state_collections must be a tuple of collection names (str), got "
+                      f"{self.state_collections!r}.")
+    object.__setattr__(self, "state_collections", tuple(self.state_collections))
+    if self.train_apply is not None and not callable(self.train_apply):
+      raise TypeError(f"Model.train_apply must be callable or None, got {type(self.train_apply).__name__}.")
+    if (self.train_apply is None) != (not self.state_collections):
+      raise ValueError(
+          "Model.train_apply and Model.state_collections go together: a model with non-trainable state sets both "
+          f"(got train_apply={'set' if self.train_apply is not None else None}, "
+          f"state_collections={self.state_collections!r}).")
     for metric_name, fn in self.metrics.items():
       if not callable(fn):
         raise TypeError(f"Model.metrics[{metric_name!r}] must be callable, got {type(fn).__name__}.")
       if metric_name == "loss" or metric_name.startswith("num_"):
         raise ValueError(f"Model.metrics may not be named {metric_name!r}: 'loss' and names starting with 'num_' "
                          "are reserved for the loss and the counters.")
+
+
+def _as_tuple(value) -> tuple:
+  try:
+    return tuple(value)
+  except TypeError:
+    return (value,)
+
+
+def split_model_state(model: Model, params: Params) -> tuple[Params, ModelState]:
+  """``(trainable, state)``: ``params`` without and with only its :attr:`Model.state_collections` entries.
+
+  Works on any tree with the params' top-level keys (a partition from
+  :func:`fedjax_lite.core.param_partition.split_params`, an update, a client upload), e.g. to aggregate batch
+  statistics as a plain mean beside trained parameters. For a model without state: ``(params, {})``.
+  """
+  if not model.state_collections:
+    return params, {}
+  _check_state_keys(model, params, "params")
+  trainable = {key: value for key, value in params.items() if key not in model.state_collections}
+  return trainable, {key: params[key] for key in model.state_collections}
+
+
+def with_model_state(model: Model, params: Params, state: Mapping[str, PyTree]) -> Params:
+  """``params`` with its state collections replaced by ``state`` (``{collection: value}``, all of
+  :attr:`Model.state_collections`): the inverse of :func:`split_model_state`, and what local training does after
+  each optimizer step with the state returned by the training forward pass. A model without state returns
+  ``params`` itself."""
+  if not model.state_collections:
+    if state:
+      raise ValueError(f"model {model.name!r} has no state collections, got state for {sorted(state)}.")
+    return params
+  _check_state_keys(model, params, "params")
+  if set(state) != set(model.state_collections):
+    raise ValueError(f"state must hold exactly the model's state collections {list(model.state_collections)}, "
+                     f"got {sorted(state)}.")
+  return {**{key: value for key, value in params.items() if key not in model.state_collections}, **state}
+
+
+def _check_state_keys(model: Model, params: Params, name: str) -> None:
+  if not isinstance(params, Mapping) or not set(model.state_collections) <= set(params):
+    keys = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+    raise ValueError(f"{name} of model {model.name!r} must be a dict holding its state collections "
+                     f"{list(model.state_collections)} at the top level, got {keys}.")
 
 
 def softmax_cross_entropy_loss(label_key: str = "y") -> PerExampleFn:
@@ -108,11 +182,44 @@ def masked_loss_and_metric_sums(
 
   ``mean_loss = sum_b mask_b * loss_b / max(1, sum_b mask_b)``. The sums are ``loss`` (sum of per-example losses)
   and one entry per model metric (sum of per-example values), float32, and ``num_examples`` (int32 count of real
-  examples), all over real examples only. The mean loss is what a gradient step differentiates.
+  examples), all over real examples only. The mean loss is what a gradient step differentiates. For a model with
+  state, ``train=True`` runs :attr:`Model.train_apply` with ``mask`` (padding stays out of batch statistics) and
+  discards the new state; :func:`masked_loss_metric_sums_and_state` returns it.
   """
+  mean_loss, sums, _ = _masked_forward(model, params, batch, mask, rng, train)
+  return mean_loss, sums
+
+
+def masked_loss_metric_sums_and_state(
+    model: Model,
+    params: Params,
+    batch: Batch,
+    mask: jax.Array,
+    rng: jax.Array | None,
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], ModelState]]:
+  """The training forward pass: ``(mean_loss, (sums, new_state))``, shaped for ``jax.value_and_grad(...,
+  has_aux=True)``.
+
+  As :func:`masked_loss_and_metric_sums` with ``train=True``; ``new_state`` is the model's updated non-trainable
+  state (``{collection: value}``, from :attr:`Model.train_apply`; ``{}`` for a model without state), to be written
+  over the stepped params with :func:`with_model_state`.
+  """
+  mean_loss, sums, new_state = _masked_forward(model, params, batch, mask, rng, True)
+  return mean_loss, (sums, new_state)
+
+
+def _masked_forward(model, params, batch, mask, rng, train):
   mask = jnp.asarray(mask, bool)
   batch = fill_padding({key: value for key, value in batch.items() if key != "mask"}, mask)
-  predictions = model.apply(params, batch, rng, train)
+  if train and model.train_apply is not None:
+    predictions, new_state = model.train_apply(params, batch, mask, rng)
+    if not isinstance(new_state, Mapping) or set(new_state) != set(model.state_collections):
+      raise ValueError(f"Model.train_apply of {model.name!r} must return (predictions, {{collection: value}}) for "
+                       f"its state collections {list(model.state_collections)}, got state "
+                       f"{sorted(new_state) if isinstance(new_state, Mapping) else type(new_state).__name__}.")
+    new_state = dict(new_state)
+  else:
+    predictions, new_state = model.apply(params, batch, rng, train), {}
   num_examples = mask.sum(dtype=jnp.int32)
   per_example_loss = model.loss(batch, predictions).astype(jnp.float32)
   loss_sum = jnp.sum(jnp.where(mask, per_example_loss, 0.0))
@@ -122,7 +229,7 @@ def masked_loss_and_metric_sums(
     sums[metric_name] = jnp.sum(jnp.where(mask, values, 0.0))
   sums["num_examples"] = num_examples
   mean_loss = loss_sum / jnp.maximum(num_examples, 1).astype(jnp.float32)
-  return mean_loss, sums
+  return mean_loss, sums, new_state
 
 
 def finalize_metric_sums(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

@@ -3,7 +3,9 @@
 This is the host-side half of a round (numpy, fully vectorized over clients). For each client of the cohort its
 examples are repeated for ``num_epochs`` epochs, each epoch shuffled independently, concatenated and cut into
 batches of ``batch_size`` (as TFF's ``dataset.shuffle().repeat(E).batch(B)``: only a client's last batch may be
-partial), optionally capped at ``max_steps`` batches. The result is one dict:
+partial), optionally capped at ``max_steps`` batches, and at a per-client ``step_budget`` (the steps a straggler
+managed before a deadline, :mod:`fedjax_lite.systems`: its first ``step_budget[k]`` batches of the same shuffled
+stream, so ``num_examples`` and the local loop's step count cover only the steps it did). The result is one dict:
 
 * every feature, shaped ``[clients, steps, batch, *example_shape]``;
 * ``mask``: bool ``[clients, steps, batch]``, True for real examples;
@@ -63,6 +65,7 @@ def pack_clients(
     seed: int = 0,
     round_num: int = 0,
     client_slots: tuple[int, int] | None = None,
+    step_budget: Sequence[int] | np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
   """Packs the clients ``client_indices`` of ``data`` into dense padded arrays.
 
@@ -82,6 +85,11 @@ def pack_clients(
     client_slots: optional ``(start, stop)``: return only client slots ``start..stop-1`` of the packed cohort,
       equal to packing all ``cohort_size`` slots and slicing, but gathering only those clients' examples (a
       process of a multi-process run packs its own share: :mod:`fedjax_lite.training.distributed`).
+    step_budget: optional int ``[len(client_indices)]``, >= 0: client ``k`` takes at most ``step_budget[k]``
+      local steps this round (after ``max_steps``): its first batches of the same shuffled stream, the rest
+      masked, so its ``num_examples`` (its weight) and the local loop's real steps count only the steps done
+      (FedProx's "variable amounts of work", Li et al. 2020). A budget of 0 leaves the slot empty (weight 0, like
+      padding). The packed shapes do not change.
 
   Returns:
     dict of numpy arrays as described in the module docstring.
@@ -109,6 +117,15 @@ def pack_clients(
   processed = sizes * num_epochs
   if max_steps is not None:
     processed = np.minimum(processed, max_steps * batch_size)
+  if step_budget is not None:
+    budget = np.asarray(step_budget)
+    if budget.shape != (num_real,) or not (np.issubdtype(budget.dtype, np.integer) or budget.size == 0):
+      raise ValueError(f"step_budget must be integers, one per client of client_indices ({num_real}), got shape "
+                       f"{budget.shape} and dtype {budget.dtype}.")
+    if np.any(budget < 0):
+      raise ValueError(f"step_budget must be >= 0, got {budget[budget < 0][:5].tolist()} at client positions "
+                       f"{np.flatnonzero(budget < 0)[:5].tolist()}.")
+    processed = np.minimum(processed, budget.astype(np.int64) * batch_size)
   steps_needed = -(-processed // batch_size)
   largest = int(steps_needed.max()) if num_real else 1
   if num_steps is None:
@@ -196,10 +213,21 @@ class ClientSpec:
       num_steps: int | None = None,
       cohort_size: int | None = None,
       client_slots: tuple[int, int] | None = None,
+      step_budget: Sequence[int] | np.ndarray | None = None,
   ) -> dict[str, np.ndarray]:
     """:func:`pack_clients` with this spec."""
     return pack_clients(
         data, client_indices, batch_size=self.batch_size, num_epochs=self.num_epochs, max_steps=self.max_steps,
         num_steps=num_steps, cohort_size=cohort_size, shuffle=self.shuffle, seed=seed, round_num=round_num,
-        client_slots=client_slots,
+        client_slots=client_slots, step_budget=step_budget,
     )
+
+  def num_examples(self, data: FederatedData, client_indices) -> np.ndarray:
+    """The examples each of ``client_indices`` processes under this spec (epochs, ``max_steps``): int64."""
+    indices = np.asarray(client_indices, dtype=np.int64).reshape(-1)
+    processed = (data.offsets[indices + 1] - data.offsets[indices]) * self.num_epochs
+    return processed if self.max_steps is None else np.minimum(processed, self.max_steps * self.batch_size)
+
+  def num_steps(self, data: FederatedData, client_indices) -> np.ndarray:
+    """The local steps each of ``client_indices`` takes under this spec: ``ceil(num_examples / batch_size)``."""
+    return -(-self.num_examples(data, client_indices) // self.batch_size)

@@ -4,6 +4,8 @@
   set and non-IID training clients.
 * :func:`synthetic_leaf` -- LEAF's Synthetic(alpha, beta) of the FedProx paper, with :func:`synthetic_leaf_task`
   for its ground-truth teachers.
+* :func:`grammar_corpus` -- sentences of a small probabilistic grammar as word-level next-word prediction data
+  (StackOverflow's layout), with per-client shifts of word choice (offline; pretraining and LoRA fine-tuning).
 * The field's federated benchmarks from the reference's own files, offline-first (converted once into a
   memory-mapped cache): :func:`load_emnist`, :func:`load_shakespeare`, :func:`load_stackoverflow`,
   :func:`load_cifar100` (each a :class:`FederatedDataset`), LEAF's JSON (:func:`load_leaf`) and any TFDS
@@ -19,6 +21,7 @@ from fedjax_lite.datasets.synthetic import SyntheticLeafTask, synthetic_leaf, sy
 from fedjax_lite.datasets.cifar100 import load_cifar100
 from fedjax_lite.datasets.download import cache_root
 from fedjax_lite.datasets.emnist import load_emnist
+from fedjax_lite.datasets.grammar import GRAMMAR_LEXICON, grammar_corpus
 from fedjax_lite.datasets.errors import DatasetFormatError, DatasetNotFoundError, MissingDependencyError
 from fedjax_lite.datasets.leaf import load_leaf
 from fedjax_lite.datasets.records import FederatedDataset, SpecialTokens
@@ -32,6 +35,8 @@ __all__ = [
     "SyntheticLeafTask",
     "synthetic_leaf",
     "synthetic_leaf_task",
+    "GRAMMAR_LEXICON",
+    "grammar_corpus",
     "FederatedDataset",
     "SpecialTokens",
     "load_emnist",

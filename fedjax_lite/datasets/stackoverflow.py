@@ -67,7 +67,7 @@ def load_stackoverflow_vocabulary(vocabulary_size: int = 10000, *, data_dir=None
     raise DatasetNotFoundError(
         f"the StackOverflow vocabulary is not on disk: no {name} nor {WORD_COUNTS.name} in "
         f"{' or '.join(map(str, dirs))}. Put {WORD_COUNTS.name} (from {WORD_COUNTS.describe()}) into {dirs[0]}, "
-        f"pass download=True, or pass vocabulary=[...] explicitly.")
+        f"or pass download=True, or pass vocabulary=[...] explicitly.")
   if path.name == WORD_COUNTS.name:  # extracted once, beside no other archive's copy
     path = unpacked(path, cache, [name], lambda archive, folder: download_lib.extract_tar(archive, folder, [name]))[0]
   words = []

@@ -6,10 +6,18 @@ client key when the dataset has one (a feature named ``client_id``, ``user_id``,
 or ``author_id``, or the one named by ``client_key``), else with the partitioners of
 :mod:`fedjax_lite.core.partition` (IID, Dirichlet label skew, label-sorted shards). TFDS is an optional
 dependency: ``pip install 'fedjax_lite[tfds]'``.
+
+Preparing a dataset for it: ``from_tfds(..., download=True)`` asks TFDS for ArrayRecord files; by hand, run
+``tfds build NAME --data_dir DIR --file_format=array_record`` -- a plain ``tfds build NAME`` writes TFRecord files,
+which ``tfds.data_source`` cannot read (convert those once with ``tfds convert_format --dataset_dir DIR/NAME
+--out_file_format array_record``).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -19,7 +27,7 @@ from fedjax_lite.core import validation
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.datasets.errors import DatasetNotFoundError, missing_extra
 
-__all__ = ["from_tfds", "federate_examples", "NATURAL_CLIENT_KEYS"]
+__all__ = ["from_tfds", "federate_examples", "not_prepared_message", "NATURAL_CLIENT_KEYS"]
 
 NATURAL_CLIENT_KEYS = ("client_id", "user_id", "speaker_id", "writer_id", "author_id")
 _PARTITIONS = ("auto", "natural", "iid", "dirichlet", "shards")
@@ -87,6 +95,42 @@ def federate_examples(examples: list[Mapping[str, Any]], *, partition: str = "au
   return partition_lib.partition_dataset(arrays, assignment)
 
 
+def _prepared_file_formats(folder: Path) -> set[str]:
+  """The file formats of the prepared variants under a TFDS dataset folder (read from their dataset_info.json)."""
+  formats = set()
+  for info_path in folder.glob("**/dataset_info.json"):
+    try:
+      info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+      continue
+    formats.add(str(info.get("fileFormat", "tfrecord")).lower())  # TFDS's default when the field is absent
+    formats.update(str(other).lower() for other in info.get("alternativeFileFormats", ()))
+  return formats
+
+
+def not_prepared_message(name: str, split: str, data_dir, error: Exception) -> str:
+  """What to do when ``tfds.data_source`` cannot open ``name``: prepare it as ArrayRecord, or convert TFRecord.
+
+  ``tfds.data_source`` reads ArrayRecord (random access without TensorFlow). ``tfds build NAME`` writes TFRecord
+  unless it is given ``--file_format=array_record``, and a dataset prepared as TFRecord cannot be read here: it is
+  converted once with ``tfds convert_format`` or rebuilt.
+  """
+  where = str(data_dir) if data_dir is not None else os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+  folder = f"{where}/{name.split(':')[0].split('/')[0]}"
+  detail = f"{type(error).__name__}: {' '.join(str(error).split())}"
+  formats = _prepared_file_formats(Path(folder).expanduser())
+  if "tfrecord" in formats and not formats & {"array_record", "parquet"}:
+    return (f"TFDS dataset {name!r} is prepared in {where} as TFRecord files, which tfds.data_source cannot read "
+            f"(it needs the ArrayRecord format; `tfds build` writes TFRecord unless told otherwise). Convert it once "
+            f"with `tfds convert_format --dataset_dir {folder} --out_file_format array_record` (on a machine with "
+            f"TensorFlow, which reads the TFRecord files), or rebuild it with `tfds build {name} --data_dir {where} "
+            f"--file_format=array_record`. ({detail})")
+  return (f"TFDS dataset {name!r} (split {split!r}) is not prepared in {where} ({detail}). Prepare it in the "
+          f"ArrayRecord format, which fedjax_lite reads without TensorFlow: pass download=True (TFDS then downloads "
+          f"and prepares it; most datasets need TensorFlow for that), or on a machine with network and TensorFlow run "
+          f"`tfds build {name} --data_dir {where} --file_format=array_record` and copy {folder} here.")
+
+
 def from_tfds(name: str, *, split: str, data_dir=None, partition: str = "auto", client_key: str | None = None,
               label_key: str = "label", num_clients: int = 100, alpha: float = 0.5, shards_per_client: int = 2,
               seed: int = 0, download: bool = False) -> FederatedData:
@@ -102,15 +146,16 @@ def from_tfds(name: str, *, split: str, data_dir=None, partition: str = "auto", 
     client_key: the feature naming each example's client (overrides the automatic choice).
     label_key: the label feature (renamed ``'y'``).
     num_clients, alpha, shards_per_client, seed: for the partitioners.
-    download: let TFDS download and prepare the dataset when it is not in ``data_dir`` (needs network and,
-      for most datasets, TensorFlow).
+    download: let TFDS download and prepare the dataset, as ArrayRecord files, when it is not in ``data_dir``
+      (needs network and, for most datasets, TensorFlow).
 
   Returns:
     ``FederatedData``.
 
   Raises:
     MissingDependencyError: ``tensorflow-datasets`` is not installed (``pip install 'fedjax_lite[tfds]'``).
-    DatasetNotFoundError: the dataset is not prepared in ``data_dir``.
+    DatasetNotFoundError: the dataset is not prepared in ``data_dir``, or only as TFRecord files (the message
+      gives the ``tfds build`` / ``tfds convert_format`` command that prepares ArrayRecord files).
   """
   if not isinstance(name, str) or not name:
     raise TypeError(f"name must be a non-empty str, got {name!r}.")
@@ -119,13 +164,11 @@ def from_tfds(name: str, *, split: str, data_dir=None, partition: str = "auto", 
   validation.check_choice("partition", partition, _PARTITIONS)
   tfds = _import_tfds()
   try:
+    # tfds.data_source prepares ArrayRecord files by itself only without a data_dir: ask for them explicitly.
     source = tfds.data_source(name, split=split, data_dir=None if data_dir is None else str(data_dir),
-                              download=download)
+                              download=download, builder_kwargs={"file_format": "array_record"} if download else None)
   except Exception as error:  # TFDS raises assertion, registry and file errors alike
-    raise DatasetNotFoundError(
-        f"TFDS dataset {name!r} (split {split!r}) is not prepared in {data_dir or '~/tensorflow_datasets'}: "
-        f"{type(error).__name__}: {' '.join(str(error).split())} Prepare it on a machine with network with `tfds build {name} "
-        f"--data_dir <dir>` and copy the folder, or pass download=True.") from None
+    raise DatasetNotFoundError(not_prepared_message(name, split, data_dir, error)) from None
   count = len(source)
   try:
     examples = list(source.__getitems__(list(range(count))))  # one batched read of the ArrayRecord files

@@ -8,7 +8,12 @@ run on its slow generic emitter.
 
 The field's standard models: :func:`logistic_regression` (EMNIST), :func:`shakespeare_lstm` (character LSTM),
 :func:`stackoverflow_lstm` (next-word prediction), :func:`stackoverflow_tag_logistic_regression` (tag prediction)
-and :func:`cifar100_resnet18` (GroupNorm ResNet-18 on 24x24 crops). Sequence and tag models report ratio metrics
+and :func:`cifar100_resnet18` (GroupNorm ResNet-18 on 24x24 crops).
+
+A small decoder-only transformer language model, :func:`transformer_lm`, with LoRA adapters (:class:`LoRADense`) on
+its projections; :func:`lora_labels` labels the adapters ``'global'`` and the pretrained base ``'frozen'``.
+Pretrained weights: :func:`save_params` / :func:`load_params` (``.npz``, ``.safetensors``, orbax directories; keys
+are parameter paths; every mismatch named at once). Sequence and tag models report ratio metrics
 (masked token accuracy, precision, recall@5) as numerator/denominator sums: :func:`token_metrics` and
 :func:`tag_metrics` turn them into the reported values.
 """
@@ -23,7 +28,9 @@ from fedjax_lite.models.linear import (
     stackoverflow_tag_logistic_regression,
     tag_metrics,
 )
+from fedjax_lite.models.lora import LORA_PARAM_NAMES, LoRADense, is_lora_path, lora_labels
 from fedjax_lite.models.pooling import max_pool, max_pool_2x2
+from fedjax_lite.models.pretrained import flatten_params, load_params, read_params, save_params
 from fedjax_lite.models.recurrent import LSTM, LSTMLanguageModel, shakespeare_lstm, stackoverflow_lstm
 from fedjax_lite.models.resnet import ResNetGN, cifar100_resnet18, group_norm, max_pool_3x3_stride2_same
 from fedjax_lite.models.sequence import (
@@ -33,6 +40,13 @@ from fedjax_lite.models.sequence import (
     sequence_loss,
     sequence_metrics,
     token_metrics,
+)
+from fedjax_lite.models.transformer import (
+    LORA_TARGETS,
+    CausalSelfAttention,
+    TransformerBlock,
+    TransformerLM,
+    transformer_lm,
 )
 from fedjax_lite.models.zoo import (
     MLP,
@@ -47,6 +61,19 @@ from fedjax_lite.models.zoo import (
 
 __all__ = [
     "from_flax",
+    "LORA_PARAM_NAMES",
+    "LORA_TARGETS",
+    "CausalSelfAttention",
+    "LoRADense",
+    "TransformerBlock",
+    "TransformerLM",
+    "flatten_params",
+    "is_lora_path",
+    "load_params",
+    "lora_labels",
+    "read_params",
+    "save_params",
+    "transformer_lm",
     "LSTM",
     "LSTMLanguageModel",
     "MultiLabelLinear",

@@ -161,7 +161,9 @@ def special_tokens(
   return tokens, total
 
 
-def _language_model(module: LSTMLanguageModel, sequence_length: int, tokens: SpecialTokens, name: str) -> Model:
+def language_model(module: nn.Module, sequence_length: int, tokens: SpecialTokens, name: str) -> Model:
+  """A language-model module ``ids [B, T] -> logits [B, T, V]`` as a :class:`Model` with the sequence loss and
+  token metrics of :mod:`fedjax_lite.models.sequence` (``sequence_length``: T of the sample input)."""
   sample = jnp.zeros((1, sequence_length), jnp.int32)
   return from_flax(module, sample, loss=sequence_loss(tokens), metrics=sequence_metrics(tokens), name=name)
 
@@ -208,7 +210,7 @@ def shakespeare_lstm(
       lstm_kernel_init=nn.initializers.he_normal(),
       unroll=unroll,
   )
-  return _language_model(module, sequence_length, tokens, "shakespeare_lstm")
+  return language_model(module, sequence_length, tokens, "shakespeare_lstm")
 
 
 def stackoverflow_lstm(
@@ -253,7 +255,7 @@ def stackoverflow_lstm(
       projection_size=embedding_size,
       unroll=unroll,
   )
-  return _language_model(module, sequence_length, tokens, "stackoverflow_lstm")
+  return language_model(module, sequence_length, tokens, "stackoverflow_lstm")
 
 
 def _check_sizes(name: str, sizes) -> tuple[int, ...]:

@@ -50,6 +50,7 @@ import numpy as np
 from dp_accounting import NeighboringRelation
 
 from fedjax_lite.core import validation
+from fedjax_lite.privacy.quiet_logs import quiet_accounting
 
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("poisson", "without_replacement", "all")
@@ -254,6 +255,7 @@ def tree_run_events(noise_multiplier: float, rounds_per_tree: int) -> RunEvents:
                    f"tree aggregation, z={noise_multiplier:g}, restart every {rounds_per_tree} rounds")
 
 
+@quiet_accounting
 def epsilon_of(event, delta: float, *, accountant: AccountantSpec = "rdp",
                neighboring_relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE,
                count: int = 1) -> float:
@@ -332,6 +334,7 @@ def planned_epsilon(noise_multiplier: float, *, rounds: int, delta: float, sampl
   return run_epsilon(run, rounds, delta, accountant=accountant)
 
 
+@quiet_accounting
 def calibrate_noise_multiplier(target_epsilon: float, *, rounds: int, delta: float, sampling: str = "poisson",
                                sampling_probability: float | None = None, num_clients: int | None = None,
                                clients_per_round: int | None = None, accountant: AccountantSpec = "rdp",
@@ -464,6 +467,7 @@ class PrivacyLedger:
     return run_epsilon(self.run, rounds, self.delta, accountant=self.accountant)
 
   @functools.cached_property
+  @quiet_accounting
   def _rdp_of_one_round(self):
     """``(orders, RDP of one round, round event)`` for the RDP shortcut, or None."""
     unit = None

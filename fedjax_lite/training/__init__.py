@@ -1,13 +1,27 @@
 """The training loop, checkpoints, trackers, plotting and the ``fedjax-lite`` command line: what runs a federated
-experiment end to end on top of the algorithms."""
+experiment end to end on top of the algorithms.
 
-from fedjax_lite.training.checkpoint import (ConfigMismatchError, RunCheckpointer, TrainingInterrupted,
-                                                read_checkpoint)
+:func:`run_training` is built from parts that can be used on their own: a driver (:func:`drive_rounds`, rounds
+packed on the host; :func:`drive_scanned_rounds`, rounds drawn and scanned on the device), a :class:`Recorder`
+(metrics file, trackers, progress bar, stall detection, checkpoints, signals), a :class:`RoundSchedule` (when to
+evaluate, checkpoint and stop) and :class:`RunCheckpoints` (what a run restores and saves).
+"""
+
+from fedjax_lite.training.checkpoint import (CheckpointError, CheckpointInUseError, CheckpointSaveError,
+                                             ConfigMismatchError, RunCheckpointer, TrainingInterrupted,
+                                             read_checkpoint)
 from fedjax_lite.training.loop import TrainingResult, TrainingStalledError, flatten_metrics, run_training
-from fedjax_lite.training.plotting import plot_history
+from fedjax_lite.training.plotting import history_figure, plot_history
+from fedjax_lite.training.recorder import Recorder
+from fedjax_lite.training.round_driver import HostRoundPacker, PackedRound, drive_rounds
+from fedjax_lite.training.run_checkpoints import Progress, RunCheckpoints
+from fedjax_lite.training.scanned_driver import drive_scanned_rounds
+from fedjax_lite.training.schedule import RoundSchedule
 from fedjax_lite.training.tracking import (CsvTracker, JsonlTracker, TensorBoardTracker, Tracker, WandbTracker,
-                                              make_trackers)
+                                           make_trackers)
 
-__all__ = ["ConfigMismatchError", "CsvTracker", "JsonlTracker", "RunCheckpointer", "TensorBoardTracker", "Tracker",
-           "TrainingInterrupted", "TrainingResult", "TrainingStalledError", "WandbTracker", "flatten_metrics",
-           "make_trackers", "plot_history", "read_checkpoint", "run_training"]
+__all__ = ["CheckpointError", "CheckpointInUseError", "CheckpointSaveError", "ConfigMismatchError", "CsvTracker",
+           "HostRoundPacker", "JsonlTracker", "PackedRound", "Progress", "Recorder", "RoundSchedule",
+           "RunCheckpointer", "RunCheckpoints", "TensorBoardTracker", "Tracker", "TrainingInterrupted",
+           "TrainingResult", "TrainingStalledError", "WandbTracker", "drive_rounds", "drive_scanned_rounds",
+           "flatten_metrics", "history_figure", "make_trackers", "plot_history", "read_checkpoint", "run_training"]

@@ -5,11 +5,20 @@ digits split into 50 non-IID clients (2 label shards each), 10 clients a round, 
 it shows a progress bar, writes per-round metrics (JSON lines), a PNG plot and a JSON summary to the output
 directory, and ends with a one-line summary (``--json`` prints the summary as JSON instead).
 
+Datasets read from files (``--dataset emnist``, ...) are looked for in ``--data-dir`` and the cache; ``--download``
+fetches them when they are not on disk (with a progress bar for large files), and a missing file's message names
+the flags that fix it. ``fedjax-lite --version`` prints the versions of fedjax_lite, JAX and Python.
+
 Bad flags give one line on stderr and exit code 2: unknown values, flags that do not apply to the chosen
 algorithm, aggregator or dataset (e.g. ``--trim-fraction`` without ``--aggregator trimmed-mean``), an output path
-that is a file. With ``--checkpoint-dir DIR`` the run saves checkpoints (every ``--checkpoint-every`` rounds, at the
-end, and on SIGINT/SIGTERM, after which it exits with 128 + the signal number); ``--resume`` continues the run in DIR
-and ends bit-identical to an uninterrupted one, or refuses (exit 2) flags that would change the results.
+that is a file or cannot be written (checked before any training). With ``--checkpoint-dir DIR`` the run saves
+checkpoints (every ``--checkpoint-every`` rounds, at the end, and on SIGINT/SIGTERM, after which it exits with 128 +
+the signal number); ``--resume`` continues the run in DIR and ends bit-identical to an uninterrupted one, or refuses
+(exit 2) flags that would change the results, naming each (``--algorithm: "scaffold" in the checkpoint, "fedavg"
+now``). A DIR another run writes (its lock file), or one that cannot be written, is refused with exit 2; a checkpoint
+that cannot be written mid-run (full disk, read-only folder) ends the run with exit 1, the previous checkpoint and the
+finished rounds' metrics intact. Every such fault is one line (``fedjax-lite: error: ...``); warnings are one line
+each (``fedjax-lite: warning: ...``, e.g. a damaged checkpoint set aside), and orbax's own logs are not shown.
 
 Privacy: ``--aggregator dp`` trains with user-level DP, by ``--dp-strategy``: ``gaussian`` is DP-FedAvg (Poisson
 sampling, the Gaussian mechanism); ``tree``, ``blt``, ``banded`` and ``toeplitz`` are DP-FTRL with that noise
@@ -26,12 +35,17 @@ process, each process packs only its own clients, and only process 0 writes file
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import logging
 import math
 import os
 import sys
+import tempfile
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+import warnings
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 EXIT_USAGE = 2
 
@@ -129,6 +143,8 @@ def _dataset_name(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="fedjax-lite", description="Federated learning simulations in JAX.")
+  parser.add_argument("--version", action="store_true",
+                      help="print the versions of fedjax_lite, JAX, jaxlib and Python, and exit")
   commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
   train = commands.add_parser("train", help="run a federated training job")
   data = train.add_argument_group("data")
@@ -138,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "cifar100 read the reference's files from --data-dir; tfds:NAME a prepared TFDS dataset")
   data.add_argument("--data-dir", default=None,
                     help="folder with the dataset's files (default: $FEDJAX_LITE_DATA or ~/.cache/fedjax_lite)")
+  data.add_argument("--download", action="store_true",
+                    help="fetch the dataset when it is not on disk: the reference's files for emnist, shakespeare, "
+                         "stackoverflow and cifar100 (sha256-checked, into the cache), TFDS's download and "
+                         "preparation for tfds:NAME")
   data.add_argument("--num-clients", type=positive_int, default=50, help="clients in the population")
   data.add_argument("--partition", choices=PARTITIONS, default="shards",
                     help="how digits are split into clients (shards: McMahan's non-IID split)")
@@ -206,7 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="server learning rate (default 1.0 for FedAvg, 0.1 for FedSGD)")
   rounds.add_argument("--seed", type=nonnegative_int, default=0)
   rounds.add_argument("--runner", choices=RUNNER_STRATEGIES, default="auto",
-                      help="how clients run: sequential scan (CPU default), vmap (accelerator default), chunked")
+                      help="how clients run: sequential scan (CPU default), vmap (accelerator default: all the "
+                           "round's clients at once), chunked (vmap over --chunk-size clients at a time, for memory)")
+  rounds.add_argument("--chunk-size", type=positive_int, default=8, metavar="K",
+                      help="clients per vmap chunk of --runner chunked (memory holds K clients at a time; the cohort "
+                           "is padded to a multiple of K)")
   rounds.add_argument("--cpu-devices", type=positive_int, default=None, metavar="N",
                       help="XLA:CPU devices, each running its own stream of clients (default: one per usable core, "
                            "at most 8; 1 for a single device); see fedjax_lite.configure_cpu")
@@ -248,9 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 # Flags that never change a run's results: not compared when resuming.
 # (--data-dir only says where the files are: the data itself is compared by its hash.)
 # (The process layout changes only the float summation order.)
-_RESULT_NEUTRAL_FLAGS = ("command", "output_dir", "json", "no_progress", "quiet", "log_format", "rounds",
-                         "dp_epsilon_budget", "checkpoint_dir", "checkpoint_every", "resume", "data_dir",
-                         "coordinator_address", "num_processes", "process_id", "local_devices",
+_RESULT_NEUTRAL_FLAGS = ("command", "version", "download", "output_dir", "json", "no_progress", "quiet",
+                         "log_format", "rounds", "dp_epsilon_budget", "checkpoint_dir", "checkpoint_every", "resume",
+                         "data_dir", "coordinator_address", "num_processes", "process_id", "local_devices",
                          "rounds_per_dispatch")  # R does not change results; host vs device sampling is compared
 
 
@@ -307,12 +331,15 @@ _FLAG_CONDITIONS = {
     "partition": ("--dataset digits", lambda a: a.dataset == "digits"),
     "data_dir": ("--dataset emnist, shakespeare, stackoverflow, cifar100 or tfds:NAME",
                  lambda a: a.dataset not in ("digits", "synthetic")),
+    "download": ("--dataset emnist, shakespeare, stackoverflow, cifar100 or tfds:NAME (digits and synthetic are "
+                 "built in)", lambda a: a.dataset not in ("digits", "synthetic")),
     "num_clients": ("--dataset digits, synthetic or tfds:NAME (the others come with their own clients)",
                     lambda a: a.dataset in ("digits", "synthetic") or a.dataset.startswith("tfds:")),
     "test_fraction": ("--dataset digits or synthetic", lambda a: a.dataset in ("digits", "synthetic")),
     "dirichlet_alpha": ("--dataset digits --partition dirichlet",
                         lambda a: a.dataset == "digits" and a.partition == "dirichlet"),
     "checkpoint_every": ("--checkpoint-dir", lambda a: a.checkpoint_dir is not None),
+    "chunk_size": ("--runner chunked", lambda a: a.runner == "chunked"),
     "resume": ("--checkpoint-dir", lambda a: a.checkpoint_dir is not None),
 }
 
@@ -370,6 +397,24 @@ _INTERNAL_PHRASES = (
 )
 
 
+# The dataset loaders' advice names Python arguments; on the command line it names the flags that set them, and
+# drops what no flag reaches. (`--data_dir` with an underscore is the `tfds` command's own flag: kept.)
+_DATASET_PHRASES = (
+    (", or pass vocabulary=[...] explicitly", ""),
+    ("pass download=True", "add --download"),
+    ("pass data_dir=", "pass --data-dir "),
+)
+
+
+def dataset_message(message: str) -> str:
+  """A dataset loader's message restated for the command line: ``--download``, ``--data-dir``."""
+  import re
+
+  for internal, public in _DATASET_PHRASES:
+    message = message.replace(internal, public)
+  return re.sub(r"(?<![\w-])data_dir(?![\w-])", "--data-dir", message)
+
+
 _DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id", "local_devices")
 
 
@@ -409,13 +454,19 @@ def distributed_config(args, given: set[str], environ=None):
 
 
 def _check_output_path(flag: str, path: str) -> None:
-  """A directory flag must not name a file (one line, exit 2, instead of a traceback)."""
+  """A directory flag must name a directory this process can write (one line, exit 2, before any training)."""
   if os.path.exists(path) and not os.path.isdir(path):
     raise UsageError(f"{flag} {path} is a file, not a directory")
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as error:
     raise UsageError(f"{flag} {path}: cannot create the directory ({error.strerror or error})") from None
+  try:  # a real write: permission bits do not tell (root, read-only mounts, immutable folders, ACLs)
+    descriptor, probe = tempfile.mkstemp(prefix=".fedjax-lite-write-test-", dir=path)
+    os.close(descriptor)
+    os.unlink(probe)
+  except OSError as error:
+    raise UsageError(f"{flag} {path} is not writable ({error.strerror or error})") from None
 
 
 def _server_optimizer(name: str, learning_rate: float):
@@ -503,17 +554,19 @@ def _load_file_dataset(args):
     if args.dataset.startswith("tfds:"):
       name = args.dataset[len("tfds:"):]
       train = datasets.from_tfds(name, split="train", data_dir=args.data_dir, num_clients=args.num_clients,
-                                 seed=args.seed)
-      test = datasets.from_tfds(name, split="test", data_dir=args.data_dir, num_clients=1, seed=args.seed)
+                                 seed=args.seed, download=args.download)
+      test = datasets.from_tfds(name, split="test", data_dir=args.data_dir, num_clients=1, seed=args.seed,
+                                download=args.download)
       num_classes = int(max(np.max(train.examples["y"]), np.max(test.examples["y"]))) + 1
       return train, test.all_examples(), num_classes, tuple(train.element_spec["x"][0])
-    loader = {"emnist": lambda: datasets.load_emnist(only_digits=False, data_dir=args.data_dir),
-              "shakespeare": lambda: datasets.load_shakespeare(data_dir=args.data_dir),
-              "stackoverflow": lambda: datasets.load_stackoverflow(data_dir=args.data_dir),
-              "cifar100": lambda: datasets.load_cifar100(data_dir=args.data_dir)}[args.dataset]
+    files = dict(data_dir=args.data_dir, download=args.download)
+    loader = {"emnist": lambda: datasets.load_emnist(only_digits=False, **files),
+              "shakespeare": lambda: datasets.load_shakespeare(**files),
+              "stackoverflow": lambda: datasets.load_stackoverflow(**files),
+              "cifar100": lambda: datasets.load_cifar100(**files)}[args.dataset]
     data = loader()
   except (datasets.DatasetNotFoundError, datasets.DatasetFormatError, datasets.MissingDependencyError) as error:
-    raise UsageError(str(error)) from None
+    raise UsageError(dataset_message(str(error))) from None
   return data.train, data.test.all_examples(), data.num_classes, tuple(data.input_shape)
 
 
@@ -600,7 +653,7 @@ def _build_job(args, mesh=None):
     raise UsageError(f"--clients-per-round ({args.clients_per_round}) exceeds the {train_data.num_clients} "
                      "clients of the population")
   model = _build_model(args.model, num_classes, input_shape, dataset=args.dataset)
-  runner = Runner(strategy=args.runner, mesh=mesh)
+  runner = Runner(strategy=args.runner, chunk_size=args.chunk_size, mesh=mesh)
   server_lr = args.server_lr if args.server_lr is not None else DEFAULT_SERVER_LR.get(args.algorithm, 1.0)
   server_optimizer = _server_optimizer(args.server_optimizer, server_lr)
   if args.aggregator == "dp":
@@ -728,6 +781,7 @@ def train_command(args, distributed=None) -> dict | None:
 
   from fedjax_lite.algorithms import centralized_evaluation
   from fedjax_lite.training.loop import run_training
+  from fedjax_lite.training import units
   from fedjax_lite.training.plotting import plot_history
   from fedjax_lite.training.tracking import FILE_NAMES, make_trackers
 
@@ -817,8 +871,8 @@ def train_command(args, distributed=None) -> dict | None:
       "dp_strategy": args.dp_strategy if args.aggregator == "dp" else None,
       "audit": _audit_summary(private, initial_params, result.state.params, args.dp_delta),
       "stopped_early": result.stopped_early,
-      "broadcasted_mebibits": last.get("cumulative_broadcasted_bits", 0) / 2**20,
-      "aggregated_mebibits": last.get("cumulative_aggregated_bits", 0) / 2**20,
+      "broadcasted_mebibits": units.mebibits(last.get("cumulative_broadcasted_bits", 0)),  # training.units
+      "aggregated_mebibits": units.mebibits(last.get("cumulative_aggregated_bits", 0)),
       "backend": jax.default_backend(),
       "runner": runner.resolved_strategy(),
       "processes": jax.process_count(),
@@ -835,6 +889,62 @@ def train_command(args, distributed=None) -> dict | None:
   return summary
 
 
+# The environment's faults that end a run (exit 1): one line naming the file and the reason.
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM,
+                       errno.EIO)
+
+
+class _HideOrbaxLogs(logging.Filter):
+  """Drops orbax's own log records: a failed save is reported once, in one line, by the CLI."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def _one_line_reports() -> Iterator[None]:
+  """Warnings as one line each on stderr (``fedjax-lite: warning: ...``), orbax's logs hidden."""
+  previous_show, previous_unraisable = warnings.showwarning, sys.unraisablehook
+
+  def show(message, category, filename, lineno, file=None, line=None):
+    del category, filename, lineno, line
+    (file or sys.stderr).write(f"fedjax-lite: warning: {message}\n")
+
+  def unraisable(report):
+    # After a failed save, tensorstore may complete one of orbax's other writes once orbax's event loop is closed;
+    # the callback's error is about a write already reported as failed.
+    if not (isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"):
+      previous_unraisable(report)
+
+  warnings.showwarning, sys.unraisablehook = show, unraisable
+  orbax_logs = _HideOrbaxLogs()
+  absl_logger = logging.getLogger("absl")  # orbax logs through absl
+  absl_logger.addFilter(orbax_logs)
+  try:
+    yield
+  finally:
+    warnings.showwarning, sys.unraisablehook = previous_show, previous_unraisable
+    absl_logger.removeFilter(orbax_logs)
+
+
+def version_line() -> str:
+  """``fedjax-lite 0.1.0 (jax 0.10.2, jaxlib 0.10.2, Python 3.11.7)``: read from the installed packages' metadata,
+  without starting JAX."""
+  import importlib.metadata
+  import platform
+
+  import fedjax_lite
+
+  def installed(name: str) -> str:
+    try:
+      return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      return "not installed"
+
+  return (f"fedjax-lite {fedjax_lite.__version__} (jax {installed('jax')}, jaxlib {installed('jaxlib')}, "
+          f"Python {platform.python_version()})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``fedjax-lite`` console script."""
   parser = build_parser()
@@ -845,19 +955,26 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ImportError:
     pass
   try:
-    args = parser.parse_args(argv)
-    if args.command is None:
-      raise UsageError("a command is required: fedjax-lite train [flags] (see fedjax-lite train --help)")
-    given = _explicit_flags(argv)
-    check_flags_apply(args, given)
-    summary = train_command(args, distributed_config(args, given))
+    with _one_line_reports():
+      args = parser.parse_args(argv)
+      if args.version:
+        print(version_line())
+        return 0
+      if args.command is None:
+        raise UsageError("a command is required: fedjax-lite train [flags] (see fedjax-lite train --help)")
+      given = _explicit_flags(argv)
+      check_flags_apply(args, given)
+      summary = train_command(args, distributed_config(args, given))
   except UsageError as error:
     sys.stderr.write(f"fedjax-lite: error: {error}\n")
     return EXIT_USAGE
   except Exception as error:  # the run's own failures: one line each, no traceback
-    from fedjax_lite.training.checkpoint import CheckpointError, ConfigMismatchError
+    from fedjax_lite.training.checkpoint import CheckpointError, CheckpointSaveError, ConfigMismatchError
     from fedjax_lite.training.loop import TrainingStalledError
 
+    if isinstance(error, CheckpointSaveError):  # the environment failed mid-run: not a usage error
+      sys.stderr.write(f"fedjax-lite: error: {error}; continue with --resume once it can be written\n")
+      return 1
     if isinstance(error, (ConfigMismatchError, CheckpointError)) or (
         isinstance(error, ValueError) and ("already holds checkpoints" in str(error)
                                            or str(error).startswith("rounds_per_dispatch"))):
@@ -867,6 +984,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       return EXIT_USAGE
     if isinstance(error, TrainingStalledError):
       sys.stderr.write(f"fedjax-lite: error: {error}\n")
+      return 1
+    if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
+      where = f"{error.filename}: " if error.filename else ""
+      sys.stderr.write(f"fedjax-lite: error: {where}{error.strerror or error}\n")
       return 1
     raise
   except KeyboardInterrupt as interrupt:

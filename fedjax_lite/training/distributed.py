@@ -51,6 +51,10 @@ from fedjax_lite.core.runner import client_mesh
 from fedjax_lite.core.tree import PyTree
 
 # Environment variables read by DistributedConfig.from_env (the CLI flags take precedence).
+__all__ = ["DistributedConfig", "initialize", "shutdown", "is_writer", "global_client_mesh", "ProcessShard",
+           "replicate", "distribute_process", "ENV_COORDINATOR_ADDRESS", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID",
+           "ENV_LOCAL_DEVICES"]
+
 ENV_COORDINATOR_ADDRESS = "FEDJAX_LITE_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "FEDJAX_LITE_NUM_PROCESSES"
 ENV_PROCESS_ID = "FEDJAX_LITE_PROCESS_ID"

@@ -79,3 +79,20 @@ def test_client_gradient_skips_padding_too(tiny_model, tiny_params):
   chex.assert_trees_all_equal(gradient, expected)
   chex.assert_trees_all_equal(sums, expected_sums)
   assert np.isfinite(float(sums["loss"]))
+
+
+def test_a_step_budget_stops_local_training_after_the_budgeted_steps(tiny_model, tiny_params):
+  """The local loop of a client packed with ``step_budget=k`` runs exactly k steps: the same parameters and sums as
+  the client's first k batches alone, ``num_batches == k`` (a straggler's partial work, FedProx's variable work)."""
+  population = make_population()
+  full = pack_clients(population, [0], batch_size=4, num_steps=8, shuffle=False)
+  budgeted = pack_clients(population, [0], batch_size=4, num_steps=8, shuffle=False, step_budget=np.array([2]))
+  first_two = {key: (value[:, :2] if value.ndim > 1 else value) for key, value in full.items()}
+  first_two["num_examples"] = np.array([8], np.int32)
+  run = lambda data: train_locally(tiny_model, optax.sgd(0.1), tiny_params,
+                                   jax.tree.map(lambda x: jnp.asarray(x[0]), data), jax.random.key(0))
+  trained, sums = run(budgeted)
+  expected, expected_sums = run(first_two)
+  chex.assert_trees_all_equal(trained, expected)
+  chex.assert_trees_all_equal(sums, expected_sums)
+  assert int(sums["num_batches"]) == 2 and int(sums["num_examples"]) == 8 == int(budgeted["num_examples"][0])

@@ -46,6 +46,7 @@ def run_smoke(tmp_path):
 
 def check_sections_ran(report):
   assert report["smoke"] is True
+  assert report["total_s"] < report["budget_s"]
   assert report["errors"] == [], {name: report[name].get("error") for name in report["errors"]}
   for name in SECTIONS:
     assert "error" not in report[name] and "skipped" not in report[name], (name, report[name])
@@ -97,6 +98,12 @@ def check_digits_job(report):
   assert digits["clients_per_round"] == 10  # the CLI's defaults
   assert _positive(digits["rounds_per_s"])
   assert math.isfinite(digits["final_train_loss"])
+  # Whole training on the device, same job: R rounds per dispatch, and its ratio to the per-round loop.
+  whole = digits["whole_training"]
+  assert whole["rounds_per_dispatch"] == 2 and whole["rounds"] == 2
+  assert _positive(whole["rounds_per_s"]) and _positive(whole["speedup_end_to_end"])
+  assert math.isfinite(whole["final_train_loss"])
+  assert whole["target"]["speedup_steady_at_least"] == 3.0
 
 
 @pytest.mark.slow

@@ -442,3 +442,54 @@ def test_packed_ids_multiset(sizes, batch_size, num_epochs, max_steps, extra_slo
   for slot in range(len(sizes), len(sizes) + extra_slots):
     assert packed["num_examples"][slot] == 0 and not packed["mask"][slot].any()
   np.testing.assert_array_equal(packed["uid"][~packed["mask"]], 0)
+
+
+# Per-client step budgets (stragglers' partial work, fedjax_lite.systems) ------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(sizes=st.lists(st.integers(1, 13), min_size=1, max_size=5), batch_size=st.integers(1, 4),
+       num_epochs=st.integers(1, 3), data=st.data())
+def test_step_budget_keeps_the_first_batches_of_the_same_stream(sizes, batch_size, num_epochs, data):
+  """A client with budget k processes exactly its first k batches of the unbudgeted packing (same shuffles), the
+  rest masked and zero; num_examples = min(E * n, k * B)."""
+  packed_data = make_data(sizes)
+  indices = np.arange(len(sizes))
+  budget = np.array([data.draw(st.integers(0, -(-size * num_epochs // batch_size) + 1)) for size in sizes])
+  full = pack_clients(packed_data, indices, batch_size=batch_size, num_epochs=num_epochs, seed=3, round_num=2)
+  cut = pack_clients(packed_data, indices, batch_size=batch_size, num_epochs=num_epochs, seed=3, round_num=2,
+                     num_steps=full["mask"].shape[1], step_budget=budget)
+  assert cut["mask"].shape == full["mask"].shape
+  for slot, size in enumerate(sizes):
+    expected = min(size * num_epochs, int(budget[slot]) * batch_size)
+    assert cut["num_examples"][slot] == expected
+    np.testing.assert_array_equal(real_sequence(cut, slot), real_sequence(full, slot)[:expected])
+    assert np.count_nonzero(np.any(cut["mask"][slot], axis=-1)) == -(-expected // batch_size)
+    assert not cut["uid"][slot][~cut["mask"][slot]].any()
+
+
+def test_step_budget_zero_leaves_an_empty_slot_and_max_steps_still_applies():
+  data = make_data([6, 6])
+  packed = pack_clients(data, [0, 1], batch_size=2, max_steps=2, step_budget=np.array([0, 5]), shuffle=False)
+  np.testing.assert_array_equal(packed["num_examples"], [0, 4])  # budget 0: empty; max_steps 2 < budget 5
+  assert not packed["mask"][0].any()
+
+
+@pytest.mark.parametrize("budget, match", [([1], "one per client"), ([1.0, 2.0], "integers"), ([1, -1], ">= 0"),
+                                           ([[1, 2]], "one per client")])
+def test_step_budget_validation(budget, match):
+  with pytest.raises(ValueError, match=match):
+    pack_clients(make_data([3, 4]), [0, 1], batch_size=2, step_budget=np.asarray(budget))
+
+
+def test_client_spec_counts_and_budget_pass_through():
+  data = make_data([5, 9, 2])
+  spec = ClientSpec(batch_size=2, num_epochs=3, max_steps=10)
+  np.testing.assert_array_equal(spec.num_examples(data, [1, 0, 2]), [min(27, 20), 15, 6])
+  np.testing.assert_array_equal(spec.num_steps(data, [1, 0, 2]), [10, 8, 3])
+  np.testing.assert_array_equal(spec.num_steps(data, [1, 0, 2]), data.num_steps(2, 3, 10)[[1, 0, 2]])
+  budget = np.array([3, 1, 2])
+  np.testing.assert_array_equal(
+      spec.pack(data, [1, 0, 2], seed=0, round_num=1, step_budget=budget)["uid"],
+      pack_clients(data, [1, 0, 2], batch_size=2, num_epochs=3, max_steps=10, seed=0, round_num=1,
+                   step_budget=budget)["uid"])

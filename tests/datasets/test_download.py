@@ -118,3 +118,23 @@ def test_download_argument_checks(tmp_path):
   monkeypatch.delenv(download_lib.ENV_VAR, raising=False)
   assert str(download_lib.cache_root()).endswith(".cache/fedjax_lite")
   monkeypatch.undo()
+
+
+def test_large_transfers_show_a_progress_bar_and_small_ones_do_not(served, tmp_path, monkeypatch, capsys):
+  root, _, digest = served
+  size = (root / "emnist_all.sqlite.lzma").stat().st_size
+  with _serve(root) as url:
+    download_lib.download_file(f"{url}/emnist_all.sqlite.lzma", tmp_path / "small.lzma", sha256=digest)
+    assert capsys.readouterr().err == ""  # below PROGRESS_MIN_BYTES: quiet
+    monkeypatch.setattr(download_lib, "PROGRESS_MIN_BYTES", 1)  # as if the file were large
+    path = download_lib.download_file(f"{url}/emnist_all.sqlite.lzma", tmp_path / "large.lzma", sha256=digest)
+  bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+  assert "downloading large.lzma" in bar and "100%" in bar, bar
+  download_lib.decompress_lzma(path, tmp_path / "large.sqlite")
+  bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+  assert "decompressing large.lzma" in bar and "100%" in bar, bar
+  assert (tmp_path / "large.sqlite").stat().st_size > size
+  download_lib.decompress_lzma(path, tmp_path / "quiet.sqlite", progress=False)
+  assert capsys.readouterr().err == ""
+  with pytest.raises(TypeError, match="progress"):
+    download_lib.download_file(f"{url}/x", tmp_path / "x", progress="yes")

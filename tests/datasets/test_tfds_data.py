@@ -1,6 +1,7 @@
 """from_tfds with tensorflow-datasets' mock data (no TensorFlow needed), and the grouping it applies."""
 
 import builtins
+import json
 
 import numpy as np
 import pytest
@@ -48,5 +49,33 @@ def test_mock_data_mnist_dirichlet():
 
 def test_unprepared_dataset_is_explained(tmp_path):
   pytest.importorskip("tensorflow_datasets")
-  with pytest.raises(DatasetNotFoundError, match="tfds build mnist"):
+  with pytest.raises(DatasetNotFoundError) as raised:
     tfds_data.from_tfds("mnist", split="train", data_dir=tmp_path)
+  message = str(raised.value)
+  # The command given must write what tfds.data_source reads: plain `tfds build` writes TFRecord.
+  assert f"tfds build mnist --data_dir {tmp_path} --file_format=array_record" in message
+  assert "pass download=True" in message and "--download" not in message
+
+
+def _prepared_as_tfrecord(data_dir):
+  """A dataset folder as `tfds build mnist` (TFDS's default format) leaves it: dataset_info.json says tfrecord."""
+  version_dir = data_dir / "mnist" / "3.0.1"
+  version_dir.mkdir(parents=True)
+  split = {"numBytes": "100", "shardLengths": ["10"], "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"}
+  info = {"name": "mnist", "version": "3.0.1", "fileFormat": "tfrecord",
+          "moduleName": "tensorflow_datasets.image_classification.mnist",
+          "splits": [{"name": "train", **split}, {"name": "test", **split}]}
+  (version_dir / "dataset_info.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_a_tfrecord_dataset_gets_the_commands_that_make_array_record_files(tmp_path, download):
+  """Regression: the advice was `tfds build mnist`, which writes the TFRecord files that cannot be read."""
+  pytest.importorskip("tensorflow_datasets")
+  _prepared_as_tfrecord(tmp_path)
+  with pytest.raises(DatasetNotFoundError) as raised:
+    tfds_data.from_tfds("mnist", split="train", data_dir=tmp_path, download=download)
+  message = str(raised.value)
+  assert "as TFRecord files" in message
+  assert f"tfds convert_format --dataset_dir {tmp_path}/mnist --out_file_format array_record" in message
+  assert f"tfds build mnist --data_dir {tmp_path} --file_format=array_record" in message

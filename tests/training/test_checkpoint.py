@@ -38,6 +38,7 @@ BASE = ["train", "--model", "dense", "--rounds", str(ROUNDS), "--clients-per-rou
 if "log_format" in vars(cli.build_parser().parse_args(["train"])):
   BASE += ["--log-format", "jsonl"]  # no plot: faster
 KILL_TIMEOUT_S = 120
+SLOW_SAVE = os.path.join(os.path.dirname(__file__), "slow_save.py")  # the CLI with one save held open (test side)
 
 
 def _records(output_dir):
@@ -78,10 +79,11 @@ def _assert_same_run(resumed, reference):
 
 
 def _start(output_dir, checkpoint_dir, every, delay):
-  env = dict(os.environ, **{ckpt.SAVE_DELAY_ENV: delay})
-  argv = [sys.executable, "-m", "fedjax_lite.training.cli", *BASE, "--output-dir", str(output_dir),
+  """The CLI in a subprocess whose save after ``delay = 'ROUNDS:SECONDS'`` is held open (``slow_save.py``)."""
+  rounds, seconds = delay.split(":")
+  argv = [sys.executable, SLOW_SAVE, rounds, seconds, *BASE, "--output-dir", str(output_dir),
           "--checkpoint-dir", str(checkpoint_dir), "--checkpoint-every", str(every)]
-  return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _wait_for(process, condition, what):
@@ -103,7 +105,7 @@ def _complete_steps(checkpoint_dir):
 
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, uninterrupted):
   out, ck = tmp_path / "out", tmp_path / "ck"
-  # The save after 10 rounds hangs (test hook), so the run is certainly still going when we kill it.
+  # The save after 10 rounds hangs (held open by slow_save.py), so the run is certainly still going when we kill it.
   process = _start(out, ck, every=2, delay="10:120")
   _wait_for(process, lambda: any(step >= 4 for step in _complete_steps(ck)), "the checkpoint after 4 rounds")
   process.send_signal(signal.SIGKILL)
@@ -125,7 +127,8 @@ def test_sigkill_mid_save_leaves_no_valid_checkpoint_and_resume_is_bit_identical
   unfinished = [name for name in os.listdir(ck) if name.startswith("6.") and "tmp" in name]
   assert unfinished, os.listdir(ck)  # the killed save's temporary directory...
   assert _complete_steps(ck) == [3]  # ...is not a checkpoint
-  checkpointer = ckpt.RunCheckpointer(ck)
+  with pytest.warns(RuntimeWarning, match=f"took over the lock left by PID {process.pid} .* no longer running"):
+    checkpointer = ckpt.RunCheckpointer(ck)  # the killed run's lock is stale
   assert checkpointer.steps() == [3]
   checkpointer.close()
   assert _run_in_process(out, ck, "--checkpoint-every", "3", "--resume") == 0
@@ -226,7 +229,7 @@ def test_extra_state_is_saved_and_restored_in_place(tmp_path, tiny_model, tiny_p
     run_training(process, population, tiny_params, extra_state={"x": {"a": jax.numpy.zeros(2)}}, **common)
 
 
-def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path):
+def test_a_damaged_checkpoint_is_set_aside_for_the_previous_one(tmp_path):
   checkpointer = ckpt.RunCheckpointer(tmp_path, async_save=False)
   template = {"w": np.zeros(3, np.float32), "n": np.int32(0)}
   for step in (1, 2):
@@ -237,9 +240,10 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path):
   meta = json.loads(meta_path.read_text())
   meta["trees"]["server_state"]["sha256"] = "0" * 64  # bytes that no longer match their record
   meta_path.write_text(json.dumps(meta))
-  with pytest.warns(RuntimeWarning, match="damaged"):
+  with pytest.warns(RuntimeWarning, match="unreadable .*SHA-256.*set aside"):
     restored = checkpointer.restore_latest({"server_state": template})
   checkpointer.close()
+  assert sorted(os.listdir(tmp_path)) == ["1", "2.unreadable"]  # set aside, not deleted; the lock released
   assert restored.rounds_completed == 1
   assert restored.trees["server_state"]["w"].tolist() == [1.0, 1.0, 1.0]
   assert restored.trees["server_state"]["n"] == 1 and isinstance(restored.trees["server_state"]["n"], np.int32)

@@ -160,6 +160,8 @@ def test_console_script_bad_flag_has_no_traceback():
     (["train", "--dataset", "emnist", "--test-fraction", "0.3"], "--test-fraction"),
     (["train", "--resume"], "--resume applies only with --checkpoint-dir"),
     (["train", "--checkpoint-every", "3"], "--checkpoint-every applies only with --checkpoint-dir"),
+    (["train", "--chunk-size", "4"], "--chunk-size applies only with --runner chunked"),
+    (["train", "--runner", "vmap", "--chunk-size", "4"], "--chunk-size applies only with --runner chunked"),
 ])
 def test_flags_that_do_not_apply_are_errors(argv, fragment, capsys):
   assert cli.main(argv) == 2
@@ -172,8 +174,15 @@ def test_flags_that_apply_are_accepted():
   for argv in (["train", "--aggregator", "trimmed-mean", "--trim-fraction", "0.2"],
                ["train", "--aggregator", "dp", "--dp-delta", "1e-5", "--dp-accountant", "pld"],
                ["train", "--partition", "dirichlet", "--dirichlet-alpha", "0.3"],
-               ["train", "--checkpoint-dir", "x", "--resume", "--checkpoint-every", "2"]):
+               ["train", "--checkpoint-dir", "x", "--resume", "--checkpoint-every", "2"],
+               ["train", "--runner", "chunked", "--chunk-size", "4"]):
     cli.check_flags_apply(parser.parse_args(argv), cli._explicit_flags(argv))
+
+
+def test_chunk_size_reaches_the_runner():
+  args = cli.build_parser().parse_args(["train", "--model", "dense", "--runner", "chunked", "--chunk-size", "3"])
+  *_, runner, _ = cli._build_job(args)
+  assert runner.resolved_strategy() == "chunked" and runner.chunk_size == 3
 
 
 @pytest.mark.parametrize("flag", ["--output-dir", "--checkpoint-dir"])

@@ -205,7 +205,7 @@ def test_progress_bar_shows_round_loss_accuracy_epsilon_and_bits(tmp_path, capsy
   assert code == 0
   bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
   assert "2/2" in bar
-  for label in ("loss=", "test_acc=", "eps=", "Mbit="):
+  for label in ("loss=", "test_acc=", "eps=", "down_Mibit=", "up_Mibit="):
     assert label in bar, bar
 
 
