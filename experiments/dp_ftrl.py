@@ -20,9 +20,9 @@ its noise multiplier calibrated to the same target epsilon (each of ``--epsilons
   ``b`` fixed groups visited in turn), calibrated by ``privacy.calibrate_run_noise``;
 * ``nonprivate``: the same clip without noise (a reference, not private).
 
-Then, for each private mechanism and epsilon, one more run (the first seed) with ``--audit-canaries K`` canary clients that take
-part as the real clients do (``canaries=`` of the recipes) and K held out: the one-shot empirical epsilon of the
-trained model (Andrew et al. 2024, ``privacy.audit``) beside the accountant's upper bound.
+Then, for each private mechanism and epsilon, one more run (the first seed) with ``--audit-canaries K`` canary
+clients that take part as the real clients do (``canaries=`` of the recipes) and K held out: the one-shot empirical
+epsilon of the trained model (Andrew et al. 2024, ``privacy.audit``) beside the accountant's upper bound.
 
 Usage (from the repository root)::
 

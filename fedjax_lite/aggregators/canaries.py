@@ -8,8 +8,9 @@ every round), as the real clients of a Poisson-sampled run do. With ``num_groups
 cyclic participation of ``core.CyclicSampler`` and DP-FTRL: canary ``i`` belongs to group ``i mod b``, and round
 ``t`` (counted in the wrapper's state) draws only group ``t mod b`` -- each canary takes part at most once every
 ``b`` rounds, the pattern a matrix-factorization or tree accountant assumes (``algorithms.dp_ftrl`` inserts its
-canaries so). Used by ``fedjax_lite.privacy.audit`` (Andrew et al. 2024, one-shot empirical privacy estimation). Sum-combined inner aggregators only (a stacked one would need the
-canaries inside its client axis); the inner's weights see each canary with weight 1.
+canaries so). Used by ``fedjax_lite.privacy.audit`` (Andrew et al. 2024, one-shot empirical privacy estimation).
+Sum-combined inner aggregators only (a stacked one would need the canaries inside its client axis); the inner's
+weights see each canary with weight 1.
 """
 
 from __future__ import annotations
