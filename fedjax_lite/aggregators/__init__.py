@@ -1,10 +1,10 @@
 """Aggregators: each one a client part and a server part, joined by a static combine (``'sum'`` or ``'stack'``).
 
 Building blocks (``sum_aggregator``, ``mean``, ``unweighted_mean``), wrappers that compose like the reference's
-factories (``zeroing``, ``clipping``, ``hadamard_rotation``, ``add_debug_measurements``), estimation processes for
-adaptive thresholds, differential privacy (Gaussian, tree and matrix-factorization DP-FTRL), compression,
-simulated secure summation, robust statistics (median, trimmed mean, Krum and multi-Krum), and the recommended
-presets (``robust_aggregator``, ``dp_aggregator``,
+factories (``zeroing``, ``clipping``, ``hadamard_rotation``, ``add_debug_measurements``; write your own with
+``Inner`` and ``wrapper``), estimation processes for adaptive thresholds, differential privacy (Gaussian, tree and
+matrix-factorization DP-FTRL), compression, simulated secure summation, robust statistics (median, trimmed mean,
+Krum and multi-Krum), and the recommended presets (``robust_aggregator``, ``dp_aggregator``,
 ``compression_aggregator``, ``secure_aggregator``).
 """
 
@@ -47,6 +47,7 @@ from fedjax_lite.aggregators.secure import secure_modular_sum, secure_sum
 from fedjax_lite.aggregators.sparsification import count_sketch, random_k, sign_compression, top_k
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.aggregators.tree_aggregation import tree_aggregation
+from fedjax_lite.aggregators.wrapping import Inner, total_upload_bits, wrapper
 
 __all__ = [
     "as_estimation_process",
@@ -59,6 +60,7 @@ __all__ = [
     "BroadcastEncoder",
     "EstimationProcess",
     "ExtractingDpEventFromInitialStateError",
+    "Inner",
     "QuantileEstimatorState",
     "adaptive_clip_noise_params",
     "add_debug_measurements",
@@ -94,8 +96,10 @@ __all__ = [
     "split_rng",
     "sum_aggregator",
     "top_k",
+    "total_upload_bits",
     "tree_aggregation",
     "trimmed_mean",
     "unweighted_mean",
+    "wrapper",
     "zeroing",
 ]

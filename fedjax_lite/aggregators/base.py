@@ -212,6 +212,13 @@ def broadcast_bits(aggregator: Aggregator, value_template: PyTree) -> int:
   return tree_size_bits(jax.eval_shape(aggregator.broadcast, state))
 
 
+def require_floating(value_template: PyTree, aggregator_name: str) -> None:
+  """A TypeError naming ``aggregator_name`` unless every leaf of ``value_template`` is floating-point."""
+  for leaf in jax.tree.leaves(as_template(value_template)):
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise TypeError(f"{aggregator_name} needs floating-point values, got a leaf of dtype {leaf.dtype}.")
+
+
 def as_template(value_template: PyTree) -> PyTree:
   """``jax.ShapeDtypeStruct``s describing ONE client's value (accepts arrays or shape structs)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), value_template)

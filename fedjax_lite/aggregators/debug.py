@@ -30,9 +30,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import Aggregator, check_aggregator, client_total, client_upload_bits
+from fedjax_lite.aggregators.base import Aggregator, check_aggregator, client_total
 from fedjax_lite.aggregators.robust import global_norm
-from fedjax_lite.core.process import MeasuredOutput
+from fedjax_lite.aggregators.wrapping import Inner, wrapper
 from fedjax_lite.core.tree import PyTree
 
 DEBUG_KEYS = ("average_client_norm", "std_dev_client_norm", "server_update_max", "server_update_norm",
@@ -103,25 +103,18 @@ def add_debug_measurements(inner: Aggregator) -> Aggregator:
     process = fed_avg(model, client_learning_rate=0.1, aggregator=aggregator)
     # metrics['aggregator'] == {'mean_value': (), 'mean_weight': (), 'average_client_norm': ..., ...}
   """
-  inner = check_aggregator(inner, "inner")
+  # The inner aggregator keeps the wrapper's keys, template, state and client parameters: its result is unchanged.
+  inner = Inner(check_aggregator(inner, "inner"))
 
-  def finish(inner_output: MeasuredOutput, sums: dict[str, jax.Array]) -> MeasuredOutput:
-    average, std_dev = client_norm_statistics(sums)
+  def client(client_params, value, weight, rng):
+    return {"inner": inner.client(client_params, value, weight, rng), "debug": client_norm_sums(value, weight)}
+
+  def server(state, combined, rng, context):
+    inner_output = inner.server(state, combined["inner"], rng, context)
+    average, std_dev = client_norm_statistics(client_total(combined["debug"], inner.combine))
     debug = {"average_client_norm": average, "std_dev_client_norm": std_dev,
              **server_update_statistics(inner_output.result)}
     debug = {key: debug[key] for key in DEBUG_KEYS}
     return inner_output._replace(measurements=merge_measurements(inner_output.measurements, debug))
 
-  def upload_bits(value_template: PyTree) -> int:
-    return client_upload_bits(inner, value_template) + NUM_DEBUG_SCALARS * 32
-
-  def client(client_params, value, weight, rng):
-    # The inner client gets the same key as without the wrapper, so its result does not change.
-    return {"inner": inner.client(client_params, value, weight, rng), "debug": client_norm_sums(value, weight)}
-
-  def server(state, combined, rng, context):
-    return finish(inner.server(state, combined["inner"], rng, context),
-                  client_total(combined["debug"], inner.combine))
-
-  return Aggregator(inner.init, inner.broadcast, client, server, combine=inner.combine, upload_bits=upload_bits,
-                    dp_event=inner.dp_event)
+  return wrapper(inner, client, server, own_upload_bits=NUM_DEBUG_SCALARS * 32)

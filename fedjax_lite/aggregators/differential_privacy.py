@@ -24,15 +24,17 @@ State ``{'query_state': ..., 'agg_state': ..., 'is_init_state': bool}``; measure
 from __future__ import annotations
 
 import warnings
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import Aggregator, client_upload_bits
+from fedjax_lite.aggregators.base import Aggregator
 from fedjax_lite.aggregators.estimation import EstimationProcess, constant_estimate
 from fedjax_lite.aggregators.quantile_estimation import private_quantile_estimator
 from fedjax_lite.aggregators.robust import clip_to, global_norm
 from fedjax_lite.aggregators.sum import sum_aggregator
+from fedjax_lite.aggregators.wrapping import Inner, total_upload_bits
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.core.tree import PyTree
@@ -78,10 +80,13 @@ def _gaussian_dp(value_noise_multiplier: float, clients_per_round: float, clip: 
   ``t`` of ``z_v C_t (C^{-1} Z)``: the round's unit normals ``Z_t`` (the very draw the Gaussian mechanism scales)
   pass through the generator, whose state (``'noise_state'``) carries the correlation across rounds.
   """
-  record_sum = sum_aggregator()
+  # Keys: the record sum fold_in(rng, 0), the value noise 1, the clip estimator 2.
+  record_sum = Inner(sum_aggregator(), key=0)
+  clip_part = Inner(clip, key=2)
+  noise_key = 1
 
   def init(value_template):
-    state = {"query_state": clip.init(), "agg_state": record_sum.init(value_template),
+    state = {"query_state": clip_part.init(), "agg_state": record_sum.init(value_template),
              "is_init_state": jnp.asarray(True)}
     if correlated_noise is not None:
       zeros = jax.tree.map(lambda t: jnp.zeros(jnp.shape(t), jnp.float32), value_template)
@@ -89,29 +94,29 @@ def _gaussian_dp(value_noise_multiplier: float, clients_per_round: float, clip: 
     return state
 
   def broadcast(state):
-    return (clip.report(state["query_state"]), clip.broadcast(state["query_state"]))
+    return (clip.report(state["query_state"]), clip_part.broadcast(state["query_state"]))
 
   def client(client_params, value, weight, rng):
     clip_norm, clip_params = client_params
     norm = global_norm(value, 2.0)
     return {"value": record_sum.client((), clip_to(value, norm, clip_norm), weight, rng),
-            "clip_record": clip.client(clip_params, norm, jax.random.fold_in(rng, 1))}
+            "clip_record": clip_part.client(clip_params, norm, rng)}
 
   def server(state, total, rng, context):
     clip_norm = clip.report(state["query_state"])
-    summed = record_sum.server(state["agg_state"], total["value"], jax.random.fold_in(rng, 0), context)
+    summed = record_sum.server(state["agg_state"], total["value"], rng, context)
     stddev = jnp.asarray(value_noise_multiplier, jnp.float32) * clip_norm
     new_state = {}
     if correlated_noise is None:
-      noise = gaussian_noise(jax.random.fold_in(rng, 1), summed.result, stddev)
+      noise = gaussian_noise(jax.random.fold_in(rng, noise_key), summed.result, stddev)
     else:
-      unit = gaussian_noise(jax.random.fold_in(rng, 1), summed.result, 1.0)
+      unit = gaussian_noise(jax.random.fold_in(rng, noise_key), summed.result, 1.0)
       correlated, new_state["noise_state"] = correlated_noise.next(unit, state["noise_state"])
       noise = jax.tree.map(lambda c, leaf: (c * stddev.astype(c.dtype)).astype(leaf.dtype), correlated,
                            summed.result)
     noised = jax.tree.map(jnp.add, summed.result, noise)
     result = jax.tree.map(lambda leaf: leaf / jnp.asarray(clients_per_round, leaf.dtype), noised)
-    query_state = clip.server(state["query_state"], total["clip_record"], jax.random.fold_in(rng, 2), context)
+    query_state = clip_part.server(state["query_state"], total["clip_record"], rng, context)
     metrics = {"clip": clip.report(query_state)} if report_clip else {}
     return MeasuredOutput(
         state={"query_state": query_state, "agg_state": summed.state, "is_init_state": jnp.asarray(False),
@@ -120,10 +125,44 @@ def _gaussian_dp(value_noise_multiplier: float, clients_per_round: float, clip: 
         measurements={"dp_query_metrics": metrics, "dp": summed.measurements},
     )
 
-  def upload_bits(value_template):
-    return client_upload_bits(record_sum, value_template) + clip.upload_bits
+  return Aggregator(init, broadcast, client, server, upload_bits=total_upload_bits((record_sum, clip_part)),
+                    dp_event=dp_event)
 
-  return Aggregator(init, broadcast, client, server, upload_bits=upload_bits, dp_event=dp_event)
+
+def gaussian_event(noise_multiplier: float) -> Callable[[], Any]:
+  """``dp_event`` of a round with a fixed clip: ``GaussianDpEvent(z)``."""
+
+  def dp_event():
+    import dp_accounting
+
+    return dp_accounting.GaussianDpEvent(float(noise_multiplier))
+
+  return dp_event
+
+
+def adaptive_clip(noise_multiplier: float, clients_per_round: float, initial_l2_norm_clip: float,
+                  target_unclipped_quantile: float, learning_rate: float, clipped_count_stddev: float | None
+                  ) -> tuple[float, EstimationProcess, Callable[[], Any]]:
+  """``(z_v, clip estimator, dp_event)`` of adaptive clipping (Andrew et al. 2021), shared by the Gaussian and the
+  matrix-factorization DP means.
+
+  ``z`` splits into the value noise ``z_v`` and the clipped count's ``sigma_b`` (:func:`adaptive_clip_noise_params`);
+  the clip is the private quantile estimator's (geometric update, ``m`` expected records); one round is the
+  composition ``[GaussianDpEvent(z_v), GaussianDpEvent(2 sigma_b)]`` (``NonPrivateDpEvent`` for ``z = 0``).
+  """
+  value_noise, count_stddev = adaptive_clip_noise_params(noise_multiplier, clients_per_round, clipped_count_stddev)
+  estimator = private_quantile_estimator(initial_l2_norm_clip, target_unclipped_quantile, learning_rate,
+                                         count_stddev, clients_per_round, geometric_update=True)
+
+  def dp_event():
+    import dp_accounting
+
+    if noise_multiplier == 0:
+      return dp_accounting.NonPrivateDpEvent()
+    return dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(value_noise),
+                                          dp_accounting.GaussianDpEvent(2.0 * count_stddev)])
+
+  return value_noise, estimator, dp_event
 
 
 def gaussian_fixed(noise_multiplier: float, clients_per_round: float, clip: float) -> Aggregator:
@@ -137,13 +176,8 @@ def gaussian_fixed(noise_multiplier: float, clients_per_round: float, clip: floa
   validation.check_float("noise_multiplier", noise_multiplier, low=0.0)
   validation.check_positive("clients_per_round", clients_per_round)
   validation.check_positive("clip", clip)
-
-  def dp_event():
-    import dp_accounting
-
-    return dp_accounting.GaussianDpEvent(float(noise_multiplier))
-
-  return _gaussian_dp(noise_multiplier, clients_per_round, constant_estimate(clip), dp_event, report_clip=False)
+  return _gaussian_dp(noise_multiplier, clients_per_round, constant_estimate(clip), gaussian_event(noise_multiplier),
+                      report_clip=False)
 
 
 def gaussian_adaptive(
@@ -165,18 +199,8 @@ def gaussian_adaptive(
     learning_rate: ``eta > 0`` of the geometric update.
     clipped_count_stddev: ``sigma_b``; default ``0.05 m`` when ``z > 0``.
   """
-  value_noise, count_stddev = adaptive_clip_noise_params(noise_multiplier, clients_per_round, clipped_count_stddev)
-  estimator = private_quantile_estimator(initial_l2_norm_clip, target_unclipped_quantile, learning_rate,
-                                         count_stddev, clients_per_round, geometric_update=True)
-
-  def dp_event():
-    import dp_accounting
-
-    if noise_multiplier == 0:
-      return dp_accounting.NonPrivateDpEvent()
-    return dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(value_noise),
-                                          dp_accounting.GaussianDpEvent(2.0 * count_stddev)])
-
+  value_noise, estimator, dp_event = adaptive_clip(noise_multiplier, clients_per_round, initial_l2_norm_clip,
+                                                   target_unclipped_quantile, learning_rate, clipped_count_stddev)
   return _gaussian_dp(value_noise, clients_per_round, estimator, dp_event, report_clip=True)
 
 

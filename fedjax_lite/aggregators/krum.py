@@ -42,11 +42,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import STACK, Aggregator, as_template
-from fedjax_lite.aggregators.robust_statistics import _require_float, participants, stacked_client
+from fedjax_lite.aggregators.base import Aggregator
+from fedjax_lite.aggregators.robust_statistics import participants, stacked_statistic
 from fedjax_lite.core import validation
-from fedjax_lite.core.process import MeasuredOutput
-from fedjax_lite.core.tree import PyTree, tree_size_bits
+from fedjax_lite.core.tree import PyTree
 
 
 def pairwise_squared_distances(values: PyTree) -> jax.Array:
@@ -85,13 +84,7 @@ def _client_finite(values: PyTree) -> jax.Array:
 
 def _krum_aggregator(aggregator_name: str, num_byzantine: int, num_selected: int | None) -> Aggregator:
 
-  def init(value_template: PyTree) -> tuple:
-    _require_float(value_template, aggregator_name, "values")
-    return ()
-
-  def server(state, combined, rng, context) -> MeasuredOutput:
-    del rng  # Deterministic.
-    _require_float(context.value_template, aggregator_name, "values")
+  def select(combined, context):
     num_slots = context.num_client_slots
     if num_slots < 2 * num_byzantine + 3:
       raise ValueError(f"{aggregator_name} with num_byzantine={num_byzantine} needs at least "
@@ -125,13 +118,9 @@ def _krum_aggregator(aggregator_name: str, num_byzantine: int, num_selected: int
       return jnp.where(enough, result, jnp.asarray(jnp.nan, leaf.dtype))
 
     measurements = {"num_selected": jnp.where(enough, count, 0).astype(jnp.int32), "num_real_clients": num_real}
-    return MeasuredOutput(state=state, result=jax.tree.map(one_leaf, values), measurements=measurements)
+    return jax.tree.map(one_leaf, values), measurements
 
-  def upload_bits(value_template: PyTree) -> int:
-    _require_float(value_template, aggregator_name, "values")
-    return tree_size_bits(as_template(value_template))
-
-  return Aggregator(init, lambda state: (), stacked_client, server, combine=STACK, upload_bits=upload_bits)
+  return stacked_statistic(aggregator_name, select)
 
 
 def krum(num_byzantine: int) -> Aggregator:

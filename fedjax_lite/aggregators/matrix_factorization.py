@@ -30,9 +30,8 @@ from __future__ import annotations
 from typing import Any
 
 from fedjax_lite.aggregators.base import Aggregator
-from fedjax_lite.aggregators.differential_privacy import _gaussian_dp, adaptive_clip_noise_params
+from fedjax_lite.aggregators.differential_privacy import _gaussian_dp, adaptive_clip, gaussian_event
 from fedjax_lite.aggregators.estimation import constant_estimate
-from fedjax_lite.aggregators.quantile_estimation import private_quantile_estimator
 from fedjax_lite.aggregators.tree_aggregation import tree_aggregation
 from fedjax_lite.core import validation
 from fedjax_lite.privacy.matrix_factorization import STRATEGIES, MatrixFactorization, matrix_factorization
@@ -97,24 +96,9 @@ def dp_matrix_factorization(
     mechanism = matrix_factorization(strategy, num_rounds=num_rounds, **strategy_options)
   scale = mechanism.column_norm
   if clip is not None:
-    def fixed_event():
-      import dp_accounting
-
-      return dp_accounting.GaussianDpEvent(float(noise_multiplier))
-
-    return _gaussian_dp(noise_multiplier * scale, clients_per_round, constant_estimate(clip), fixed_event,
-                        report_clip=False, correlated_noise=mechanism.generator)
-  value_noise, count_stddev = adaptive_clip_noise_params(noise_multiplier, clients_per_round, clipped_count_stddev)
-  estimator = private_quantile_estimator(initial_l2_norm_clip, target_unclipped_quantile, learning_rate,
-                                         count_stddev, clients_per_round, geometric_update=True)
-
-  def adaptive_event():
-    import dp_accounting
-
-    if noise_multiplier == 0:
-      return dp_accounting.NonPrivateDpEvent()
-    return dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(value_noise),
-                                          dp_accounting.GaussianDpEvent(2.0 * count_stddev)])
-
-  return _gaussian_dp(value_noise * scale, clients_per_round, estimator, adaptive_event, report_clip=True,
+    return _gaussian_dp(noise_multiplier * scale, clients_per_round, constant_estimate(clip),
+                        gaussian_event(noise_multiplier), report_clip=False, correlated_noise=mechanism.generator)
+  value_noise, estimator, dp_event = adaptive_clip(noise_multiplier, clients_per_round, initial_l2_norm_clip,
+                                                   target_unclipped_quantile, learning_rate, clipped_count_stddev)
+  return _gaussian_dp(value_noise * scale, clients_per_round, estimator, dp_event, report_clip=True,
                       correlated_noise=mechanism.generator)

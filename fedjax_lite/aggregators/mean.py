@@ -16,23 +16,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import SUM, Aggregator, as_template, check_aggregator, client_upload_bits
+from fedjax_lite.aggregators.base import SUM, Aggregator, check_aggregator, require_floating
 from fedjax_lite.aggregators.sum import sum_aggregator
+from fedjax_lite.aggregators.wrapping import COUNT_TEMPLATE, WEIGHT_TEMPLATE, Inner, total_upload_bits
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.core.tree import tree_scale_by_weight
-
-WEIGHT_TEMPLATE = jax.ShapeDtypeStruct((), jnp.float32)
-COUNT_TEMPLATE = jax.ShapeDtypeStruct((), jnp.int32)
 
 
 def _require_sum_based(aggregator: Aggregator | None, name: str) -> Aggregator:
   return check_aggregator(sum_aggregator() if aggregator is None else aggregator, name, combine=SUM)
-
-
-def _require_float(value_template) -> None:
-  for leaf in jax.tree.leaves(as_template(value_template)):
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
-      raise TypeError(f"mean aggregators need floating-point values, got a leaf of dtype {leaf.dtype}.")
 
 
 def mean(
@@ -48,36 +40,26 @@ def mean(
     weight_sum: sum-based aggregator for the weights (default :func:`sum_aggregator`).
     no_nan_division: return 0 instead of NaN/Inf when the weights sum to 0.
   """
-  value_sum = _require_sum_based(value_sum, "value_sum")
-  weight_sum = _require_sum_based(weight_sum, "weight_sum")
+  value_sum = Inner(_require_sum_based(value_sum, "value_sum"), key=0)
+  weight_sum = Inner(_require_sum_based(weight_sum, "weight_sum"), key=1, template=WEIGHT_TEMPLATE)
   if not isinstance(no_nan_division, bool):
     raise TypeError(f"no_nan_division must be a bool, got {type(no_nan_division).__name__}.")
 
   def init(value_template):
-    _require_float(value_template)
-    return {
-        "value_sum_process": value_sum.init(value_template),
-        "weight_sum_process": weight_sum.init(WEIGHT_TEMPLATE),
-    }
+    require_floating(value_template, "mean")
+    return {"value_sum_process": value_sum.init(value_template), "weight_sum_process": weight_sum.init()}
 
   def broadcast(state):
-    return (
-        value_sum.broadcast(state["value_sum_process"]),
-        weight_sum.broadcast(state["weight_sum_process"]),
-    )
+    return (value_sum.broadcast(state["value_sum_process"]), weight_sum.broadcast(state["weight_sum_process"]))
 
   def client(client_params, value, weight, rng):
     weight = jnp.asarray(weight, jnp.float32)
-    return {
-        "value": value_sum.client(client_params[0], tree_scale_by_weight(value, weight), weight,
-                                  jax.random.fold_in(rng, 0)),
-        "weight": weight_sum.client(client_params[1], weight, weight, jax.random.fold_in(rng, 1)),
-    }
+    return {"value": value_sum.client(client_params[0], tree_scale_by_weight(value, weight), weight, rng),
+            "weight": weight_sum.client(client_params[1], weight, weight, rng)}
 
   def server(state, total, rng, context):
-    value_out = value_sum.server(state["value_sum_process"], total["value"], jax.random.fold_in(rng, 0), context)
-    weight_out = weight_sum.server(state["weight_sum_process"], total["weight"], jax.random.fold_in(rng, 1),
-                                   context._replace(value_template=WEIGHT_TEMPLATE))
+    value_out = value_sum.server(state["value_sum_process"], total["value"], rng, context)
+    weight_out = weight_sum.server(state["weight_sum_process"], total["weight"], rng, context)
     weight_total = weight_out.result
 
     def divide(value_total):
@@ -93,11 +75,7 @@ def mean(
         measurements={"mean_value": value_out.measurements, "mean_weight": weight_out.measurements},
     )
 
-  def upload_bits(value_template):
-    return (client_upload_bits(value_sum, value_template)
-            + client_upload_bits(weight_sum, WEIGHT_TEMPLATE))
-
-  return Aggregator(init, broadcast, client, server, upload_bits=upload_bits)
+  return Aggregator(init, broadcast, client, server, upload_bits=total_upload_bits((value_sum, weight_sum)))
 
 
 def unweighted_mean(value_sum: Aggregator | None = None, count_sum: Aggregator | None = None) -> Aggregator:
@@ -107,27 +85,23 @@ def unweighted_mean(value_sum: Aggregator | None = None, count_sum: Aggregator |
     value_sum: sum-based aggregator for the values (default :func:`sum_aggregator`).
     count_sum: sum-based aggregator for the int32 client counts (default :func:`sum_aggregator`).
   """
-  value_sum = _require_sum_based(value_sum, "value_sum")
-  count_sum = _require_sum_based(count_sum, "count_sum")
+  value_sum = Inner(_require_sum_based(value_sum, "value_sum"), key=0)
+  count_sum = Inner(_require_sum_based(count_sum, "count_sum"), key=1, template=COUNT_TEMPLATE)
 
   def init(value_template):
-    _require_float(value_template)
-    return (value_sum.init(value_template), count_sum.init(COUNT_TEMPLATE))
+    require_floating(value_template, "unweighted_mean")
+    return (value_sum.init(value_template), count_sum.init())
 
   def broadcast(state):
     return (value_sum.broadcast(state[0]), count_sum.broadcast(state[1]))
 
   def client(client_params, value, weight, rng):
-    one = jnp.ones((), jnp.int32)
-    return {
-        "value": value_sum.client(client_params[0], value, weight, jax.random.fold_in(rng, 0)),
-        "count": count_sum.client(client_params[1], one, weight, jax.random.fold_in(rng, 1)),
-    }
+    return {"value": value_sum.client(client_params[0], value, weight, rng),
+            "count": count_sum.client(client_params[1], jnp.ones((), jnp.int32), weight, rng)}
 
   def server(state, total, rng, context):
-    value_out = value_sum.server(state[0], total["value"], jax.random.fold_in(rng, 0), context)
-    count_out = count_sum.server(state[1], total["count"], jax.random.fold_in(rng, 1),
-                                 context._replace(value_template=COUNT_TEMPLATE))
+    value_out = value_sum.server(state[0], total["value"], rng, context)
+    count_out = count_sum.server(state[1], total["count"], rng, context)
     result = jax.tree.map(lambda v: v / jnp.asarray(count_out.result).astype(v.dtype), value_out.result)
     return MeasuredOutput(
         state=(value_out.state, count_out.state),
@@ -135,8 +109,4 @@ def unweighted_mean(value_sum: Aggregator | None = None, count_sum: Aggregator |
         measurements={"mean_value": value_out.measurements, "mean_count": count_out.measurements},
     )
 
-  def upload_bits(value_template):
-    return (client_upload_bits(value_sum, value_template)
-            + client_upload_bits(count_sum, COUNT_TEMPLATE))
-
-  return Aggregator(init, broadcast, client, server, upload_bits=upload_bits)
+  return Aggregator(init, broadcast, client, server, upload_bits=total_upload_bits((value_sum, count_sum)))

@@ -8,8 +8,8 @@ The client-side order is zeroing, then clipping, then everything else:
 * clipping: L2 norm at the estimated 0.8-quantile, from ``C_0 = 1`` with learning rate 0.2.
 
 All four presets live here, above the primitives (sums, means, quantization, rotation, secure sums, DP) and the
-wrappers (zeroing, clipping) they compose, so the package imports only downward: ``estimation`` -> ``secure`` ->
-``quantile_estimation`` -> wrappers -> ``presets``.
+wrappers (zeroing, clipping) they compose, so the package imports only downward: ``estimation`` -> ``wrapping``
+-> ``secure`` -> ``quantile_estimation`` -> wrappers -> ``presets``.
 
 ``compression_aggregator`` (TFF-0.82 ``tff.learning.compression_aggregator``) is ``robust_aggregator`` with a
 quantizing value sum inside the mean, outer to inner::

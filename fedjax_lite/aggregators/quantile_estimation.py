@@ -33,12 +33,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import SUM, Aggregator, client_upload_bits
+from fedjax_lite.aggregators.base import SUM, Aggregator
 from fedjax_lite.aggregators.estimation import EstimationProcess
 from fedjax_lite.aggregators.secure import secure_sum
 from fedjax_lite.aggregators.sum import sum_aggregator
+from fedjax_lite.aggregators.wrapping import Inner
 from fedjax_lite.core import validation
-from fedjax_lite.core.tree import PyTree
 from fedjax_lite.privacy.mechanisms import gaussian_noise
 
 
@@ -76,8 +76,22 @@ def _require_sum(record_sum: Aggregator | None) -> Aggregator:
   return record_sum
 
 
-def _records_bits(record_sum: Aggregator, template: PyTree) -> int:
-  return client_upload_bits(record_sum, template)
+def _estimator_parts(initial_estimate, target_quantile, learning_rate, record_sum: Inner):
+  """``(init, broadcast)`` shared by the estimators: the state ``(query state, record sum state)`` and the client
+  parameters ``(current estimate, record sum parameters)``."""
+
+  def init():
+    query_state = QuantileEstimatorState(
+        current_estimate=jnp.asarray(initial_estimate, jnp.float32),
+        target_quantile=jnp.asarray(target_quantile, jnp.float32),
+        learning_rate=jnp.asarray(learning_rate, jnp.float32),
+    )
+    return (query_state, record_sum.init())
+
+  def broadcast(state):
+    return (state[0].current_estimate, record_sum.broadcast(state[1]))
+
+  return init, broadcast
 
 
 def no_noise_quantile_estimator(
@@ -107,25 +121,13 @@ def no_noise_quantile_estimator(
   validation.check_float("increment", increment, low=0.0)
   if not isinstance(secure_estimation, bool):
     raise TypeError(f"secure_estimation must be a bool, got {type(secure_estimation).__name__}.")
-  if secure_estimation:
-    record_sum = secure_sum(1.0, -1.0)
-  else:
-    record_sum = sum_aggregator()
   record_template = {"below": jax.ShapeDtypeStruct((), jnp.float32), "count": jax.ShapeDtypeStruct((), jnp.float32)}
-
-  def init():
-    query_state = QuantileEstimatorState(
-        current_estimate=jnp.asarray(initial_estimate, jnp.float32),
-        target_quantile=jnp.asarray(target_quantile, jnp.float32),
-        learning_rate=jnp.asarray(learning_rate, jnp.float32),
-    )
-    return (query_state, record_sum.init(record_template))
+  # The record sum keeps the estimator's keys.
+  record_sum = Inner(secure_sum(1.0, -1.0) if secure_estimation else sum_aggregator(), template=record_template)
+  init, broadcast = _estimator_parts(initial_estimate, target_quantile, learning_rate, record_sum)
 
   def report(state):
     return jnp.asarray(multiplier, jnp.float32) * state[0].current_estimate + jnp.asarray(increment, jnp.float32)
-
-  def broadcast(state):
-    return (state[0].current_estimate, record_sum.broadcast(state[1]))
 
   def client(client_params, x, rng):
     estimate, sum_params = client_params
@@ -134,7 +136,7 @@ def no_noise_quantile_estimator(
 
   def server(state, records, rng, context):
     query_state, sum_state = state
-    summed = record_sum.server(sum_state, records, rng, context._replace(value_template=record_template))
+    summed = record_sum.server(sum_state, records, rng, context)
     count = summed.result["count"]
     below_fraction = summed.result["below"] / jnp.maximum(count, 1.0) + 0.5
     new_estimate = jnp.where(count > 0, _updated_estimate(query_state, below_fraction, geometric=True),
@@ -142,7 +144,7 @@ def no_noise_quantile_estimator(
     return (query_state._replace(current_estimate=new_estimate), summed.state)
 
   return EstimationProcess(init=init, report=report, broadcast=broadcast, client=client, server=server,
-                           upload_bits=_records_bits(record_sum, record_template))
+                           upload_bits=record_sum.upload_bits(record_template))
 
 
 def private_quantile_estimator(
@@ -175,19 +177,11 @@ def private_quantile_estimator(
   validation.check_positive("expected_num_records", expected_num_records)
   if not isinstance(geometric_update, bool):
     raise TypeError(f"geometric_update must be a bool, got {type(geometric_update).__name__}.")
-  record_sum = _require_sum(record_sum)
+  # Keys: the record sum fold_in(rng, 0), the noise 1.
   record_template = jax.ShapeDtypeStruct((), jnp.float32)
-
-  def init():
-    query_state = QuantileEstimatorState(
-        current_estimate=jnp.asarray(initial_estimate, jnp.float32),
-        target_quantile=jnp.asarray(target_quantile, jnp.float32),
-        learning_rate=jnp.asarray(learning_rate, jnp.float32),
-    )
-    return (query_state, record_sum.init(record_template))
-
-  def broadcast(state):
-    return (state[0].current_estimate, record_sum.broadcast(state[1]))
+  record_sum = Inner(_require_sum(record_sum), key=0, template=record_template)
+  noise_key = 1
+  init, broadcast = _estimator_parts(initial_estimate, target_quantile, learning_rate, record_sum)
 
   def client(client_params, x, rng):
     estimate, sum_params = client_params
@@ -195,9 +189,8 @@ def private_quantile_estimator(
 
   def server(state, records, rng, context):
     query_state, sum_state = state
-    summed = record_sum.server(sum_state, records, jax.random.fold_in(rng, 0),
-                               context._replace(value_template=record_template))
-    noise = gaussian_noise(jax.random.fold_in(rng, 1), jax.ShapeDtypeStruct((), jnp.float32),
+    summed = record_sum.server(sum_state, records, rng, context)
+    noise = gaussian_noise(jax.random.fold_in(rng, noise_key), jax.ShapeDtypeStruct((), jnp.float32),
                            below_estimate_stddev)
     below_fraction = (summed.result + noise) / jnp.asarray(expected_num_records, jnp.float32) + 0.5
     new_estimate = _updated_estimate(query_state, below_fraction, geometric=geometric_update)
@@ -209,5 +202,5 @@ def private_quantile_estimator(
     return dp_accounting.GaussianDpEvent(2.0 * float(below_estimate_stddev))
 
   return EstimationProcess(init=init, report=lambda state: state[0].current_estimate, broadcast=broadcast,
-                           client=client, server=server, upload_bits=_records_bits(record_sum, record_template),
+                           client=client, server=server, upload_bits=record_sum.upload_bits(record_template),
                            dp_event=dp_event)

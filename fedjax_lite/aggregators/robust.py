@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.aggregators.base import SUM, Aggregator, check_aggregator, client_total, client_upload_bits
+from fedjax_lite.aggregators.base import SUM, Aggregator, check_aggregator, client_total
 from fedjax_lite.aggregators.estimation import EstimationProcess, as_estimation_process
 from fedjax_lite.aggregators.sum import sum_aggregator
+from fedjax_lite.aggregators.wrapping import COUNT_TEMPLATE, Inner, wrapper
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.core.tree import PyTree
 
@@ -81,43 +82,39 @@ def _norm_bounding(
   count_sum = check_aggregator(sum_aggregator() if count_sum is None else count_sum, f"{count_name}_count_sum",
                                combine=SUM)
   norm_key, count_key = f"{kind}_norm", f"{count_name}_count"
-  count_template = jax.ShapeDtypeStruct((), jnp.int32)
+  # Keys: the inner aggregator fold_in(rng, 0), the norm estimator 1, the count sum 2.
+  inner_part = Inner(inner, key=0)
+  norm_part = Inner(estimator, key=1)
+  count_part = Inner(count_sum, key=2, template=COUNT_TEMPLATE)
 
   def init(value_template):
-    return {norm_key: estimator.init(), "inner_agg": inner.init(value_template),
-            f"{count_key}_agg": count_sum.init(count_template)}
+    return {norm_key: norm_part.init(), "inner_agg": inner_part.init(value_template),
+            f"{count_key}_agg": count_part.init()}
 
   def broadcast(state):
-    return ((estimator.report(state[norm_key]), estimator.broadcast(state[norm_key])),
-            inner.broadcast(state["inner_agg"]), count_sum.broadcast(state[f"{count_key}_agg"]))
+    return ((estimator.report(state[norm_key]), norm_part.broadcast(state[norm_key])),
+            inner_part.broadcast(state["inner_agg"]), count_part.broadcast(state[f"{count_key}_agg"]))
 
   def client(client_params, value, weight, rng):
     (threshold, estimator_params), inner_params, count_params = client_params
     raw_norm = global_norm(value, norm_order)
     above = is_above(raw_norm, threshold)
-    transformed = transform(value, raw_norm, threshold)
-    return {"inner": inner.client(inner_params, transformed, weight, jax.random.fold_in(rng, 0)),
-            "norm_record": estimator.client(estimator_params, raw_norm, jax.random.fold_in(rng, 1)),
-            "count": count_sum.client(count_params, above.astype(jnp.int32), jnp.ones((), jnp.float32),
-                                      jax.random.fold_in(rng, 2))}
+    return {"inner": inner_part.client(inner_params, transform(value, raw_norm, threshold), weight, rng),
+            "norm_record": norm_part.client(estimator_params, raw_norm, rng),
+            "count": count_part.client(count_params, above.astype(jnp.int32), jnp.ones((), jnp.float32), rng)}
 
   def server(state, combined, rng, context):
     threshold = estimator.report(state[norm_key])
-    inner_output = inner.server(state["inner_agg"], combined["inner"], jax.random.fold_in(rng, 0), context)
-    count_output = count_sum.server(state[f"{count_key}_agg"], client_total(combined["count"], inner.combine),
-                                    jax.random.fold_in(rng, 2), context._replace(value_template=count_template))
-    norm_state = estimator.server(state[norm_key], client_total(combined["norm_record"], inner.combine),
-                                  jax.random.fold_in(rng, 1), context)
+    inner_output = inner_part.server(state["inner_agg"], combined["inner"], rng, context)
+    count_output = count_part.server(state[f"{count_key}_agg"], client_total(combined["count"], inner.combine), rng,
+                                     context)
+    norm_state = norm_part.server(state[norm_key], client_total(combined["norm_record"], inner.combine), rng,
+                                  context)
     new_state = {norm_key: norm_state, "inner_agg": inner_output.state, f"{count_key}_agg": count_output.state}
     measurements = {kind: inner_output.measurements, norm_key: threshold, count_key: count_output.result}
     return MeasuredOutput(state=new_state, result=inner_output.result, measurements=measurements)
 
-  def upload_bits(value_template):
-    return (client_upload_bits(inner, value_template) + estimator.upload_bits
-            + client_upload_bits(count_sum, count_template))
-
-  return Aggregator(init, broadcast, client, server, combine=inner.combine, upload_bits=upload_bits,
-                    dp_event=inner.dp_event)
+  return wrapper(inner_part, client, server, init=init, broadcast=broadcast, parts=(norm_part, count_part))
 
 
 def zeroing(

@@ -39,26 +39,22 @@ Contract and caveats:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.aggregators.base import STACK, AggregationContext, Aggregator, as_template
+from fedjax_lite.aggregators.base import STACK, AggregationContext, Aggregator, as_template, require_floating
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.core.tree import PyTree, tree_size_bits
 
 # (sorted leaf with padding last, number of real clients, k per side) -> per-coordinate statistic.
 StatisticFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-def _require_float(tree: PyTree, aggregator_name: str, argument: str) -> None:
-  for leaf in jax.tree.leaves(as_template(tree)):
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
-      raise TypeError(f"{aggregator_name} needs floating-point {argument}, got a leaf of dtype {leaf.dtype}.")
+# (stacked contributions, context) -> (result, measurements): the server step of a stacked statistic.
+StackedServerFn = Callable[[dict, AggregationContext], tuple[PyTree, Any]]
 
 
 def stacked_client(client_params: PyTree, value: PyTree, weight: jax.Array, rng: jax.Array) -> dict:
@@ -75,6 +71,31 @@ def participants(combined: dict, context: AggregationContext, aggregator_name: s
   if context.num_client_slots == 0:
     raise ValueError(f"{aggregator_name} needs at least one client, got values with a client axis of length 0.")
   return values, combined["weight"] > 0
+
+
+def stacked_statistic(aggregator_name: str, statistic: StackedServerFn) -> Aggregator:
+  """An unweighted, deterministic, non-streamable aggregator of floating values: each client uploads its value and
+  weight (:func:`stacked_client`), and the server applies ``statistic(combined, context) -> (result,
+  measurements)`` to the stack. State ``()``; ``upload_bits`` is the raw value at its dtype's width.
+
+  The shape shared by the coordinate-wise statistics here and Krum (:mod:`fedjax_lite.aggregators.krum`).
+  """
+
+  def init(value_template: PyTree) -> tuple:
+    require_floating(value_template, aggregator_name)
+    return ()
+
+  def server(state, combined, rng, context) -> MeasuredOutput:
+    del rng  # Deterministic.
+    require_floating(context.value_template, aggregator_name)
+    result, measurements = statistic(combined, context)
+    return MeasuredOutput(state=state, result=result, measurements=measurements)
+
+  def upload_bits(value_template: PyTree) -> int:
+    require_floating(value_template, aggregator_name)
+    return tree_size_bits(as_template(value_template))
+
+  return Aggregator(init, lambda state: (), stacked_client, server, combine=STACK, upload_bits=upload_bits)
 
 
 def sort_real_first(leaf: jax.Array, mask: jax.Array) -> jax.Array:
@@ -99,13 +120,7 @@ def _coordinatewise(
 ) -> Aggregator:
   """An unweighted, non-streamable aggregator applying ``statistic`` to every coordinate of the real clients."""
 
-  def init(value_template: PyTree) -> tuple:
-    _require_float(value_template, aggregator_name, "values")
-    return ()
-
-  def server(state, combined, rng, context) -> MeasuredOutput:
-    del rng  # Deterministic.
-    _require_float(context.value_template, aggregator_name, "values")
+  def coordinatewise(combined, context):
     values, mask = participants(combined, context, aggregator_name)
     num_real = jnp.sum(mask, dtype=jnp.int32)
     k = trimmed_per_side(num_real, mask.shape[0])
@@ -114,13 +129,9 @@ def _coordinatewise(
       result = statistic(sort_real_first(leaf, mask), num_real, k).astype(leaf.dtype)
       return jnp.where(_any_real_nan(leaf, mask), jnp.asarray(jnp.nan, leaf.dtype), result)
 
-    return MeasuredOutput(state=state, result=jax.tree.map(one_leaf, values), measurements=measurements(k))
+    return jax.tree.map(one_leaf, values), measurements(k)
 
-  def upload_bits(value_template: PyTree) -> int:
-    _require_float(value_template, aggregator_name, "values")
-    return tree_size_bits(as_template(value_template))
-
-  return Aggregator(init, lambda state: (), stacked_client, server, combine=STACK, upload_bits=upload_bits)
+  return stacked_statistic(aggregator_name, coordinatewise)
 
 
 def _median_of_sorted(sorted_leaf: jax.Array, num_real: jax.Array, k: jax.Array) -> jax.Array:

@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.aggregators.base import Aggregator, as_template, check_aggregator, client_upload_bits
+from fedjax_lite.aggregators.base import Aggregator, as_template, check_aggregator
 from fedjax_lite.aggregators.sum import sum_aggregator
+from fedjax_lite.aggregators.wrapping import Inner, wrapper
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
 
@@ -129,16 +130,16 @@ def hadamard_rotation(inner: Aggregator | None = None, *, num_repeats: int = 1, 
   """Rotates each leaf by random signs and the fast Walsh-Hadamard transform before ``inner`` (TFF
   ``HadamardTransformFactory``); the server rotates the inner result back. See the module docstring.
 
-  Combines as ``inner`` does (streams when it sums); ``upload_bits`` is the inner aggregator's on the rotated template (every
-  leaf a float32 vector of its padded length ``d2``), plus nothing of its own. A quantizing inner aggregator's
-  ``threshold`` therefore applies to the padded lengths.
+  Combines as ``inner`` does (streams when it sums); ``upload_bits`` is the inner aggregator's on the rotated
+  template (every leaf a float32 vector of its padded length ``d2``), plus nothing of its own. A quantizing inner
+  aggregator's ``threshold`` therefore applies to the padded lengths.
 
   Args:
     inner: the aggregator of the rotated values; default the plain sum.
     num_repeats: an int ``>= 1``, how many sign-and-transform rotations to chain.
     seed: an int ``>= 0``, the base key of the shared random signs (combined with the round counter).
   """
-  inner = check_aggregator(sum_aggregator() if inner is None else inner, "inner")
+  inner_aggregator = check_aggregator(sum_aggregator() if inner is None else inner, "inner")
   num_repeats = validation.check_int("num_repeats", num_repeats, minimum=1)
   seed = validation.check_int("seed", seed, minimum=0)
 
@@ -170,22 +171,15 @@ def hadamard_rotation(inner: Aggregator | None = None, *, num_repeats: int = 1, 
         lambda t: jax.ShapeDtypeStruct((padded_size(int(np.prod(t.shape, dtype=np.int64))),), jnp.float32),
         as_template(value_template))
 
+  # The inner aggregator keeps the wrapper's keys and sees the rotated template.
+  inner = Inner(inner_aggregator, template=rotated_template)
+
   def init(value_template):
     template = as_template(value_template)
     for leaf in jax.tree.leaves(template):
       if not (jnp.issubdtype(leaf.dtype, jnp.floating) or jnp.issubdtype(leaf.dtype, jnp.integer)):
         raise TypeError(f"hadamard_rotation needs float or integer values, got a leaf of dtype {leaf.dtype}.")
-    return {"inner_agg": inner.init(rotated_template(template)), "round_seed": jnp.zeros((), jnp.int32)}
-
-  def finish(state, inner_output, value_template):
-    return MeasuredOutput(
-        state={"inner_agg": inner_output.state, "round_seed": state["round_seed"] + 1},
-        result=unrotate_value(state["round_seed"], inner_output.result, value_template),
-        measurements={"hd": inner_output.measurements},
-    )
-
-  def upload_bits(value_template):
-    return client_upload_bits(inner, rotated_template(value_template))
+    return {"inner_agg": inner.init(template), "round_seed": jnp.zeros((), jnp.int32)}
 
   def broadcast(state):
     return (state["round_seed"], inner.broadcast(state["inner_agg"]))
@@ -195,8 +189,11 @@ def hadamard_rotation(inner: Aggregator | None = None, *, num_repeats: int = 1, 
     return inner.client(inner_params, rotate_value(round_seed, value), weight, rng)
 
   def server(state, combined, rng, context):
-    inner_context = context._replace(value_template=rotated_template(context.value_template))
-    return finish(state, inner.server(state["inner_agg"], combined, rng, inner_context), context.value_template)
+    inner_output = inner.server(state["inner_agg"], combined, rng, context)
+    return MeasuredOutput(
+        state={"inner_agg": inner_output.state, "round_seed": state["round_seed"] + 1},
+        result=unrotate_value(state["round_seed"], inner_output.result, context.value_template),
+        measurements={"hd": inner_output.measurements},
+    )
 
-  return Aggregator(init, broadcast, client, server, combine=inner.combine, upload_bits=upload_bits,
-                    dp_event=inner.dp_event)
+  return wrapper(inner, client, server, init=init, broadcast=broadcast)

@@ -22,17 +22,25 @@ The group size. Real SecAgg works modulo a group large enough to hold the whole 
 ``B = min(62, b + ceil(log2(num_client_slots)))``, computed at trace time from the static number of client slots
 that the server part receives in its :class:`~fedjax_lite.aggregators.base.AggregationContext` (the same in
 ``next`` and in a streamed round); since ``n * (2^b - 1) < 2^B`` for every ``B >= b + ceil(log2 n)``, the sum is
-exact. A user-given ``modulus_bits`` replaces ``B``; when it is too small the result WRAPS AROUND: ``(sum_i v_i mod 2^modulus_bits) + n * L``
-(INT mode), and likewise for ``S`` in FLOAT mode. (TFF's simulation instead sums in int64 and only asserts that
-every summand fits ``b`` bits; it never reduces the sum.)
+exact. A user-given ``modulus_bits`` replaces ``B``; when it is too small the result WRAPS AROUND:
+``(sum_i v_i mod 2^modulus_bits) + n * L`` (INT mode), and likewise for ``S`` in FLOAT mode. (TFF's simulation
+instead sums in int64 and only asserts that every summand fits ``b`` bits; it never reduces the sum.)
 
-Exactness in 32-bit JAX. Each client's integer summand is split into 16-bit limbs held in uint32 arrays,
+Exactness. Each client's integer summand is split into 16-bit limbs held in uint32 arrays,
 ``v = sum_k limb_k * 2^(16 k)``; a limb sum over at most 65,536 clients is below ``2^32``, so the contributions add
 exactly with plain ``+`` (the streaming runner's ``jnp.add``). The int64/float64 formulas (quantization,
-recombining the limb sums, the modular reduction, decoding) are computed bit for bit in 32-bit JAX by
-:mod:`fedjax_lite.aggregators.exact_arithmetic` (64-bit integers as two uint32 words, float64 values as software
-floats), once per client over all leaves concatenated; JAX's x64 mode is never enabled. The client count ``n`` and
-the clipping indicators are 1-bit secure sums of their own.
+recombining the limb sums, the modular reduction, decoding) are computed as written, in int64 and float64, inside
+ONE scoped x64 region, :func:`in_x64`: a nested ``jax.jit`` named ``secure_sum_x64``, traced under JAX's
+``enable_x64`` context, that takes and returns 32-bit arrays only. Each client enters it once (all leaves) and the
+server once; everything else -- the rest of the library, the round's state, every value leaving the aggregator --
+stays 32-bit (tests check a round's program for 64-bit values outside the region). The client count ``n`` and the
+clipping indicators are 1-bit secure sums of their own.
+
+Backends. FLOAT mode needs IEEE float64, which TPUs (and Apple's Metal plugin) do not provide: there it raises
+one error naming the backend and the alternatives (INT mode, or running the aggregator on CPU) instead of a
+compiler error or emulated float64 results. INT mode and :func:`secure_modular_sum` use 64-bit integers only.
+XLA:CPU flushes subnormal float32 inputs to zero, so a subnormal bound acts as 0 there (a subnormal value rounds to
+the level of 0 anyway unless the bounds are subnormal too).
 
 Adaptive bounds (FLOAT mode): ``upper_bound`` an :class:`EstimationProcess` gives ``U = report(state)`` (cast to the
 value's dtype) and ``L = -U``; each client feeds the process ``max(|min(x_i)|, |max(x_i)|)`` over all leaves,
@@ -64,28 +72,154 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lite.aggregators.base import AggregationContext, Aggregator, as_template
-from fedjax_lite.aggregators import exact_arithmetic as exact
 from fedjax_lite.aggregators.estimation import EstimationProcess
+from fedjax_lite.aggregators.wrapping import Inner, total_upload_bits
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.core.tree import PyTree, tree_all_finite, tree_num_elements, tree_select
 
 LIMB_BITS = 16
+LIMB_MASK = (1 << LIMB_BITS) - 1
 MAX_CLIENT_SLOTS = 2**16  # limb sums stay below 2^32 for this many clients
 MAX_MODULUS_BITS = 62
 FLOAT_SUMMAND_BITS = 32
 FLOAT_QUANTIZATION_LEVELS = 2**32 - 1  # M
 COUNT_BITS = 1  # the client count and each clipping indicator are 1-bit secure sums
 
+X64_REGION = "secure_sum_x64"  # the name of the nested jit that holds ALL of the secure sums' 64-bit values
+PLATFORMS_WITHOUT_FLOAT64 = ("tpu", "metal")
+
 _CONSTANT, _SYMMETRIC_PROCESS, _TWO_PROCESSES = "constant", "symmetric_process", "two_processes"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Integer plumbing: limbs, group size, the slot-aware ``next``.
+# The x64 region.
+
+
+def _enable_x64():
+  """JAX's scoped x64 switch as a context manager.
+
+  ``jax.enable_x64(True)`` (a config state that is also a context manager) in every supported release, 0.10.2 to
+  0.12.x; ``jax.experimental.enable_x64()``, its name in older releases, if a build has only that one.
+  """
+  state = getattr(jax, "enable_x64", None)
+  if callable(state):
+    return state(True)
+  legacy = getattr(jax.experimental, "enable_x64", None)
+  if legacy is None:
+    raise NotImplementedError(f"jax {jax.__version__} has neither jax.enable_x64 nor jax.experimental.enable_x64; "
+                              "the secure sums need JAX's scoped x64 mode (jax >= 0.10.2 has it).")
+  return legacy()
+
+
+def default_platform() -> str:
+  """The platform a computation built now runs on: that of ``jax.default_device`` when set, else the default
+  backend's (``'cpu'``, ``'gpu'``, ``'tpu'``, ...)."""
+  device = jax.config.jax_default_device
+  if device is None:
+    return jax.default_backend()
+  return device if isinstance(device, str) else device.platform
+
+
+def check_float64_platform() -> None:
+  """Raises NotImplementedError, naming the backend and the alternatives, when it has no float64 (TPU, Metal)."""
+  platform = default_platform()
+  if platform.lower() in PLATFORMS_WITHOUT_FLOAT64:
+    raise NotImplementedError(
+        f"secure_sum in FLOAT mode (float or EstimationProcess bounds, as inside secure_aggregator) quantizes and "
+        f"decodes in float64, which the {platform!r} backend does not support. Use secure_sum with int bounds on "
+        "integer values (INT mode, 64-bit integer arithmetic only), or run this aggregator on CPU: build and run the "
+        "round under `with jax.default_device(jax.devices('cpu')[0]):`.")
+
+
+def _check_32_bit(tree: PyTree, what: str) -> None:
+  wide = sorted({str(np.dtype(leaf.dtype)) for leaf in jax.tree.leaves(tree) if np.dtype(leaf.dtype).itemsize > 4})
+  if wide:
+    raise TypeError(f"the secure sum's x64 region {what} arrays of at most 32 bits, got dtypes {wide}.")
+
+
+def in_x64(compute: Callable[..., PyTree], *arrays: PyTree, float64: bool) -> PyTree:
+  """``compute(*arrays)`` with JAX's 64-bit types: the ONE x64 region of the secure sums.
+
+  ``compute`` is traced as a nested ``jax.jit`` named ``secure_sum_x64`` (:data:`X64_REGION`) inside JAX's
+  scoped ``enable_x64`` context, so it may use int64, uint64 and float64 even inside a 32-bit traced round. Its
+  arguments and results are arrays of at most 32 bits (checked), so no 64-bit value enters or leaves it.
+  ``float64`` says whether it computes in float64, which the backend must then support
+  (:func:`check_float64_platform`).
+  """
+  if float64:
+    check_float64_platform()
+  _check_32_bit(arrays, "takes")
+
+  def secure_sum_x64(*args):
+    return compute(*args)
+
+  with _enable_x64():
+    outputs = jax.jit(secure_sum_x64)(*arrays)
+  _check_32_bit(outputs, "returns")
+  return outputs
+
+
+# The arithmetic below runs inside the region only (int64/uint64/float64).
+
+
+def _to_limbs(summand: jax.Array, num_limbs: int) -> jax.Array:
+  """uint32 ``[num_limbs, *shape]`` 16-bit limbs, least significant first, of a non-negative int64 ``summand``.
+
+  One broadcast shift (not ``jnp.stack``): XLA:CPU fuses it into the elementwise chain that computes ``summand``.
+  """
+  shifts = (np.arange(num_limbs, dtype=np.int64) * LIMB_BITS).reshape((num_limbs,) + (1,) * summand.ndim)
+  return ((summand[None] >> shifts) & LIMB_MASK).astype(jnp.uint32)
+
+
+def _from_limbs(limb_sums: jax.Array, modulus_bits: int) -> jax.Array:
+  """``(sum_k limb_sums[k] * 2^(16 k)) mod 2^modulus_bits`` as int64, for uint32 ``limb_sums[num_limbs, ...]``.
+
+  uint64 arithmetic wraps modulo ``2^64``, a multiple of ``2^modulus_bits``, so the reduction is exact however
+  large the limb sums are.
+  """
+  total = jnp.zeros(limb_sums.shape[1:], jnp.uint64)
+  for k in range(limb_sums.shape[0]):
+    total = total + (limb_sums[k].astype(jnp.uint64) << (LIMB_BITS * k))
+  return (total & ((1 << modulus_bits) - 1)).astype(jnp.int64)
+
+
+def _scale(upper: jax.Array, lower: jax.Array) -> jax.Array:
+  """``s = M / (U - L)`` in float64, 0 when ``U <= L``."""
+  width = upper.astype(jnp.float64) - lower.astype(jnp.float64)
+  return jnp.where(width > 0, FLOAT_QUANTIZATION_LEVELS / jnp.where(width > 0, width, 1.0), 0.0)
+
+
+def _finite_bounds(upper: jax.Array, lower: jax.Array) -> jax.Array:
+  return jnp.isfinite(upper) & jnp.isfinite(lower)
+
+
+def _quantize(value: jax.Array, upper: jax.Array, lower: jax.Array) -> jax.Array:
+  """FLOAT mode client step: ``q = clip(round(clip(x, L, U) s) - round(L s), 0, M)`` as int64 (0 for non-finite
+  bounds); ``upper``/``lower`` are in the value's dtype."""
+  scale = _scale(upper, lower)
+  shift = jnp.round(lower.astype(jnp.float64) * scale).astype(jnp.int64)
+  levels = jnp.round(jnp.clip(value, lower, upper).astype(jnp.float64) * scale).astype(jnp.int64) - shift
+  return jnp.where(_finite_bounds(upper, lower), jnp.clip(levels, 0, FLOAT_QUANTIZATION_LEVELS), 0)
+
+
+def _dequantize(summed_levels: jax.Array, count: jax.Array, upper: jax.Array, lower: jax.Array) -> jax.Array:
+  """FLOAT mode server step: ``(S + n round(L s)) (U - L) / M`` in float64; ``n L`` if ``U == L``, NaN if
+  ``U < L`` or a bound is not finite."""
+  upper64, lower64, count64 = upper.astype(jnp.float64), lower.astype(jnp.float64), count.astype(jnp.float64)
+  shift = jnp.round(lower64 * _scale(upper, lower))
+  decoded = (summed_levels.astype(jnp.float64) + count64 * shift) * ((upper64 - lower64) / FLOAT_QUANTIZATION_LEVELS)
+  decoded = jnp.where(upper64 == lower64, count64 * lower64, decoded)
+  return jnp.where((upper64 < lower64) | ~_finite_bounds(upper, lower), jnp.nan, decoded)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Group size and client slots.
 
 
 def _num_limbs(summand_bits: int) -> int:
@@ -115,27 +249,6 @@ def _num_slots(context: AggregationContext) -> int:
 def _indicator_contribution(*indicators: jax.Array) -> jax.Array:
   """1-bit secure summands (e.g. ``1`` for the client count, clipping indicators) as one uint32 limb each."""
   return jnp.stack([jnp.asarray(indicator).astype(jnp.uint32) for indicator in indicators])[None]
-
-
-def _decode_counts(limb_sums: jax.Array, num_client_slots: int | None) -> jax.Array:
-  """The exact counts from 1-bit secure sums (group ``2^(1 + ceil(log2 slots))``, which never wraps), int32."""
-  return exact.decode_counts(limb_sums, group_bits(COUNT_BITS, num_client_slots))
-
-
-def _joined(tree: PyTree, lead: int) -> jax.Array:
-  """The leaves of ``tree`` (one dtype) flattened after their first ``lead`` axes and concatenated on the last."""
-  leaves = jax.tree.leaves(tree)
-  flat = [jnp.reshape(leaf, leaf.shape[:lead] + (-1,)) for leaf in leaves]
-  return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=-1)
-
-
-def _split(flat: jax.Array, template: PyTree) -> PyTree:
-  """The inverse of :func:`_joined`: ``flat``'s last axis cut into ``template``'s leaves (one value's shapes), the
-  other axes of ``flat`` kept in front."""
-  leaves, treedef = jax.tree.flatten(as_template(template))
-  offsets = np.cumsum([0] + [int(np.prod(leaf.shape, dtype=np.int64)) for leaf in leaves])
-  return jax.tree.unflatten(treedef, [flat[..., offsets[i]:offsets[i + 1]].reshape(flat.shape[:-1] + leaf.shape)
-                                      for i, leaf in enumerate(leaves)])
 
 
 def _single_dtype(value_template: PyTree, name: str) -> np.dtype:
@@ -261,6 +374,8 @@ def secure_sum(
   num_limbs = _num_limbs(summand_bits)
   processes = {_CONSTANT: (), _SYMMETRIC_PROCESS: (bounds.upper,),
                _TWO_PROCESSES: (bounds.upper, bounds.lower)}[bounds.kind]
+  # Process k draws its client and server keys from fold_in(rng, k).
+  process_parts = tuple(Inner(process, key=k) for k, process in enumerate(processes))
 
   def check_template(value_template) -> None:
     dtype = _single_dtype(value_template, "secure_sum")
@@ -279,6 +394,8 @@ def secure_sum(
 
   def init(value_template):
     check_template(value_template)
+    if not bounds.integer:
+      check_float64_platform()
     if bounds.kind == _CONSTANT:
       return ()
     if bounds.kind == _SYMMETRIC_PROCESS:
@@ -300,8 +417,21 @@ def secure_sum(
   def broadcast(state):
     if bounds.kind == _CONSTANT:
       return ()
-    params = tuple(process.broadcast(s) for process, s in zip(processes, process_states(state)))
+    params = tuple(part.broadcast(s) for part, s in zip(process_parts, process_states(state)))
     return (reported_bounds(state), params)
+
+  def encode(value, finite, upper, lower):
+    """The client's limbs (inside the x64 region): ``clip(x, L, U) - L`` (INT) or the level ``q`` (FLOAT)."""
+
+    def limbs(leaf):
+      if bounds.integer:
+        lower64 = lower.astype(jnp.int64)
+        summand = jnp.clip(leaf.astype(jnp.int64), lower64, upper.astype(jnp.int64)) - lower64
+      else:
+        summand = _quantize(leaf, upper, lower)
+      return _to_limbs(summand, num_limbs) * finite.astype(jnp.uint32)
+
+    return jax.tree.map(limbs, value)
 
   def client(client_params, value, weight, rng):
     dtype = jax.tree.leaves(value)[0].dtype
@@ -318,23 +448,15 @@ def secure_sum(
 
     if bounds.kind == _SYMMETRIC_PROCESS:
       magnitude = jnp.maximum(jnp.abs(value_min), jnp.abs(value_max)).astype(jnp.float32)
-      records = (bounds.upper.client(process_params[0], magnitude, jax.random.fold_in(rng, 0)),)
+      records = (process_parts[0].client(process_params[0], magnitude, rng),)
     elif bounds.kind == _TWO_PROCESSES:
-      records = (bounds.upper.client(process_params[0], value_max.astype(jnp.float32), jax.random.fold_in(rng, 0)),
-                 bounds.lower.client(process_params[1], value_min.astype(jnp.float32), jax.random.fold_in(rng, 1)))
+      records = (process_parts[0].client(process_params[0], value_max.astype(jnp.float32), rng),
+                 process_parts[1].client(process_params[1], value_min.astype(jnp.float32), rng))
     else:
       records = ()
 
-    # All leaves share one dtype: they are encoded as one concatenated vector (one program, not one per leaf).
-    flat = _joined(value, 0)
-    if bounds.integer:
-      flat_limbs = exact.to_limbs_int(flat, lower, upper, num_limbs)
-    else:
-      flat_limbs = exact.quantize_float(flat, upper, lower)
-    limbs = _split(flat_limbs * finite.astype(jnp.uint32), value)
-
     return {
-        "value": limbs,
+        "value": in_x64(encode, value, finite, upper, lower, float64=not bounds.integer),
         # [client count, 1[max(x) > U], 1[min(x) < L], 1[non-finite]]: four 1-bit secure sums.
         "indicators": _indicator_contribution(finite, finite & (value_max > upper), finite & (value_min < lower),
                                               ~finite),
@@ -346,19 +468,26 @@ def secure_sum(
     dtype = _single_dtype(context.value_template, "secure_sum")
     upper, lower = reported_bounds(state)
     upper, lower = jnp.asarray(upper, dtype), jnp.asarray(lower, dtype)
-    count, upper_clipped_count, lower_clipped_count, non_finite_count = _decode_counts(total["indicators"],
-                                                                                      num_client_slots)
     modulus = group_bits(summand_bits, num_client_slots, modulus_bits)
-    summed = exact.limbs_to_modular(_joined(total["value"], 1), modulus)
-    if bounds.integer:
-      decoded = exact.int_decode(summed, count, lower, dtype)
-    else:
-      decoded = exact.dequantize(summed, count, upper, lower, dtype)
-    result = _split(decoded, context.value_template)
 
-    new_process_states = tuple(
-        process.server(s, records, jax.random.fold_in(rng, k), context)
-        for k, (process, s, records) in enumerate(zip(processes, process_states(state), total["records"])))
+    def decode(value_limb_sums, indicator_limb_sums, upper, lower):
+      """The counts and the decoded sum (inside the x64 region): ``S + n L`` (INT) or the dequantized ``S``."""
+      counts = _from_limbs(indicator_limb_sums, group_bits(COUNT_BITS, num_client_slots)).astype(jnp.int32)
+      count = counts[0].astype(jnp.int64)
+
+      def leaf_sum(limb_sums):
+        summed = _from_limbs(limb_sums, modulus)
+        if bounds.integer:
+          return (summed + count * lower.astype(jnp.int64)).astype(dtype)
+        return _dequantize(summed, count, upper, lower).astype(dtype)
+
+      return jax.tree.map(leaf_sum, value_limb_sums), counts
+
+    result, counts = in_x64(decode, total["value"], total["indicators"], upper, lower, float64=not bounds.integer)
+    _, upper_clipped_count, lower_clipped_count, non_finite_count = counts  # the client count only decodes
+
+    new_process_states = tuple(part.server(s, records, rng, context)
+                               for part, s, records in zip(process_parts, process_states(state), total["records"]))
     if bounds.kind == _CONSTANT:
       new_state = ()
     elif bounds.kind == _SYMMETRIC_PROCESS:
@@ -374,12 +503,11 @@ def secure_sum(
     }
     return MeasuredOutput(state=new_state, result=result, measurements=measurements)
 
-  def upload_bits(value_template):
+  def value_bits(value_template):
     check_template(value_template)
-    records_bits = sum(int(process.upload_bits) for process in processes)
-    return tree_num_elements(as_template(value_template)) * summand_bits + 4 * COUNT_BITS + records_bits
+    return tree_num_elements(as_template(value_template)) * summand_bits + 4 * COUNT_BITS
 
-  return Aggregator(init, broadcast, client, server, upload_bits=upload_bits)
+  return Aggregator(init, broadcast, client, server, upload_bits=total_upload_bits(process_parts, value_bits))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -430,25 +558,34 @@ def secure_modular_sum(modulus: int, *, symmetric_range: bool = False) -> Aggreg
     check_template(value_template)
     return ()
 
+  def encode(value):
+    """Each leaf's residue ``x mod M'`` as limbs (inside the x64 region)."""
+    return jax.tree.map(lambda leaf: _to_limbs(jnp.remainder(leaf.astype(jnp.int64), group_modulus), num_limbs),
+                        value)
+
   def client(client_params, value, weight, rng):
-    return jax.tree.map(lambda leaf: exact.modular_limbs(leaf, group_modulus, num_limbs), value)
+    return in_x64(encode, value, float64=False)
 
   def server(state, total, rng, context: AggregationContext):
     _num_slots(context)
+    templates = as_template(context.value_template)
 
-    def decode(limb_sums, template):
-      # Limb sums are below 2^32; the residue of their recombination is exact in 32-bit modular arithmetic.
-      return exact.modular_decode(limb_sums, modulus, symmetric_range, template.dtype)
+    def decode(total):
+      """The residue of each leaf's limb sums (inside the x64 region); limb sums are below ``2^32`` and there are
+      at most two limbs, so the int64 recombination is exact."""
 
-    return MeasuredOutput(state=state, result=jax.tree.map(decode, total, as_template(context.value_template)),
-                          measurements=())
+      def leaf_sum(limb_sums, template):
+        residue = jnp.remainder(_from_limbs(limb_sums, MAX_MODULUS_BITS), group_modulus)
+        if symmetric_range:
+          residue = jnp.where(residue >= modulus, residue - group_modulus, residue)
+        return residue.astype(template.dtype)
+
+      return jax.tree.map(leaf_sum, total, templates)
+
+    return MeasuredOutput(state=state, result=in_x64(decode, total, float64=False), measurements=())
 
   def upload_bits(value_template):
     check_template(value_template)
     return tree_num_elements(as_template(value_template)) * summand_bits
 
   return Aggregator(init, lambda state: (), client, server, upload_bits=upload_bits)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# secure_aggregator

@@ -933,15 +933,13 @@ def version_line() -> str:
   import importlib.metadata
   import platform
 
-  import fedjax_lite
-
   def installed(name: str) -> str:
     try:
       return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
       return "not installed"
 
-  return (f"fedjax-lite {fedjax_lite.__version__} (jax {installed('jax')}, jaxlib {installed('jaxlib')}, "
+  return (f"fedjax-lite {installed('fedjax_lite')} (jax {installed('jax')}, jaxlib {installed('jaxlib')}, "
           f"Python {platform.python_version()})")
 
 

@@ -3,6 +3,7 @@ adaptive bounds, the modular sum, the ``secure_aggregator`` preset, and argument
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedjax_lite.aggregators import secure
 from fedjax_lite.aggregators.base import AggregationContext, as_template, split_rng
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
 from fedjax_lite.aggregators.estimation import EstimationProcess
@@ -453,3 +455,52 @@ def test_non_finite_client_is_rejected_and_counted_never_a_finite_wrong_value(ba
                              atol=2 * step + 2 * np.finfo(np.float32).eps * np.abs(expected).max())
   assert int(out.measurements["secure_non_finite_count"]) == 1
   assert int(out.measurements["secure_upper_clipped_count"]) == 0
+
+
+# ------------------------------------------------------------------------------------------ the x64 region
+
+
+def test_float_mode_on_a_backend_without_float64_raises_one_clear_error(monkeypatch):
+  values = jnp.array([[1.0, -2.0], [0.5, 3.0]], jnp.float32)
+  monkeypatch.setattr(secure, "default_platform", lambda: "tpu")
+  for build in (lambda: secure_sum(1.0), lambda: secure_sum(no_noise_quantile_estimator(1.0, 0.5, 0.2)),
+                secure_aggregator):
+    with pytest.raises(NotImplementedError, match=r"'tpu' backend does not support.*int bounds.*on CPU"):
+      build().init(first_client(values))
+  with pytest.raises(NotImplementedError, match="'tpu' backend"):  # inside a round too, not a compiler error
+    jax.jit(secure_sum(2.0).next)((), values, jnp.ones(2), KEY)
+  # INT mode and the modular sum compute with 64-bit integers only: they still run.
+  integers = jnp.array([[1, 9], [2, -3]], jnp.int32)
+  np.testing.assert_array_equal(jax.jit(secure_sum(7, 0).next)((), integers, jnp.ones(2), KEY).result, [3, 7])
+  np.testing.assert_array_equal(jax.jit(secure_modular_sum(5).next)((), integers, jnp.ones(2), KEY).result, [3, 1])
+
+
+def test_default_platform_follows_the_default_device():
+  assert secure.default_platform() == jax.default_backend()
+  with jax.default_device(jax.devices("cpu")[0]):
+    assert secure.default_platform() == "cpu"
+
+
+def test_x64_context_under_either_name(monkeypatch):
+  assert jnp.asarray(1).dtype == np.int32  # x64 is off outside the region
+  with secure._enable_x64():
+    assert jnp.asarray(1).dtype == np.int64
+  entered = []
+  monkeypatch.setattr(jax, "enable_x64", None)
+  monkeypatch.setattr(jax.experimental, "enable_x64", lambda: entered.append(True) or contextlib.nullcontext(),
+                      raising=False)
+  with secure._enable_x64():
+    assert entered == [True]
+  monkeypatch.setattr(jax.experimental, "enable_x64", None)
+  with pytest.raises(NotImplementedError, match="x64"):
+    secure._enable_x64()
+
+
+def test_the_x64_region_takes_and_returns_32_bit_arrays_only():
+  region = jax.make_jaxpr(lambda v: secure_sum(3.0).client((), v, jnp.float32(1.0), KEY))(jnp.ones((4,)))
+  (eqn,) = [eqn for eqn in region.jaxpr.eqns if eqn.params.get("name") == secure.X64_REGION]
+  inner = str(eqn.params["jaxpr"])
+  assert "f64[" in inner and "i64[" in inner  # the quantization runs in float64 and int64 ...
+  assert all(np.dtype(v.aval.dtype).itemsize <= 4 for v in [*eqn.invars, *eqn.outvars])  # ... inside only
+  with pytest.raises(TypeError, match="returns arrays of at most 32 bits, got dtypes \\['int64'\\]"):
+    secure.in_x64(lambda x: x.astype(jnp.int64), jnp.ones(2, jnp.int32), float64=False)

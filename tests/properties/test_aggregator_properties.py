@@ -18,7 +18,9 @@ Properties:
 * faults: a NaN/Inf client never becomes a silent finite wrong value -- each aggregator follows the rule its module
   docstring states (propagate; zero and count; reject and count; NaN coordinate; never selected);
 * measurements count what they claim; the state stays finite over rounds with faults;
-* the secure sums are exact modulo ``2^b`` (and ``M``) on integer inputs at and beyond their bounds.
+* the secure sums are exact modulo ``2^b`` (and ``M``) on integer inputs at and beyond their bounds;
+* no 64-bit value leaves an aggregator: state, result, measurements and client contributions are at most 32-bit
+  (the secure sums compute in int64/float64 inside their x64 region only).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedjax_lite import aggregators as agg
-from fedjax_lite.aggregators.base import AggregationContext, as_template, split_rng
+from fedjax_lite.aggregators.base import AggregationContext, as_template, contribution_template, split_rng
 from fedjax_lite.core.runner import Runner, client_mesh, run_clients
 from tests.aggregators.helpers import run_streaming
 from tests.tolerances import float_atol
@@ -679,3 +681,18 @@ def test_secure_modular_sum_is_exact(modulus, symmetric, data):
     residue = sum(int(x) for x in values[mask, j]) % group
     expected.append(residue - group if symmetric and residue >= modulus else residue)
   np.testing.assert_array_equal(np.asarray(out.result).astype(object), np.asarray(expected, object))
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_no_64_bit_value_leaves_an_aggregator(case):
+  """State, result, measurements and ONE client's contribution are arrays of at most 32 bits, for every shape class
+  (static shapes only: nothing is compiled)."""
+  aggregator = aggregator_of(case)
+  for shape in case.shapes:
+    shape_class = SHAPES[shape]
+    template = shape_class.template()
+    values = jax.tree.map(lambda leaf: jnp.zeros((shape_class.slots,) + leaf.shape, leaf.dtype), template)
+    output = jax.eval_shape(aggregator.next, initial_state(case, shape), values, jnp.ones(shape_class.slots),
+                            jax.random.key(0))
+    for leaf in jax.tree.leaves((output, contribution_template(aggregator, template))):
+      assert np.dtype(leaf.dtype).itemsize <= 4, (case.name, shape, leaf)
