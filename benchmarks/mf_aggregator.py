@@ -75,17 +75,15 @@ def aggregation_step(args) -> None:
 def full_round(args) -> None:
   from fedjax_lite import aggregators, models
   from fedjax_lite.algorithms import fed_avg
-  from fedjax_lite.core import FederatedData, pack_clients
 
-  num_clients, examples, batch_size = (2, 40, 20) if args.quick else (10, 200, 20)
-  rng = np.random.default_rng(0)
-  images = rng.random((num_clients * examples, 28, 28, 1), dtype=np.float32)
-  labels = rng.integers(0, 62, num_clients * examples).astype(np.int32)
-  data = FederatedData.from_arrays({"x": images, "y": labels}, np.repeat(np.arange(num_clients), examples))
-  round_data = jax.device_put(pack_clients(data, np.arange(num_clients), batch_size=batch_size))
-  model = (models.dense_softmax(num_classes=62) if args.quick  # the smoke test: a model that compiles fast
-           else models.original_fedavg_cnn(num_classes=62))
-  params = model.init(jax.random.key(0))
+  from benchmarks.aggregator_overhead import standard_workload
+
+  model, params, round_data, description = standard_workload(args.quick)
+  if args.quick:  # the smoke test: a model that compiles fast, on the same data
+    model = models.dense_softmax(num_classes=62)
+    params = model.init(jax.random.key(0))
+    description = "softmax regression (62 classes), " + description.split(", ", 1)[1]
+  num_clients = int(round_data["num_examples"].shape[0])
 
   m = float(num_clients)
   variants = {"gaussian": aggregators.gaussian_fixed(1.0, m, 1.0),
@@ -114,9 +112,7 @@ def full_round(args) -> None:
   num_parameters = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
   print(json.dumps({
       "benchmark": "mf_aggregator_full_round", **args.setup,
-      "workload": f"{'softmax regression' if args.quick else 'original FedAvg CNN'} (62 classes, {num_parameters} "
-                  f"parameters), {num_clients} clients x "
-                  f"{examples} examples, batch {batch_size}, 1 epoch",
+      "workload": f"{description}; {num_parameters} parameters",
       "seconds_per_round": {k: round(v, 4) for k, v in median.items()},
       "all_rounds": {k: [round(x, 4) for x in v] for k, v in seconds.items()},
       "first_round_seconds": {k: round(v, 3) for k, v in first.items()},
