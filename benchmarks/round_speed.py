@@ -92,6 +92,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: the repository root, for ``benchmarks.cpu_setup``
   sys.path.insert(0, ROOT)
 from benchmarks import cpu_setup  # noqa: E402
+from benchmarks.report import cpu_model  # noqa: E402
 
 # jax.monitoring duration events of this jax version (jax/_src/dispatch.py). backend_compile fires once per XLA
 # compilation (cache hits of jit's in-memory cache do not compile and do not fire).
@@ -965,16 +966,6 @@ def compare_xla_flags(flags: str, rounds: int, quick: bool, repeats: int, jax_de
 
 # Main ----------------------------------------------------------------------------------------------------------------
 
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as cpuinfo:
-      for line in cpuinfo:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def parse_names(text: str | None, allowed: Sequence[str], flag: str) -> list[str]:

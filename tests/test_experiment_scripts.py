@@ -99,3 +99,58 @@ def test_pretrain_transformer_fast_run_saves_weights_that_load_into_a_lora_model
   params = models.load_params(tmp_path / "weights.npz", model.init(jax.random.key(0)),
                               missing_ok=models.is_lora_path)
   assert sum(leaf.size for leaf in jax.tree.leaves(params)) > summary["num_parameters"]
+
+
+def _dp_ftrl_script():
+  spec = importlib.util.spec_from_file_location("dp_ftrl_experiment", SCRIPT.parent / "dp_ftrl.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_dp_ftrl_ordering_verdict():
+  """BLT/BandMF above tree 'clearly' only when the gap exceeds the two seed standard deviations added."""
+  dp_ftrl = _dp_ftrl_script()
+
+  def setting(name, mean, std):
+    return {"mechanism": name, "final_accuracy_mean": mean, "final_accuracy_std": std}
+
+  verdict = dp_ftrl.ordering([setting("tree", 0.6, 0.02), setting("banded", 0.9, 0.01), setting("blt", 0.62, 0.01)])
+  assert verdict["holds"] and not verdict["clearly"]
+  assert verdict["per_strategy"]["banded"]["clearly_above_tree"]
+  assert not dp_ftrl.ordering([setting("tree", 0.6, 0.0), setting("blt", 0.5, 0.0)])["holds"]
+
+
+@pytest.mark.parametrize("argv", [["--epsilons", "0"], ["--delta", "1"], ["--mechanisms", "laplace"],
+                                  ["--rounds", "0"], ["--clients-per-round", "2000"]])
+def test_dp_ftrl_bad_flags_exit_2(argv, capsys):
+  with pytest.raises(SystemExit) as error:
+    _dp_ftrl_script().parse_args(argv)
+  assert error.value.code == 2
+  assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dp_ftrl_fast_run_writes_results_and_audits(tmp_path, capsys):
+  """Tree and BandMF at one epsilon, 8 rounds: both spend the target epsilon; the audit's lower bounds stay below
+  the accountant's; the files agree with each other."""
+  pytest.importorskip("jax_privacy", reason="the [dp_mf] extra (jax_privacy, Python >= 3.11)")
+  dp_ftrl = _dp_ftrl_script()
+  args = dp_ftrl.parse_args(["--fast", "--mechanisms", "tree", "banded", "--audit-canaries", "5", "--epsilons", "4",
+                             "--output-dir", str(tmp_path)])
+  summary = dp_ftrl.run(args)
+  rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+  assert [row["mechanism"] for row in rows] == ["tree", "banded"]
+  assert all(3.9 <= float(row["epsilon"]) <= 4.0 for row in rows)  # calibrated to within 0.1% below the target
+  curves = list(csv.DictReader((tmp_path / "curves.csv").open()))
+  assert len(curves) == 2 * 8
+  for row in rows:
+    final = [float(c["test_accuracy"]) for c in curves if c["mechanism"] == row["mechanism"]][-1]
+    assert float(row["final_test_accuracy"]) == final
+  audits = list(csv.DictReader((tmp_path / "audit.csv").open()))
+  assert [a["mechanism"] for a in audits] == ["tree", "banded"]
+  assert all(a["lower_bounds_below_accountant"] == "True" for a in audits)
+  assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
+  assert summary["min_separation"] == 6 and "4.0" in summary["ordering"]
+  assert (tmp_path / "dp_ftrl.png").stat().st_size > 1000
+  assert "| 4 | DP-FTRL BandMF |" in capsys.readouterr().out

@@ -23,7 +23,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ("00_introduction.ipynb", "01_fedavg_from_scratch.ipynb", "02_aggregators.ipynb",
-         "03_differential_privacy.ipynb", "04_compression.ipynb", "05_tuning_aggregations.ipynb")
+         "03_differential_privacy.ipynb", "04_compression.ipynb", "05_tuning_aggregations.ipynb",
+         "06_dp_ftrl.ipynb")
+EXTRAS = {"06_dp_ftrl.ipynb": "[dp_mf]"}  # the optional extra a notebook installs with fedjax_lite
 
 
 def load(name: str) -> dict:
@@ -119,11 +121,13 @@ def test_notebook_opens_in_colab_and_installs_from_the_readme_url(name):
   install_cell = next(cell for cell in notebook["cells"] if cell["cell_type"] == "code")
   install = source(install_cell)
   lines = install.splitlines()
-  # Installs only when fedjax_lite is not importable, with IPython's %pip (the kernel's own environment), pinning
-  # the JAX already installed so that a Colab GPU/TPU runtime keeps its accelerator build.
+  # Installs only when fedjax_lite (with the notebook's extra, if any) is not importable, with IPython's %pip (the
+  # kernel's own environment), pinning the JAX already installed so that a Colab GPU/TPU runtime keeps its
+  # accelerator build.
   assert 'if importlib.util.find_spec("fedjax_lite") is None:' in lines
   pip_lines = [line.strip() for line in lines if line.lstrip().startswith("%pip")]
-  assert pip_lines == [f'%pip install -q "fedjax_lite @ git+{url}" "{{keep_jax}}"'], pip_lines
+  package = f"fedjax_lite{EXTRAS.get(name, '')} @ git+{url}"
+  assert pip_lines == [f'%pip install -q "{package}" "{{keep_jax}}"'], pip_lines
   assert '    keep_jax = "jax==" + importlib.metadata.version("jax")' in lines
   # Then it prints the device found; the stored output is a real run's.
   assert "device = jax.devices()[0]" in lines
@@ -342,3 +346,35 @@ def test_prose_claims_no_measured_time(name):
     if cell["cell_type"] == "markdown":
       assert not re.search(r"\btook (about |only |nearly )?(\d|a few|minutes|seconds|hours)", source(cell)), (
           name, source(cell)[:200])
+
+
+@pytest.mark.slow
+def test_06_dp_ftrl():
+  pytest.importorskip("jax_privacy", reason="the [dp_mf] extra (jax_privacy, Python >= 3.11)")
+  with run_notebook("06_dp_ftrl.ipynb") as kernel:
+    target, num_rounds = kernel["TARGET_EPSILON"], kernel["NUM_ROUNDS"]
+    # Every calibrated mechanism spends its target epsilon (calibration: within 0.1% below it).
+    epsilons = kernel["ledger_epsilon"]
+    assert set(epsilons) == {"DP-FedAvg (Gaussian, Poisson)", "tree", "banded", "blt"}
+    assert all(0.99 * target <= epsilon <= target + 1e-9 for epsilon in epsilons.values()), epsilons
+    # At equal epsilon the factorizations leave less noise in the model than the tree, at the end and on average.
+    prefix = kernel["prefix_std"]
+    for name in ("banded", "blt"):
+      assert prefix[name][-1] < prefix["tree"][-1] and prefix[name].mean() < prefix["tree"].mean()
+    # The aggregator's noise has the promised prefix-sum std: the std of 20,000 Gaussian coordinates has relative
+    # sampling error 1 / sqrt(2 * 20,000) = 0.005; the largest of the rounds' deviations stays below 6 of those.
+    assert all(deviation < 0.03 for deviation in kernel["noise_check"].values()), kernel["noise_check"]
+    # The samplers each strategy needs; Poisson sampling inside the groups amplifies BandMF.
+    assert kernel.eval("type(recipes['blt'].sampler).__name__") == "CyclicSampler"
+    assert kernel.eval("recipes['banded'].sampler.min_separation") == kernel["MIN_SEPARATION"]
+    assert kernel.eval("type(recipes['tree'].sampler).__name__") == "ShuffledCyclicSampler"
+    assert kernel["amplified_epsilon"] < epsilons["banded"]
+    # Training: a test accuracy per round and seed for every mechanism.
+    accuracy = kernel["accuracy"]
+    assert all(curves.shape == (len(kernel["seeds"]), num_rounds) for curves in accuracy.values())
+    assert all(0.0 <= value <= 1.0 for curves in accuracy.values() for value in curves.ravel())
+    # The audit's lower bounds never exceed the accountant's epsilon (a bug if they did).
+    for name, audit in kernel["audits"].items():
+      assert audit["lower_bound"] <= audit["accountant"], (name, audit)
+      assert audit["lower_bound_clopper_pearson"] <= audit["accountant"], (name, audit)
+      assert audit["estimate"] >= audit["lower_bound"]

@@ -4,9 +4,19 @@
   arXiv:1905.03871): unweighted FedAvg whose aggregator is the Gaussian DP mean (adaptive clip by default),
   clients chosen by Poisson sampling with ``q = expected_clients_per_round / num_clients``, and a privacy ledger
   for the run's ``PoissonSampledDpEvent`` rounds.
-* :func:`dp_ftrl` (Kairouz et al. 2021, arXiv:2103.00039): FedAvg whose aggregator is the tree-aggregated residual
-  (no sampling needed), clients visited in shuffled epochs (each at most once per tree), the tree restarting each
-  epoch, and a ledger of tree-aggregation events.
+* :func:`dp_ftrl`: FedAvg whose aggregator adds noise correlated across rounds (no sampling needed), by
+  ``strategy``:
+
+  - ``'tree'`` (Kairouz et al. 2021, arXiv:2103.00039): the tree-aggregated residual; clients visited in shuffled
+    epochs (``core.ShuffledCyclicSampler``, each at most once per tree), the tree restarting each epoch; a ledger of
+    tree-aggregation events (RDP).
+  - ``'blt'``, ``'banded'``, ``'toeplitz'``, ``'identity'`` (matrix factorization: BandMF, Choquette-Choo et al.
+    2023, arXiv:2306.08153; BLT, McMahan et al. 2024, arXiv:2408.08868; ``aggregators.dp_matrix_factorization``):
+    the clients split once into ``b = floor(N q / m)`` fixed groups visited in turn (``core.CyclicSampler``: each
+    client at most once every ``b`` rounds, the participation the strategies' sensitivity is computed for; Poisson
+    sampling with probability ``q`` inside the group only for ``'banded'``, whose amplification covers it), the
+    strategy planned for ``num_rounds`` rounds and ``b``-min-separation, and a ledger of
+    ``privacy.matrix_factorization_run_events`` (adaptive clipping's count releases included).
 
 Each returns a :class:`PrivateTraining` ``(process, sampler, ledger)`` to pass to
 ``fedjax_lite.training.run_training(process, ..., sampler=sampler, privacy=ledger)``.
@@ -14,6 +24,11 @@ Each returns a :class:`PrivateTraining` ``(process, sampler, ledger)`` to pass t
 Zeroing: the reference's ``dp_aggregator`` zeroes client updates with a threshold estimated from the clients'
 norms WITHOUT noise, and broadcasts it; that estimate is not covered by the DP guarantee. These recipes therefore
 leave zeroing off by default (``zeroing=True`` restores the reference's composition).
+
+Auditing: both recipes take ``canaries`` (stacked canary updates, ``privacy.canary_directions``) and insert them as
+extra clients that follow the recipe's own participation pattern (``aggregators.insert_canaries``: Poisson at rate
+``q`` for DP-FedAvg; once every ``b`` rounds, in ``b`` fixed groups, for DP-FTRL), so that ``privacy.audit`` of the
+trained model is a lower bound of the same epsilon the ledger bounds from above.
 """
 
 from __future__ import annotations
@@ -22,15 +37,28 @@ from typing import Any, NamedTuple
 
 import optax
 
-from fedjax_lite.aggregators.differential_privacy import gaussian_adaptive, gaussian_fixed
+from fedjax_lite.aggregators.canaries import insert_canaries
+from fedjax_lite.aggregators.differential_privacy import adaptive_clip_noise_params, gaussian_adaptive, gaussian_fixed
+from fedjax_lite.aggregators.matrix_factorization import dp_matrix_factorization
 from fedjax_lite.aggregators.presets import default_zeroing
 from fedjax_lite.aggregators.tree_aggregation import tree_aggregation
-from fedjax_lite.algorithms.fed_avg import fed_avg, fed_avg_options
+from fedjax_lite.algorithms.fed_avg import fed_avg
+from fedjax_lite.algorithms.optimizers import OptimizerFactory
 from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
-from fedjax_lite.core.sampling import PoissonSampler, ShuffledCyclicSampler
+from fedjax_lite.core.runner import Runner
+from fedjax_lite.core.sampling import CyclicSampler, PoissonSampler, ShuffledCyclicSampler
+from fedjax_lite.core.tree import PyTree
 from fedjax_lite.privacy.accounting import PrivacyLedger, sampled_run_events, tree_run_events
+from fedjax_lite.privacy.matrix_factorization import (
+    STRATEGIES as MATRIX_FACTORIZATION_STRATEGIES,
+    MatrixFactorization,
+    matrix_factorization,
+    matrix_factorization_run_events,
+)
+
+FTRL_STRATEGIES = ("tree",) + MATRIX_FACTORIZATION_STRATEGIES
 
 
 class PrivateTraining(NamedTuple):
@@ -48,12 +76,16 @@ def dp_fed_avg(
     num_clients: int,
     expected_clients_per_round: float,
     delta: float,
+    client_learning_rate: float | optax.Schedule,
+    client_optimizer: optax.GradientTransformation | OptimizerFactory = optax.sgd,
+    server_optimizer: optax.GradientTransformation | None = None,
     clip: float | None = None,
     zeroing: bool = False,
     epsilon_budget: float | None = None,
     accountant: str = "rdp",
     seed: int = 0,
-    **options,
+    runner: Runner | None = None,
+    canaries: PyTree | None = None,
 ) -> PrivateTraining:
   """User-level DP-FedAvg with Poisson client sampling and a privacy ledger.
 
@@ -63,14 +95,15 @@ def dp_fed_avg(
     num_clients: population size ``N``.
     expected_clients_per_round: ``m = q N`` with ``0 < m <= N``; also the DP mean's fixed normalizer.
     delta: the run's delta in (0, 1), e.g. below ``1 / N``.
+    client_learning_rate, client_optimizer, server_optimizer: as in :func:`fed_avg` (server default SGD 1.0).
     clip: a fixed L2 clip; None (default) adapts the clip to the median norm (Andrew et al.).
     zeroing: add the reference's adaptive zeroing (not covered by the guarantee; see the module docstring).
     epsilon_budget: optional: training stops before exceeding it.
     accountant: ``'rdp'`` or ``'pld'``.
     seed: the sampler's seed (use the run's seed).
-    **options: every option of :func:`fed_avg` (``client_learning_rate``, ``client_optimizer``,
-      ``server_optimizer`` (default SGD 1.0), ``runner``, ...) except ``weighting`` and ``aggregator``, which the
-      recipe sets (uniform weighting, the DP mean).
+    runner: the client runner.
+    canaries: optional stacked canary updates (leading canary axis, each shaped like the model's parameters),
+      inserted as extra clients each sampled at rate ``q`` every round, for ``privacy.audit`` (module docstring).
   """
   validation.check_positive("noise_multiplier", noise_multiplier)
   validation.check_int("num_clients", num_clients, minimum=1)
@@ -83,11 +116,13 @@ def dp_fed_avg(
   else:
     aggregator = gaussian_fixed(noise_multiplier, float(expected_clients_per_round), clip)
   round_event = aggregator.dp_event()
+  probability = float(expected_clients_per_round) / num_clients
+  if canaries is not None:
+    aggregator = insert_canaries(aggregator, canaries, participation_probability=probability)
   if zeroing:
     aggregator = default_zeroing(aggregator)
-  process = fed_avg(model, weighting="uniform", aggregator=aggregator,
-                    **fed_avg_options("dp_fed_avg", options, sets=("weighting", "aggregator")))
-  probability = float(expected_clients_per_round) / num_clients
+  process = fed_avg(model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
+                    server_optimizer=server_optimizer, weighting="uniform", aggregator=aggregator, runner=runner)
   sampler = PoissonSampler(num_clients, probability, seed)
   ledger = PrivacyLedger(sampled_run_events(round_event, sampling="poisson", sampling_probability=probability),
                          delta, accountant, epsilon_budget)
@@ -100,25 +135,101 @@ def dp_ftrl(
     noise_multiplier: float,
     num_clients: int,
     clients_per_round: int,
-    clip: float,
+    clip: float | None,
     delta: float,
+    client_learning_rate: float | optax.Schedule,
+    client_optimizer: optax.GradientTransformation | OptimizerFactory = optax.sgd,
+    server_optimizer: optax.GradientTransformation | None = None,
     epsilon_budget: float | None = None,
     seed: int = 0,
-    **options,
+    runner: Runner | None = None,
+    strategy: str | MatrixFactorization = "tree",
+    num_rounds: int | None = None,
+    sampling_probability: float = 1.0,
+    accountant: str = "rdp",
+    canaries: PyTree | None = None,
 ) -> PrivateTraining:
-  """DP-FTRL: tree-aggregated noise, no sampling assumption; clients once per epoch, the tree restarting each
-  epoch of ``num_clients // clients_per_round`` rounds. ``options``: every option of :func:`fed_avg` except
-  ``weighting`` and ``aggregator``; the server default is SGD(1.0) with momentum 0.9 as in Kairouz et al.'s
-  federated experiments.
+  """DP-FTRL: noise correlated across rounds by ``strategy``, no sampling assumption (module docstring). Server
+  default: SGD(1.0) with momentum 0.9, as in Kairouz et al.'s and Choquette-Choo et al.'s federated experiments.
+
+  Round ``t`` releases ``(sum_i clip_C(x_i) + sigma (C^{-1} Z)_t) / m`` (tree: the tree-aggregated residual), with
+  ``sigma = z C ||C||_col`` for a matrix-factorization strategy (``z`` the noise multiplier of ONE participation).
+
+  Args:
+    model: the model.
+    noise_multiplier: ``z > 0`` (tree: of every tree node; matrix factorization: of one participation, split with
+      the clipped count under adaptive clipping).
+    num_clients: population size ``N``.
+    clients_per_round: ``m``: tree: the cohort (epochs of ``N // m`` rounds); matrix factorization: the smallest
+      expected cohort, which sets the groups ``b = floor(N q / m)`` (the mean divides by the groups' expected
+      cohort ``N q / b >= m``).
+    clip: the L2 clip ``C``; None adapts it (Andrew et al. 2021; matrix factorization with ``q = 1`` only).
+    delta: the run's delta in (0, 1).
+    client_learning_rate, client_optimizer, server_optimizer: as in :func:`fed_avg`.
+    epsilon_budget: optional: training stops before exceeding it.
+    seed: the sampler's seed (use the run's seed).
+    runner: the client runner.
+    strategy: ``'tree'``, ``'blt'``, ``'banded'``, ``'toeplitz'``, ``'identity'`` (``privacy.matrix_factorization``
+      planned for ``num_rounds`` and ``b``), or a ``privacy.MatrixFactorization`` built for ``b``-min-separation.
+    num_rounds: the planned rounds ``n`` (required with a strategy name other than ``'tree'``; the tree restarts
+      every epoch and ignores it). Training longer stays correctly accounted, with a strategy planned for less.
+    sampling_probability: ``q`` in (0, 1]: Poisson sampling inside each cyclic group (< 1 for ``'banded'`` only:
+      BandMF's amplification, arXiv:2306.08153 Thm. 4).
+    accountant: ``'rdp'`` or ``'pld'`` (the tree: RDP only).
+    canaries: optional stacked canary updates inserted as extra clients in ``b`` fixed groups (tree: one group per
+      round of the epoch), each taking part once every ``b`` rounds (with probability ``q``), for ``privacy.audit``.
+
+  Example::
+
+    recipe = dp_ftrl(model, noise_multiplier=1.0, num_clients=500, clients_per_round=50, clip=0.5, delta=1e-3,
+                     client_learning_rate=0.1, strategy="banded", num_rounds=100)
+    recipe.sampler.min_separation, recipe.ledger.epsilon_after(100)   # 10 rounds, epsilon of 10 participations
   """
   validation.check_positive("noise_multiplier", noise_multiplier)
-  sampler = ShuffledCyclicSampler(num_clients, clients_per_round, seed)
-  aggregator = tree_aggregation(noise_multiplier, float(clients_per_round), clip,
-                                rounds_per_tree=sampler.rounds_per_epoch)
-  options = fed_avg_options("dp_ftrl", options, sets=("weighting", "aggregator"))
-  if options.get("server_optimizer") is None:
-    options["server_optimizer"] = optax.sgd(1.0, momentum=0.9)
-  process = fed_avg(model, weighting="uniform", aggregator=aggregator, **options)
-  ledger = PrivacyLedger(tree_run_events(noise_multiplier, sampler.rounds_per_epoch), delta, "rdp",
-                         epsilon_budget)
+  validation.check_int("num_clients", num_clients, minimum=1)
+  validation.check_int("clients_per_round", clients_per_round, minimum=1, maximum=num_clients)
+  validation.check_int("num_rounds", num_rounds, minimum=1, allow_none=True)
+  validation.check_float("sampling_probability", sampling_probability, low=0.0, high=1.0, low_inclusive=False)
+  if not isinstance(strategy, MatrixFactorization):
+    validation.check_choice("strategy", strategy, FTRL_STRATEGIES)
+  server_optimizer = optax.sgd(1.0, momentum=0.9) if server_optimizer is None else server_optimizer
+  if strategy == "tree":
+    if clip is None or sampling_probability != 1.0:
+      raise ValueError("strategy='tree' needs a fixed clip and sampling_probability=1 (every client of the cohort).")
+    sampler = ShuffledCyclicSampler(num_clients, clients_per_round, seed)
+    aggregator = tree_aggregation(noise_multiplier, float(clients_per_round), clip,
+                                  rounds_per_tree=sampler.rounds_per_epoch)
+    run, num_groups = tree_run_events(noise_multiplier, sampler.rounds_per_epoch), sampler.rounds_per_epoch
+  else:
+    num_groups = int(num_clients * sampling_probability // clients_per_round)
+    if num_groups < 1:
+      raise ValueError(f"num_clients * sampling_probability ({num_clients * sampling_probability:g}) must be at "
+                       f"least clients_per_round ({clients_per_round}): no cyclic group would hold a cohort.")
+    if sampling_probability < 1.0 and clip is None:
+      raise ValueError("adaptive clipping (clip=None) needs sampling_probability=1: BandMF's amplification covers "
+                       "the value release alone.")
+    if isinstance(strategy, MatrixFactorization):
+      if num_rounds is not None:
+        raise ValueError("num_rounds applies to a strategy name; the given MatrixFactorization is already planned.")
+      mechanism = strategy
+    elif num_rounds is None:
+      raise ValueError(f"num_rounds is required with strategy={strategy!r} (the planned number of rounds).")
+    else:
+      mechanism = matrix_factorization(strategy, num_rounds=num_rounds, min_separation=num_groups)
+    sampler = CyclicSampler(num_clients, num_groups, float(sampling_probability), seed)
+    normalizer = sampler.expected_clients_per_round
+    aggregator = dp_matrix_factorization(noise_multiplier, normalizer, mechanism, clip=clip)
+    if clip is None:
+      value_noise, count_stddev = adaptive_clip_noise_params(noise_multiplier, normalizer)
+      run = matrix_factorization_run_events(mechanism, value_noise, min_separation=num_groups,
+                                            clipped_count_stddev=count_stddev)
+    else:
+      run = matrix_factorization_run_events(mechanism, noise_multiplier, min_separation=num_groups,
+                                            sampling_probability=sampling_probability)
+  if canaries is not None:
+    aggregator = insert_canaries(aggregator, canaries, participation_probability=sampling_probability,
+                                 num_groups=num_groups)
+  process = fed_avg(model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
+                    server_optimizer=server_optimizer, weighting="uniform", aggregator=aggregator, runner=runner)
+  ledger = PrivacyLedger(run, delta, accountant, epsilon_budget)
   return PrivateTraining(process, sampler, ledger)

@@ -20,6 +20,12 @@ that cannot be written mid-run (full disk, read-only folder) ends the run with e
 finished rounds' metrics intact. Every such fault is one line (``fedjax-lite: error: ...``); warnings are one line
 each (``fedjax-lite: warning: ...``, e.g. a damaged checkpoint set aside), and orbax's own logs are not shown.
 
+Privacy: ``--aggregator dp`` trains with user-level DP, by ``--dp-strategy``: ``gaussian`` is DP-FedAvg (Poisson
+sampling, the Gaussian mechanism); ``tree``, ``blt``, ``banded`` and ``toeplitz`` are DP-FTRL with that noise
+(``algorithms.dp_ftrl``: the tree in shuffled epochs; the matrix factorizations in fixed cyclic groups, planned for
+``--rounds``). ``--audit-canaries N`` adds N canary clients (and holds out N more) and, after training, writes the
+one-shot audit's empirical epsilons (``privacy.audit``) beside the accountant's epsilon.
+
 Many processes (:mod:`fedjax_lite.training.distributed`): every process runs the same command with
 ``--coordinator-address HOST:PORT --num-processes N --process-id K`` (or the ``FEDJAX_LITE_*`` environment
 variables), plus ``--local-devices D`` on CPU; the clients of each round are split over every device of every
@@ -39,7 +45,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 EXIT_USAGE = 2
 
@@ -54,6 +60,8 @@ DEFAULT_SERVER_LR = {"fedsgd": 0.1, "fedadam": 0.01, "fedyogi": 0.01, "fedadagra
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "adagrad", "yogi")
 AGGREGATORS = ("mean", "robust", "dp", "compression", "secure", "median", "trimmed-mean", "krum", "multi-krum")
 PARTITIONS = ("shards", "dirichlet", "iid")
+DP_STRATEGIES = ("gaussian", "tree", "blt", "banded", "toeplitz")
+MATRIX_FACTORIZATION_STRATEGIES = ("blt", "banded", "toeplitz")  # planned for --rounds, in fixed cyclic groups
 RUNNER_STRATEGIES = ("auto", "sequential", "vmap", "chunked")
 
 
@@ -181,15 +189,27 @@ def build_parser() -> argparse.ArgumentParser:
   model.add_argument("--quantization-bits", type=_bits, default=8,
                      help="bits of --aggregator compression, 1..16")
   privacy = train.add_argument_group("differential privacy (--aggregator dp: user-level DP-FedAvg with Poisson "
-                                     "sampling of clients at rate clients-per-round / num-clients)")
+                                     "sampling of clients at rate clients-per-round / num-clients, or DP-FTRL "
+                                     "with --dp-strategy)")
+  privacy.add_argument("--dp-strategy", choices=DP_STRATEGIES, default="gaussian",
+                       help="gaussian: DP-FedAvg; tree: DP-FTRL with tree aggregation (clients in shuffled epochs, "
+                            "needs --dp-clip); blt, banded, toeplitz: DP-FTRL with matrix-factorization noise "
+                            "(jax_privacy, the [dp_mf] extra), planned for --rounds, clients in num-clients // "
+                            "clients-per-round fixed groups visited in turn (each client once every that many "
+                            "rounds); BLT's plan is optimized at the start (up to a minute on a CPU)")
   privacy.add_argument("--dp-noise-multiplier", type=positive_float, default=0.5,
-                       help="total noise multiplier z (adaptive clipping splits it)")
+                       help="total noise multiplier z (adaptive clipping splits it); with a matrix-factorization "
+                            "--dp-strategy, of one participation")
   privacy.add_argument("--dp-delta", type=_fraction, default=1e-3, help="delta of the reported epsilon")
   privacy.add_argument("--dp-epsilon-budget", type=positive_float, default=None,
                        help="stop before the round that would spend more than this epsilon")
   privacy.add_argument("--dp-accountant", choices=("rdp", "pld"), default="rdp")
   privacy.add_argument("--dp-clip", type=positive_float, default=None,
                        help="fixed L2 clip (default: adaptive, the median update norm)")
+  privacy.add_argument("--audit-canaries", type=positive_int, default=None, metavar="N",
+                       help="privacy audit (Andrew et al. 2024): insert N canary clients whose updates are random "
+                            "directions of norm --dp-clip, taking part as the real clients do, hold out N more, and "
+                            "after training write the empirical epsilons beside the accountant's in summary.json")
   model.add_argument("--broadcast-quantization-bits", type=_bits_or_zero, default=0,
                      help="quantize the broadcast model's tensors above 10,000 elements to this many bits "
                           "(0: off)")
@@ -260,8 +280,12 @@ _RESULT_NEUTRAL_FLAGS = ("command", "version", "download", "output_dir", "json",
 
 def _run_config(args) -> dict:
   """The flags that decide the results, by flag name (``--model``: ...), compared when resuming."""
-  return {"--" + name.replace("_", "-"): value for name, value in sorted(vars(args).items())
-          if name not in _RESULT_NEUTRAL_FLAGS}
+  config = {"--" + name.replace("_", "-"): value for name, value in sorted(vars(args).items())
+            if name not in _RESULT_NEUTRAL_FLAGS}
+  if getattr(args, "aggregator", None) == "dp" and getattr(args, "dp_strategy", None) in (
+      MATRIX_FACTORIZATION_STRATEGIES):
+    config["--rounds"] = args.rounds  # the strategy is planned for the run's rounds
+  return config
 
 
 def _explicit_flags(argv: Sequence[str] | None) -> set[str]:
@@ -285,6 +309,12 @@ _FLAG_CONDITIONS = {
     "dp_epsilon_budget": ("--aggregator dp", lambda a: a.aggregator == "dp"),
     "dp_accountant": ("--aggregator dp", lambda a: a.aggregator == "dp"),
     "dp_clip": ("--aggregator dp", lambda a: a.aggregator == "dp"),
+    "dp_strategy": ("--aggregator dp", lambda a: a.aggregator == "dp"),
+    "audit_canaries": ("--aggregator dp and a fixed --dp-clip (a canary's update has the clip's norm)",
+                       lambda a: a.aggregator == "dp" and a.dp_clip is not None),
+    "rounds_per_dispatch": ("a sampler that runs on the device (not --dp-strategy blt, banded or toeplitz: their "
+                            "fixed cyclic groups are drawn on the host)",
+                            lambda a: a.aggregator != "dp" or a.dp_strategy not in MATRIX_FACTORIZATION_STRATEGIES),
     "broadcast_quantization_bits": ("--algorithm fedavg without --aggregator dp",
                                     lambda a: a.algorithm == "fedavg" and a.aggregator != "dp"),
     "weighting": ("an algorithm with local training, without --aggregator dp (DP-FedAvg is unweighted)",
@@ -418,6 +448,8 @@ def distributed_config(args, given: set[str], environ=None):
                        "a checkpoint of arrays that live on all of them)")
     if args.algorithm == "scaffold":
       raise UsageError("--algorithm scaffold keeps per-client state on one host: run it with one process")
+    if args.audit_canaries is not None:
+      raise UsageError("--audit-canaries audits on one host: run it with one process")
   return config
 
 
@@ -627,13 +659,7 @@ def _build_job(args, mesh=None):
   if args.aggregator == "dp":
     if args.algorithm != "fedavg":
       raise UsageError("--aggregator dp runs DP-FedAvg; use it with --algorithm fedavg")
-    from fedjax_lite.algorithms import dp_fed_avg
-
-    recipe = dp_fed_avg(model, noise_multiplier=args.dp_noise_multiplier, num_clients=train_data.num_clients,
-                        expected_clients_per_round=float(args.clients_per_round), delta=args.dp_delta,
-                        client_learning_rate=args.client_lr, server_optimizer=server_optimizer, clip=args.dp_clip,
-                        epsilon_budget=args.dp_epsilon_budget, accountant=args.dp_accountant, seed=args.seed,
-                        runner=runner)
+    recipe = _private_recipe(args, model, train_data.num_clients, server_optimizer, runner)
     client_spec = ClientSpec(batch_size=args.batch_size, num_epochs=args.local_epochs,
                              max_steps=args.max_local_steps)
     return train_data, test_data, model, recipe.process, client_spec, runner, recipe
@@ -651,6 +677,73 @@ def _build_job(args, mesh=None):
                            num_epochs=args.local_epochs if args.algorithm != "fedsgd" else 1,
                            max_steps=args.max_local_steps)
   return train_data, test_data, model, process, client_spec, runner, None
+
+
+class _PrivateRecipe(NamedTuple):
+  """``algorithms.PrivateTraining``'s fields, and the audit's ``(inserted, held_out)`` canaries or None."""
+
+  process: Any
+  sampler: Any
+  ledger: Any
+  canaries: tuple | None
+
+
+def _private_recipe(args, model, num_clients: int, server_optimizer, runner) -> _PrivateRecipe:
+  """``--aggregator dp``: DP-FedAvg (``--dp-strategy gaussian``) or DP-FTRL with the strategy, and with
+  ``--audit-canaries N``, 2N canary directions of norm ``--dp-clip`` (the first N inserted as clients that follow
+  the recipe's participation, the rest held out)."""
+  import jax
+
+  from fedjax_lite.algorithms import dp_fed_avg, dp_ftrl
+
+  if args.dp_strategy == "tree" and args.dp_clip is None:
+    raise UsageError("--dp-strategy tree needs a fixed --dp-clip")
+  if args.dp_strategy == "tree" and args.dp_accountant != "rdp":
+    raise UsageError("--dp-strategy tree is accounted with RDP only: use --dp-accountant rdp")
+  canaries = inserted = None
+  if args.audit_canaries is not None:
+    from fedjax_lite import privacy
+
+    directions = privacy.canary_directions(
+        jax.random.fold_in(jax.random.key(args.seed), _CANARY_SEED_STREAM), model.init(jax.random.key(args.seed)),
+        2 * args.audit_canaries, norm=args.dp_clip)
+    inserted = jax.tree.map(lambda c: c[:args.audit_canaries], directions)
+    canaries = (inserted, jax.tree.map(lambda c: c[args.audit_canaries:], directions))
+  common = dict(noise_multiplier=args.dp_noise_multiplier, num_clients=num_clients, delta=args.dp_delta,
+                client_learning_rate=args.client_lr, server_optimizer=server_optimizer, clip=args.dp_clip,
+                epsilon_budget=args.dp_epsilon_budget, accountant=args.dp_accountant, seed=args.seed, runner=runner,
+                canaries=inserted)
+  try:
+    if args.dp_strategy == "gaussian":
+      recipe = dp_fed_avg(model, expected_clients_per_round=float(args.clients_per_round), **common)
+    else:
+      recipe = dp_ftrl(model, clients_per_round=args.clients_per_round, strategy=args.dp_strategy,
+                       num_rounds=args.rounds if args.dp_strategy != "tree" else None, **common)
+  except ImportError as error:  # the [dp_mf] extra
+    raise UsageError(f"--dp-strategy {args.dp_strategy}: {error}") from None
+  return _PrivateRecipe(recipe.process, recipe.sampler, recipe.ledger, canaries)
+
+
+_CANARY_SEED_STREAM = 0xCA9A
+
+
+def _audit_summary(private: _PrivateRecipe | None, initial_params, final_params, delta: float) -> dict | None:
+  """The one-shot audit of the trained model (``privacy.audit`` on ``initial - final``), or None without
+  canaries."""
+  if private is None or private.canaries is None:
+    return None
+  import jax
+
+  from fedjax_lite import privacy
+
+  inserted, held_out = private.canaries
+  model_delta = jax.tree.map(lambda start, end: start - end, initial_params, final_params)
+  result = privacy.audit(model_delta, inserted, held_out, delta=delta)
+  return {"canaries": int(jax.tree.leaves(inserted)[0].shape[0]),
+          "epsilon_estimate": result.epsilon_estimate,
+          "epsilon_lower_bound": result.epsilon_lower_bound,
+          "epsilon_lower_bound_clopper_pearson": result.epsilon_lower_bound_clopper_pearson,
+          "confidence": 1 - result.significance}
 
 
 def _configure_cpu(cpu_devices: int | None) -> int | None:
@@ -740,8 +833,9 @@ def train_command(args, distributed=None) -> dict | None:
                                           config=_run_config(args))]
     except ImportError as error:
       raise UsageError(f"--log-format wandb: {error}") from None
+  initial_params = model.init(jax.random.key(args.seed))
   result = run_training(
-      process, train_data, model.init(jax.random.key(args.seed)), client_spec=client_spec,
+      process, train_data, initial_params, client_spec=client_spec,
       num_rounds=args.rounds, seed=args.seed, evaluate=lambda params: evaluate(params, test_data),
       evaluate_every=args.eval_every,
       metrics_path=os.path.join(output_dir, "metrics.jsonl") if "jsonl" in args.log_format else None,
@@ -774,6 +868,8 @@ def train_command(args, distributed=None) -> dict | None:
       "aggregator": args.aggregator,
       "epsilon": last.get("privacy/epsilon"),
       "delta": last.get("privacy/delta"),
+      "dp_strategy": args.dp_strategy if args.aggregator == "dp" else None,
+      "audit": _audit_summary(private, initial_params, result.state.params, args.dp_delta),
       "stopped_early": result.stopped_early,
       "broadcasted_mebibits": units.mebibits(last.get("cumulative_broadcasted_bits", 0)),  # training.units
       "aggregated_mebibits": units.mebibits(last.get("cumulative_aggregated_bits", 0)),
@@ -912,6 +1008,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{summary['output_dir']}")
     if summary["stopped_early"]:
       print(f"stopped early: {summary['stopped_early']}")
+    audit = summary["audit"]
+    if audit is not None:
+      clopper_pearson = audit["epsilon_lower_bound_clopper_pearson"]
+      print(f"privacy audit ({audit['canaries']} canaries): empirical epsilon {audit['epsilon_estimate']:.4g}, "
+            f"lower bounds {audit['epsilon_lower_bound']:.4g} (Gaussian scores)"
+            + ("" if clopper_pearson is None else f" and {clopper_pearson:.4g} (Clopper-Pearson)")
+            + f" at {audit['confidence']:.0%} confidence; the accountant's upper bound {summary['epsilon']:.4g}")
   return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -59,3 +60,18 @@ def run_streaming(aggregator, state, values, weights, rng, client_mask=None):
     total = contribution if total is None else add(total, contribution)
   context = AggregationContext(as_template(one_client(values)), int(host_weights.shape[0]))
   return jax.jit(lambda s, t, k: aggregator.server(s, t, k, context))(state, total, server_key)
+
+
+def brute_force_sensitivity(coefficients, n, min_separation):
+  """The L2 sensitivity of the first ``n`` rounds of the lower-triangular Toeplitz strategy with these first
+  ``coefficients``, by enumeration: max over every set of rounds at least ``min_separation`` apart of ||sum of
+  those columns of C||_2 (NumPy, float64)."""
+  coefficients = np.pad(np.asarray(coefficients, np.float64), (0, n))[:n]
+  lag = np.arange(n)[:, None] - np.arange(n)[None, :]
+  matrix = np.where(lag >= 0, coefficients[np.clip(lag, 0, n - 1)], 0.0)
+  best = 0.0
+  for size in range(1, n + 1):
+    for rounds in itertools.combinations(range(n), size):
+      if all(b - a >= min_separation for a, b in zip(rounds, rounds[1:])):
+        best = max(best, float(np.linalg.norm(matrix[:, list(rounds)].sum(axis=1))))
+  return best

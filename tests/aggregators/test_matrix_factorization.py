@@ -4,7 +4,6 @@ sensitivity); the plan function; arguments."""
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import dp_accounting
@@ -18,7 +17,7 @@ from fedjax_lite import privacy
 from fedjax_lite.aggregators import dp_matrix_factorization, gaussian_adaptive, gaussian_fixed, tree_aggregation
 from fedjax_lite.privacy.accounting import PrivacyLedger, planned_epsilon
 
-from tests.aggregators.helpers import run_next
+from tests.aggregators.helpers import brute_force_sensitivity, run_next
 
 # A 2-buffer BLT of C, from jax_privacy's buffered_toeplitz.optimize(n=64) (single participation, max error).
 BLT_PARAMETERS = ([0.9842298634927619, 0.7270931425682697], [0.1706081571013166, 0.3102560932438474])
@@ -87,17 +86,6 @@ def test_blt_state_is_its_buffers_and_streaming_equals_next():
   assert state["noise_state"]["w"].shape == (2, 3, 2) and state["noise_state"]["b"].shape == (2, 5)
 
 
-def _brute_force_sensitivity(coefficients, n, min_separation):
-  """max over every set of rounds at least ``min_separation`` apart of ||sum of those columns of C||_2."""
-  matrix = privacy.MatrixFactorization("x", n, lambda m: np.pad(coefficients, (0, m))[:m], None).strategy_matrix(n)
-  best = 0.0
-  for size in range(1, n + 1):
-    for rounds in itertools.combinations(range(n), size):
-      if all(b - a >= min_separation for a, b in zip(rounds, rounds[1:])):
-        best = max(best, float(np.linalg.norm(matrix[:, list(rounds)].sum(axis=1))))
-  return best
-
-
 def test_blt_epsilon_is_dp_accountings_for_the_brute_force_sensitivity():
   """Deterministic participation every 3 rounds: epsilon after r rounds is dp_accounting's (RDP and PLD) for
   GaussianDpEvent(z ||C||_col / sens_r), sens_r found by enumerating every participation pattern in NumPy."""
@@ -108,7 +96,7 @@ def test_blt_epsilon_is_dp_accountings_for_the_brute_force_sensitivity():
   for accountant in ("rdp", {"name": "pld", "value_discretization_interval": 1e-4}):
     ledger = PrivacyLedger(run, delta, accountant)
     for rounds in (1, 4, 8):
-      sensitivity = _brute_force_sensitivity(mechanism.coefficients(rounds), rounds, b)
+      sensitivity = brute_force_sensitivity(mechanism.coefficients(rounds), rounds, b)
       event = dp_accounting.GaussianDpEvent(z * mechanism.column_norm / sensitivity)
       reference = (dp_accounting.rdp.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_SPECIAL)
                    if accountant == "rdp" else dp_accounting.pld.PLDAccountant(

@@ -66,6 +66,8 @@ def test_configure_cpu_sets_devices_and_the_default_runner_shards_over_them():
   report = json.loads(completed.stdout.strip().splitlines()[-1])
   assert report["configured"] == 2 and report["devices"] == 2
   assert "--xla_cpu_multi_thread_eigen=false" in report["xla_flags"]
+  # The compile-time flag only where this jaxlib has it (an unknown flag would have aborted the child).
+  assert (cpu.COMPILE_FLAG in report["xla_flags"]) == cpu.compile_flag_supported()
   assert report["mesh_size"] == 2
   assert report["round2_compiles"] == 0  # the state is placed on the mesh: round 2 reuses round 1's program
   # Round 1 on both: the 5 clients' weighted deltas summed in another order (two device partial sums), then the
@@ -77,6 +79,16 @@ def cli_root():
   import pathlib
 
   return pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_compile_flag_only_on_jaxlibs_that_have_it():
+  assert cpu.compile_flag_supported("0.10.2") and cpu.compile_flag_supported("0.10.0")
+  assert not cpu.compile_flag_supported("0.12.1")  # XLA aborts on it there ("Unknown flag in XLA_FLAGS")
+  assert not cpu.compile_flag_supported("0.11.0")  # unchecked: left alone
+  assert not cpu.compile_flag_supported("dev")  # unparsable: left alone
+  import jaxlib
+
+  assert cpu.compile_flag_supported() == cpu.compile_flag_supported(jaxlib.__version__)
 
 
 def test_too_late_is_a_clear_error():
