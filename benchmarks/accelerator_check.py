@@ -187,7 +187,7 @@ def time_rounds(step, state, round_data, rounds: int, budget: Budget):
   import jax
 
   start = time.perf_counter()
-  state, metrics = step(state, round_data, jax.random.key(0))
+  state, metrics, _ = step(state, round_data, jax.random.key(0))
   jax.block_until_ready((state, metrics))
   first = time.perf_counter() - start
   seconds = []
@@ -195,7 +195,7 @@ def time_rounds(step, state, round_data, rounds: int, budget: Budget):
     if seconds and budget.left() < 2 * seconds[-1]:
       break
     start = time.perf_counter()
-    state, metrics = step(state, round_data, jax.random.key(repetition + 1))
+    state, metrics, _ = step(state, round_data, jax.random.key(repetition + 1))
     jax.block_until_ready((state, metrics))
     seconds.append(time.perf_counter() - start)
   return state, first, seconds
@@ -244,7 +244,7 @@ def cpu_equivalence_section(smoke: bool) -> dict:
     with jax.default_device(device), jax.default_matmul_precision(precision):
       params = jax.device_put(model.init(jax.random.key(0)), device)
       state = process.init(params)
-      state, metrics = jax.jit(process.next)(state, jax.device_put(round_data, device), jax.random.key(7))
+      state, metrics, _ = jax.jit(process.next)(state, jax.device_put(round_data, device), jax.random.key(7))
       update = jax.tree.map(lambda new, old: np.asarray(new) - np.asarray(old), state.params, params)
       return update, metrics
 

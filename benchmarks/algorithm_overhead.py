@@ -87,13 +87,13 @@ def main(argv=None) -> int:
 
   def one_round(name, key):
     if name not in stores:
-      states[name], metrics = programs[name](states[name], round_data, key)
+      states[name], metrics, _ = programs[name](states[name], round_data, key)
       return metrics
     cohort = cohort_rng.choice(population, num_clients, replace=False)
     start = time.perf_counter()
     gathered = jax.device_put(stores[name].gather(cohort, num_clients))
     moved = time.perf_counter() - start
-    states[name], metrics, new_states = programs[name](states[name], dict(round_data, client_state=gathered), key)
+    states[name], metrics, new_states = programs[name](states[name], round_data, key, gathered)
     new_states = jax.device_get(new_states)
     start = time.perf_counter()
     stores[name].scatter(cohort, new_states, np.asarray(round_data["num_examples"]))

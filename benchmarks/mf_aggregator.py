@@ -97,14 +97,14 @@ def full_round(args) -> None:
     programs[name] = jax.jit(process.next)
     states[name] = process.init(params)
     start = time.perf_counter()
-    states[name], _ = programs[name](states[name], round_data, jax.random.key(0))
+    states[name], _, _ = programs[name](states[name], round_data, jax.random.key(0))
     jax.block_until_ready(states[name])
     first[name] = time.perf_counter() - start
   seconds = {name: [] for name in variants}
   for repetition in range(args.repeats):
     for name in variants:
       start = time.perf_counter()
-      states[name], metrics = programs[name](states[name], round_data, jax.random.key(repetition + 1))
+      states[name], metrics, _ = programs[name](states[name], round_data, jax.random.key(repetition + 1))
       jax.block_until_ready((states[name], metrics))
       seconds[name].append(time.perf_counter() - start)
   median = {name: statistics.median(values) for name, values in seconds.items()}

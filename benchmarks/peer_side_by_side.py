@@ -95,7 +95,7 @@ def library_child(workload_name: str, rounds: int, seed: int, configure: bool, q
   keys = jax.random.split(jax.random.key(seed + 1), rounds)
   marks, cpu_marks = [time.perf_counter()], [time.process_time()]
   for index in range(rounds):
-    state, metrics = step(state, round_data, keys[index])
+    state, metrics, _ = step(state, round_data, keys[index])
     jax.block_until_ready((state, metrics))
     marks.append(time.perf_counter())
     cpu_marks.append(time.process_time())

@@ -201,7 +201,7 @@ def run(num_clients: int, cohort: int, rounds: int, mean_examples: float, seed: 
     packed_bytes = sum(value.nbytes for value in packed.values())
     rss_after_pack.append(rss_bytes())  # the previous cohort is freed: this holds one cohort in flight
     start = time.perf_counter()
-    state, metrics = round_fn(state, packed, jax.random.fold_in(jax.random.key(seed), round_num))
+    state, metrics, _ = round_fn(state, packed, jax.random.fold_in(jax.random.key(seed), round_num))
     jax.block_until_ready((state, metrics))
     elapsed = time.perf_counter() - start
     round_s.append(elapsed)

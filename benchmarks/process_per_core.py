@@ -105,7 +105,7 @@ def worker(mode: str, rounds: int, quick: bool, port: int | None, process_id: in
                          for leaf in jax.tree.leaves(tree)]
   for r in range(rounds + 1):
     start = time.perf_counter()
-    state, metrics = step(state, round_data, keys[r])
+    state, metrics, _ = step(state, round_data, keys[r])
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
     if r == 0:

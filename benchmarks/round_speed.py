@@ -337,7 +337,7 @@ class LibraryRound:
 
   def __call__(self) -> None:
     key = self._keys[self._round % self._keys.shape[0]]
-    self._state, metrics = self._next(self._state, self._round_data, key)
+    self._state, metrics, _ = self._next(self._state, self._round_data, key)
     jax.block_until_ready((self._state, metrics))
     self._round += 1
 
@@ -855,7 +855,7 @@ def memory_child(num_clients: int, workload: Workload) -> None:
   round_program = jax.jit(process.next).lower(state, round_data, key).compile()
   temp_bytes = int(round_program.memory_analysis().temp_size_in_bytes)  # XLA's own scratch-buffer account
   for _ in range(workload.memory_rounds):
-    state, metrics = round_program(state, round_data, key)
+    state, metrics, _ = round_program(state, round_data, key)
     jax.block_until_ready((state, metrics))
     round_seconds.append(time.perf_counter() - start)
     start = time.perf_counter()

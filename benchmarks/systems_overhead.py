@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                          cohort_size=per_round, step_budget=plan.counted_steps)
     placed = jax.block_until_ready(jax.device_put(packed))
     host_seconds = time.perf_counter() - start
-    new_state, metrics = round_step(state, placed, jax.random.key(round_num))
+    new_state, metrics, _ = round_step(state, placed, jax.random.key(round_num))
     jax.block_until_ready((new_state, metrics))
     return (time.perf_counter() - start, host_seconds, plan_seconds, int(np.count_nonzero(packed["num_examples"])),
             packed)

@@ -37,7 +37,7 @@ def test_readme_python_examples_run(tmp_path):
   assert len(blocks) >= 2, "the README needs its training example and its own-algorithm example"
   checks = textwrap.dedent("""
       import json
-      custom = namespaces[1]["result"]  # the signSGD example built with build_round
+      custom = namespaces[1]["result"]  # the FedNova example built with build_round
       print("README-CHECK " + json.dumps({
           "round_num": int(namespaces[0]["state"].round_num), "custom_rounds": len(custom.history),
           "custom_round_num": int(custom.state.round_num),

@@ -10,8 +10,8 @@ from fedjax_lite.algorithms.evaluation import (
     evaluate_clients,
     federated_evaluation,
 )
-from fedjax_lite.algorithms.fed_avg import fed_avg, local_training_work
-from fedjax_lite.algorithms.fed_kmeans import fed_kmeans, initial_centroids
+from fedjax_lite.algorithms.fed_avg import FED_AVG_OPTIONS, fed_avg, fed_avg_options, local_training_work
+from fedjax_lite.algorithms.fed_kmeans import KMeansServerState, fed_kmeans, initial_centroids
 from fedjax_lite.algorithms.fed_opt import (
     adaptive_server_optimizer,
     fed_adagrad,
@@ -22,27 +22,44 @@ from fedjax_lite.algorithms.fed_opt import (
 )
 from fedjax_lite.algorithms.fed_prox import fed_prox, proximal_term
 from fedjax_lite.algorithms.fed_sgd import fed_sgd
-from fedjax_lite.algorithms.mime import frozen_state, mime, mime_lite
-from fedjax_lite.algorithms.scaffold import control_variate_correction, scaffold
+from fedjax_lite.algorithms.mime import MimeServerState, frozen_state, mime, mime_lite
+from fedjax_lite.algorithms.scaffold import ScaffoldServerState, control_variate_correction, scaffold
 from fedjax_lite.algorithms.local_training import client_gradient, train_locally
 from fedjax_lite.algorithms.personalization import personalization_evaluation
 from fedjax_lite.algorithms.optimizers import ScheduledOptimizer, scheduled_optimizer
 from fedjax_lite.algorithms.template import (
     BitCount,
     Broadcast,
+    CohortWork,
     Finalizer,
+    FinalizerOutput,
+    Prepass,
+    RoundParts,
     ServerState,
+    apply_optimizer_rejecting_non_finite,
     bits_per_client,
     build_round,
     client_work_and_aggregate,
     communication_bits,
     model_distributor,
     optimizer_finalizer,
+    reject_non_finite_update,
     round_bits,
 )
 
 __all__ = [
+    "apply_optimizer_rejecting_non_finite",
+    "reject_non_finite_update",
+    "FED_AVG_OPTIONS",
+    "FinalizerOutput",
+    "Prepass",
+    "RoundParts",
+    "fed_avg_options",
     "BitCount",
+    "CohortWork",
+    "KMeansServerState",
+    "MimeServerState",
+    "ScaffoldServerState",
     "bits_per_client",
     "communication_bits",
     "round_bits",

@@ -19,7 +19,8 @@ clients (:func:`fedjax_lite.algorithms.template.communication_bits`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import inspect
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,7 @@ from fedjax_lite.core.tree import PyTree
 WEIGHTINGS = ("num_examples", "uniform")
 GradientCorrection = Callable[[Broadcast, PyTree], optax.GradientTransformation]
 
-__all__ = ["ServerState", "fed_avg", "local_training_work"]
+__all__ = ["FED_AVG_OPTIONS", "ServerState", "fed_avg", "fed_avg_options", "local_training_work"]
 
 
 def check_model(model: Model) -> None:
@@ -81,22 +82,19 @@ def local_training_work(
 ) -> ClientWork:
   """FedAvg's client work: local steps from the broadcast params, upload ``delta = params - final_params``.
 
-  ``gradient_correction(broadcast, client_state)``, when given, returns an optax transformation chained BEFORE
-  the client optimizer, i.e. applied to every local gradient (FedProx's proximal term, SCAFFOLD's control-variate
-  correction).
+  The local optimizer is ``optimizer.for_round(broadcast.hparams, correction)``: build the round with
+  ``build_round(..., client_optimizer=optimizer)``, which broadcasts the round's hyperparameters (a scheduled
+  learning rate); without them this raises. ``gradient_correction(broadcast, client_state)``, when given, returns
+  an optax transformation chained BEFORE the client optimizer, i.e. applied to every local gradient (FedProx's
+  proximal term).
   """
   check_model(model)
   validation.check_choice("weighting", weighting, WEIGHTINGS)
 
   def work(broadcast: Broadcast, client_data: PyTree, client_state: PyTree, rng: jax.Array) -> ClientOutput:
-    opt_state = optimizer.init(broadcast.params, broadcast.hparams)
-    transformation = optimizer.transformation
-    if gradient_correction is not None:
-      correction = gradient_correction(broadcast, client_state)
-      transformation = optax.chain(correction, transformation)
-      opt_state = (correction.init(broadcast.params), opt_state)
-    final_params, metric_sums = train_locally(model, transformation, broadcast.params, client_data, rng,
-                                              opt_state=opt_state)
+    corrections = () if gradient_correction is None else (gradient_correction(broadcast, client_state),)
+    final_params, metric_sums = train_locally(model, optimizer.for_round(broadcast.hparams, *corrections),
+                                              broadcast.params, client_data, rng)
     delta = jax.tree.map(jnp.subtract, broadcast.params, final_params)
     return ClientOutput(update=delta, weight=client_weight(weighting, metric_sums), metrics=metric_sums)
 
@@ -113,10 +111,15 @@ def fed_avg(
     aggregator: Aggregator | None = None,
     client_grad_clip_norm: float | None = None,
     server_midpoint_fraction: float | None = None,
+    gradient_correction: GradientCorrection | None = None,
     broadcast_encoder: Any | None = None,
     runner: Runner | None = None,
 ) -> Process:
   """Builds FedAvg as a ``Process(init, next)``: a configuration of :func:`~fedjax_lite.algorithms.build_round`.
+
+  The one builder of the FedAvg family: FedProx (:func:`~fedjax_lite.algorithms.fed_prox`) and FedOpt
+  (:func:`~fedjax_lite.algorithms.fed_adam`, ...) are this function with one option set, and take every other
+  option below as keywords (``FED_AVG_OPTIONS``), so a new option added here reaches them all.
 
   Args:
     model: the model.
@@ -132,6 +135,9 @@ def fed_avg(
     server_midpoint_fraction: optional ``f`` in (0, 1]: the server step is scaled by ``f`` (``optax.scale``
       chained after the server optimizer); with SGD(1.0), ``f = 0.5`` lands at the midpoint of the current and
       averaged models.
+    gradient_correction: optional ``(broadcast, client_state) -> optax transformation`` chained BEFORE the client
+      optimizer, i.e. applied to every local gradient (FedProx's proximal term; see
+      :func:`local_training_work`).
     broadcast_encoder: optional server-to-client compression with ``encode(params, rng) -> params as the
       clients receive them`` and ``bits(params_template) -> int`` (e.g.
       ``aggregators.quantization.broadcast_encoder(8, 10000)``). Clients train from the decoded parameters and
@@ -140,36 +146,14 @@ def fed_avg(
 
   Returns:
     ``Process(init, next)`` with ``init(params) -> ServerState`` and
-    ``next(state, round_data, rng) -> (state, metrics)``, jittable end to end.
+    ``next(state, round_data, rng) -> RoundOutput(state, metrics, client_states=None)``, jittable end to end.
 
   Example::
 
     process = fed_avg(model, client_learning_rate=0.02)
     state = process.init(model.init(jax.random.key(0)))
-    state, metrics = jax.jit(process.next)(state, round_data, jax.random.key(1))
+    state, metrics, _ = jax.jit(process.next)(state, round_data, jax.random.key(1))
   """
-  return fed_avg_round(model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
-                       server_optimizer=server_optimizer, weighting=weighting, aggregator=aggregator,
-                       client_grad_clip_norm=client_grad_clip_norm, server_midpoint_fraction=server_midpoint_fraction,
-                       broadcast_encoder=broadcast_encoder, runner=runner)
-
-
-def fed_avg_round(
-    model: Model,
-    *,
-    client_optimizer: optax.GradientTransformation | OptimizerFactory,
-    client_learning_rate: float | optax.Schedule | None,
-    server_optimizer: optax.GradientTransformation | None,
-    weighting: str,
-    aggregator: Aggregator | None,
-    client_grad_clip_norm: float | None = None,
-    server_midpoint_fraction: float | None = None,
-    broadcast_encoder: Any | None = None,
-    runner: Runner | None = None,
-    gradient_correction: GradientCorrection | None = None,
-) -> Process:
-  """:func:`fed_avg` with an optional ``gradient_correction`` of the local gradients (see
-  :func:`local_training_work`): the shared body of FedAvg, FedProx and the FedOpt family."""
   check_model(model)
   optimizer = scheduled_optimizer(client_optimizer, client_learning_rate, grad_clip_norm=client_grad_clip_norm)
   server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
@@ -177,14 +161,31 @@ def fed_avg_round(
   validation.check_choice("weighting", weighting, WEIGHTINGS)
   validation.check_float("server_midpoint_fraction", server_midpoint_fraction, low=0.0, high=1.0,
                          low_inclusive=False, allow_none=True)
+  if gradient_correction is not None and not callable(gradient_correction):
+    raise TypeError(f"gradient_correction must be a function (broadcast, client_state) -> optax "
+                    f"GradientTransformation, got {type(gradient_correction).__name__}.")
   if server_midpoint_fraction is not None:
     server_optimizer = optax.chain(server_optimizer, optax.scale(server_midpoint_fraction))
   return build_round(
-      distributor=model_distributor(optimizer.hparams),
-      client_work=local_training_work(model, optimizer, weighting=weighting,
-                                      gradient_correction=gradient_correction),
-      aggregator=resolve_aggregator(aggregator, weighted=weighting == "num_examples"),
-      finalizer=optimizer_finalizer(server_optimizer),
+      local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction),  # 2.
+      distributor=model_distributor(),                                                                       # 1.
+      client_optimizer=optimizer,                                                                            #    rate
+      aggregator=resolve_aggregator(aggregator, weighted=weighting == "num_examples"),                      # 3.
+      finalizer=optimizer_finalizer(server_optimizer),                                                       # 4.
       broadcast_encoder=broadcast_encoder,
       runner=runner,
   )
+
+
+FED_AVG_OPTIONS = tuple(name for name in inspect.signature(fed_avg).parameters if name != "model")
+
+
+def fed_avg_options(builder: str, options: Mapping[str, Any], *, sets: tuple[str, ...]) -> dict[str, Any]:
+  """``options`` for :func:`fed_avg` from a builder that sets the options ``sets`` itself (e.g. FedProx sets
+  ``gradient_correction``); any other name is a ``TypeError`` listing what ``builder`` accepts."""
+  allowed = [name for name in FED_AVG_OPTIONS if name not in sets]
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise TypeError(f"{builder}() got unexpected keyword argument(s) {unknown}; besides its own arguments it takes "
+                    f"fedjax_lite.algorithms.fed_avg's options {allowed} ({', '.join(sets)} set by {builder}).")
+  return dict(options)

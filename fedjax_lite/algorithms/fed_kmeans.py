@@ -8,7 +8,7 @@ Mini-batch k-means with pseudo-counts (Sculley 2010, "Web-scale k-means clusteri
   ``argmin_k ||x - C_k||^2``; the client uploads ``S_k = sum of its points in cluster k`` and ``c_k = their count``;
 * aggregator: two sums (``{'sums', 'counts'}``);
 * finalizer: ``W' = W + c``; ``C'_k = (W_k C_k + S_k) / W'_k`` where ``c_k > 0``, else ``C_k``; ``W`` is the
-  finalizer state.
+  finalizer state (:class:`KMeansServerState`).
 
 Metrics: ``client_work/train/num_examples`` (points assigned) as the reference's ``{num_examples}``.
 """
@@ -17,16 +17,29 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.algorithms.local_training import split_steps
-from fedjax_lite.algorithms.template import Broadcast, Finalizer, build_round
+from fedjax_lite.algorithms.template import Broadcast, Finalizer, FinalizerOutput, build_round
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner
+
+
+@flax.struct.dataclass
+class KMeansServerState:
+  """Federated k-means' finalizer state (``ServerState.finalizer_state``).
+
+  Attributes:
+    weights: ``W``, float32 ``[num_clusters]``: each centroid's pseudo-count (1 at first, plus every point assigned
+      to it since).
+  """
+
+  weights: jax.Array
 
 
 def initial_centroids(num_clusters: int, data_shape: Sequence[int], seed: int) -> jax.Array:
@@ -48,7 +61,8 @@ def fed_kmeans(num_clusters: int, data_shape: Sequence[int], *, feature_key: str
 
   Returns:
     ``Process(init, next)``: ``init(centroids)`` (e.g. :func:`initial_centroids`) and ``next(state, round_data,
-    rng) -> (state, metrics)`` with ``state.params`` the centroids.
+    rng) -> RoundOutput(state, metrics, None)`` with ``state.params`` the centroids and
+    ``state.finalizer_state.weights`` their pseudo-counts.
   """
   validation.check_int("num_clusters", num_clusters, minimum=1)
   data_shape = tuple(int(d) for d in data_shape)
@@ -70,16 +84,17 @@ def fed_kmeans(num_clusters: int, data_shape: Sequence[int], *, feature_key: str
     return ClientOutput(update={"sums": sums, "counts": counts}, weight=jnp.ones((), jnp.float32),
                         metrics={"num_examples": num_examples})
 
-  def init_weights(centroids):
-    return jnp.ones((num_clusters,), jnp.float32)
+  def init_weights(centroids) -> KMeansServerState:
+    return KMeansServerState(weights=jnp.ones((num_clusters,), jnp.float32))
 
-  def finalize(weights, centroids, aggregate):
+  def finalize(state: KMeansServerState, centroids, aggregate):
+    weights = state.weights
     sums, counts = aggregate["sums"], aggregate["counts"]
     new_weights = weights + counts
     expand = (slice(None),) + (None,) * len(data_shape)
     moved = (weights[expand] * centroids + sums) / new_weights[expand]
     new_centroids = jnp.where((counts > 0)[expand], moved, centroids)
-    return new_centroids, new_weights, {}
+    return FinalizerOutput(state=KMeansServerState(weights=new_weights), params=new_centroids)
 
   def update_template(centroids):
     if centroids.shape != (num_clusters,) + data_shape:

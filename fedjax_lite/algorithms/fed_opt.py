@@ -30,13 +30,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.aggregators.base import Aggregator
-from fedjax_lite.algorithms.fed_avg import fed_avg_round
-from fedjax_lite.algorithms.optimizers import OptimizerFactory
+from fedjax_lite.algorithms.fed_avg import fed_avg, fed_avg_options
 from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
-from fedjax_lite.core.runner import Runner
 from fedjax_lite.core.tree import PyTree
 
 ACCUMULATORS = ("adagrad", "adam", "yogi")
@@ -96,52 +93,47 @@ def adaptive_server_optimizer(accumulator: str, server_learning_rate: float, **k
   return optax.chain(scale_by_adaptive_server(accumulator, **kwargs), optax.scale(-server_learning_rate))
 
 
-def _fed_opt(model, server_optimizer, client_optimizer, client_learning_rate, weighting, aggregator, runner):
-  return fed_avg_round(model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
-                       server_optimizer=server_optimizer, weighting=weighting, aggregator=aggregator, runner=runner)
+def fed_adam(model: Model, *, server_learning_rate: float, beta1: float = 0.9, beta2: float = 0.99,
+             adaptivity: float = 1e-3, initial_accumulator: float = 0.0, bias_correction: bool = False,
+             **options) -> Process:
+  """FedAdam (Reddi et al. 2021, Algorithm 2): FedAvg with the Adam server step of the module docstring.
 
-
-def fed_adam(model: Model, *, server_learning_rate: float, client_learning_rate: float | optax.Schedule | None = None,
-             client_optimizer: optax.GradientTransformation | OptimizerFactory = optax.sgd, beta1: float = 0.9,
-             beta2: float = 0.99, adaptivity: float = 1e-3, initial_accumulator: float = 0.0,
-             bias_correction: bool = False, weighting: str = "num_examples", aggregator: Aggregator | None = None,
-             runner: Runner | None = None) -> Process:
-  """FedAdam (Reddi et al. 2021, Algorithm 2): FedAvg with the Adam server step of the module docstring."""
+  ``options``: every option of :func:`~fedjax_lite.algorithms.fed_avg` (``client_learning_rate``,
+  ``client_optimizer``, ``weighting``, ``aggregator``, ...) except ``server_optimizer``, which this sets."""
   server = adaptive_server_optimizer("adam", server_learning_rate, beta1=beta1, beta2=beta2, adaptivity=adaptivity,
                                      initial_accumulator=initial_accumulator, bias_correction=bias_correction)
-  return _fed_opt(model, server, client_optimizer, client_learning_rate, weighting, aggregator, runner)
+  return fed_avg(model, server_optimizer=server, **fed_avg_options("fed_adam", options, sets=("server_optimizer",)))
 
 
-def fed_yogi(model: Model, *, server_learning_rate: float, client_learning_rate: float | optax.Schedule | None = None,
-             client_optimizer: optax.GradientTransformation | OptimizerFactory = optax.sgd, beta1: float = 0.9,
-             beta2: float = 0.99, adaptivity: float = 1e-3, initial_accumulator: float = 0.0,
-             bias_correction: bool = False, weighting: str = "num_examples", aggregator: Aggregator | None = None,
-             runner: Runner | None = None) -> Process:
-  """FedYogi (Reddi et al. 2021, Algorithm 2): FedAvg with the Yogi server step of the module docstring."""
+def fed_yogi(model: Model, *, server_learning_rate: float, beta1: float = 0.9, beta2: float = 0.99,
+             adaptivity: float = 1e-3, initial_accumulator: float = 0.0, bias_correction: bool = False,
+             **options) -> Process:
+  """FedYogi (Reddi et al. 2021, Algorithm 2): FedAvg with the Yogi server step of the module docstring.
+
+  ``options``: every option of :func:`~fedjax_lite.algorithms.fed_avg` except ``server_optimizer``."""
   server = adaptive_server_optimizer("yogi", server_learning_rate, beta1=beta1, beta2=beta2, adaptivity=adaptivity,
                                      initial_accumulator=initial_accumulator, bias_correction=bias_correction)
-  return _fed_opt(model, server, client_optimizer, client_learning_rate, weighting, aggregator, runner)
+  return fed_avg(model, server_optimizer=server, **fed_avg_options("fed_yogi", options, sets=("server_optimizer",)))
 
 
-def fed_adagrad(model: Model, *, server_learning_rate: float,
-                client_learning_rate: float | optax.Schedule | None = None,
-                client_optimizer: optax.GradientTransformation | OptimizerFactory = optax.sgd, beta1: float = 0.0,
-                adaptivity: float = 1e-3, initial_accumulator: float = 0.0, weighting: str = "num_examples",
-                aggregator: Aggregator | None = None, runner: Runner | None = None) -> Process:
-  """FedAdagrad (Reddi et al. 2021, Algorithm 2): FedAvg with the Adagrad server step of the module docstring."""
+def fed_adagrad(model: Model, *, server_learning_rate: float, beta1: float = 0.0, adaptivity: float = 1e-3,
+                initial_accumulator: float = 0.0, **options) -> Process:
+  """FedAdagrad (Reddi et al. 2021, Algorithm 2): FedAvg with the Adagrad server step of the module docstring.
+
+  ``options``: every option of :func:`~fedjax_lite.algorithms.fed_avg` except ``server_optimizer``."""
   server = adaptive_server_optimizer("adagrad", server_learning_rate, beta1=beta1, beta2=0.0, adaptivity=adaptivity,
                                      initial_accumulator=initial_accumulator)
-  return _fed_opt(model, server, client_optimizer, client_learning_rate, weighting, aggregator, runner)
+  return fed_avg(model, server_optimizer=server,
+                 **fed_avg_options("fed_adagrad", options, sets=("server_optimizer",)))
 
 
 def fed_avgm(model: Model, *, server_learning_rate: float = 1.0, server_momentum: float = 0.9,
-             client_learning_rate: float | optax.Schedule | None = None,
-             client_optimizer: optax.GradientTransformation | OptimizerFactory = optax.sgd,
-             weighting: str = "num_examples", aggregator: Aggregator | None = None,
-             runner: Runner | None = None) -> Process:
+             **options) -> Process:
   """FedAvgM (Hsu et al. 2019, arXiv:1909.06335; Reddi et al. 2021): FedAvg with server SGD with momentum,
-  ``a <- mu a + Delta``, ``x <- x - eta a`` (``optax.sgd(eta, momentum=mu)``, TFF ``build_sgdm``)."""
+  ``a <- mu a + Delta``, ``x <- x - eta a`` (``optax.sgd(eta, momentum=mu)``, TFF ``build_sgdm``).
+
+  ``options``: every option of :func:`~fedjax_lite.algorithms.fed_avg` except ``server_optimizer``."""
   validation.check_positive("server_learning_rate", server_learning_rate)
   validation.check_float("server_momentum", server_momentum, low=0.0, high=1.0, high_inclusive=False)
-  return _fed_opt(model, optax.sgd(server_learning_rate, momentum=server_momentum), client_optimizer,
-                  client_learning_rate, weighting, aggregator, runner)
+  return fed_avg(model, server_optimizer=optax.sgd(server_learning_rate, momentum=server_momentum),
+                 **fed_avg_options("fed_avgm", options, sets=("server_optimizer",)))

@@ -20,13 +20,10 @@ from typing import NamedTuple
 import jax
 import optax
 
-from fedjax_lite.aggregators.base import Aggregator
-from fedjax_lite.algorithms.fed_avg import fed_avg_round
-from fedjax_lite.algorithms.optimizers import OptimizerFactory
+from fedjax_lite.algorithms.fed_avg import fed_avg, fed_avg_options
 from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
-from fedjax_lite.core.runner import Runner
 from fedjax_lite.core.tree import PyTree
 
 
@@ -55,36 +52,18 @@ def proximal_term(proximal_strength: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def fed_prox(
-    model: Model,
-    proximal_strength: float,
-    *,
-    client_optimizer: optax.GradientTransformation | OptimizerFactory = optax.sgd,
-    client_learning_rate: float | optax.Schedule | None = None,
-    server_optimizer: optax.GradientTransformation | None = None,
-    weighting: str = "num_examples",
-    aggregator: Aggregator | None = None,
-    client_grad_clip_norm: float | None = None,
-    runner: Runner | None = None,
-) -> Process:
+def fed_prox(model: Model, proximal_strength: float, **options) -> Process:
   """Builds FedProx: :func:`~fedjax_lite.algorithms.fed_avg` with the proximal term ``mu (w - w0)`` added to
   every local gradient (see the module docstring for the formula and the sign).
 
   Args:
     model: the model.
     proximal_strength: ``mu >= 0`` (the FedProx paper tries 0.001 to 1).
-    client_optimizer: as in :func:`~fedjax_lite.algorithms.fed_avg`.
-    client_learning_rate: as in :func:`~fedjax_lite.algorithms.fed_avg`.
-    server_optimizer: as in :func:`~fedjax_lite.algorithms.fed_avg` (default SGD(1.0)).
-    weighting: as in :func:`~fedjax_lite.algorithms.fed_avg`.
-    aggregator: as in :func:`~fedjax_lite.algorithms.fed_avg`.
-    client_grad_clip_norm: as in :func:`~fedjax_lite.algorithms.fed_avg`; the clip applies to the whole proximal
-      gradient ``grad L + mu (w - w0)``.
-    runner: the client runner.
+    **options: every option of :func:`~fedjax_lite.algorithms.fed_avg` (``client_optimizer``,
+      ``client_learning_rate``, ``server_optimizer`` (default SGD(1.0)), ``weighting``, ``aggregator``,
+      ``client_grad_clip_norm`` -- which clips the whole proximal gradient ``grad L + mu (w - w0)`` -- ...) except
+      ``gradient_correction``, which FedProx sets.
   """
   validation.check_float("proximal_strength", proximal_strength, low=0.0)
-  return fed_avg_round(
-      model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
-      server_optimizer=server_optimizer, weighting=weighting, aggregator=aggregator,
-      client_grad_clip_norm=client_grad_clip_norm, runner=runner,
-      gradient_correction=lambda broadcast, client_state: proximal_term(proximal_strength))
+  return fed_avg(model, gradient_correction=lambda broadcast, client_state: proximal_term(proximal_strength),
+                 **fed_avg_options("fed_prox", options, sets=("gradient_correction",)))

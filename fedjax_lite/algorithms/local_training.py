@@ -128,6 +128,16 @@ def train_locally(
     rng: the client's key; step ``t`` uses ``fold_in(rng, t)`` (dropout etc.).
     opt_state: the optimizer's starting state; default ``optimizer.init(params)`` (fresh on each client, as in
       the reference).
+
+  Returns:
+    ``(final_params, metric_sums)``, the sums over the client's REAL examples and steps (int32 counts, float32
+    sums), to be summed over clients and finalized once on the server (:func:`fedjax_lite.core.finalize_metric_sums`):
+
+    * ``loss``: the sum of the per-example losses (each step's forward pass, before its update);
+    * one entry per model metric (``model.metrics``, e.g. ``accuracy``): the sum of its per-example values;
+    * ``num_examples``: the real examples processed, over every epoch packed (the FedAvg weight ``n_i``);
+    * ``num_batches``: the local steps actually taken, ``tau_i`` (non-empty batches; padding steps are not run),
+      e.g. SCAFFOLD's ``K`` and FedNova's normalizer.
   """
   steps, num_steps = split_steps(client_data)
 

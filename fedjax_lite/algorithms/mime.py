@@ -17,11 +17,15 @@ Both keep a base optimizer ``B`` (an optax transformation, e.g. ``optax.sgd(lr, 
   evaluates two gradients (at ``y`` and at ``x``) on the same batch.
 
 In both, local steps use the base state ``s_t`` of the start of the round; ``s_{t+1}`` is computed from ``g`` at
-the end of the round, as in the paper. A non-finite aggregate leaves the model, the server optimizer and ``s`` unchanged.
+the end of the round, as in the paper. A non-finite aggregate leaves the model, the server optimizer and ``s``
+unchanged (the round template's rule).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,23 +43,32 @@ from fedjax_lite.algorithms.local_training import (
 from fedjax_lite.algorithms.template import (
     Broadcast,
     Finalizer,
-    ServerState,
-    apply_optimizer_rejecting_non_finite,
-    bits_per_client,
+    FinalizerOutput,
+    Prepass,
     build_round,
     check_optimizer,
-    check_params,
-    client_work_and_aggregate,
     model_distributor,
-    place_on_mesh,
-    round_bits,
 )
 from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model, masked_loss_and_metric_sums
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner
-from fedjax_lite.core.tree import PyTree, tree_all_finite, tree_select
+from fedjax_lite.core.tree import PyTree
+
+
+@flax.struct.dataclass
+class MimeServerState:
+  """Mime's and MimeLite's finalizer state (``ServerState.finalizer_state``).
+
+  Attributes:
+    server_optimizer: the server optimizer's optax state (applied to the mean delta).
+    base_optimizer: the base optimizer's state ``s``, frozen on the clients and updated on the server from the
+      mean full gradient.
+  """
+
+  server_optimizer: PyTree
+  base_optimizer: PyTree
 
 
 def frozen_state(base_optimizer: optax.GradientTransformation, state: PyTree) -> optax.GradientTransformation:
@@ -68,28 +81,20 @@ def frozen_state(base_optimizer: optax.GradientTransformation, state: PyTree) ->
 
 
 def _mime_finalizer(base_optimizer, server_optimizer) -> Finalizer:
-  """Model: ``server_opt(x, delta)``; base state: ``B.update(g, s, x).state``; both rejected when non-finite."""
+  """Model: ``server_opt(x, delta)``; base state: ``B.update(g, s, x).state`` (both kept when the aggregate is
+  non-finite: the template's rule)."""
 
-  def init(params):
-    return {"optimizer": server_optimizer.init(params), "base_optimizer": base_optimizer.init(params)}
+  def init(params) -> MimeServerState:
+    return MimeServerState(server_optimizer=server_optimizer.init(params),
+                           base_optimizer=base_optimizer.init(params))
 
-  def apply(state, params, aggregate):
-    new_params, opt_state, measurements = apply_optimizer_rejecting_non_finite(
-        server_optimizer, state["optimizer"], params, aggregate["delta"])
-    _, stepped = base_optimizer.update(aggregate["full_gradient"], state["base_optimizer"], params)
-    base_state = tree_select(tree_all_finite(aggregate["full_gradient"]), stepped, state["base_optimizer"])
-    return new_params, {"optimizer": opt_state, "base_optimizer": base_state}, measurements
+  def apply(state: MimeServerState, params, aggregate):
+    updates, opt_state = server_optimizer.update(aggregate["delta"], state.server_optimizer, params)
+    _, base_state = base_optimizer.update(aggregate["full_gradient"], state.base_optimizer, params)
+    return FinalizerOutput(state=MimeServerState(server_optimizer=opt_state, base_optimizer=base_state),
+                           params=optax.apply_updates(params, updates))
 
   return Finalizer(init, apply)
-
-
-def _check(model, base_optimizer, server_optimizer, weighting):
-  check_model(model)
-  check_optimizer("base_optimizer", base_optimizer)
-  server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
-  check_optimizer("server_optimizer", server_optimizer)
-  validation.check_choice("weighting", weighting, WEIGHTINGS)
-  return server_optimizer
 
 
 def mime_lite(
@@ -100,9 +105,17 @@ def mime_lite(
     weighting: str = "num_examples",
     aggregator: Aggregator | None = None,
     full_gradient_aggregator: Aggregator | None = None,
+    svrg_correction: bool = False,
+    broadcast_encoder: Any | None = None,
     runner: Runner | None = None,
 ) -> Process:
-  """Builds MimeLite (see the module docstring); TFF ``build_weighted_mime_lite`` / ``build_unweighted_mime_lite``.
+  """Builds MimeLite, or Mime with ``svrg_correction=True`` (see the module docstring); TFF
+  ``build_weighted_mime_lite`` / ``build_unweighted_mime_lite``.
+
+  MimeLite is one pass: every client computes its full gradient and trains with ``s`` frozen. Mime is a round with
+  a :class:`~fedjax_lite.algorithms.template.Prepass`: the clients' full gradients are aggregated first, and the
+  second stage trains with the correction ``- grad f_i(x; b) + g``. Its metrics gain
+  ``client_work/full_gradient_pass`` (the first stage's client metrics).
 
   Args:
     model: the model.
@@ -111,27 +124,55 @@ def mime_lite(
     weighting: ``'num_examples'`` or ``'uniform'`` (both aggregates use the same weights).
     aggregator: of the deltas; default the (un)weighted mean.
     full_gradient_aggregator: of the full gradients; default the (un)weighted mean.
+    svrg_correction: Mime's correction (a pre-pass over the cohort for ``g``); False for MimeLite.
+    broadcast_encoder: optional server-to-client compression of the model (as in
+      :func:`~fedjax_lite.algorithms.fed_avg`).
     runner: the client runner.
-  """
-  server_optimizer = _check(model, base_optimizer, server_optimizer, weighting)
-  weighted = weighting == "num_examples"
 
-  def client_work(broadcast: Broadcast, client_data, client_state, rng) -> ClientOutput:
-    x, base_state = broadcast.params, broadcast.extra
-    full_gradient, _ = client_gradient(model, x, client_data, jax.random.fold_in(rng, 1))
-    y, metric_sums = train_locally(model, frozen_state(base_optimizer, base_state), x, client_data, rng)
-    return ClientOutput(update={"delta": jax.tree.map(jnp.subtract, x, y), "full_gradient": full_gradient},
-                        weight=client_weight(weighting, metric_sums), metrics=metric_sums)
+  Returns:
+    ``Process(init, next)``; ``state.finalizer_state`` is a :class:`MimeServerState`.
+  """
+  check_model(model)
+  check_optimizer("base_optimizer", base_optimizer)
+  server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
+  check_optimizer("server_optimizer", server_optimizer)
+  validation.check_choice("weighting", weighting, WEIGHTINGS)
+  if not isinstance(svrg_correction, bool):
+    raise TypeError(f"svrg_correction must be a bool, got {type(svrg_correction).__name__}.")
+  weighted = weighting == "num_examples"
+  aggregators = {"delta": resolve_aggregator(aggregator, weighted),
+                 "full_gradient": resolve_aggregator(full_gradient_aggregator, weighted)}
+  common = dict(distributor=model_distributor(extra=lambda state: state.finalizer_state.base_optimizer),
+                finalizer=_mime_finalizer(base_optimizer, server_optimizer), broadcast_encoder=broadcast_encoder,
+                runner=runner)
+
+  if not svrg_correction:
+    def client_work(broadcast: Broadcast, client_data, client_state, rng) -> ClientOutput:
+      x, base_state = broadcast.params, broadcast.extra
+      full_gradient, _ = client_gradient(model, x, client_data, jax.random.fold_in(rng, 1))
+      y, metric_sums = train_locally(model, frozen_state(base_optimizer, base_state), x, client_data, rng)
+      return ClientOutput(update={"delta": jax.tree.map(jnp.subtract, x, y), "full_gradient": full_gradient},
+                          weight=client_weight(weighting, metric_sums), metrics=metric_sums)
+
+    return build_round(client_work, aggregator=aggregators, **common)
+
+  def full_gradient_work(broadcast: Broadcast, client_data, client_state, rng) -> ClientOutput:
+    gradient, sums = client_gradient(model, broadcast.params, client_data, rng)
+    return ClientOutput(update={"full_gradient": gradient}, weight=client_weight(weighting, sums), metrics=sums)
+
+  def training_work(broadcast: Broadcast, client_data, client_state, rng) -> ClientOutput:
+    x = broadcast.params
+    y, sums = svrg_corrected_training(model, base_optimizer, broadcast.extra, x,
+                                      broadcast.prepass["full_gradient"], client_data, rng)
+    return ClientOutput(update={"delta": jax.tree.map(jnp.subtract, x, y)}, weight=client_weight(weighting, sums),
+                        metrics=sums)
 
   return build_round(
-      distributor=model_distributor(extra=lambda state: state.opt_state["base_optimizer"]),
-      client_work=client_work,
-      aggregator={"delta": resolve_aggregator(aggregator, weighted),
-                  "full_gradient": resolve_aggregator(full_gradient_aggregator, weighted)},
-      finalizer=_mime_finalizer(base_optimizer, server_optimizer),
-      update_template=lambda params: {"delta": params, "full_gradient": params},
-      runner=runner,
-  )
+      training_work,                                                                     # 2. training, corrected
+      aggregator={"delta": aggregators["delta"]},                                         # 3. mean delta
+      prepass=Prepass(full_gradient_work, {"full_gradient": aggregators["full_gradient"]},  # 2-3 first: g
+                      name="full_gradient_pass"),
+      **common)
 
 
 def svrg_corrected_training(model: Model, base_optimizer, base_state, x, full_gradient, client_data, rng):
@@ -159,73 +200,12 @@ def svrg_corrected_training(model: Model, base_optimizer, base_state, x, full_gr
   return y, sums
 
 
-def mime(
-    model: Model,
-    base_optimizer: optax.GradientTransformation,
-    *,
-    server_optimizer: optax.GradientTransformation | None = None,
-    weighting: str = "num_examples",
-    runner: Runner | None = None,
-) -> Process:
-  """Builds Mime: MimeLite plus the SVRG-style correction ``- grad f_i(x; b) + g`` of every local gradient, with
-  ``g`` the cohort's mean full gradient at ``x`` (a first pass over the clients; see the module docstring).
-
-  The round is the template's parts run twice: client work 1 (full gradients) and its mean; then the
-  distributor broadcasts ``(s, g)``, client work 2 trains with the correction, the deltas are averaged and the
-  Mime finalizer updates the model and ``s``. Metrics are those of the second pass, plus
-  ``client_work/full_gradient_pass``.
+def mime(model: Model, base_optimizer: optax.GradientTransformation, **options) -> Process:
+  """Builds Mime: :func:`mime_lite` with ``svrg_correction=True`` -- MimeLite plus the SVRG-style correction
+  ``- grad f_i(x; b) + g`` of every local gradient, with ``g`` the cohort's mean full gradient at ``x`` (a pre-pass
+  over the clients; see the module docstring). ``options``: every keyword of :func:`mime_lite` but
+  ``svrg_correction``.
   """
-  server_optimizer = _check(model, base_optimizer, server_optimizer, weighting)
-  weighted = weighting == "num_examples"
-  full_gradient_mean = resolve_aggregator(None, weighted)
-  delta_mean = resolve_aggregator(None, weighted)
-  finalizer = _mime_finalizer(base_optimizer, server_optimizer)
-
-  def full_gradient_work(broadcast: Broadcast, client_data, client_state, rng) -> ClientOutput:
-    gradient, sums = client_gradient(model, broadcast.params, client_data, rng)
-    return ClientOutput(update=gradient, weight=client_weight(weighting, sums), metrics=sums)
-
-  def training_work(broadcast: Broadcast, client_data, client_state, rng) -> ClientOutput:
-    base_state, full_gradient = broadcast.extra
-    y, sums = svrg_corrected_training(model, base_optimizer, base_state, broadcast.params, full_gradient,
-                                      client_data, rng)
-    return ClientOutput(update=jax.tree.map(jnp.subtract, broadcast.params, y), weight=client_weight(weighting, sums),
-                        metrics=sums)
-
-  def init(params):
-    check_params(params)
-    params = jax.tree.map(jnp.asarray, params)
-    template = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-    state = ServerState(params=params, opt_state=finalizer.init(params),
-                        aggregator_state={"full_gradient": full_gradient_mean.init(template),
-                                          "delta": delta_mean.init(template)},
-                        round_num=jnp.zeros((), jnp.int32))
-    return place_on_mesh(state, runner)  # in the layout a sharded round returns it: round 2 reuses round 1's program
-
-  def next_fn(state, round_data, rng):
-    gradient_key, training_key = jax.random.split(rng)
-    # Pass 1: broadcast x; clients compute full gradients; mean.
-    first = Broadcast(params=state.params)
-    gradients, gradient_metrics, _ = client_work_and_aggregate(
-        full_gradient_work, full_gradient_mean, state.aggregator_state["full_gradient"], first, round_data,
-        gradient_key, runner)
-    # Pass 2: broadcast x, s and g; clients train with the correction; mean of the deltas.
-    second = Broadcast(params=state.params, extra=(state.opt_state["base_optimizer"], gradients.result))
-    deltas, client_metrics, _ = client_work_and_aggregate(
-        training_work, delta_mean, state.aggregator_state["delta"], second, round_data, training_key, runner)
-    params, opt_state, finalizer_metrics = finalizer.apply(
-        state.opt_state, state.params, {"delta": deltas.result, "full_gradient": gradients.result})
-    new_state = state.replace(params=params, opt_state=opt_state, round_num=state.round_num + 1,
-                              aggregator_state={"full_gradient": gradients.state, "delta": deltas.state})
-    first_bits = bits_per_client(full_gradient_mean, state.aggregator_state["full_gradient"], first, state.params)
-    second_bits = bits_per_client(delta_mean, state.aggregator_state["delta"], second, state.params)
-    metrics = {
-        "distributor": {},
-        "client_work": client_metrics | {"full_gradient_pass": gradient_metrics},
-        "aggregator": {"full_gradient": gradients.measurements, "delta": deltas.measurements},
-        "finalizer": finalizer_metrics,
-        **round_bits(first_bits[0] + second_bits[0], first_bits[1] + second_bits[1], round_data),
-    }
-    return new_state, metrics
-
-  return Process(init=init, next=next_fn)
+  if "svrg_correction" in options:
+    raise TypeError("mime() sets svrg_correction=True itself; use mime_lite(..., svrg_correction=...) to choose.")
+  return mime_lite(model, base_optimizer, svrg_correction=True, **options)

@@ -21,6 +21,8 @@ not finite is rejected and keeps its ``c_i``.
 
 from __future__ import annotations
 
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -34,7 +36,7 @@ from fedjax_lite.algorithms.optimizers import scheduled_optimizer
 from fedjax_lite.algorithms.template import (
     Broadcast,
     Finalizer,
-    apply_optimizer_rejecting_non_finite,
+    FinalizerOutput,
     build_round,
     check_optimizer,
     model_distributor,
@@ -44,7 +46,21 @@ from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner
-from fedjax_lite.core.tree import PyTree, tree_all_finite, tree_select
+from fedjax_lite.core.tree import PyTree, tree_select
+
+
+@flax.struct.dataclass
+class ScaffoldServerState:
+  """SCAFFOLD's finalizer state (``ServerState.finalizer_state``).
+
+  Attributes:
+    server_optimizer: the server optimizer's optax state.
+    control_variate: the server control variate ``c`` (shaped like the params), the mean of all ``N`` clients'
+      ``c_i``.
+  """
+
+  server_optimizer: PyTree
+  control_variate: PyTree
 
 
 def control_variate_correction(correction: PyTree) -> optax.GradientTransformation:
@@ -75,10 +91,10 @@ def scaffold(
     runner: the client runner.
 
   Returns:
-    ``Process(init, next, client_state)``: ``next(state, round_data, rng) -> (state, metrics,
-    new_client_states)`` with ``round_data['client_state']`` the cohort's control variates (see
-    :class:`fedjax_lite.core.ClientStateStore` and ``fedjax_lite.training.run_training``, which do the
-    gathering and scattering).
+    ``Process(init, next, client_state)``: ``next(state, round_data, rng, client_states) -> RoundOutput(state,
+    metrics, client_states)`` with ``client_states`` the cohort's control variates ``c_i`` in and ``c_i+`` out
+    (see :class:`fedjax_lite.core.ClientStateStore` and ``fedjax_lite.training.run_training``, which do the
+    gathering and scattering); ``state.finalizer_state`` is a :class:`ScaffoldServerState`.
   """
   check_model(model)
   validation.check_int("num_clients", num_clients, minimum=1)
@@ -94,9 +110,8 @@ def scaffold(
   def client_work(broadcast: Broadcast, client_data, client_control, rng) -> ClientOutput:
     x, server_control = broadcast.params, broadcast.extra
     correction = jax.tree.map(jnp.subtract, server_control, client_control)  # c - c_i
-    transformation = optax.chain(control_variate_correction(correction), optimizer.transformation)
-    opt_state = (optax.EmptyState(), optimizer.init(x, broadcast.hparams))
-    y, metric_sums = train_locally(model, transformation, x, client_data, rng, opt_state=opt_state)
+    y, metric_sums = train_locally(
+        model, optimizer.for_round(broadcast.hparams, control_variate_correction(correction)), x, client_data, rng)
     delta = jax.tree.map(jnp.subtract, x, y)
     steps = metric_sums["num_batches"].astype(jnp.float32)
     scale = 1.0 / (jnp.maximum(steps, 1.0) * broadcast.hparams["learning_rate"])
@@ -106,19 +121,19 @@ def scaffold(
     return ClientOutput(update={"delta": delta, "control": control_change},
                         weight=client_weight(weighting, metric_sums), metrics=metric_sums, new_state=new_control)
 
-  def init_finalizer(params):
-    return {"optimizer": server_optimizer.init(params), "control_variate": jax.tree.map(jnp.zeros_like, params)}
+  def init_finalizer(params) -> ScaffoldServerState:
+    return ScaffoldServerState(server_optimizer=server_optimizer.init(params),
+                               control_variate=jax.tree.map(jnp.zeros_like, params))
 
-  def apply_finalizer(state, params, aggregate):
-    params, opt_state, measurements = apply_optimizer_rejecting_non_finite(
-        server_optimizer, state["optimizer"], params, aggregate["delta"])
-    control = state["control_variate"]
-    stepped = jax.tree.map(lambda c, s: c + s / num_clients, control, aggregate["control"])
-    control = tree_select(tree_all_finite(aggregate["control"]), stepped, control)
-    return params, {"optimizer": opt_state, "control_variate": control}, measurements
+  def apply_finalizer(state: ScaffoldServerState, params, aggregate):
+    updates, opt_state = server_optimizer.update(aggregate["delta"], state.server_optimizer, params)
+    control = jax.tree.map(lambda c, s: c + s / num_clients, state.control_variate, aggregate["control"])
+    return FinalizerOutput(state=ScaffoldServerState(server_optimizer=opt_state, control_variate=control),
+                           params=optax.apply_updates(params, updates))
 
   return build_round(
-      distributor=model_distributor(optimizer.hparams, extra=lambda state: state.opt_state["control_variate"]),
+      distributor=model_distributor(extra=lambda state: state.finalizer_state.control_variate),
+      client_optimizer=optimizer,
       client_work=client_work,
       aggregator={"delta": delta_aggregator, "control": sum_aggregator()},
       finalizer=Finalizer(init_finalizer, apply_finalizer),

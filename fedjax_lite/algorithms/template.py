@@ -4,36 +4,52 @@ A round of every algorithm in this library has the reference's four parts (TFF `
 :func:`build_round` keeps them visible:
 
 1. **distributor** -- ``distributor(server_state) -> Broadcast(params, hparams, extra)``: what the server sends to
-   every client: the model, the round's hyperparameters (e.g. a client learning rate scheduled by round) and any
-   extra server values (SCAFFOLD's server control variate, Mime's optimizer state).
+   every client: the model, the round's hyperparameters and any extra server values (SCAFFOLD's server control
+   variate, Mime's optimizer state). A client optimizer whose learning rate is scheduled by round
+   (:class:`~fedjax_lite.algorithms.ScheduledOptimizer`) is given to ``build_round(client_optimizer=...)``, which
+   adds its round hyperparameters to every broadcast; the client work takes ``optimizer.for_round(
+   broadcast.hparams, *corrections)``, which refuses a broadcast without them.
 2. **client work** -- ``client_work(broadcast, client_data, client_state, rng) -> ClientOutput(update, weight,
    metrics, new_state)`` for ONE client. The runner maps it over the round's client slots (one scan per core on
-   CPU, ``vmap`` on accelerators, chunks, or a device mesh: :mod:`fedjax_lite.core.runner`).
+   CPU, ``vmap`` on accelerators, chunks, or a device mesh: :mod:`fedjax_lite.core.runner`). A :class:`Prepass`
+   runs a first client work over the cohort whose aggregate the client work then sees (``broadcast.prepass``).
 3. **aggregator** -- one :class:`~fedjax_lite.aggregators.Aggregator`, or a dict of them, one per key of the
-   clients' ``update`` (e.g. the model delta and a second quantity). A sum-based aggregator is streamed: each
-   client's contribution is added to a running sum as it is produced, so memory grows with the clients in flight,
-   not the cohort; any other (median, trimmed mean, Krum) receives the stacked values.
+   clients' ``update`` (e.g. the model delta and a second quantity), each with the client's ``weight`` (or its own
+   entry of a dict of weights). A sum-based aggregator is streamed: each client's contribution is added to a
+   running sum as it is produced, so memory grows with the clients in flight, not the cohort; any other (median,
+   trimmed mean, Krum) receives the stacked values.
 4. **finalizer** -- ``Finalizer(init, apply)``: the server update, ``apply(finalizer_state, params, aggregate) ->
-   (params, finalizer_state, measurements)``; :func:`optimizer_finalizer` applies an optax transformation.
+   FinalizerOutput(state, params, measurements)``; :func:`optimizer_finalizer` applies an optax transformation.
+   Its state is ``ServerState.finalizer_state``, a typed record of the algorithm.
 
 Rules the template enforces for every algorithm, so a user's own parts cannot get them wrong:
 
 * padding slots (``num_examples == 0``) have weight 0 and add nothing, whatever the client work returns, and never
   write client state;
-* a client whose update has any NaN/Inf is rejected (zeros, weight 0, metrics reset, its state left as it was) and
-  counted in ``client_work/num_non_finite_clients`` (TFF's client rule). Weight 0 removes it from a weighted mean;
-  the unweighted mean counts real slots, not weights, so under uniform weighting a rejected client still counts in
-  the denominator, exactly as TFF's ``UnweightedMeanFactory`` does;
+* a client whose update, new state, loss or metrics hold any NaN/Inf is rejected (zeros, weight 0, metrics reset,
+  its state left as it was) and counted in ``client_work/num_non_finite_clients`` (TFF's client rule, extended to
+  the loss). Weight 0 removes it from a weighted mean; the unweighted mean counts real slots, not weights, so under
+  uniform weighting a rejected client still counts in the denominator, exactly as TFF's ``UnweightedMeanFactory``
+  does;
+* a non-finite aggregate, or a non-finite result of the finalizer, leaves the params and the finalizer state
+  unchanged, and ``finalizer/update_non_finite`` is 1 (TFF's ``reject_non_finite_update``, for every finalizer:
+  :func:`reject_non_finite_update`);
 * metrics are grouped ``{'distributor', 'client_work', 'aggregator', 'finalizer', 'broadcasted_bits',
   'aggregated_bits'}``; client metrics are sums finalized once on the server (example-weighted over the cohort).
 
-Algorithms with per-client state pass ``client_state=`` (one client's initial state from the params): their
-``next`` then reads ``round_data['client_state']`` (the cohort's states, gathered from a
-:class:`fedjax_lite.core.ClientStateStore`) and returns ``(state, metrics, new_client_states)``.
+``next(state, round_data, rng, client_states=None)`` always returns ONE record,
+:class:`~fedjax_lite.core.RoundOutput` ``(state, metrics, client_states)``. Algorithms with per-client state pass
+``client_state=`` (one client's initial state from the params): their ``next`` then takes the cohort's states
+(stacked ``[client slots, ...]``, gathered from a :class:`fedjax_lite.core.ClientStateStore`) as its own
+argument ``client_states``, hands client slot ``k`` its row as ``client_state``, and returns the new states in
+``RoundOutput.client_states`` (None for stateless algorithms). ``process.parts`` (:class:`RoundParts`) are the
+four parts as separate functions, for drivers that run them apart (client work and server update in different
+steps, as asynchronous algorithms do).
 
 Randomness: the round key is split into ``(train, aggregator)``; client slot ``k`` trains with
 ``fold_in(train, k)``; a single aggregator uses the aggregator key as its own ``next`` would, several use
-``fold_in(aggregator_key, i)`` in sorted key order.
+``fold_in(aggregator_key, i)`` in sorted key order. With a pre-pass, the round key is split first into the
+pre-pass's key and the main stage's. A broadcast encoder uses ``fold_in(round key, BROADCAST_STREAM)``.
 """
 
 from __future__ import annotations
@@ -48,15 +64,15 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_lite.aggregators.base import STACK, SUM, AggregationContext, Aggregator, as_template, client_upload_bits, split_rng
+from fedjax_lite.algorithms.optimizers import ScheduledOptimizer
 from fedjax_lite.core.model import finalize_metric_sums
-from fedjax_lite.core.process import MeasuredOutput, Process
+from fedjax_lite.core.process import MeasuredOutput, Process, RoundOutput
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.round_data import check_round_data
 from fedjax_lite.core.runner import Runner, client_mask, num_client_slots, run_clients
 from fedjax_lite.core.tree import PyTree, tree_all_finite, tree_select, tree_size_bits
 
 BROADCAST_STREAM = 0xB40AD  # the broadcast encoder's key is fold_in(round key, BROADCAST_STREAM)
-CLIENT_STATE_KEY = "client_state"
 
 
 class Broadcast(NamedTuple):
@@ -67,11 +83,14 @@ class Broadcast(NamedTuple):
     hparams: the round's client hyperparameters, e.g. ``{'learning_rate': lr}`` (reported in the
       ``client_work`` metrics).
     extra: the algorithm's other server values (SCAFFOLD's control variate, Mime's optimizer state, ...).
+    prepass: in a round with a :class:`Prepass`, the pre-pass's aggregate over the cohort (Mime's mean full
+      gradient), which the client work then sees; ``()`` otherwise.
   """
 
   params: PyTree
   hparams: PyTree = ()
   extra: PyTree = ()
+  prepass: PyTree = ()
 
 
 @flax.struct.dataclass
@@ -80,14 +99,16 @@ class ServerState:
 
   Attributes:
     params: the global model parameters.
-    opt_state: the finalizer's state: the server optimizer's state, and for some algorithms more (SCAFFOLD's
-      control variate, Mime's base optimizer state).
+    finalizer_state: the finalizer's state, a typed record of the algorithm: the server optimizer's optax state
+      (:func:`optimizer_finalizer`: FedAvg, FedSGD, FedProx, FedOpt), or a record with named fields
+      (``scaffold.ScaffoldServerState(server_optimizer, control_variate)``,
+      ``mime.MimeServerState(server_optimizer, base_optimizer)``, ``fed_kmeans.KMeansServerState(weights)``).
     aggregator_state: the aggregator's state (e.g. its quantile estimates); a dict when the round has several.
     round_num: int32 count of completed rounds; schedules read it.
   """
 
   params: PyTree
-  opt_state: PyTree
+  finalizer_state: PyTree
   aggregator_state: PyTree
   round_num: jax.Array
 
@@ -96,12 +117,57 @@ Distributor = Callable[[ServerState], Broadcast]
 ClientWork = Callable[[Broadcast, PyTree, PyTree, jax.Array], ClientOutput]
 
 
+class Prepass(NamedTuple):
+  """A first pass over the round's cohort whose aggregate the client work then sees (a two-stage round).
+
+  Every client runs ``client_work`` on the round's broadcast; its uploads are aggregated by ``aggregator`` (a dict
+  whose keys differ from the round's own aggregators'); the aggregate reaches every client of the second stage as
+  ``broadcast.prepass`` (and counts in ``broadcasted_bits``), and the finalizer receives both stages' aggregates in
+  one dict. Mime's full gradients at the server model are such a pre-pass (:func:`fedjax_lite.algorithms.mime`).
+  The pre-pass reads the clients' states but does not change them (only the main client work does); a client it
+  rejects as non-finite has weight 0 in its aggregate and still runs the second stage.
+
+  Attributes:
+    client_work: ``(broadcast, client_data, client_state, rng) -> ClientOutput`` for ONE client.
+    aggregator: ``{key: Aggregator}`` of the pre-pass uploads ``update[key]``.
+    update_template: ``params -> ONE client's pre-pass update``; default every key shaped like the params.
+    name: the pre-pass's client metrics appear as ``metrics['client_work'][name]``.
+  """
+
+  client_work: ClientWork
+  aggregator: Mapping[str, Aggregator]
+  update_template: Callable[[PyTree], PyTree] | None = None
+  name: str = "prepass"
+
+
+class FinalizerOutput(NamedTuple):
+  """What ``Finalizer.apply(state, params, aggregate)`` returns, in the order of its arguments.
+
+  Attributes:
+    state: the finalizer's new state (same structure, shapes and dtypes as before).
+    params: the new server parameters (same structure, shapes and dtypes as before).
+    measurements: a dict of scalars reported as ``metrics['finalizer']`` (None: none); the template adds
+      ``update_non_finite``.
+  """
+
+  state: PyTree
+  params: PyTree
+  measurements: dict | None = None
+
+
 class Finalizer(NamedTuple):
-  """The server update: ``init(params) -> state``; ``apply(state, params, aggregate) -> (params, state,
-  measurements)``."""
+  """The server update (part 4 of a round).
+
+  Attributes:
+    init: ``init(params) -> state``: the finalizer's initial state (``ServerState.finalizer_state``), a typed
+      record of the algorithm (e.g. ``ScaffoldServerState``) or an optax state.
+    apply: ``apply(state, params, aggregate) -> FinalizerOutput(state, params, measurements)``. The round template
+      keeps both unchanged when the aggregate or what ``apply`` computed is non-finite
+      (:func:`reject_non_finite_update`), so ``apply`` needs no check of its own.
+  """
 
   init: Callable[[PyTree], PyTree]
-  apply: Callable[[PyTree, PyTree, PyTree], tuple[PyTree, PyTree, dict]]
+  apply: Callable[[PyTree, PyTree, PyTree], FinalizerOutput]
 
 
 def model_distributor(client_hparams: Callable[[jax.Array], PyTree] | None = None,
@@ -116,33 +182,57 @@ def model_distributor(client_hparams: Callable[[jax.Array], PyTree] | None = Non
   return distribute
 
 
+def _all_finite(tree: PyTree) -> jax.Array:
+  """True iff every floating-point leaf of ``tree`` is finite (integer, boolean and key leaves are not checked)."""
+  return tree_all_finite([leaf for leaf in jax.tree.leaves(tree)
+                          if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)])
+
+
+def reject_non_finite_update(aggregate: PyTree, updated: PyTree, current: PyTree) -> tuple[PyTree, dict]:
+  """The server's non-finite rule (TFF's ``reject_non_finite_update``), which :func:`build_round` applies to
+  EVERY finalizer: ``updated`` (the new params and finalizer state) when the aggregate and ``updated`` are all
+  finite, else ``current`` unchanged.
+
+  Returns ``(kept, {'update_non_finite': int32 0 or 1})``: 1 when the aggregate -- or what the finalizer computed
+  from it -- holds a NaN or Inf, so a NaN never reaches the model or the server optimizer's state. Use it in a
+  round written by hand; rounds built by :func:`build_round` get it whatever their finalizer does.
+  """
+  finite = _all_finite((aggregate, updated))
+  return (tree_select(finite, updated, current),
+          {"update_non_finite": jnp.where(finite, 0, 1).astype(jnp.int32)})
+
+
 def apply_optimizer_rejecting_non_finite(
     server_optimizer: optax.GradientTransformation, opt_state: PyTree, params: PyTree, aggregate: PyTree
 ) -> tuple[PyTree, PyTree, dict[str, jax.Array]]:
-  """``params + server_optimizer(aggregate)``; a non-finite aggregate keeps params AND optimizer state.
+  """``params + server_optimizer(aggregate)`` under :func:`reject_non_finite_update`: a non-finite aggregate
+  (or step) keeps params AND optimizer state; returns ``(params, opt_state, {'update_non_finite'})``.
 
-  The aggregate plays the role of a gradient (FedAvg's averaged pseudo-gradient, FedSGD's averaged gradient). TFF
-  ``reject_non_finite_update``: ``update_non_finite`` is 1 when the aggregate holds any NaN/Inf.
+  The aggregate plays the role of a gradient (FedAvg's averaged pseudo-gradient, FedSGD's averaged gradient). For
+  rounds written by hand; :func:`optimizer_finalizer` in a :func:`build_round` round gets the rule from the
+  template.
   """
   updates, stepped_state = server_optimizer.update(aggregate, opt_state, params)
   stepped = optax.apply_updates(params, updates)
-  finite = tree_all_finite(aggregate)
-  return (tree_select(finite, stepped, params), tree_select(finite, stepped_state, opt_state),
-          {"update_non_finite": jnp.where(finite, 0, 1).astype(jnp.int32)})
+  (params, opt_state), measurements = reject_non_finite_update(aggregate, (stepped, stepped_state),
+                                                               (params, opt_state))
+  return params, opt_state, measurements
 
 
 def optimizer_finalizer(server_optimizer: optax.GradientTransformation) -> Finalizer:
   """The finalizer of FedAvg and its adaptive variants: ``params <- params + server_optimizer(aggregate)``.
 
   With ``optax.sgd(1.0)`` and the weighted mean of the clients' deltas this is exactly the weighted average of the
-  client models (McMahan et al. 2017); with Adam/Yogi/Adagrad it is Reddi et al. 2021's FedOpt.
+  client models (McMahan et al. 2017); with Adam/Yogi/Adagrad it is Reddi et al. 2021's FedOpt. Its state is the
+  server optimizer's optax state. (A non-finite aggregate leaves both unchanged: the template's rule.)
   """
   check_optimizer("server_optimizer", server_optimizer)
-  return Finalizer(
-      init=server_optimizer.init,
-      apply=lambda opt_state, params, aggregate: apply_optimizer_rejecting_non_finite(
-          server_optimizer, opt_state, params, aggregate),
-  )
+
+  def apply(opt_state, params, aggregate) -> FinalizerOutput:
+    updates, opt_state = server_optimizer.update(aggregate, opt_state, params)
+    return FinalizerOutput(state=opt_state, params=optax.apply_updates(params, updates))
+
+  return Finalizer(init=server_optimizer.init, apply=apply)
 
 
 def check_optimizer(name: str, optimizer: Any) -> None:
@@ -160,11 +250,13 @@ def check_params(params: PyTree) -> None:
 
 
 def reject_non_finite(output: ClientOutput, client_state: PyTree) -> ClientOutput:
-  """TFF's client rule: an update with any NaN/Inf becomes zeros with weight 0, its metrics are reset and its
-  state stays ``client_state``. The metrics gain ``num_non_finite_clients`` (1 for a rejected client)."""
-  finite = tree_all_finite(output.update)
+  """TFF's client rule, extended to everything a client reports: a client whose update, new state, loss or
+  metrics hold any NaN/Inf is rejected -- its update becomes zeros with weight 0, its metrics are reset and its
+  state stays ``client_state`` -- and counted: the metrics gain ``num_non_finite_clients`` (1 for a rejected
+  client). A finite update with a NaN loss (e.g. a label outside the model's classes) is rejected too."""
+  finite = _all_finite((output.update, output.metrics))
   if output.new_state is not None:
-    finite = finite & tree_all_finite(output.new_state)
+    finite = finite & _all_finite(output.new_state)
   zeros = jax.tree.map(jnp.zeros_like, output.update)
   metrics = tree_select(finite, output.metrics, jax.tree.map(jnp.zeros_like, output.metrics))
   metrics = dict(metrics, num_non_finite_clients=jnp.where(finite, 0, 1).astype(jnp.int32))
@@ -172,7 +264,8 @@ def reject_non_finite(output: ClientOutput, client_state: PyTree) -> ClientOutpu
   if new_state is not None:
     new_state = tree_select(finite, new_state, client_state)
   return ClientOutput(update=tree_select(finite, output.update, zeros),
-                      weight=jnp.where(finite, jnp.asarray(output.weight, jnp.float32), 0.0),
+                      weight=jax.tree.map(lambda w: jnp.where(finite, jnp.asarray(w, jnp.float32), 0.0),
+                                          output.weight),
                       metrics=metrics, new_state=new_state)
 
 
@@ -207,6 +300,22 @@ def _aggregator_keys(aggregators: dict, rng: jax.Array) -> dict:
   return {name: jax.random.fold_in(rng, i) for i, name in enumerate(aggregators)}
 
 
+def weight_of(weight: Any, name: str, aggregators: dict, *, stacked: bool = False) -> jax.Array:
+  """The client weight for aggregator ``name``: ``weight`` itself (one float32 scalar for every aggregator), or
+  ``weight[name]`` when the client work returns one weight per key of a dict of aggregators (``stacked``: weights
+  with a leading client axis)."""
+  if isinstance(weight, Mapping):
+    if SINGLE in aggregators or set(weight) != set(aggregators):
+      raise ValueError(f"ClientOutput.weight is a dict with keys {sorted(weight)}: a per-key weight needs a dict "
+                       f"of aggregators with the same keys, got "
+                       f"{'one aggregator' if SINGLE in aggregators else sorted(aggregators)}.")
+    weight = weight[name]
+  if jnp.ndim(weight) != (1 if stacked else 0):
+    raise ValueError(f"ClientOutput.weight must be a float scalar per client (or a dict of them, one per "
+                     f"aggregator key), got shape {list(jnp.shape(weight))}.")
+  return weight
+
+
 def check_update(update: PyTree, template: PyTree) -> None:
   """``update`` has ``template``'s tree structure, shapes and dtypes (at trace time), else a ``ValueError``."""
   expected, actual = as_template(template), as_template(update)
@@ -221,6 +330,35 @@ def check_update(update: PyTree, template: PyTree) -> None:
                        f"but the aggregator was initialized for {want.dtype}{list(want.shape)}.")
 
 
+class CohortWork(NamedTuple):
+  """Parts 2 and 3 of a round over a cohort (:func:`client_work_and_aggregate`).
+
+  Attributes:
+    aggregate: the aggregator's ``MeasuredOutput(state, result, measurements)`` (its fields dicts keyed like the
+      aggregators when they are a dict).
+    metrics: the client metrics ``{'train': finalized sums, 'num_non_finite_clients'}``.
+    client_states: the cohort's new client states stacked ``[client slots, ...]`` (padding and rejected slots
+      hand back the state they were given), or None when no client states were passed.
+    broadcast: the broadcast as the client work received it (with a pre-pass: its aggregate included).
+  """
+
+  aggregate: MeasuredOutput
+  metrics: dict
+  client_states: PyTree = None
+  broadcast: Broadcast | None = None
+
+
+def check_client_states(client_states: PyTree, round_data: PyTree) -> None:
+  """Every leaf of ``client_states`` has the round's client axis first (at trace time), else a ``ValueError``."""
+  num_slots = num_client_slots(round_data)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(client_states)[0]:
+    shape = jnp.shape(leaf)
+    if not shape or shape[0] != num_slots:
+      raise ValueError(f"client_states{jax.tree_util.keystr(path)} has shape {list(shape)}, but the round has "
+                       f"{num_slots} client slots: client_states must stack one state per slot of round_data "
+                       "(e.g. ClientStateStore.gather(cohort, num_slots)).")
+
+
 def client_work_and_aggregate(
     client_work: ClientWork,
     aggregator: Aggregator | Mapping[str, Aggregator],
@@ -230,21 +368,22 @@ def client_work_and_aggregate(
     rng: jax.Array,
     runner: Runner | None,
     update_template: PyTree | None = None,
-) -> tuple[MeasuredOutput, dict[str, jax.Array], PyTree]:
+    client_states: PyTree | None = None,
+) -> CohortWork:
   """Parts 2 and 3 of a round: every client's work, then the aggregation.
 
   ``update_template`` (shape structs of ONE client's update, what the aggregators were initialized with), when
   given, is checked against what the client work returns: a different tree, shape or dtype is a ``ValueError``
-  naming both, instead of an aggregator silently summing the wrong thing.
+  naming both, instead of an aggregator silently summing the wrong thing. ``client_states`` (stacked
+  ``[client slots, ...]``), when given, hands client slot ``k`` its row as ``client_state`` and collects the new
+  states; without it every client gets ``client_state=None``.
 
-  Returns ``(aggregate, client metrics, new client states or None)``: ``aggregate`` is the aggregator's
-  ``MeasuredOutput`` (its fields dicts keyed like ``aggregator`` when it is a dict); the client metrics are
-  ``{'train': finalized sums, 'num_non_finite_clients'}``.
+  Returns a :class:`CohortWork` ``(aggregate, metrics, client_states)``.
   """
   # Structure checks at trace time (once per shape): a clear error naming the input instead of a shape error deep
   # inside the runner.
-  check_round_data({key: value for key, value in round_data.items() if key != CLIENT_STATE_KEY}
-                   if isinstance(round_data, Mapping) else round_data)
+  slots = _slots(round_data, client_states)
+  stateful = client_states is not None
   aggregators = _named(aggregator)
   states = {name: _pick(aggregator_state, name) for name in aggregators}
   train_key, aggregator_key = jax.random.split(rng)
@@ -252,28 +391,20 @@ def client_work_and_aggregate(
   split_keys = {name: split_rng(keys[name]) for name in aggregators}
   streamed = [name for name, agg in aggregators.items() if agg.combine == SUM]
   stacked = [name for name, agg in aggregators.items() if agg.combine == STACK]
-  stateful = CLIENT_STATE_KEY in round_data
   aggregator_params = {name: aggregators[name].broadcast(states[name]) for name in aggregators}
   update_templates = {}  # ONE client's update per aggregator, recorded while tracing (static shapes)
 
-  def per_client(server_values, client_data, client_keys):
+  def per_client(server_values, slot, client_keys):
     broadcast, aggregator_params = server_values
-    client_data = dict(client_data)
-    client_state = client_data.pop(CLIENT_STATE_KEY, None)
-    output = client_work(broadcast, client_data, client_state, client_keys["train"])
-    if not isinstance(output, ClientOutput):
-      raise TypeError(f"client_work must return a ClientOutput(update, weight, metrics, new_state), got "
-                      f"{type(output).__name__}.")
-    if update_template is not None:
-      check_update(output.update, update_template)
-    output = reject_non_finite(output, client_state)
-    is_real = client_data["num_examples"] > 0
-    weight = jnp.where(is_real, output.weight, 0.0)  # padding: weight 0, always
+    output = one_client(client_work, broadcast, slot, client_keys["train"], update_template)
+    is_real = slot["num_examples"] > 0
+    weight = output.weight
     contributions = {}
     for name, agg in aggregators.items():
       update = _pick(output.update, name)
       update_templates[name] = as_template(update)
-      contributions[name] = agg.client(aggregator_params[name], update, weight, client_keys["aggregators"][name])
+      contributions[name] = agg.client(aggregator_params[name], update, weight_of(weight, name, aggregators),
+                                       client_keys["aggregators"][name])
     # Sums: the runner drops padding slots' summands. Stacks: padding contributions are zeroed here.
     collected = {"stacked": {name: jax.tree.map(lambda c: jnp.where(is_real, c, jnp.zeros((), c.dtype)),
                                                 contributions[name]) for name in stacked},
@@ -282,7 +413,7 @@ def client_work_and_aggregate(
 
   client_keys = {"train": train_key, "aggregators": {name: split_keys[name][0] for name in aggregators}}
   (totals, metric_sums), collected = run_clients(
-      per_client, (broadcast, aggregator_params), round_data, client_keys, runner=runner)
+      per_client, (broadcast, aggregator_params), slots, client_keys, runner=runner)
   num_slots = num_client_slots(round_data)
   outputs = {}
   for name, agg in aggregators.items():
@@ -294,8 +425,90 @@ def client_work_and_aggregate(
                              measurements=_unname({n: o.measurements for n, o in outputs.items()}))
   metric_sums = dict(metric_sums)
   non_finite = metric_sums.pop("num_non_finite_clients")
-  return (aggregate, {"train": finalize_metric_sums(metric_sums), "num_non_finite_clients": non_finite},
-          collected["state"])
+  return CohortWork(aggregate=aggregate,
+                    metrics={"train": finalize_metric_sums(metric_sums), "num_non_finite_clients": non_finite},
+                    client_states=collected["state"], broadcast=broadcast)
+
+
+def one_client(client_work: ClientWork, broadcast: Broadcast, slot: dict, rng: jax.Array,
+               update_template: PyTree | None) -> ClientOutput:
+  """ONE client's work with the template's client rules: the output type and update shapes checked, a non-finite
+  client rejected (:func:`reject_non_finite`), a padding slot's weight 0 whatever the work returned."""
+  client_data, client_state = slot["data"], slot["state"]
+  output = client_work(broadcast, client_data, client_state, rng)
+  if not isinstance(output, ClientOutput):
+    raise TypeError(f"client_work must return a ClientOutput(update, weight, metrics, new_state), got "
+                    f"{type(output).__name__}.")
+  if update_template is not None:
+    check_update(output.update, update_template)
+  if client_state is not None and as_template(output.new_state) != as_template(client_state):
+    raise ValueError(f"client_work of an algorithm with per-client state must return ClientOutput(..., new_state=...) "
+                     f"shaped like its client_state {as_template(client_state)}, got {as_template(output.new_state)} "
+                     "(return client_state itself when the round does not change it).")
+  output = reject_non_finite(output, client_state)
+  is_real = slot["num_examples"] > 0
+  return output._replace(weight=jax.tree.map(lambda w: jnp.where(is_real, w, 0.0), output.weight))  # padding: 0
+
+
+def _slots(round_data: PyTree, client_states: PyTree) -> dict:
+  """What the runner maps over the client axis: the data and the states (its masking reads ``num_examples``)."""
+  check_round_data(round_data)
+  if client_states is not None:
+    check_client_states(client_states, round_data)
+  return {"num_examples": round_data["num_examples"], "data": round_data, "state": client_states}
+
+
+def stacked_client_outputs(
+    client_work: ClientWork,
+    broadcast: Broadcast,
+    round_data: PyTree,
+    rng: jax.Array,
+    runner: Runner | None,
+    *,
+    update_template: PyTree | None = None,
+    client_states: PyTree | None = None,
+) -> ClientOutput:
+  """Part 2 alone: every client slot's :class:`ClientOutput`, stacked ``[client slots, ...]``, nothing aggregated.
+
+  The client rules are those of :func:`client_work_and_aggregate` (padding weight 0, non-finite clients rejected,
+  the same keys: slot ``k`` trains with ``fold_in(split(rng)[0], k)``); ``new_state`` is None without
+  ``client_states``. Memory holds every client's upload: for drivers that aggregate later (asynchronous rounds).
+  """
+  slots = _slots(round_data, client_states)
+  train_key, _ = jax.random.split(rng)
+
+  def per_client(broadcast, slot, client_keys):
+    output = one_client(client_work, broadcast, slot, client_keys["train"], update_template)
+    if client_states is None:
+      output = output._replace(new_state=None)
+    return (), output
+
+  _, outputs = run_clients(per_client, broadcast, slots, {"train": train_key}, runner=runner)
+  return outputs
+
+
+def aggregate_stacked(
+    aggregator: Aggregator | Mapping[str, Aggregator],
+    aggregator_state: PyTree,
+    outputs: ClientOutput,
+    rng: jax.Array,
+    client_mask: jax.Array | None = None,
+) -> MeasuredOutput:
+  """Part 3 on stacked uploads: ``outputs.update`` (a leading client axis) aggregated with ``outputs.weight``.
+
+  Each aggregator runs its own ``next`` on its values (:meth:`Aggregator.next`) with the keys
+  :func:`client_work_and_aggregate` derives from ``rng``, so a cohort's stacked outputs aggregate as the streamed
+  round does (up to summation order). ``client_mask`` (bool ``[rows]``) marks real clients; default every row.
+  """
+  aggregators = _named(aggregator)
+  _, aggregator_key = jax.random.split(rng)
+  keys = _aggregator_keys(aggregators, aggregator_key)
+  outs = {name: agg.next(_pick(aggregator_state, name), _pick(outputs.update, name),
+                         weight_of(outputs.weight, name, aggregators, stacked=True), keys[name], client_mask)
+          for name, agg in aggregators.items()}
+  return MeasuredOutput(state=_unname({n: o.state for n, o in outs.items()}),
+                        result=_unname({n: o.result for n, o in outs.items()}),
+                        measurements=_unname({n: o.measurements for n, o in outs.items()}))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -346,14 +559,15 @@ def bits_per_client(
   """``(download, upload)``: the exact bits the server sends ONE client and ONE client uploads (Python ints).
 
   The download is the broadcast -- the model (``model_broadcast_bits`` when an encoder compresses it, else every
-  leaf at its dtype's width), the hyperparameters, the extra server values -- plus each aggregator's broadcast
-  (e.g. its clipping norm); the upload is each aggregator's exact payload
+  leaf at its dtype's width), the hyperparameters, the extra server values, a pre-pass's aggregate -- plus each
+  aggregator's broadcast (e.g. its clipping norm); the upload is each aggregator's exact payload
   (:func:`fedjax_lite.aggregators.base.client_upload_bits`). Both are static: they depend on shapes only.
   """
   aggregators = _named(aggregator)
   model_bits = (tree_size_bits(as_template(broadcast.params)) if model_broadcast_bits is None
                 else int(model_broadcast_bits))
-  download = model_bits + tree_size_bits(broadcast.hparams) + tree_size_bits(broadcast.extra)
+  download = (model_bits + tree_size_bits(broadcast.hparams) + tree_size_bits(broadcast.extra)
+              + tree_size_bits(broadcast.prepass))
   upload = 0
   for name, agg in aggregators.items():
     download += tree_size_bits(jax.eval_shape(agg.broadcast, _pick(aggregator_state, name)))
@@ -397,6 +611,88 @@ def place_on_mesh(state: PyTree, runner: Runner | None) -> PyTree:
   return jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
 
 
+def check_client_states_given(stateful: bool, client_states: PyTree, round_data: PyTree) -> None:
+  """The client states are given exactly when the algorithm keeps them, else a ``ValueError`` saying what to do."""
+  if isinstance(round_data, Mapping) and "client_state" in round_data:
+    raise ValueError("round_data has a 'client_state' entry: client states are next's own argument, "
+                     "next(state, round_data, rng, client_states), not part of the round data.")
+  if stateful and client_states is None:
+    raise ValueError("this algorithm keeps per-client state: pass the cohort's states as next(state, round_data, "
+                     "rng, client_states), stacked [client slots, ...] (ClientStateStore.gather(cohort, num_slots); "
+                     "fedjax_lite.training.run_training does this).")
+  if not stateful and client_states is not None:
+    raise ValueError("client_states were given but this algorithm keeps no per-client state (build_round was "
+                     "called without client_state=).")
+
+
+def check_finalizer_output(output: Any, current: tuple[PyTree, PyTree]) -> None:
+  """The finalizer returned a :class:`FinalizerOutput` with the params' and state's structures, shapes and dtypes
+  unchanged (at trace time), else a ``TypeError``/``ValueError`` naming what differs."""
+  if not isinstance(output, FinalizerOutput):
+    raise TypeError(f"finalizer.apply(state, params, aggregate) must return FinalizerOutput(state, params, "
+                    f"measurements), got {type(output).__name__}.")
+  finalizer_state, params, measurements = output
+  if measurements is not None and not isinstance(measurements, Mapping):
+    raise TypeError(f"FinalizerOutput.measurements must be a dict or None, got {type(measurements).__name__}.")
+  for what, new, old in (("params", params, current[0]), ("state", finalizer_state, current[1])):
+    if jax.tree.structure(as_template(new)) != jax.tree.structure(as_template(old)) or any(
+        jnp.shape(a) != jnp.shape(b) or jnp.result_type(a) != jnp.result_type(b)
+        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old))):
+      raise ValueError(f"finalizer.apply returned {what} {as_template(new)}, but the round started with "
+                       f"{as_template(old)}: a finalizer keeps the structure, shapes and dtypes of the params and of "
+                       "its state.")
+
+
+class RoundParts(NamedTuple):
+  """The four parts of a round built by :func:`build_round`, as separate (jittable) functions.
+
+  ``next`` is their composition, and a driver may run them apart -- e.g. an asynchronous algorithm (FedBuff) runs
+  the client work of a batch of clients from the server version they downloaded, keeps their uploads, and later
+  aggregates ``K`` arrivals and updates the server in a separate step::
+
+    outputs = parts.client_outputs(parts.distribute(state_v, rng), round_data, rng)   # [slots, ...] uploads
+    state, measurements = parts.finalize(state, parts.aggregate(state, arrivals, rng2))
+
+  Attributes:
+    distribute: ``(state, rng) -> Broadcast``: part 1, what every client receives (the encoder applied).
+    work: ``(state, broadcast, round_data, rng, client_states=None) -> CohortWork``: parts 2 and 3 streamed over
+      the cohort (the pre-pass first, when there is one): the aggregate, the client metrics, the new client
+      states, and the broadcast as the client work saw it.
+    finalize: ``(state, aggregate: MeasuredOutput) -> (new ServerState, finalizer measurements)``: part 4, the
+      finalizer applied to ``aggregate.result``; the new state holds ``aggregate.state`` as its aggregator state
+      and ``round_num + 1``.
+    client_outputs: ``(broadcast, round_data, rng, client_states=None) -> ClientOutput`` stacked
+      ``[client slots, ...]``: part 2 alone, every client's upload kept (padding slots weight 0, the non-finite
+      rule applied), for drivers that aggregate later.
+    aggregate: ``(state, outputs: ClientOutput, rng, client_mask=None) -> MeasuredOutput``: part 3 on stacked
+      uploads (e.g. ``K`` arrivals; ``client_mask`` marks real rows, default all).
+  """
+
+  distribute: Callable[..., Broadcast]
+  work: Callable[..., CohortWork]
+  finalize: Callable[..., tuple[ServerState, dict]]
+  client_outputs: Callable[..., ClientOutput]
+  aggregate: Callable[..., MeasuredOutput]
+
+
+def _check_update_template(aggregators: dict, template: PyTree, what: str) -> None:
+  if SINGLE in aggregators:
+    return
+  missing = sorted(set(aggregators) - set(template)) if isinstance(template, Mapping) else sorted(aggregators)
+  if missing:
+    raise ValueError(f"{what} is a dict of aggregators with keys {sorted(aggregators)}, but ONE client's update "
+                     f"(the update template) has no {missing}: pass update_template=lambda params: "
+                     f"{{{', '.join(repr(k) + ': ...' for k in sorted(aggregators))}}} to build_round, with the shape "
+                     "structs (or arrays) of one client's update under each key.")
+
+
+def _default_update_template(aggregators: dict) -> Callable[[PyTree], PyTree]:
+  """The params' shapes (a model delta); with a dict of aggregators, the params' shapes under every key."""
+  if SINGLE in aggregators:
+    return as_template
+  return lambda params: {name: as_template(params) for name in aggregators}
+
+
 def build_round(
     client_work: ClientWork,
     *,
@@ -405,6 +701,8 @@ def build_round(
     distributor: Distributor | None = None,
     client_state: Callable[[PyTree], PyTree] | None = None,
     update_template: Callable[[PyTree], PyTree] | None = None,
+    prepass: Prepass | None = None,
+    client_optimizer: ScheduledOptimizer | None = None,
     broadcast_encoder: Any | None = None,
     runner: Runner | None = None,
 ) -> Process:
@@ -418,23 +716,34 @@ def build_round(
     distributor: ``server_state -> Broadcast``; default the params and no hyperparameters.
     client_state: for stateful clients, ``params -> ONE client's initial state``.
     update_template: ``params -> ONE client's update`` (arrays or shape structs) to initialize the aggregators;
-      default the params' shapes (a model delta). Needed when the update is not shaped like the model.
+      default the params' shapes (a model delta), under every key with a dict of aggregators. Needed when the
+      update is not shaped like that; a client work whose update differs from it is a ``ValueError`` naming both.
+    prepass: optional :class:`Prepass`: a first pass over the cohort whose aggregate the client work sees as
+      ``broadcast.prepass`` (Mime). Its aggregators and ``aggregator`` (then a dict) have distinct keys.
+    client_optimizer: the clients' :class:`~fedjax_lite.algorithms.ScheduledOptimizer`, whose round
+      hyperparameters (a learning rate scheduled by round) the template adds to every broadcast's ``hparams``;
+      the client work takes the round's optimizer with ``client_optimizer.for_round(broadcast.hparams, ...)``,
+      which refuses a broadcast without them.
     broadcast_encoder: optional server-to-client compression of the params, with ``encode(params, rng)`` and
       ``bits(params_template)`` (e.g. ``aggregators.broadcast_encoder(8)``): clients receive the decoded
       params, the server keeps its exact ones.
     runner: the client runner (default: the backend's strategy).
 
   Returns:
-    ``Process(init, next, client_state)``: ``init(params) -> ServerState``; ``next(state, round_data, rng) ->
-    (state, metrics)``, or ``(state, metrics, new_client_states)`` with ``client_state``. Jittable end to end.
+    ``Process(init, next, client_state, parts)``: ``init(params) -> ServerState``; ``next(state, round_data, rng,
+    client_states=None) -> RoundOutput(state, metrics, client_states)``, ``client_states`` given and returned
+    exactly when ``client_state`` is set (None otherwise); ``parts`` the :class:`RoundParts` that ``next``
+    composes. Jittable end to end.
 
-  Example -- FedAvg in its four parts::
+  Example -- FedAvg in its four parts, the client learning rate scheduled by round::
 
+    optimizer = scheduled_optimizer(optax.sgd, optax.exponential_decay(0.1, 100, 0.5))
     process = build_round(
-        local_training_work(model, lambda hparams: optax.sgd(0.1)),      # 2. client work
+        local_training_work(model, optimizer),                          # 2. client work
         aggregator=aggregators.mean(),                                  # 3. aggregation
         finalizer=optimizer_finalizer(optax.sgd(1.0)),                  # 4. server update
-        distributor=model_distributor())                                # 1. broadcast
+        distributor=model_distributor(),                                # 1. broadcast: the model ...
+        client_optimizer=optimizer)                                     #    ... and the round's rate
   """
   if not callable(client_work):
     raise TypeError(f"client_work must be a function (broadcast, client_data, client_state, rng) -> "
@@ -453,54 +762,142 @@ def build_round(
                                             and callable(getattr(broadcast_encoder, "bits", None))):
     raise TypeError("broadcast_encoder must have encode(params, rng) and bits(params_template) methods, e.g. "
                     "fedjax_lite.aggregators.quantization.broadcast_encoder().")
+  if client_optimizer is not None and not isinstance(client_optimizer, ScheduledOptimizer):
+    raise TypeError(f"client_optimizer must be a ScheduledOptimizer (algorithms.scheduled_optimizer(optax.sgd, "
+                    f"learning_rate_or_schedule)), got {type(client_optimizer).__name__}.")
   distributor = distributor or model_distributor()
-  update_template = update_template or as_template
+  update_template = update_template or _default_update_template(aggregators)
+  prepass_aggregators = {}
+  if prepass is not None:
+    if not isinstance(prepass, Prepass):
+      raise TypeError(f"prepass must be a Prepass(client_work, aggregator, ...), got {type(prepass).__name__}.")
+    if not callable(prepass.client_work):
+      raise TypeError(f"prepass.client_work must be a function, got {type(prepass.client_work).__name__}.")
+    if not isinstance(prepass.aggregator, Mapping):
+      raise TypeError("prepass.aggregator must be a dict {key: Aggregator} (the finalizer receives both stages' "
+                      f"aggregates in one dict), got {type(prepass.aggregator).__name__}.")
+    prepass_aggregators = _named(prepass.aggregator)
+    if SINGLE in aggregators or set(aggregators) & set(prepass_aggregators):
+      got = "one aggregator" if SINGLE in aggregators else f"the keys {sorted(aggregators)}"
+      raise ValueError(f"with a prepass, aggregator must be a dict whose keys differ from the prepass's "
+                       f"{sorted(prepass_aggregators)}, got {got}.")
+    if not isinstance(prepass.name, str) or not prepass.name or prepass.name in ("train", "num_non_finite_clients"):
+      raise ValueError(f"prepass.name must be a non-empty str other than 'train' and 'num_non_finite_clients', got "
+                       f"{prepass.name!r}.")
+  prepass_template = (None if prepass is None
+                      else prepass.update_template or _default_update_template(prepass_aggregators))
+  all_aggregators = {**prepass_aggregators, **aggregators}
+
+  def templates(params):
+    """``(main update template, pre-pass update template or None)`` as shape structs, checked against the keys."""
+    main = jax.eval_shape(update_template, params)
+    _check_update_template(aggregators, main, "aggregator")
+    if prepass is None:
+      return main, None
+    before = jax.eval_shape(prepass_template, params)
+    _check_update_template(prepass_aggregators, before, "prepass.aggregator")
+    return main, before
 
   def init(params: PyTree) -> ServerState:
     check_params(params)
     params = jax.tree.map(jnp.asarray, params)
-    template = as_template(update_template(params))
+    main, before = templates(params)
+    aggregator_state = {name: agg.init(as_template(_pick(main, name))) for name, agg in aggregators.items()}
+    if prepass is not None:
+      aggregator_state.update({name: agg.init(as_template(before[name])) for name, agg in prepass_aggregators.items()})
     state = ServerState(
         params=params,
-        opt_state=finalizer.init(params),
-        aggregator_state=_unname({name: agg.init(as_template(_pick(template, name)))
-                                  for name, agg in aggregators.items()}),
+        finalizer_state=finalizer.init(params),
+        aggregator_state=_unname(aggregator_state),
         round_num=jnp.zeros((), jnp.int32),
     )
     return place_on_mesh(state, runner)
 
-  def next_fn(state: ServerState, round_data: PyTree, rng: jax.Array):
-    if (client_state is not None) != (CLIENT_STATE_KEY in round_data):
-      raise ValueError(
-          "this algorithm keeps per-client state: round_data needs 'client_state' (the cohort's states, "
-          "gathered from a fedjax_lite.core.ClientStateStore)" if client_state is not None else
-          "round_data has 'client_state' but this algorithm keeps no per-client state.")
-    # 1. distributor
+  def distribute(state: ServerState, rng: jax.Array) -> Broadcast:
     broadcast = distributor(state)
-    model_bits = None
+    if client_optimizer is not None:  # the optimizer's round hyperparameters, threaded by the template
+      scheduled = client_optimizer.hparams(state.round_num)
+      if broadcast.hparams and not isinstance(broadcast.hparams, Mapping):
+        raise TypeError(f"with client_optimizer, the distributor's Broadcast.hparams must be a dict, got "
+                        f"{type(broadcast.hparams).__name__}.")
+      own = dict(broadcast.hparams or {})
+      if set(own) & set(scheduled):
+        raise ValueError(f"the hyperparameters {sorted(set(own) & set(scheduled))} are broadcast both by the "
+                         "distributor and by client_optimizer: let client_optimizer= alone broadcast its own.")
+      broadcast = broadcast._replace(hparams={**own, **scheduled})
     if broadcast_encoder is not None:
-      model_bits = int(broadcast_encoder.bits(as_template(broadcast.params)))
       broadcast = broadcast._replace(
           params=broadcast_encoder.encode(broadcast.params, jax.random.fold_in(rng, BROADCAST_STREAM)))
-    # 2. client work and 3. aggregation
-    aggregate, client_metrics, new_client_states = client_work_and_aggregate(
-        client_work, aggregator, state.aggregator_state, broadcast, round_data, rng, runner,
-        update_template=jax.eval_shape(update_template, state.params))
-    # 4. finalizer
-    params, opt_state, finalizer_metrics = finalizer.apply(state.opt_state, state.params, aggregate.result)
-    new_state = state.replace(params=params, opt_state=opt_state, aggregator_state=aggregate.state,
-                              round_num=state.round_num + 1)
+    return broadcast
+
+  def work(state: ServerState, broadcast: Broadcast, round_data: PyTree, rng: jax.Array,
+           client_states: PyTree = None) -> CohortWork:
+    main_template, prepass_update = templates(state.params)
+    if prepass is None:
+      return client_work_and_aggregate(client_work, aggregator, state.aggregator_state, broadcast, round_data, rng,
+                                       runner, update_template=main_template, client_states=client_states)
+    prepass_key, rng = jax.random.split(rng)
+    before = client_work_and_aggregate(_reading_state(prepass.client_work), prepass.aggregator,
+                                       state.aggregator_state, broadcast, round_data, prepass_key, runner,
+                                       update_template=prepass_update, client_states=client_states)
+    broadcast = broadcast._replace(prepass=before.aggregate.result)
+    after = client_work_and_aggregate(client_work, aggregator, state.aggregator_state, broadcast, round_data, rng,
+                                      runner, update_template=main_template, client_states=client_states)
+    aggregate = MeasuredOutput(*(dict(a, **b) for a, b in zip(before.aggregate, after.aggregate)))
+    return CohortWork(aggregate=aggregate, metrics=after.metrics | {prepass.name: before.metrics},
+                      client_states=after.client_states, broadcast=broadcast)
+
+  def finalize(state: ServerState, aggregate: MeasuredOutput) -> tuple[ServerState, dict]:
+    output = finalizer.apply(state.finalizer_state, state.params, aggregate.result)
+    check_finalizer_output(output, (state.params, state.finalizer_state))
+    params, finalizer_state, measurements = output.params, output.state, dict(output.measurements or {})
+    # The server's non-finite rule, for every finalizer: a NaN/Inf aggregate (or step) changes nothing.
+    (params, finalizer_state), rule = reject_non_finite_update(
+        aggregate.result, (params, finalizer_state), (state.params, state.finalizer_state))
+    return state.replace(params=params, finalizer_state=finalizer_state, aggregator_state=aggregate.state,
+                         round_num=state.round_num + 1), {**measurements, **rule}
+
+  def client_outputs(broadcast: Broadcast, round_data: PyTree, rng: jax.Array,
+                     client_states: PyTree = None) -> ClientOutput:
+    return stacked_client_outputs(client_work, broadcast, round_data, rng, runner, client_states=client_states)
+
+  def aggregate_outputs(state: ServerState, outputs: ClientOutput, rng: jax.Array,
+                        client_mask: jax.Array | None = None) -> MeasuredOutput:
+    return aggregate_stacked(aggregator, state.aggregator_state, outputs, rng, client_mask)
+
+  def next_fn(state: ServerState, round_data: PyTree, rng: jax.Array, client_states: PyTree = None) -> RoundOutput:
+    check_client_states_given(client_state is not None, client_states, round_data)
+    broadcast = distribute(state, rng)                                              # 1. distributor
+    cohort = work(state, broadcast, round_data, rng, client_states)                  # 2. client work, 3. aggregator
+    new_state, finalizer_metrics = finalize(state, cohort.aggregate)                 # 4. finalizer
+    model_bits = (None if broadcast_encoder is None
+                  else int(broadcast_encoder.bits(jax.eval_shape(lambda s: distributor(s).params, state))))
     metrics = {
         "distributor": {},
-        "client_work": client_metrics | dict(broadcast.hparams),
-        "aggregator": aggregate.measurements,
+        "client_work": cohort.metrics | dict(broadcast.hparams),
+        "aggregator": cohort.aggregate.measurements,
         "finalizer": finalizer_metrics,
-        **communication_bits(aggregator, state.aggregator_state, broadcast,
-                             jax.eval_shape(update_template, state.params), round_data,
+        **communication_bits(_unname(all_aggregators), state.aggregator_state, cohort.broadcast,
+                             _merged_templates(templates(state.params)), round_data,
                              model_broadcast_bits=model_bits),
     }
-    if client_state is not None:
-      return new_state, metrics, new_client_states
-    return new_state, metrics
+    return RoundOutput(state=new_state, metrics=metrics, client_states=cohort.client_states)
 
-  return Process(init=init, next=next_fn, client_state=client_state)
+  parts = RoundParts(distribute=distribute, work=work, finalize=finalize, client_outputs=client_outputs,
+                     aggregate=aggregate_outputs)
+  return Process(init=init, next=next_fn, client_state=client_state, parts=parts)
+
+
+def _reading_state(client_work: ClientWork) -> ClientWork:
+  """``client_work`` that leaves the client's state as it was (a pre-pass reads the states, never writes them)."""
+
+  def work(broadcast, client_data, client_state, rng):
+    output = client_work(broadcast, client_data, client_state, rng)
+    return output._replace(new_state=client_state) if isinstance(output, ClientOutput) else output
+
+  return work
+
+
+def _merged_templates(templates: tuple[PyTree, PyTree | None]) -> PyTree:
+  main, before = templates
+  return main if before is None else {**before, **main}

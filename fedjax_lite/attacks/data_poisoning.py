@@ -63,7 +63,8 @@ def label_flip(num_classes: int, label_key: str = "y") -> DataTransform:
 def with_data_poisoning(process: Process, transform: DataTransform, *, fraction: float, seed: int = 0) -> Process:
   """``process`` whose malicious clients (``floor(fraction * n)`` per round) train on ``transform``-ed data.
 
-  ``next(state, round_data, rng)`` poisons the round data and calls ``process.next``; the metrics gain
+  ``next(state, round_data, rng, client_states=None)`` poisons the round data and calls ``process.next``; the
+  returned :class:`~fedjax_lite.core.RoundOutput`'s metrics gain
   ``{'attack': {'num_malicious_clients': k}}``. The server state must have a ``round_num`` field (as
   :class:`~fedjax_lite.algorithms.ServerState` does).
 
@@ -84,13 +85,13 @@ def with_data_poisoning(process: Process, transform: DataTransform, *, fraction:
   fraction = check_fraction(fraction)
   seed = check_seed(seed)
 
-  def next_fn(state, round_data, rng):
+  def next_fn(state, round_data, rng, client_states=None):
     if not hasattr(state, "round_num"):
       raise TypeError(f"with_data_poisoning needs a server state with a round_num field, got "
                       f"{type(state).__name__}.")
     malicious = choose_malicious(seed, state.round_num, client_mask(round_data), fraction)
-    state, metrics = process.next(state, transform(round_data, malicious), rng)
-    metrics = {**metrics, "attack": {"num_malicious_clients": jnp.sum(malicious, dtype=jnp.int32)}}
-    return state, metrics
+    output = process.next(state, transform(round_data, malicious), rng, client_states)
+    metrics = {**output.metrics, "attack": {"num_malicious_clients": jnp.sum(malicious, dtype=jnp.int32)}}
+    return output._replace(metrics=metrics)
 
-  return Process(init=process.init, next=next_fn)
+  return Process(init=process.init, next=next_fn, client_state=process.client_state)

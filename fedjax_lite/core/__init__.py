@@ -40,7 +40,7 @@ from fedjax_lite.core.param_partition import (
 )
 from fedjax_lite.core.partition import dirichlet_partition, iid_partition, partition_dataset, shard_partition
 from fedjax_lite.core.placement import broadcast, federated_mean, federated_sum, map_clients
-from fedjax_lite.core.process import MeasuredOutput, Process
+from fedjax_lite.core.process import MeasuredOutput, Process, RoundOutput
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.runner import Runner, client_mask, client_mesh, host_client_mesh, run_clients
 from fedjax_lite.core.sampling import (
@@ -92,6 +92,7 @@ __all__ = [
     "MeasuredOutput",
     "Model",
     "Process",
+    "RoundOutput",
     "Runner",
     "accuracy_metric",
     "broadcast",

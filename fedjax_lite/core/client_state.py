@@ -5,10 +5,12 @@ client of the POPULATION. Most clients are not in a given round, so the state li
 per leaf with a leading population axis (optionally a memory-mapped file, for populations that do not fit in
 memory), and a round only moves its cohort's rows:
 
-1. ``store.gather(cohort)`` -- one vectorized ``np.take`` per leaf -- gives the cohort's states ``[slots, ...]``,
-   which ride in the packed round data as ``round_data['client_state']``;
-2. the compiled round reads a client's row as its ``client_state`` and returns its new state stacked;
-3. ``store.scatter(cohort, new_states, num_examples)`` writes the real clients' rows back. Padding slots (a
+1. ``store.gather(cohort, num_slots)`` -- one vectorized ``np.take`` per leaf -- gives the cohort's states
+   ``[slots, ...]``, passed to the round as its own argument: ``process.next(state, round_data, rng,
+   client_states)``;
+2. the compiled round reads a client's row as its ``client_state`` and returns the new states stacked in
+   ``RoundOutput.client_states``;
+3. ``store.scatter(cohort, output.client_states, num_examples)`` writes the real clients' rows back. Padding slots (a
    Poisson round padded to its capacity, ``num_examples == 0``) never write, and clients never sampled keep their
    initial state.
 

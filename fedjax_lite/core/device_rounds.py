@@ -284,9 +284,9 @@ def build_scanned_rounds(process: Process, population: DevicePopulation, sampler
 
   def one_round(state, round_num):
     round_data, cohort = population.round_data(sampler, base_key, round_num)
-    state, metrics = process.next(state, round_data, round_key(base_key, round_num))
+    output = process.next(state, round_data, round_key(base_key, round_num))  # a RoundOutput, no client states
     num_real = jnp.sum(round_data["num_examples"] > 0, dtype=jnp.int32)
-    return state, RoundsOutput(metrics, num_real, cohort.num_sampled)
+    return output.state, RoundsOutput(output.metrics, num_real, cohort.num_sampled)
 
   @functools.partial(jax.jit, static_argnums=(2,), donate_argnums=(0,))
   def run(state, first_round, num_rounds, num_active):

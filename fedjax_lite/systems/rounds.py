@@ -305,7 +305,7 @@ class SystemsRounds:
       selected = sample_clients(n, rounds.policy.num_selected(m), seed=seed, round_num=round_num)
       round_data, plan = rounds.prepare(data, spec, selected, seed=seed, round_num=round_num, target_clients=m,
                                         num_steps=num_steps, cohort_size=m)
-      state, metrics = round_step(state, round_data, key)
+      state, metrics, _ = round_step(state, round_data, key)
       record = {**flatten(metrics), **rounds.metrics(plan)}
 
   Rounds must be prepared in order (each starts when the previous one ends on the clock); :meth:`restore` sets the

@@ -526,7 +526,8 @@ def _error_reason(error: BaseException) -> str:
 
 
 def _path_differences(saved_paths: list[str] | None, paths: list[str]) -> str:
-  """``'; only there: .opt_state['c'] and 2 more'`` (checkpoints written before paths were recorded: '')."""
+  """``'; only there: .finalizer_state.control_variate and 2 more'`` (checkpoints written before paths were
+  recorded: '')."""
   if not isinstance(saved_paths, list):
     return ""
   text = ""

@@ -286,7 +286,7 @@ def distribute_process(process: Process, mesh: Mesh) -> Process:
   def init(*args, **kwargs):
     return replicate(process.init(*args, **kwargs), mesh)
 
-  def next_round(state, round_data, rng):
-    return jax.lax.with_sharding_constraint(process.next(state, round_data, rng), replicated)
+  def next_round(state, round_data, rng, client_states=None):
+    return jax.lax.with_sharding_constraint(process.next(state, round_data, rng, client_states), replicated)
 
   return Process(init=init, next=next_round, client_state=None)

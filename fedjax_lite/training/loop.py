@@ -120,7 +120,8 @@ def run_training(
   """Trains ``process`` for ``num_rounds`` rounds; see the module docstring.
 
   Args:
-    process: an algorithm ``Process`` whose ``next(state, round_data, rng) -> (state, metrics)``.
+    process: an algorithm ``Process`` whose ``next(state, round_data, rng, client_states=None) ->
+      RoundOutput(state, metrics, client_states)``.
     train_data: the client population.
     initial_params: passed to ``process.init``.
     client_spec: batch size, epochs and step cap of local training.
@@ -176,9 +177,9 @@ def run_training(
     label_key: the label feature checked with ``num_classes``.
     client_states: for a process with per-client state (``process.client_state`` set, e.g. SCAFFOLD): the
       population's :class:`~fedjax_lite.core.ClientStateStore`; default a new one with every client at
-      ``process.client_state(initial_params)``. Each round the cohort's states are gathered into
-      ``round_data['client_state']`` just before the round runs (after the previous round's states were written
-      back) and the real clients' new states are scattered back; the store is checkpointed as
+      ``process.client_state(initial_params)``. Each round the cohort's states are gathered and passed as
+      ``process.next``'s ``client_states`` just before the round runs (after the previous round's states were
+      written back) and the real clients' new states are scattered back; the store is checkpointed as
       ``extra_state['client_states']``.
     round_packer: multi-process runs (:meth:`fedjax_lite.training.distributed.ProcessShard.packer`):
       ``round_packer(cohort, *, seed, round_num, num_steps, cohort_size) -> (round data on the devices, real

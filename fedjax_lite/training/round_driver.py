@@ -112,13 +112,12 @@ class HostRoundPacker:
 
 
 def call_round(round_fn: Callable[..., Any], state: PyTree, round_data: PyTree, rng: jax.Array,
-               client_state: PyTree | None = None) -> Any:
+               client_states: PyTree | None = None) -> Any:
   """Calls ``round_fn`` -- the jitted ``process.next``, or its ``.trace`` -- as ``process.next`` takes its
-  arguments: the cohort's client states (algorithms with per-client state) travel in ``round_data['client_state']``.
-  Returns what ``round_fn`` returns: ``(state, metrics)``, or ``(state, metrics, new_client_states)``."""
-  if client_state is not None:
-    round_data = dict(round_data, client_state=client_state)
-  return round_fn(state, round_data, rng)
+  arguments: ``next(state, round_data, rng, client_states)``, the cohort's client states (algorithms with
+  per-client state; None otherwise) its own argument. Returns what ``round_fn`` returns: a
+  :class:`~fedjax_lite.core.RoundOutput` ``(state, metrics, client_states)``."""
+  return round_fn(state, round_data, rng, client_states)
 
 
 def run_round(next_fn: Callable[..., Any], state: PyTree, packed: PackedRound, rng: jax.Array,
@@ -127,18 +126,17 @@ def run_round(next_fn: Callable[..., Any], state: PyTree, packed: PackedRound, r
   """ONE round: the only call of ``process.next`` in the per-round driver, with the client-state plumbing.
 
   For an algorithm with per-client state the cohort's states are gathered from ``client_states`` just before the
-  round (after the previous round's were written back), and the new states of the real clients are scattered back
-  after it. ``host_work()`` (packing the next round) runs while the device computes this round. Returns
-  ``(state, metrics, host_work())``; the metrics stay on the device.
+  round (after the previous round's were written back), and the new states of the real clients
+  (``RoundOutput.client_states``) are scattered back after it. ``host_work()`` (packing the next round) runs while
+  the device computes this round. Returns ``(state, metrics, host_work())``; the metrics stay on the device.
   """
-  if client_states is None:
-    state, metrics = call_round(next_fn, state, packed.round_data, rng)
-    return state, metrics, host_work()
-  gathered = jax.device_put(client_states.gather(packed.cohort, len(packed.num_examples)))
-  state, metrics, new_client_states = call_round(next_fn, state, packed.round_data, rng, gathered)
+  gathered = (None if client_states is None
+              else jax.device_put(client_states.gather(packed.cohort, len(packed.num_examples))))
+  output = call_round(next_fn, state, packed.round_data, rng, gathered)
   done = host_work()
-  client_states.scatter(packed.cohort, jax.device_get(new_client_states), packed.num_examples)
-  return state, metrics, done
+  if client_states is not None:
+    client_states.scatter(packed.cohort, jax.device_get(output.client_states), packed.num_examples)
+  return output.state, output.metrics, done
 
 
 def trace_round(next_fn: Callable[..., Any], state: PyTree, rng: jax.Array) -> Callable[..., Any]:

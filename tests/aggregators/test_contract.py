@@ -47,7 +47,7 @@ def test_padding_never_counts_and_the_context_is_static(tiny_model, tiny_params,
   seen = []
   process = fed_avg(tiny_model, client_learning_rate=0.1, weighting=weighting,
                     aggregator=counting_aggregator(combine, seen))
-  state, metrics = jax.jit(process.next)(process.init(tiny_params), round_data, jax.random.key(0))
+  state, metrics, _ = jax.jit(process.next)(process.init(tiny_params), round_data, jax.random.key(0))
   assert int(metrics["aggregator"]["count"]) == 3
   # Padding contributions are dropped from a sum and zeroed in a stack: a constant 1 counts real clients only.
   assert int(metrics["aggregator"]["ones"]) == 3

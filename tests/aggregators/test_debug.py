@@ -200,7 +200,7 @@ def test_fed_avg_reports_debug_measurements(population, tiny_model, tiny_params)
   round_data = pack_clients(population, [0, 1, 3], batch_size=4, cohort_size=4)
   process = fedjax_lite.algorithms.fed_avg(tiny_model, client_learning_rate=0.1,
                                            aggregator=add_debug_measurements(mean()))
-  state, metrics = jax.jit(process.next)(process.init(tiny_params), round_data, jax.random.key(1))
+  state, metrics, _ = jax.jit(process.next)(process.init(tiny_params), round_data, jax.random.key(1))
   measurements = metrics["aggregator"]
   assert set(measurements) == {"mean_value", "mean_weight", *DEBUG_KEYS}
   update = jax.tree.map(jnp.subtract, tiny_params, state.params)

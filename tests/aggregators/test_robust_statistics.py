@@ -218,15 +218,15 @@ def test_fed_avg_with_median_runs_one_round(population, tiny_model, tiny_params)
   process = fedjax_lite.algorithms.fed_avg(tiny_model, client_learning_rate=0.1, aggregator=coordinate_median())
   next_fn = jax.jit(process.next)
   initial = process.init(tiny_params)
-  state, metrics = next_fn(initial, pack([0, 2, 3, 5]), jax.random.key(1))
+  state, metrics, _ = next_fn(initial, pack([0, 2, 3, 5]), jax.random.key(1))
   update = jax.tree.map(jnp.subtract, tiny_params, state.params)
   assert bool(fedjax_lite.core.tree_all_finite(update))
   assert any(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in jax.tree.leaves(update))
   assert metrics["aggregator"] == {}
   assert int(metrics["finalizer"]["update_non_finite"]) == 0
 
-  alone, _ = next_fn(initial, pack([4]), jax.random.key(1))
-  copies, _ = next_fn(initial, pack([4, 4, 4]), jax.random.key(1))
+  alone, _, _ = next_fn(initial, pack([4]), jax.random.key(1))
+  copies, _, _ = next_fn(initial, pack([4, 4, 4]), jax.random.key(1))
   chex.assert_trees_all_close(alone.params, copies.params, rtol=1e-6, atol=1e-7)
   assert any(float(jnp.max(jnp.abs(a - b))) > 1e-4
              for a, b in zip(jax.tree.leaves(alone.params), jax.tree.leaves(tiny_params)))

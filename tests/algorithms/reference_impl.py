@@ -183,6 +183,22 @@ def fed_avg_round(params, round_data, *, client_learning_rate, server, weighting
   return server.step(params, weighted_mean(deltas, weights))
 
 
+def fed_nova_round(params, round_data, *, client_learning_rate):
+  """One FedNova round with local SGD (Wang et al. 2020, "Tackling the Objective Inconsistency Problem in
+  Heterogeneous Federated Optimization", eq. 6 with a_i = [1, ..., 1], ||a_i||_1 = tau_i):
+  ``x <- x - tau_eff sum_i p_i (x - y_i) / tau_i`` with ``p_i = n_i / sum_j n_j`` and ``tau_eff = sum_i p_i tau_i``
+  (``x - y_i = eta G_i a_i``, so ``(x - y_i) / tau_i`` is ``eta d_i``, the client's mean local gradient step)."""
+  slots = client_slots(round_data)
+  sizes = np.array([client_weight(round_data, slot, "num_examples") for slot in slots])
+  shares = sizes / sizes.sum()
+  steps = np.array([len(real_steps(round_data, slot)) for slot in slots], np.float64)
+  normalized = [tree_map(lambda x, y, tau=tau: (x - y) / tau, params,
+                         local_sgd(params, round_data, slot, client_learning_rate))
+                for slot, tau in zip(slots, steps)]
+  tau_eff = float(shares @ steps)
+  return tree_map(lambda x, *d: x - tau_eff * sum(p * d_i for p, d_i in zip(shares, d)), params, *normalized)
+
+
 def scaffold_round(params, server_control, client_controls, cohort, round_data, *, client_learning_rate,
                    server_learning_rate, num_clients, weighting):
   """One SCAFFOLD round. ``client_controls`` is the population's ``{client: c_i}`` (updated in place for the

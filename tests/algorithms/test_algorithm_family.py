@@ -78,7 +78,7 @@ def test_two_rounds_equal_numpy_reference(setup, name, weighting):
     base, rtol = ref.BaseMomentum(CLIENT_LR, 0.9), RTOL
   base_state = base.init(expected)
   for r, round_data in enumerate(rounds):
-    state, metrics = step(state, round_data, jax.random.key(r))
+    state, metrics, _ = step(state, round_data, jax.random.key(r))
     if name.startswith("mime"):
       expected, base_state = ref.mime_round(expected, base_state, round_data, base=base, weighting=weighting,
                                             svrg=name == "mime")
@@ -90,10 +90,10 @@ def test_two_rounds_equal_numpy_reference(setup, name, weighting):
     assert int(metrics["client_work"]["train"]["num_examples"]) == int(round_data["num_examples"].sum())
   # The base optimizer's state, updated on the server from the mean full gradient (optax's state layout).
   if name in ("mime_lite", "mime"):
-    trace = state.opt_state["base_optimizer"][0].trace
+    trace = state.finalizer_state.base_optimizer[0].trace
     assert_close_to_reference(to_reference(trace), base_state, what="base optimizer momentum")
   elif name == "mime_lite_adam":
-    adam_state = state.opt_state["base_optimizer"][0]
+    adam_state = state.finalizer_state.base_optimizer[0]
     assert int(adam_state.count) == base_state[0] == len(rounds)
     assert_close_to_reference(to_reference(adam_state.mu), base_state[1], rtol, what="base Adam first moment")
     assert_close_to_reference(to_reference(adam_state.nu), base_state[2], rtol, what="base Adam second moment")
@@ -129,10 +129,10 @@ def test_adaptive_server_step_equals_reference(kind, bias_correction):
 # ----------------------------------------------------------------------------------------------- SCAFFOLD
 
 def run_scaffold_round(step, state, store, cohort, round_data, rng):
-  with_state = dict(round_data, client_state=store.gather(np.asarray(cohort), COHORT_SIZE))
-  state, metrics, new_states = step(state, with_state, rng)
+  gathered = store.gather(np.asarray(cohort), COHORT_SIZE)
+  state, metrics, new_states = step(state, round_data, rng, gathered)
   store.scatter(np.asarray(cohort), new_states, round_data["num_examples"])
-  return state, metrics, new_states, with_state["client_state"]
+  return state, metrics, new_states, gathered
 
 
 @pytest.mark.parametrize("weighting, runner", [
@@ -157,7 +157,7 @@ def test_scaffold_two_rounds_equal_numpy_reference(setup, weighting, runner):
         expected, server_control, client_controls, cohort, round_data, client_learning_rate=CLIENT_LR,
         server_learning_rate=1.0, num_clients=n, weighting=weighting)
     assert_close_to_reference(state.params, expected, what=f"round {r + 1} params")
-    assert_close_to_reference(to_reference(state.opt_state["control_variate"]), server_control,
+    assert_close_to_reference(to_reference(state.finalizer_state.control_variate), server_control,
                               what=f"round {r + 1} server control")
     for client in sorted(set(sum(COHORTS[:r + 1], []))):  # every client sampled so far
       assert_close_to_reference(to_reference(jax.tree.map(lambda a: a[client], store.arrays)),
@@ -173,7 +173,7 @@ def test_scaffold_two_rounds_equal_numpy_reference(setup, weighting, runner):
                                   jax.tree.map(np.zeros_like, process.client_state(params)))
     # The |S|/N rule keeps c the mean of all N clients' c_i (sum of <= 6 float32 terms, same roundings).
     mean_control = jax.tree.map(lambda a: np.mean(np.asarray(a, np.float64), axis=0), store.arrays)
-    assert_close_to_reference(to_reference(state.opt_state["control_variate"]), to_reference(mean_control),
+    assert_close_to_reference(to_reference(state.finalizer_state.control_variate), to_reference(mean_control),
                               what=f"round {r + 1} c vs mean c_i")
   sampled = set(sum(COHORTS, []))
   assert 4 not in sampled and 0 in sampled  # the setup exercises both kinds of clients
@@ -205,12 +205,12 @@ def test_scaffold_rejects_a_non_finite_client_and_keeps_its_state(setup):
         server_learning_rate=1.0, num_clients=n, weighting="num_examples")
     assert int(metrics["client_work"]["num_non_finite_clients"]) == r
     assert_close_to_reference(state.params, expected, what=f"round {r + 1} params")
-    assert_close_to_reference(to_reference(state.opt_state["control_variate"]), server_control,
+    assert_close_to_reference(to_reference(state.finalizer_state.control_variate), server_control,
                               what=f"round {r + 1} server control")
   chex.assert_trees_all_equal(jax.tree.map(lambda a: np.array(a[2]), store.arrays), state_before)
   assert np.any(state_before["Dense_0"]["kernel"] != 0)
   mean_control = jax.tree.map(lambda a: np.mean(np.asarray(a, np.float64), axis=0), store.arrays)
-  assert_close_to_reference(to_reference(state.opt_state["control_variate"]), to_reference(mean_control),
+  assert_close_to_reference(to_reference(state.finalizer_state.control_variate), to_reference(mean_control),
                             what="c vs mean c_i")
 
 
@@ -248,8 +248,7 @@ def test_scaffold_with_every_client_of_a_two_client_population():
   num_steps = max_num_steps(population, batch_size=BATCH_SIZE)
   for r in range(4):
     round_data = pack_clients(population, [0, 1], batch_size=BATCH_SIZE, num_steps=num_steps, seed=1, round_num=r)
-    with_state = dict(round_data, client_state=store.gather(np.array([0, 1])))
-    state, _, new_states = step(state, with_state, jax.random.key(r))
+    state, _, new_states = step(state, round_data, jax.random.key(r), store.gather(np.array([0, 1])))
     store.scatter(np.array([0, 1]), new_states, round_data["num_examples"])
     expected, server_control = ref.scaffold_round(
         expected, server_control, client_controls, [0, 1], round_data, client_learning_rate=decaying_rate(r),
@@ -261,7 +260,7 @@ def test_scaffold_with_every_client_of_a_two_client_population():
                                 client_controls[client], rtol=2 * RTOL, what=f"client {client} control")
     # Full participation: c is the mean of both c_i, i.e. c <- c + (1/2) sum Delta c_i = mean(c_i+).
     mean_control = jax.tree.map(lambda a: np.mean(np.asarray(a, np.float64), axis=0), store.arrays)
-    assert_close_to_reference(to_reference(state.opt_state["control_variate"]), to_reference(mean_control),
+    assert_close_to_reference(to_reference(state.finalizer_state.control_variate), to_reference(mean_control),
                               what=f"round {r + 1} c vs mean c_i")
   assert float(np.max(np.abs(server_control["W"]))) > 1e-3  # the control variates are not trivially zero
 
@@ -290,7 +289,7 @@ def test_grad_of_loss_after_three_fed_avg_rounds_matches_finite_differences(setu
                                    server_optimizer=optax.sgd(server_lr))
       state = process.init(params)
       for r, round_data in enumerate(rounds):
-        state, _ = process.next(state, round_data, jax.random.key(r))
+        state, _, _ = process.next(state, round_data, jax.random.key(r))
       logits = model.apply(state.params, {"x": x_all}, None, False)
       return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y_all))
 

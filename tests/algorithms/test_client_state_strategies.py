@@ -25,8 +25,8 @@ def one_round(model, params, runner):
   store = ClientStateStore(jax.tree.map(np.zeros_like, params), population.num_clients)
   cohort = np.array([5, 1, 6])
   round_data = pack_clients(population, cohort, batch_size=4, cohort_size=5)  # two padding slots
-  round_data["client_state"] = store.gather(cohort, 5)
-  state, _, new_states = jax.jit(process.next)(process.init(params), round_data, jax.random.key(3))
+  state, _, new_states = jax.jit(process.next)(process.init(params), round_data, jax.random.key(3),
+                                               store.gather(cohort, 5))
   store.scatter(cohort, jax.device_get(new_states), round_data["num_examples"])
   return state, store
 

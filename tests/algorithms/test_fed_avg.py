@@ -36,7 +36,7 @@ def test_one_client_one_step_equals_centralized_sgd(population, tiny_model, tiny
   round_data = pack_clients(population, [0], batch_size=size, shuffle=False)
   assert round_data["mask"].shape[1] == 1  # exactly one local step
   lr = 0.3
-  state, metrics = one_round(fed_avg(tiny_model, client_learning_rate=lr), tiny_params, round_data)
+  state, metrics, _ = one_round(fed_avg(tiny_model, client_learning_rate=lr), tiny_params, round_data)
 
   def loss(p):
     return masked_loss_and_metric_sums(tiny_model, p, client, np.ones(size, bool), None, True)[0]
@@ -54,11 +54,11 @@ def test_weighted_mean_of_client_models(population, tiny_model, tiny_params):
   indices = [0, 2, 3]
   round_data = spec.pack(population, indices, seed=0, round_num=0)
   process = fed_avg(tiny_model, client_learning_rate=0.1)
-  state, _ = one_round(process, tiny_params, round_data)
+  state, _, _ = one_round(process, tiny_params, round_data)
   finals, weights = [], []
   for k in range(len(indices)):
     single = jax.tree.map(lambda x: x[k:k + 1], round_data)
-    single_state, _ = one_round(process, tiny_params, single)
+    single_state, _, _ = one_round(process, tiny_params, single)
     finals.append(single_state.params)
     weights.append(float(round_data["num_examples"][k]))
   weights = np.array(weights) / np.sum(weights)
@@ -69,7 +69,7 @@ def test_weighted_mean_of_client_models(population, tiny_model, tiny_params):
 def test_uniform_weighting_is_unweighted_average(population, tiny_model, tiny_params):
   round_data = pack_clients(population, [0, 1, 4], batch_size=5)
   process = fed_avg(tiny_model, client_learning_rate=0.1, weighting="uniform")
-  state, metrics = one_round(process, tiny_params, round_data)
+  state, metrics, _ = one_round(process, tiny_params, round_data)
   finals = [one_round(process, tiny_params, jax.tree.map(lambda x: x[k:k + 1], round_data))[0].params
             for k in range(3)]
   chex.assert_trees_all_close(state.params, jax.tree.map(lambda *ps: sum(ps) / 3, *finals), atol=1e-6)
@@ -93,8 +93,8 @@ def test_padding_values_change_nothing(population, tiny_model, tiny_params, stra
   round_data = pack_clients(population, [0, 1, 2], batch_size=4, num_epochs=2, num_steps=16, cohort_size=4)
   assert (~round_data["mask"]).sum() > 0
   process = fed_avg(tiny_model, client_learning_rate=0.1, runner=Runner(strategy=strategy))
-  state_a, metrics_a = one_round(process, tiny_params, round_data)
-  state_b, metrics_b = one_round(process, tiny_params, perturb_padding(round_data))
+  state_a, metrics_a, _ = one_round(process, tiny_params, round_data)
+  state_b, metrics_b, _ = one_round(process, tiny_params, perturb_padding(round_data))
   chex.assert_trees_all_equal(state_a, state_b)
   chex.assert_trees_all_equal(metrics_a, metrics_b)
 
@@ -106,8 +106,8 @@ def test_padding_with_nan_changes_nothing(population, tiny_model, tiny_params):
   x[~round_data["mask"]] = np.nan
   poisoned["x"] = x
   process = fed_avg(tiny_model, client_learning_rate=0.1)
-  state_a, metrics_a = one_round(process, tiny_params, round_data)
-  state_b, metrics_b = one_round(process, tiny_params, poisoned)
+  state_a, metrics_a, _ = one_round(process, tiny_params, round_data)
+  state_b, metrics_b, _ = one_round(process, tiny_params, poisoned)
   chex.assert_trees_all_equal(state_a, state_b)
   chex.assert_trees_all_equal(metrics_a, metrics_b)
 
@@ -139,10 +139,10 @@ def with_nan_client(round_data, client):
 def test_nan_client_is_zeroed_with_weight_zero(population, tiny_model, tiny_params):
   round_data = pack_clients(population, [0, 1, 2], batch_size=4)
   process = fed_avg(tiny_model, client_learning_rate=0.1)
-  state, metrics = one_round(process, tiny_params, with_nan_client(round_data, 1))
+  state, metrics, _ = one_round(process, tiny_params, with_nan_client(round_data, 1))
   # The same round without client 1 gives the same model: weight 0 removes it from the weighted mean.
   without = jax.tree.map(lambda x: x[np.array([0, 2])], round_data)
-  expected, expected_metrics = one_round(process, tiny_params, without)
+  expected, expected_metrics, _ = one_round(process, tiny_params, without)
   assert int(metrics["client_work"]["num_non_finite_clients"]) == 1
   assert int(metrics["finalizer"]["update_non_finite"]) == 0
   chex.assert_tree_all_finite(state.params)
@@ -151,16 +151,35 @@ def test_nan_client_is_zeroed_with_weight_zero(population, tiny_model, tiny_para
   assert int(metrics["client_work"]["train"]["num_examples"]) == int(without["num_examples"].sum())
 
 
+def test_a_client_with_a_non_finite_loss_is_rejected_like_a_non_finite_update(population, tiny_model, tiny_params):
+  """A label outside the model's classes gives a NaN loss but a finite gradient: before, the client trained with
+  its NaN loss summed into the round's metrics and ``num_non_finite_clients`` 0 (issue #19 section 2). Now it is
+  rejected and counted exactly as a client whose update is non-finite: the round equals the round without it."""
+  round_data = pack_clients(population, [0, 1, 2], batch_size=4)
+  poisoned = dict(round_data, y=round_data["y"].copy())
+  poisoned["y"][1, 0, 0] = 42  # the tiny model has 4 classes
+  process = fed_avg(tiny_model, client_learning_rate=0.1)
+  state, metrics, _ = one_round(process, tiny_params, poisoned)
+  # The same round with client 1's slot turned into padding (same shapes: one compilation).
+  without = dict(round_data, mask=round_data["mask"].copy(), num_examples=round_data["num_examples"].copy())
+  without["mask"][1], without["num_examples"][1] = False, 0
+  expected, _, _ = one_round(process, tiny_params, without)
+  assert int(metrics["client_work"]["num_non_finite_clients"]) == 1
+  assert np.isfinite(float(metrics["client_work"]["train"]["loss"]))
+  chex.assert_trees_all_close(state.params, expected.params, atol=1e-6)
+  assert int(metrics["client_work"]["train"]["num_examples"]) == int(without["num_examples"].sum())
+
+
 def test_all_clients_non_finite_leave_state_unchanged(population, tiny_model, tiny_params):
   round_data = pack_clients(population, [0, 1], batch_size=4)
   poisoned = with_nan_client(with_nan_client(round_data, 0), 1)
   process = fed_avg(tiny_model, client_learning_rate=0.1, server_optimizer=optax.adam(0.01))
   start = process.init(tiny_params)
-  state, metrics = jax.jit(process.next)(start, poisoned, jax.random.key(0))
+  state, metrics, _ = jax.jit(process.next)(start, poisoned, jax.random.key(0))
   assert int(metrics["finalizer"]["update_non_finite"]) == 1
   assert int(metrics["client_work"]["num_non_finite_clients"]) == 2
   chex.assert_trees_all_equal(state.params, start.params)
-  chex.assert_trees_all_equal(state.opt_state, start.opt_state)
+  chex.assert_trees_all_equal(state.finalizer_state, start.finalizer_state)
   assert int(state.round_num) == 1
 
 
@@ -192,18 +211,18 @@ def test_client_learning_rate_schedule_by_round(population, tiny_model, tiny_par
   round_data = pack_clients(population, [0, 1], batch_size=4)
   state = process.init(tiny_params)
   step = jax.jit(process.next)
-  state, metrics0 = step(state, round_data, jax.random.key(0))
+  state, metrics0, _ = step(state, round_data, jax.random.key(0))
   chex.assert_trees_all_close(state.params, tiny_params)  # learning rate 0: nothing moves
   assert float(metrics0["client_work"]["learning_rate"]) == 0.0
-  state, metrics1 = step(state, round_data, jax.random.key(1))
+  state, metrics1, _ = step(state, round_data, jax.random.key(1))
   assert float(metrics1["client_work"]["learning_rate"]) == pytest.approx(0.2)
   assert not np.allclose(state.params["Dense_0"]["kernel"], tiny_params["Dense_0"]["kernel"])
 
 
 def test_server_midpoint(population, tiny_model, tiny_params):
   round_data = pack_clients(population, [0, 1, 2], batch_size=4)
-  full, _ = one_round(fed_avg(tiny_model, client_learning_rate=0.1), tiny_params, round_data)
-  half, _ = one_round(fed_avg(tiny_model, client_learning_rate=0.1, server_midpoint_fraction=0.5), tiny_params,
+  full, _, _ = one_round(fed_avg(tiny_model, client_learning_rate=0.1), tiny_params, round_data)
+  half, _, _ = one_round(fed_avg(tiny_model, client_learning_rate=0.1, server_midpoint_fraction=0.5), tiny_params,
                       round_data)
   chex.assert_trees_all_close(half.params, jax.tree.map(lambda a, b: (a + b) / 2, tiny_params, full.params),
                               atol=1e-6)
@@ -213,7 +232,7 @@ def test_client_gradient_clipping_bounds_the_step(population, tiny_model, tiny_p
   size = population.client_sizes[0]
   round_data = pack_clients(population, [0], batch_size=int(size))
   lr, clip = 1.0, 1e-3
-  state, _ = one_round(fed_avg(tiny_model, client_learning_rate=lr, client_grad_clip_norm=clip), tiny_params,
+  state, _, _ = one_round(fed_avg(tiny_model, client_learning_rate=lr, client_grad_clip_norm=clip), tiny_params,
                        round_data)
   moved = optax.tree.norm(jax.tree.map(jnp.subtract, state.params, tiny_params))
   assert float(moved) == pytest.approx(lr * clip, rel=1e-3)
@@ -221,14 +240,14 @@ def test_client_gradient_clipping_bounds_the_step(population, tiny_model, tiny_p
 
 def test_optax_transformation_as_client_optimizer(population, tiny_model, tiny_params):
   round_data = pack_clients(population, [0, 1], batch_size=4)
-  a, _ = one_round(fed_avg(tiny_model, client_optimizer=optax.sgd(0.1)), tiny_params, round_data)
-  b, _ = one_round(fed_avg(tiny_model, client_learning_rate=0.1), tiny_params, round_data)
+  a, _, _ = one_round(fed_avg(tiny_model, client_optimizer=optax.sgd(0.1)), tiny_params, round_data)
+  b, _, _ = one_round(fed_avg(tiny_model, client_learning_rate=0.1), tiny_params, round_data)
   chex.assert_trees_all_equal(a.params, b.params)
 
 
 def test_metrics_groups(population, tiny_model, tiny_params):
   round_data = pack_clients(population, [0, 1], batch_size=4, num_epochs=3)
-  _, metrics = one_round(fed_avg(tiny_model, client_learning_rate=0.1), tiny_params, round_data)
+  _, metrics, _ = one_round(fed_avg(tiny_model, client_learning_rate=0.1), tiny_params, round_data)
   assert set(metrics) == {"distributor", "client_work", "aggregator", "finalizer", "broadcasted_bits",
                           "aggregated_bits"}
   num_params = sum(leaf.size for leaf in jax.tree.leaves(tiny_params))

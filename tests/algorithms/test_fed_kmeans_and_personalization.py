@@ -39,13 +39,13 @@ def test_fed_kmeans_two_rounds_equal_numpy_with_padding_slots():
   step = jax.jit(process.next)
   for round_num, cohort in enumerate([[0, 1, 2], [1, 3]]):
     round_data = pack_clients(data, cohort, batch_size=3, cohort_size=4, round_num=round_num)  # padding slots
-    state, metrics = step(state, round_data, jax.random.key(round_num))
+    state, metrics, _ = step(state, round_data, jax.random.key(round_num))
     expected_centroids, expected_weights = numpy_kmeans_round(expected_centroids, expected_weights,
                                                               [clients[i] for i in cohort])
     # float32 sums of at most 9 points of magnitude < 6, divided once: a few ulps times the terms.
     np.testing.assert_allclose(np.asarray(state.params), expected_centroids, rtol=0,
                                atol=4 * 10 * np.finfo(np.float32).eps * 6)
-    np.testing.assert_array_equal(np.asarray(state.opt_state), expected_weights)
+    np.testing.assert_array_equal(np.asarray(state.finalizer_state.weights), expected_weights)
     assert int(metrics["client_work"]["train"]["num_examples"]) == sum(len(clients[i]) for i in cohort)
 
 

@@ -27,7 +27,7 @@ def test_fed_prox_with_zero_strength_is_fed_avg_bit_for_bit(setup):
     process, step = compiled(name, model, "num_examples")
     state = process.init(params)
     for r, round_data in enumerate(rounds):
-      state, _ = step(state, round_data, jax.random.key(r))
+      state, _, _ = step(state, round_data, jax.random.key(r))
     results.append(state.params)
   chex.assert_trees_all_equal(results[0], results[1])
 

@@ -19,7 +19,7 @@ def test_fed_sgd_round_equals_full_batch_gradient_step(population, tiny_model, t
   indices = [0, 1, 3]
   round_data = pack_clients(population, indices, batch_size=4)
   process = fed_sgd(tiny_model)  # server SGD(0.1), the reference default
-  state, metrics = jax.jit(process.next)(process.init(tiny_params), round_data, jax.random.key(0))
+  state, metrics, _ = jax.jit(process.next)(process.init(tiny_params), round_data, jax.random.key(0))
   union = {key: np.concatenate([population.client(k)[key] for k in indices]) for key in ("x", "y")}
   size = union["x"].shape[0]
 
@@ -39,9 +39,9 @@ def test_fed_sgd_rejects_nan_client(population, tiny_model, tiny_params):
   x[0, 0, 0, 0] = np.inf
   poisoned["x"] = x
   process = fed_sgd(tiny_model)
-  state, metrics = jax.jit(process.next)(process.init(tiny_params), poisoned, jax.random.key(0))
+  state, metrics, _ = jax.jit(process.next)(process.init(tiny_params), poisoned, jax.random.key(0))
   only_second = jax.tree.map(lambda a: a[1:], round_data)
-  expected, _ = jax.jit(process.next)(process.init(tiny_params), only_second, jax.random.key(0))
+  expected, _, _ = jax.jit(process.next)(process.init(tiny_params), only_second, jax.random.key(0))
   assert int(metrics["client_work"]["num_non_finite_clients"]) == 1
   chex.assert_trees_all_close(state.params, expected.params, atol=1e-7)
 

@@ -43,7 +43,7 @@ def test_handwritten_fed_avg_equals_library(population, tiny_model, tiny_params,
   params, _ = handwritten_round(tiny_params, server_optimizer.init(tiny_params), round_data, jax.random.key(7))
   process = fed_avg(tiny_model, client_optimizer=client_optimizer, server_optimizer=server_optimizer,
                     runner=runner)
-  state, _ = jax.jit(process.next)(process.init(tiny_params), round_data, jax.random.key(7))
+  state, _, _ = jax.jit(process.next)(process.init(tiny_params), round_data, jax.random.key(7))
   if strategy == "sequential" and runner.resolved_mesh() is None:
     # One scan on one device sums in slot order, like federated_mean: bit for bit. (With several host devices
     # the default runner adds the devices' partial sums: the rounding bound below.)

@@ -49,13 +49,12 @@ CHILD = textwrap.dedent("""
       process = build()
       step = jax.jit(process.next)
       state = process.init(params)
-      data = round_data
+      client_states = None
       if process.client_state is not None:  # SCAFFOLD: every client's control variate starts at zero
         zeros = jax.tree.map(np.asarray, process.client_state(params))
-        data = dict(round_data, client_state=jax.tree.map(lambda x: np.stack([x] * 5), zeros))
+        client_states = jax.tree.map(lambda x: np.stack([x] * 5), zeros)
       for round_num in range(3):
-        outputs = step(state, data, jax.random.key(round_num))
-        state = outputs[0]
+        state = step(state, round_data, jax.random.key(round_num), client_states).state
       jax.block_until_ready(state)
       finite = all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree.leaves(state.params))
       report[name] = {"compilations": step._cache_size(), "finite": finite}

@@ -77,7 +77,7 @@ def test_scaffold_reaches_the_global_optimum_where_fed_avg_is_biased():
   step = jax.jit(fed_avg.next)
   state = fed_avg.init(params)
   for r in range(ROUNDS):
-    state, _ = step(state, rounds[r % 2], jax.random.key(r))
+    state, _, _ = step(state, rounds[r % 2], jax.random.key(r))
   fed_avg_final = np.asarray(state.params["w"], np.float64)
 
   scaffold = algorithms.scaffold(model, num_clients=NUM_CLIENTS, client_learning_rate=LR)
@@ -85,8 +85,8 @@ def test_scaffold_reaches_the_global_optimum_where_fed_avg_is_biased():
   state = scaffold.init(params)
   store = ClientStateStore(scaffold.client_state(params), NUM_CLIENTS)
   for r in range(ROUNDS):
-    round_data = dict(rounds[r % 2], client_state=store.gather(cohort))
-    state, _, new_states = step(state, round_data, jax.random.key(r))
+    round_data = rounds[r % 2]
+    state, _, new_states = step(state, round_data, jax.random.key(r), store.gather(cohort))
     store.scatter(cohort, new_states, round_data["num_examples"])
   scaffold_final = np.asarray(state.params["w"], np.float64)
 
@@ -103,7 +103,7 @@ def test_scaffold_reaches_the_global_optimum_where_fed_avg_is_biased():
   assert scaffold_distance < 1e-3 * fed_avg_distance, (scaffold_distance, fed_avg_distance)
   # c stays the mean of the clients' control variates, and at the fixed point (x - y_i = 0, so c_i+ = c_i - c)
   # it is 0 = grad f(w*), while the c_i = grad f_i(w*) are not (they are what corrects the drift).
-  control = np.asarray(state.opt_state["control_variate"]["w"])
+  control = np.asarray(state.finalizer_state.control_variate["w"])
   client_controls = np.asarray(store.arrays["w"])
   np.testing.assert_allclose(control, client_controls.mean(axis=0), rtol=0, atol=1e-5)
   np.testing.assert_allclose(control, 0.0, rtol=0, atol=1e-5)

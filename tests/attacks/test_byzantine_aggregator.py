@@ -70,7 +70,7 @@ def test_with_fed_avg_and_label_flipping(population, tiny_model, tiny_params):
   process = with_data_poisoning(
       fedjax_lite.algorithms.fed_avg(tiny_model, client_learning_rate=0.1, aggregator=attacked),
       label_flip(4), fraction=0.2)
-  state, metrics = jax.jit(process.next)(process.init(tiny_params), round_data, jax.random.key(1))
+  state, metrics, _ = jax.jit(process.next)(process.init(tiny_params), round_data, jax.random.key(1))
   assert int(metrics["aggregator"]["num_malicious_clients"]) == 1  # floor(0.2 * 5)
   assert int(metrics["attack"]["num_malicious_clients"]) == 1
   assert int(state.round_num) == 1 and int(state.aggregator_state["round_num"]) == 1

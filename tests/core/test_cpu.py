@@ -42,10 +42,10 @@ CHILD = textwrap.dedent("""
       process = fed_avg(model, client_learning_rate=0.1, runner=runner)
       step = jax.jit(process.next)
       state = process.init(params)
-      state, _ = step(state, round_data, jax.random.key(1))
+      state, _, _ = step(state, round_data, jax.random.key(1))
       first_round = jax.tree.map(np.asarray, state.params)
       before = len(compiles)
-      state, _ = step(state, round_data, jax.random.key(2))
+      state, _, _ = step(state, round_data, jax.random.key(2))
       results[name] = (first_round, len(compiles) - before)
     difference = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(results["sharded"][0]),
                                                                    jax.tree.leaves(results["one_device"][0])))

@@ -199,7 +199,7 @@ def test_scanned_rounds_equal_a_python_loop_of_rounds_bit_for_bit(tiny_model, ti
   state, per_round = _copy(process.init(tiny_params)), []
   for round_num in (2, 3, 4):
     data_r, _ = round_data(round_num)
-    state, metrics = next_fn(state, data_r, round_key(base, round_num))
+    state, metrics, _ = next_fn(state, data_r, round_key(base, round_num))
     per_round.append(metrics)
     if round_num == 3:
       two_state = _copy(state)

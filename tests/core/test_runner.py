@@ -142,7 +142,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
                          ("sharded_vmap", Runner(strategy="vmap", mesh=client_mesh(4)))]:
       process = fed_avg(model, client_learning_rate=0.1, runner=runner)
       step = jax.jit(process.next)
-      state, metrics = step(process.init(params), round_data, jax.random.key(1))
+      state, metrics, _ = step(process.init(params), round_data, jax.random.key(1))
       step(state, round_data, jax.random.key(2))  # round 2 takes the state in the layout round 1 returned it
       assert step._cache_size() == 1, (name, step._cache_size())  # no recompilation in round 2
       out[name] = {{"params": [np.asarray(l).tolist() for l in jax.tree.leaves(state.params)],

@@ -35,7 +35,7 @@ def test_only_sampled_clients_get_state_and_the_server_variate_is_their_mean(tin
   # c = c + (1/N) sum_S (c_i+ - c_i) keeps c equal to the mean of all N clients' c_i.
   mean_of_clients = jax.tree.map(lambda leaf: leaf.mean(axis=0), store.arrays)
   # c accumulated 3 rounds of (1/N) sums of 3 clients' changes; the mean sums N = 8 rows: a few ulps x terms.
-  assert_trees_close_to_rounding(result.state.opt_state["control_variate"], mean_of_clients, num_terms=8 + 3 * 3)
+  assert_trees_close_to_rounding(result.state.finalizer_state.control_variate, mean_of_clients, num_terms=8 + 3 * 3)
 
 
 def test_client_states_must_match_the_process(tiny_model, tiny_params):

@@ -18,6 +18,7 @@ import pytest
 
 from fedjax_lite.core.client_state import ClientStateStore
 from fedjax_lite.core.device_rounds import RoundsOutput
+from fedjax_lite.core.process import RoundOutput
 from fedjax_lite.training.checkpoint import CheckpointSaveError, TrainingInterrupted
 from fedjax_lite.training.recorder import Recorder, TrainingStalledError
 from fedjax_lite.training.round_driver import PackedRound, drive_rounds, run_round
@@ -189,9 +190,9 @@ def _packed(round_num, cohort=(0, 1)):
 def test_drive_rounds_overlaps_packing_and_keys_each_round():
   log = []
 
-  def next_fn(state, round_data, rng):
+  def next_fn(state, round_data, rng, client_states=None):
     log.append(("round", int(round_data["round"]), jax.random.key_data(rng).tolist()))
-    return state + 1, {"client_work": {"loss": np.float32(state)}}
+    return RoundOutput(state + 1, {"client_work": {"loss": np.float32(state)}})
 
   def pack(round_num):
     log.append(("pack", round_num))
@@ -212,11 +213,11 @@ def test_run_round_gathers_before_and_scatters_after_the_round():
   store.load(np.arange(8, dtype=np.float32).reshape(4, 2))
   order = []
 
-  def next_fn(state, round_data, rng):
+  def next_fn(state, round_data, rng, client_states=None):
     order.append("next")
-    gathered = np.asarray(round_data["client_state"])
+    gathered = np.asarray(client_states)
     assert gathered.shape == (3, 2) and gathered[:2].tolist() == [[6, 7], [2, 3]]  # clients 3, 1 + a padding slot
-    return state, {}, gathered + 100
+    return RoundOutput(state, {}, gathered + 100)
 
   def host_work():
     order.append("host work")

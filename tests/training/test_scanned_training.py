@@ -53,7 +53,7 @@ def test_scanned_training_equals_a_python_loop_of_the_same_rounds(tmp_path, tiny
   state = jax.tree.map(jnp.copy, process.init(tiny_params))
   records = []
   for round_num in range(5):
-    state, metrics = next_fn(state, round_data(round_num), round_key(base, round_num))
+    state, metrics, _ = next_fn(state, round_data(round_num), round_key(base, round_num))
     records.append({"round": round_num, **flatten_metrics(jax.device_get(metrics))})
   for leaf, expected in zip(jax.tree.leaves(result.state), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(expected))
