@@ -14,7 +14,8 @@ library's real rounds (``process.next`` of a :func:`fedjax_lite.algorithms.build
   the local-training ``while_loop``, and ``vmap`` of a while loop whose trip count differs per client batches every
   carried value -- one copy of the base (and its zero update, uploaded) per client.
 
-Memory is XLA's compiled memory analysis (``jax.jit(process.next).lower(...).compile().memory_analysis()``:
+Memory is XLA's compiled memory analysis (``jax.jit(process.next, donate_argnums=(0,)).lower(...).compile()
+.memory_analysis()``, the state donated as ``run_training`` donates it:
 arguments, outputs and temporaries of the one program; nothing runs), so it measures the program's buffers on any
 backend, CPU included. ``peak`` is arguments + outputs + temporaries - aliased.
 
@@ -74,7 +75,8 @@ def compiled_round_step(num_clients: int, variant: str, *, width: int, layers: i
   data = client_data(num_clients, num_steps, batch_size, sequence_length, vocab_size + 4)
   process = round_process(model, labels, variant)
   state = jax.eval_shape(process.init, params)
-  return jax.jit(process.next).lower(state, data, jax.random.key(0)).compile(), parts
+  # The state donated, as run_training's jitted round does: the new params (base included) reuse its buffers.
+  return jax.jit(process.next, donate_argnums=(0,)).lower(state, data, jax.random.key(0)).compile(), parts
 
 
 def per_client_base_buffers(compiled, base, num_clients: int) -> int:
