@@ -157,8 +157,8 @@ def run(args) -> dict:
                                   missing_ok=models.is_lora_path if rank else None)
       if method == "frozen":
         final, bits = accuracy(params)["accuracy"], 0
-        curves.extend({"method": method, "seed": seed, "round": r, "accuracy": final}
-                      for r in range(0, args.rounds, args.eval_every))
+        curves.extend({"method": method, "seed": seed, "round": r, "accuracy": final}  # run_training's cadence
+                      for r in range(args.rounds) if (r + 1) % args.eval_every == 0 or r == args.rounds - 1)
       else:
         result = run_training(process, corpus.train, params, client_spec=spec,
                               clients_per_round=args.clients_per_round, num_rounds=args.rounds, seed=seed,
@@ -177,7 +177,8 @@ def run(args) -> dict:
   default_shapes = jax.eval_shape(default_model.init, jax.random.key(0))
   default_counts = core.count_params(default_shapes, models.lora_labels(default_shapes))
   summary = {"configuration": {key: value for key, value in vars(args).items()},
-             "pretrained": {key: pretrained[key] for key in ("weights", "model", "num_parameters", "test_after")},
+             "pretrained": {**{key: pretrained[key] for key in ("model", "num_parameters", "test_after")},
+                            "weights": str(pathlib.Path(weights).relative_to(output_dir))},
              "settings": settings,
              "default_model_rank8_fraction": default_counts["global"] / sum(default_counts.values()),
              "seconds": round(time.time() - start, 1)}
