@@ -134,3 +134,34 @@ def test_arguments_are_validated(setup):
                                         client_learning_rate=0.1)
   with pytest.raises(ValueError, match="'global'.*and 'frozen'"):
     process.init(params)
+
+
+def test_two_rounds_equal_the_numpy_re_derivation_with_a_frozen_kernel():
+  """Softmax regression ``x W + b`` with ``W`` frozen and ``b`` trained (the adapters' role), ragged clients, a
+  padding slot, two rounds, example-weighted: equals the float64 NumPy round written from the formulas
+  (``tests/algorithms/reference_impl.py``: local SGD on ``b`` only, ``delta_i = b - b_i``, weighted mean, server
+  SGD 1.0) within the family's float32 tolerance, and ``W`` keeps its bits."""
+  from tests.algorithms import reference_impl as ref
+  from tests.algorithms.family_setup import CLIENT_LR, assert_close_to_reference, make_setup, to_reference
+
+  _, model, params, rounds = make_setup()
+  process = algorithms.lora_fine_tuning(model, lambda path: "global" if path[-1] == "bias" else "frozen",
+                                        client_learning_rate=CLIENT_LR)
+  state, step = process.init(params), jax.jit(process.next)
+  expected = to_reference(params)
+  for r, round_data in enumerate(rounds):
+    state, _, _ = step(state, round_data, jax.random.key(r))
+    numpy_data = jax.tree.map(np.asarray, round_data)
+    deltas, weights = [], []
+    for slot in ref.client_slots(numpy_data):
+      local = dict(expected)
+      for t in ref.real_steps(numpy_data, slot):
+        _, grad = ref.batch_loss_and_grad(local, *ref.batch(numpy_data, slot, t))
+        local = {"W": local["W"], "b": local["b"] - CLIENT_LR * grad["b"]}  # W frozen: its gradient unused
+      deltas.append({"b": expected["b"] - local["b"]})
+      weights.append(ref.client_weight(numpy_data, slot, "num_examples"))
+    expected = {"W": expected["W"], "b": expected["b"] - ref.weighted_mean(deltas, weights)["b"]}
+    assert_close_to_reference(state.params, expected, what=f"round {r} params")
+  assert np.max(np.abs(expected["b"] - to_reference(params)["b"])) > 100 * 1e-5  # b moved: the check is not vacuous
+  np.testing.assert_array_equal(np.asarray(state.params["Dense_0"]["kernel"]).view(np.uint32),
+                                np.asarray(params["Dense_0"]["kernel"]).view(np.uint32))
