@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite.algorithms.fed_avg import (
+    FED_AVG_OPTIONS,
     check_model,
     client_weight,
     fed_avg,
@@ -66,6 +67,10 @@ from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.tree import PyTree, tree_size_bits
 
 __all__ = ["frozen_base_broadcast", "frozen_base_training_work", "lora_fine_tuning"]
+
+HANDLED_OPTIONS = ("client_optimizer", "client_learning_rate", "server_optimizer", "weighting", "aggregator",
+                   "client_grad_clip_norm", "server_midpoint_fraction", "gradient_correction", "broadcast_encoder",
+                   "runner")
 
 
 def _labels(params: PyTree, labels: LabelSpec) -> PyTree:
@@ -166,7 +171,10 @@ def lora_fine_tuning(model: Model, labels: LabelSpec, **options) -> Process:
   check_model(model)
   if not (isinstance(labels, str) or callable(labels)):
     label_params(jax.tree.map(lambda _: 0, labels), labels)  # checks the label values now
-  options = fed_avg_options("lora_fine_tuning", options, sets=())
+  # fed_avg's options this round applies; any other (one added to fed_avg later, e.g. a partition of its own) is
+  # refused by name rather than ignored.
+  unhandled = tuple(name for name in FED_AVG_OPTIONS if name not in HANDLED_OPTIONS)
+  options = fed_avg_options("lora_fine_tuning", options, sets=unhandled)
   bound = inspect.signature(fed_avg).bind(model, **options)
   bound.apply_defaults()
   option = bound.arguments
