@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
   data = train.add_argument_group("data")
   data.add_argument("--dataset", type=_dataset_name, default="digits",
                     metavar="{" + ",".join(DATASETS) + ",tfds:NAME}",
-                    help="digits and synthetic are built in; emnist (62 classes), shakespeare, stackoverflow and "
+                    help="digits, synthetic and grammar (generated sentences, for --model transformer) are built in; emnist (62 classes), shakespeare, stackoverflow and "
                          "cifar100 read the reference's files from --data-dir; tfds:NAME a prepared TFDS dataset")
   data.add_argument("--data-dir", default=None,
                     help="folder with the dataset's files (default: $FEDJAX_LITE_DATA or ~/.cache/fedjax_lite)")
