@@ -165,3 +165,18 @@ def test_two_rounds_equal_the_numpy_re_derivation_with_a_frozen_kernel():
   assert np.max(np.abs(expected["b"] - to_reference(params)["b"])) > 100 * 1e-5  # b moved: the check is not vacuous
   np.testing.assert_array_equal(np.asarray(state.params["Dense_0"]["kernel"]).view(np.uint32),
                                 np.asarray(params["Dense_0"]["kernel"]).view(np.uint32))
+
+
+def test_the_vmap_runner_with_one_shared_base_gives_the_same_round(setup):
+  """Under ``Runner('vmap')`` every client of the round trains at once on the ONE broadcast base (no per-client copy:
+  ``tests/benchmarks/test_lora_memory_smoke.py``); the round equals the default runner's to rounding."""
+  model, params, labels, rounds = setup
+  results = []
+  for runner in (None, core.Runner(strategy="vmap")):
+    process = algorithms.lora_fine_tuning(model, labels, client_optimizer=optax.sgd,
+                                          client_learning_rate=LEARNING_RATE, runner=runner)
+    state, _ = run(process, params, rounds[:1])
+    results.append(core.split_params(state.params, labels))
+  assert_trees_close_to_rounding(results[1]["global"], results[0]["global"], num_terms=64)
+  for a, b in zip(bits_view(results[0]["frozen"]), bits_view(results[1]["frozen"])):
+    np.testing.assert_array_equal(a, b)
