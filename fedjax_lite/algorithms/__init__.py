@@ -4,6 +4,7 @@
 every algorithm here is such a configuration, read like optax's ``alias.py``.
 """
 
+from fedjax_lite.algorithms.ditto import ditto, ditto_evaluation
 from fedjax_lite.algorithms.dp_fed_avg import PrivateTraining, dp_fed_avg, dp_ftrl
 from fedjax_lite.algorithms.evaluation import (
     centralized_evaluation,
@@ -26,6 +27,7 @@ from fedjax_lite.algorithms.mime import MimeServerState, frozen_state, mime, mim
 from fedjax_lite.algorithms.scaffold import ScaffoldServerState, control_variate_correction, scaffold
 from fedjax_lite.algorithms.local_training import client_gradient, train_locally
 from fedjax_lite.algorithms.personalization import personalization_evaluation
+from fedjax_lite.algorithms.personalized_evaluation import client_distribution, evaluate_clients_with_own_params
 from fedjax_lite.algorithms.optimizers import ScheduledOptimizer, scheduled_optimizer
 from fedjax_lite.algorithms.template import (
     BitCount,
@@ -66,6 +68,10 @@ __all__ = [
     "fed_kmeans",
     "initial_centroids",
     "personalization_evaluation",
+    "client_distribution",
+    "ditto",
+    "ditto_evaluation",
+    "evaluate_clients_with_own_params",
     "adaptive_server_optimizer",
     "control_variate_correction",
     "fed_adagrad",
