@@ -11,6 +11,7 @@ from fedjax_lite.algorithms.evaluation import (
     evaluate_clients,
     federated_evaluation,
 )
+from fedjax_lite.algorithms.fed_dyn import FedDynServerState, fed_dyn
 from fedjax_lite.algorithms.fed_avg import FED_AVG_OPTIONS, fed_avg, fed_avg_options, local_training_work
 from fedjax_lite.algorithms.fed_kmeans import KMeansServerState, fed_kmeans, initial_centroids
 from fedjax_lite.algorithms.fed_opt import (
@@ -70,6 +71,8 @@ __all__ = [
     "personalization_evaluation",
     "client_distribution",
     "ditto",
+    "fed_dyn",
+    "FedDynServerState",
     "ditto_evaluation",
     "evaluate_clients_with_own_params",
     "adaptive_server_optimizer",
