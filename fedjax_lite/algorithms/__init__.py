@@ -13,6 +13,8 @@ from fedjax_lite.algorithms.evaluation import (
 )
 from fedjax_lite.algorithms.fed_dyn import FedDynServerState, fed_dyn
 from fedjax_lite.algorithms.fed_avg import FED_AVG_OPTIONS, fed_avg, fed_avg_options, local_training_work
+from fedjax_lite.algorithms.fed_recon import DatasetSplit, fed_recon
+from fedjax_lite.algorithms.fed_recon_eval import fed_recon_evaluation
 from fedjax_lite.algorithms.fed_kmeans import KMeansServerState, fed_kmeans, initial_centroids
 from fedjax_lite.algorithms.fed_opt import (
     adaptive_server_optimizer,
@@ -72,6 +74,9 @@ __all__ = [
     "client_distribution",
     "ditto",
     "fed_dyn",
+    "fed_recon",
+    "fed_recon_evaluation",
+    "DatasetSplit",
     "FedDynServerState",
     "ditto_evaluation",
     "evaluate_clients_with_own_params",

@@ -1,0 +1,110 @@
+"""Evaluation of a Federated Reconstruction model (TFF's ``tff.learning.algorithms.build_fed_recon_eval``, TFF 0.82
+``learning/algorithms/fed_recon_eval.py``; Singhal et al. 2021, NeurIPS, arXiv:2102.03448).
+
+A trained model is only its global parameters; each evaluated client (1) reconstructs its local parameters as in
+training -- fresh local values trained on its reconstruction part with the global parameters fixed -- and (2)
+evaluates the global parameters with those local ones on its other part (inference mode), the two parts from the
+same :class:`~fedjax_lite.algorithms.fed_recon.DatasetSplit` (by default TFF's: even-indexed batches reconstruct,
+odd-indexed ones evaluate). Nothing is kept: the local parameters are dropped after the client's metrics.
+
+Metrics are summed over the clients' evaluation examples and finalized once (TFF's ``SumThenFinalizeFactory``:
+example-weighted means), and also returned per client and as their distribution over clients
+(:func:`~fedjax_lite.algorithms.client_distribution`: the mean over clients and the mean of the worst 10%).
+TFF's evaluation process also accumulates ``total_rounds_metrics`` over calls in its state; this one is a pure
+function of the model and the clients (sum the per-round sums yourself to accumulate).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import jax
+import optax
+
+from fedjax_lite.algorithms.evaluation import client_metric_sums
+from fedjax_lite.algorithms.fed_recon import (
+    LOCAL_INIT_STREAM,
+    RECONSTRUCTION_STREAM,
+    DatasetSplit,
+    LocalInitializer,
+    default_local_initializer,
+    global_params,
+    reconstruct,
+    reconstruction_labels,
+)
+from fedjax_lite.algorithms.personalized_evaluation import LOWER_IS_BETTER, client_distribution
+from fedjax_lite.algorithms.template import check_optimizer
+from fedjax_lite.core import validation
+from fedjax_lite.core.model import Model, finalize_metric_sums
+from fedjax_lite.core.param_partition import GLOBAL, LOCAL, LabelSpec, merge_params
+from fedjax_lite.core.runner import Runner, run_clients
+from fedjax_lite.core.tree import PyTree
+
+
+def fed_recon_evaluation(
+    model: Model,
+    labels: LabelSpec,
+    *,
+    reconstruction_optimizer: optax.GradientTransformation | None = None,
+    dataset_split: DatasetSplit | None = None,
+    local_initializer: LocalInitializer | None = None,
+    worst_fraction: float = 0.1,
+    lower_is_better: Iterable[str] = LOWER_IS_BETTER,
+    runner: Runner | None = None,
+) -> Callable[..., dict]:
+  """``evaluate(params, round_data, rng=None) -> metrics`` for a Federated Reconstruction model.
+
+  Args:
+    model: the model.
+    labels: the same labels as in training (:func:`~fedjax_lite.algorithms.fed_recon`).
+    reconstruction_optimizer: default ``optax.sgd(0.1)`` (TFF's).
+    dataset_split: default :class:`~fedjax_lite.algorithms.fed_recon.DatasetSplit` ``()`` (TFF's: disjoint halves;
+      the post-reconstruction part is the evaluation part).
+    local_initializer: ``key -> local params``; default the local part of ``model.init(key)``.
+    worst_fraction, lower_is_better: of the distribution over clients
+      (:func:`~fedjax_lite.algorithms.client_distribution`).
+    runner: the client runner.
+
+  Returns:
+    ``evaluate(params, round_data, rng=None)`` (jitted; ``params`` the full params or their global part, e.g.
+    ``state.params`` of a :func:`~fedjax_lite.algorithms.fed_recon` run; client slot ``k``'s local values use
+    ``fold_in(fold_in(rng, k), LOCAL_INIT_STREAM)``, default ``rng`` ``jax.random.key(0)``) returning
+    ``{'aggregate': {loss, <metrics>, num_examples, num_batches}, 'per_client': {same, each [clients]},
+    'distribution': {metric: {'mean', 'worst'}}}`` over the evaluation parts.
+  """
+  label_tree = reconstruction_labels(model, labels)
+  reconstruction_optimizer = optax.sgd(0.1) if reconstruction_optimizer is None else reconstruction_optimizer
+  check_optimizer("reconstruction_optimizer", reconstruction_optimizer)
+  dataset_split = DatasetSplit() if dataset_split is None else dataset_split
+  if not isinstance(dataset_split, DatasetSplit):
+    raise TypeError(f"dataset_split must be a DatasetSplit, got {type(dataset_split).__name__}.")
+  dataset_split.check()
+  validation.check_float("worst_fraction", worst_fraction, low=0.0, high=1.0, low_inclusive=False)
+  lower_is_better = tuple(lower_is_better)
+  if local_initializer is not None and not callable(local_initializer):
+    raise TypeError(f"local_initializer must be a function key -> local params, got "
+                    f"{type(local_initializer).__name__}.")
+  initialize_local = local_initializer or default_local_initializer(model, label_tree)
+
+  def per_client(global_part, client_data, rng):
+    reconstruction_data, evaluation_data = dataset_split.apply(client_data)
+    local = initialize_local(jax.random.fold_in(rng, LOCAL_INIT_STREAM))                    # (1) reconstruct
+    local, _ = reconstruct(model, label_tree, global_part, local, reconstruction_optimizer, reconstruction_data,
+                           jax.random.fold_in(rng, RECONSTRUCTION_STREAM))
+    params = merge_params({GLOBAL: global_part, LOCAL: local}, label_tree)                  # (2) evaluate
+    sums = client_metric_sums(model, params, evaluation_data)
+    return sums, sums
+
+  @jax.jit
+  def run(params: PyTree, round_data: PyTree, rng: jax.Array) -> dict:
+    totals, per_client_sums = run_clients(per_client, global_params(params, label_tree), round_data, rng,
+                                          runner=runner)
+    per_client_metrics = finalize_metric_sums(per_client_sums)
+    return {"aggregate": finalize_metric_sums(totals), "per_client": per_client_metrics,
+            "distribution": client_distribution(per_client_metrics, worst_fraction=worst_fraction,
+                                                lower_is_better=lower_is_better)}
+
+  def evaluate(params: PyTree, round_data: PyTree, rng: jax.Array | None = None) -> dict:
+    return run(params, round_data, jax.random.key(0) if rng is None else rng)
+
+  return evaluate
