@@ -43,6 +43,7 @@ from fedjax_lite.algorithms.template import (
     communication_bits,
     model_distributor,
     optimizer_finalizer,
+    partition_upload,
     reject_non_finite_update,
     round_bits,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "local_training_work",
     "model_distributor",
     "optimizer_finalizer",
+    "partition_upload",
     "scheduled_optimizer",
     "train_locally",
 ]

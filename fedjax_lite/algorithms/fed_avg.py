@@ -38,8 +38,10 @@ from fedjax_lite.algorithms.template import (
     check_optimizer,
     model_distributor,
     optimizer_finalizer,
+    partition_upload,
 )
 from fedjax_lite.core import validation
+from fedjax_lite.core.param_partition import FROZEN, LOCAL, LabelSpec, label_params, partition_optimizer
 from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
@@ -79,8 +81,15 @@ def local_training_work(
     *,
     weighting: str = "num_examples",
     gradient_correction: GradientCorrection | None = None,
+    labels: LabelSpec | None = None,
 ) -> ClientWork:
   """FedAvg's client work: local steps from the broadcast params, upload ``delta = params - final_params``.
+
+  With ``labels`` (a round built with ``build_round(labels=labels, local_state=True)``: ``broadcast.params`` is
+  the client's full model, its local parameters merged in), the local optimizer is optax's own partitioning
+  (:func:`fedjax_lite.core.partition_optimizer`: frozen parameters get a zero update), the upload is the global
+  part of the delta and the new client state the local part of the final params
+  (:func:`~fedjax_lite.algorithms.template.partition_upload`).
 
   The local optimizer is ``optimizer.for_round(broadcast.hparams, correction)``: build the round with
   ``build_round(..., client_optimizer=optimizer)``, which broadcasts the round's hyperparameters (a scheduled
@@ -93,12 +102,32 @@ def local_training_work(
 
   def work(broadcast: Broadcast, client_data: PyTree, client_state: PyTree, rng: jax.Array) -> ClientOutput:
     corrections = () if gradient_correction is None else (gradient_correction(broadcast, client_state),)
-    final_params, metric_sums = train_locally(model, optimizer.for_round(broadcast.hparams, *corrections),
-                                              broadcast.params, client_data, rng)
-    delta = jax.tree.map(jnp.subtract, broadcast.params, final_params)
-    return ClientOutput(update=delta, weight=client_weight(weighting, metric_sums), metrics=metric_sums)
+    local_optimizer = optimizer.for_round(broadcast.hparams, *corrections)
+    label_tree = None
+    if labels is not None:
+      check_full_model(broadcast.params)
+      label_tree = label_params(broadcast.params, labels)
+      if FROZEN in jax.tree.leaves(label_tree):
+        local_optimizer = partition_optimizer(label_tree, local_optimizer)
+    final_params, metric_sums = train_locally(model, local_optimizer, broadcast.params, client_data, rng)
+    weight = client_weight(weighting, metric_sums)
+    if label_tree is None:
+      delta = jax.tree.map(jnp.subtract, broadcast.params, final_params)
+      return ClientOutput(update=delta, weight=weight, metrics=metric_sums)
+    delta, local = partition_upload(label_tree, broadcast.params, final_params)
+    new_state = local if LOCAL in jax.tree.leaves(label_tree) else client_state
+    return ClientOutput(update=delta, weight=weight, metrics=metric_sums, new_state=new_state)
 
   return work
+
+
+def check_full_model(params: PyTree) -> None:
+  """The client received every parameter (none ``None``), else a ``ValueError``: local parameters reach a
+  client's work only when the round keeps them as client state (``local_state=True``)."""
+  if any(leaf is None for leaf in jax.tree.leaves(params, is_leaf=lambda x: x is None)):
+    raise ValueError("the broadcast params hold None where 'local' parameters belong: this client work trains "
+                     "the full model, so the round must keep the local parameters as client state "
+                     "(fed_avg(..., labels=..., local_state=True), or build_round(..., local_state=True)).")
 
 
 def fed_avg(
@@ -114,6 +143,8 @@ def fed_avg(
     gradient_correction: GradientCorrection | None = None,
     broadcast_encoder: Any | None = None,
     runner: Runner | None = None,
+    labels: LabelSpec | None = None,
+    local_state: bool = False,
 ) -> Process:
   """Builds FedAvg as a ``Process(init, next)``: a configuration of :func:`~fedjax_lite.algorithms.build_round`.
 
@@ -143,6 +174,11 @@ def fed_avg(
       ``aggregators.quantization.broadcast_encoder(8, 10000)``). Clients train from the decoded parameters and
       report their delta from them; the server applies the aggregate to its exact parameters.
     runner: the client runner (default: per-backend strategy).
+    labels: optional parameter partition (:mod:`fedjax_lite.core.param_partition`): only ``'global'``
+      parameters are broadcast, uploaded, aggregated and counted in the bits; ``'frozen'`` ones are never
+      trained (optax's partitioning); ``'local'`` ones need ``local_state=True``. FedPer and FedBN are this.
+    local_state: with ``labels``: the ``'local'`` parameters are kept per client (the client-state store; ``next``
+      then takes and returns ``client_states``, the local parameters of the cohort).
 
   Returns:
     ``Process(init, next)`` with ``init(params) -> ServerState`` and
@@ -167,13 +203,16 @@ def fed_avg(
   if server_midpoint_fraction is not None:
     server_optimizer = optax.chain(server_optimizer, optax.scale(server_midpoint_fraction))
   return build_round(
-      local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction),  # 2.
+      local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction,
+                          labels=labels),                                                                    # 2.
       distributor=model_distributor(),                                                                       # 1.
       client_optimizer=optimizer,                                                                            #    rate
       aggregator=resolve_aggregator(aggregator, weighted=weighting == "num_examples"),                      # 3.
       finalizer=optimizer_finalizer(server_optimizer),                                                       # 4.
       broadcast_encoder=broadcast_encoder,
       runner=runner,
+      labels=labels,
+      local_state=local_state,
   )
 
 
