@@ -11,6 +11,7 @@ from fedjax_lite.algorithms.evaluation import (
     federated_evaluation,
 )
 from fedjax_lite.algorithms.fed_avg import FED_AVG_OPTIONS, fed_avg, fed_avg_options, local_training_work
+from fedjax_lite.algorithms.fed_bn import batch_norm_labels, fed_bn
 from fedjax_lite.algorithms.fed_per import fed_per, fed_rep
 from fedjax_lite.algorithms.fed_kmeans import KMeansServerState, fed_kmeans, initial_centroids
 from fedjax_lite.algorithms.fed_opt import (
@@ -66,6 +67,8 @@ __all__ = [
     "communication_bits",
     "round_bits",
     "fed_kmeans",
+    "batch_norm_labels",
+    "fed_bn",
     "fed_per",
     "fed_rep",
     "initial_centroids",

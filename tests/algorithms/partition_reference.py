@@ -89,3 +89,64 @@ def partitioned_round(server, heads, round_data, cohort, *, learning_rate, head_
   for key in BODY:
     new[key] = server[key] - sum(w * d[key] for w, d in zip(weights, deltas)) / total
   return new
+
+
+# ------------------------------------------------------------------------------------------------- FedBN
+
+BN_GLOBAL, BN_AFFINE, BN_STATS = ("W1", "b1", "W2", "b2"), ("gamma", "beta"), ("mean", "var")
+BN_EPSILON, BN_MOMENTUM = 1e-5, 0.9
+
+
+def bn_loss_grad_and_stats(params, x, y, mask):
+  """The batch-norm perceptron ``logits = tanh(BN(x W1 + b1)) W2 + b2`` in training mode: the batch's statistics
+  over its REAL examples (biased variance), ``BN(z) = gamma (z - mu) / sqrt(var + eps) + beta``. Returns ``(loss,
+  gradient of every trained parameter, (mu, var))``."""
+  real = np.asarray(mask, bool)
+  m = max(int(real.sum()), 1)
+  x = np.asarray(x, np.float64).reshape(x.shape[0], -1)
+  z1 = x @ params["W1"] + params["b1"]
+  mu = z1[real].sum(axis=0) / m
+  var = np.maximum(0.0, (z1[real] ** 2).sum(axis=0) / m - mu ** 2)
+  inv = 1.0 / np.sqrt(var + BN_EPSILON)
+  xhat = (z1 - mu) * inv
+  h = np.tanh(params["gamma"] * xhat + params["beta"])
+  z = h @ params["W2"] + params["b2"]
+  z = z - z.max(axis=1, keepdims=True)
+  log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+  labels = np.asarray(y, np.int64)
+  loss = float(np.sum(-log_p[np.arange(len(labels)), labels][real])) / m
+  dz = np.exp(log_p)
+  dz[np.arange(len(labels)), labels] -= 1.0
+  dz = dz * real[:, None] / m
+  du = (dz @ params["W2"].T) * (1.0 - h ** 2)
+  dxhat = du * params["gamma"]
+  # The usual batch-norm backward pass, over the real examples (padded ones have du = 0 and no statistics).
+  dz1 = np.zeros_like(z1)
+  dz1[real] = inv / m * (m * dxhat[real] - dxhat[real].sum(axis=0)
+                         - xhat[real] * (dxhat[real] * xhat[real]).sum(axis=0))
+  grads = {"W1": x.T @ dz1, "b1": dz1.sum(axis=0), "W2": h.T @ dz, "b2": dz.sum(axis=0),
+           "gamma": (du * xhat).sum(axis=0), "beta": du.sum(axis=0)}
+  return loss, grads, (mu, var)
+
+
+def fed_bn_round(server, local, round_data, cohort, *, learning_rate):
+  """One FedBN round: ``server`` holds ``BN_GLOBAL``, ``local[client]`` the client's ``gamma, beta, mean, var``
+  (updated in place: SGD on gamma and beta, ``running <- momentum running + (1 - momentum) batch statistic`` after
+  each step). Returns the new server params (example-weighted mean of the global deltas, server SGD at 1)."""
+  deltas, weights = [], []
+  for slot in client_slots(round_data):
+    client = cohort[slot]
+    params, examples = {**server, **local[client]}, 0
+    for t in real_steps(round_data, slot):
+      _, grads, (mu, var) = bn_loss_grad_and_stats(params, round_data["x"][slot, t], round_data["y"][slot, t],
+                                                   round_data["mask"][slot, t])
+      for key in BN_GLOBAL + BN_AFFINE:
+        params[key] = params[key] - learning_rate * grads[key]
+      params["mean"] = BN_MOMENTUM * params["mean"] + (1 - BN_MOMENTUM) * mu
+      params["var"] = BN_MOMENTUM * params["var"] + (1 - BN_MOMENTUM) * var
+      examples += int(np.sum(round_data["mask"][slot, t]))
+    local[client] = {key: params[key] for key in BN_AFFINE + BN_STATS}
+    deltas.append({key: server[key] - params[key] for key in BN_GLOBAL})
+    weights.append(float(examples))
+  total = sum(weights)
+  return {key: server[key] - sum(w * d[key] for w, d in zip(weights, deltas)) / total for key in BN_GLOBAL}
