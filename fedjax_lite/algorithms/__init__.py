@@ -13,6 +13,8 @@ from fedjax_lite.algorithms.evaluation import (
 )
 from fedjax_lite.algorithms.fed_dyn import FedDynServerState, fed_dyn
 from fedjax_lite.algorithms.fed_avg import FED_AVG_OPTIONS, fed_avg, fed_avg_options, local_training_work
+from fedjax_lite.algorithms.fed_bn import batch_norm_labels, fed_bn
+from fedjax_lite.algorithms.fed_per import fed_per, fed_rep
 from fedjax_lite.algorithms.fed_recon import DatasetSplit, fed_recon
 from fedjax_lite.algorithms.fed_recon_eval import fed_recon_evaluation
 from fedjax_lite.algorithms.fed_kmeans import KMeansServerState, fed_kmeans, initial_centroids
@@ -48,6 +50,7 @@ from fedjax_lite.algorithms.template import (
     communication_bits,
     model_distributor,
     optimizer_finalizer,
+    partition_upload,
     reject_non_finite_update,
     round_bits,
 )
@@ -69,6 +72,10 @@ __all__ = [
     "communication_bits",
     "round_bits",
     "fed_kmeans",
+    "batch_norm_labels",
+    "fed_bn",
+    "fed_per",
+    "fed_rep",
     "initial_centroids",
     "personalization_evaluation",
     "client_distribution",
@@ -111,6 +118,7 @@ __all__ = [
     "local_training_work",
     "model_distributor",
     "optimizer_finalizer",
+    "partition_upload",
     "scheduled_optimizer",
     "train_locally",
 ]
