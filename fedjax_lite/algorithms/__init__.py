@@ -32,7 +32,7 @@ from fedjax_lite.algorithms.mime import MimeServerState, frozen_state, mime, mim
 from fedjax_lite.algorithms.scaffold import ScaffoldServerState, control_variate_correction, scaffold
 from fedjax_lite.algorithms.local_training import client_gradient, train_locally
 from fedjax_lite.algorithms.personalization import personalization_evaluation
-from fedjax_lite.algorithms.personalized_evaluation import client_distribution, evaluate_clients_with_own_params
+from fedjax_lite.algorithms.per_client_evaluation import client_distribution, evaluate_clients_with_own_params
 from fedjax_lite.algorithms.optimizers import ScheduledOptimizer, scheduled_optimizer
 from fedjax_lite.algorithms.template import (
     BitCount,

@@ -45,7 +45,7 @@ from fedjax_lite.algorithms.fed_avg import (
 from fedjax_lite.algorithms.fed_prox import proximal_term
 from fedjax_lite.algorithms.local_training import train_locally
 from fedjax_lite.algorithms.optimizers import scheduled_optimizer
-from fedjax_lite.algorithms.personalized_evaluation import (
+from fedjax_lite.algorithms.per_client_evaluation import (
     LOWER_IS_BETTER,
     client_distribution,
     evaluate_clients_with_own_params,

@@ -37,9 +37,13 @@ are a prefix of the step axis) are split the same way, so pack ONE epoch per rou
 epochs in :class:`DatasetSplit`, as with TFF's ``repeat``. TFF's local initial values come from the Keras model's
 initializers (fresh variables on every client); here from ``local_initializer(key)`` with the client's own key
 ``fold_in(client key, LOCAL_INIT_STREAM)``, different for every client and round unless the initializer ignores
-it (pass ``lambda key: zeros`` for a deterministic start). ``'frozen'`` parameters are not supported yet (an
-error). The server state holds the global parameters only: ``state.params`` has ``None`` at the local positions
-(``process.init`` takes the full params and drops their local part).
+it (pass ``lambda key: zeros`` for a deterministic start).
+
+The round is :func:`~fedjax_lite.algorithms.build_round` with ``labels=`` (no ``local_state``): only the global
+parameters are broadcast, encoded, uploaded, aggregated, stepped by the server and counted in the bits;
+``state.params`` holds the global parameters and the model's initial local values (never changed and never sent:
+the clients make their own). ``'frozen'`` parameters (e.g. a pretrained base) are never trained; the clients
+receive them with the broadcast, which does not count them in the bits (see the template).
 """
 
 from __future__ import annotations
@@ -155,29 +159,14 @@ class DatasetSplit(NamedTuple):
 
 def reconstruction_labels(model: Model, labels: LabelSpec) -> Labels:
   """The label tree of ``model``'s params (from the shapes of ``model.init``), checked for reconstruction: some
-  ``'global'`` and some ``'local'`` parameters, no ``'frozen'`` ones."""
+  ``'global'`` and some ``'local'`` parameters (``'frozen'`` ones allowed)."""
   check_model(model)
   label_tree = label_params(jax.eval_shape(model.init, jax.random.key(0)), labels)
   used = set(jax.tree.leaves(label_tree))
-  if FROZEN in used:
-    raise ValueError("Federated Reconstruction here supports 'global' and 'local' parameters only; 'frozen' ones "
-                     "are not supported yet.")
   if GLOBAL not in used or LOCAL not in used:
     raise ValueError(f"Federated Reconstruction needs both 'global' and 'local' parameters; the labels use only "
                      f"{sorted(used)} (all 'global' is FedAvg: algorithms.fed_avg).")
   return label_tree
-
-
-def global_params(params: PyTree, label_tree: Labels) -> PyTree:
-  """The global part of ``params`` (the full params, or already their global part with ``None`` elsewhere)."""
-  if jax.tree.structure(params) == jax.tree.structure(label_tree):
-    return select_params(params, label_tree, GLOBAL)
-  expected = jax.tree.structure(select_params(label_tree, label_tree, GLOBAL))
-  if jax.tree.structure(params) != expected:
-    raise ValueError(f"params must be the model's full params or their global part (None at the local "
-                     f"positions); got the tree {jax.tree.structure(params)}, expected {jax.tree.structure(label_tree)}"
-                     f" or {expected}.")
-  return params
 
 
 def default_local_initializer(model: Model, label_tree: Labels) -> LocalInitializer:
@@ -185,12 +174,14 @@ def default_local_initializer(model: Model, label_tree: Labels) -> LocalInitiali
   return lambda key: select_params(model.init(key), label_tree, LOCAL)
 
 
-def reconstruct(model: Model, label_tree: Labels, global_part: PyTree, local_part: PyTree,
-                optimizer: optax.GradientTransformation, data: PyTree, rng: jax.Array) -> tuple[PyTree, dict]:
-  """``(local params, metric sums)`` after the reconstruction steps on ``data``: the local params trained by
-  ``optimizer`` (fresh state) with the global ones fixed (a :func:`~fedjax_lite.core.partial_model`)."""
-  local_model = partial_model(model, label_tree, {GLOBAL: global_part})
-  return train_locally(local_model, optimizer, local_part, data, rng)
+def reconstruct(model: Model, label_tree: Labels, params: PyTree, optimizer: optax.GradientTransformation,
+                data: PyTree, rng: jax.Array) -> tuple[PyTree, dict]:
+  """``(params with their local part reconstructed, metric sums)``: the local part of the full ``params`` trained
+  by ``optimizer`` (fresh state) on ``data`` with the global and frozen parts fixed (a
+  :func:`~fedjax_lite.core.partial_model`)."""
+  local_model = partial_model(model, label_tree, {GLOBAL: params, FROZEN: params})
+  local, sums = train_locally(local_model, optimizer, select_params(params, label_tree, LOCAL), data, rng)
+  return merge_params({GLOBAL: params, FROZEN: params, LOCAL: local}, label_tree), sums
 
 
 def fed_recon(
@@ -213,8 +204,8 @@ def fed_recon(
 
   Args:
     model: the model.
-    labels: which parameters are ``'global'`` and which ``'local'`` (:func:`fedjax_lite.core.label_params`: a
-      function of the parameter's path, or a label tree), e.g. ``lambda path: 'local' if path[0] == 'user' else
+    labels: which parameters are ``'global'``, ``'local'`` (and optionally ``'frozen'``)
+      (:func:`fedjax_lite.core.label_params`: a function of the parameter's path, or a label tree), e.g. ``lambda path: 'local' if path[0] == 'user' else
       'global'`` for the user embeddings of matrix factorization.
     client_optimizer: the post-reconstruction optimizer, an optax transformation or a function of the learning rate
       (default ``optax.sgd``).
@@ -234,9 +225,9 @@ def fed_recon(
     runner: the client runner.
 
   Returns:
-    ``Process(init, next)``: ``init(params)`` takes the FULL params (their local part is dropped: only the global
-    part is server state); ``next(state, round_data, rng) -> RoundOutput(state, metrics, None)`` (stateless
-    clients). ``state.params`` holds the global params, ``None`` at the local positions.
+    ``Process(init, next)``: ``init(params)`` takes the full params; ``next(state, round_data, rng) ->
+    RoundOutput(state, metrics, None)`` (stateless clients). ``state.params`` holds the global params (trained)
+    and the initial local and frozen values (unchanged).
   """
   label_tree = reconstruction_labels(model, labels)
   optimizer = scheduled_optimizer(client_optimizer, client_learning_rate)
@@ -257,31 +248,29 @@ def fed_recon(
   initialize_local = local_initializer or default_local_initializer(model, label_tree)
 
   def client_work(broadcast: Broadcast, client_data: PyTree, client_state: PyTree, rng: jax.Array) -> ClientOutput:
-    start = broadcast.params                                                        # g, None at local positions
     reconstruction_data, train_data = dataset_split.apply(client_data)
     local = initialize_local(jax.random.fold_in(rng, LOCAL_INIT_STREAM))            # (a) fresh l, reconstructed
-    local, reconstruction_sums = reconstruct(model, label_tree, start, local, reconstruction_optimizer,
-                                             reconstruction_data, jax.random.fold_in(rng, RECONSTRUCTION_STREAM))
-    round_optimizer = optimizer.for_round(broadcast.hparams)                        # (b) g trained, l fixed
-    if jointly_train_variables:
-      full, sums = train_locally(model, round_optimizer, merge_params({GLOBAL: start, LOCAL: local}, label_tree),
-                                 train_data, rng)
-      final = select_params(full, label_tree, GLOBAL)
-    else:
-      final, sums = train_locally(partial_model(model, label_tree, {LOCAL: local}), round_optimizer, start,
-                                  train_data, rng)
-    delta = jax.tree.map(jnp.subtract, start, final)                                # l is dropped here
+    params = merge_params({GLOBAL: broadcast.params, FROZEN: broadcast.params, LOCAL: local}, label_tree)
+    params, reconstruction_sums = reconstruct(model, label_tree, params, reconstruction_optimizer,
+                                              reconstruction_data, jax.random.fold_in(rng, RECONSTRUCTION_STREAM))
+    trained = (GLOBAL, LOCAL) if jointly_train_variables else (GLOBAL,)              # (b) g trained, l fixed
+    fixed = {label: params for label in (LOCAL, FROZEN) if label not in trained}
+    final, sums = train_locally(partial_model(model, label_tree, fixed), optimizer.for_round(broadcast.hparams),
+                                select_params(params, label_tree, trained), train_data, rng)
+    final = merge_params({**fixed, **{label: final for label in trained}}, label_tree)
+    delta = jax.tree.map(jnp.subtract, select_params(params, label_tree, GLOBAL),     # l is dropped here
+                         select_params(final, label_tree, GLOBAL))
     metrics = {**sums, "num_reconstruction_batches": reconstruction_sums["num_batches"],
                "num_reconstruction_examples": reconstruction_sums["num_examples"]}
     return ClientOutput(update=delta, weight=client_weight(weighting, sums), metrics=metrics)
 
-  process = build_round(
+  return build_round(
       client_work,                                                                             # 2.
       distributor=model_distributor(),                                                         # 1.
       client_optimizer=optimizer,                                                              #    rate
       aggregator=resolve_aggregator(aggregator, weighted=weighting == "num_examples"),        # 3.
-      finalizer=optimizer_finalizer(server_optimizer),                                         # 4.
+      finalizer=optimizer_finalizer(server_optimizer),                                         # 4. (global part)
+      labels=label_tree,                                                                       # only g travels
       broadcast_encoder=broadcast_encoder,
       runner=runner,
   )
-  return process._replace(init=lambda params: process.init(global_params(params, label_tree)))

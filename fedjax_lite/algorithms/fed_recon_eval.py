@@ -28,15 +28,14 @@ from fedjax_lite.algorithms.fed_recon import (
     DatasetSplit,
     LocalInitializer,
     default_local_initializer,
-    global_params,
     reconstruct,
     reconstruction_labels,
 )
-from fedjax_lite.algorithms.personalized_evaluation import LOWER_IS_BETTER, client_distribution
+from fedjax_lite.algorithms.per_client_evaluation import LOWER_IS_BETTER, client_distribution
 from fedjax_lite.algorithms.template import check_optimizer
 from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model, finalize_metric_sums
-from fedjax_lite.core.param_partition import GLOBAL, LOCAL, LabelSpec, merge_params
+from fedjax_lite.core.param_partition import FROZEN, GLOBAL, LOCAL, LabelSpec, label_params, merge_params
 from fedjax_lite.core.runner import Runner, run_clients
 from fedjax_lite.core.tree import PyTree
 
@@ -66,8 +65,8 @@ def fed_recon_evaluation(
     runner: the client runner.
 
   Returns:
-    ``evaluate(params, round_data, rng=None)`` (jitted; ``params`` the full params or their global part, e.g.
-    ``state.params`` of a :func:`~fedjax_lite.algorithms.fed_recon` run; client slot ``k``'s local values use
+    ``evaluate(params, round_data, rng=None)`` (jitted; ``params`` the model's full params, e.g. ``state.params``
+    of a :func:`~fedjax_lite.algorithms.fed_recon` run, whose local values are not used; client slot ``k``'s local values use
     ``fold_in(fold_in(rng, k), LOCAL_INIT_STREAM)``, default ``rng`` ``jax.random.key(0)``) returning
     ``{'aggregate': {loss, <metrics>, num_examples, num_batches}, 'per_client': {same, each [clients]},
     'distribution': {metric: {'mean', 'worst'}}}`` over the evaluation parts.
@@ -86,19 +85,19 @@ def fed_recon_evaluation(
                     f"{type(local_initializer).__name__}.")
   initialize_local = local_initializer or default_local_initializer(model, label_tree)
 
-  def per_client(global_part, client_data, rng):
+  def per_client(params, client_data, rng):
     reconstruction_data, evaluation_data = dataset_split.apply(client_data)
     local = initialize_local(jax.random.fold_in(rng, LOCAL_INIT_STREAM))                    # (1) reconstruct
-    local, _ = reconstruct(model, label_tree, global_part, local, reconstruction_optimizer, reconstruction_data,
-                           jax.random.fold_in(rng, RECONSTRUCTION_STREAM))
-    params = merge_params({GLOBAL: global_part, LOCAL: local}, label_tree)                  # (2) evaluate
-    sums = client_metric_sums(model, params, evaluation_data)
+    params = merge_params({GLOBAL: params, FROZEN: params, LOCAL: local}, label_tree)
+    params, _ = reconstruct(model, label_tree, params, reconstruction_optimizer, reconstruction_data,
+                            jax.random.fold_in(rng, RECONSTRUCTION_STREAM))
+    sums = client_metric_sums(model, params, evaluation_data)                               # (2) evaluate
     return sums, sums
 
   @jax.jit
   def run(params: PyTree, round_data: PyTree, rng: jax.Array) -> dict:
-    totals, per_client_sums = run_clients(per_client, global_params(params, label_tree), round_data, rng,
-                                          runner=runner)
+    label_params(params, label_tree)  # the model's full params (their local values are not used)
+    totals, per_client_sums = run_clients(per_client, params, round_data, rng, runner=runner)
     per_client_metrics = finalize_metric_sums(per_client_sums)
     return {"aggregate": finalize_metric_sums(totals), "per_client": per_client_metrics,
             "distribution": client_distribution(per_client_metrics, worst_fraction=worst_fraction,

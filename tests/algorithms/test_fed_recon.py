@@ -21,6 +21,7 @@ import pytest
 
 from fedjax_lite import algorithms
 from fedjax_lite.algorithms.fed_recon import DatasetSplit
+from fedjax_lite.core.packing import pack_clients
 from tests.algorithms import reference_impl as ref
 from tests.algorithms.family_setup import (
     CLIENT_LR,
@@ -84,7 +85,6 @@ def test_three_rounds_equal_numpy(setup, jointly):
                                  local_initializer=local_initializer(params))
   step = jax.jit(process.next)
   state = process.init(params)
-  assert state.params["Dense_0"]["bias"] is None  # the local part is never server state
   w, b0 = np.asarray(params["Dense_0"]["kernel"], np.float64), initial_bias(params)
   for r in range(3):
     round_data = rounds[r % 2]
@@ -92,6 +92,8 @@ def test_three_rounds_equal_numpy(setup, jointly):
     assert client_states is None  # stateless clients: nothing kept between rounds
     w = fed_recon_round(w, b0, round_data, jointly=jointly)
     assert_close_to_reference(state.params["Dense_0"], {"kernel": w}, what=f"round {r} W")
+    # The server never changes (nor sends) the local part: it holds the initial value.
+    chex.assert_trees_all_equal(state.params["Dense_0"]["bias"], params["Dense_0"]["bias"])
   # Only the global kernel travels: 8 x 4 float32 each way per real client (3 of them); the broadcast also carries
   # the round's client learning rate and the upload the client's weight (one float32 each); the bias never travels.
   kernel_bits = 8 * 4 * 32
@@ -174,17 +176,32 @@ def test_evaluation_reconstructs_then_evaluates_on_the_other_half(setup):
   np.testing.assert_allclose(per_client_loss, np.array(losses) / counts, rtol=RTOL)
   np.testing.assert_allclose(float(results["distribution"]["loss"]["mean"]), np.mean(np.array(losses) / counts),
                              rtol=RTOL)
-  # The global part alone (state.params of a run) gives the same result.
-  global_only = {"Dense_0": {"kernel": params["Dense_0"]["kernel"], "bias": None}}
-  chex.assert_trees_all_close(evaluate(global_only, round_data), results, rtol=0, atol=0)
+  # The local values in params are never used: every client reconstructs its own.
+  other_bias = {"Dense_0": {"kernel": params["Dense_0"]["kernel"], "bias": params["Dense_0"]["bias"] + 5.0}}
+  chex.assert_trees_all_close(evaluate(other_bias, round_data), results, rtol=0, atol=0)
 
 
-def test_labels_must_have_global_and_local_and_no_frozen(setup):
+def test_frozen_parameters_are_never_trained_nor_counted(tiny_model, tiny_params, population):
+  """A three-part model: the first layer frozen, the output kernel global, the output bias local. The frozen layer
+  and the initial local values stay bit-identical on the server; only the global kernel is counted."""
+  labels = lambda path: ("frozen" if path[0] == "Dense_0" else "local" if path[-1] == "bias" else "global")  # noqa
+  process = algorithms.fed_recon(tiny_model, labels)
+  round_data = pack_clients(population, [0, 1, 2], batch_size=4)
+  state = process.init(tiny_params)
+  new_state, metrics, _ = jax.jit(process.next)(state, round_data, jax.random.key(0))
+  chex.assert_trees_all_equal(new_state.params["Dense_0"], state.params["Dense_0"])
+  chex.assert_trees_all_equal(new_state.params["Dense_1"]["bias"], state.params["Dense_1"]["bias"])
+  assert not np.allclose(new_state.params["Dense_1"]["kernel"], state.params["Dense_1"]["kernel"])
+  kernel_bits = int(np.size(tiny_params["Dense_1"]["kernel"])) * 32
+  assert int(metrics["aggregated_bits"]) == 3 * (kernel_bits + 32)  # the kernel and the client's weight
+  evaluation = algorithms.fed_recon_evaluation(tiny_model, labels)(new_state.params, round_data)
+  assert np.isfinite(float(evaluation["aggregate"]["loss"]))
+
+
+def test_labels_and_options_are_checked(setup):
   _, model, _, _ = setup
   with pytest.raises(ValueError, match="both 'global' and 'local'"):
     algorithms.fed_recon(model, "global")
-  with pytest.raises(ValueError, match="'frozen'"):
-    algorithms.fed_recon(model, lambda path: "frozen" if path[-1] == "bias" else "global")
   with pytest.raises(TypeError, match="dataset_split"):
     algorithms.fed_recon(model, LABELS, dataset_split={"recon_epochs": 2})
   with pytest.raises(ValueError, match="recon_epochs"):
