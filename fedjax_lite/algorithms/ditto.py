@@ -50,7 +50,13 @@ from fedjax_lite.algorithms.per_client_evaluation import (
     client_distribution,
     evaluate_clients_with_own_params,
 )
-from fedjax_lite.algorithms.template import Broadcast, build_round, check_optimizer, model_distributor, optimizer_finalizer
+from fedjax_lite.algorithms.template import (
+    Broadcast,
+    build_round,
+    check_optimizer,
+    model_distributor,
+    optimizer_finalizer,
+)
 from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
@@ -110,7 +116,8 @@ def ditto(
     output = global_work(broadcast, client_data, None, rng)                        # (a) FedAvg's local steps
     personal_optimizer = optax.chain(proximal_term(proximal_strength, anchor=broadcast.params),  # (b) v_k
                                      optax.sgd(broadcast.hparams[PERSONAL_LEARNING_RATE]))
-    personal, sums = train_locally(model, personal_optimizer, personal, client_data, jax.random.fold_in(rng, PERSONAL_STREAM))
+    personal, sums = train_locally(model, personal_optimizer, personal, client_data,
+                                   jax.random.fold_in(rng, PERSONAL_STREAM))
     personal_sums = {f"personal_{name}": sums[name] for name in ("loss", *model.metrics)}
     return output._replace(metrics={**output.metrics, **personal_sums}, new_state=personal)
 

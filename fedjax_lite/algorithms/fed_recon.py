@@ -174,14 +174,47 @@ def default_local_initializer(model: Model, label_tree: Labels) -> LocalInitiali
   return lambda key: select_params(model.init(key), label_tree, LOCAL)
 
 
-def reconstruct(model: Model, label_tree: Labels, params: PyTree, optimizer: optax.GradientTransformation,
-                data: PyTree, rng: jax.Array) -> tuple[PyTree, dict]:
-  """``(params with their local part reconstructed, metric sums)``: the local part of the full ``params`` trained
-  by ``optimizer`` (fresh state) on ``data`` with the global and frozen parts fixed (a
-  :func:`~fedjax_lite.core.partial_model`)."""
-  local_model = partial_model(model, label_tree, {GLOBAL: params, FROZEN: params})
-  local, sums = train_locally(local_model, optimizer, select_params(params, label_tree, LOCAL), data, rng)
-  return merge_params({GLOBAL: params, FROZEN: params, LOCAL: local}, label_tree), sums
+def reconstruct(model: Model, stage: "Reconstruction", received: PyTree, data: PyTree,
+                rng: jax.Array) -> tuple[PyTree, dict]:
+  """``(full params, metric sums)`` of ONE client's reconstruction: fresh local params
+  (``stage.initialize_local(fold_in(rng, LOCAL_INIT_STREAM))``) trained by ``stage.optimizer`` (fresh state) on
+  ``data`` with the global and frozen parts of ``received`` fixed (a :func:`~fedjax_lite.core.partial_model`),
+  merged with those parts (``received``'s local positions are not read)."""
+  labels = stage.labels
+  local = stage.initialize_local(jax.random.fold_in(rng, LOCAL_INIT_STREAM))
+  local_model = partial_model(model, labels, {GLOBAL: received, FROZEN: received})
+  local, sums = train_locally(local_model, stage.optimizer, local, data,
+                              jax.random.fold_in(rng, RECONSTRUCTION_STREAM))
+  return merge_params({GLOBAL: received, FROZEN: received, LOCAL: local}, labels), sums
+
+
+class Reconstruction(NamedTuple):
+  """The reconstruction stage's settings, shared by training and evaluation (:func:`reconstruction_stage`)."""
+
+  labels: Labels
+  optimizer: optax.GradientTransformation
+  dataset_split: DatasetSplit
+  initialize_local: LocalInitializer
+
+
+def reconstruction_stage(model: Model, labels: LabelSpec, optimizer: optax.GradientTransformation | None,
+                         dataset_split: DatasetSplit | None,
+                         local_initializer: LocalInitializer | None) -> Reconstruction:
+  """The checked settings with TFF's defaults: the label tree (:func:`reconstruction_labels`), the reconstruction
+  optimizer (default ``optax.sgd(0.1)``), the split (default :class:`DatasetSplit` ``()``) and the local
+  initializer (default :func:`default_local_initializer`)."""
+  label_tree = reconstruction_labels(model, labels)
+  optimizer = optax.sgd(0.1) if optimizer is None else optimizer
+  check_optimizer("reconstruction_optimizer", optimizer)
+  dataset_split = DatasetSplit() if dataset_split is None else dataset_split
+  if not isinstance(dataset_split, DatasetSplit):
+    raise TypeError(f"dataset_split must be a DatasetSplit, got {type(dataset_split).__name__}.")
+  dataset_split.check()
+  if local_initializer is not None and not callable(local_initializer):
+    raise TypeError(f"local_initializer must be a function key -> local params, got "
+                    f"{type(local_initializer).__name__}.")
+  return Reconstruction(label_tree, optimizer, dataset_split,
+                        local_initializer or default_local_initializer(model, label_tree))
 
 
 def fed_recon(
@@ -205,8 +238,8 @@ def fed_recon(
   Args:
     model: the model.
     labels: which parameters are ``'global'``, ``'local'`` (and optionally ``'frozen'``)
-      (:func:`fedjax_lite.core.label_params`: a function of the parameter's path, or a label tree), e.g. ``lambda path: 'local' if path[0] == 'user' else
-      'global'`` for the user embeddings of matrix factorization.
+      (:func:`fedjax_lite.core.label_params`: a function of the parameter's path, or a label tree), e.g.
+      ``lambda path: 'local' if path[0] == 'user' else 'global'`` for the user embeddings of matrix factorization.
     client_optimizer: the post-reconstruction optimizer, an optax transformation or a function of the learning rate
       (default ``optax.sgd``).
     client_learning_rate: its rate, a float or a schedule of the round (default 0.1, TFF's SGD(0.1)); None with a
@@ -229,30 +262,18 @@ def fed_recon(
     RoundOutput(state, metrics, None)`` (stateless clients). ``state.params`` holds the global params (trained)
     and the initial local and frozen values (unchanged).
   """
-  label_tree = reconstruction_labels(model, labels)
+  stage = reconstruction_stage(model, labels, reconstruction_optimizer, dataset_split, local_initializer)
+  label_tree = stage.labels
   optimizer = scheduled_optimizer(client_optimizer, client_learning_rate)
-  reconstruction_optimizer = optax.sgd(0.1) if reconstruction_optimizer is None else reconstruction_optimizer
-  check_optimizer("reconstruction_optimizer", reconstruction_optimizer)
   server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
   check_optimizer("server_optimizer", server_optimizer)
-  dataset_split = DatasetSplit() if dataset_split is None else dataset_split
-  if not isinstance(dataset_split, DatasetSplit):
-    raise TypeError(f"dataset_split must be a DatasetSplit, got {type(dataset_split).__name__}.")
-  dataset_split.check()
   validation.check_choice("weighting", weighting, WEIGHTINGS)
   if not isinstance(jointly_train_variables, bool):
     raise TypeError(f"jointly_train_variables must be a bool, got {type(jointly_train_variables).__name__}.")
-  if local_initializer is not None and not callable(local_initializer):
-    raise TypeError(f"local_initializer must be a function key -> local params, got "
-                    f"{type(local_initializer).__name__}.")
-  initialize_local = local_initializer or default_local_initializer(model, label_tree)
 
   def client_work(broadcast: Broadcast, client_data: PyTree, client_state: PyTree, rng: jax.Array) -> ClientOutput:
-    reconstruction_data, train_data = dataset_split.apply(client_data)
-    local = initialize_local(jax.random.fold_in(rng, LOCAL_INIT_STREAM))            # (a) fresh l, reconstructed
-    params = merge_params({GLOBAL: broadcast.params, FROZEN: broadcast.params, LOCAL: local}, label_tree)
-    params, reconstruction_sums = reconstruct(model, label_tree, params, reconstruction_optimizer,
-                                              reconstruction_data, jax.random.fold_in(rng, RECONSTRUCTION_STREAM))
+    reconstruction_data, train_data = stage.dataset_split.apply(client_data)
+    params, reconstruction_sums = reconstruct(model, stage, broadcast.params, reconstruction_data, rng)  # (a)
     trained = (GLOBAL, LOCAL) if jointly_train_variables else (GLOBAL,)              # (b) g trained, l fixed
     fixed = {label: params for label in (LOCAL, FROZEN) if label not in trained}
     final, sums = train_locally(partial_model(model, label_tree, fixed), optimizer.for_round(broadcast.hparams),

@@ -22,20 +22,11 @@ import jax
 import optax
 
 from fedjax_lite.algorithms.evaluation import client_metric_sums
-from fedjax_lite.algorithms.fed_recon import (
-    LOCAL_INIT_STREAM,
-    RECONSTRUCTION_STREAM,
-    DatasetSplit,
-    LocalInitializer,
-    default_local_initializer,
-    reconstruct,
-    reconstruction_labels,
-)
+from fedjax_lite.algorithms.fed_recon import DatasetSplit, LocalInitializer, reconstruct, reconstruction_stage
 from fedjax_lite.algorithms.per_client_evaluation import LOWER_IS_BETTER, client_distribution
-from fedjax_lite.algorithms.template import check_optimizer
 from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model, finalize_metric_sums
-from fedjax_lite.core.param_partition import FROZEN, GLOBAL, LOCAL, LabelSpec, label_params, merge_params
+from fedjax_lite.core.param_partition import LabelSpec, label_params
 from fedjax_lite.core.runner import Runner, run_clients
 from fedjax_lite.core.tree import PyTree
 
@@ -66,37 +57,25 @@ def fed_recon_evaluation(
 
   Returns:
     ``evaluate(params, round_data, rng=None)`` (jitted; ``params`` the model's full params, e.g. ``state.params``
-    of a :func:`~fedjax_lite.algorithms.fed_recon` run, whose local values are not used; client slot ``k``'s local values use
-    ``fold_in(fold_in(rng, k), LOCAL_INIT_STREAM)``, default ``rng`` ``jax.random.key(0)``) returning
+    of a :func:`~fedjax_lite.algorithms.fed_recon` run, whose local values are not used; client slot ``k``'s
+    local values use ``fold_in(fold_in(rng, k), LOCAL_INIT_STREAM)``, default ``rng`` ``jax.random.key(0)``)
+    returning
     ``{'aggregate': {loss, <metrics>, num_examples, num_batches}, 'per_client': {same, each [clients]},
     'distribution': {metric: {'mean', 'worst'}}}`` over the evaluation parts.
   """
-  label_tree = reconstruction_labels(model, labels)
-  reconstruction_optimizer = optax.sgd(0.1) if reconstruction_optimizer is None else reconstruction_optimizer
-  check_optimizer("reconstruction_optimizer", reconstruction_optimizer)
-  dataset_split = DatasetSplit() if dataset_split is None else dataset_split
-  if not isinstance(dataset_split, DatasetSplit):
-    raise TypeError(f"dataset_split must be a DatasetSplit, got {type(dataset_split).__name__}.")
-  dataset_split.check()
+  stage = reconstruction_stage(model, labels, reconstruction_optimizer, dataset_split, local_initializer)
   validation.check_float("worst_fraction", worst_fraction, low=0.0, high=1.0, low_inclusive=False)
   lower_is_better = tuple(lower_is_better)
-  if local_initializer is not None and not callable(local_initializer):
-    raise TypeError(f"local_initializer must be a function key -> local params, got "
-                    f"{type(local_initializer).__name__}.")
-  initialize_local = local_initializer or default_local_initializer(model, label_tree)
 
   def per_client(params, client_data, rng):
-    reconstruction_data, evaluation_data = dataset_split.apply(client_data)
-    local = initialize_local(jax.random.fold_in(rng, LOCAL_INIT_STREAM))                    # (1) reconstruct
-    params = merge_params({GLOBAL: params, FROZEN: params, LOCAL: local}, label_tree)
-    params, _ = reconstruct(model, label_tree, params, reconstruction_optimizer, reconstruction_data,
-                            jax.random.fold_in(rng, RECONSTRUCTION_STREAM))
+    reconstruction_data, evaluation_data = stage.dataset_split.apply(client_data)
+    params, _ = reconstruct(model, stage, params, reconstruction_data, rng)                # (1) reconstruct
     sums = client_metric_sums(model, params, evaluation_data)                               # (2) evaluate
     return sums, sums
 
   @jax.jit
   def run(params: PyTree, round_data: PyTree, rng: jax.Array) -> dict:
-    label_params(params, label_tree)  # the model's full params (their local values are not used)
+    label_params(params, stage.labels)  # the model's full params (their local values are not used)
     totals, per_client_sums = run_clients(per_client, params, round_data, rng, runner=runner)
     per_client_metrics = finalize_metric_sums(per_client_sums)
     return {"aggregate": finalize_metric_sums(totals), "per_client": per_client_metrics,
