@@ -157,3 +157,30 @@ def test_ditto_evaluation_reports_both_models_and_their_distribution(setup, ditt
     np.testing.assert_allclose(float(distribution["worst"]), expected.min(), rtol=1e-6)
     losses = np.asarray(results[which]["per_client"]["loss"])[:len(cohort)]
     np.testing.assert_allclose(float(results[which]["distribution"]["loss"]["worst"]), losses.max(), rtol=1e-6)
+
+
+def test_arguments_are_checked(setup):
+  _, model, params, rounds = setup
+  with pytest.raises(ValueError, match="proximal_strength"):
+    algorithms.ditto(model, proximal_strength=-0.1, client_learning_rate=0.1)
+  with pytest.raises(ValueError, match="personal_learning_rate"):
+    algorithms.ditto(model, proximal_strength=0.1, client_learning_rate=0.1, personal_learning_rate=0.0)
+  with pytest.raises(ValueError, match="weighting"):
+    algorithms.ditto(model, proximal_strength=0.1, client_learning_rate=0.1, weighting="median")
+  with pytest.raises(ValueError, match="client slots"):  # one personal model per slot of the test data
+    algorithms.ditto_evaluation(model)(params, jax.tree.map(lambda a: np.stack([a] * 3), params), rounds[0])
+  with pytest.raises(ValueError, match="worst_fraction"):
+    algorithms.client_distribution({"loss": np.ones(3), "num_examples": np.ones(3)}, worst_fraction=0.0)
+
+
+def test_client_distribution_worst_fraction_rounds_up_over_real_clients():
+  """ceil(0.1 x 11) = 2 worst of 11 real clients (padding slots ignored); 0.1 x 10 takes exactly 1 client of 10
+  (a product that rounds above an integer must not round the count up)."""
+  accuracy = np.array([0.9, 0.1, 0.5, 0.2, 0.8, 0.7, 0.6, 0.95, 0.85, 0.75, 0.65, 0.0], np.float32)
+  num_examples = np.array([5] * 11 + [0])
+  out = algorithms.client_distribution({"accuracy": accuracy, "loss": -accuracy, "num_examples": num_examples})
+  np.testing.assert_allclose(float(out["accuracy"]["worst"]), (0.1 + 0.2) / 2, rtol=1e-6)
+  np.testing.assert_allclose(float(out["loss"]["worst"]), -(0.1 + 0.2) / 2, rtol=1e-6)
+  np.testing.assert_allclose(float(out["accuracy"]["mean"]), accuracy[:11].mean(), rtol=1e-6)
+  ten = algorithms.client_distribution({"accuracy": accuracy[:10], "num_examples": num_examples[:10]})
+  np.testing.assert_allclose(float(ten["accuracy"]["worst"]), 0.1, rtol=1e-6)

@@ -112,3 +112,14 @@ def test_a_round_with_only_rejected_clients_changes_nothing(setup):
   chex.assert_trees_all_equal(new_states, states)
   assert int(metrics["client_work"]["num_non_finite_clients"]) == 3
   assert int(metrics["finalizer"]["update_non_finite"]) == 1
+
+
+def test_arguments_are_checked(setup):
+  _, model, _, _ = setup
+  with pytest.raises(ValueError, match="alpha"):
+    algorithms.fed_dyn(model, alpha=0.0, num_clients=6, client_learning_rate=0.1)
+  with pytest.raises(ValueError, match="num_clients"):
+    algorithms.fed_dyn(model, alpha=0.1, num_clients=0, client_learning_rate=0.1)
+  with pytest.raises(ValueError, match="client_states"):  # a stateful algorithm: next needs the cohort's g_k
+    process = algorithms.fed_dyn(model, alpha=0.1, num_clients=6, client_learning_rate=0.1)
+    process.next(process.init(make_setup()[2]), make_setup()[3][0], jax.random.key(0))
