@@ -4,10 +4,11 @@
 every algorithm here is such a configuration, read like optax's ``alias.py``.
 """
 
-from fedjax_lite.algorithms.ditto import ditto, ditto_evaluation
+from fedjax_lite.algorithms.ditto import ditto
 from fedjax_lite.algorithms.dp_fed_avg import PrivateTraining, dp_fed_avg, dp_ftrl
 from fedjax_lite.algorithms.evaluation import (
     centralized_evaluation,
+    client_distribution,
     evaluate_clients,
     federated_evaluation,
 )
@@ -31,8 +32,7 @@ from fedjax_lite.algorithms.fed_sgd import fed_sgd
 from fedjax_lite.algorithms.mime import MimeServerState, frozen_state, mime, mime_lite
 from fedjax_lite.algorithms.scaffold import ScaffoldServerState, control_variate_correction, scaffold
 from fedjax_lite.algorithms.local_training import client_gradient, train_locally
-from fedjax_lite.algorithms.personalization import personalization_evaluation
-from fedjax_lite.algorithms.per_client_evaluation import client_distribution, evaluate_clients_with_own_params
+from fedjax_lite.algorithms.personalization import personalization_evaluation, personalized_evaluation
 from fedjax_lite.algorithms.optimizers import ScheduledOptimizer, scheduled_optimizer
 from fedjax_lite.algorithms.template import (
     BitCount,
@@ -78,6 +78,7 @@ __all__ = [
     "fed_rep",
     "initial_centroids",
     "personalization_evaluation",
+    "personalized_evaluation",
     "client_distribution",
     "ditto",
     "fed_dyn",
@@ -85,8 +86,6 @@ __all__ = [
     "fed_recon_evaluation",
     "DatasetSplit",
     "FedDynServerState",
-    "ditto_evaluation",
-    "evaluate_clients_with_own_params",
     "adaptive_server_optimizer",
     "control_variate_correction",
     "fed_adagrad",

@@ -21,21 +21,20 @@ exactly as FedAvg. A round, for the sampled clients S:
 global update or personal model is not finite is rejected and keeps its ``v_k`` (the template's rule).
 
 Metrics: FedAvg's, plus ``client_work/train/personal_loss`` and ``personal_<metric>`` (the personal steps' forward
-passes, example-weighted like the global ones) and ``client_work/personal_learning_rate``. Evaluate both models with
-:func:`ditto_evaluation` (the global model, each client's personal model, and their distributions over clients:
-the mean and the worst 10%, as the paper reports).
+passes, example-weighted like the global ones) and ``client_work/personal_learning_rate``. Evaluate both models
+with :func:`~fedjax_lite.algorithms.personalized_evaluation` ``(model)(state.params, personal_models,
+test_data)``: the state of a client IS its whole personal model, so the default ``personal_params`` applies; it
+reports the global model and each client's personal model per client, example-weighted, and as their distribution
+over clients (the mean client and the worst 10%, the paper's fairness measure).
 """
 
 from __future__ import annotations
-
-from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_lite.aggregators.base import Aggregator
-from fedjax_lite.algorithms.evaluation import evaluate_clients
 from fedjax_lite.algorithms.fed_avg import (
     WEIGHTINGS,
     check_model,
@@ -45,11 +44,6 @@ from fedjax_lite.algorithms.fed_avg import (
 from fedjax_lite.algorithms.fed_prox import proximal_term
 from fedjax_lite.algorithms.local_training import train_locally
 from fedjax_lite.algorithms.optimizers import scheduled_optimizer
-from fedjax_lite.algorithms.per_client_evaluation import (
-    LOWER_IS_BETTER,
-    client_distribution,
-    evaluate_clients_with_own_params,
-)
 from fedjax_lite.algorithms.template import (
     Broadcast,
     build_round,
@@ -132,37 +126,3 @@ def ditto(
       client_state=lambda params: params,
       runner=runner,
   )
-
-
-def ditto_evaluation(
-    model: Model,
-    *,
-    worst_fraction: float = 0.1,
-    lower_is_better: Iterable[str] = LOWER_IS_BETTER,
-    runner: Runner | None = None,
-) -> Callable[[PyTree, PyTree, PyTree], dict]:
-  """A jitted ``(global_params, personal_params, test_data) -> metrics`` evaluating both of Ditto's models.
-
-  ``test_data`` packs the evaluated clients (e.g. their test splits) and ``personal_params`` their personal models
-  stacked in the same slot order (``store.gather(cohort, num_slots)`` of the training run's store). Returns
-  ``{'global': {...}, 'personal': {...}}``, each ``{'aggregate', 'per_client', 'distribution'}``: the
-  example-weighted aggregate over all test examples, every client's own metrics, and their distribution over the
-  real clients (:func:`~fedjax_lite.algorithms.client_distribution`: the mean over clients and the mean of the
-  worst ``worst_fraction``, e.g. ``['personal']['distribution']['accuracy']['worst']``, the paper's fairness
-  measure).
-  """
-  check_model(model)
-  validation.check_float("worst_fraction", worst_fraction, low=0.0, high=1.0, low_inclusive=False)
-  lower_is_better = tuple(lower_is_better)
-
-  def with_distribution(results: dict) -> dict:
-    return {**results, "distribution": client_distribution(results["per_client"], worst_fraction=worst_fraction,
-                                                           lower_is_better=lower_is_better)}
-
-  @jax.jit
-  def evaluate(global_params: PyTree, personal_params: PyTree, test_data: PyTree) -> dict:
-    return {"global": with_distribution(evaluate_clients(model, global_params, test_data, runner=runner)),
-            "personal": with_distribution(evaluate_clients_with_own_params(model, personal_params, test_data,
-                                                                           runner=runner))}
-
-  return evaluate

@@ -9,22 +9,21 @@ odd-indexed ones evaluate). Nothing is kept: the local parameters are dropped af
 
 Metrics are summed over the clients' evaluation examples and finalized once (TFF's ``SumThenFinalizeFactory``:
 example-weighted means), and also returned per client and as their distribution over clients
-(:func:`~fedjax_lite.algorithms.client_distribution`: the mean over clients and the mean of the worst 10%).
+(:func:`~fedjax_lite.algorithms.evaluation.client_distribution`: the mean client and the worst 10%).
 TFF's evaluation process also accumulates ``total_rounds_metrics`` over calls in its state; this one is a pure
 function of the model and the clients (sum the per-round sums yourself to accumulate).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from fedjax_lite.algorithms.evaluation import client_metric_sums
+from fedjax_lite.algorithms.evaluation import client_distribution, client_metric_sums
 from fedjax_lite.algorithms.fed_recon import DatasetSplit, LocalInitializer, reconstruct, reconstruction_stage
-from fedjax_lite.algorithms.per_client_evaluation import LOWER_IS_BETTER, client_distribution
-from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model, finalize_metric_sums
 from fedjax_lite.core.param_partition import LabelSpec, label_params
 from fedjax_lite.core.runner import Runner, run_clients
@@ -38,8 +37,8 @@ def fed_recon_evaluation(
     reconstruction_optimizer: optax.GradientTransformation | None = None,
     dataset_split: DatasetSplit | None = None,
     local_initializer: LocalInitializer | None = None,
-    worst_fraction: float = 0.1,
-    lower_is_better: Iterable[str] = LOWER_IS_BETTER,
+    worst_percent: int = 10,
+    lower_is_better: tuple[str, ...] = ("loss",),
     runner: Runner | None = None,
 ) -> Callable[..., dict]:
   """``evaluate(params, round_data, rng=None) -> metrics`` for a Federated Reconstruction model.
@@ -51,8 +50,8 @@ def fed_recon_evaluation(
     dataset_split: default :class:`~fedjax_lite.algorithms.fed_recon.DatasetSplit` ``()`` (TFF's: disjoint halves;
       the post-reconstruction part is the evaluation part).
     local_initializer: ``key -> local params``; default the local part of ``model.init(key)``.
-    worst_fraction, lower_is_better: of the distribution over clients
-      (:func:`~fedjax_lite.algorithms.client_distribution`).
+    worst_percent, lower_is_better: of the distribution over clients
+      (:func:`~fedjax_lite.algorithms.evaluation.client_distribution`).
     runner: the client runner.
 
   Returns:
@@ -61,11 +60,11 @@ def fed_recon_evaluation(
     local values use ``fold_in(fold_in(rng, k), LOCAL_INIT_STREAM)``, default ``rng`` ``jax.random.key(0)``)
     returning
     ``{'aggregate': {loss, <metrics>, num_examples, num_batches}, 'per_client': {same, each [clients]},
-    'distribution': {metric: {'mean', 'worst'}}}`` over the evaluation parts.
+    'distribution': client_distribution(per_client)}`` over the evaluation parts.
   """
   stage = reconstruction_stage(model, labels, reconstruction_optimizer, dataset_split, local_initializer)
-  validation.check_float("worst_fraction", worst_fraction, low=0.0, high=1.0, low_inclusive=False)
-  lower_is_better = tuple(lower_is_better)
+  client_distribution({"num_examples": jnp.zeros(1), "loss": jnp.zeros(1)}, worst_percent=worst_percent,
+                      lower_is_better=lower_is_better)  # checks the options now
 
   def per_client(params, client_data, rng):
     reconstruction_data, evaluation_data = stage.dataset_split.apply(client_data)
@@ -79,7 +78,7 @@ def fed_recon_evaluation(
     totals, per_client_sums = run_clients(per_client, params, round_data, rng, runner=runner)
     per_client_metrics = finalize_metric_sums(per_client_sums)
     return {"aggregate": finalize_metric_sums(totals), "per_client": per_client_metrics,
-            "distribution": client_distribution(per_client_metrics, worst_fraction=worst_fraction,
+            "distribution": client_distribution(per_client_metrics, worst_percent=worst_percent,
                                                 lower_is_better=lower_is_better)}
 
   def evaluate(params: PyTree, round_data: PyTree, rng: jax.Array | None = None) -> dict:

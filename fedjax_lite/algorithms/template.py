@@ -79,7 +79,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from fedjax_lite.aggregators.base import STACK, SUM, AggregationContext, Aggregator, as_template, client_upload_bits, split_rng
 from fedjax_lite.algorithms.optimizers import ScheduledOptimizer
 from fedjax_lite.core.model import finalize_metric_sums
-from fedjax_lite.core.param_partition import FROZEN, GLOBAL, LOCAL, LabelSpec, label_params, select_params
+from fedjax_lite.core.param_partition import (
+    FROZEN,
+    GLOBAL,
+    LOCAL,
+    LabelSpec,
+    label_params,
+    overlay_params,
+    select_params,
+)
 from fedjax_lite.core.process import MeasuredOutput, Process, RoundOutput
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.round_data import check_round_data
@@ -698,18 +706,13 @@ def partition_upload(labels: PyTree, start: PyTree, final: PyTree) -> tuple[PyTr
   return delta, local
 
 
-def _is_none(x) -> bool:
-  return x is None
-
-
 def _with_client_params(client_work: ClientWork) -> ClientWork:
   """``client_work`` of a round whose local parameters are the client state: the client's own local parameters
   (the non-``None`` leaves of its state) merged into ``broadcast.params`` (``None`` at those positions)."""
 
   def work(broadcast, client_data, client_state, rng):
-    params = jax.tree.map(lambda sent, own: sent if own is None else own, broadcast.params, client_state,
-                          is_leaf=_is_none)
-    return client_work(broadcast._replace(params=params), client_data, client_state, rng)
+    return client_work(broadcast._replace(params=overlay_params(broadcast.params, client_state)), client_data,
+                       client_state, rng)
 
   return work
 

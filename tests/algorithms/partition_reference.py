@@ -29,20 +29,24 @@ def as_float64(params):
   return {key: np.asarray(value, np.float64) for key, value in params.items()}
 
 
-def loss_and_grad(params, x, y, mask):
-  """``(mean cross-entropy over real examples, its gradient)`` of the two-layer perceptron."""
-  mask = np.asarray(mask, bool)
+def cross_entropy_and_grad(logits, y, mask):
+  """``(mean softmax cross-entropy over the real examples, its gradient with respect to the logits)``."""
   count = max(int(mask.sum()), 1)
-  x = np.asarray(x, np.float64).reshape(x.shape[0], -1)
-  h = np.tanh(x @ params["W1"] + params["b1"])
-  z = h @ params["W2"] + params["b2"]
-  z = z - z.max(axis=1, keepdims=True)
+  z = logits - logits.max(axis=1, keepdims=True)
   log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
   labels = np.asarray(y, np.int64)
   loss = float(np.sum(-log_p[np.arange(len(labels)), labels][mask])) / count
   dz = np.exp(log_p)
   dz[np.arange(len(labels)), labels] -= 1.0
-  dz = dz * mask[:, None] / count
+  return loss, dz * mask[:, None] / count
+
+
+def loss_and_grad(params, x, y, mask):
+  """``(mean cross-entropy over real examples, its gradient)`` of the two-layer perceptron."""
+  mask = np.asarray(mask, bool)
+  x = np.asarray(x, np.float64).reshape(x.shape[0], -1)
+  h = np.tanh(x @ params["W1"] + params["b1"])
+  loss, dz = cross_entropy_and_grad(h @ params["W2"] + params["b2"], y, mask)
   dh = (dz @ params["W2"].T) * (1.0 - h ** 2)
   return loss, {"W1": x.T @ dh, "b1": dh.sum(axis=0), "W2": h.T @ dz, "b2": dz.sum(axis=0)}
 
@@ -110,14 +114,7 @@ def bn_loss_grad_and_stats(params, x, y, mask):
   inv = 1.0 / np.sqrt(var + BN_EPSILON)
   xhat = (z1 - mu) * inv
   h = np.tanh(params["gamma"] * xhat + params["beta"])
-  z = h @ params["W2"] + params["b2"]
-  z = z - z.max(axis=1, keepdims=True)
-  log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-  labels = np.asarray(y, np.int64)
-  loss = float(np.sum(-log_p[np.arange(len(labels)), labels][real])) / m
-  dz = np.exp(log_p)
-  dz[np.arange(len(labels)), labels] -= 1.0
-  dz = dz * real[:, None] / m
+  loss, dz = cross_entropy_and_grad(h @ params["W2"] + params["b2"], y, real)
   du = (dz @ params["W2"].T) * (1.0 - h ** 2)
   dxhat = du * params["gamma"]
   # The usual batch-norm backward pass, over the real examples (padded ones have du = 0 and no statistics).

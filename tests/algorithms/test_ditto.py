@@ -125,16 +125,17 @@ def test_personal_training_metrics_are_the_personal_steps_forward_passes(setup, 
   np.testing.assert_allclose(float(metrics["client_work"]["train"]["personal_loss"]), total / count, rtol=RTOL)
 
 
-def test_ditto_evaluation_reports_both_models_and_their_distribution(setup, ditto_step):
-  """Per-client accuracy with the global and with each client's personal model, their mean over clients and the
-  mean of the worst ceil(10% of n) = 1 client, against NumPy."""
+def test_personalized_evaluation_reports_both_models_and_their_distribution(setup, ditto_step):
+  """Ditto's state is the whole personal model, so algorithms.personalized_evaluation applies as is: per-client
+  accuracy with the global and with each client's personal model, their mean over clients and the mean of the
+  worst ceil(10% of n) = 1 client, against NumPy."""
   population, model, params, rounds = setup
   state, _, store_arrays = run(setup, ditto_step)[-1]
   test_data = rounds[1]  # clients 1, 3, 2 and a padding slot
   cohort = COHORTS[1]
   slots = test_data["num_examples"].shape[0]
   personal = jax.tree.map(lambda a: a[np.array(cohort + [0] * (slots - len(cohort)))], store_arrays)
-  results = algorithms.ditto_evaluation(model)(state.params, personal, test_data)
+  results = algorithms.personalized_evaluation(model)(state.params, personal, test_data)
 
   def accuracy(params, slot):
     w = to_reference(params)
@@ -147,16 +148,17 @@ def test_ditto_evaluation_reports_both_models_and_their_distribution(setup, ditt
     return correct / total
 
   for which, client_params in (("global", lambda slot: state.params),
-                               ("personal", lambda slot: jax.tree.map(lambda a: a[slot], personal))):
+                               ("personalized", lambda slot: jax.tree.map(lambda a: a[slot], personal))):
     expected = np.array([accuracy(client_params(slot), slot) for slot in range(len(cohort))])
     per_client = np.asarray(results[which]["per_client"]["accuracy"])
     np.testing.assert_allclose(per_client[:len(cohort)], expected, rtol=1e-6)  # a ratio of small integers
     assert np.isnan(per_client[len(cohort)])  # the padding slot
     distribution = results[which]["distribution"]["accuracy"]
-    np.testing.assert_allclose(float(distribution["mean"]), expected.mean(), rtol=1e-6)
-    np.testing.assert_allclose(float(distribution["worst"]), expected.min(), rtol=1e-6)
+    np.testing.assert_allclose(float(distribution["client_mean"]), expected.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(distribution["worst_10_percent"]), expected.min(), rtol=1e-6)
     losses = np.asarray(results[which]["per_client"]["loss"])[:len(cohort)]
-    np.testing.assert_allclose(float(results[which]["distribution"]["loss"]["worst"]), losses.max(), rtol=1e-6)
+    np.testing.assert_allclose(float(results[which]["distribution"]["loss"]["worst_10_percent"]), losses.max(),
+                               rtol=1e-6)
 
 
 def test_arguments_are_checked(setup):
@@ -167,20 +169,4 @@ def test_arguments_are_checked(setup):
     algorithms.ditto(model, proximal_strength=0.1, client_learning_rate=0.1, personal_learning_rate=0.0)
   with pytest.raises(ValueError, match="weighting"):
     algorithms.ditto(model, proximal_strength=0.1, client_learning_rate=0.1, weighting="median")
-  with pytest.raises(ValueError, match="client slots"):  # one personal model per slot of the test data
-    algorithms.ditto_evaluation(model)(params, jax.tree.map(lambda a: np.stack([a] * 3), params), rounds[0])
-  with pytest.raises(ValueError, match="worst_fraction"):
-    algorithms.client_distribution({"loss": np.ones(3), "num_examples": np.ones(3)}, worst_fraction=0.0)
 
-
-def test_client_distribution_worst_fraction_rounds_up_over_real_clients():
-  """ceil(0.1 x 11) = 2 worst of 11 real clients (padding slots ignored); 0.1 x 10 takes exactly 1 client of 10
-  (a product that rounds above an integer must not round the count up)."""
-  accuracy = np.array([0.9, 0.1, 0.5, 0.2, 0.8, 0.7, 0.6, 0.95, 0.85, 0.75, 0.65, 0.0], np.float32)
-  num_examples = np.array([5] * 11 + [0])
-  out = algorithms.client_distribution({"accuracy": accuracy, "loss": -accuracy, "num_examples": num_examples})
-  np.testing.assert_allclose(float(out["accuracy"]["worst"]), (0.1 + 0.2) / 2, rtol=1e-6)
-  np.testing.assert_allclose(float(out["loss"]["worst"]), -(0.1 + 0.2) / 2, rtol=1e-6)
-  np.testing.assert_allclose(float(out["accuracy"]["mean"]), accuracy[:11].mean(), rtol=1e-6)
-  ten = algorithms.client_distribution({"accuracy": accuracy[:10], "num_examples": num_examples[:10]})
-  np.testing.assert_allclose(float(ten["accuracy"]["worst"]), 0.1, rtol=1e-6)

@@ -174,8 +174,8 @@ def test_evaluation_reconstructs_then_evaluates_on_the_other_half(setup):
   assert int(results["aggregate"]["num_examples"]) == counts.sum()
   per_client_loss = np.asarray(results["per_client"]["loss"])[:len(counts)]
   np.testing.assert_allclose(per_client_loss, np.array(losses) / counts, rtol=RTOL)
-  np.testing.assert_allclose(float(results["distribution"]["loss"]["mean"]), np.mean(np.array(losses) / counts),
-                             rtol=RTOL)
+  np.testing.assert_allclose(float(results["distribution"]["loss"]["client_mean"]),
+                             np.mean(np.array(losses) / counts), rtol=RTOL)
   # The local values in params are never used: every client reconstructs its own.
   other_bias = {"Dense_0": {"kernel": params["Dense_0"]["kernel"], "bias": params["Dense_0"]["bias"] + 5.0}}
   chex.assert_trees_all_close(evaluate(other_bias, round_data), results, rtol=0, atol=0)
