@@ -17,7 +17,7 @@ packed separately for the same cohort (``core.pack_clients``) and passed togethe
 the local part of a partitioned round; Ditto: a personal model): each client with ITS OWN parameters -- the server
 params with the client's state laid over them (:func:`fedjax_lite.core.overlay_params`) -- next to the global
 model, both reported per client, example-weighted and as a distribution over clients (the mean client and the
-worst 10%, :func:`~fedjax_lite.algorithms.evaluation.client_distribution`).
+worst 10%, :func:`~fedjax_lite.algorithms.client_distribution`).
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ def personalized_evaluation(
     model: the model.
     personal_params: ``client state -> the parameters it holds`` (the params' tree, ``None`` where the server's
       are used); default the state itself.
-    worst_percent: the worst clients' share reported by :func:`~fedjax_lite.algorithms.evaluation.
-      client_distribution` (default the worst 10%).
+    worst_percent: the worst clients' share reported by :func:`~fedjax_lite.algorithms.client_distribution`
+      (default the worst 10%).
     lower_is_better: the metrics whose worst clients are the highest (default the loss).
     runner: the client runner.
 

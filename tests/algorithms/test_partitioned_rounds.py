@@ -9,12 +9,14 @@ global part only.
 from __future__ import annotations
 
 import chex
+import hypothesis
 import jax
 import numpy as np
 import optax
 import pytest
 
 from fedjax_lite import aggregators, algorithms, core
+from tests.tolerances import assert_trees_close_to_rounding
 from tests.algorithms.partition_setup import (
     CLIENT_LR,
     COHORTS,
@@ -153,3 +155,50 @@ def test_partition_errors_say_what_to_do(setup):
     algorithms.build_round(lambda *a: None, aggregator=aggregators.mean(),
                            finalizer=algorithms.optimizer_finalizer(optax.sgd(1.0)), labels=head_is_local,
                            local_state=True, client_state=lambda p: p)
+
+
+def test_the_parts_run_apart_equal_next_in_a_partitioned_round(setup):
+  """``RoundParts`` (distribute, stacked client outputs, aggregation of the stack, finalize) keep the partition."""
+  _, model, params, rounds = setup
+  process = algorithms.fed_per(model, head_is_local, client_learning_rate=CLIENT_LR)
+  state, parts, rng = process.init(params), process.parts, jax.random.key(1)
+  gathered = core.ClientStateStore(process.client_state(params), 6).gather(COHORTS[0], SLOTS)
+
+  @jax.jit
+  def by_parts(state, round_data, client_states):
+    broadcast = parts.distribute(state, rng)
+    outputs = parts.client_outputs(broadcast, round_data, rng, client_states)
+    aggregate = parts.aggregate(state, outputs, rng, round_data["num_examples"] > 0)
+    return parts.finalize(state, aggregate)[0], outputs
+
+  new_state, outputs = by_parts(state, rounds[0], gathered)
+  expected = jax.jit(process.next)(state, rounds[0], rng, gathered)
+  assert jax.tree.leaves(outputs.update["head"]) == []
+  # The same client computation; the aggregate's sum over the 3 clients may run in another order.
+  assert_trees_close_to_rounding(outputs.new_state, expected.client_states, num_terms=SLOTS)
+  assert_trees_close_to_rounding(new_state.params, expected.state.params, num_terms=SLOTS)
+
+
+@hypothesis.settings(deadline=None, max_examples=30)
+@hypothesis.given(hypothesis.strategies.lists(hypothesis.strategies.sampled_from(core.PARAM_LABELS), min_size=4,
+                                              max_size=4))
+def test_partition_upload_and_overlay_put_every_leaf_in_exactly_one_place(leaf_labels):
+  """Whatever the labels: the upload holds the global leaves' deltas, the new state the local leaves, the frozen
+  ones neither; laying the local part over the broadcast (local positions None) gives back the full model."""
+  rng = np.random.default_rng(0)
+  keys = ("a", "b", "c", "d")
+  start = {key: rng.normal(size=(2,)).astype(np.float32) for key in keys}
+  final = {key: rng.normal(size=(2,)).astype(np.float32) for key in keys}
+  labels = dict(zip(keys, leaf_labels))
+  delta, local = algorithms.partition_upload(labels, start, final)
+  for key, label in labels.items():
+    if label == "global":
+      np.testing.assert_array_equal(delta[key], start[key] - final[key])
+    else:
+      assert delta[key] is None
+    if label == "local":
+      np.testing.assert_array_equal(local[key], final[key])
+    else:
+      assert local[key] is None
+  sent = core.select_params(final, labels, ("global", "frozen"))
+  chex.assert_trees_all_equal(core.overlay_params(sent, local), final)
