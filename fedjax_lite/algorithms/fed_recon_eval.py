@@ -4,12 +4,12 @@
 A trained model is only its global parameters; each evaluated client (1) reconstructs its local parameters as in
 training -- fresh local values trained on its reconstruction part with the global parameters fixed -- and (2)
 evaluates the global parameters with those local ones on its other part (inference mode), the two parts from the
-same :class:`~fedjax_lite.algorithms.fed_recon.DatasetSplit` (by default TFF's: even-indexed batches reconstruct,
+same :class:`~fedjax_lite.algorithms.DatasetSplit` (by default TFF's: even-indexed batches reconstruct,
 odd-indexed ones evaluate). Nothing is kept: the local parameters are dropped after the client's metrics.
 
 Metrics are summed over the clients' evaluation examples and finalized once (TFF's ``SumThenFinalizeFactory``:
 example-weighted means), and also returned per client and as their distribution over clients
-(:func:`~fedjax_lite.algorithms.evaluation.client_distribution`: the mean client and the worst 10%).
+(:func:`~fedjax_lite.algorithms.client_distribution`: the mean client and the worst 10%).
 TFF's evaluation process also accumulates ``total_rounds_metrics`` over calls in its state; this one is a pure
 function of the model and the clients (sum the per-round sums yourself to accumulate).
 """
@@ -47,11 +47,11 @@ def fed_recon_evaluation(
     model: the model.
     labels: the same labels as in training (:func:`~fedjax_lite.algorithms.fed_recon`).
     reconstruction_optimizer: default ``optax.sgd(0.1)`` (TFF's).
-    dataset_split: default :class:`~fedjax_lite.algorithms.fed_recon.DatasetSplit` ``()`` (TFF's: disjoint halves;
+    dataset_split: default :class:`~fedjax_lite.algorithms.DatasetSplit` ``()`` (TFF's: disjoint halves;
       the post-reconstruction part is the evaluation part).
     local_initializer: ``key -> local params``; default the local part of ``model.init(key)``.
     worst_percent, lower_is_better: of the distribution over clients
-      (:func:`~fedjax_lite.algorithms.evaluation.client_distribution`).
+      (:func:`~fedjax_lite.algorithms.client_distribution`).
     runner: the client runner.
 
   Returns:
