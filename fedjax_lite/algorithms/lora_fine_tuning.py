@@ -5,10 +5,10 @@ federated, e.g. FedIT/FlowerTune, Zhang et al. 2024 arXiv:2305.05644, and FedLLM
 arXiv:2406.04845) labels the model's parameters ``'global'`` (the adapters) and ``'frozen'`` (the pretrained base:
 :func:`fedjax_lite.core.label_params`, e.g. ``models.lora_labels``), and runs FedAvg on the global part:
 
-1. distributor: the server's model ``w = (A, W0)``; only the adapters ``A`` are sent and counted
-   (:func:`frozen_base_broadcast`): every client already holds the base ``W0`` (the pretrained checkpoint), which
-   never changes. In the simulation the base is part of the broadcast pytree, unbatched over the cohort, so ONE
-   copy serves every client of the round;
+1. distributor: the server's model ``w = (A, W0)``; only the adapters ``A`` are sent and counted (the round
+   template's partitioned round, ``build_round(labels=...)``): every client already holds the base ``W0`` (the
+   pretrained checkpoint), which never changes. In the simulation the base is part of the broadcast pytree,
+   unbatched over the cohort, so ONE copy serves every client of the round;
 2. client work: local steps on ``A`` alone, from ``A``: the model is :func:`fedjax_lite.core.partial_model`
    ``A -> model(A, W0)`` with ``W0`` bound from the broadcast as a traced argument -- the local-training loop
    carries, differentiates and updates the adapters only, never a per-client copy of the base -- and the upload is
@@ -18,13 +18,16 @@ arXiv:2406.04845) labels the model's parameters ``'global'`` (the adapters) and 
 4. finalizer: ``A <- A + server_optimizer(delta)``; ``W0`` is copied through, bit for bit.
 
 The server's params are the whole model (base and adapters), so checkpoints, evaluation and the training loop see
-one ordinary model; ``state.finalizer_state`` is the server optimizer's state over the adapters.
+one ordinary model; ``state.finalizer_state`` is the server optimizer's state over the adapters. The difference
+from ``fed_avg(model, labels=...)``, which trains the whole model with the frozen part masked by optax
+(:func:`fedjax_lite.core.partition_optimizer`), is the client work: there the base is part of the trained params,
+carried by every client's local-training loop (under ``vmap``, one copy per client); here it is bound from the
+broadcast, one copy for the cohort (``benchmarks/lora_memory.py``).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +47,10 @@ from fedjax_lite.algorithms.optimizers import ScheduledOptimizer, scheduled_opti
 from fedjax_lite.algorithms.template import (
     Broadcast,
     ClientWork,
-    Finalizer,
-    FinalizerOutput,
     build_round,
     check_optimizer,
     model_distributor,
+    optimizer_finalizer,
 )
 from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model
@@ -58,15 +60,14 @@ from fedjax_lite.core.param_partition import (
     LOCAL,
     LabelSpec,
     label_params,
-    merge_params,
     partial_model,
     select_params,
 )
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
-from fedjax_lite.core.tree import PyTree, tree_size_bits
+from fedjax_lite.core.tree import PyTree
 
-__all__ = ["frozen_base_broadcast", "frozen_base_training_work", "lora_fine_tuning"]
+__all__ = ["frozen_base_training_work", "lora_fine_tuning"]
 
 HANDLED_OPTIONS = ("client_optimizer", "client_learning_rate", "server_optimizer", "weighting", "aggregator",
                    "client_grad_clip_norm", "server_midpoint_fraction", "gradient_correction", "broadcast_encoder",
@@ -107,36 +108,6 @@ def frozen_base_training_work(model: Model, labels: LabelSpec, optimizer: Schedu
   return work
 
 
-class FrozenBaseBroadcast:
-  """A broadcast encoder (``build_round(broadcast_encoder=...)``) for a model whose frozen part every client
-  already holds: it sends, and counts, the global part only -- optionally through an inner encoder (e.g.
-  ``aggregators.quantization.broadcast_encoder``) -- and passes the frozen part through unchanged (the copy the
-  clients hold)."""
-
-  def __init__(self, labels: LabelSpec, inner: Any | None = None):
-    if inner is not None and not (callable(getattr(inner, "encode", None)) and callable(getattr(inner, "bits", None))):
-      raise TypeError("broadcast_encoder must have encode(params, rng) and bits(params_template) methods, e.g. "
-                      "fedjax_lite.aggregators.quantization.broadcast_encoder().")
-    self.labels, self.inner = labels, inner
-
-  def encode(self, params: PyTree, rng: jax.Array) -> PyTree:
-    tree = _labels(params, self.labels)
-    sent = select_params(params, tree, GLOBAL)
-    if self.inner is not None:
-      sent = self.inner.encode(sent, rng)
-    return merge_params({GLOBAL: sent, FROZEN: params}, tree)
-
-  def bits(self, params_template: PyTree) -> int:
-    sent = select_params(params_template, _labels(params_template, self.labels), GLOBAL)
-    return int(self.inner.bits(sent)) if self.inner is not None else tree_size_bits(sent)
-
-
-def frozen_base_broadcast(labels: LabelSpec, inner: Any | None = None) -> FrozenBaseBroadcast:
-  """The broadcast of a round whose frozen parameters the clients already hold: the global part (through
-  ``inner``, an optional broadcast encoder) is sent and counted in ``broadcasted_bits``, the frozen part is not."""
-  return FrozenBaseBroadcast(labels, inner)
-
-
 def lora_fine_tuning(model: Model, labels: LabelSpec, **options) -> Process:
   """Builds federated fine-tuning with a frozen base (LoRA): FedAvg on the ``'global'`` parameters (the adapters),
   the ``'frozen'`` ones (the pretrained base) shared by the cohort and never trained, uploaded or counted.
@@ -169,8 +140,8 @@ def lora_fine_tuning(model: Model, labels: LabelSpec, **options) -> Process:
     state = process.init(params)
   """
   check_model(model)
-  if not (isinstance(labels, str) or callable(labels)):
-    label_params(jax.tree.map(lambda _: 0, labels), labels)  # checks the label values now
+  if not (isinstance(labels, str) or callable(labels)):  # a label tree: checked now (a function: at the first round)
+    _labels(jax.tree.map(lambda _: 0, labels), labels)
   # fed_avg's options this round applies; any other (one added to fed_avg later, e.g. a partition of its own) is
   # refused by name rather than ignored.
   unhandled = tuple(name for name in FED_AVG_OPTIONS if name not in HANDLED_OPTIONS)
@@ -192,24 +163,14 @@ def lora_fine_tuning(model: Model, labels: LabelSpec, **options) -> Process:
     raise TypeError(f"gradient_correction must be a function (broadcast, client_state) -> optax "
                     f"GradientTransformation, got {type(option['gradient_correction']).__name__}.")
 
-  def init_finalizer(params: PyTree) -> PyTree:
-    return server_optimizer.init(select_params(params, _labels(params, labels), GLOBAL))
-
-  def apply_finalizer(opt_state: PyTree, params: PyTree, aggregate: PyTree) -> FinalizerOutput:
-    tree = _labels(params, labels)
-    adapters = select_params(params, tree, GLOBAL)
-    updates, opt_state = server_optimizer.update(aggregate, opt_state, adapters)
-    new = merge_params({GLOBAL: optax.apply_updates(adapters, updates), FROZEN: params}, tree)  # base copied
-    return FinalizerOutput(state=opt_state, params=new)
-
   return build_round(
       frozen_base_training_work(model, labels, optimizer, weighting=weighting,                              # 2.
                                 gradient_correction=option["gradient_correction"]),
       distributor=model_distributor(),                                                                      # 1.
-      broadcast_encoder=frozen_base_broadcast(labels, option["broadcast_encoder"]),                         #    sent
       client_optimizer=optimizer,                                                                           #    rate
       aggregator=resolve_aggregator(option["aggregator"], weighted=weighting == "num_examples"),            # 3.
-      update_template=lambda params: select_params(params, _labels(params, labels), GLOBAL),
-      finalizer=Finalizer(init_finalizer, apply_finalizer),                                                 # 4.
+      finalizer=optimizer_finalizer(server_optimizer),                                                      # 4.
+      labels=labels,  # only the adapters are broadcast (and encoded), uploaded, counted and stepped
+      broadcast_encoder=option["broadcast_encoder"],
       runner=option["runner"],
   )

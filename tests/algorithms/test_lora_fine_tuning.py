@@ -130,10 +130,9 @@ def test_arguments_are_validated(setup):
     algorithms.lora_fine_tuning(model, jax.tree.map(lambda _: "adapter", labels), client_learning_rate=0.1)
   with pytest.raises(ValueError, match="weighting"):
     algorithms.lora_fine_tuning(model, labels, client_learning_rate=0.1, weighting="tokens")
-  process = algorithms.lora_fine_tuning(model, lambda path: "local" if models.is_lora_path(path) else "frozen",
-                                        client_learning_rate=0.1)
+  local = jax.tree.map(lambda label: "local" if label == "global" else label, labels)
   with pytest.raises(ValueError, match="'global'.*and 'frozen'"):
-    process.init(params)
+    algorithms.lora_fine_tuning(model, local, client_learning_rate=0.1)
 
 
 def test_two_rounds_equal_the_numpy_re_derivation_with_a_frozen_kernel():
