@@ -20,6 +20,7 @@ from fedjax_lite.algorithms.fed_opt import (
     fed_yogi,
     scale_by_adaptive_server,
 )
+from fedjax_lite.algorithms.fed_nova import fed_nova, nova_normalizer
 from fedjax_lite.algorithms.fed_prox import fed_prox, proximal_term
 from fedjax_lite.algorithms.fed_sgd import fed_sgd
 from fedjax_lite.algorithms.mime import MimeServerState, frozen_state, mime, mime_lite
@@ -71,11 +72,13 @@ __all__ = [
     "fed_adagrad",
     "fed_adam",
     "fed_avgm",
+    "fed_nova",
     "fed_prox",
     "fed_yogi",
     "frozen_state",
     "mime",
     "mime_lite",
+    "nova_normalizer",
     "proximal_term",
     "scaffold",
     "scale_by_adaptive_server",

@@ -101,6 +101,19 @@ def local_training_work(
   return work
 
 
+def resolve_server_optimizer(server_optimizer: optax.GradientTransformation | None,
+                             server_midpoint_fraction: float | None) -> optax.GradientTransformation:
+  """The server optimizer of the FedAvg family: default ``optax.sgd(1.0)``, its step scaled by
+  ``server_midpoint_fraction`` when given (``optax.scale`` chained after it)."""
+  server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
+  check_optimizer("server_optimizer", server_optimizer)
+  validation.check_float("server_midpoint_fraction", server_midpoint_fraction, low=0.0, high=1.0,
+                         low_inclusive=False, allow_none=True)
+  if server_midpoint_fraction is not None:
+    server_optimizer = optax.chain(server_optimizer, optax.scale(server_midpoint_fraction))
+  return server_optimizer
+
+
 def fed_avg(
     model: Model,
     *,
@@ -156,16 +169,11 @@ def fed_avg(
   """
   check_model(model)
   optimizer = scheduled_optimizer(client_optimizer, client_learning_rate, grad_clip_norm=client_grad_clip_norm)
-  server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
-  check_optimizer("server_optimizer", server_optimizer)
+  server_optimizer = resolve_server_optimizer(server_optimizer, server_midpoint_fraction)
   validation.check_choice("weighting", weighting, WEIGHTINGS)
-  validation.check_float("server_midpoint_fraction", server_midpoint_fraction, low=0.0, high=1.0,
-                         low_inclusive=False, allow_none=True)
   if gradient_correction is not None and not callable(gradient_correction):
     raise TypeError(f"gradient_correction must be a function (broadcast, client_state) -> optax "
                     f"GradientTransformation, got {type(gradient_correction).__name__}.")
-  if server_midpoint_fraction is not None:
-    server_optimizer = optax.chain(server_optimizer, optax.scale(server_midpoint_fraction))
   return build_round(
       local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction),  # 2.
       distributor=model_distributor(),                                                                       # 1.
@@ -189,3 +197,13 @@ def fed_avg_options(builder: str, options: Mapping[str, Any], *, sets: tuple[str
     raise TypeError(f"{builder}() got unexpected keyword argument(s) {unknown}; besides its own arguments it takes "
                     f"fedjax_lite.algorithms.fed_avg's options {allowed} ({', '.join(sets)} set by {builder}).")
   return dict(options)
+
+
+def fed_avg_arguments(builder: str, options: Mapping[str, Any], *, sets: tuple[str, ...]) -> dict[str, Any]:
+  """Every option of :func:`fed_avg` but ``sets``, from ``options`` with fed_avg's defaults filled in: for a
+  builder that composes its own round from the family's options (FedNova, q-FFL) rather than calling
+  :func:`fed_avg`. Unknown names are the ``TypeError`` of :func:`fed_avg_options`."""
+  options = fed_avg_options(builder, options, sets=sets)
+  defaults = {name: parameter.default for name, parameter in inspect.signature(fed_avg).parameters.items()
+              if name in FED_AVG_OPTIONS and name not in sets}
+  return {**defaults, **options}
