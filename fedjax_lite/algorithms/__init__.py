@@ -8,6 +8,7 @@ from fedjax_lite.algorithms.dp_fed_avg import PrivateTraining, dp_fed_avg, dp_ft
 from fedjax_lite.algorithms.evaluation import (
     centralized_evaluation,
     evaluate_clients,
+    fairness_metrics,
     federated_evaluation,
 )
 from fedjax_lite.algorithms.fed_avg import FED_AVG_OPTIONS, fed_avg, fed_avg_options, local_training_work
@@ -23,6 +24,7 @@ from fedjax_lite.algorithms.fed_opt import (
 from fedjax_lite.algorithms.fed_nova import fed_nova, nova_normalizer
 from fedjax_lite.algorithms.fed_prox import fed_prox, proximal_term
 from fedjax_lite.algorithms.fed_sgd import fed_sgd
+from fedjax_lite.algorithms.q_ffl import q_ffl
 from fedjax_lite.algorithms.mime import MimeServerState, frozen_state, mime, mime_lite
 from fedjax_lite.algorithms.scaffold import ScaffoldServerState, control_variate_correction, scaffold
 from fedjax_lite.algorithms.local_training import client_gradient, train_locally
@@ -80,6 +82,7 @@ __all__ = [
     "mime_lite",
     "nova_normalizer",
     "proximal_term",
+    "q_ffl",
     "scaffold",
     "scale_by_adaptive_server",
     "Broadcast",
@@ -94,6 +97,7 @@ __all__ = [
     "dp_fed_avg",
     "dp_ftrl",
     "evaluate_clients",
+    "fairness_metrics",
     "fed_avg",
     "fed_sgd",
     "federated_evaluation",

@@ -219,6 +219,35 @@ def fed_nova_round(params, round_data, *, client_learning_rate, momentum=0.0, we
                   params, *normalized)
 
 
+def client_mean_loss(params, round_data, slot):
+  """``F_k(w)``: the client's mean loss over every real example it is packed with (epochs included)."""
+  total, count = 0.0, 0.0
+  for t in real_steps(round_data, slot):
+    x, y, mask = batch(round_data, slot, t)
+    loss, _ = batch_loss_and_grad(params, x, y, mask)
+    total += loss * mask.sum()
+    count += mask.sum()
+  return total / count
+
+
+def q_ffl_round(params, round_data, *, client_learning_rate, q, lipschitz=None, server_learning_rate=1.0):
+  """One q-FedAvg round (Li et al. 2020, "Fair Resource Allocation in Federated Learning", Algorithm 2), with the
+  paper's code's ``L = 1 / eta`` by default and ``F_k + 1e-10``: ``Delta w_k = L (w - w_k_bar)``,
+  ``Delta_k = F_k^q Delta w_k``, ``h_k = q F_k^(q-1) ||Delta w_k||^2 + L F_k^q``,
+  ``w <- w - lr_s sum_k Delta_k / sum_k h_k``."""
+  rate = 1.0 / client_learning_rate if lipschitz is None else lipschitz
+  deltas, hs = [], []
+  for slot in client_slots(round_data):
+    loss = client_mean_loss(params, round_data, slot) + 1e-10
+    final = local_sgd(params, round_data, slot, client_learning_rate)
+    step = tree_map(lambda x, y: rate * (x - y), params, final)
+    squared_norm = sum(float(np.sum(v * v)) for v in step.values())
+    deltas.append(tree_map(lambda d: loss ** q * d, step))
+    hs.append(q * loss ** (q - 1) * squared_norm + rate * loss ** q)
+  total_h = sum(hs)
+  return tree_map(lambda x, *d: x - server_learning_rate * sum(d) / total_h, params, *deltas)
+
+
 def scaffold_round(params, server_control, client_controls, cohort, round_data, *, client_learning_rate,
                    server_learning_rate, num_clients, weighting):
   """One SCAFFOLD round. ``client_controls`` is the population's ``{client: c_i}`` (updated in place for the
