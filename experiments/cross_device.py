@@ -26,7 +26,7 @@ its end until the next round ends); the mean and min-max over seeds are read on 
 
 Usage (from the repository root)::
 
-  python experiments/cross_device.py --output-dir runs/cross_device          # 3 seeds x 5 configurations
+  python experiments/cross_device.py --output-dir runs/cross_device          # 5 seeds x 2 device assignments x 5 configurations
   python experiments/cross_device.py --fast --output-dir /tmp/cross_device    # smoke run (1 seed, 4 rounds)
 
 Writes ``results.csv`` (one row per configuration and seed), ``curves.csv`` (every round: simulated seconds,
@@ -109,11 +109,11 @@ CONFIGS: dict[str, Config] = {
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--output-dir", default="runs/cross_device", help="where the CSV, JSON and PNG go")
-  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
   parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
   parser.add_argument("--assignments", nargs="+", choices=ASSIGNMENTS, default=list(ASSIGNMENTS),
                       help="how devices are given to clients: as drawn, or the slowest to the clients of low digits")
-  parser.add_argument("--rounds", type=int, default=120, help="rounds per run")
+  parser.add_argument("--rounds", type=int, default=200, help="rounds per run")
   parser.add_argument("--client-lr", type=float, default=0.05)
   parser.add_argument("--proximal-strength", type=float, default=0.1, help="FedProx's mu")
   parser.add_argument("--dropout", type=float, default=0.1, help="probability a selected client drops out")
