@@ -13,6 +13,7 @@ import pytest
 
 from fedjax_lite import algorithms
 from fedjax_lite.core.packing import max_num_steps, pack_clients
+from tests import tolerances
 from tests.algorithms import reference_impl as ref
 from tests.algorithms.family_setup import (BATCH_SIZE, CLIENT_LR, COHORT_SIZE, RTOL, assert_close_to_reference,
                                           make_setup, to_reference)
@@ -96,3 +97,20 @@ def test_fed_nova_refuses_the_options_it_sets_and_bad_momentum():
     algorithms.fed_nova(model, client_learning_rate=0.1, client_momentum=1.0)
   with pytest.raises(ValueError, match="learning rate is required"):
     algorithms.fed_nova(model)
+
+
+@pytest.mark.parametrize("budget", [1, 2, 3])
+def test_equal_local_steps_make_fed_nova_fed_avg(budget):
+  """With every client taking the same ``tau`` SGD steps, ``tau_eff = tau`` and ``d_i = delta_i / tau``: FedNova's
+  step is FedAvg's weighted mean delta exactly (Wang et al. 2020, Section 4), up to the two extra roundings."""
+  population, model, params, _ = make_setup()
+  num_steps = max_num_steps(population, batch_size=BATCH_SIZE, num_epochs=2)
+  round_data = pack_clients(population, [0, 1, 2], batch_size=BATCH_SIZE, num_epochs=2, num_steps=num_steps,
+                            cohort_size=COHORT_SIZE, seed=3, round_num=0, step_budget=[budget] * 3)
+  assert {len(ref.real_steps(round_data, s)) for s in ref.client_slots(round_data)} == {budget}
+  nova = algorithms.fed_nova(model, client_learning_rate=CLIENT_LR)
+  avg = algorithms.fed_avg(model, client_learning_rate=CLIENT_LR)
+  nova_params = jax.jit(nova.next)(nova.init(params), round_data, jax.random.key(0)).state.params
+  avg_params = jax.jit(avg.next)(avg.init(params), round_data, jax.random.key(0)).state.params
+  # float32: the division by tau and the product with tau_eff add two roundings of the update to FedAvg's sum.
+  tolerances.assert_trees_close_to_rounding(nova_params, avg_params, num_terms=COHORT_SIZE, ulps=4.0)
