@@ -315,10 +315,18 @@ _RESULT_NEUTRAL_FLAGS = ("command", "version", "download", "output_dir", "json",
                          "rounds_per_dispatch")  # R does not change results; host vs device sampling is compared
 
 
+# Flags added after runs could be checkpointed: left out of the configuration at their defaults, so that those runs
+# still resume; any other value is recorded and compared like every flag.
+_OMITTED_AT_DEFAULT = ("client_momentum", "qffl_q", "qffl_lipschitz", "systems", "dropout", "over_selection",
+                       "deadline", "partial_work")
+
+
 def _run_config(args) -> dict:
   """The flags that decide the results, by flag name (``--model``: ...), compared when resuming."""
+  defaults = vars(build_parser().parse_args(["train"]))
   config = {"--" + name.replace("_", "-"): value for name, value in sorted(vars(args).items())
-            if name not in _RESULT_NEUTRAL_FLAGS}
+            if name not in _RESULT_NEUTRAL_FLAGS
+            and not (name in _OMITTED_AT_DEFAULT and value == defaults.get(name, object()))}
   if getattr(args, "aggregator", None) == "dp" and getattr(args, "dp_strategy", None) in (
       MATRIX_FACTORIZATION_STRATEGIES):
     config["--rounds"] = args.rounds  # the strategy is planned for the run's rounds

@@ -116,3 +116,16 @@ def test_systems_and_new_algorithm_flags_that_do_not_apply_are_refused(flags, na
   assert code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and named in err[0], err
+
+
+def test_new_flags_join_the_run_configuration_only_when_set():
+  """Runs checkpointed before --systems, FedNova and q-FFL existed still resume: at their defaults these flags are
+  not in the configuration compared on resume; set, they are."""
+  parser = cli.build_parser()
+  plain = cli._run_config(parser.parse_args(["train"]))
+  assert not {"--systems", "--dropout", "--over-selection", "--deadline", "--partial-work", "--client-momentum",
+              "--qffl-q", "--qffl-lipschitz"} & set(plain)
+  assert "--model" in plain
+  config = cli._run_config(parser.parse_args(["train", "--systems", "lognormal", "--deadline", "5",
+                                              "--algorithm", "fednova", "--client-momentum", "0.5"]))
+  assert config["--systems"] == "lognormal" and config["--deadline"] == 5.0 and config["--client-momentum"] == 0.5
