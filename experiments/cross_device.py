@@ -222,8 +222,8 @@ def run(args: argparse.Namespace) -> dict:
                      "final_test_accuracy": round(curve[-1][1], 4),
                      "best_test_accuracy": round(max(value for _, value in curve), 4),
                      "partial_share": round(partial / max(counted, 1), 3), "deadline_seconds": round(deadline, 3),
-                     "client_accuracy_mean": round(fairness["mean"], 4),
-                     "client_accuracy_worst_10pct": round(fairness["worst_10pct"], 4),
+                     "client_accuracy_mean": round(fairness["client_mean"], 4),
+                     "client_accuracy_worst_10pct": round(fairness["worst_10_percent"], 4),
                      "slow_minus_fast_accuracy": round(float(accuracy[slow].mean() - accuracy[~slow].mean()), 4),
                      "wall_seconds": round(seconds, 2)})
         curves.append({"assignment": assignment, "config": name, "seed": seed, "round": 0,

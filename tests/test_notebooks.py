@@ -406,5 +406,5 @@ def test_07_cross_device():
     # Fairness metrics of both q: consistent distributions over the 50 clients.
     for metrics in kernel["fairness"].values():
       assert metrics["num_clients"] == 50
-      assert 0.0 <= metrics["worst_10pct"] <= metrics["mean"] <= metrics["best_10pct"] <= 1.0
+      assert 0.0 <= metrics["worst_10_percent"] <= metrics["client_mean"] <= metrics["best_10_percent"] <= 1.0
       assert metrics["variance"] >= 0.0

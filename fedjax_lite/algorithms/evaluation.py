@@ -3,8 +3,10 @@
 :func:`evaluate_clients` runs the model in inference mode over every client of a packed round and returns both
 the example-weighted aggregate over all real examples (sum then finalize, as the reference) and every client's own
 metrics. :func:`centralized_evaluation` evaluates a centralized dataset (e.g. the held-out test split) in batches
-with the same machinery, the dataset packed as one client. :func:`fairness_metrics` summarizes the per-client
-results on the host: the distribution of a metric over clients (q-FFL's fairness measures, Li et al. 2020).
+with the same machinery, the dataset packed as one client. :func:`client_distribution` summarizes per-client
+metrics as a distribution over clients (the mean client and the worst 10%), as personalization is reported;
+:func:`fairness_metrics` adds, on the host, the variance and the best 10% (q-FFL's fairness measures, Li et al.
+2020).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lite.algorithms.local_training import split_steps, step_batch, zero_metric_sums
@@ -55,6 +58,39 @@ def evaluate_clients(
   return {"aggregate": finalize_metric_sums(totals), "per_client": finalize_metric_sums(per_client_sums)}
 
 
+def client_distribution(per_client: Mapping[str, jax.Array], *, worst_percent: int = 10,
+                        lower_is_better: tuple[str, ...] = ("loss",)) -> dict[str, dict[str, jax.Array]]:
+  """Per-client metrics (``[slots]``, from :func:`evaluate_clients`' ``per_client``) as a distribution over the
+  REAL clients (``num_examples > 0``; padding slots and clients without examples are left out), each client
+  counting once whatever its size.
+
+  For every metric but the counters: ``{'client_mean': the unweighted mean over clients, 'worst_<p>_percent': the
+  mean over the worst ceil(p% of the clients) (at least one)}``, where worst means highest for the metrics in
+  ``lower_is_better`` (the loss) and lowest for the others (accuracy); plus ``'num_clients'``. NaN with no real
+  client. Jittable (the count of clients is traced; the ranking is a sort).
+  """
+  validation.check_int("worst_percent", worst_percent, minimum=1)
+  if worst_percent > 100:
+    raise ValueError(f"worst_percent must be in [1, 100], got {worst_percent}.")
+  real = jnp.asarray(per_client["num_examples"]) > 0
+  count = jnp.sum(real, dtype=jnp.int32)
+  worst_count = jnp.maximum((count * worst_percent + 99) // 100, 1)  # ceil(p% of the clients), exactly
+  ranks = jnp.arange(real.shape[0])
+  out: dict = {"num_clients": count}
+  for name, values in per_client.items():
+    if name.startswith("num_"):
+      continue
+    values = jnp.asarray(values, jnp.float32)
+    worst_first = values if name not in lower_is_better else -values  # the worst value sorts first
+    ordered = jnp.sort(jnp.where(real, worst_first, jnp.inf))
+    worst = jnp.sum(jnp.where(ranks < worst_count, ordered, 0.0)) / worst_count.astype(jnp.float32)
+    worst = worst if name not in lower_is_better else -worst
+    mean = jnp.sum(jnp.where(real, values, 0.0)) / count.astype(jnp.float32)
+    out[name] = {"client_mean": jnp.where(count > 0, mean, jnp.nan),
+                 f"worst_{worst_percent}_percent": jnp.where(count > 0, worst, jnp.nan)}
+  return out
+
+
 def federated_evaluation(model: Model, *, runner: Runner | None = None) -> Callable[[PyTree, PyTree], dict]:
   """A jitted ``(params, round_data) -> metrics`` computing :func:`evaluate_clients`."""
   if not isinstance(model, Model):
@@ -81,25 +117,25 @@ def centralized_evaluation(model: Model, *, batch_size: int = 256) -> Callable[[
   return run
 
 
-def fairness_metrics(per_client: Mapping[str, Any], *, metric: str = "accuracy", fraction: float = 0.1
+def fairness_metrics(per_client: Mapping[str, Any], *, metric: str = "accuracy", percent: int = 10
                      ) -> dict[str, float | int]:
   """The distribution of one metric over clients, from :func:`evaluate_clients`' ``per_client`` (on the host).
 
   The fairness measures of Li et al. 2020 ("Fair Resource Allocation in Federated Learning", ICLR, Table 1): over
   the ``n`` clients with examples (``num_examples > 0``; padding slots are left out) with values ``a_1..a_n``,
 
-  * ``mean``: ``(1/n) sum_k a_k`` (every client counts once, whatever its size);
-  * ``variance``: ``(1/n) sum_k (a_k - mean)^2`` (the population variance, NumPy's ``var``);
-  * ``worst_<P>pct`` / ``best_<P>pct`` (``P = 100 fraction``, e.g. ``worst_10pct``): the mean of the
-    ``m = max(1, ceil(fraction n))`` lowest / highest values;
+  * ``client_mean``: ``(1/n) sum_k a_k`` (every client counts once, whatever its size);
+  * ``variance``: ``(1/n) sum_k (a_k - mean)^2`` (the population variance, NumPy's ``var``, in float64);
+  * ``worst_<p>_percent`` / ``best_<p>_percent``: the mean of the ``m = max(1, ceil(p n / 100))`` lowest / highest
+    values (:func:`client_distribution`'s worst share, and the same from the other end);
   * ``num_clients``: ``n``.
 
-  Vectorized NumPy over the clients (one sort), no per-client Python loop.
+  Vectorized (one sort per tail), no per-client Python loop.
 
   Args:
     per_client: ``{metric: [clients], 'num_examples': [clients], ...}`` (arrays or lists).
-    metric: the key to summarize (default ``'accuracy'``).
-    fraction: the tails' share of the clients, in ``(0, 0.5]``.
+    metric: the key to summarize (default ``'accuracy'``); higher is better.
+    percent: the tails' share of the clients, an int in ``[1, 50]``.
 
   Raises:
     ValueError: no client has examples, or a client with examples has a non-finite value (named).
@@ -110,7 +146,7 @@ def fairness_metrics(per_client: Mapping[str, Any], *, metric: str = "accuracy",
   for key in (metric, "num_examples"):
     if key not in per_client:
       raise ValueError(f"per_client has no {key!r} (it has {sorted(per_client)}).")
-  validation.check_float("fraction", fraction, low=0.0, high=0.5, low_inclusive=False)
+  validation.check_int("percent", percent, minimum=1, maximum=50)
   values = np.asarray(per_client[metric], np.float64)
   counts = np.asarray(per_client["num_examples"])
   if values.ndim != 1 or values.shape != counts.shape:
@@ -123,10 +159,10 @@ def fairness_metrics(per_client: Mapping[str, Any], *, metric: str = "accuracy",
   if bad.size:
     raise ValueError(f"per_client[{metric!r}] is not finite for the clients with examples at slots "
                      f"{bad[:5].tolist()}: values {values[bad[:5]].tolist()}.")
-  ordered = np.sort(values[real])
-  n = ordered.shape[0]
-  tail = max(1, math.ceil(round(fraction * n, 9)))
-  label = f"{100 * fraction:g}".replace(".", "_")
-  return {"mean": float(np.mean(ordered)), "variance": float(np.var(ordered)),
-          f"worst_{label}pct": float(np.mean(ordered[:tail])), f"best_{label}pct": float(np.mean(ordered[-tail:])),
-          "num_clients": int(n)}
+  one = {metric: values, "num_examples": counts}
+  low = client_distribution(one, worst_percent=percent, lower_is_better=())[metric]
+  high = client_distribution(one, worst_percent=percent, lower_is_better=(metric,))[metric]  # "worst" = highest
+  tail = f"{percent}_percent"
+  return {"client_mean": float(low["client_mean"]), "variance": float(np.var(values[real])),
+          f"worst_{tail}": float(low[f"worst_{tail}"]), f"best_{tail}": float(high[f"worst_{tail}"]),
+          "num_clients": int(np.count_nonzero(real))}

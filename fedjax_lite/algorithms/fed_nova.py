@@ -114,7 +114,8 @@ def fed_nova(model: Model, *, client_momentum: float = 0.0, **options) -> Proces
       schedule of the round), ``server_optimizer`` (default ``optax.sgd(1.0)``: the paper), ``weighting``
       (``p_i``), ``aggregator`` (of the normalized updates), ``client_grad_clip_norm``,
       ``server_midpoint_fraction``, ``broadcast_encoder``, ``runner``. ``client_optimizer`` (SGD, whose ``a_i``
-      FedNova knows) and ``gradient_correction`` (it would change ``a_i``) are set by FedNova.
+      FedNova knows) and ``gradient_correction`` (it would change ``a_i``) are set by FedNova; parameter
+      partitions (``labels``, ``local_state``, ``local_phases``) are not supported (refused).
 
   Example::
 
@@ -122,7 +123,9 @@ def fed_nova(model: Model, *, client_momentum: float = 0.0, **options) -> Proces
   """
   check_model(model)
   validation.check_float("client_momentum", client_momentum, low=0.0, high=1.0, high_inclusive=False)
-  args = fed_avg_arguments("fed_nova", options, sets=("client_optimizer", "gradient_correction"))
+  args = fed_avg_arguments("fed_nova", options, takes=(
+      "client_learning_rate", "server_optimizer", "weighting", "aggregator", "client_grad_clip_norm",
+      "server_midpoint_fraction", "broadcast_encoder", "runner"))
   factory = optax.sgd if client_momentum == 0.0 else functools.partial(optax.sgd, momentum=client_momentum)
   optimizer = scheduled_optimizer(factory, args["client_learning_rate"], grad_clip_norm=args["client_grad_clip_norm"])
   validation.check_choice("weighting", args["weighting"], ("num_examples", "uniform"))

@@ -98,7 +98,7 @@ def q_ffl(model: Model, q: float, *, lipschitz: float | None = None, **options) 
       (default ``optax.sgd``: the paper's local SGD), ``server_optimizer`` (default ``optax.sgd(1.0)``: the
       paper), ``client_grad_clip_norm``, ``server_midpoint_fraction``, ``gradient_correction``,
       ``broadcast_encoder``, ``runner``. ``weighting`` and ``aggregator`` are set by q-FFL (the weights are the
-      losses' powers).
+      losses' powers); parameter partitions (``labels``, ``local_state``, ``local_phases``) are not supported.
 
   Example::
 
@@ -107,7 +107,9 @@ def q_ffl(model: Model, q: float, *, lipschitz: float | None = None, **options) 
   check_model(model)
   validation.check_float("q", q, low=0.0)
   validation.check_positive("lipschitz", lipschitz, allow_none=True)
-  args = fed_avg_arguments("q_ffl", options, sets=("weighting", "aggregator"))
+  args = fed_avg_arguments("q_ffl", options, takes=(
+      "client_optimizer", "client_learning_rate", "server_optimizer", "client_grad_clip_norm",
+      "server_midpoint_fraction", "gradient_correction", "broadcast_encoder", "runner"))
   optimizer = scheduled_optimizer(args["client_optimizer"], args["client_learning_rate"],
                                   grad_clip_norm=args["client_grad_clip_norm"])
   if lipschitz is None and "learning_rate" not in optimizer.names:

@@ -93,6 +93,8 @@ def test_fed_nova_refuses_the_options_it_sets_and_bad_momentum():
     algorithms.fed_nova(model, client_learning_rate=0.1, client_optimizer=optax.adam)
   with pytest.raises(TypeError, match="gradient_correction"):
     algorithms.fed_nova(model, client_learning_rate=0.1, gradient_correction=lambda b, s: optax.identity())
+  with pytest.raises(TypeError, match="labels"):  # parameter partitions: not supported, refused (never ignored)
+    algorithms.fed_nova(model, client_learning_rate=0.1, labels=lambda params: params)
   with pytest.raises(ValueError, match="client_momentum"):
     algorithms.fed_nova(model, client_learning_rate=0.1, client_momentum=1.0)
   with pytest.raises(ValueError, match="learning rate is required"):

@@ -60,13 +60,15 @@ def test_fairness_metrics_exact_values():
   per_client = {"accuracy": np.array(accuracy), "num_examples": np.array([3] * 10 + [0, 0])}
   got = algorithms.fairness_metrics(per_client)
   # Values 0, .25, .25, .5, .5, .5, .75, .75, 1, 1: mean 5.5 / 10; 10% of 10 clients is 1 client each side.
-  assert got == {"mean": 0.55, "variance": pytest.approx(0.0975, rel=2 ** -50), "worst_10pct": 0.0, "best_10pct": 1.0,
-                 "num_clients": 10}
+  # The mean and the tails come from client_distribution, in float32: 5.5 / 10 is one float32 rounding of 0.55.
+  assert got == {"client_mean": pytest.approx(0.55, rel=2 ** -23), "variance": pytest.approx(0.0975, rel=2 ** -50),
+                 "worst_10_percent": 0.0, "best_10_percent": 1.0, "num_clients": 10}
   # variance: squared deviations from 0.55 sum to 0.3025 + 2 x 0.09 + 3 x 0.0025 + 2 x 0.04 + 2 x 0.2025 = 0.975;
   # the mean 0.55 is not exact in binary, so the sums carry a few float64 roundings: relative 2^-50 (~9 ulps).
-  tails = algorithms.fairness_metrics(per_client, fraction=0.25)  # ceil(2.5) = 3 clients each side
-  assert tails["worst_25pct"] == pytest.approx((0.0 + 0.25 + 0.25) / 3, abs=1e-15)
-  assert tails["best_25pct"] == pytest.approx((0.75 + 1.0 + 1.0) / 3, abs=1e-15)
+  tails = algorithms.fairness_metrics(per_client, percent=25)  # ceil(2.5) = 3 clients each side
+  # Sums of quarters are exact in float32; the division by 3 is one rounding.
+  assert tails["worst_25_percent"] == pytest.approx((0.0 + 0.25 + 0.25) / 3, rel=2 ** -23)
+  assert tails["best_25_percent"] == pytest.approx((0.75 + 1.0 + 1.0) / 3, rel=2 ** -23)
 
 
 def test_fairness_metrics_refuses_bad_input():
@@ -76,8 +78,8 @@ def test_fairness_metrics_refuses_bad_input():
     algorithms.fairness_metrics({"accuracy": np.array([0.5, np.nan]), "num_examples": np.array([2, 3])})
   with pytest.raises(ValueError, match="has no 'loss_x'"):
     algorithms.fairness_metrics({"accuracy": np.array([0.5]), "num_examples": np.array([2])}, metric="loss_x")
-  with pytest.raises(ValueError, match="fraction"):
-    algorithms.fairness_metrics({"accuracy": np.array([0.5]), "num_examples": np.array([2])}, fraction=0.0)
+  with pytest.raises(ValueError, match="percent"):
+    algorithms.fairness_metrics({"accuracy": np.array([0.5]), "num_examples": np.array([2])}, percent=0)
 
 
 def test_fairness_metrics_of_a_federated_evaluation(population, tiny_model, tiny_params):
@@ -86,5 +88,5 @@ def test_fairness_metrics_of_a_federated_evaluation(population, tiny_model, tiny
   per_client = jax.device_get(algorithms.evaluate_clients(tiny_model, tiny_params, round_data)["per_client"])
   got = algorithms.fairness_metrics(per_client)
   accuracies = np.asarray(per_client["accuracy"][:3], np.float64)
-  assert got["num_clients"] == 3 and got["mean"] == pytest.approx(accuracies.mean(), abs=1e-12)
-  assert got["worst_10pct"] == accuracies.min() and got["best_10pct"] == accuracies.max()
+  assert got["num_clients"] == 3 and got["client_mean"] == pytest.approx(accuracies.mean(), rel=2 ** -22)
+  assert got["worst_10_percent"] == accuracies.min() and got["best_10_percent"] == accuracies.max()
