@@ -36,7 +36,7 @@ mask shared by all clients of a round would compose (not provided). Differential
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +45,11 @@ import numpy as np
 from fedjax_lite.aggregators.base import SUM, Aggregator, as_template, check_aggregator
 from fedjax_lite.aggregators.mean import mean
 from fedjax_lite.aggregators.quantization import RANGE_BITS, quantize_dequantize
+from fedjax_lite.aggregators.wrapping import Inner, wrapper
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
-from fedjax_lite.core.tree import dtype_bits
+from fedjax_lite.core.tree import PyTree, dtype_bits
 
-from fedjax_lite.core.tree import PyTree
 SEED_BITS = 32
 SCALE_BITS = 32
 
@@ -101,35 +101,86 @@ def _groups(value_template: PyTree, per_layer: bool) -> list[tuple[int, int]]:
   return [(sum(sizes), 32)]
 
 
-def _wrapper(name: str, compress, upload_bits, inner: Aggregator | None, per_layer: bool) -> Aggregator:
-  inner = check_aggregator(mean() if inner is None else inner, "inner", combine=SUM)
+class Compressor(NamedTuple):
+  """A compression of ONE client's upload, as the server decodes it (see the module docstring).
+
+  Attributes:
+    name: the measurement key of an aggregator built from it (``'top_k'``, ``'random_k'``, ``'sign'``).
+    compress: ``compress(value, rng) -> decoded``: the value as the server decodes the message (zeros where
+      nothing was sent), same tree, shapes and dtypes.
+    upload_bits: ``upload_bits(value_template) -> int``: the exact bits of the encoded message.
+    error_feedback: True when the client keeps the residual ``e <- e + x - C(e + x)`` and compresses ``e + x``
+      (per-client state: give the compressor to the algorithm, e.g. ``fed_avg(upload_compressor=...)``).
+  """
+
+  name: str
+  compress: Callable[[PyTree, jax.Array], PyTree]
+  upload_bits: Callable[[PyTree], int]
+  error_feedback: bool = False
+
+
+def _tree_compress(compress_vector: Callable[[jax.Array, jax.Array], jax.Array], per_layer: bool
+                   ) -> Callable[[PyTree, jax.Array], PyTree]:
+  """``compress_vector`` (on a flat float32 vector) applied to every leaf with its own key (``per_layer``) or to
+  all leaves flattened into one vector."""
+
+  def compress(value: PyTree, rng: jax.Array) -> PyTree:
+    if per_layer:
+      leaves, treedef = jax.tree.flatten(value)
+      keys = jax.random.split(rng, max(len(leaves), 1))
+      return jax.tree.unflatten(treedef, [compress_vector(leaf.ravel().astype(jnp.float32), key)
+                                          .reshape(leaf.shape).astype(leaf.dtype) for leaf, key in zip(leaves, keys)])
+    flat, layout = _flatten(value)
+    return _unflatten(compress_vector(flat, rng), layout)
+
+  return compress
+
+
+def _check_error_feedback(error_feedback: Any) -> bool:
+  if not isinstance(error_feedback, bool):
+    raise TypeError(f"error_feedback must be a bool, got {type(error_feedback).__name__}.")
+  return error_feedback
+
+
+def compressed(compressor: Compressor, inner: Aggregator | None = None, *, precompressed: bool = False
+               ) -> Aggregator:
+  """An aggregator whose clients upload ``compressor``'s message and whose inner sum-based aggregator (default
+  :func:`~fedjax_lite.aggregators.mean`) sums the decoded values. ``upload_bits`` is the message's
+  (``compressor.upload_bits``), which replaces the inner aggregator's count of the dense value. Measurements
+  ``{compressor.name: <inner measurements>}``; state and broadcast are the inner's.
+
+  ``precompressed=True``: the clients' values arrive already compressed (decoded) by the client work -- what an
+  algorithm with error feedback does (``fed_avg(upload_compressor=...)``); the client part then passes them on
+  unchanged and only counts the message. A compressor with ``error_feedback`` needs per-client state, so it is
+  accepted here only with ``precompressed``.
+  """
+  if not isinstance(compressor, Compressor):
+    raise TypeError(f"compressor must be a Compressor (e.g. top_k_compressor(k=10)), got {type(compressor).__name__}.")
+  if compressor.error_feedback and not precompressed:
+    raise ValueError(f"the {compressor.name} compressor has error_feedback=True, which keeps a residual per client: "
+                     "give it to the algorithm (e.g. fed_avg(upload_compressor=...)), which stores the residuals in "
+                     "its client states, instead of wrapping an aggregator with it.")
+  inner = Inner(check_aggregator(mean() if inner is None else inner, "inner", combine=SUM))
 
   def client(client_params, value, weight, rng):
     compress_key, inner_key = jax.random.split(rng)
-    if per_layer:
-      leaves, treedef = jax.tree.flatten(value)
-      keys = jax.random.split(compress_key, max(len(leaves), 1))
-      decoded = jax.tree.unflatten(treedef, [compress(leaf.ravel().astype(jnp.float32), key).reshape(leaf.shape)
-                                             .astype(leaf.dtype) for leaf, key in zip(leaves, keys)])
-    else:
-      flat, layout = _flatten(value)
-      decoded = _unflatten(compress(flat, compress_key), layout)
+    decoded = value if precompressed else compressor.compress(value, compress_key)
     return inner.client(client_params, decoded, weight, inner_key)
 
   def server(state, combined, rng, context):
     out = inner.server(state, combined, rng, context)
-    return MeasuredOutput(out.state, out.result, {name: out.measurements})
+    return out._replace(measurements={compressor.name: out.measurements})
 
-  return Aggregator(inner.init, inner.broadcast, client, server, upload_bits=upload_bits)
+  # The message replaces the inner's dense value: its bits, not the inner's, are what one client uploads.
+  return wrapper(inner, client, server)._replace(upload_bits=compressor.upload_bits)
 
 
-def top_k(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
-          quantization_bits: int | None = None, inner: Aggregator | None = None) -> Aggregator:
+def top_k_compressor(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
+                     quantization_bits: int | None = None, error_feedback: bool = False) -> Compressor:
   """Keep the ``k`` (or ``ceil(fraction d)``) largest-magnitude entries of each client's value (module docstring).
 
   Upload bits per compressed vector of ``d`` entries: ``k (ceil(log2 d) + value bits)``, value bits the leaf's
-  width (float32 globally) or ``quantization_bits`` plus 64 for the kept values' range. Measurements
-  ``{'top_k': <inner measurements>}``.
+  width (float32 globally) or ``quantization_bits`` plus 64 for the kept values' range.
   """
   _check_k(k, fraction)
   validation.check_int("quantization_bits", quantization_bits, minimum=1, maximum=16, allow_none=True)
@@ -147,19 +198,23 @@ def top_k(*, k: int | None = None, fraction: float | None = None, per_layer: boo
       total += kept * index_bits(size) + values
     return total
 
-  return _wrapper("top_k", compress, upload_bits, inner, per_layer)
+  return Compressor("top_k", _tree_compress(compress, per_layer), upload_bits, _check_error_feedback(error_feedback))
 
 
-def random_k(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
-             unbiased: bool = True, quantization_bits: int | None = None,
-             inner: Aggregator | None = None) -> Aggregator:
+def random_k_compressor(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
+                        unbiased: bool = True, quantization_bits: int | None = None,
+                        error_feedback: bool = False) -> Compressor:
   """Keep ``k`` (or ``ceil(fraction d)``) entries chosen uniformly from the client's key, scaled by ``d / k`` when
-  ``unbiased`` (module docstring). Upload bits per vector: ``k`` values (as :func:`top_k`) plus a 32-bit seed.
-  Measurements ``{'random_k': <inner measurements>}``."""
+  ``unbiased`` (module docstring). Upload bits per vector: ``k`` values (as :func:`top_k_compressor`) plus a
+  32-bit seed."""
   _check_k(k, fraction)
   validation.check_int("quantization_bits", quantization_bits, minimum=1, maximum=16, allow_none=True)
   if not isinstance(unbiased, bool):
     raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}.")
+  if _check_error_feedback(error_feedback) and unbiased:
+    raise ValueError("random-k with error feedback must be unbiased=False (Stich et al. 2018's unscaled rand-k, a "
+                     "contraction ||x - C(x)||^2 <= (1 - k/d) ||x||^2; the d/k-scaled one is not, and its residual "
+                     "can grow without bound).")
 
   def compress(flat, rng):
     size = flat.shape[0]
@@ -176,12 +231,13 @@ def random_k(*, k: int | None = None, fraction: float | None = None, per_layer: 
       total += SEED_BITS + (kept * quantization_bits + RANGE_BITS if quantization_bits else kept * value_bits)
     return total
 
-  return _wrapper("random_k", compress, upload_bits, inner, per_layer)
+  return Compressor("random_k", _tree_compress(compress, per_layer), upload_bits,
+                    _check_error_feedback(error_feedback))
 
 
-def sign_compression(*, per_layer: bool = True, inner: Aggregator | None = None) -> Aggregator:
+def sign_compressor(*, per_layer: bool = True, error_feedback: bool = False) -> Compressor:
   """Scaled sign ``(||x||_1 / d) sign(x)`` of each leaf (or of all leaves together) (module docstring). Upload bits:
-  ``d`` sign bits plus a 32-bit scale per compressed vector. Measurements ``{'sign': <inner measurements>}``."""
+  ``d`` sign bits plus a 32-bit scale per compressed vector."""
   if not isinstance(per_layer, bool):
     raise TypeError(f"per_layer must be a bool, got {type(per_layer).__name__}.")
 
@@ -191,7 +247,30 @@ def sign_compression(*, per_layer: bool = True, inner: Aggregator | None = None)
   def upload_bits(value_template):
     return sum(size + SCALE_BITS for size, _ in _groups(value_template, per_layer))
 
-  return _wrapper("sign", compress, upload_bits, inner, per_layer)
+  return Compressor("sign", _tree_compress(compress, per_layer), upload_bits, _check_error_feedback(error_feedback))
+
+
+def top_k(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
+          quantization_bits: int | None = None, inner: Aggregator | None = None) -> Aggregator:
+  """:func:`compressed` with :func:`top_k_compressor` (its arguments): each client uploads its ``k`` (or
+  ``ceil(fraction d)``) largest-magnitude entries. Measurements ``{'top_k': <inner measurements>}``."""
+  return compressed(top_k_compressor(k=k, fraction=fraction, per_layer=per_layer,
+                                     quantization_bits=quantization_bits), inner)
+
+
+def random_k(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
+             unbiased: bool = True, quantization_bits: int | None = None,
+             inner: Aggregator | None = None) -> Aggregator:
+  """:func:`compressed` with :func:`random_k_compressor` (its arguments): ``k`` random entries per client, scaled
+  by ``d / k`` when ``unbiased``. Measurements ``{'random_k': <inner measurements>}``."""
+  return compressed(random_k_compressor(k=k, fraction=fraction, per_layer=per_layer, unbiased=unbiased,
+                                        quantization_bits=quantization_bits), inner)
+
+
+def sign_compression(*, per_layer: bool = True, inner: Aggregator | None = None) -> Aggregator:
+  """:func:`compressed` with :func:`sign_compressor`: the scaled sign of each leaf (or of all leaves together).
+  Measurements ``{'sign': <inner measurements>}``."""
+  return compressed(sign_compressor(per_layer=per_layer), inner)
 
 
 def count_sketch(*, k: int, width: int, depth: int = 5, seed: int = 0) -> Aggregator:
