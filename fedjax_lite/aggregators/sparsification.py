@@ -13,9 +13,16 @@ sent), so the round streams like any sum while ``upload_bits`` counts the encode
 * :func:`sign_compression` (Bernstein et al. 2018 signSGD; Karimireddy et al. 2019, "Error Feedback Fixes SignSGD",
   ICML, scaled sign): ``(||x||_1 / d) sign(x)`` per leaf (or globally): ``d`` sign bits and one float32 scale.
 
-Top-k and sign compression are biased; Stich et al. and Karimireddy et al. restore convergence with ERROR FEEDBACK
-(each client adds its last residual ``e = x + e_prev - C(x + e_prev)`` before compressing), which needs per-client
-state in the client-state store: not provided here (see the README's roadmap).
+Each is a :class:`Compressor` (``top_k_compressor``, ``random_k_compressor``, ``sign_compressor``: the decoding
+function and the exact message bits); :func:`compressed` turns one into an aggregator, and ``top_k``,
+``random_k`` and ``sign_compression`` are those aggregators.
+
+Top-k and sign compression are biased; Stich et al. and Karimireddy et al. restore convergence with ERROR FEEDBACK:
+each client compresses ``e + x`` and keeps the residual ``e <- e + x - C(e + x)`` for its next round. The residual
+is per-client state, which an aggregator does not have: a compressor built with ``error_feedback=True`` is given to
+the algorithm (``fed_avg(upload_compressor=...)``, :mod:`fedjax_lite.algorithms.compressed_uploads`), which keeps
+the residuals in its client states; :func:`compressed` refuses it. Random-k with error feedback must be unscaled
+(``unbiased=False``, Stich et al.'s contraction).
 
 :func:`count_sketch` (Rothchild et al. 2020, "FetchSGD", ICML) is an aggregator, not a wrapper: each client uploads
 the count sketch ``S(w_i x_i)`` (``depth x width`` float32: rows of hashed, signed sums of the flattened value);
@@ -24,13 +31,21 @@ coordinate as the median over rows of its signed bucket, and returns the ``k`` c
 magnitude (zeros elsewhere). FetchSGD's server-side momentum and error accumulation in sketch space are not
 included (they are server state; compose with a server optimizer instead).
 
+Exact bits. The message's bits replace the inner aggregator's count of the dense value: indices at
+``ceil(log2 d)`` bits, values at the leaf's width (or ``b`` bits plus the float32 range), signs at 1 bit, seeds and
+scales at 32; the inner aggregator's OTHER uploads (a mean's float32 weight) are not added.
+
 Composition. Quantizing the kept values (``quantization_bits``) applies stochastic uniform quantization
 (:func:`~fedjax_lite.aggregators.quantize_above_threshold`'s quantizer) to the ``k`` values, counted at ``b`` bits
-each plus their float32 range. A secure sum cannot take these messages: client-specific indices do not add up
-under masking, so ``inner=secure_sum(...)`` would securely sum the zero-filled DENSE value (correct, but
-``upload_bits`` then counts the dense secure payload, which the wrapper reports as the inner's); only a random-k
-mask shared by all clients of a round would compose (not provided). Differential privacy composes outside
-(clip and noise the decoded sum), not inside.
+each plus their float32 range (inside ``C``: error feedback's residual includes the quantization error). A
+quantizing ``inner`` quantizes the decoded, zero-filled dense value on its way into the sum (its error is outside
+the residual, and ``upload_bits`` still counts the sparse message). A secure sum cannot take these messages:
+client-specific indices do not add up under masking, so ``inner=secure_sum(...)`` securely sums the zero-filled
+DENSE value (correct sums, but the sparse ``upload_bits`` then understates the dense masked payload); only a
+random-k mask shared by all clients of a round would compose (not provided). Differential privacy composes as the
+inner aggregator (``inner=gaussian_fixed(...)`` clips and noises each decoded message; a message is a function of
+one client's data and residual, so the user-level guarantee is unchanged); a DP wrapper around ``compressed``
+would clip the dense value before compression, which is also valid.
 """
 
 from __future__ import annotations

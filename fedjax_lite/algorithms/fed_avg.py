@@ -28,6 +28,8 @@ import optax
 
 from fedjax_lite.aggregators.base import Aggregator
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
+from fedjax_lite.aggregators.sparsification import Compressor
+from fedjax_lite.algorithms.compressed_uploads import compress_uploads
 from fedjax_lite.algorithms.local_training import train_locally
 from fedjax_lite.algorithms.optimizers import OptimizerFactory, ScheduledOptimizer, scheduled_optimizer
 from fedjax_lite.algorithms.template import (
@@ -113,6 +115,7 @@ def fed_avg(
     server_midpoint_fraction: float | None = None,
     gradient_correction: GradientCorrection | None = None,
     broadcast_encoder: Any | None = None,
+    upload_compressor: Compressor | None = None,
     runner: Runner | None = None,
 ) -> Process:
   """Builds FedAvg as a ``Process(init, next)``: a configuration of :func:`~fedjax_lite.algorithms.build_round`.
@@ -142,6 +145,12 @@ def fed_avg(
       clients receive them`` and ``bits(params_template) -> int`` (e.g.
       ``aggregators.quantization.broadcast_encoder(8, 10000)``). Clients train from the decoded parameters and
       report their delta from them; the server applies the aggregate to its exact parameters.
+    upload_compressor: optional :class:`~fedjax_lite.aggregators.Compressor` of each client's delta, applied at
+      the end of the client work (e.g. ``aggregators.top_k_compressor(fraction=0.01, error_feedback=True)``);
+      ``aggregator`` then sums the decoded messages and ``aggregated_bits`` counts the encoded ones. With the
+      compressor's ``error_feedback`` each client keeps its residual in the client states: ``next`` then takes
+      and returns ``client_states`` (``process.client_state(params)`` is one client's zeros), as SCAFFOLD's does
+      (:mod:`fedjax_lite.algorithms.compressed_uploads`).
     runner: the client runner (default: per-backend strategy).
 
   Returns:
@@ -166,12 +175,18 @@ def fed_avg(
                     f"GradientTransformation, got {type(gradient_correction).__name__}.")
   if server_midpoint_fraction is not None:
     server_optimizer = optax.chain(server_optimizer, optax.scale(server_midpoint_fraction))
+  work = local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction)
+  aggregator = resolve_aggregator(aggregator, weighted=weighting == "num_examples")
+  client_state = None
+  if upload_compressor is not None:  # the client compresses (with its residual), the aggregator counts the message
+    work, aggregator, client_state = compress_uploads(work, aggregator, upload_compressor)
   return build_round(
-      local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction),  # 2.
+      work,                                                                                                   # 2.
       distributor=model_distributor(),                                                                       # 1.
       client_optimizer=optimizer,                                                                            #    rate
-      aggregator=resolve_aggregator(aggregator, weighted=weighting == "num_examples"),                      # 3.
+      aggregator=aggregator,                                                                                  # 3.
       finalizer=optimizer_finalizer(server_optimizer),                                                       # 4.
+      client_state=client_state,
       broadcast_encoder=broadcast_encoder,
       runner=runner,
   )
