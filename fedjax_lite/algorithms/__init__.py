@@ -4,12 +4,14 @@
 every algorithm here is such a configuration, read like optax's ``alias.py``.
 """
 
+from fedjax_lite.algorithms.compressed_uploads import compressing_work
 from fedjax_lite.algorithms.dp_fed_avg import PrivateTraining, dp_fed_avg, dp_ftrl
 from fedjax_lite.algorithms.evaluation import (
     centralized_evaluation,
     evaluate_clients,
     federated_evaluation,
 )
+from fedjax_lite.algorithms.example_dp import ExampleDp
 from fedjax_lite.algorithms.fed_avg import FED_AVG_OPTIONS, fed_avg, fed_avg_options, local_training_work
 from fedjax_lite.algorithms.fed_kmeans import KMeansServerState, fed_kmeans, initial_centroids
 from fedjax_lite.algorithms.fed_opt import (
@@ -51,6 +53,8 @@ __all__ = [
     "apply_optimizer_rejecting_non_finite",
     "reject_non_finite_update",
     "FED_AVG_OPTIONS",
+    "ExampleDp",
+    "compressing_work",
     "FinalizerOutput",
     "Prepass",
     "RoundParts",

@@ -30,6 +30,7 @@ from fedjax_lite.aggregators.base import Aggregator
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
 from fedjax_lite.aggregators.sparsification import Compressor
 from fedjax_lite.algorithms.compressed_uploads import compress_uploads
+from fedjax_lite.algorithms.example_dp import ExampleDp, check_example_dp
 from fedjax_lite.algorithms.local_training import train_locally
 from fedjax_lite.algorithms.optimizers import OptimizerFactory, ScheduledOptimizer, scheduled_optimizer
 from fedjax_lite.algorithms.template import (
@@ -81,6 +82,7 @@ def local_training_work(
     *,
     weighting: str = "num_examples",
     gradient_correction: GradientCorrection | None = None,
+    example_dp: ExampleDp | None = None,
 ) -> ClientWork:
   """FedAvg's client work: local steps from the broadcast params, upload ``delta = params - final_params``.
 
@@ -88,15 +90,16 @@ def local_training_work(
   ``build_round(..., client_optimizer=optimizer)``, which broadcasts the round's hyperparameters (a scheduled
   learning rate); without them this raises. ``gradient_correction(broadcast, client_state)``, when given, returns
   an optax transformation chained BEFORE the client optimizer, i.e. applied to every local gradient (FedProx's
-  proximal term).
+  proximal term). ``example_dp`` makes every local step a DP-SGD step (:mod:`fedjax_lite.algorithms.example_dp`).
   """
   check_model(model)
   validation.check_choice("weighting", weighting, WEIGHTINGS)
+  check_example_dp(example_dp, model)
 
   def work(broadcast: Broadcast, client_data: PyTree, client_state: PyTree, rng: jax.Array) -> ClientOutput:
     corrections = () if gradient_correction is None else (gradient_correction(broadcast, client_state),)
     final_params, metric_sums = train_locally(model, optimizer.for_round(broadcast.hparams, *corrections),
-                                              broadcast.params, client_data, rng)
+                                              broadcast.params, client_data, rng, example_dp=example_dp)
     delta = jax.tree.map(jnp.subtract, broadcast.params, final_params)
     return ClientOutput(update=delta, weight=client_weight(weighting, metric_sums), metrics=metric_sums)
 
@@ -116,6 +119,7 @@ def fed_avg(
     gradient_correction: GradientCorrection | None = None,
     broadcast_encoder: Any | None = None,
     upload_compressor: Compressor | None = None,
+    example_dp: ExampleDp | None = None,
     runner: Runner | None = None,
 ) -> Process:
   """Builds FedAvg as a ``Process(init, next)``: a configuration of :func:`~fedjax_lite.algorithms.build_round`.
@@ -151,6 +155,9 @@ def fed_avg(
       compressor's ``error_feedback`` each client keeps its residual in the client states: ``next`` then takes
       and returns ``client_states`` (``process.client_state(params)`` is one client's zeros), as SCAFFOLD's does
       (:mod:`fedjax_lite.algorithms.compressed_uploads`).
+    example_dp: optional :class:`~fedjax_lite.algorithms.ExampleDp` (per-example clip and noise multiplier):
+      every local step is a DP-SGD step, an example-level guarantee accounted by
+      :func:`fedjax_lite.privacy.example_level_epsilon`; it composes with a DP ``aggregator`` (user level).
     runner: the client runner (default: per-backend strategy).
 
   Returns:
@@ -175,7 +182,8 @@ def fed_avg(
                     f"GradientTransformation, got {type(gradient_correction).__name__}.")
   if server_midpoint_fraction is not None:
     server_optimizer = optax.chain(server_optimizer, optax.scale(server_midpoint_fraction))
-  work = local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction)
+  work = local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction,
+                             example_dp=example_dp)
   aggregator = resolve_aggregator(aggregator, weighted=weighting == "num_examples")
   client_state = None
   if upload_compressor is not None:  # the client compresses (with its residual), the aggregator counts the message
