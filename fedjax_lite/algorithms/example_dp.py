@@ -4,14 +4,15 @@ Part 2 of the round (client work) with :func:`~fedjax_lite.algorithms.train_loca
 l2_clip=C, noise_multiplier=z)`` (``fed_avg(..., example_dp=...)``) replaces each local step's mean gradient by the
 DP-SGD gradient of Abadi et al. 2016 ("Deep Learning with Differential Privacy", CCS, Algorithm 1)::
 
-  g_j   = grad loss_j(w)                       for every example j of the step's batch (vmap over the examples)
+  g_j   = grad loss_j(w)                       for every example j of the step's batch (a scan over the examples)
   g_j  <- g_j * min(1, C / ||g_j||_2)           (per-example clip; padding examples contribute 0)
   g     = (sum_j g_j + N(0, z^2 C^2 I)) / B     (B: the batch size, a public constant, not the real count)
 
 and the client optimizer steps on ``g``. One batch's gradient changes by at most ``C`` (add/remove an example) or
 ``2C`` (replace one) in L2, so each step is a Gaussian mechanism of noise multiplier ``z`` on the client's examples.
-The per-example gradients are one ``vmap`` of ``grad`` over the batch (no Python loop), so a private step costs a
-small multiple of a plain one (``benchmarks/example_dp.py``). The noise of step ``t`` is drawn from
+The examples of a batch are one ``lax.scan`` inside the step (no Python loop; :func:`private_gradient`), each
+clipped gradient added to a carried sum, so a private step costs a small multiple of a plain one
+(``benchmarks/example_dp.py``). The noise of step ``t`` is drawn from
 ``fold_in(fold_in(client key, EXAMPLE_NOISE_STREAM), t)``; the model's own randomness (dropout) uses the step's key
 as without DP, folded with the example's index.
 
@@ -23,8 +24,8 @@ guarantees of sampled batches). Models with non-trainable state (BatchNorm) are 
 examples of a batch, so a per-example gradient is not defined. The loss and metrics the client reports are the
 per-example forward passes' sums (as without DP); like every client metric they are not privatized.
 
-Plain JAX (no optional extra): the per-example clip is the robust aggregators' ``clip_to`` on each example's
-global norm (a NaN or Inf gradient clips to 0, and its NaN loss makes the round reject the client).
+Plain JAX: ``jax_privacy`` (the optional ``[dp_mf]`` extra) is not needed, so example-level DP works on every
+supported Python without it.
 """
 
 from __future__ import annotations
@@ -74,26 +75,37 @@ def check_example_dp(example_dp: ExampleDp | None, model: Model) -> None:
 
 def private_gradient(model: Model, params: PyTree, batch: dict, mask: jax.Array, rng: jax.Array,
                      noise_rng: jax.Array, example_dp: ExampleDp) -> tuple[PyTree, dict]:
-  """``(DP-SGD gradient of the batch, metric sums)`` (module docstring): per-example gradients by ``vmap``, each
-  clipped to ``example_dp.l2_clip``, summed, noised with ``N(0, (z C)^2)`` from ``noise_rng`` and divided by the
-  batch size ``B`` (the batch axis' length)."""
+  """``(DP-SGD gradient of the batch, metric sums)`` (module docstring): each example's gradient clipped to
+  ``example_dp.l2_clip``, summed, noised with ``N(0, (z C)^2)`` from ``noise_rng`` and divided by the batch size
+  ``B`` (the batch axis' length).
+
+  The examples are a ``lax.scan``: each step computes one example's gradient (a batch of one, its own key
+  ``fold_in(rng, j)``), clips it and adds it to the carried sum, so no per-example gradient is kept and the
+  convolutions stay the plain step's (unmapped kernels: XLA:CPU's fast path; a ``vmap`` over the examples maps the
+  kernel gradients into grouped convolutions, measured 3.5x slower than this scan for the FedAvg CNN).
+  """
   batch_size = mask.shape[0]
   clip = jnp.asarray(example_dp.l2_clip, jnp.float32)
 
-  def one_example(example, example_mask, index):
+  def add_example(carry, inputs):
+    total, sums = carry
+    example, example_mask, index = inputs
     single = jax.tree.map(lambda x: x[None], example)
 
     def loss(p):
       return masked_loss_and_metric_sums(model, p, single, example_mask[None], jax.random.fold_in(rng, index), True)
 
-    grads, sums = jax.grad(loss, has_aux=True)(params)
-    clipped = clip_to(grads, global_norm(grads, 2.0), clip)
-    return jax.tree.map(lambda g: jnp.where(example_mask, g, jnp.zeros_like(g)), clipped), sums
+    grads, example_sums = jax.grad(loss, has_aux=True)(params)
+    clipped = clip_to(grads, global_norm(grads, 2.0), clip)  # a NaN/Inf gradient clips to 0; its loss stays NaN
+    total = jax.tree.map(lambda t, g: t + jnp.where(example_mask, g, jnp.zeros_like(g)), total, clipped)
+    return (total, jax.tree.map(jnp.add, sums, example_sums)), None
 
-  clipped, sums = jax.vmap(one_example)(batch, mask, jnp.arange(batch_size, dtype=jnp.int32))
-  total = jax.tree.map(lambda g: jnp.sum(g, axis=0), clipped)
+  zero_sums = jax.eval_shape(lambda: masked_loss_and_metric_sums(
+      model, params, jax.tree.map(lambda x: x[:1], batch), mask[:1], rng, True)[1])
+  initial = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums))
+  (total, sums), _ = jax.lax.scan(add_example, initial, (batch, mask, jnp.arange(batch_size, dtype=jnp.int32)))
   if example_dp.noise_multiplier > 0:
-    noise = gaussian_noise(noise_rng, total, example_dp.noise_multiplier * example_dp.l2_clip)
-    total = jax.tree.map(jnp.add, total, noise)
+    total = jax.tree.map(jnp.add, total,
+                         gaussian_noise(noise_rng, total, example_dp.noise_multiplier * example_dp.l2_clip))
   gradient = jax.tree.map(lambda g: g / jnp.asarray(batch_size, g.dtype), total)
-  return gradient, jax.tree.map(lambda s: jnp.sum(s, axis=0), sums)
+  return gradient, sums
