@@ -63,10 +63,11 @@ def numpy_dp_sgd(params, data, clip, noise=None):
   return {"Dense_0": {"bias": bias, "kernel": kernel}}, loss_sum, (clipped_count, unclipped_count)
 
 
-def test_zero_noise_steps_are_numpys_clipped_per_example_sgd():
+@pytest.mark.parametrize("per_example", ["scan", "vmap"])
+def test_zero_noise_steps_are_numpys_clipped_per_example_sgd(per_example):
   data = client()
   trained, sums = train_locally(MODEL, optax.sgd(LEARNING_RATE), PARAMS, data, jax.random.key(0),
-                                example_dp=ExampleDp(l2_clip=CLIP, noise_multiplier=0.0))
+                                example_dp=ExampleDp(l2_clip=CLIP, noise_multiplier=0.0, per_example=per_example))
   expected, loss_sum, (clipped, unclipped) = numpy_dp_sgd(PARAMS, data, CLIP)
   assert clipped > 0 and unclipped > 0  # the clip binds for some examples and not for others
   # 4 steps, each a sum of <= 4 clipped per-example gradients of ~10 terms; parameters of order 1.
@@ -77,11 +78,12 @@ def test_zero_noise_steps_are_numpys_clipped_per_example_sgd():
   assert int(sums["num_examples"]) == 15 and int(sums["num_batches"]) == 4
 
 
-def test_noise_is_the_gaussian_draw_of_each_step():
+@pytest.mark.parametrize("per_example", ["scan", "vmap"])
+def test_noise_is_the_gaussian_draw_of_each_step(per_example):
   """Exact: with the same draws (``N(0, (z C)^2)`` from step t's noise key) NumPy's noisy steps give the params."""
   data, rng, z = client(), jax.random.key(3), 1.3
   trained, _ = train_locally(MODEL, optax.sgd(LEARNING_RATE), PARAMS, data, rng,
-                             example_dp=ExampleDp(l2_clip=CLIP, noise_multiplier=z))
+                             example_dp=ExampleDp(l2_clip=CLIP, noise_multiplier=z, per_example=per_example))
   noise_key = jax.random.fold_in(rng, EXAMPLE_NOISE_STREAM)
   noise = [jax.tree.map(np.asarray, gaussian_noise(jax.random.fold_in(noise_key, t), PARAMS, z * CLIP))
            for t in range(4)]
@@ -154,6 +156,7 @@ def test_shuffled_epochs_off_batch_boundaries_are_charged_at_least_as_much():
 @pytest.mark.parametrize("build, match", [
     (lambda: ExampleDp(l2_clip=0.0, noise_multiplier=1.0), "l2_clip"),
     (lambda: ExampleDp(l2_clip=1.0, noise_multiplier=-1.0), "noise_multiplier"),
+    (lambda: ExampleDp(l2_clip=1.0, noise_multiplier=1.0, per_example="loop"), "per_example"),
     (lambda: fed_avg(MODEL, client_learning_rate=0.1, example_dp=(1.0, 1.0)), "ExampleDp"),
     (lambda: privacy.example_level_epsilon(1.0, rounds=1, delta=1e-5, num_examples=5, batch_size=10,
                                            sampling="without_replacement"), "batch_size <= num_examples"),
