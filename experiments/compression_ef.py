@@ -8,7 +8,7 @@ SGD 1.0, and each client's upload (its model delta) sent as:
 * ``quant8`` / ``quant2``: stochastic uniform quantization to 8 or 2 bits per entry
   (``aggregators.quantize_above_threshold``, inside the weighted mean; unbiased, no memory);
 * ``topk``: the 1% largest-magnitude entries (``top_k_compressor(fraction=0.01)``: 97 indices of 14 bits and
-  97 float32 values), without error feedback;
+  97 float32 values, besides the mean's 32-bit weight), without error feedback;
 * ``topk_ef``: the same with error feedback (``error_feedback=True``: Stich et al. 2018);
 * ``sign_ef``: scaled sign per layer with error feedback (Karimireddy et al. 2019): 1 bit per entry plus a 32-bit
   scale per leaf.

@@ -168,8 +168,8 @@ def test_compression_ef_fast_run_writes_results(tmp_path, capsys):
   rows = list(csv.DictReader(open(tmp_path / "results.csv")))
   assert [row["variant"] for row in rows] == ["topk_ef", "sign_ef"]
   curves = list(csv.DictReader(open(tmp_path / "curves.csv")))
-  # top-k 1% of the MLP's 9,610 parameters: 97 x (14 + 32) bits per client, 10 clients per round.
+  # top-k 1% of the MLP's 9,610 parameters: 97 x (14 + 32) bits and the 32-bit weight per client, 10 per round.
   assert [int(c["cumulative_aggregated_bits"]) for c in curves if c["variant"] == "topk_ef"] == [
-      10 * 97 * 46, 2 * 10 * 97 * 46]
+      10 * (97 * 46 + 32), 2 * 10 * (97 * 46 + 32)]
   assert len(summary["settings"]) == 2 and (tmp_path / "compression_ef.png").stat().st_size > 1000
   assert "| sign_ef |" in capsys.readouterr().out

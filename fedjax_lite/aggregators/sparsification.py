@@ -33,7 +33,8 @@ included (they are server state; compose with a server optimizer instead).
 
 Exact bits. The message's bits replace the inner aggregator's count of the dense value: indices at
 ``ceil(log2 d)`` bits, values at the leaf's width (or ``b`` bits plus the float32 range), signs at 1 bit, seeds and
-scales at 32; the inner aggregator's OTHER uploads (a mean's float32 weight) are not added.
+scales at 32; the inner aggregator's OTHER uploads (a mean's float32 weight, a DP aggregator's norm records: what
+it uploads for a value with no entries) are added.
 
 Composition. Quantizing the kept values (``quantization_bits``) applies stochastic uniform quantization
 (:func:`~fedjax_lite.aggregators.quantize_above_threshold`'s quantizer) to the ``k`` values, counted at ``b`` bits
@@ -57,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.aggregators.base import SUM, Aggregator, as_template, check_aggregator
+from fedjax_lite.aggregators.base import SUM, Aggregator, as_template, check_aggregator, client_upload_bits
 from fedjax_lite.aggregators.mean import mean
 from fedjax_lite.aggregators.quantization import RANGE_BITS, quantize_dequantize
 from fedjax_lite.aggregators.wrapping import Inner, wrapper
@@ -160,13 +161,14 @@ def _check_error_feedback(error_feedback: Any) -> bool:
 def compressed(compressor: Compressor, inner: Aggregator | None = None, *, precompressed: bool = False
                ) -> Aggregator:
   """An aggregator whose clients upload ``compressor``'s message and whose inner sum-based aggregator (default
-  :func:`~fedjax_lite.aggregators.mean`) sums the decoded values. ``upload_bits`` is the message's
-  (``compressor.upload_bits``), which replaces the inner aggregator's count of the dense value. Measurements
-  ``{compressor.name: <inner measurements>}``; state and broadcast are the inner's.
+  :func:`~fedjax_lite.aggregators.mean`) sums the decoded values. Measurements
+  ``{compressor.name: <inner measurements>}``; state and broadcast are the inner's. ``upload_bits`` is the message's
+  (``compressor.upload_bits``, in place of the inner's dense value) plus the inner aggregator's other uploads (what it uploads for a value with no entries: a mean's 32-bit weight,
+  a DP aggregator's norm records).
 
   ``precompressed=True``: the clients' values arrive already compressed (decoded) by the client work -- what an
   algorithm with error feedback does (``fed_avg(upload_compressor=...)``); the client part then passes them on
-  unchanged and only counts the message. A compressor with ``error_feedback`` needs per-client state, so it is
+  unchanged and only count the message. A compressor with ``error_feedback`` needs per-client state, so it is
   accepted here only with ``precompressed``.
   """
   if not isinstance(compressor, Compressor):
@@ -186,8 +188,13 @@ def compressed(compressor: Compressor, inner: Aggregator | None = None, *, preco
     out = inner.server(state, combined, rng, context)
     return out._replace(measurements={compressor.name: out.measurements})
 
-  # The message replaces the inner's dense value: its bits, not the inner's, are what one client uploads.
-  return wrapper(inner, client, server)._replace(upload_bits=compressor.upload_bits)
+  def upload_bits(value_template: PyTree) -> int:
+    # The message replaces the inner's dense value; the inner's other uploads (a mean's weight, a DP aggregator's
+    # norm records) are what it uploads for a value with no entries.
+    empty = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((0,), leaf.dtype), as_template(value_template))
+    return int(compressor.upload_bits(value_template)) + client_upload_bits(inner.part, empty)
+
+  return wrapper(inner, client, server)._replace(upload_bits=upload_bits)
 
 
 def top_k_compressor(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,

@@ -147,8 +147,8 @@ def test_state_exists_only_with_error_feedback_and_bits_are_the_message(tiny_mod
   assert states is None
   size = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tiny_params))
   kept = int(np.ceil(0.1 * size))
-  # each of the 3 clients sends kept indices of ceil(log2 size) bits and kept float32 values
-  assert int(metrics["aggregated_bits"]) == 3 * kept * (int(np.ceil(np.log2(size))) + 32)
+  # each of the 3 clients sends kept indices of ceil(log2 size) bits, kept float32 values and its float32 weight
+  assert int(metrics["aggregated_bits"]) == 3 * (kept * (int(np.ceil(np.log2(size))) + 32) + 32)
 
   feedback = fed_avg(tiny_model, client_learning_rate=0.1,
                      upload_compressor=aggregators.top_k_compressor(fraction=0.1, error_feedback=True))
