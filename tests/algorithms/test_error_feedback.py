@@ -169,3 +169,9 @@ def test_state_exists_only_with_error_feedback_and_bits_are_the_message(tiny_mod
 def test_bad_arguments(build, match):
   with pytest.raises((TypeError, ValueError), match=match):
     build()
+
+
+def test_a_partitioned_model_with_compressed_uploads_is_refused(tiny_model):
+  with pytest.raises(ValueError, match="labels"):
+    fed_avg(tiny_model, client_learning_rate=0.1, labels="global",
+            upload_compressor=aggregators.top_k_compressor(k=2, error_feedback=True))
