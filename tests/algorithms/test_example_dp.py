@@ -166,3 +166,16 @@ def test_shuffled_epochs_off_batch_boundaries_are_charged_at_least_as_much():
 def test_bad_arguments(build, match):
   with pytest.raises((TypeError, ValueError), match=match):
     build()
+
+
+@pytest.mark.parametrize("sampling, num_epochs", [("shuffled", 1), ("shuffled", 2), ("poisson", 1)])
+def test_a_privacy_ledger_reports_the_example_level_epsilon_of_a_client_in_every_round(sampling, num_epochs):
+  """``run_training(privacy=PrivacyLedger(example_level_run_events(...)))`` records, after round t, the epsilon of
+  a client that took part in all t rounds: the worst case of the run."""
+  run = privacy.example_level_run_events(1.2, num_examples=40, batch_size=10, num_epochs=num_epochs,
+                                         sampling=sampling)
+  ledger = privacy.PrivacyLedger(run, delta=1e-5)
+  for rounds in (1, 7):
+    assert ledger.epsilon_after(rounds) == pytest.approx(privacy.example_level_epsilon(
+        1.2, rounds=rounds, delta=1e-5, num_examples=40, batch_size=10, num_epochs=num_epochs, sampling=sampling),
+        rel=1e-9)
