@@ -4,14 +4,17 @@
 every algorithm here is such a configuration, read like optax's ``alias.py``.
 """
 
+from fedjax_lite.algorithms.compressed_uploads import compressing_work
 from fedjax_lite.algorithms.ditto import ditto
 from fedjax_lite.algorithms.dp_fed_avg import PrivateTraining, dp_fed_avg, dp_ftrl
 from fedjax_lite.algorithms.evaluation import (
     centralized_evaluation,
     client_distribution,
     evaluate_clients,
+    fairness_metrics,
     federated_evaluation,
 )
+from fedjax_lite.algorithms.example_dp import ExampleDp
 from fedjax_lite.algorithms.fed_dyn import FedDynServerState, fed_dyn
 from fedjax_lite.algorithms.fed_avg import FED_AVG_OPTIONS, fed_avg, fed_avg_options, local_training_work
 from fedjax_lite.algorithms.fed_bn import batch_norm_labels, fed_bn
@@ -27,9 +30,11 @@ from fedjax_lite.algorithms.fed_opt import (
     fed_yogi,
     scale_by_adaptive_server,
 )
+from fedjax_lite.algorithms.fed_nova import fed_nova, nova_normalizer
 from fedjax_lite.algorithms.fed_prox import fed_prox, proximal_term
 from fedjax_lite.algorithms.fed_sgd import fed_sgd
 from fedjax_lite.algorithms.lora_fine_tuning import frozen_base_training_work, lora_fine_tuning
+from fedjax_lite.algorithms.q_ffl import q_ffl
 from fedjax_lite.algorithms.mime import MimeServerState, frozen_state, mime, mime_lite
 from fedjax_lite.algorithms.scaffold import ScaffoldServerState, control_variate_correction, scaffold
 from fedjax_lite.algorithms.local_training import client_gradient, train_locally
@@ -60,6 +65,8 @@ __all__ = [
     "apply_optimizer_rejecting_non_finite",
     "reject_non_finite_update",
     "FED_AVG_OPTIONS",
+    "ExampleDp",
+    "compressing_work",
     "FinalizerOutput",
     "Prepass",
     "RoundParts",
@@ -94,12 +101,15 @@ __all__ = [
     "fed_adagrad",
     "fed_adam",
     "fed_avgm",
+    "fed_nova",
     "fed_prox",
     "fed_yogi",
     "frozen_state",
     "mime",
     "mime_lite",
+    "nova_normalizer",
     "proximal_term",
+    "q_ffl",
     "scaffold",
     "scale_by_adaptive_server",
     "Broadcast",
@@ -114,6 +124,7 @@ __all__ = [
     "dp_fed_avg",
     "dp_ftrl",
     "evaluate_clients",
+    "fairness_metrics",
     "fed_avg",
     "fed_sgd",
     "federated_evaluation",

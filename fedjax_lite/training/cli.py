@@ -32,6 +32,12 @@ Fine-tuning: ``--init-from CKPT`` starts from saved weights (``models.load_param
 adapters, the base frozen (``algorithms.lora_fine_tuning``); ``--dataset grammar`` is a generated corpus with
 per-client shifts (``--grammar-domain``, ``--grammar-shift``).
 
+Client systems (:mod:`fedjax_lite.systems`, ``docs/systems.md``): ``--systems lognormal|constant|TRACE`` runs
+synchronous rounds on a simulated clock (``systems/elapsed_hours`` in every record, the plot against simulated
+hours), with ``--dropout P`` (lognormal or constant populations), ``--over-selection F``, ``--deadline SECONDS`` and
+``--partial-work``. ``--algorithm fednova`` (``--client-momentum``) and ``--algorithm qffl`` (``--qffl-q``,
+``--qffl-lipschitz``) are FedNova and q-FFL.
+
 Many processes (:mod:`fedjax_lite.training.distributed`): every process runs the same command with
 ``--coordinator-address HOST:PORT --num-processes N --process-id K`` (or the ``FEDJAX_LITE_*`` environment
 variables), plus ``--local-devices D`` on CPU; the clients of each round are split over every device of every
@@ -60,7 +66,8 @@ TEXT_DATASETS = ("shakespeare", "stackoverflow")
 MODELS = ("cnn", "mlp", "dense", "cnn-dropout", "lstm", "resnet18", "transformer")
 LANGUAGE_MODEL_DATASETS = ("grammar", "shakespeare", "stackoverflow")  # --model transformer's
 ALGORITHMS = ("fedavg", "fedsgd", "fedprox", "scaffold", "mimelite", "mime", "fedadam", "fedyogi", "fedadagrad",
-              "fedavgm")
+              "fedavgm", "fednova", "qffl")
+SYSTEMS_MODELS = ("lognormal", "constant")  # or the path of a trace file (CSV or JSON)
 ADAPTIVE_ALGORITHMS = ("fedadam", "fedyogi", "fedadagrad")
 # The server learning rate when --server-lr is not given (Reddi et al. 2021's EMNIST range for the adaptive ones).
 DEFAULT_SERVER_LR = {"fedsgd": 0.1, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.1}
@@ -133,6 +140,18 @@ def _fraction(text: str) -> float:
   return value
 
 
+_momentum = number_type(float, "a momentum in [0, 1)", lambda value: 0.0 <= value < 1.0)
+_dropout = number_type(float, "a probability in [0, 1)", lambda value: 0.0 <= value < 1.0)
+_over_selection = number_type(float, "a factor >= 1", lambda value: value >= 1.0)
+
+
+def _systems_source(text: str) -> str:
+  if text in SYSTEMS_MODELS or os.path.isfile(text):
+    return text
+  raise argparse.ArgumentTypeError(f"must be one of {', '.join(SYSTEMS_MODELS)} or a trace file (CSV or JSON), got "
+                                   f"{text!r} (no such file)")
+
+
 def _log_formats(text: str) -> tuple[str, ...]:
   from fedjax_lite.training.tracking import LOG_FORMATS, parse_log_formats
 
@@ -189,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tau of FedAdam/FedYogi/FedAdagrad (Reddi et al. 2021)")
   model.add_argument("--base-momentum", type=_fraction, default=0.9,
                      help="momentum of Mime/MimeLite's base optimizer (SGD with the client learning rate)")
+  model.add_argument("--client-momentum", type=_momentum, default=0.0,
+                     help="FedNova's client heavy-ball momentum rho (its a_i vectors)")
+  model.add_argument("--qffl-q", type=nonnegative_float, default=1.0,
+                     help="q-FFL's fairness parameter q (0: FedAvg's objective)")
+  model.add_argument("--qffl-lipschitz", type=positive_float, default=None,
+                     help="q-FFL's Lipschitz estimate L (default 1 / --client-lr, as the paper's code)")
   model.add_argument("--aggregator", choices=AGGREGATORS, default="mean",
                      help="mean; robust (adaptive zeroing + clipping); dp (adaptive-clip Gaussian DP, unweighted); "
                           "compression (robust + 8-bit quantized upload); secure (simulated SecAgg); median; "
@@ -258,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
   rounds.add_argument("--rounds-per-dispatch", type=positive_int, default=None, metavar="R",
                       help="whole training on the device: the data copied there once, up to R rounds per "
                            "dispatch with cohorts and shuffles drawn there (default: rounds packed on the host)")
+  systems = train.add_argument_group("client systems and simulated time (fedjax_lite.systems, docs/systems.md)")
+  systems.add_argument("--systems", type=_systems_source, default=None, metavar="lognormal|constant|TRACE",
+                       help="simulate client speeds, bandwidths and availability: FedScale's log-normal model, every "
+                            "client alike, or a trace file (CSV or JSON); records systems/elapsed_hours")
+  systems.add_argument("--dropout", type=_dropout, default=0.0, metavar="P",
+                       help="probability that a selected client goes offline mid-round (lognormal or constant)")
+  systems.add_argument("--over-selection", type=_over_selection, default=1.0, metavar="F",
+                       help="select ceil(F x --clients-per-round) clients, keep the first to report")
+  systems.add_argument("--deadline", type=positive_float, default=None, metavar="SECONDS",
+                       help="the round's deadline in simulated seconds")
+  systems.add_argument("--partial-work", action="store_true",
+                       help="stragglers send the local steps they managed by --deadline")
   output = train.add_argument_group("output")
   output.add_argument("--output-dir", default=None, help="default runs/<dataset>-<model>-<algorithm>-<time>")
   output.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -298,10 +335,18 @@ _RESULT_NEUTRAL_FLAGS = ("command", "version", "download", "output_dir", "json",
                          "rounds_per_dispatch")  # R does not change results; host vs device sampling is compared
 
 
+# Flags added after runs could be checkpointed: left out of the configuration at their defaults, so that those runs
+# still resume; any other value is recorded and compared like every flag.
+_OMITTED_AT_DEFAULT = ("client_momentum", "qffl_q", "qffl_lipschitz", "systems", "dropout", "over_selection",
+                       "deadline", "partial_work")
+
+
 def _run_config(args) -> dict:
   """The flags that decide the results, by flag name (``--model``: ...), compared when resuming."""
+  defaults = vars(build_parser().parse_args(["train"]))
   config = {"--" + name.replace("_", "-"): value for name, value in sorted(vars(args).items())
-            if name not in _RESULT_NEUTRAL_FLAGS}
+            if name not in _RESULT_NEUTRAL_FLAGS
+            and not (name in _OMITTED_AT_DEFAULT and value == defaults.get(name, object()))}
   if getattr(args, "aggregator", None) == "dp" and getattr(args, "dp_strategy", None) in (
       MATRIX_FACTORIZATION_STRATEGIES):
     config["--rounds"] = args.rounds  # the strategy is planned for the run's rounds
@@ -337,12 +382,21 @@ _FLAG_CONDITIONS = {
                             lambda a: a.aggregator != "dp" or a.dp_strategy not in MATRIX_FACTORIZATION_STRATEGIES),
     "broadcast_quantization_bits": ("--algorithm fedavg without --aggregator dp",
                                     lambda a: a.algorithm == "fedavg" and a.aggregator != "dp"),
-    "weighting": ("an algorithm with local training, without --aggregator dp (DP-FedAvg is unweighted)",
-                  lambda a: a.algorithm != "fedsgd" and a.aggregator != "dp"),
+    "weighting": ("an algorithm with local training whose weights are the clients' (not qffl), without --aggregator "
+                  "dp (DP-FedAvg is unweighted)",
+                  lambda a: a.algorithm not in ("fedsgd", "qffl") and a.aggregator != "dp"),
     "local_epochs": ("an algorithm with local training (FedSGD takes one gradient per client)",
                      lambda a: a.algorithm != "fedsgd"),
     "client_lr": ("an algorithm with local training (FedSGD has no client optimizer)", lambda a: a.algorithm != "fedsgd"),
     "proximal_strength": ("--algorithm fedprox", lambda a: a.algorithm == "fedprox"),
+    "client_momentum": ("--algorithm fednova", lambda a: a.algorithm == "fednova"),
+    "qffl_q": ("--algorithm qffl", lambda a: a.algorithm == "qffl"),
+    "qffl_lipschitz": ("--algorithm qffl", lambda a: a.algorithm == "qffl"),
+    "dropout": ("--systems lognormal or constant (a trace has its own availability)",
+                lambda a: a.systems in SYSTEMS_MODELS),
+    "over_selection": ("--systems", lambda a: a.systems is not None),
+    "deadline": ("--systems", lambda a: a.systems is not None),
+    "partial_work": ("--systems and --deadline", lambda a: a.systems is not None and a.deadline is not None),
     "server_momentum": ("--algorithm fedavgm", lambda a: a.algorithm == "fedavgm"),
     "adaptivity": ("--algorithm fedadam, fedyogi or fedadagrad", lambda a: a.algorithm in ADAPTIVE_ALGORITHMS),
     "base_momentum": ("--algorithm mime or mimelite", lambda a: a.algorithm in ("mime", "mimelite")),
@@ -734,6 +788,16 @@ def _build_algorithm(args, model, num_clients, server_optimizer, server_lr, aggr
   if name == "fedavgm":
     return algorithms.fed_avgm(model, server_learning_rate=server_lr, server_momentum=args.server_momentum,
                                client_learning_rate=lr, weighting=weighting, aggregator=aggregator, runner=runner)
+  if name == "fednova":
+    return algorithms.fed_nova(model, client_learning_rate=lr, client_momentum=args.client_momentum,
+                               server_optimizer=server_optimizer, weighting=weighting, aggregator=aggregator,
+                               runner=runner)
+  if name == "qffl":
+    if args.aggregator != "mean":
+      raise UsageError("--algorithm qffl averages the clients' loss-weighted updates with the mean; use --aggregator "
+                       "mean")
+    return algorithms.q_ffl(model, args.qffl_q, lipschitz=args.qffl_lipschitz, client_learning_rate=lr,
+                            server_optimizer=server_optimizer, runner=runner)
   builder = {"fedadam": algorithms.fed_adam, "fedyogi": algorithms.fed_yogi, "fedadagrad": algorithms.fed_adagrad}[name]
   return builder(model, server_learning_rate=server_lr, client_learning_rate=lr, adaptivity=args.adaptivity,
                  weighting=weighting, aggregator=aggregator, runner=runner)
@@ -874,6 +938,28 @@ def _configure_cpu(cpu_devices: int | None) -> int | None:
   return jax.local_device_count() if jax.default_backend() == "cpu" else cpu_devices
 
 
+def _build_systems(args, train_data, mesh=None):
+  """The ``--systems`` flags as a :class:`fedjax_lite.systems.SystemsRounds`, or None without ``--systems``."""
+  if args.systems is None:
+    return None
+  if args.rounds_per_dispatch is not None:
+    raise UsageError("--systems plans every round on the host: not with --rounds-per-dispatch")
+  if mesh is not None:
+    raise UsageError("--systems runs in one process (rounds planned and packed on one host)")
+  from fedjax_lite import systems
+
+  availability = systems.RandomDropout(args.dropout) if args.dropout > 0 else systems.AlwaysOn()
+  if args.systems == "lognormal":
+    population = systems.lognormal_systems(train_data.num_clients, seed=args.seed, availability=availability)
+  elif args.systems == "constant":
+    population = systems.constant_systems(train_data.num_clients, availability=availability)
+  else:
+    population = systems.load_trace(args.systems, client_ids=train_data.client_ids)
+  policy = systems.RoundPolicy(deadline_seconds=args.deadline, over_selection=args.over_selection,
+                               partial_work=args.partial_work)
+  return systems.SystemsRounds(population, policy)
+
+
 def train_command(args, distributed=None) -> dict | None:
   """Runs the job; ``distributed`` (a ``DistributedConfig``) joins a multi-process run first. Returns the summary,
   or None on the processes other than process 0."""
@@ -896,6 +982,7 @@ def train_command(args, distributed=None) -> dict | None:
 
   try:
     train_data, test_data, model, process, client_spec, runner, private = _build_job(args, mesh)
+    simulated = _build_systems(args, train_data, mesh)
   except (ValueError, TypeError) as error:
     raise UsageError(flag_message(str(error))) from None
   packing = {}
@@ -950,6 +1037,7 @@ def train_command(args, distributed=None) -> dict | None:
       metrics_path=os.path.join(output_dir, "metrics.jsonl") if "jsonl" in args.log_format else None,
       progress=not (args.no_progress or args.quiet), on_round_end=report_epsilon,
       trackers=trackers, **sampling, **checkpointing, **packing, rounds_per_dispatch=args.rounds_per_dispatch,
+      systems=simulated,
   )
   if not writer:
     return None
@@ -958,6 +1046,7 @@ def train_command(args, distributed=None) -> dict | None:
                     if key.startswith("aggregator/") and (key.endswith("_norm") or key.endswith("/clip"))})
   if plot_path is not None:
     plot_history(result.history, plot_path, extra_keys=tracked,
+                 x_key="round" if simulated is None else "systems/elapsed_hours",
                  title=f"{args.algorithm} / {args.model} on {args.dataset} ({train_data.num_clients} clients), "
                        f"aggregator {args.aggregator}")
   last = result.history[-1]
@@ -980,6 +1069,7 @@ def train_command(args, distributed=None) -> dict | None:
       "dp_strategy": args.dp_strategy if args.aggregator == "dp" else None,
       "audit": _audit_summary(private, initial_params, result.state.params, args.dp_delta),
       "stopped_early": result.stopped_early,
+      "simulated_hours": last.get("systems/elapsed_hours"),
       "broadcasted_mebibits": units.mebibits(last.get("cumulative_broadcasted_bits", 0)),  # training.units
       "aggregated_mebibits": units.mebibits(last.get("cumulative_aggregated_bits", 0)),
       "backend": jax.default_backend(),
