@@ -44,7 +44,9 @@ def round_process(model, labels, variant: str, learning_rate: float = 0.1):
   """The library's round of ``variant`` (module docstring), every client in flight at once (``vmap``)."""
   from fedjax_lite import algorithms, core
 
-  runner = core.Runner(strategy="vmap")
+  # One device, every client in one vmap (not sharded over the host's CPU devices when configure_cpu made several:
+  # the per-client buffers would then be per device).
+  runner = core.Runner(strategy="vmap", shard_host_devices=False)
   if variant == "shared":
     return algorithms.lora_fine_tuning(model, labels, client_learning_rate=learning_rate, runner=runner)
   return algorithms.fed_avg(model, client_optimizer=core.partition_optimizer(labels, optax.sgd(learning_rate)),
