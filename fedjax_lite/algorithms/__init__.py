@@ -11,6 +11,7 @@ from fedjax_lite.algorithms.evaluation import (
     federated_evaluation,
 )
 from fedjax_lite.algorithms.fed_avg import FED_AVG_OPTIONS, fed_avg, fed_avg_options, local_training_work
+from fedjax_lite.algorithms.fed_buff import FedBuff, FedBuffState, fed_buff, inverse_sqrt_staleness, staleness_work
 from fedjax_lite.algorithms.fed_kmeans import KMeansServerState, fed_kmeans, initial_centroids
 from fedjax_lite.algorithms.fed_opt import (
     adaptive_server_optimizer,
@@ -48,6 +49,11 @@ from fedjax_lite.algorithms.template import (
 )
 
 __all__ = [
+    "FedBuff",
+    "FedBuffState",
+    "fed_buff",
+    "inverse_sqrt_staleness",
+    "staleness_work",
     "apply_optimizer_rejecting_non_finite",
     "reject_non_finite_update",
     "FED_AVG_OPTIONS",

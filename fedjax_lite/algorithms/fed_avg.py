@@ -114,6 +114,7 @@ def fed_avg(
     gradient_correction: GradientCorrection | None = None,
     broadcast_encoder: Any | None = None,
     runner: Runner | None = None,
+    client_work_wrapper: Callable[[ClientWork], ClientWork] | None = None,
 ) -> Process:
   """Builds FedAvg as a ``Process(init, next)``: a configuration of :func:`~fedjax_lite.algorithms.build_round`.
 
@@ -143,6 +144,10 @@ def fed_avg(
       ``aggregators.quantization.broadcast_encoder(8, 10000)``). Clients train from the decoded parameters and
       report their delta from them; the server applies the aggregate to its exact parameters.
     runner: the client runner (default: per-backend strategy).
+    client_work_wrapper: optional ``client_work -> client_work``, applied to the local-training client work before
+      the round is built: a driver that changes what ONE client receives or uploads wraps it here
+      (:func:`~fedjax_lite.algorithms.fed_buff` picks each client's model version and scales its update by its
+      staleness weight), and every other option keeps its meaning.
 
   Returns:
     ``Process(init, next)`` with ``init(params) -> ServerState`` and
@@ -164,10 +169,14 @@ def fed_avg(
   if gradient_correction is not None and not callable(gradient_correction):
     raise TypeError(f"gradient_correction must be a function (broadcast, client_state) -> optax "
                     f"GradientTransformation, got {type(gradient_correction).__name__}.")
+  if client_work_wrapper is not None and not callable(client_work_wrapper):
+    raise TypeError(f"client_work_wrapper must be a function client_work -> client_work, got "
+                    f"{type(client_work_wrapper).__name__}.")
   if server_midpoint_fraction is not None:
     server_optimizer = optax.chain(server_optimizer, optax.scale(server_midpoint_fraction))
+  work = local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction)
   return build_round(
-      local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction),  # 2.
+      work if client_work_wrapper is None else client_work_wrapper(work),                                   # 2.
       distributor=model_distributor(),                                                                       # 1.
       client_optimizer=optimizer,                                                                            #    rate
       aggregator=resolve_aggregator(aggregator, weighted=weighting == "num_examples"),                      # 3.
