@@ -63,6 +63,7 @@ from fedjax_lite.algorithms.template import (
     ClientWork,
     ServerState,
     bits_per_client,
+    place_on_mesh,
     round_bits,
 )
 from fedjax_lite.core import validation
@@ -230,7 +231,7 @@ def fed_buff(
     server = round_process.init(params)
     broadcast = parts.distribute(server, jax.random.key(0) if rng is None else rng)
     ring = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (num_rows,) + jnp.shape(leaf)), broadcast)
-    return FedBuffState(server=server, ring=ring)
+    return place_on_mesh(FedBuffState(server=server, ring=ring), options.get("runner"))
 
   def next_fn(state: FedBuffState, round_data: PyTree, rng: jax.Array, versions: jax.Array) -> RoundOutput:
     if not isinstance(state, FedBuffState):

@@ -23,6 +23,7 @@ import math
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lite.algorithms.fed_buff import FedBuff, FedBuffState
@@ -84,7 +85,9 @@ def run_fed_buff(
       event order does not model dropout yet); or ``task_seconds``: float64 ``[num_clients]`` durations directly.
       Exactly one.
     num_steps: the packed step axis (default ``client_spec.max_num_steps(data)``: one shape for every step).
-    state, schedule: continue a previous run (:class:`FedBuffRun`'s fields), both or neither.
+    state, schedule: continue a previous run (:class:`FedBuffRun`'s fields), both or neither. The state is
+      copied once and the copy's buffers are donated step after step, so ``state`` stays valid; the schedule is
+      advanced in place.
     on_step: optional ``(step, state) -> dict | None`` called after each step is dispatched (e.g. an evaluation
       every few steps); its dict is added to the step's metrics. It may sync with the device.
   """
@@ -125,6 +128,7 @@ def run_fed_buff(
     raise ValueError("schedule must be the BufferedSchedule of a previous run on the same population.")
   num_steps = client_spec.max_num_steps(data) if num_steps is None else num_steps
   step_fn = _jitted(process)
+  state = jax.tree.map(jnp.copy, state)  # the loop donates the state's buffers (the ring is updated in place)
   base_key = jax.random.key(seed)
   pending: list[tuple[dict, Any]] = []
   done = 0
@@ -141,7 +145,7 @@ def run_fed_buff(
       extra.update(on_step(step.step, state) or {})
     pending.append((extra, metrics))
     done += 1
-  history = [{**extra, **flatten_metrics(jax.device_get(metrics))} for extra, metrics in pending]
+  history = [{**flatten_metrics(jax.device_get(metrics)), **extra} for extra, metrics in pending]
   return FedBuffRun(state=state, schedule=schedule, history=history)
 
 
@@ -149,8 +153,9 @@ _JITTED: dict[int, tuple[FedBuff, Callable]] = {}
 
 
 def _jitted(process: FedBuff) -> Callable:
-  """``jax.jit(process.next)``, once per process (a second run of the same process does not recompile)."""
+  """``jax.jit(process.next)`` with the state donated (the ring's row is written in place, not copied), once per
+  process (a second run of the same process does not recompile)."""
   key = id(process)
   if key not in _JITTED or _JITTED[key][0] is not process:
-    _JITTED[key] = (process, jax.jit(process.next))
+    _JITTED[key] = (process, jax.jit(process.next, donate_argnums=0))
   return _JITTED[key][1]
