@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_lite import algorithms, systems
+from fedjax_lite import aggregators, algorithms, systems
 from fedjax_lite.core.device_rounds import round_key
 from fedjax_lite.core.packing import ClientSpec
 from fedjax_lite.core.sampling import sample_clients
@@ -102,9 +102,10 @@ def reference_event_order(durations, *, concurrency, buffer_size, max_staleness,
   return updates[:num_updates], dropped
 
 
-def reference_fed_buff(params, population, updates, *, client_learning_rate, server_learning_rate):
+def reference_fed_buff(params, population, updates, *, client_learning_rate, server_learning_rate, clip=None):
   """Algorithm 1 of Nguyen et al. 2022 in float64: each update ``x <- x - eta_g / K sum_i delta_i / sqrt(1 +
-  tau_i)``, ``delta_i`` the local SGD of arrival ``i`` from the version it downloaded."""
+  tau_i)``, ``delta_i`` the local SGD of arrival ``i`` from the version it downloaded; with ``clip``, each scaled
+  update clipped to L2 norm ``clip`` (over all leaves) before the sum (a DP aggregator inside the buffer)."""
   num_steps = SPEC.max_num_steps(population)
   versions = [to_reference(params)]
   for step, arrivals in enumerate(updates):
@@ -116,18 +117,26 @@ def reference_fed_buff(params, population, updates, *, client_learning_rate, ser
       start = versions[downloaded]
       delta = ref.tree_map(np.subtract, start, ref.local_sgd(start, round_data, slot, client_learning_rate))
       weight = 1.0 / np.sqrt(1.0 + (step - downloaded))
-      total = ref.tree_map(lambda a, d: a + weight * d, total, delta)
+      scaled = ref.tree_map(lambda d: weight * d, delta)
+      if clip is not None:
+        norm = np.sqrt(sum(float(np.sum(leaf ** 2)) for leaf in scaled.values()))
+        scaled = ref.tree_map(lambda d: d * min(1.0, clip / norm), scaled)
+      total = ref.tree_map(np.add, total, scaled)
     versions.append(ref.tree_map(lambda x, a: x - server_learning_rate * a / len(arrivals), versions[-1], total))
   return versions[-1]
 
 
-def test_equals_numpy_event_driven_reference_with_delays():
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_equals_numpy_event_driven_reference_with_delays(clip):
+  """``clip``: a DP aggregator (fixed clip, noise 0 so the reference is exact) runs inside the buffer: it clips
+  each staleness-scaled update of the K arrivals and averages over K."""
   population, model, params, _ = make_setup()
   durations = np.array([1.0, 2.5, 1.3, 4.0, 0.7, 9.0])
   config = dict(concurrency=4, buffer_size=2, max_staleness=1)
   num_updates = 5
+  dp = {} if clip is None else {"aggregator": aggregators.gaussian_fixed(0.0, config["buffer_size"], clip)}
   buff = algorithms.fed_buff(model, **config, client_learning_rate=0.1, server_optimizer=optax.sgd(0.8),
-                             weighting="uniform")
+                             weighting="uniform", **dp)
   run = run_fed_buff(buff, population, params, client_spec=SPEC, seed=SEED, num_server_steps=num_updates,
                      task_seconds=durations)
   updates, dropped = reference_event_order(durations, **config, seed=SEED, num_updates=num_updates)
@@ -138,11 +147,12 @@ def test_equals_numpy_event_driven_reference_with_delays():
   assert sum(record["fedbuff/dropped_stale"] for record in run.history) == dropped
   assert [record["fedbuff/mean_staleness"] for record in run.history] == [float(np.mean(s)) for s in staleness]
 
-  expected = reference_fed_buff(params, population, updates, client_learning_rate=0.1, server_learning_rate=0.8)
+  expected = reference_fed_buff(params, population, updates, client_learning_rate=0.1, server_learning_rate=0.8,
+                                clip=clip)
   actual = to_reference(run.state.server.params)
   # Error budget (float32 vs float64): a param after 5 server steps has gone through at most 5 chained versions,
   # each of <= 4 local steps of ~20 roundings (a 9-term dot product, softmax, update) plus ~10 for the weighted
-  # sum and the server step: 5 x (4 x 20 + 10) = 450 roundings of the params' scale.
+  # sum, the clip and the server step: 5 x (4 x 20 + 10) = 450 roundings of the params' scale.
   for key in expected:
     atol = float_atol(450, float(np.max(np.abs(expected[key]))))
     np.testing.assert_allclose(actual[key], expected[key], rtol=0, atol=atol, err_msg=key)
