@@ -26,7 +26,6 @@ Usage: ``python benchmarks/fedbuff_throughput.py [--blocks 6] [--block 4] [--qui
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -40,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: the repository root, for ``benchmarks.cpu_setup``
   sys.path.insert(0, ROOT)
 from benchmarks import cpu_setup  # noqa: E402
+from benchmarks import report as report_helpers  # noqa: E402
 
 TARGET = 0.9
 
@@ -164,14 +164,10 @@ def main(argv=None) -> int:
       "fed_buff_dropped_stale": int(sum(r["fedbuff/dropped_stale"] for r in history)),
       "fed_buff_simulated_hours": round(float(history[-1]["fedbuff/elapsed_hours"]), 4),
       "target": TARGET, "meets_target": ratio >= TARGET,
-      "jax": jax.__version__, "backend": jax.default_backend(), "python": platform.python_version(),
-      "date": time.strftime("%Y-%m-%d"),
+      "jax": jax.__version__, "backend": jax.default_backend(), "cpu": report_helpers.cpu_model(),
+      "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
   }
-  line = json.dumps(report)
-  print(line)
-  if args.output:
-    with open(args.output, "a") as sink:
-      sink.write(line + "\n")
+  report_helpers.emit(report, args.output)
   return 0
 
 
