@@ -1,0 +1,63 @@
+"""FedBuff's event order (systems.BufferedSchedule): invariants over generated durations and configurations
+(hypothesis, derandomized), and the synchronous special case.
+
+The full re-derivation of the order against a NumPy priority queue, with the model, is in
+tests/algorithms/test_fed_buff.py; these are the properties every order must have.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedjax_lite import systems
+from fedjax_lite.core.sampling import sample_clients
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(num_clients=st.integers(1, 12), data=st.data(), seed=st.integers(0, 5))
+def test_event_order_invariants(num_clients, data, seed):
+  concurrency = data.draw(st.integers(1, num_clients))
+  buffer_size = data.draw(st.integers(1, 6))
+  max_staleness = data.draw(st.integers(0, 4))
+  # Durations on a coarse grid, so that ties (several arrivals at one instant) happen often.
+  durations = np.array(data.draw(st.lists(st.integers(1, 6), min_size=num_clients, max_size=num_clients)), float)
+  schedule = systems.BufferedSchedule(durations, concurrency=concurrency, buffer_size=buffer_size,
+                                      max_staleness=max_staleness, seed=seed)
+  previous_time, applied = 0.0, 0
+  for expected_step in range(6):
+    step = schedule.next_step()
+    assert step.step == expected_step and step.clients.shape == (buffer_size,)
+    assert np.all((step.staleness >= 0) & (step.staleness <= max_staleness))
+    np.testing.assert_array_equal(step.staleness, step.step - step.versions)
+    assert step.time_seconds >= previous_time and np.all(step.arrival_seconds <= step.time_seconds)
+    np.testing.assert_allclose(step.arrival_seconds - step.start_seconds, durations[step.clients])
+    assert step.num_arrivals == buffer_size + step.num_dropped_stale
+    previous_time, applied = step.time_seconds, applied + buffer_size
+    in_flight = schedule.in_flight
+    assert len(in_flight["clients"]) == concurrency  # a new client starts for every arrival
+    assert len(set(in_flight["clients"].tolist())) == concurrency  # a client trains one task at a time
+    assert np.all(in_flight["versions"] <= schedule.version)
+  assert schedule.num_started == concurrency + schedule.num_arrivals
+  assert schedule.num_arrivals >= applied + schedule.num_dropped_stale  # plus those still in the buffer
+
+
+def test_equal_durations_and_concurrency_equal_to_k_are_synchronous_rounds():
+  schedule = systems.BufferedSchedule(np.full(10, 2.5), concurrency=4, buffer_size=4, max_staleness=0, seed=3)
+  for round_num in range(4):
+    step = schedule.next_step()
+    np.testing.assert_array_equal(step.clients, sample_clients(10, 4, seed=3, round_num=round_num))
+    assert np.all(step.staleness == 0) and step.time_seconds == 2.5 * (round_num + 1)
+    assert step.num_arrivals == 4 and step.num_dropped_stale == 0
+
+
+def test_metrics_and_default_staleness_bound():
+  schedule = systems.BufferedSchedule([1.0, 3.0, 2.0], concurrency=2, buffer_size=1, max_staleness=0)
+  metrics = systems.step_metrics(schedule.next_step())
+  assert set(metrics) == {f"fedbuff/{key}" for key in ("server_steps", "arrivals", "dropped_stale",
+                                                        "mean_staleness", "max_staleness", "elapsed_seconds",
+                                                        "elapsed_hours")}
+  assert metrics["fedbuff/server_steps"] == 1 and metrics["fedbuff/elapsed_hours"] == metrics[
+      "fedbuff/elapsed_seconds"] / 3600.0
+  assert systems.default_max_staleness(20, 10) == 8 and systems.default_max_staleness(5, 10) == 4
