@@ -37,9 +37,9 @@ Privacy: each server step is one aggregation of ``K`` client updates, so a DP ag
 with ``K`` in place of the cohort size. Staleness weights are at most 1 (for the default) and applied BEFORE the
 aggregator clips, so the sensitivity is the clip norm; but the participation pattern is set by the clients' speeds
 and the event order, not by uniform or Poisson sampling, so the sampling-amplified epsilon of
-:mod:`fedjax_lite.privacy` is an idealization for FedBuff (Nguyen et al. 2022, Sec. 6, and Bonawitz et al. 2019
-discuss the gap); the guarantee without amplification (each client in at most ``n`` steps, a Gaussian mechanism per
-step composed ``n`` times) holds. See ``docs/systems.md``.
+:mod:`fedjax_lite.privacy` is an idealization for FedBuff (Kairouz et al. 2021, "Practical and Private (Deep)
+Learning without Sampling or Shuffling", motivate DP-FTRL by exactly this); the guarantee without amplification
+(each client in at most ``n`` steps, a Gaussian mechanism per step composed ``n`` times) holds. See ``docs/systems.md``.
 
 Metrics of a step: the template's groups (``client_work`` example-weighted over the ``K`` arrivals, ``aggregator``,
 ``finalizer``, ``broadcasted_bits``, ``aggregated_bits``) plus ``fedbuff``: ``{'mean_staleness', 'max_staleness',
