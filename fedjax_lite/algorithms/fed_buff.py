@@ -44,7 +44,7 @@ Learning without Sampling or Shuffling", motivate DP-FTRL by exactly this); the 
 Metrics of a step: the template's groups (``client_work`` example-weighted over the ``K`` arrivals, ``aggregator``,
 ``finalizer``, ``broadcasted_bits``, ``aggregated_bits``) plus ``fedbuff``: ``{'mean_staleness', 'max_staleness',
 'num_applied', 'version'}``; the driver (:func:`fedjax_lite.training.run_fed_buff`) adds the event order's
-``fedbuff/`` metrics (arrivals, dropped stale, simulated time).
+``fedbuff/`` metrics (arrivals, dropped stale or offline, simulated time).
 """
 
 from __future__ import annotations

@@ -12,12 +12,15 @@ The rules (deterministic given the seed):
 
 * At time 0, ``concurrency`` clients start, downloading version 0. A task of client ``c`` started at ``t`` arrives at
   ``t + task_seconds[c]`` (from :func:`fedjax_lite.systems.client_timings`: download, full local work, upload).
+  With an availability model (``RandomDropout(p)``), the clients of the ``b``-th start draw their dropouts from
+  ``availability.offline_at(clients, t, task_seconds, seed=seed, round_num=b)``: a client that goes offline
+  mid-task **drops out** at that time (counted, never trained, no arrival) and frees its place.
 * Events are processed one simulated instant at a time. At instant ``t``, first every task arriving at ``t``, in
-  the order they started: its **staleness** is ``tau = version - downloaded version`` (server updates since it
+  the order they started (drop-outs of the instant counted in the same pass): its **staleness** is ``tau = version - downloaded version`` (server updates since it
   downloaded); if ``tau > max_staleness`` it is **dropped** (counted, never trained: its result would be
   discarded), else it enters the buffer, and whenever the buffer holds ``K`` arrivals the server applies them
-  (``version += 1``). Then one new client starts per arrival of the instant (dropped ones included), all downloading
-  the version current after the instant's updates.
+  (``version += 1``). Then one new client starts per arrival or drop-out of the instant (stale ones included),
+  all downloading the version current after the instant's updates.
 * The clients that start together are drawn uniformly without replacement from the clients not in flight:
   ``round_generator(seed, b, SAMPLING_STREAM).choice(available, n)`` for the ``b``-th start (0 at time 0). With
   nothing in flight this is exactly :func:`fedjax_lite.core.sample_clients` for round ``b``, so when every task
@@ -40,6 +43,7 @@ from fedjax_lite.core import validation
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.packing import ClientSpec
 from fedjax_lite.core.sampling import SAMPLING_STREAM, round_generator
+from fedjax_lite.systems.availability import AlwaysOn, Availability, RandomDropout
 from fedjax_lite.systems.clock import client_timings
 from fedjax_lite.systems.population import ClientSystems
 
@@ -59,6 +63,7 @@ class BufferedStep:
     time_seconds: the simulated time of the update (the ``K``-th arrival).
     num_arrivals: arrivals since the previous update, dropped ones included.
     num_dropped_stale: arrivals since the previous update dropped as staler than ``max_staleness``.
+    num_dropped_offline: tasks since the previous update that went offline before arriving.
   """
 
   step: int
@@ -70,6 +75,7 @@ class BufferedStep:
   time_seconds: float
   num_arrivals: int
   num_dropped_stale: int
+  num_dropped_offline: int = 0
 
 
 class BufferedSchedule:
@@ -81,14 +87,18 @@ class BufferedSchedule:
     concurrency: clients training at once (``1 <= concurrency <= num_clients``).
     buffer_size: ``K``, arrivals per server update (>= 1).
     max_staleness: arrivals staler than this are dropped (>= 0).
-    seed: the run's seed (client draws).
+    seed: the run's seed (client draws, dropouts).
+    availability: optional availability model of the clients: ``AlwaysOn()`` (the default) or
+      ``RandomDropout(p)``; on/off windows are not supported yet (a client offline when it would start needs a
+      rule for whom to start instead).
 
   Attributes (read-only views of the simulation):
     version: server updates planned so far; time_seconds: the simulated time of the last instant processed;
-    num_arrivals, num_dropped_stale, num_started: totals since the start.
+    num_arrivals, num_dropped_stale, num_dropped_offline, num_started: totals since the start.
   """
 
-  def __init__(self, task_seconds, *, concurrency: int, buffer_size: int, max_staleness: int, seed: int = 0):
+  def __init__(self, task_seconds, *, concurrency: int, buffer_size: int, max_staleness: int, seed: int = 0,
+               availability: Availability | None = None):
     task_seconds = np.array(task_seconds, dtype=np.float64).reshape(-1)
     if task_seconds.size == 0 or not np.all(np.isfinite(task_seconds)) or np.any(task_seconds <= 0):
       raise ValueError("task_seconds must be a non-empty array of positive, finite durations, one per client.")
@@ -100,6 +110,11 @@ class BufferedSchedule:
     validation.check_int("buffer_size", buffer_size, minimum=1)
     validation.check_int("max_staleness", max_staleness, minimum=0)
     validation.check_int("seed", seed, minimum=0)
+    availability = AlwaysOn() if availability is None else availability
+    if not isinstance(availability, (AlwaysOn, RandomDropout)):
+      raise ValueError(f"FedBuff's event order supports AlwaysOn() and RandomDropout(p) availability, got "
+                       f"{type(availability).__name__} (on/off windows are not supported yet).")
+    self.availability = availability
     task_seconds.setflags(write=False)
     self.task_seconds = task_seconds
     self.concurrency, self.buffer_size, self.max_staleness, self.seed = concurrency, buffer_size, max_staleness, seed
@@ -107,13 +122,15 @@ class BufferedSchedule:
     self.time_seconds = 0.0
     self.num_arrivals = 0
     self.num_dropped_stale = 0
+    self.num_dropped_offline = 0
     self.num_started = 0
     self._num_starts = 0  # start instants so far (the sampling stream's round)
-    self._in_flight: list[tuple[float, int, int, int, float]] = []  # (arrival, start order, client, version, start)
+    # (arrival or drop-out time, start order, client, version, start time, arrives: False for a drop-out)
+    self._in_flight: list[tuple[float, int, int, int, float, bool]] = []
     self._busy = np.zeros(num_clients, bool)
     self._buffer: list[tuple[int, int, float, float]] = []  # (client, version, start, arrival)
     self._ready: list[BufferedStep] = []
-    self._since = [0, 0]  # arrivals and dropped since the last update
+    self._since = [0, 0, 0]  # arrivals, dropped stale, dropped offline since the last update
     self._start(concurrency, 0.0)
 
   @property
@@ -130,11 +147,15 @@ class BufferedSchedule:
   def _start(self, count: int, now: float) -> None:
     available = np.flatnonzero(~self._busy)
     chosen = round_generator(self.seed, self._num_starts, SAMPLING_STREAM).choice(available, size=count,
-                                                                                  replace=False)
+                                                                                  replace=False).astype(np.int64)
+    durations = self.task_seconds[chosen]
+    offline = np.asarray(self.availability.offline_at(chosen, now, durations, seed=self.seed,
+                                                      round_num=self._num_starts), np.float64)
     self._num_starts += 1
-    for client in chosen.astype(np.int64):
-      heapq.heappush(self._in_flight, (now + float(self.task_seconds[client]), self.num_started, int(client),
-                                       self.version, now))
+    for client, duration, gone in zip(chosen.tolist(), durations.tolist(), offline.tolist()):
+      arrives = not math.isfinite(gone)
+      heapq.heappush(self._in_flight, (now + (duration if arrives else gone), self.num_started, client,
+                                       self.version, now, arrives))
       self._busy[client] = True
       self.num_started += 1
 
@@ -144,8 +165,12 @@ class BufferedSchedule:
     arrived = []
     while self._in_flight and self._in_flight[0][0] == now:
       arrived.append(heapq.heappop(self._in_flight))  # ties pop in start order (the heap's second key)
-    for _, _, client, version, start in arrived:
+    for _, _, client, version, start, arrives in arrived:
       self._busy[client] = False
+      if not arrives:
+        self.num_dropped_offline += 1
+        self._since[2] += 1
+        continue
       self.num_arrivals += 1
       self._since[0] += 1
       if self.version - version > self.max_staleness:
@@ -164,9 +189,9 @@ class BufferedSchedule:
     self._ready.append(BufferedStep(
         step=self.version, clients=clients.astype(np.int64), versions=versions, staleness=self.version - versions,
         start_seconds=starts.astype(np.float64), arrival_seconds=arrivals.astype(np.float64), time_seconds=now,
-        num_arrivals=self._since[0], num_dropped_stale=self._since[1]))
+        num_arrivals=self._since[0], num_dropped_stale=self._since[1], num_dropped_offline=self._since[2]))
     self._buffer = []
-    self._since = [0, 0]
+    self._since = [0, 0, 0]
     self.version += 1
 
   def next_step(self) -> BufferedStep:
@@ -183,10 +208,11 @@ class BufferedSchedule:
 
 
 def step_metrics(step: BufferedStep) -> dict[str, float | int]:
-  """A server update's flat ``fedbuff/`` metrics: ``server_steps`` (after it), ``arrivals`` and ``dropped_stale``
-  since the previous update, ``mean_staleness`` and ``max_staleness`` of its ``K`` arrivals, and the simulated
+  """A server update's flat ``fedbuff/`` metrics: ``server_steps`` (after it), ``arrivals``, ``dropped_stale`` and
+  ``dropped_offline`` since the previous update, ``mean_staleness`` and ``max_staleness`` of its ``K`` arrivals, and the simulated
   ``elapsed_seconds`` / ``elapsed_hours`` at the update."""
   metrics = {"server_steps": step.step + 1, "arrivals": step.num_arrivals, "dropped_stale": step.num_dropped_stale,
+             "dropped_offline": step.num_dropped_offline,
              "mean_staleness": float(np.mean(step.staleness)), "max_staleness": int(np.max(step.staleness)),
              "elapsed_seconds": float(step.time_seconds), "elapsed_hours": float(step.time_seconds) / 3600.0}
   return {METRICS_PREFIX + key: value for key, value in metrics.items()}

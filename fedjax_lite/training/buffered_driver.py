@@ -11,7 +11,7 @@ budget. Each server step ``s``:
    ``fold_in(key(seed), s)`` and the versions they downloaded; the device works while the host plans and packs
    step ``s + 1`` (the step's metrics stay on the device until the end of the run);
 3. the step's metrics are its ``next`` metrics (flattened) plus the event order's ``fedbuff/`` metrics (server
-   steps, arrivals, dropped stale, mean staleness, simulated time).
+   steps, arrivals, dropped stale, dropped offline, mean staleness, simulated time).
 
 The run is deterministic given the seed: the event order depends only on the task durations and the seed.
 """
@@ -32,7 +32,6 @@ from fedjax_lite.core.device_rounds import round_key
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.packing import ClientSpec
 from fedjax_lite.core.tree import PyTree
-from fedjax_lite.systems.availability import AlwaysOn
 from fedjax_lite.systems.buffered import BufferedSchedule, step_metrics, task_seconds_of
 from fedjax_lite.systems.population import ClientSystems
 from fedjax_lite.training.recorder import flatten_metrics
@@ -81,9 +80,9 @@ def run_fed_buff(
     num_server_steps: stop after this many server steps (from the start of this call).
     simulated_seconds: stop before the first server step later than this simulated time (from the run's start).
       At least one of the two limits.
-    systems: the clients' systems (durations from the exact per-client bits; availability must be always-on: the
-      event order does not model dropout yet); or ``task_seconds``: float64 ``[num_clients]`` durations directly.
-      Exactly one.
+    systems: the clients' systems (durations from the exact per-client bits; availability ``AlwaysOn()`` or
+      ``RandomDropout(p)``: :class:`~fedjax_lite.systems.BufferedSchedule`); or ``task_seconds``: float64
+      ``[num_clients]`` durations of always-on clients. Exactly one.
     num_steps: the packed step axis (default ``client_spec.max_num_steps(data)``: one shape for every step).
     state, schedule: continue a previous run (:class:`FedBuffRun`'s fields), both or neither. The state is
       copied once and the copy's buffers are donated step after step, so ``state`` stays valid; the schedule is
@@ -112,17 +111,14 @@ def run_fed_buff(
     if systems is not None:
       if not isinstance(systems, ClientSystems):
         raise TypeError(f"systems must be a ClientSystems, got {type(systems).__name__}.")
-      if not isinstance(systems.availability, AlwaysOn):
-        raise ValueError(f"FedBuff's event order models always-on clients only; got availability "
-                         f"{type(systems.availability).__name__} (use systems.replace(availability=AlwaysOn()) or "
-                         "synchronous rounds with run_training(systems=...)).")
       download, upload = process.bits_per_client(params)
       task_seconds = task_seconds_of(systems, data, client_spec, download_bits=download, upload_bits=upload)
     elif np.shape(task_seconds) != (data.num_clients,):
       raise ValueError(f"task_seconds must have one duration per client ({data.num_clients}), got shape "
                        f"{np.shape(task_seconds)}.")
     schedule = BufferedSchedule(task_seconds, concurrency=process.concurrency, buffer_size=process.buffer_size,
-                                max_staleness=process.max_staleness, seed=seed)
+                                max_staleness=process.max_staleness, seed=seed,
+                                availability=None if systems is None else systems.availability)
     state = process.init(params, jax.random.fold_in(jax.random.key(seed), 0x1B1F))
   elif not isinstance(schedule, BufferedSchedule) or schedule.num_clients != data.num_clients:
     raise ValueError("schedule must be the BufferedSchedule of a previous run on the same population.")

@@ -24,6 +24,7 @@ from fedjax_lite import aggregators, algorithms, systems
 from fedjax_lite.core.device_rounds import round_key
 from fedjax_lite.core.packing import ClientSpec
 from fedjax_lite.core.sampling import sample_clients
+from fedjax_lite.systems.availability import DROPOUT_STREAM
 from fedjax_lite.training import run_fed_buff
 from tests.algorithms import reference_impl as ref
 from tests.algorithms.family_setup import NUM_CLIENTS, make_setup, to_reference
@@ -66,20 +67,26 @@ def test_equals_fed_avg_bit_for_bit_without_delays():
 
 # ------------------------------------------------------------------------------------- (b) NumPy reference
 
-def reference_event_order(durations, *, concurrency, buffer_size, max_staleness, seed, num_updates):
+def reference_event_order(durations, *, concurrency, buffer_size, max_staleness, seed, num_updates, dropout=0.0):
   """FedBuff's event order, re-derived: a heap of (finish time, start order); at each instant the arrivals in start
-  order (stale ones dropped, an update whenever K are buffered), then one new client per arrival. Returns the
-  updates as lists of (client, downloaded version), and the number dropped."""
+  order (stale ones dropped, an update whenever K are buffered), then one new client per arrival. With ``dropout``
+  ``p``, the clients of the ``b``-th start draw ``u = default_rng([seed, b, DROPOUT_STREAM]).random((2, n))`` and
+  those with ``u[0] < p`` go offline at ``u[1] x`` their duration (RandomDropout's documented draws): an event that
+  frees the place and brings no update. Returns the updates as lists of (client, downloaded version), the number
+  dropped as stale and the number that went offline."""
   queue, busy, started, draws = [], set(), 0, 0
-  version, buffer, updates, dropped = 0, [], [], 0
+  version, buffer, updates, dropped, offline = 0, [], [], 0, 0
 
   def start(count, now):
     nonlocal started, draws
     free = np.array(sorted(set(range(len(durations))) - busy))
     chosen = np.random.default_rng([seed, draws, 0x5A3D]).choice(free, size=count, replace=False)
+    u = np.random.default_rng([seed, draws, DROPOUT_STREAM]).random((2, count))
     draws += 1
-    for client in chosen:
-      heapq.heappush(queue, (now + durations[client], started, int(client), version))
+    for k, client in enumerate(chosen):
+      goes_offline = u[0, k] < dropout
+      finish = now + (u[1, k] * durations[client] if goes_offline else durations[client])
+      heapq.heappush(queue, (finish, started, int(client), version, not goes_offline))
       busy.add(int(client))
       started += 1
 
@@ -89,8 +96,11 @@ def reference_event_order(durations, *, concurrency, buffer_size, max_staleness,
     instant = []
     while queue and queue[0][0] == now:
       instant.append(heapq.heappop(queue))
-    for _, _, client, downloaded in instant:
+    for _, _, client, downloaded, arrives in instant:
       busy.discard(client)
+      if not arrives:
+        offline += 1
+        continue
       if version - downloaded > max_staleness:
         dropped += 1
         continue
@@ -99,7 +109,7 @@ def reference_event_order(durations, *, concurrency, buffer_size, max_staleness,
         updates.append(buffer)
         buffer, version = [], version + 1
     start(len(instant), now)
-  return updates[:num_updates], dropped
+  return updates[:num_updates], dropped, offline
 
 
 def reference_fed_buff(params, population, updates, *, client_learning_rate, server_learning_rate, clip=None):
@@ -139,7 +149,7 @@ def test_equals_numpy_event_driven_reference_with_delays(clip):
                              weighting="uniform", **dp)
   run = run_fed_buff(buff, population, params, client_spec=SPEC, seed=SEED, num_server_steps=num_updates,
                      task_seconds=durations)
-  updates, dropped = reference_event_order(durations, **config, seed=SEED, num_updates=num_updates)
+  updates, dropped, _ = reference_event_order(durations, **config, seed=SEED, num_updates=num_updates)
 
   staleness = [[step - version for _, version in arrivals] for step, arrivals in enumerate(updates)]
   assert max(map(max, staleness)) > 0, "the example must exercise stale arrivals"
@@ -199,9 +209,9 @@ def test_driver_and_schedule_arguments():
     run_fed_buff(buff, population, params, client_spec=SPEC, num_server_steps=1)
   with pytest.raises(ValueError, match="one duration per client"):
     run_fed_buff(buff, population, params, client_spec=SPEC, num_server_steps=1, task_seconds=np.ones(3))
-  dropout = systems.constant_systems(NUM_CLIENTS, availability=systems.RandomDropout(0.1))
-  with pytest.raises(ValueError, match="always-on"):
-    run_fed_buff(buff, population, params, client_spec=SPEC, num_server_steps=1, systems=dropout)
+  windows = systems.constant_systems(NUM_CLIENTS, availability=systems.diurnal_availability(NUM_CLIENTS, seed=0))
+  with pytest.raises(ValueError, match="on/off windows are not supported"):
+    run_fed_buff(buff, population, params, client_spec=SPEC, num_server_steps=1, systems=windows)
   with pytest.raises(TypeError, match="FedBuff"):
     run_fed_buff(algorithms.fed_avg(model, client_learning_rate=0.1), population, params, client_spec=SPEC,
                  num_server_steps=1, task_seconds=durations)
