@@ -4,14 +4,21 @@
 every algorithm here is such a configuration, read like optax's ``alias.py``.
 """
 
+from fedjax_lite.algorithms.ditto import ditto
 from fedjax_lite.algorithms.dp_fed_avg import PrivateTraining, dp_fed_avg, dp_ftrl
 from fedjax_lite.algorithms.evaluation import (
     centralized_evaluation,
+    client_distribution,
     evaluate_clients,
     federated_evaluation,
 )
+from fedjax_lite.algorithms.fed_dyn import FedDynServerState, fed_dyn
 from fedjax_lite.algorithms.fed_avg import FED_AVG_OPTIONS, fed_avg, fed_avg_options, local_training_work
 from fedjax_lite.algorithms.fed_buff import FedBuff, FedBuffState, fed_buff, inverse_sqrt_staleness, staleness_work
+from fedjax_lite.algorithms.fed_bn import batch_norm_labels, fed_bn
+from fedjax_lite.algorithms.fed_per import fed_per, fed_rep
+from fedjax_lite.algorithms.fed_recon import DatasetSplit, fed_recon
+from fedjax_lite.algorithms.fed_recon_eval import fed_recon_evaluation
 from fedjax_lite.algorithms.fed_kmeans import KMeansServerState, fed_kmeans, initial_centroids
 from fedjax_lite.algorithms.fed_opt import (
     adaptive_server_optimizer,
@@ -26,7 +33,7 @@ from fedjax_lite.algorithms.fed_sgd import fed_sgd
 from fedjax_lite.algorithms.mime import MimeServerState, frozen_state, mime, mime_lite
 from fedjax_lite.algorithms.scaffold import ScaffoldServerState, control_variate_correction, scaffold
 from fedjax_lite.algorithms.local_training import client_gradient, train_locally
-from fedjax_lite.algorithms.personalization import personalization_evaluation
+from fedjax_lite.algorithms.personalization import personalization_evaluation, personalized_evaluation
 from fedjax_lite.algorithms.optimizers import ScheduledOptimizer, scheduled_optimizer
 from fedjax_lite.algorithms.template import (
     BitCount,
@@ -44,6 +51,7 @@ from fedjax_lite.algorithms.template import (
     communication_bits,
     model_distributor,
     optimizer_finalizer,
+    partition_upload,
     reject_non_finite_update,
     round_bits,
 )
@@ -70,8 +78,20 @@ __all__ = [
     "communication_bits",
     "round_bits",
     "fed_kmeans",
+    "batch_norm_labels",
+    "fed_bn",
+    "fed_per",
+    "fed_rep",
     "initial_centroids",
     "personalization_evaluation",
+    "personalized_evaluation",
+    "client_distribution",
+    "ditto",
+    "fed_dyn",
+    "fed_recon",
+    "fed_recon_evaluation",
+    "DatasetSplit",
+    "FedDynServerState",
     "adaptive_server_optimizer",
     "control_variate_correction",
     "fed_adagrad",
@@ -103,6 +123,7 @@ __all__ = [
     "local_training_work",
     "model_distributor",
     "optimizer_finalizer",
+    "partition_upload",
     "scheduled_optimizer",
     "train_locally",
 ]

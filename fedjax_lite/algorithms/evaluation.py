@@ -3,7 +3,8 @@
 :func:`evaluate_clients` runs the model in inference mode over every client of a packed round and returns both
 the example-weighted aggregate over all real examples (sum then finalize, as the reference) and every client's own
 metrics. :func:`centralized_evaluation` evaluates a centralized dataset (e.g. the held-out test split) in batches
-with the same machinery, the dataset packed as one client.
+with the same machinery, the dataset packed as one client. :func:`client_distribution` summarizes per-client
+metrics as a distribution over clients (the mean client and the worst 10%), as personalization is reported.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lite.algorithms.local_training import split_steps, step_batch, zero_metric_sums
@@ -51,6 +53,39 @@ def evaluate_clients(
 
   totals, per_client_sums = run_clients(per_client, params, round_data, jax.random.key(0), runner=runner)
   return {"aggregate": finalize_metric_sums(totals), "per_client": finalize_metric_sums(per_client_sums)}
+
+
+def client_distribution(per_client: Mapping[str, jax.Array], *, worst_percent: int = 10,
+                        lower_is_better: tuple[str, ...] = ("loss",)) -> dict[str, dict[str, jax.Array]]:
+  """Per-client metrics (``[slots]``, from :func:`evaluate_clients`' ``per_client``) as a distribution over the
+  REAL clients (``num_examples > 0``; padding slots and clients without examples are left out), each client
+  counting once whatever its size.
+
+  For every metric but the counters: ``{'client_mean': the unweighted mean over clients, 'worst_<p>_percent': the
+  mean over the worst ceil(p% of the clients) (at least one)}``, where worst means highest for the metrics in
+  ``lower_is_better`` (the loss) and lowest for the others (accuracy); plus ``'num_clients'``. NaN with no real
+  client. Jittable (the count of clients is traced; the ranking is a sort).
+  """
+  validation.check_int("worst_percent", worst_percent, minimum=1)
+  if worst_percent > 100:
+    raise ValueError(f"worst_percent must be in [1, 100], got {worst_percent}.")
+  real = jnp.asarray(per_client["num_examples"]) > 0
+  count = jnp.sum(real, dtype=jnp.int32)
+  worst_count = jnp.maximum((count * worst_percent + 99) // 100, 1)  # ceil(p% of the clients), exactly
+  ranks = jnp.arange(real.shape[0])
+  out: dict = {"num_clients": count}
+  for name, values in per_client.items():
+    if name.startswith("num_"):
+      continue
+    values = jnp.asarray(values, jnp.float32)
+    worst_first = values if name not in lower_is_better else -values  # the worst value sorts first
+    ordered = jnp.sort(jnp.where(real, worst_first, jnp.inf))
+    worst = jnp.sum(jnp.where(ranks < worst_count, ordered, 0.0)) / worst_count.astype(jnp.float32)
+    worst = worst if name not in lower_is_better else -worst
+    mean = jnp.sum(jnp.where(real, values, 0.0)) / count.astype(jnp.float32)
+    out[name] = {"client_mean": jnp.where(count > 0, mean, jnp.nan),
+                 f"worst_{worst_percent}_percent": jnp.where(count > 0, worst, jnp.nan)}
+  return out
 
 
 def federated_evaluation(model: Model, *, runner: Runner | None = None) -> Callable[[PyTree, PyTree], dict]:

@@ -20,7 +20,7 @@ clients (:func:`fedjax_lite.algorithms.template.communication_bits`).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ import optax
 
 from fedjax_lite.aggregators.base import Aggregator
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
-from fedjax_lite.algorithms.local_training import train_locally
+from fedjax_lite.algorithms.local_training import train_locally, zero_metric_sums
 from fedjax_lite.algorithms.optimizers import OptimizerFactory, ScheduledOptimizer, scheduled_optimizer
 from fedjax_lite.algorithms.template import (
     Broadcast,
@@ -38,8 +38,17 @@ from fedjax_lite.algorithms.template import (
     check_optimizer,
     model_distributor,
     optimizer_finalizer,
+    partition_upload,
 )
 from fedjax_lite.core import validation
+from fedjax_lite.core.param_partition import (
+    FROZEN,
+    GLOBAL,
+    LOCAL,
+    LabelSpec,
+    label_params,
+    partition_optimizer,
+)
 from fedjax_lite.core.model import Model
 from fedjax_lite.core.process import Process
 from fedjax_lite.core.records import ClientOutput
@@ -48,6 +57,7 @@ from fedjax_lite.core.tree import PyTree
 
 WEIGHTINGS = ("num_examples", "uniform")
 GradientCorrection = Callable[[Broadcast, PyTree], optax.GradientTransformation]
+LocalPhase = tuple[str | tuple[str, ...], int]  # (the label(s) trained, passes over the client's data)
 
 __all__ = ["FED_AVG_OPTIONS", "ServerState", "fed_avg", "fed_avg_options", "local_training_work"]
 
@@ -79,26 +89,110 @@ def local_training_work(
     *,
     weighting: str = "num_examples",
     gradient_correction: GradientCorrection | None = None,
+    labels: LabelSpec | None = None,
+    local_phases: Sequence[LocalPhase] | None = None,
 ) -> ClientWork:
   """FedAvg's client work: local steps from the broadcast params, upload ``delta = params - final_params``.
+
+  With ``labels`` (a round built with ``build_round(labels=labels, local_state=True)``: ``broadcast.params`` is
+  the client's full model, its local parameters merged in), the local optimizer is optax's own partitioning
+  (:func:`fedjax_lite.core.partition_optimizer`: frozen parameters get a zero update), the upload is the global
+  part of the delta and the new client state the local part of the final params
+  (:func:`~fedjax_lite.algorithms.template.partition_upload`).
 
   The local optimizer is ``optimizer.for_round(broadcast.hparams, correction)``: build the round with
   ``build_round(..., client_optimizer=optimizer)``, which broadcasts the round's hyperparameters (a scheduled
   learning rate); without them this raises. ``gradient_correction(broadcast, client_state)``, when given, returns
   an optax transformation chained BEFORE the client optimizer, i.e. applied to every local gradient (FedProx's
   proximal term).
+
+  ``local_phases`` (with ``labels``) trains the parts in turn: ``((labels trained, passes), ...)``, each phase
+  ``passes`` passes over the client's data training only the parameters whose label is listed (the others get
+  optax's zero update), each pass from a fresh optimizer state, each phase from where the previous one ended
+  (FedRep: ``(('local', 10), ('global', 1))``, the head and then the body). The client's metrics and weight are
+  its LAST phase's sums (the phase that trains what is uploaded, in FedRep); phase ``i``, pass ``j`` trains with
+  ``fold_in(fold_in(rng, i), j)``.
   """
   check_model(model)
   validation.check_choice("weighting", weighting, WEIGHTINGS)
+  local_phases = check_local_phases(local_phases, labels)
 
   def work(broadcast: Broadcast, client_data: PyTree, client_state: PyTree, rng: jax.Array) -> ClientOutput:
     corrections = () if gradient_correction is None else (gradient_correction(broadcast, client_state),)
-    final_params, metric_sums = train_locally(model, optimizer.for_round(broadcast.hparams, *corrections),
-                                              broadcast.params, client_data, rng)
-    delta = jax.tree.map(jnp.subtract, broadcast.params, final_params)
-    return ClientOutput(update=delta, weight=client_weight(weighting, metric_sums), metrics=metric_sums)
+    local_optimizer = optimizer.for_round(broadcast.hparams, *corrections)
+    label_tree = None
+    if labels is not None:
+      check_full_model(broadcast.params)
+      label_tree = label_params(broadcast.params, labels)
+      if FROZEN in jax.tree.leaves(label_tree):
+        local_optimizer = partition_optimizer(label_tree, local_optimizer)
+    if local_phases is None:
+      final_params, metric_sums = train_locally(model, local_optimizer, broadcast.params, client_data, rng)
+    else:
+      final_params, metric_sums = train_in_phases(model, optimizer.for_round(broadcast.hparams, *corrections),
+                                                  label_tree, local_phases, broadcast.params, client_data, rng)
+    weight = client_weight(weighting, metric_sums)
+    if label_tree is None:
+      delta = jax.tree.map(jnp.subtract, broadcast.params, final_params)
+      return ClientOutput(update=delta, weight=weight, metrics=metric_sums)
+    delta, local = partition_upload(label_tree, broadcast.params, final_params)
+    new_state = local if LOCAL in jax.tree.leaves(label_tree) else client_state
+    return ClientOutput(update=delta, weight=weight, metrics=metric_sums, new_state=new_state)
 
   return work
+
+
+def check_local_phases(local_phases: Sequence[LocalPhase] | None, labels: LabelSpec | None
+                       ) -> tuple[tuple[frozenset[str], int], ...] | None:
+  """``local_phases`` validated: a non-empty sequence of ``(label or labels among 'global'/'local', passes >=
+  1)``; needs ``labels``."""
+  if local_phases is None:
+    return None
+  if labels is None:
+    raise ValueError("local_phases trains the labelled parts in turn: it needs labels= as well.")
+  if isinstance(local_phases, (str, bytes)) or not isinstance(local_phases, Sequence) or not local_phases:
+    raise ValueError(f"local_phases must be a non-empty sequence of (label(s) trained, passes), e.g. "
+                     f"(('local', 10), ('global', 1)), got {local_phases!r}.")
+  checked = []
+  for phase in local_phases:
+    if not (isinstance(phase, tuple) and len(phase) == 2):
+      raise ValueError(f"each local phase must be (label(s) trained, passes), got {phase!r}.")
+    trained = (phase[0],) if isinstance(phase[0], str) else tuple(phase[0])
+    if not trained or any(label not in (GLOBAL, LOCAL) for label in trained):
+      raise ValueError(f"a local phase trains 'global' and/or 'local' parameters, got {phase[0]!r}.")
+    validation.check_int("passes of a local phase", phase[1], minimum=1)
+    checked.append((frozenset(trained), int(phase[1])))
+  return tuple(checked)
+
+
+def train_in_phases(model: Model, optimizer: optax.GradientTransformation, labels: PyTree,
+                    phases: tuple[tuple[frozenset[str], int], ...], params: PyTree, client_data: PyTree,
+                    rng: jax.Array) -> tuple[PyTree, dict[str, jax.Array]]:
+  """``(final params, the last phase's metric sums)``: each phase trains only its labels (optax's partitioning:
+  the others get a zero update) for its passes over the client's data, a fresh optimizer state per pass."""
+  metric_sums = None
+  for index, (trained, passes) in enumerate(phases):
+    phase_labels = jax.tree.map(lambda label: GLOBAL if label in trained else FROZEN, labels)
+    phase_optimizer = partition_optimizer(phase_labels, optimizer)
+    phase_key = jax.random.fold_in(rng, index)
+
+    def one_pass(step, carry, phase_optimizer=phase_optimizer, phase_key=phase_key):
+      params, sums = carry
+      params, pass_sums = train_locally(model, phase_optimizer, params, client_data,
+                                        jax.random.fold_in(phase_key, step))
+      return params, jax.tree.map(jnp.add, sums, pass_sums)
+
+    params, metric_sums = jax.lax.fori_loop(0, passes, one_pass, (params, zero_metric_sums(model)))
+  return params, metric_sums
+
+
+def check_full_model(params: PyTree) -> None:
+  """The client received every parameter (none ``None``), else a ``ValueError``: local parameters reach a
+  client's work only when the round keeps them as client state (``local_state=True``)."""
+  if any(leaf is None for leaf in jax.tree.leaves(params, is_leaf=lambda x: x is None)):
+    raise ValueError("the broadcast params hold None where 'local' parameters belong: this client work trains "
+                     "the full model, so the round must keep the local parameters as client state "
+                     "(fed_avg(..., labels=..., local_state=True), or build_round(..., local_state=True)).")
 
 
 def fed_avg(
@@ -114,6 +208,9 @@ def fed_avg(
     gradient_correction: GradientCorrection | None = None,
     broadcast_encoder: Any | None = None,
     runner: Runner | None = None,
+    labels: LabelSpec | None = None,
+    local_state: bool = False,
+    local_phases: Sequence[LocalPhase] | None = None,
     client_work_wrapper: Callable[[ClientWork], ClientWork] | None = None,
 ) -> Process:
   """Builds FedAvg as a ``Process(init, next)``: a configuration of :func:`~fedjax_lite.algorithms.build_round`.
@@ -144,6 +241,13 @@ def fed_avg(
       ``aggregators.quantization.broadcast_encoder(8, 10000)``). Clients train from the decoded parameters and
       report their delta from them; the server applies the aggregate to its exact parameters.
     runner: the client runner (default: per-backend strategy).
+    labels: optional parameter partition (:mod:`fedjax_lite.core.param_partition`): only ``'global'``
+      parameters are broadcast, uploaded, aggregated and counted in the bits; ``'frozen'`` ones are never
+      trained (optax's partitioning); ``'local'`` ones need ``local_state=True``. FedPer and FedBN are this.
+    local_state: with ``labels``: the ``'local'`` parameters are kept per client (the client-state store; ``next``
+      then takes and returns ``client_states``, the local parameters of the cohort).
+    local_phases: with ``labels``: the parts trained in turn, ``((label(s), passes), ...)`` (FedRep; see
+      :func:`local_training_work`).
     client_work_wrapper: optional ``client_work -> client_work``, applied to the local-training client work before
       the round is built: a driver that changes what ONE client receives or uploads wraps it here
       (:func:`~fedjax_lite.algorithms.fed_buff` picks each client's model version and scales its update by its
@@ -174,7 +278,8 @@ def fed_avg(
                     f"{type(client_work_wrapper).__name__}.")
   if server_midpoint_fraction is not None:
     server_optimizer = optax.chain(server_optimizer, optax.scale(server_midpoint_fraction))
-  work = local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction)
+  work = local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction,
+                             labels=labels, local_phases=local_phases)
   return build_round(
       work if client_work_wrapper is None else client_work_wrapper(work),                                   # 2.
       distributor=model_distributor(),                                                                       # 1.
@@ -183,6 +288,8 @@ def fed_avg(
       finalizer=optimizer_finalizer(server_optimizer),                                                       # 4.
       broadcast_encoder=broadcast_encoder,
       runner=runner,
+      labels=labels,
+      local_state=local_state,
   )
 
 

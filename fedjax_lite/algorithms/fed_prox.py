@@ -33,16 +33,18 @@ class ProximalState(NamedTuple):
   anchor: PyTree
 
 
-def proximal_term(proximal_strength: float) -> optax.GradientTransformation:
+def proximal_term(proximal_strength: float, anchor: PyTree | None = None) -> optax.GradientTransformation:
   """``g <- g + mu (w - w0)``, the gradient of ``mu/2 ||w - w0||^2`` added to the loss gradient.
 
-  ``w0`` is the ``params`` passed to ``init`` (for a client: the broadcast server model); ``update`` needs
-  ``params``. Chain it before the client optimizer: ``optax.chain(proximal_term(mu), optax.sgd(lr))``.
+  ``w0`` is ``anchor`` when given (Ditto's personal model is pulled towards the broadcast global model, not its own
+  starting point), else the ``params`` passed to ``init`` (for a FedProx client: the broadcast server model);
+  ``update`` needs ``params``. Chain it before the client optimizer: ``optax.chain(proximal_term(mu),
+  optax.sgd(lr))``.
   """
   validation.check_float("proximal_strength", proximal_strength, low=0.0)
 
   def init(params):
-    return ProximalState(anchor=params)
+    return ProximalState(anchor=params if anchor is None else anchor)
 
   def update(updates, state, params=None):
     if params is None:

@@ -46,6 +46,19 @@ argument ``client_states``, hands client slot ``k`` its row as ``client_state``,
 four parts as separate functions, for drivers that run them apart (client work and server update in different
 steps, as asynchronous algorithms do).
 
+Partitioned rounds (``build_round(labels=...)``, :mod:`fedjax_lite.core.param_partition`): each parameter is
+``'global'``, ``'local'`` or ``'frozen'``, and only the global ones travel. The server keeps the whole model in
+``ServerState.params`` (its local positions hold the initial local values, a new client's starting point, never
+changed by the server); the finalizer sees, steps and keeps state for the global part only (the params' tree with
+``None`` elsewhere, :func:`~fedjax_lite.core.split_params`); the broadcast holds the global and frozen parameters
+(local ``None``) and the broadcast encoder, the aggregators' templates (so compression and DP noise), the exact
+bit counts cover only the global ones -- frozen ones are the copy every client already holds (a pretrained base),
+never sent per round. With ``local_state=True`` the local parameters are the clients' state (the client-state
+store): client slot ``k`` receives ``broadcast.params`` with its own local parameters merged in (the full model),
+and ``client_state`` = its local part; its work returns ``update`` over the global part and ``new_state`` = its new
+local part (:func:`partition_upload`). Without it, local positions of ``broadcast.params`` are ``None`` and the
+client work makes them itself (reconstruction).
+
 Randomness: the round key is split into ``(train, aggregator)``; client slot ``k`` trains with
 ``fold_in(train, k)``; a single aggregator uses the aggregator key as its own ``next`` would, several use
 ``fold_in(aggregator_key, i)`` in sorted key order. With a pre-pass, the round key is split first into the
@@ -66,6 +79,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from fedjax_lite.aggregators.base import STACK, SUM, AggregationContext, Aggregator, as_template, client_upload_bits, split_rng
 from fedjax_lite.algorithms.optimizers import ScheduledOptimizer
 from fedjax_lite.core.model import finalize_metric_sums
+from fedjax_lite.core.param_partition import (
+    FROZEN,
+    GLOBAL,
+    LOCAL,
+    LabelSpec,
+    label_params,
+    overlay_params,
+    select_params,
+)
 from fedjax_lite.core.process import MeasuredOutput, Process, RoundOutput
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.round_data import check_round_data
@@ -675,6 +697,66 @@ class RoundParts(NamedTuple):
   aggregate: Callable[..., MeasuredOutput]
 
 
+def partition_upload(labels: PyTree, start: PyTree, final: PyTree) -> tuple[PyTree, PyTree]:
+  """``(global delta, new local params)`` of one client in a partitioned round: ``start - final`` on the global
+  positions (``None`` elsewhere; what the client uploads) and ``final`` on the local positions (``None``
+  elsewhere; the client's new state). Frozen positions are in neither: they never leave the client."""
+  delta = jax.tree.map(lambda label, a, b: jnp.subtract(a, b) if label == GLOBAL else None, labels, start, final)
+  local = jax.tree.map(lambda label, b: b if label == LOCAL else None, labels, final)
+  return delta, local
+
+
+def _with_client_params(client_work: ClientWork) -> ClientWork:
+  """``client_work`` of a round whose local parameters are the client state: the client's own local parameters
+  (the non-``None`` leaves of its state) merged into ``broadcast.params`` (``None`` at those positions)."""
+
+  def work(broadcast, client_data, client_state, rng):
+    return client_work(broadcast._replace(params=overlay_params(broadcast.params, client_state)), client_data,
+                       client_state, rng)
+
+  return work
+
+
+class _Partition:
+  """The parameter partition of a :func:`build_round` round (``labels=``): resolves the label tree from the
+  params (static strings, at trace time) and cuts trees by label."""
+
+  def __init__(self, labels: LabelSpec, local_state: bool):
+    self.labels, self.local_state = labels, local_state
+
+  def tree(self, params: PyTree) -> PyTree:
+    labels = label_params(params, self.labels)
+    if self.local_state and LOCAL not in jax.tree.leaves(labels):
+      raise ValueError("build_round(local_state=True) keeps the 'local' parameters as the client state, but the "
+                       "labels mark no parameter 'local'.")
+    return labels
+
+  def keep(self, params: PyTree, labels: tuple[str, ...]) -> PyTree:
+    return select_params(params, self.tree(params), labels)
+
+  def sent(self, params: PyTree, encode: Callable[[PyTree], PyTree] | None = None) -> PyTree:
+    """The broadcast params: the global ones (``encode``d) and the frozen ones, ``None`` at local positions."""
+    labels = self.tree(params)
+    global_part = select_params(params, labels, GLOBAL)
+    if encode is not None:
+      global_part = encode(global_part)
+    return jax.tree.map(lambda label, p, g: g if label == GLOBAL else (p if label == FROZEN else None),
+                        labels, params, global_part)
+
+  def finalizer(self, finalizer: Finalizer) -> Finalizer:
+    """``finalizer`` on the global part: its state and step cover the global parameters only."""
+
+    def apply(state, params, aggregate):
+      labels = self.tree(params)
+      output = finalizer.apply(state, select_params(params, labels, GLOBAL), aggregate)
+      if not isinstance(output, FinalizerOutput):
+        return output  # check_finalizer_output names the type
+      merged = jax.tree.map(lambda label, p, g: g if label == GLOBAL else p, labels, params, output.params)
+      return output._replace(params=merged)
+
+    return Finalizer(init=lambda params: finalizer.init(self.keep(params, GLOBAL)), apply=apply)
+
+
 def _check_update_template(aggregators: dict, template: PyTree, what: str) -> None:
   if SINGLE in aggregators:
     return
@@ -705,6 +787,8 @@ def build_round(
     client_optimizer: ScheduledOptimizer | None = None,
     broadcast_encoder: Any | None = None,
     runner: Runner | None = None,
+    labels: LabelSpec | None = None,
+    local_state: bool = False,
 ) -> Process:
   """Composes an algorithm from its four parts (see the module docstring); returns a ``Process``.
 
@@ -728,6 +812,13 @@ def build_round(
       ``bits(params_template)`` (e.g. ``aggregators.broadcast_encoder(8)``): clients receive the decoded
       params, the server keeps its exact ones.
     runner: the client runner (default: the backend's strategy).
+    labels: optional parameter partition (:func:`fedjax_lite.core.label_params`: one label, a function of the
+      parameter's path, or a label tree): only ``'global'`` parameters are broadcast (and encoded), uploaded,
+      aggregated, counted in the bits and stepped by the finalizer; ``update_template`` and the finalizer receive
+      the global part (the params' tree with ``None`` elsewhere). See the module docstring.
+    local_state: with ``labels``: the ``'local'`` parameters are the client state (``client_state=`` must then be
+      None): client slot ``k`` gets the full model in ``broadcast.params`` and its local part as ``client_state``,
+      and returns its new local part as ``new_state`` (:func:`partition_upload`).
 
   Returns:
     ``Process(init, next, client_state, parts)``: ``init(params) -> ServerState``; ``next(state, round_data, rng,
@@ -765,6 +856,24 @@ def build_round(
   if client_optimizer is not None and not isinstance(client_optimizer, ScheduledOptimizer):
     raise TypeError(f"client_optimizer must be a ScheduledOptimizer (algorithms.scheduled_optimizer(optax.sgd, "
                     f"learning_rate_or_schedule)), got {type(client_optimizer).__name__}.")
+  if not isinstance(local_state, bool):
+    raise TypeError(f"local_state must be a bool, got {type(local_state).__name__}.")
+  partition = None
+  if labels is not None:
+    if not (isinstance(labels, str) or callable(labels)):
+      label_params(jax.tree.map(lambda _: 0, labels), labels)  # checks the label values now
+    partition = _Partition(labels, local_state)
+    finalizer = partition.finalizer(finalizer)
+    if local_state:
+      if client_state is not None:
+        raise ValueError("build_round(local_state=True) keeps the local parameters as the client state; an "
+                         "algorithm state besides them (client_state=) is not supported.")
+      client_state = lambda params: partition.keep(params, LOCAL)  # noqa: E731
+      client_work = _with_client_params(client_work)
+      if prepass is not None:
+        prepass = prepass._replace(client_work=_with_client_params(prepass.client_work))
+  elif local_state:
+    raise ValueError("local_state=True needs labels= (which parameters are 'local').")
   distributor = distributor or model_distributor()
   update_template = update_template or _default_update_template(aggregators)
   prepass_aggregators = {}
@@ -790,6 +899,8 @@ def build_round(
 
   def templates(params):
     """``(main update template, pre-pass update template or None)`` as shape structs, checked against the keys."""
+    if partition is not None:
+      params = partition.keep(params, GLOBAL)
     main = jax.eval_shape(update_template, params)
     _check_update_template(aggregators, main, "aggregator")
     if prepass is None:
@@ -825,9 +936,13 @@ def build_round(
         raise ValueError(f"the hyperparameters {sorted(set(own) & set(scheduled))} are broadcast both by the "
                          "distributor and by client_optimizer: let client_optimizer= alone broadcast its own.")
       broadcast = broadcast._replace(hparams={**own, **scheduled})
+    encode = None
     if broadcast_encoder is not None:
-      broadcast = broadcast._replace(
-          params=broadcast_encoder.encode(broadcast.params, jax.random.fold_in(rng, BROADCAST_STREAM)))
+      encode = lambda params: broadcast_encoder.encode(params, jax.random.fold_in(rng, BROADCAST_STREAM))  # noqa
+    if partition is not None:
+      return broadcast._replace(params=partition.sent(broadcast.params, encode))
+    if encode is not None:
+      broadcast = broadcast._replace(params=encode(broadcast.params))
     return broadcast
 
   def work(state: ServerState, broadcast: Broadcast, round_data: PyTree, rng: jax.Array,
@@ -870,8 +985,7 @@ def build_round(
     broadcast = distribute(state, rng)                                              # 1. distributor
     cohort = work(state, broadcast, round_data, rng, client_states)                  # 2. client work, 3. aggregator
     new_state, finalizer_metrics = finalize(state, cohort.aggregate)                 # 4. finalizer
-    model_bits = (None if broadcast_encoder is None
-                  else int(broadcast_encoder.bits(jax.eval_shape(lambda s: distributor(s).params, state))))
+    model_bits = model_broadcast_bits(state)
     metrics = {
         "distributor": {},
         "client_work": cohort.metrics | dict(broadcast.hparams),
@@ -882,6 +996,15 @@ def build_round(
                              model_broadcast_bits=model_bits),
     }
     return RoundOutput(state=new_state, metrics=metrics, client_states=cohort.client_states)
+
+  def model_broadcast_bits(state: ServerState) -> int | None:
+    """The model's broadcast bits when they are not its whole size: encoded, or the global part only."""
+    if broadcast_encoder is None and partition is None:
+      return None
+    sent = jax.eval_shape(lambda s: distributor(s).params, state)
+    if partition is not None:
+      sent = partition.keep(sent, GLOBAL)
+    return int(broadcast_encoder.bits(sent)) if broadcast_encoder is not None else tree_size_bits(sent)
 
   parts = RoundParts(distribute=distribute, work=work, finalize=finalize, client_outputs=client_outputs,
                      aggregate=aggregate_outputs)

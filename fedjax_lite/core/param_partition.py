@@ -208,6 +208,18 @@ def merge_params(parts: Mapping[str, PyTree], labels: Labels) -> Params:
   return jax.tree.unflatten(treedef, leaves)
 
 
+def overlay_params(params: PyTree, part: PyTree) -> PyTree:
+  """``params`` with every leaf that ``part`` holds replaced by ``part``'s: the non-``None`` leaves of a part (a
+  client's local parameters from :func:`split_params`, kept as its state) laid over a tree that has them or
+  ``None`` there (the server's params, or the broadcast's). No labels needed; exact and jittable.
+
+  >>> import jax.numpy as jnp
+  >>> overlay_params({'body': jnp.ones(1), 'head': None}, {'body': None, 'head': jnp.zeros(1)})['head']
+  Array([0.], dtype=float32)
+  """
+  return jax.tree.map(lambda own, laid: own if laid is None else laid, params, part, is_leaf=lambda x: x is None)
+
+
 def count_params(params: Params, labels: LabelSpec) -> dict[str, int]:
   """``{label: number of parameter elements with that label}`` (static Python ints; every label present)."""
   parts = split_params(params, labels)

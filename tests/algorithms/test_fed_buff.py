@@ -191,6 +191,7 @@ def test_simulated_time_budget_and_systems_durations():
     (dict(staleness_weight=lambda s: s[:1] * 1.0), ValueError, "same shape"),
     (dict(staleness_weight=lambda s: 1.0 / s), ValueError, "finite and >= 0"),
     (dict(client_work_wrapper=lambda w: w), TypeError, "unexpected keyword"),
+    (dict(local_state=True), ValueError, "does not support fed_avg's \\['local_state'\\]"),
 ])
 def test_fed_buff_arguments(kwargs, error, match):
   _, model, _, _ = make_setup()
