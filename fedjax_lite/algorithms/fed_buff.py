@@ -80,7 +80,7 @@ __all__ = ["FedBuff", "FedBuffState", "fed_buff", "inverse_sqrt_staleness", "sta
 
 
 def inverse_sqrt_staleness(staleness: jax.Array) -> jax.Array:
-  """``s(tau) = 1 / sqrt(1 + tau)``: FedBuff's staleness weight (Nguyen et al. 2022, Sec. 4), float32."""
+  """``s(tau) = 1 / sqrt(1 + tau)``: FedBuff's staleness weight (the choice of Nguyen et al. 2022), float32."""
   return 1.0 / jnp.sqrt(1.0 + jnp.asarray(staleness, jnp.float32))
 
 
