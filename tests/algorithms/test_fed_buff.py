@@ -220,3 +220,23 @@ def test_driver_and_schedule_arguments():
     systems.BufferedSchedule([1.0, 0.0], concurrency=1, buffer_size=1, max_staleness=0)
   with pytest.raises(ValueError, match=r"concurrency \(3\) must be <= the number of clients \(2\)"):
     systems.BufferedSchedule([1.0, 2.0], concurrency=3, buffer_size=1, max_staleness=0)
+
+
+def test_a_non_finite_arrival_is_rejected_and_counted():
+  """A client whose data makes its update NaN gets weight 0 in the buffer (the template's client rule), the step
+  stays finite, and stale or future rows given to ``next`` are padding."""
+  population, model, params, _ = make_setup()
+  buff = algorithms.fed_buff(model, concurrency=3, buffer_size=3, max_staleness=1, client_learning_rate=0.1)
+  round_data = SPEC.pack(population, [0, 1, 2], seed=0, round_num=0, num_steps=SPEC.max_num_steps(population),
+                         cohort_size=3)
+  round_data["x"] = round_data["x"].copy()
+  round_data["x"][1, 0, 0, 0] = np.nan  # client slot 1's first example
+  step = jax.jit(buff.next)
+  out = step(buff.init(params), round_data, jax.random.key(0), np.zeros(3, np.int32))
+  assert int(out.metrics["client_work"]["num_non_finite_clients"]) == 1
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(out.state.server.params))
+  assert int(out.metrics["fedbuff"]["num_applied"]) == 3 and int(out.state.version) == 1
+  # Version 1 now: a row from version 5 (the future) is padding, like a row staler than max_staleness would be.
+  out = step(out.state, round_data, jax.random.key(1), np.array([1, 0, 5], np.int32))
+  assert int(out.metrics["fedbuff"]["num_applied"]) == 2 and int(out.metrics["fedbuff"]["max_staleness"]) == 1
+  assert int(out.metrics["aggregated_bits"]) == 2 * int(out.metrics["aggregated_bits"].bits_per_client)
