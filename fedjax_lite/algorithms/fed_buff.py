@@ -34,7 +34,8 @@ models) and the ``K`` clients being trained. With ``concurrency == K == cohort s
 client has staleness 0 and weight 1, and the steps are FedAvg's rounds bit for bit (tests/algorithms/test_fed_buff.py).
 
 Privacy: each server step is one aggregation of ``K`` client updates, so a DP aggregator's accounting is per step,
-with ``K`` in place of the cohort size. Staleness weights are at most 1 (for the default) and applied BEFORE the
+with ``K`` in place of the cohort size; a client contributes at most once to a step (the event order does not
+restart a client whose update waits in the buffer). Staleness weights are at most 1 (for the default) and applied BEFORE the
 aggregator clips, so the sensitivity is the clip norm; but the participation pattern is set by the clients' speeds
 and the event order, not by uniform or Poisson sampling, so the sampling-amplified epsilon of
 :mod:`fedjax_lite.privacy` is an idealization for FedBuff (Kairouz et al. 2021, "Practical and Private (Deep)

@@ -21,7 +21,9 @@ The rules (deterministic given the seed):
   discarded), else it enters the buffer, and whenever the buffer holds ``K`` arrivals the server applies them
   (``version += 1``). Then one new client starts per arrival or drop-out of the instant (stale ones included),
   all downloading the version current after the instant's updates.
-* The clients that start together are drawn uniformly without replacement from the clients not in flight:
+* The clients that start together are drawn uniformly without replacement from the clients neither in flight nor
+  waiting in the buffer (so a client contributes at most once to a server step, which user-level DP accounting
+  needs; this needs ``concurrency + K - 1 <= num_clients``):
   ``round_generator(seed, b, SAMPLING_STREAM).choice(available, n)`` for the ``b``-th start (0 at time 0). With
   nothing in flight this is exactly :func:`fedjax_lite.core.sample_clients` for round ``b``, so when every task
   lasts the same and ``concurrency == K`` the server steps are synchronous rounds with FedAvg's cohorts, in
@@ -84,7 +86,7 @@ class BufferedSchedule:
   Args:
     task_seconds: float64 ``[num_clients]``: how long one task of each client lasts (> 0 and finite), e.g.
       ``client_timings(...).total_seconds`` for every client's full local work (:func:`task_seconds_of`).
-    concurrency: clients training at once (``1 <= concurrency <= num_clients``).
+    concurrency: clients training at once (``concurrency + buffer_size - 1 <= num_clients``).
     buffer_size: ``K``, arrivals per server update (>= 1).
     max_staleness: arrivals staler than this are dropped (>= 0).
     seed: the run's seed (client draws, dropouts).
@@ -104,10 +106,12 @@ class BufferedSchedule:
       raise ValueError("task_seconds must be a non-empty array of positive, finite durations, one per client.")
     num_clients = task_seconds.shape[0]
     validation.check_int("concurrency", concurrency, minimum=1)
-    if concurrency > num_clients:
-      raise ValueError(f"concurrency ({concurrency}) must be <= the number of clients ({num_clients}): a client "
-                       "trains one task at a time.")
     validation.check_int("buffer_size", buffer_size, minimum=1)
+    if concurrency + buffer_size - 1 > num_clients:
+      raise ValueError(f"concurrency + buffer_size - 1 ({concurrency} + {buffer_size} - 1) must be <= the number of "
+                       f"clients ({num_clients}): a client trains one task at a time and contributes at most once to "
+                       "a server step, so up to concurrency clients in flight and K - 1 waiting in the buffer cannot "
+                       "start.")
     validation.check_int("max_staleness", max_staleness, minimum=0)
     validation.check_int("seed", seed, minimum=0)
     availability = AlwaysOn() if availability is None else availability
@@ -166,7 +170,8 @@ class BufferedSchedule:
     while self._in_flight and self._in_flight[0][0] == now:
       arrived.append(heapq.heappop(self._in_flight))  # ties pop in start order (the heap's second key)
     for _, _, client, version, start, arrives in arrived:
-      self._busy[client] = False
+      if not arrives or self.version - version > self.max_staleness:
+        self._busy[client] = False  # free again; a buffered client is freed when its update is applied
       if not arrives:
         self.num_dropped_offline += 1
         self._since[2] += 1
@@ -190,6 +195,7 @@ class BufferedSchedule:
         step=self.version, clients=clients.astype(np.int64), versions=versions, staleness=self.version - versions,
         start_seconds=starts.astype(np.float64), arrival_seconds=arrivals.astype(np.float64), time_seconds=now,
         num_arrivals=self._since[0], num_dropped_stale=self._since[1], num_dropped_offline=self._since[2]))
+    self._busy[clients.astype(np.int64)] = False
     self._buffer = []
     self._since = [0, 0, 0]
     self.version += 1

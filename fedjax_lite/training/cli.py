@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(asynchronous buffered aggregation on simulated log-normal client systems, --rounds "
                           "server steps, --fedbuff-*)")
   model.add_argument("--fedbuff-concurrency", type=positive_int, default=None, metavar="C",
-                     help="FedBuff: clients training at once (default 2 x --clients-per-round)")
+                     help="FedBuff: clients training at once (default 2 x --clients-per-round, at most the clients "
+                          "minus K - 1)")
   model.add_argument("--fedbuff-buffer-size", type=positive_int, default=None, metavar="K",
                      help="FedBuff: client updates per server step (default --clients-per-round)")
   model.add_argument("--fedbuff-max-staleness", type=nonnegative_int, default=None,
@@ -651,11 +652,13 @@ def _build_algorithm(args, model, num_clients, server_optimizer, server_lr, aggr
     from fedjax_lite.systems import default_max_staleness
 
     buffer_size = args.fedbuff_buffer_size or args.clients_per_round
-    concurrency = args.fedbuff_concurrency or 2 * args.clients_per_round
+    concurrency = args.fedbuff_concurrency or max(1, min(2 * args.clients_per_round, num_clients - buffer_size + 1))
     max_staleness = (args.fedbuff_max_staleness if args.fedbuff_max_staleness is not None
                      else default_max_staleness(concurrency, buffer_size))
-    if concurrency > num_clients:
-      raise UsageError(f"--fedbuff-concurrency ({concurrency}) exceeds the {num_clients} clients of the population")
+    if concurrency + buffer_size - 1 > num_clients:
+      raise UsageError(f"--fedbuff-concurrency + --fedbuff-buffer-size - 1 ({concurrency} + {buffer_size} - 1) "
+                       f"exceeds the {num_clients} clients of the population (a client in flight or waiting in the "
+                       "buffer cannot start again)")
     return algorithms.fed_buff(model, concurrency=concurrency, buffer_size=buffer_size, max_staleness=max_staleness,
                                client_learning_rate=lr, server_optimizer=server_optimizer, weighting=weighting,
                                aggregator=aggregator, runner=runner)

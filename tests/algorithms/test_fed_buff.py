@@ -15,12 +15,13 @@ from __future__ import annotations
 import heapq
 
 import chex
+import dp_accounting
 import jax
 import numpy as np
 import optax
 import pytest
 
-from fedjax_lite import aggregators, algorithms, systems
+from fedjax_lite import aggregators, algorithms, privacy, systems
 from fedjax_lite.core.device_rounds import round_key
 from fedjax_lite.core.packing import ClientSpec
 from fedjax_lite.core.sampling import sample_clients
@@ -69,7 +70,8 @@ def test_equals_fed_avg_bit_for_bit_without_delays():
 
 def reference_event_order(durations, *, concurrency, buffer_size, max_staleness, seed, num_updates, dropout=0.0):
   """FedBuff's event order, re-derived: a heap of (finish time, start order); at each instant the arrivals in start
-  order (stale ones dropped, an update whenever K are buffered), then one new client per arrival. With ``dropout``
+  order (stale ones dropped, an update whenever K are buffered), then one new client per arrival, drawn from the
+  clients neither in flight nor in the buffer. With ``dropout``
   ``p``, the clients of the ``b``-th start draw ``u = default_rng([seed, b, DROPOUT_STREAM]).random((2, n))`` and
   those with ``u[0] < p`` go offline at ``u[1] x`` their duration (RandomDropout's documented draws): an event that
   frees the place and brings no update. Returns the updates as lists of (client, downloaded version), the number
@@ -97,16 +99,18 @@ def reference_event_order(durations, *, concurrency, buffer_size, max_staleness,
     while queue and queue[0][0] == now:
       instant.append(heapq.heappop(queue))
     for _, _, client, downloaded, arrives in instant:
-      busy.discard(client)
       if not arrives:
+        busy.discard(client)
         offline += 1
         continue
       if version - downloaded > max_staleness:
+        busy.discard(client)
         dropped += 1
         continue
-      buffer.append((client, downloaded))
+      buffer.append((client, downloaded))  # the client stays unavailable until its update is applied
       if len(buffer) == buffer_size:
         updates.append(buffer)
+        busy.difference_update(c for c, _ in buffer)
         buffer, version = [], version + 1
     start(len(instant), now)
   return updates[:num_updates], dropped, offline
@@ -218,7 +222,8 @@ def test_driver_and_schedule_arguments():
                  num_server_steps=1, task_seconds=durations)
   with pytest.raises(ValueError, match="positive, finite"):
     systems.BufferedSchedule([1.0, 0.0], concurrency=1, buffer_size=1, max_staleness=0)
-  with pytest.raises(ValueError, match=r"concurrency \(3\) must be <= the number of clients \(2\)"):
+  with pytest.raises(ValueError, match=r"concurrency \+ buffer_size - 1 \(3 \+ 1 - 1\) must be <= the number of "
+                                       r"clients \(2\)"):
     systems.BufferedSchedule([1.0, 2.0], concurrency=3, buffer_size=1, max_staleness=0)
 
 
@@ -240,3 +245,18 @@ def test_a_non_finite_arrival_is_rejected_and_counted():
   out = step(out.state, round_data, jax.random.key(1), np.array([1, 0, 5], np.int32))
   assert int(out.metrics["fedbuff"]["num_applied"]) == 2 and int(out.metrics["fedbuff"]["max_staleness"]) == 1
   assert int(out.metrics["aggregated_bits"]) == 2 * int(out.metrics["aggregated_bits"].bits_per_client)
+
+
+def test_privacy_ledger_of_the_server_steps():
+  """The documented accounting: the DP aggregator's per-step event from the state after a step, composed over the
+  server steps with every client in every step (no sampling amplification), as dp_accounting computes it."""
+  population, model, params, _ = make_setup()
+  aggregator = aggregators.gaussian_fixed(1.0, 2, 0.1)
+  buff = algorithms.fed_buff(model, concurrency=3, buffer_size=2, max_staleness=2, client_learning_rate=0.1,
+                             aggregator=aggregator, weighting="uniform")
+  run = run_fed_buff(buff, population, params, client_spec=SPEC, seed=1, num_server_steps=2,
+                     task_seconds=np.linspace(1.0, 2.0, NUM_CLIENTS))
+  event = aggregators.extract_dp_event(aggregator, run.state.server.aggregator_state)
+  ledger = privacy.PrivacyLedger(privacy.sampled_run_events(event, sampling="all"), 1e-5)
+  expected = dp_accounting.rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(event, 2)).get_epsilon(1e-5)
+  assert np.isclose(ledger.epsilon_after(run.history[-1]["fedbuff/server_steps"]), expected, rtol=1e-9)

@@ -21,8 +21,8 @@ from tests.algorithms.test_fed_buff import reference_event_order
 @given(num_clients=st.integers(1, 12), data=st.data(), seed=st.integers(0, 5),
        dropout=st.sampled_from([0.0, 0.3]))
 def test_event_order_invariants(num_clients, data, seed, dropout):
-  concurrency = data.draw(st.integers(1, num_clients))
-  buffer_size = data.draw(st.integers(1, 6))
+  buffer_size = data.draw(st.integers(1, min(6, num_clients)))
+  concurrency = data.draw(st.integers(1, num_clients - buffer_size + 1))
   max_staleness = data.draw(st.integers(0, 4))
   # Durations on a coarse grid, so that ties (several arrivals at one instant) happen often.
   durations = np.array(data.draw(st.lists(st.integers(1, 6), min_size=num_clients, max_size=num_clients)), float)
@@ -42,6 +42,7 @@ def test_event_order_invariants(num_clients, data, seed, dropout):
     in_flight = schedule.in_flight
     assert len(in_flight["clients"]) == concurrency  # a new client starts for every arrival
     assert len(set(in_flight["clients"].tolist())) == concurrency  # a client trains one task at a time
+    assert len(set(step.clients.tolist())) == buffer_size  # and contributes at most once to a server step
     assert np.all(in_flight["versions"] <= schedule.version)
   assert schedule.num_started == concurrency + schedule.num_arrivals + schedule.num_dropped_offline
   assert schedule.num_arrivals >= applied + schedule.num_dropped_stale  # plus those still in the buffer
@@ -85,4 +86,7 @@ def test_windows_are_refused():
   with pytest.raises(ValueError, match="on/off windows are not supported"):
     systems.BufferedSchedule([1.0, 2.0], concurrency=1, buffer_size=1, max_staleness=0,
                              availability=systems.diurnal_availability(2, seed=0))
+  with pytest.raises(ValueError, match=r"concurrency \+ buffer_size - 1 \(2 \+ 2 - 1\) must be <= the number of "
+                                       r"clients \(2\)"):
+    systems.BufferedSchedule([1.0, 2.0], concurrency=2, buffer_size=2, max_staleness=0)
 

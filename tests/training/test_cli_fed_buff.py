@@ -31,7 +31,7 @@ def test_fed_buff_trains_from_the_command_line(tmp_path, capsys):
     (["--algorithm", "fedprox", "--fedbuff-concurrency", "2"], "--fedbuff-concurrency"),
     (["--algorithm", "fedbuff", "--checkpoint-dir", "{tmp}/ckpt"], "--checkpoint-dir"),
     (["--algorithm", "fedbuff", "--log-format", "csv"], "--log-format csv"),
-    (["--algorithm", "fedbuff", "--fedbuff-concurrency", "7"], "--fedbuff-concurrency (7) exceeds"),
+    (["--algorithm", "fedbuff", "--fedbuff-concurrency", "5"], "(5 + 3 - 1) exceeds the 6 clients"),
 ])
 def test_fed_buff_flags_refused(flags, named, tmp_path, capsys):
   flags = [flag.replace("{tmp}", str(tmp_path)) for flag in flags]
