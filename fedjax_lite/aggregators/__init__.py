@@ -44,7 +44,17 @@ from fedjax_lite.aggregators.robust import clipping, global_norm, zeroing
 from fedjax_lite.aggregators.robust_statistics import coordinate_median, trimmed_mean
 from fedjax_lite.aggregators.rotation import hadamard_rotation
 from fedjax_lite.aggregators.secure import secure_modular_sum, secure_sum
-from fedjax_lite.aggregators.sparsification import count_sketch, random_k, sign_compression, top_k
+from fedjax_lite.aggregators.sparsification import (
+    Compressor,
+    compressed,
+    count_sketch,
+    random_k,
+    random_k_compressor,
+    sign_compression,
+    sign_compressor,
+    top_k,
+    top_k_compressor,
+)
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.aggregators.tree_aggregation import tree_aggregation
 from fedjax_lite.aggregators.wrapping import Inner, total_upload_bits, wrapper
@@ -57,6 +67,8 @@ __all__ = [
     "SUM",
     "aggregate_with_keys",
     "client_total",
+    "Compressor",
+    "compressed",
     "BroadcastEncoder",
     "EstimationProcess",
     "ExtractingDpEventFromInitialStateError",
@@ -88,14 +100,17 @@ __all__ = [
     "private_quantile_estimator",
     "quantize_above_threshold",
     "random_k",
+    "random_k_compressor",
     "robust_aggregator",
     "secure_aggregator",
     "secure_modular_sum",
     "sign_compression",
+    "sign_compressor",
     "secure_sum",
     "split_rng",
     "sum_aggregator",
     "top_k",
+    "top_k_compressor",
     "total_upload_bits",
     "tree_aggregation",
     "trimmed_mean",

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lite.aggregators.base import SUM, Aggregator, check_aggregator
+from fedjax_lite.aggregators.wrapping import Inner, wrapper
 from fedjax_lite.core import validation
 
 from fedjax_lite.core.tree import PyTree
@@ -36,7 +37,7 @@ def insert_canaries(inner: Aggregator, canaries: PyTree, *, participation_probab
   With ``num_groups > 1`` the state is ``{'inner': inner's state, 'round': int32 rounds done}``; with 1 it is the
   inner's state, unchanged.
   """
-  inner = check_aggregator(inner, "inner", combine=SUM)
+  inner = Inner(check_aggregator(inner, "inner", combine=SUM))
   validation.check_float("participation_probability", participation_probability, low=0.0, high=1.0,
                          low_inclusive=False)
   leaves = jax.tree.leaves(canaries)
@@ -61,7 +62,7 @@ def insert_canaries(inner: Aggregator, canaries: PyTree, *, participation_probab
     def server(state, combined, rng, context):
       return inner.server(state, with_canaries(state, combined, rng, None), rng, context)
 
-    return inner._replace(server=server)
+    return wrapper(inner, inner.client, server)
 
   def init(value_template):
     return {"inner": inner.init(value_template), "round": jnp.zeros((), jnp.int32)}
@@ -74,4 +75,4 @@ def insert_canaries(inner: Aggregator, canaries: PyTree, *, participation_probab
     out = inner.server(state["inner"], total, rng, context)
     return out._replace(state={"inner": out.state, "round": state["round"] + 1})
 
-  return inner._replace(init=init, broadcast=broadcast, server=grouped_server)
+  return wrapper(inner, inner.client, grouped_server, init=init, broadcast=broadcast)

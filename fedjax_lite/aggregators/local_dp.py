@@ -18,13 +18,13 @@ inside it (``inner=``) quantizes the noised value.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import Aggregator, check_aggregator, client_upload_bits
+from fedjax_lite.aggregators.base import Aggregator, check_aggregator
 from fedjax_lite.aggregators.mean import unweighted_mean
 from fedjax_lite.aggregators.robust import clip_to, global_norm
+from fedjax_lite.aggregators.wrapping import Inner, wrapper
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
 from fedjax_lite.privacy.local import LOCAL_MECHANISMS, local_epsilon
@@ -55,7 +55,7 @@ def local_dp(mechanism: str, *, clip: float, noise_multiplier: float, delta: flo
     raise ValueError(f"delta must be in (0, 1) for the Gaussian mechanism (its epsilon is stated at a delta), got "
                      f"{delta}.")
   epsilon = local_epsilon(mechanism, noise_multiplier, float(delta) if mechanism == "gaussian" else 0.0)
-  inner = check_aggregator(unweighted_mean() if inner is None else inner, "inner")
+  inner = Inner(check_aggregator(unweighted_mean() if inner is None else inner, "inner"))
   order = 2.0 if mechanism == "gaussian" else 1.0
   draw = gaussian_noise if mechanism == "gaussian" else laplace_noise
   scale = noise_multiplier * 2.0 * clip
@@ -71,5 +71,4 @@ def local_dp(mechanism: str, *, clip: float, noise_multiplier: float, delta: flo
     return MeasuredOutput(out.state, out.result, {"local_dp": out.measurements,
                                                   "local_epsilon": jnp.asarray(epsilon, jnp.float32)})
 
-  return Aggregator(inner.init, inner.broadcast, client, server, combine=inner.combine,
-                    upload_bits=lambda template: client_upload_bits(inner, template))
+  return wrapper(inner, client, server)

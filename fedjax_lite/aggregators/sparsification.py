@@ -13,9 +13,16 @@ sent), so the round streams like any sum while ``upload_bits`` counts the encode
 * :func:`sign_compression` (Bernstein et al. 2018 signSGD; Karimireddy et al. 2019, "Error Feedback Fixes SignSGD",
   ICML, scaled sign): ``(||x||_1 / d) sign(x)`` per leaf (or globally): ``d`` sign bits and one float32 scale.
 
-Top-k and sign compression are biased; Stich et al. and Karimireddy et al. restore convergence with ERROR FEEDBACK
-(each client adds its last residual ``e = x + e_prev - C(x + e_prev)`` before compressing), which needs per-client
-state in the client-state store: not provided here (see the README's roadmap).
+Each is a :class:`Compressor` (``top_k_compressor``, ``random_k_compressor``, ``sign_compressor``: the decoding
+function and the exact message bits); :func:`compressed` turns one into an aggregator, and ``top_k``,
+``random_k`` and ``sign_compression`` are those aggregators.
+
+Top-k and sign compression are biased; Stich et al. and Karimireddy et al. restore convergence with ERROR FEEDBACK:
+each client compresses ``e + x`` and keeps the residual ``e <- e + x - C(e + x)`` for its next round. The residual
+is per-client state, which an aggregator does not have: a compressor built with ``error_feedback=True`` is given to
+the algorithm (``fed_avg(upload_compressor=...)``, :mod:`fedjax_lite.algorithms.compressed_uploads`), which keeps
+the residuals in its client states; :func:`compressed` refuses it. Random-k with error feedback must be unscaled
+(``unbiased=False``, Stich et al.'s contraction).
 
 :func:`count_sketch` (Rothchild et al. 2020, "FetchSGD", ICML) is an aggregator, not a wrapper: each client uploads
 the count sketch ``S(w_i x_i)`` (``depth x width`` float32: rows of hashed, signed sums of the flattened value);
@@ -24,32 +31,41 @@ coordinate as the median over rows of its signed bucket, and returns the ``k`` c
 magnitude (zeros elsewhere). FetchSGD's server-side momentum and error accumulation in sketch space are not
 included (they are server state; compose with a server optimizer instead).
 
+Exact bits. The message's bits replace the inner aggregator's count of the dense value: indices at
+``ceil(log2 d)`` bits, values at the leaf's width (or ``b`` bits plus the float32 range), signs at 1 bit, seeds and
+scales at 32; the inner aggregator's OTHER uploads (a mean's float32 weight, a DP aggregator's norm records: what
+it uploads for a value with no entries) are added.
+
 Composition. Quantizing the kept values (``quantization_bits``) applies stochastic uniform quantization
 (:func:`~fedjax_lite.aggregators.quantize_above_threshold`'s quantizer) to the ``k`` values, counted at ``b`` bits
-each plus their float32 range. A secure sum cannot take these messages: client-specific indices do not add up
-under masking, so ``inner=secure_sum(...)`` would securely sum the zero-filled DENSE value (correct, but
-``upload_bits`` then counts the dense secure payload, which the wrapper reports as the inner's); only a random-k
-mask shared by all clients of a round would compose (not provided). Differential privacy composes outside
-(clip and noise the decoded sum), not inside.
+each plus their float32 range (inside ``C``: error feedback's residual includes the quantization error). A
+quantizing ``inner`` quantizes the decoded, zero-filled dense value on its way into the sum (its error is outside
+the residual, and ``upload_bits`` still counts the sparse message). A secure sum cannot take these messages:
+client-specific indices do not add up under masking, so ``inner=secure_sum(...)`` securely sums the zero-filled
+DENSE value (correct sums, but the sparse ``upload_bits`` then understates the dense masked payload); only a
+random-k mask shared by all clients of a round would compose (not provided). Differential privacy composes as the
+inner aggregator (``inner=gaussian_fixed(...)`` clips and noises each decoded message; a message is a function of
+one client's data and residual, so the user-level guarantee is unchanged); a DP wrapper around ``compressed``
+would clip the dense value before compression, which is also valid.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.aggregators.base import SUM, Aggregator, as_template, check_aggregator
+from fedjax_lite.aggregators.base import SUM, Aggregator, as_template, check_aggregator, client_upload_bits
 from fedjax_lite.aggregators.mean import mean
 from fedjax_lite.aggregators.quantization import RANGE_BITS, quantize_dequantize
+from fedjax_lite.aggregators.wrapping import Inner, wrapper
 from fedjax_lite.core import validation
 from fedjax_lite.core.process import MeasuredOutput
-from fedjax_lite.core.tree import dtype_bits
+from fedjax_lite.core.tree import PyTree, dtype_bits
 
-from fedjax_lite.core.tree import PyTree
 SEED_BITS = 32
 SCALE_BITS = 32
 
@@ -101,35 +117,92 @@ def _groups(value_template: PyTree, per_layer: bool) -> list[tuple[int, int]]:
   return [(sum(sizes), 32)]
 
 
-def _wrapper(name: str, compress, upload_bits, inner: Aggregator | None, per_layer: bool) -> Aggregator:
-  inner = check_aggregator(mean() if inner is None else inner, "inner", combine=SUM)
+class Compressor(NamedTuple):
+  """A compression of ONE client's upload, as the server decodes it (see the module docstring).
+
+  Attributes:
+    name: the measurement key of an aggregator built from it (``'top_k'``, ``'random_k'``, ``'sign'``).
+    compress: ``compress(value, rng) -> decoded``: the value as the server decodes the message (zeros where
+      nothing was sent), same tree, shapes and dtypes.
+    upload_bits: ``upload_bits(value_template) -> int``: the exact bits of the encoded message.
+    error_feedback: True when the client keeps the residual ``e <- e + x - C(e + x)`` and compresses ``e + x``
+      (per-client state: give the compressor to the algorithm, e.g. ``fed_avg(upload_compressor=...)``).
+  """
+
+  name: str
+  compress: Callable[[PyTree, jax.Array], PyTree]
+  upload_bits: Callable[[PyTree], int]
+  error_feedback: bool = False
+
+
+def _tree_compress(compress_vector: Callable[[jax.Array, jax.Array], jax.Array], per_layer: bool
+                   ) -> Callable[[PyTree, jax.Array], PyTree]:
+  """``compress_vector`` (on a flat float32 vector) applied to every leaf with its own key (``per_layer``) or to
+  all leaves flattened into one vector."""
+
+  def compress(value: PyTree, rng: jax.Array) -> PyTree:
+    if per_layer:
+      leaves, treedef = jax.tree.flatten(value)
+      keys = jax.random.split(rng, max(len(leaves), 1))
+      return jax.tree.unflatten(treedef, [compress_vector(leaf.ravel().astype(jnp.float32), key)
+                                          .reshape(leaf.shape).astype(leaf.dtype) for leaf, key in zip(leaves, keys)])
+    flat, layout = _flatten(value)
+    return _unflatten(compress_vector(flat, rng), layout)
+
+  return compress
+
+
+def _check_error_feedback(error_feedback: Any) -> bool:
+  if not isinstance(error_feedback, bool):
+    raise TypeError(f"error_feedback must be a bool, got {type(error_feedback).__name__}.")
+  return error_feedback
+
+
+def compressed(compressor: Compressor, inner: Aggregator | None = None, *, precompressed: bool = False
+               ) -> Aggregator:
+  """An aggregator whose clients upload ``compressor``'s message and whose inner sum-based aggregator (default
+  :func:`~fedjax_lite.aggregators.mean`) sums the decoded values. Measurements
+  ``{compressor.name: <inner measurements>}``; state and broadcast are the inner's. ``upload_bits`` is the message's
+  (``compressor.upload_bits``, in place of the inner's dense value) plus the inner aggregator's other uploads (what it uploads for a value with no entries: a mean's 32-bit weight,
+  a DP aggregator's norm records).
+
+  ``precompressed=True``: the clients' values arrive already compressed (decoded) by the client work -- what an
+  algorithm with error feedback does (``fed_avg(upload_compressor=...)``); the client part then passes them on
+  unchanged and only count the message. A compressor with ``error_feedback`` needs per-client state, so it is
+  accepted here only with ``precompressed``.
+  """
+  if not isinstance(compressor, Compressor):
+    raise TypeError(f"compressor must be a Compressor (e.g. top_k_compressor(k=10)), got {type(compressor).__name__}.")
+  if compressor.error_feedback and not precompressed:
+    raise ValueError(f"the {compressor.name} compressor has error_feedback=True, which keeps a residual per client: "
+                     "give it to the algorithm (e.g. fed_avg(upload_compressor=...)), which stores the residuals in "
+                     "its client states, instead of wrapping an aggregator with it.")
+  inner = Inner(check_aggregator(mean() if inner is None else inner, "inner", combine=SUM))
 
   def client(client_params, value, weight, rng):
     compress_key, inner_key = jax.random.split(rng)
-    if per_layer:
-      leaves, treedef = jax.tree.flatten(value)
-      keys = jax.random.split(compress_key, max(len(leaves), 1))
-      decoded = jax.tree.unflatten(treedef, [compress(leaf.ravel().astype(jnp.float32), key).reshape(leaf.shape)
-                                             .astype(leaf.dtype) for leaf, key in zip(leaves, keys)])
-    else:
-      flat, layout = _flatten(value)
-      decoded = _unflatten(compress(flat, compress_key), layout)
+    decoded = value if precompressed else compressor.compress(value, compress_key)
     return inner.client(client_params, decoded, weight, inner_key)
 
   def server(state, combined, rng, context):
     out = inner.server(state, combined, rng, context)
-    return MeasuredOutput(out.state, out.result, {name: out.measurements})
+    return out._replace(measurements={compressor.name: out.measurements})
 
-  return Aggregator(inner.init, inner.broadcast, client, server, upload_bits=upload_bits)
+  def upload_bits(value_template: PyTree) -> int:
+    # The message replaces the inner's dense value; the inner's other uploads (a mean's weight, a DP aggregator's
+    # norm records) are what it uploads for a value with no entries.
+    empty = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((0,), leaf.dtype), as_template(value_template))
+    return int(compressor.upload_bits(value_template)) + client_upload_bits(inner.part, empty)
+
+  return wrapper(inner, client, server)._replace(upload_bits=upload_bits)
 
 
-def top_k(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
-          quantization_bits: int | None = None, inner: Aggregator | None = None) -> Aggregator:
+def top_k_compressor(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
+                     quantization_bits: int | None = None, error_feedback: bool = False) -> Compressor:
   """Keep the ``k`` (or ``ceil(fraction d)``) largest-magnitude entries of each client's value (module docstring).
 
   Upload bits per compressed vector of ``d`` entries: ``k (ceil(log2 d) + value bits)``, value bits the leaf's
-  width (float32 globally) or ``quantization_bits`` plus 64 for the kept values' range. Measurements
-  ``{'top_k': <inner measurements>}``.
+  width (float32 globally) or ``quantization_bits`` plus 64 for the kept values' range.
   """
   _check_k(k, fraction)
   validation.check_int("quantization_bits", quantization_bits, minimum=1, maximum=16, allow_none=True)
@@ -147,19 +220,23 @@ def top_k(*, k: int | None = None, fraction: float | None = None, per_layer: boo
       total += kept * index_bits(size) + values
     return total
 
-  return _wrapper("top_k", compress, upload_bits, inner, per_layer)
+  return Compressor("top_k", _tree_compress(compress, per_layer), upload_bits, _check_error_feedback(error_feedback))
 
 
-def random_k(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
-             unbiased: bool = True, quantization_bits: int | None = None,
-             inner: Aggregator | None = None) -> Aggregator:
+def random_k_compressor(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
+                        unbiased: bool = True, quantization_bits: int | None = None,
+                        error_feedback: bool = False) -> Compressor:
   """Keep ``k`` (or ``ceil(fraction d)``) entries chosen uniformly from the client's key, scaled by ``d / k`` when
-  ``unbiased`` (module docstring). Upload bits per vector: ``k`` values (as :func:`top_k`) plus a 32-bit seed.
-  Measurements ``{'random_k': <inner measurements>}``."""
+  ``unbiased`` (module docstring). Upload bits per vector: ``k`` values (as :func:`top_k_compressor`) plus a
+  32-bit seed."""
   _check_k(k, fraction)
   validation.check_int("quantization_bits", quantization_bits, minimum=1, maximum=16, allow_none=True)
   if not isinstance(unbiased, bool):
     raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}.")
+  if _check_error_feedback(error_feedback) and unbiased:
+    raise ValueError("random-k with error feedback must be unbiased=False (Stich et al. 2018's unscaled rand-k, a "
+                     "contraction ||x - C(x)||^2 <= (1 - k/d) ||x||^2; the d/k-scaled one is not, and its residual "
+                     "can grow without bound).")
 
   def compress(flat, rng):
     size = flat.shape[0]
@@ -176,12 +253,13 @@ def random_k(*, k: int | None = None, fraction: float | None = None, per_layer: 
       total += SEED_BITS + (kept * quantization_bits + RANGE_BITS if quantization_bits else kept * value_bits)
     return total
 
-  return _wrapper("random_k", compress, upload_bits, inner, per_layer)
+  return Compressor("random_k", _tree_compress(compress, per_layer), upload_bits,
+                    _check_error_feedback(error_feedback))
 
 
-def sign_compression(*, per_layer: bool = True, inner: Aggregator | None = None) -> Aggregator:
+def sign_compressor(*, per_layer: bool = True, error_feedback: bool = False) -> Compressor:
   """Scaled sign ``(||x||_1 / d) sign(x)`` of each leaf (or of all leaves together) (module docstring). Upload bits:
-  ``d`` sign bits plus a 32-bit scale per compressed vector. Measurements ``{'sign': <inner measurements>}``."""
+  ``d`` sign bits plus a 32-bit scale per compressed vector."""
   if not isinstance(per_layer, bool):
     raise TypeError(f"per_layer must be a bool, got {type(per_layer).__name__}.")
 
@@ -191,7 +269,30 @@ def sign_compression(*, per_layer: bool = True, inner: Aggregator | None = None)
   def upload_bits(value_template):
     return sum(size + SCALE_BITS for size, _ in _groups(value_template, per_layer))
 
-  return _wrapper("sign", compress, upload_bits, inner, per_layer)
+  return Compressor("sign", _tree_compress(compress, per_layer), upload_bits, _check_error_feedback(error_feedback))
+
+
+def top_k(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
+          quantization_bits: int | None = None, inner: Aggregator | None = None) -> Aggregator:
+  """:func:`compressed` with :func:`top_k_compressor` (its arguments): each client uploads its ``k`` (or
+  ``ceil(fraction d)``) largest-magnitude entries. Measurements ``{'top_k': <inner measurements>}``."""
+  return compressed(top_k_compressor(k=k, fraction=fraction, per_layer=per_layer,
+                                     quantization_bits=quantization_bits), inner)
+
+
+def random_k(*, k: int | None = None, fraction: float | None = None, per_layer: bool = False,
+             unbiased: bool = True, quantization_bits: int | None = None,
+             inner: Aggregator | None = None) -> Aggregator:
+  """:func:`compressed` with :func:`random_k_compressor` (its arguments): ``k`` random entries per client, scaled
+  by ``d / k`` when ``unbiased``. Measurements ``{'random_k': <inner measurements>}``."""
+  return compressed(random_k_compressor(k=k, fraction=fraction, per_layer=per_layer, unbiased=unbiased,
+                                        quantization_bits=quantization_bits), inner)
+
+
+def sign_compression(*, per_layer: bool = True, inner: Aggregator | None = None) -> Aggregator:
+  """:func:`compressed` with :func:`sign_compressor`: the scaled sign of each leaf (or of all leaves together).
+  Measurements ``{'sign': <inner measurements>}``."""
+  return compressed(sign_compressor(per_layer=per_layer), inner)
 
 
 def count_sketch(*, k: int, width: int, depth: int = 5, seed: int = 0) -> Aggregator:

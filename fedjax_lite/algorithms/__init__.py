@@ -4,6 +4,7 @@
 every algorithm here is such a configuration, read like optax's ``alias.py``.
 """
 
+from fedjax_lite.algorithms.compressed_uploads import compressing_work
 from fedjax_lite.algorithms.ditto import ditto
 from fedjax_lite.algorithms.dp_fed_avg import PrivateTraining, dp_fed_avg, dp_ftrl
 from fedjax_lite.algorithms.evaluation import (
@@ -12,6 +13,7 @@ from fedjax_lite.algorithms.evaluation import (
     evaluate_clients,
     federated_evaluation,
 )
+from fedjax_lite.algorithms.example_dp import ExampleDp
 from fedjax_lite.algorithms.fed_dyn import FedDynServerState, fed_dyn
 from fedjax_lite.algorithms.fed_avg import FED_AVG_OPTIONS, fed_avg, fed_avg_options, local_training_work
 from fedjax_lite.algorithms.fed_buff import FedBuff, FedBuffState, fed_buff, inverse_sqrt_staleness, staleness_work
@@ -65,6 +67,8 @@ __all__ = [
     "apply_optimizer_rejecting_non_finite",
     "reject_non_finite_update",
     "FED_AVG_OPTIONS",
+    "ExampleDp",
+    "compressing_work",
     "FinalizerOutput",
     "Prepass",
     "RoundParts",

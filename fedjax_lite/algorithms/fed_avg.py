@@ -28,6 +28,9 @@ import optax
 
 from fedjax_lite.aggregators.base import Aggregator
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
+from fedjax_lite.aggregators.sparsification import Compressor
+from fedjax_lite.algorithms.compressed_uploads import compress_uploads
+from fedjax_lite.algorithms.example_dp import ExampleDp, check_example_dp
 from fedjax_lite.algorithms.local_training import train_locally, zero_metric_sums
 from fedjax_lite.algorithms.optimizers import OptimizerFactory, ScheduledOptimizer, scheduled_optimizer
 from fedjax_lite.algorithms.template import (
@@ -91,6 +94,7 @@ def local_training_work(
     gradient_correction: GradientCorrection | None = None,
     labels: LabelSpec | None = None,
     local_phases: Sequence[LocalPhase] | None = None,
+    example_dp: ExampleDp | None = None,
 ) -> ClientWork:
   """FedAvg's client work: local steps from the broadcast params, upload ``delta = params - final_params``.
 
@@ -111,11 +115,13 @@ def local_training_work(
   optax's zero update), each pass from a fresh optimizer state, each phase from where the previous one ended
   (FedRep: ``(('local', 10), ('global', 1))``, the head and then the body). The client's metrics and weight are
   its LAST phase's sums (the phase that trains what is uploaded, in FedRep); phase ``i``, pass ``j`` trains with
-  ``fold_in(fold_in(rng, i), j)``.
+  ``fold_in(fold_in(rng, i), j)``. ``example_dp`` makes every local step a DP-SGD step
+  (:mod:`fedjax_lite.algorithms.example_dp`).
   """
   check_model(model)
   validation.check_choice("weighting", weighting, WEIGHTINGS)
   local_phases = check_local_phases(local_phases, labels)
+  check_example_dp(example_dp, model)
 
   def work(broadcast: Broadcast, client_data: PyTree, client_state: PyTree, rng: jax.Array) -> ClientOutput:
     corrections = () if gradient_correction is None else (gradient_correction(broadcast, client_state),)
@@ -127,10 +133,12 @@ def local_training_work(
       if FROZEN in jax.tree.leaves(label_tree):
         local_optimizer = partition_optimizer(label_tree, local_optimizer)
     if local_phases is None:
-      final_params, metric_sums = train_locally(model, local_optimizer, broadcast.params, client_data, rng)
+      final_params, metric_sums = train_locally(model, local_optimizer, broadcast.params, client_data, rng,
+                                                example_dp=example_dp)
     else:
       final_params, metric_sums = train_in_phases(model, optimizer.for_round(broadcast.hparams, *corrections),
-                                                  label_tree, local_phases, broadcast.params, client_data, rng)
+                                                  label_tree, local_phases, broadcast.params, client_data, rng,
+                                                  example_dp=example_dp)
     weight = client_weight(weighting, metric_sums)
     if label_tree is None:
       delta = jax.tree.map(jnp.subtract, broadcast.params, final_params)
@@ -167,7 +175,7 @@ def check_local_phases(local_phases: Sequence[LocalPhase] | None, labels: LabelS
 
 def train_in_phases(model: Model, optimizer: optax.GradientTransformation, labels: PyTree,
                     phases: tuple[tuple[frozenset[str], int], ...], params: PyTree, client_data: PyTree,
-                    rng: jax.Array) -> tuple[PyTree, dict[str, jax.Array]]:
+                    rng: jax.Array, example_dp: ExampleDp | None = None) -> tuple[PyTree, dict[str, jax.Array]]:
   """``(final params, the last phase's metric sums)``: each phase trains only its labels (optax's partitioning:
   the others get a zero update) for its passes over the client's data, a fresh optimizer state per pass."""
   metric_sums = None
@@ -179,7 +187,7 @@ def train_in_phases(model: Model, optimizer: optax.GradientTransformation, label
     def one_pass(step, carry, phase_optimizer=phase_optimizer, phase_key=phase_key):
       params, sums = carry
       params, pass_sums = train_locally(model, phase_optimizer, params, client_data,
-                                        jax.random.fold_in(phase_key, step))
+                                        jax.random.fold_in(phase_key, step), example_dp=example_dp)
       return params, jax.tree.map(jnp.add, sums, pass_sums)
 
     params, metric_sums = jax.lax.fori_loop(0, passes, one_pass, (params, zero_metric_sums(model)))
@@ -207,6 +215,8 @@ def fed_avg(
     server_midpoint_fraction: float | None = None,
     gradient_correction: GradientCorrection | None = None,
     broadcast_encoder: Any | None = None,
+    upload_compressor: Compressor | None = None,
+    example_dp: ExampleDp | None = None,
     runner: Runner | None = None,
     labels: LabelSpec | None = None,
     local_state: bool = False,
@@ -240,6 +250,15 @@ def fed_avg(
       clients receive them`` and ``bits(params_template) -> int`` (e.g.
       ``aggregators.quantization.broadcast_encoder(8, 10000)``). Clients train from the decoded parameters and
       report their delta from them; the server applies the aggregate to its exact parameters.
+    upload_compressor: optional :class:`~fedjax_lite.aggregators.Compressor` of each client's delta, applied at
+      the end of the client work (e.g. ``aggregators.top_k_compressor(fraction=0.01, error_feedback=True)``);
+      ``aggregator`` then sums the decoded messages and ``aggregated_bits`` counts the encoded ones. With the
+      compressor's ``error_feedback`` each client keeps its residual in the client states: ``next`` then takes
+      and returns ``client_states`` (``process.client_state(params)`` is one client's zeros), as SCAFFOLD's does
+      (:mod:`fedjax_lite.algorithms.compressed_uploads`).
+    example_dp: optional :class:`~fedjax_lite.algorithms.ExampleDp` (per-example clip and noise multiplier):
+      every local step is a DP-SGD step, an example-level guarantee accounted by
+      :func:`fedjax_lite.privacy.example_level_epsilon`; it composes with a DP ``aggregator`` (user level).
     runner: the client runner (default: per-backend strategy).
     labels: optional parameter partition (:mod:`fedjax_lite.core.param_partition`): only ``'global'``
       parameters are broadcast, uploaded, aggregated and counted in the bits; ``'frozen'`` ones are never
@@ -279,13 +298,23 @@ def fed_avg(
   if server_midpoint_fraction is not None:
     server_optimizer = optax.chain(server_optimizer, optax.scale(server_midpoint_fraction))
   work = local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction,
-                             labels=labels, local_phases=local_phases)
+                             labels=labels, local_phases=local_phases, example_dp=example_dp)
+  if client_work_wrapper is not None:
+    work = client_work_wrapper(work)
+  aggregator = resolve_aggregator(aggregator, weighted=weighting == "num_examples")
+  client_state = None
+  if upload_compressor is not None:  # the client compresses (with its residual), the aggregator counts the message
+    if labels is not None:
+      raise ValueError("upload_compressor with labels= (a partitioned model) is not supported: compress the whole "
+                       "model's delta, or partition without compression.")
+    work, aggregator, client_state = compress_uploads(work, aggregator, upload_compressor)
   return build_round(
-      work if client_work_wrapper is None else client_work_wrapper(work),                                   # 2.
+      work,                                                                                                   # 2.
       distributor=model_distributor(),                                                                       # 1.
       client_optimizer=optimizer,                                                                            #    rate
-      aggregator=resolve_aggregator(aggregator, weighted=weighting == "num_examples"),                      # 3.
+      aggregator=aggregator,                                                                                  # 3.
       finalizer=optimizer_finalizer(server_optimizer),                                                       # 4.
+      client_state=client_state,
       broadcast_encoder=broadcast_encoder,
       runner=runner,
       labels=labels,

@@ -195,8 +195,8 @@ def fed_buff(
     **options: :func:`~fedjax_lite.algorithms.fed_avg`'s options (``FED_AVG_OPTIONS``): ``client_optimizer``,
       ``client_learning_rate`` (a schedule reads the downloaded version), ``server_optimizer``, ``weighting``,
       ``aggregator``, ``client_grad_clip_norm``, ``server_midpoint_fraction``, ``gradient_correction``,
-      ``broadcast_encoder``, ``runner`` (not yet the partial-model options ``labels``, ``local_state``,
-      ``local_phases``: a ``ValueError``).
+      ``broadcast_encoder``, ``example_dp``, ``runner`` (not yet ``labels``, ``local_state``, ``local_phases``,
+      ``upload_compressor``: a ``ValueError``).
 
   Returns:
     a :class:`FedBuff` ``(init, next, ...)``. Run it with :func:`fedjax_lite.training.run_fed_buff`, which plans
@@ -215,10 +215,12 @@ def fed_buff(
   validation.check_int("max_staleness", max_staleness, minimum=0)
   _check_staleness_weight(staleness_weight, max_staleness)
   options = fed_avg_options("fed_buff", options, sets=("client_work_wrapper",))
-  partial = sorted(name for name in ("labels", "local_state", "local_phases") if options.get(name) not in (None, False))
-  if partial:
-    raise ValueError(f"fed_buff does not support fed_avg's {partial} yet (partial models and per-client local "
-                     "state need the ring and the stale clients' states handled); leave them unset.")
+  unsupported = sorted(name for name in ("labels", "local_state", "local_phases", "upload_compressor")
+                       if options.get(name) not in (None, False))
+  if unsupported:
+    raise ValueError(f"fed_buff does not support fed_avg's {unsupported} yet (partial models, per-client local "
+                     "state and compressed uploads with their residuals need the ring and the stale clients' states "
+                     "handled); leave them unset.")
   round_process = fed_avg(model, client_work_wrapper=staleness_work, **options)
   parts = round_process.parts
   aggregator = resolve_aggregator(options.get("aggregator"), weighted=options.get("weighting", "num_examples")

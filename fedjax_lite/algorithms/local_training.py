@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lite.algorithms.example_dp import EXAMPLE_NOISE_STREAM, ExampleDp, check_example_dp, private_gradient
 from fedjax_lite.core.model import (
     Model,
     masked_loss_and_metric_sums,
@@ -105,6 +106,7 @@ def train_locally(
     rng: jax.Array,
     *,
     opt_state: PyTree | None = None,
+    example_dp: ExampleDp | None = None,
 ) -> tuple[PyTree, dict[str, jax.Array]]:
   """Runs ``optimizer`` over the client's batches from ``params``; returns ``(final_params, metric_sums)``.
 
@@ -128,6 +130,9 @@ def train_locally(
     rng: the client's key; step ``t`` uses ``fold_in(rng, t)`` (dropout etc.).
     opt_state: the optimizer's starting state; default ``optimizer.init(params)`` (fresh on each client, as in
       the reference).
+    example_dp: optional :class:`~fedjax_lite.algorithms.ExampleDp`: every step's gradient is DP-SGD's (per-example
+      clip, Gaussian noise, divided by the batch size; :mod:`fedjax_lite.algorithms.example_dp`) instead of the
+      batch's mean gradient.
 
   Returns:
     ``(final_params, metric_sums)``, the sums over the client's REAL examples and steps (int32 counts, float32
@@ -139,7 +144,9 @@ def train_locally(
     * ``num_batches``: the local steps actually taken, ``tau_i`` (non-empty batches; padding steps are not run),
       e.g. SCAFFOLD's ``K`` and FedNova's normalizer.
   """
+  check_example_dp(example_dp, model)
   steps, num_steps = split_steps(client_data)
+  noise_rng = jax.random.fold_in(rng, EXAMPLE_NOISE_STREAM)
 
   def step_fn(step, batch, carry):
     params, opt_state, sums = carry
@@ -148,7 +155,12 @@ def train_locally(
     def loss_fn(p):
       return masked_loss_metric_sums_and_state(model, p, batch, mask, jax.random.fold_in(rng, step))
 
-    (_, (batch_sums, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if example_dp is None:
+      (_, (batch_sums, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    else:  # DP-SGD: per-example clipped gradients plus noise (a model without state: new_state is {})
+      grads, batch_sums = private_gradient(model, params, batch, mask, jax.random.fold_in(rng, step),
+                                           jax.random.fold_in(noise_rng, step), example_dp)
+      new_state = {}
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = with_model_state(model, optax.apply_updates(params, updates), new_state)
     return params, opt_state, add_metric_sums(sums, batch_sums)

@@ -8,6 +8,7 @@ matrix-factorization DP-FTRL on :func:`matrix_factorization`'s BLT/BandMF/Toepli
 :func:`calibrate_noise_multiplier` (and :func:`calibrate_run_noise` for any run) finds the noise for a
 target ``(epsilon, delta)``. :mod:`~fedjax_lite.privacy.local` has the local-DP mechanisms (Gaussian and Laplace on
 a clipped value, k-ary randomized response and its unbiased decoder) and each client's epsilon;
+:func:`example_level_epsilon` accounts example-level DP-SGD inside clients (``algorithms.ExampleDp``);
 :func:`audit` estimates epsilon empirically from canary clients (Andrew et al. 2024). An accountant is named by
 ``'rdp'``/``'pld'``, given by its parameters, or passed as your own ``dp_accounting`` accountant; the PLD
 accountant chooses its discretization from the requested accuracy (``accounting``'s module docstring).
@@ -30,6 +31,7 @@ from fedjax_lite.privacy.accounting import (
     sampled_run_events,
     tree_run_events,
 )
+from fedjax_lite.privacy.example_level import example_level_epsilon, example_level_run_events, local_steps
 from fedjax_lite.privacy.matrix_factorization import (
     MatrixFactorization,
     NoiseGenerator,
@@ -66,12 +68,15 @@ __all__ = [
     "decode_randomized_response",
     "describe_accountant",
     "epsilon_of",
+    "example_level_epsilon",
+    "example_level_run_events",
     "gaussian_noise",
     "gdp_epsilon",
     "halve_gaussian_noise",
     "laplace_noise",
     "local_dp_event",
     "local_epsilon",
+    "local_steps",
     "make_accountant",
     "matrix_factorization",
     "matrix_factorization_run_events",

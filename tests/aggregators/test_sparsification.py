@@ -65,7 +65,7 @@ def test_random_k_is_unbiased_and_sends_k_values_and_a_seed():
   assert np.all(np.sum(uploads != 0, axis=1) <= 2)
   standard_error = np.abs(np.asarray(value)) * math.sqrt(3 - 1) / math.sqrt(20_000)  # Var = x^2 (d/k - 1)
   assert np.all(np.abs(uploads.mean(0) - np.asarray(value)) <= 4.5 * standard_error + 1e-6)
-  assert client_upload_bits(random_k(k=2), TEMPLATE) == 32 + 2 * 32
+  assert client_upload_bits(random_k(k=2), TEMPLATE) == 32 + 2 * 32 + 32  # seed, 2 values, the mean's weight
 
 
 def test_sign_compression_against_numpy_and_its_bits():
@@ -80,10 +80,22 @@ def test_sign_compression_against_numpy_and_its_bits():
 
 def test_quantized_top_k_values_and_composition_with_quantization():
   aggregator = top_k(fraction=0.5, quantization_bits=4)
-  assert client_upload_bits(aggregator, TEMPLATE) == 3 * 3 + 3 * 4 + 64
-  # inside: the zero-filled dense value is quantized (the inner's payload is what is counted)
+  # 3 indices of 3 bits, 3 values of 4 bits, their float32 range, and the default mean's float32 weight (which
+  # the count left out before).
+  assert client_upload_bits(aggregator, TEMPLATE) == 3 * 3 + 3 * 4 + 64 + 32
+  # inside: the zero-filled dense value is quantized on the server's side; the sparse message is what is counted
   dense = top_k(k=3, inner=quantize_above_threshold(8, threshold=0))
   assert client_upload_bits(dense, TEMPLATE) == 3 * (3 + 32)
+
+
+def test_bits_add_the_inner_aggregators_other_uploads():
+  """The message replaces the dense value only: a DP aggregator's norm records and count still go up."""
+  from fedjax_lite.aggregators import gaussian_adaptive, sign_compressor, compressed
+
+  private = gaussian_adaptive(0.5, 100)
+  side = client_upload_bits(private, {"a": jnp.zeros(0), "b": jnp.zeros(0)})
+  assert side > 0
+  assert client_upload_bits(compressed(sign_compressor(), private), TEMPLATE) == (4 + 32) + (2 + 32) + side
 
 
 def test_count_sketch_recovers_the_heavy_coordinates_like_numpy():

@@ -1,0 +1,177 @@
+"""Compressed uploads with error feedback (Stich et al. 2018; Karimireddy et al. 2019) against a NumPy re-derivation
+of the residuals over 3 rounds, ragged clients and partial participation; the state exists only with feedback."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_lite import aggregators
+from fedjax_lite.algorithms import fed_avg
+from fedjax_lite.algorithms.compressed_uploads import compress_uploads
+from fedjax_lite.algorithms.template import build_round, optimizer_finalizer
+from fedjax_lite.core.client_state import ClientStateStore
+from fedjax_lite.core.packing import pack_clients
+from fedjax_lite.core.records import ClientOutput
+from tests.conftest import make_population
+from tests.tolerances import float_atol
+
+POPULATION = make_population(num_clients=6, seed=3, min_size=2, max_size=13)
+# Three rounds of 3 real clients and one padding slot; client 2 never takes part, clients 0 and 4 twice.
+COHORTS = [np.array([0, 3, 4]), np.array([1, 4, 5]), np.array([0, 5, 3])]
+PARAMS = {"w": jnp.zeros(8), "b": jnp.zeros(3)}
+
+
+def toy_work(broadcast, client_data, client_state, rng):
+  """A client work whose update is a known function of the client's real examples (ragged: 2 to 13 of them):
+  ``w``: the sum of the features, ``b``: the sum of the squares of the first three; weight ``n_i``."""
+  mask = client_data["mask"][..., None].astype(jnp.float32)
+  x = client_data["x"]
+  update = {"w": jnp.sum(x * mask, axis=(0, 1)), "b": jnp.sum((x[..., :3] ** 2) * mask, axis=(0, 1))}
+  weight = client_data["num_examples"].astype(jnp.float32)
+  return ClientOutput(update=update, weight=weight, metrics={"num_examples": client_data["num_examples"]})
+
+
+def numpy_update(x, mask):
+  m = mask[..., None].astype(np.float64)
+  x = x.astype(np.float64)
+  return {"w": (x * m).sum((0, 1)), "b": ((x[..., :3] ** 2) * m).sum((0, 1))}
+
+
+def flat(tree):
+  return np.concatenate([np.ravel(tree["b"]), np.ravel(tree["w"])])  # leaf order: b, w
+
+
+def unflat(vector):
+  return {"b": vector[:3], "w": vector[3:]}
+
+
+def numpy_top_k(vector, kept):
+  out = np.zeros_like(vector)
+  index = np.argsort(-np.abs(vector), kind="stable")[:kept]
+  out[index] = vector[index]
+  return out
+
+
+def numpy_sign(vector):
+  return np.mean(np.abs(vector)) * np.sign(vector)
+
+
+NUMPY_COMPRESS = {  # the compressor and its NumPy re-derivation on one client's message (global or per layer)
+    "top_k_global": (aggregators.top_k_compressor(k=4, error_feedback=True), lambda m: numpy_top_k(m, 4), False),
+    "top_k_per_layer": (aggregators.top_k_compressor(k=2, per_layer=True, error_feedback=True),
+                        lambda m: numpy_top_k(m, 2), True),
+    "sign_per_layer": (aggregators.sign_compressor(error_feedback=True), numpy_sign, True),
+    "sign_global": (aggregators.sign_compressor(per_layer=False, error_feedback=True), numpy_sign, False),
+}
+
+
+def run_rounds(compressor):
+  work, aggregator, client_state = compress_uploads(toy_work, aggregators.mean(), compressor)
+  process = build_round(work, aggregator=aggregator, finalizer=optimizer_finalizer(optax.sgd(1.0)),
+                        client_state=client_state)
+  state = process.init(PARAMS)
+  store = ClientStateStore(jax.device_get(process.client_state(PARAMS)), POPULATION.num_clients)
+  step = jax.jit(process.next)
+  history = []
+  for round_num, cohort in enumerate(COHORTS):
+    round_data = pack_clients(POPULATION, cohort, batch_size=4, cohort_size=4, round_num=round_num)
+    state, metrics, new_states = step(state, round_data, jax.random.key(round_num), store.gather(cohort, 4))
+    store.scatter(cohort, jax.device_get(new_states), round_data["num_examples"])
+    history.append((jax.device_get(round_data), jax.device_get(state.params),
+                    jax.tree.map(np.copy, store.arrays), metrics))
+  return history
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY_COMPRESS))
+def test_residuals_and_server_model_match_numpy_over_three_rounds(name):
+  compressor, numpy_compress, per_layer = NUMPY_COMPRESS[name]
+  history = run_rounds(compressor)
+  residuals = np.zeros((POPULATION.num_clients, 11))
+  params = np.zeros(11)
+  for (round_data, got_params, got_store, _), cohort in zip(history, COHORTS):
+    total, weight_sum = np.zeros(11), 0.0
+    for slot, client in enumerate(cohort):
+      message = residuals[client] + flat(numpy_update(round_data["x"][slot], round_data["mask"][slot]))
+      if per_layer:
+        sent = np.concatenate([numpy_compress(message[:3]), numpy_compress(message[3:])])
+      else:
+        sent = numpy_compress(message)
+      residuals[client] = message - sent
+      weight = float(round_data["num_examples"][slot])
+      total += weight * sent
+      weight_sum += weight
+    params = params - total / weight_sum
+    scale = np.max(np.abs(residuals)) + np.max(np.abs(params)) + 1.0
+    # Sums of up to ~13 examples x 3 rounds in float32 against float64, then a 3-client weighted mean.
+    atol = float_atol(13 * 3 + 4, scale)
+    np.testing.assert_allclose(flat(got_params), params, atol=atol)
+    np.testing.assert_allclose(np.concatenate([got_store["b"], got_store["w"]], axis=1), residuals, atol=atol)
+  assert np.all(history[-1][2]["w"][2] == 0)  # never in a cohort: its residual is still the initial zeros
+
+
+def test_random_k_residual_is_the_message_off_the_sent_indices():
+  """Random-k (unscaled, as Stich et al.'s memory SGD): each upload keeps exactly k entries of the message
+  ``e + Delta`` unchanged, and the new residual is the message elsewhere (and 0 on the sent entries)."""
+  compressor = aggregators.random_k_compressor(k=3, unbiased=False, error_feedback=True)
+  history = run_rounds(compressor)
+  residuals = np.zeros((POPULATION.num_clients, 11))
+  params = np.zeros(11)
+  for (round_data, got_params, got_store, _), cohort in zip(history, COHORTS):
+    new_residuals = np.concatenate([got_store["b"], got_store["w"]], axis=1)
+    total, weight_sum = np.zeros(11), 0.0
+    for slot, client in enumerate(cohort):
+      message = residuals[client] + flat(numpy_update(round_data["x"][slot], round_data["mask"][slot]))
+      kept = new_residuals[client] == 0
+      assert kept.sum() == 3
+      sent = np.where(kept, message, 0.0)
+      np.testing.assert_allclose(new_residuals[client], message - sent, atol=float_atol(40, np.abs(message).max()))
+      residuals[client] = new_residuals[client]
+      weight = float(round_data["num_examples"][slot])
+      total += weight * sent
+      weight_sum += weight
+    params = params - total / weight_sum
+    np.testing.assert_allclose(flat(got_params), params, atol=float_atol(50, np.abs(params).max() + 1.0))
+
+
+def test_state_exists_only_with_error_feedback_and_bits_are_the_message(tiny_model, tiny_params):
+  population = make_population(num_clients=4)
+  round_data = pack_clients(population, np.array([0, 1, 2]), batch_size=4)
+  plain = fed_avg(tiny_model, client_learning_rate=0.1,
+                  upload_compressor=aggregators.top_k_compressor(fraction=0.1))
+  assert plain.client_state is None
+  _, metrics, states = plain.next(plain.init(tiny_params), round_data, jax.random.key(0))
+  assert states is None
+  size = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tiny_params))
+  kept = int(np.ceil(0.1 * size))
+  # each of the 3 clients sends kept indices of ceil(log2 size) bits, kept float32 values and its float32 weight
+  assert int(metrics["aggregated_bits"]) == 3 * (kept * (int(np.ceil(np.log2(size))) + 32) + 32)
+
+  feedback = fed_avg(tiny_model, client_learning_rate=0.1,
+                     upload_compressor=aggregators.top_k_compressor(fraction=0.1, error_feedback=True))
+  store = ClientStateStore(jax.device_get(feedback.client_state(tiny_params)), population.num_clients)
+  state, _, states = feedback.next(feedback.init(tiny_params), round_data, jax.random.key(0),
+                                   store.gather(np.array([0, 1, 2]), 3))
+  residual_entries = sum(int(np.sum(np.asarray(leaf[0]) != 0)) for leaf in jax.tree.leaves(states))
+  assert residual_entries == size - kept  # what client 0 did not send (its delta has no exact zeros)
+  with pytest.raises(ValueError, match="client_states"):
+    feedback.next(state, round_data, jax.random.key(1))
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: aggregators.compressed(aggregators.top_k_compressor(k=2, error_feedback=True)), "per client"),
+    (lambda: aggregators.random_k_compressor(k=2, error_feedback=True), "unbiased=False"),
+    (lambda: aggregators.sign_compressor(error_feedback=1), "error_feedback must be a bool"),
+])
+def test_bad_arguments(build, match):
+  with pytest.raises((TypeError, ValueError), match=match):
+    build()
+
+
+def test_a_partitioned_model_with_compressed_uploads_is_refused(tiny_model):
+  with pytest.raises(ValueError, match="labels"):
+    fed_avg(tiny_model, client_learning_rate=0.1, labels="global",
+            upload_compressor=aggregators.top_k_compressor(k=2, error_feedback=True))
