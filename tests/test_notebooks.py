@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ("00_introduction.ipynb", "01_fedavg_from_scratch.ipynb", "02_aggregators.ipynb",
          "03_differential_privacy.ipynb", "04_compression.ipynb", "05_tuning_aggregations.ipynb",
-         "06_dp_ftrl.ipynb")
+         "06_dp_ftrl.ipynb", "07_cross_device.ipynb")
 EXTRAS = {"06_dp_ftrl.ipynb": "[dp_mf]"}  # the optional extra a notebook installs with fedjax_lite
 
 
@@ -378,3 +378,33 @@ def test_06_dp_ftrl():
       assert audit["lower_bound"] <= audit["accountant"], (name, audit)
       assert audit["lower_bound_clopper_pearson"] <= audit["accountant"], (name, audit)
       assert audit["estimate"] >= audit["lower_bound"]
+
+
+@pytest.mark.slow
+def test_07_cross_device():
+  with run_notebook("07_cross_device.ipynb") as kernel:
+    num_rounds, deadline = kernel["NUM_ROUNDS"], kernel["DEADLINE"]
+    # The planned round: 13 selected for 10 reports, every selected client accounted for, budgets packed.
+    plan = kernel.eval("plan.metrics()")
+    assert plan["systems/num_selected"] == 13 and plan["systems/num_counted"] <= 10
+    assert sum(plan[f"systems/num_{k}"] for k in ("counted", "dropped_out", "timed_out", "discarded")) == 13
+    assert kernel.eval("round_data['mask'].any(axis=-1).sum(axis=1)[:len(plan.counted_steps)].tolist()") == (
+        kernel.eval("plan.counted_steps.tolist()"))
+    # Every run: simulated time grows every round; the deadline bounds the partial-work rounds.
+    history = kernel["history"]
+    assert len(history) == 4 and all(len(records) == num_rounds for records in history.values())
+    for name, records in history.items():
+      elapsed = [r["systems/elapsed_seconds"] for r in records]
+      assert all(b > a for a, b in zip(elapsed, elapsed[1:])), name
+      if "deadline" in name:
+        assert all(r["systems/round_seconds"] <= deadline + 1e-9 for r in records), name
+    # Waiting for everyone is slower per round than over-selection, which is slower than the deadline (same seed).
+    per_round = {name: records[-1]["systems/elapsed_seconds"] / num_rounds for name, records in history.items()}
+    assert per_round["FedAvg, wait for all"] > per_round["FedAvg, over-selection 1.3"] > per_round[
+        "FedAvg, deadline + partial work"]
+    assert all(r["finalizer/tau_eff"] > 0 for r in history["FedNova, deadline + partial work"])
+    # Fairness metrics of both q: consistent distributions over the 50 clients.
+    for metrics in kernel["fairness"].values():
+      assert metrics["num_clients"] == 50
+      assert 0.0 <= metrics["worst_10_percent"] <= metrics["client_mean"] <= metrics["best_10_percent"] <= 1.0
+      assert metrics["variance"] >= 0.0

@@ -11,6 +11,7 @@ from fedjax_lite.algorithms.evaluation import (
     centralized_evaluation,
     client_distribution,
     evaluate_clients,
+    fairness_metrics,
     federated_evaluation,
 )
 from fedjax_lite.algorithms.example_dp import ExampleDp
@@ -30,8 +31,10 @@ from fedjax_lite.algorithms.fed_opt import (
     fed_yogi,
     scale_by_adaptive_server,
 )
+from fedjax_lite.algorithms.fed_nova import fed_nova, nova_normalizer
 from fedjax_lite.algorithms.fed_prox import fed_prox, proximal_term
 from fedjax_lite.algorithms.fed_sgd import fed_sgd
+from fedjax_lite.algorithms.q_ffl import q_ffl
 from fedjax_lite.algorithms.mime import MimeServerState, frozen_state, mime, mime_lite
 from fedjax_lite.algorithms.scaffold import ScaffoldServerState, control_variate_correction, scaffold
 from fedjax_lite.algorithms.local_training import client_gradient, train_locally
@@ -101,12 +104,15 @@ __all__ = [
     "fed_adagrad",
     "fed_adam",
     "fed_avgm",
+    "fed_nova",
     "fed_prox",
     "fed_yogi",
     "frozen_state",
     "mime",
     "mime_lite",
+    "nova_normalizer",
     "proximal_term",
+    "q_ffl",
     "scaffold",
     "scale_by_adaptive_server",
     "Broadcast",
@@ -121,6 +127,7 @@ __all__ = [
     "dp_fed_avg",
     "dp_ftrl",
     "evaluate_clients",
+    "fairness_metrics",
     "fed_avg",
     "fed_sgd",
     "federated_evaluation",

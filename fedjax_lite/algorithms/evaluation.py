@@ -4,12 +4,15 @@
 the example-weighted aggregate over all real examples (sum then finalize, as the reference) and every client's own
 metrics. :func:`centralized_evaluation` evaluates a centralized dataset (e.g. the held-out test split) in batches
 with the same machinery, the dataset packed as one client. :func:`client_distribution` summarizes per-client
-metrics as a distribution over clients (the mean client and the worst 10%), as personalization is reported.
+metrics as a distribution over clients (the mean client and the worst 10%), as personalization is reported;
+:func:`fairness_metrics` adds, on the host, the variance and the best 10% (q-FFL's fairness measures, Li et al.
+2020).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import math
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -112,3 +115,54 @@ def centralized_evaluation(model: Model, *, batch_size: int = 256) -> Callable[[
     return evaluate(params, packed)["aggregate"]
 
   return run
+
+
+def fairness_metrics(per_client: Mapping[str, Any], *, metric: str = "accuracy", percent: int = 10
+                     ) -> dict[str, float | int]:
+  """The distribution of one metric over clients, from :func:`evaluate_clients`' ``per_client`` (on the host).
+
+  The fairness measures of Li et al. 2020 ("Fair Resource Allocation in Federated Learning", ICLR, Table 1): over
+  the ``n`` clients with examples (``num_examples > 0``; padding slots are left out) with values ``a_1..a_n``,
+
+  * ``client_mean``: ``(1/n) sum_k a_k`` (every client counts once, whatever its size);
+  * ``variance``: ``(1/n) sum_k (a_k - mean)^2`` (the population variance, NumPy's ``var``, in float64);
+  * ``worst_<p>_percent`` / ``best_<p>_percent``: the mean of the ``m = max(1, ceil(p n / 100))`` lowest / highest
+    values (:func:`client_distribution`'s worst share, and the same from the other end);
+  * ``num_clients``: ``n``.
+
+  Vectorized (one sort per tail), no per-client Python loop.
+
+  Args:
+    per_client: ``{metric: [clients], 'num_examples': [clients], ...}`` (arrays or lists).
+    metric: the key to summarize (default ``'accuracy'``); higher is better.
+    percent: the tails' share of the clients, an int in ``[1, 50]``.
+
+  Raises:
+    ValueError: no client has examples, or a client with examples has a non-finite value (named).
+  """
+  if not isinstance(per_client, Mapping):
+    raise TypeError(f"per_client must be a dict of per-client arrays (evaluate_clients(...)['per_client']), got "
+                    f"{type(per_client).__name__}.")
+  for key in (metric, "num_examples"):
+    if key not in per_client:
+      raise ValueError(f"per_client has no {key!r} (it has {sorted(per_client)}).")
+  validation.check_int("percent", percent, minimum=1, maximum=50)
+  values = np.asarray(per_client[metric], np.float64)
+  counts = np.asarray(per_client["num_examples"])
+  if values.ndim != 1 or values.shape != counts.shape:
+    raise ValueError(f"per_client[{metric!r}] and per_client['num_examples'] must be [clients] arrays of one shape, "
+                     f"got {values.shape} and {counts.shape}.")
+  real = counts > 0
+  if not real.any():
+    raise ValueError("no client has examples (num_examples > 0): there is no distribution to summarize.")
+  bad = np.flatnonzero(real & ~np.isfinite(values))
+  if bad.size:
+    raise ValueError(f"per_client[{metric!r}] is not finite for the clients with examples at slots "
+                     f"{bad[:5].tolist()}: values {values[bad[:5]].tolist()}.")
+  one = {metric: values, "num_examples": counts}
+  low = client_distribution(one, worst_percent=percent, lower_is_better=())[metric]
+  high = client_distribution(one, worst_percent=percent, lower_is_better=(metric,))[metric]  # "worst" = highest
+  tail = f"{percent}_percent"
+  return {"client_mean": float(low["client_mean"]), "variance": float(np.var(values[real])),
+          f"worst_{tail}": float(low[f"worst_{tail}"]), f"best_{tail}": float(high[f"worst_{tail}"]),
+          "num_clients": int(np.count_nonzero(real))}

@@ -150,6 +150,19 @@ def local_training_work(
   return work
 
 
+def resolve_server_optimizer(server_optimizer: optax.GradientTransformation | None,
+                             server_midpoint_fraction: float | None) -> optax.GradientTransformation:
+  """The server optimizer of the FedAvg family: default ``optax.sgd(1.0)``, its step scaled by
+  ``server_midpoint_fraction`` when given (``optax.scale`` chained after it)."""
+  server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
+  check_optimizer("server_optimizer", server_optimizer)
+  validation.check_float("server_midpoint_fraction", server_midpoint_fraction, low=0.0, high=1.0,
+                         low_inclusive=False, allow_none=True)
+  if server_midpoint_fraction is not None:
+    server_optimizer = optax.chain(server_optimizer, optax.scale(server_midpoint_fraction))
+  return server_optimizer
+
+
 def check_local_phases(local_phases: Sequence[LocalPhase] | None, labels: LabelSpec | None
                        ) -> tuple[tuple[frozenset[str], int], ...] | None:
   """``local_phases`` validated: a non-empty sequence of ``(label or labels among 'global'/'local', passes >=
@@ -284,19 +297,14 @@ def fed_avg(
   """
   check_model(model)
   optimizer = scheduled_optimizer(client_optimizer, client_learning_rate, grad_clip_norm=client_grad_clip_norm)
-  server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
-  check_optimizer("server_optimizer", server_optimizer)
+  server_optimizer = resolve_server_optimizer(server_optimizer, server_midpoint_fraction)
   validation.check_choice("weighting", weighting, WEIGHTINGS)
-  validation.check_float("server_midpoint_fraction", server_midpoint_fraction, low=0.0, high=1.0,
-                         low_inclusive=False, allow_none=True)
   if gradient_correction is not None and not callable(gradient_correction):
     raise TypeError(f"gradient_correction must be a function (broadcast, client_state) -> optax "
                     f"GradientTransformation, got {type(gradient_correction).__name__}.")
   if client_work_wrapper is not None and not callable(client_work_wrapper):
     raise TypeError(f"client_work_wrapper must be a function client_work -> client_work, got "
                     f"{type(client_work_wrapper).__name__}.")
-  if server_midpoint_fraction is not None:
-    server_optimizer = optax.chain(server_optimizer, optax.scale(server_midpoint_fraction))
   work = local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction,
                              labels=labels, local_phases=local_phases, example_dp=example_dp)
   if client_work_wrapper is not None:
@@ -334,3 +342,19 @@ def fed_avg_options(builder: str, options: Mapping[str, Any], *, sets: tuple[str
     raise TypeError(f"{builder}() got unexpected keyword argument(s) {unknown}; besides its own arguments it takes "
                     f"fedjax_lite.algorithms.fed_avg's options {allowed} ({', '.join(sets)} set by {builder}).")
   return dict(options)
+
+
+def fed_avg_arguments(builder: str, options: Mapping[str, Any], *, takes: tuple[str, ...]) -> dict[str, Any]:
+  """The options of :func:`fed_avg` that ``builder`` takes (``takes``), from ``options`` with fed_avg's defaults
+  filled in: for a builder that composes its own round from the family's options (FedNova, q-FFL) rather than
+  calling :func:`fed_avg`. Any other name -- an option of fed_avg that ``builder`` sets itself or does not support,
+  or an unknown one -- is a ``TypeError`` listing what ``builder`` takes, so an option added to fed_avg later is
+  refused by such a builder until it handles it (never silently ignored)."""
+  assert set(takes) <= set(FED_AVG_OPTIONS), sorted(set(takes) - set(FED_AVG_OPTIONS))
+  unknown = sorted(set(options) - set(takes))
+  if unknown:
+    raise TypeError(f"{builder}() got unexpected keyword argument(s) {unknown}; besides its own arguments it takes "
+                    f"fedjax_lite.algorithms.fed_avg's options {list(takes)}.")
+  defaults = {name: parameter.default for name, parameter in inspect.signature(fed_avg).parameters.items()
+              if name in takes}
+  return {**defaults, **options}

@@ -26,6 +26,12 @@ sampling, the Gaussian mechanism); ``tree``, ``blt``, ``banded`` and ``toeplitz`
 ``--rounds``). ``--audit-canaries N`` adds N canary clients (and holds out N more) and, after training, writes the
 one-shot audit's empirical epsilons (``privacy.audit``) beside the accountant's epsilon.
 
+Client systems (:mod:`fedjax_lite.systems`, ``docs/systems.md``): ``--systems lognormal|constant|TRACE`` runs
+synchronous rounds on a simulated clock (``systems/elapsed_hours`` in every record, the plot against simulated
+hours), with ``--dropout P`` (lognormal or constant populations), ``--over-selection F``, ``--deadline SECONDS`` and
+``--partial-work``. ``--algorithm fednova`` (``--client-momentum``) and ``--algorithm qffl`` (``--qffl-q``,
+``--qffl-lipschitz``) are FedNova and q-FFL.
+
 Many processes (:mod:`fedjax_lite.training.distributed`): every process runs the same command with
 ``--coordinator-address HOST:PORT --num-processes N --process-id K`` (or the ``FEDJAX_LITE_*`` environment
 variables), plus ``--local-devices D`` on CPU; the clients of each round are split over every device of every
@@ -53,7 +59,8 @@ DATASETS = ("digits", "synthetic", "emnist", "shakespeare", "stackoverflow", "ci
 TEXT_DATASETS = ("shakespeare", "stackoverflow")
 MODELS = ("cnn", "mlp", "dense", "cnn-dropout", "lstm", "resnet18")
 ALGORITHMS = ("fedavg", "fedsgd", "fedprox", "scaffold", "mimelite", "mime", "fedadam", "fedyogi", "fedadagrad",
-              "fedavgm", "fedbuff")
+              "fedavgm", "fednova", "qffl", "fedbuff")
+SYSTEMS_MODELS = ("lognormal", "constant")  # or the path of a trace file (CSV or JSON)
 ADAPTIVE_ALGORITHMS = ("fedadam", "fedyogi", "fedadagrad")
 # The server learning rate when --server-lr is not given (Reddi et al. 2021's EMNIST range for the adaptive ones).
 DEFAULT_SERVER_LR = {"fedsgd": 0.1, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.1}
@@ -126,6 +133,18 @@ def _fraction(text: str) -> float:
   return value
 
 
+_momentum = number_type(float, "a momentum in [0, 1)", lambda value: 0.0 <= value < 1.0)
+_dropout = number_type(float, "a probability in [0, 1)", lambda value: 0.0 <= value < 1.0)
+_over_selection = number_type(float, "a factor >= 1", lambda value: value >= 1.0)
+
+
+def _systems_source(text: str) -> str:
+  if text in SYSTEMS_MODELS or os.path.isfile(text):
+    return text
+  raise argparse.ArgumentTypeError(f"must be one of {', '.join(SYSTEMS_MODELS)} or a trace file (CSV or JSON), got "
+                                   f"{text!r} (no such file)")
+
+
 def _log_formats(text: str) -> tuple[str, ...]:
   from fedjax_lite.training.tracking import LOG_FORMATS, parse_log_formats
 
@@ -170,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fedavg; fedsgd; fedprox (--proximal-strength); scaffold (per-client control variates); "
                           "mimelite, mime (client steps with the server's momentum, --base-momentum); fedadam, "
                           "fedyogi, fedadagrad (adaptive server, --adaptivity); fedavgm (--server-momentum); fedbuff "
-                          "(asynchronous buffered aggregation on simulated log-normal client systems, --rounds "
-                          "server steps, --fedbuff-*)")
+                          "(asynchronous buffered aggregation on simulated client systems, --systems or log-normal, "
+                          "--rounds server steps, --fedbuff-*)")
   model.add_argument("--fedbuff-concurrency", type=positive_int, default=None, metavar="C",
                      help="FedBuff: clients training at once (default 2 x --clients-per-round, at most the clients "
                           "minus K - 1)")
@@ -187,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tau of FedAdam/FedYogi/FedAdagrad (Reddi et al. 2021)")
   model.add_argument("--base-momentum", type=_fraction, default=0.9,
                      help="momentum of Mime/MimeLite's base optimizer (SGD with the client learning rate)")
+  model.add_argument("--client-momentum", type=_momentum, default=0.0,
+                     help="FedNova's client heavy-ball momentum rho (its a_i vectors)")
+  model.add_argument("--qffl-q", type=nonnegative_float, default=1.0,
+                     help="q-FFL's fairness parameter q (0: FedAvg's objective)")
+  model.add_argument("--qffl-lipschitz", type=positive_float, default=None,
+                     help="q-FFL's Lipschitz estimate L (default 1 / --client-lr, as the paper's code)")
   model.add_argument("--aggregator", choices=AGGREGATORS, default="mean",
                      help="mean; robust (adaptive zeroing + clipping); dp (adaptive-clip Gaussian DP, unweighted); "
                           "compression (robust + 8-bit quantized upload); secure (simulated SecAgg); median; "
@@ -248,6 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
   rounds.add_argument("--rounds-per-dispatch", type=positive_int, default=None, metavar="R",
                       help="whole training on the device: the data copied there once, up to R rounds per "
                            "dispatch with cohorts and shuffles drawn there (default: rounds packed on the host)")
+  systems = train.add_argument_group("client systems and simulated time (fedjax_lite.systems, docs/systems.md)")
+  systems.add_argument("--systems", type=_systems_source, default=None, metavar="lognormal|constant|TRACE",
+                       help="simulate client speeds, bandwidths and availability: FedScale's log-normal model, every "
+                            "client alike, or a trace file (CSV or JSON); records systems/elapsed_hours")
+  systems.add_argument("--dropout", type=_dropout, default=0.0, metavar="P",
+                       help="probability that a selected client goes offline mid-round (lognormal or constant)")
+  systems.add_argument("--over-selection", type=_over_selection, default=1.0, metavar="F",
+                       help="select ceil(F x --clients-per-round) clients, keep the first to report")
+  systems.add_argument("--deadline", type=positive_float, default=None, metavar="SECONDS",
+                       help="the round's deadline in simulated seconds")
+  systems.add_argument("--partial-work", action="store_true",
+                       help="stragglers send the local steps they managed by --deadline")
   output = train.add_argument_group("output")
   output.add_argument("--output-dir", default=None, help="default runs/<dataset>-<model>-<algorithm>-<time>")
   output.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -288,10 +325,18 @@ _RESULT_NEUTRAL_FLAGS = ("command", "version", "download", "output_dir", "json",
                          "rounds_per_dispatch")  # R does not change results; host vs device sampling is compared
 
 
+# Flags added after runs could be checkpointed: left out of the configuration at their defaults, so that those runs
+# still resume; any other value is recorded and compared like every flag.
+_OMITTED_AT_DEFAULT = ("client_momentum", "qffl_q", "qffl_lipschitz", "systems", "dropout", "over_selection",
+                       "deadline", "partial_work")
+
+
 def _run_config(args) -> dict:
   """The flags that decide the results, by flag name (``--model``: ...), compared when resuming."""
+  defaults = vars(build_parser().parse_args(["train"]))
   config = {"--" + name.replace("_", "-"): value for name, value in sorted(vars(args).items())
-            if name not in _RESULT_NEUTRAL_FLAGS}
+            if name not in _RESULT_NEUTRAL_FLAGS
+            and not (name in _OMITTED_AT_DEFAULT and value == defaults.get(name, object()))}
   if getattr(args, "aggregator", None) == "dp" and getattr(args, "dp_strategy", None) in (
       MATRIX_FACTORIZATION_STRATEGIES):
     config["--rounds"] = args.rounds  # the strategy is planned for the run's rounds
@@ -327,8 +372,9 @@ _FLAG_CONDITIONS = {
                             lambda a: a.aggregator != "dp" or a.dp_strategy not in MATRIX_FACTORIZATION_STRATEGIES),
     "broadcast_quantization_bits": ("--algorithm fedavg without --aggregator dp",
                                     lambda a: a.algorithm == "fedavg" and a.aggregator != "dp"),
-    "weighting": ("an algorithm with local training, without --aggregator dp (DP-FedAvg is unweighted)",
-                  lambda a: a.algorithm != "fedsgd" and a.aggregator != "dp"),
+    "weighting": ("an algorithm with local training whose weights are the clients' (not qffl), without --aggregator "
+                  "dp (DP-FedAvg is unweighted)",
+                  lambda a: a.algorithm not in ("fedsgd", "qffl") and a.aggregator != "dp"),
     "local_epochs": ("an algorithm with local training (FedSGD takes one gradient per client)",
                      lambda a: a.algorithm != "fedsgd"),
     "client_lr": ("an algorithm with local training (FedSGD has no client optimizer)", lambda a: a.algorithm != "fedsgd"),
@@ -336,6 +382,14 @@ _FLAG_CONDITIONS = {
     "fedbuff_concurrency": ("--algorithm fedbuff", lambda a: a.algorithm == "fedbuff"),
     "fedbuff_buffer_size": ("--algorithm fedbuff", lambda a: a.algorithm == "fedbuff"),
     "fedbuff_max_staleness": ("--algorithm fedbuff", lambda a: a.algorithm == "fedbuff"),
+    "client_momentum": ("--algorithm fednova", lambda a: a.algorithm == "fednova"),
+    "qffl_q": ("--algorithm qffl", lambda a: a.algorithm == "qffl"),
+    "qffl_lipschitz": ("--algorithm qffl", lambda a: a.algorithm == "qffl"),
+    "dropout": ("--systems lognormal or constant (a trace has its own availability)",
+                lambda a: a.systems in SYSTEMS_MODELS),
+    "over_selection": ("--systems", lambda a: a.systems is not None),
+    "deadline": ("--systems", lambda a: a.systems is not None),
+    "partial_work": ("--systems and --deadline", lambda a: a.systems is not None and a.deadline is not None),
     "server_momentum": ("--algorithm fedavgm", lambda a: a.algorithm == "fedavgm"),
     "adaptivity": ("--algorithm fedadam, fedyogi or fedadagrad", lambda a: a.algorithm in ADAPTIVE_ALGORITHMS),
     "base_momentum": ("--algorithm mime or mimelite", lambda a: a.algorithm in ("mime", "mimelite")),
@@ -665,6 +719,16 @@ def _build_algorithm(args, model, num_clients, server_optimizer, server_lr, aggr
   if name == "fedavgm":
     return algorithms.fed_avgm(model, server_learning_rate=server_lr, server_momentum=args.server_momentum,
                                client_learning_rate=lr, weighting=weighting, aggregator=aggregator, runner=runner)
+  if name == "fednova":
+    return algorithms.fed_nova(model, client_learning_rate=lr, client_momentum=args.client_momentum,
+                               server_optimizer=server_optimizer, weighting=weighting, aggregator=aggregator,
+                               runner=runner)
+  if name == "qffl":
+    if args.aggregator != "mean":
+      raise UsageError("--algorithm qffl averages the clients' loss-weighted updates with the mean; use --aggregator "
+                       "mean")
+    return algorithms.q_ffl(model, args.qffl_q, lipschitz=args.qffl_lipschitz, client_learning_rate=lr,
+                            server_optimizer=server_optimizer, runner=runner)
   builder = {"fedadam": algorithms.fed_adam, "fedyogi": algorithms.fed_yogi, "fedadagrad": algorithms.fed_adagrad}[name]
   return builder(model, server_learning_rate=server_lr, client_learning_rate=lr, adaptivity=args.adaptivity,
                  weighting=weighting, aggregator=aggregator, runner=runner)
@@ -792,6 +856,28 @@ def _configure_cpu(cpu_devices: int | None) -> int | None:
   return jax.local_device_count() if jax.default_backend() == "cpu" else cpu_devices
 
 
+def _build_systems(args, train_data, mesh=None):
+  """The ``--systems`` flags as a :class:`fedjax_lite.systems.SystemsRounds`, or None without ``--systems``."""
+  if args.systems is None:
+    return None
+  if args.rounds_per_dispatch is not None:
+    raise UsageError("--systems plans every round on the host: not with --rounds-per-dispatch")
+  if mesh is not None:
+    raise UsageError("--systems runs in one process (rounds planned and packed on one host)")
+  from fedjax_lite import systems
+
+  availability = systems.RandomDropout(args.dropout) if args.dropout > 0 else systems.AlwaysOn()
+  if args.systems == "lognormal":
+    population = systems.lognormal_systems(train_data.num_clients, seed=args.seed, availability=availability)
+  elif args.systems == "constant":
+    population = systems.constant_systems(train_data.num_clients, availability=availability)
+  else:
+    population = systems.load_trace(args.systems, client_ids=train_data.client_ids)
+  policy = systems.RoundPolicy(deadline_seconds=args.deadline, over_selection=args.over_selection,
+                               partial_work=args.partial_work)
+  return systems.SystemsRounds(population, policy)
+
+
 def train_command(args, distributed=None) -> dict | None:
   """Runs the job; ``distributed`` (a ``DistributedConfig``) joins a multi-process run first. Returns the summary,
   or None on the processes other than process 0."""
@@ -814,10 +900,11 @@ def train_command(args, distributed=None) -> dict | None:
 
   try:
     train_data, test_data, model, process, client_spec, runner, private = _build_job(args, mesh)
+    simulated = _build_systems(args, train_data, mesh)
   except (ValueError, TypeError) as error:
     raise UsageError(flag_message(str(error))) from None
   if args.algorithm == "fedbuff":
-    _check_fed_buff_flags(args, mesh)
+    _check_fed_buff_flags(args, mesh, simulated)
   packing = {}
   if mesh is not None:
     process = multiprocess.distribute_process(process, mesh)
@@ -865,7 +952,8 @@ def train_command(args, distributed=None) -> dict | None:
   initial_params = model.init(jax.random.key(args.seed))
   if args.algorithm == "fedbuff":
     return _train_fed_buff(args, process, train_data, initial_params, client_spec, runner,
-                           lambda params: evaluate(params, test_data), output_dir)
+                           lambda params: evaluate(params, test_data), output_dir,
+                           None if simulated is None else simulated.systems)
   result = run_training(
       process, train_data, initial_params, client_spec=client_spec,
       num_rounds=args.rounds, seed=args.seed, evaluate=lambda params: evaluate(params, test_data),
@@ -873,6 +961,7 @@ def train_command(args, distributed=None) -> dict | None:
       metrics_path=os.path.join(output_dir, "metrics.jsonl") if "jsonl" in args.log_format else None,
       progress=not (args.no_progress or args.quiet), on_round_end=report_epsilon,
       trackers=trackers, **sampling, **checkpointing, **packing, rounds_per_dispatch=args.rounds_per_dispatch,
+      systems=simulated,
   )
   if not writer:
     return None
@@ -881,6 +970,7 @@ def train_command(args, distributed=None) -> dict | None:
                     if key.startswith("aggregator/") and (key.endswith("_norm") or key.endswith("/clip"))})
   if plot_path is not None:
     plot_history(result.history, plot_path, extra_keys=tracked,
+                 x_key="round" if simulated is None else "systems/elapsed_hours",
                  title=f"{args.algorithm} / {args.model} on {args.dataset} ({train_data.num_clients} clients), "
                        f"aggregator {args.aggregator}")
   last = result.history[-1]
@@ -903,6 +993,7 @@ def train_command(args, distributed=None) -> dict | None:
       "dp_strategy": args.dp_strategy if args.aggregator == "dp" else None,
       "audit": _audit_summary(private, initial_params, result.state.params, args.dp_delta),
       "stopped_early": result.stopped_early,
+      "simulated_hours": last.get("systems/elapsed_hours"),
       "broadcasted_mebibits": units.mebibits(last.get("cumulative_broadcasted_bits", 0)),  # training.units
       "aggregated_mebibits": units.mebibits(last.get("cumulative_aggregated_bits", 0)),
       "backend": jax.default_backend(),
@@ -921,8 +1012,17 @@ def train_command(args, distributed=None) -> dict | None:
   return summary
 
 
-def _check_fed_buff_flags(args, mesh) -> None:
+def _check_fed_buff_flags(args, mesh, simulated) -> None:
   """What ``--algorithm fedbuff`` does not support yet, refused in one line before anything is written."""
+  from fedjax_lite.systems import AvailabilityWindows
+
+  for flag, given in (("--over-selection", args.over_selection != 1.0), ("--deadline", args.deadline is not None),
+                      ("--partial-work", args.partial_work)):
+    if given:
+      raise UsageError(f"{flag} shapes synchronous rounds; --algorithm fedbuff has none (its clients report when "
+                       "they finish)")
+  if simulated is not None and isinstance(simulated.systems.availability, AvailabilityWindows):
+    raise UsageError("--algorithm fedbuff does not support a trace's availability windows yet (--dropout is)")
   for flag, value in (("--checkpoint-dir", args.checkpoint_dir), ("--rounds-per-dispatch", args.rounds_per_dispatch)):
     if value is not None:
       raise UsageError(f"{flag} is not supported with --algorithm fedbuff yet")
@@ -934,10 +1034,12 @@ def _check_fed_buff_flags(args, mesh) -> None:
                      "and png are)")
 
 
-def _train_fed_buff(args, process, train_data, initial_params, client_spec, runner, evaluate, output_dir) -> dict:
-  """``--algorithm fedbuff``: ``--rounds`` server steps of :func:`~fedjax_lite.training.run_fed_buff` on log-normal
-  client systems (FedScale's defaults, seeded by ``--seed``); metrics.jsonl, training.png and summary.json as for
-  the other algorithms (a server step in place of a round)."""
+def _train_fed_buff(args, process, train_data, initial_params, client_spec, runner, evaluate, output_dir,
+                    population) -> dict:
+  """``--algorithm fedbuff``: ``--rounds`` server steps of :func:`~fedjax_lite.training.run_fed_buff` on the
+  ``--systems`` population (``--dropout`` included), by default log-normal client systems (FedScale's defaults,
+  seeded by ``--seed``); metrics.jsonl, training.png (against simulated hours) and summary.json as for the other
+  algorithms (a server step in place of a round)."""
   import jax
 
   from fedjax_lite import systems
@@ -953,8 +1055,8 @@ def _train_fed_buff(args, process, train_data, initial_params, client_spec, runn
 
   start = time.perf_counter()
   run = run_fed_buff(process, train_data, initial_params, client_spec=client_spec, seed=args.seed,
-                     num_server_steps=args.rounds, systems=systems.lognormal_systems(train_data.num_clients,
-                                                                                     seed=args.seed),
+                     num_server_steps=args.rounds,
+                     systems=population or systems.lognormal_systems(train_data.num_clients, seed=args.seed),
                      on_step=on_step)
   seconds = time.perf_counter() - start
   history = [{"round": record["step"], **record} for record in run.history]
@@ -966,8 +1068,9 @@ def _train_fed_buff(args, process, train_data, initial_params, client_spec, runn
         sink.write(json.dumps(record) + "\n")
   plot_path = os.path.join(output_dir, "training.png") if "png" in args.log_format else None
   if plot_path is not None:
-    plot_history(history, plot_path, title=f"fedbuff / {args.model} on {args.dataset} "
-                                           f"({train_data.num_clients} clients), aggregator {args.aggregator}")
+    plot_history(history, plot_path, x_key="fedbuff/elapsed_hours",
+                 title=f"fedbuff / {args.model} on {args.dataset} ({train_data.num_clients} clients), "
+                       f"aggregator {args.aggregator}")
   last = history[-1]
   summary = {
       "dataset": args.dataset, "model": args.model, "algorithm": args.algorithm, "rounds": len(history),

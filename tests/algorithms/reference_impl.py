@@ -183,20 +183,69 @@ def fed_avg_round(params, round_data, *, client_learning_rate, server, weighting
   return server.step(params, weighted_mean(deltas, weights))
 
 
-def fed_nova_round(params, round_data, *, client_learning_rate):
-  """One FedNova round with local SGD (Wang et al. 2020, "Tackling the Objective Inconsistency Problem in
-  Heterogeneous Federated Optimization", eq. 6 with a_i = [1, ..., 1], ||a_i||_1 = tau_i):
-  ``x <- x - tau_eff sum_i p_i (x - y_i) / tau_i`` with ``p_i = n_i / sum_j n_j`` and ``tau_eff = sum_i p_i tau_i``
-  (``x - y_i = eta G_i a_i``, so ``(x - y_i) / tau_i`` is ``eta d_i``, the client's mean local gradient step)."""
+def local_momentum_sgd(params, round_data, slot, learning_rate, momentum):
+  """Local heavy-ball SGD from ``params``, the buffer fresh: ``v <- rho v + g``, ``y <- y - lr v``."""
+  y_params, buffer = dict(params), zeros_like(params)
+  for t in real_steps(round_data, slot):
+    x, y, mask = batch(round_data, slot, t)
+    _, grad = batch_loss_and_grad(y_params, x, y, mask)
+    buffer = tree_map(lambda v, g: momentum * v + g, buffer, grad)
+    y_params = tree_map(lambda p, v: p - learning_rate * v, y_params, buffer)
+  return y_params
+
+
+def nova_a_vector(tau, momentum=0.0):
+  """The paper's ``a_i`` for ``tau`` local steps: ones (SGD), or ``a[k] = sum_{j=0}^{tau-1-k} rho^j`` (the weight
+  of gradient ``k`` in the sum of the momentum buffers ``v_k, ..., v_{tau-1}``), summed term by term."""
+  return np.array([sum(momentum ** j for j in range(tau - k)) for k in range(tau)], np.float64)
+
+
+def fed_nova_round(params, round_data, *, client_learning_rate, momentum=0.0, weighting="num_examples",
+                   server_learning_rate=1.0):
+  """One FedNova round (Wang et al. 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous
+  Federated Optimization", eq. 6): ``x <- x - lr_s tau_eff sum_i p_i (x - y_i) / ||a_i||_1`` with
+  ``p_i = w_i / sum_j w_j`` (``w_i = n_i`` or 1), ``tau_eff = sum_i p_i ||a_i||_1`` and ``a_i`` the paper's vector
+  (:func:`nova_a_vector`; SGD: ``||a_i||_1 = tau_i``, so ``(x - y_i) / tau_i`` is ``eta`` times the client's mean
+  local gradient)."""
   slots = client_slots(round_data)
-  sizes = np.array([client_weight(round_data, slot, "num_examples") for slot in slots])
+  sizes = np.array([client_weight(round_data, slot, weighting) for slot in slots])
   shares = sizes / sizes.sum()
-  steps = np.array([len(real_steps(round_data, slot)) for slot in slots], np.float64)
-  normalized = [tree_map(lambda x, y, tau=tau: (x - y) / tau, params,
-                         local_sgd(params, round_data, slot, client_learning_rate))
-                for slot, tau in zip(slots, steps)]
-  tau_eff = float(shares @ steps)
-  return tree_map(lambda x, *d: x - tau_eff * sum(p * d_i for p, d_i in zip(shares, d)), params, *normalized)
+  norms = np.array([nova_a_vector(len(real_steps(round_data, slot)), momentum).sum() for slot in slots])
+  finals = [local_momentum_sgd(params, round_data, slot, client_learning_rate, momentum) if momentum
+            else local_sgd(params, round_data, slot, client_learning_rate) for slot in slots]
+  normalized = [tree_map(lambda x, y, norm=norm: (x - y) / norm, params, final) for final, norm in zip(finals, norms)]
+  tau_eff = float(shares @ norms)
+  return tree_map(lambda x, *d: x - server_learning_rate * tau_eff * sum(p * d_i for p, d_i in zip(shares, d)),
+                  params, *normalized)
+
+
+def client_mean_loss(params, round_data, slot):
+  """``F_k(w)``: the client's mean loss over every real example it is packed with (epochs included)."""
+  total, count = 0.0, 0.0
+  for t in real_steps(round_data, slot):
+    x, y, mask = batch(round_data, slot, t)
+    loss, _ = batch_loss_and_grad(params, x, y, mask)
+    total += loss * mask.sum()
+    count += mask.sum()
+  return total / count
+
+
+def q_ffl_round(params, round_data, *, client_learning_rate, q, lipschitz=None, server_learning_rate=1.0):
+  """One q-FedAvg round (Li et al. 2020, "Fair Resource Allocation in Federated Learning", Algorithm 2), with the
+  paper's code's ``L = 1 / eta`` by default and ``F_k + 1e-10``: ``Delta w_k = L (w - w_k_bar)``,
+  ``Delta_k = F_k^q Delta w_k``, ``h_k = q F_k^(q-1) ||Delta w_k||^2 + L F_k^q``,
+  ``w <- w - lr_s sum_k Delta_k / sum_k h_k``."""
+  rate = 1.0 / client_learning_rate if lipschitz is None else lipschitz
+  deltas, hs = [], []
+  for slot in client_slots(round_data):
+    loss = client_mean_loss(params, round_data, slot) + 1e-10
+    final = local_sgd(params, round_data, slot, client_learning_rate)
+    step = tree_map(lambda x, y: rate * (x - y), params, final)
+    squared_norm = sum(float(np.sum(v * v)) for v in step.values())
+    deltas.append(tree_map(lambda d: loss ** q * d, step))
+    hs.append(q * loss ** (q - 1) * squared_norm + rate * loss ** q)
+  total_h = sum(hs)
+  return tree_map(lambda x, *d: x - server_learning_rate * sum(d) / total_h, params, *deltas)
 
 
 def scaffold_round(params, server_control, client_controls, cohort, round_data, *, client_learning_rate,

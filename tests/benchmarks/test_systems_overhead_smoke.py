@@ -28,9 +28,13 @@ def test_quick_run_prints_one_json_line(tmp_path):
   assert len(lines) == 1
   report = json.loads(lines[0])
   assert json.loads(output.read_text().splitlines()[-1]) == report
-  assert set(report["seconds_per_round"]) == {"plain", "systems_same_work", "systems_realistic"}
+  assert set(report["seconds_per_round"]) == {"plain", "systems_same_work", "systems_realistic",
+                                              "realistic_without_systems"}
   assert all(seconds > 0 for seconds in report["seconds_per_round"].values())
   assert report["same_work_packs_the_same_data"] is True
   assert report["counted_clients_per_round"]["systems_same_work"] == 3.0
   assert report["counted_clients_per_round"]["systems_realistic"] <= 3.0
-  assert set(report["ratio_to_plain"]) == {"systems_same_work", "systems_realistic"}
+  assert set(report["ratio_to_plain"]) == {"systems_same_work", "systems_realistic", "realistic_without_systems"}
+  # The realistic rounds replayed without the systems path pack the same data: the ratio compares equal work.
+  assert report["realistic_replay_packs_the_same_data"] is True
+  assert report["realistic_ratio_to_the_same_rounds_without_systems"] > 0

@@ -14,7 +14,8 @@ from tests.training.test_cli_algorithms import TINY
 
 def test_fed_buff_trains_from_the_command_line(tmp_path, capsys):
   code = cli.main(TINY + ["--algorithm", "fedbuff", "--output-dir", str(tmp_path), "--fedbuff-concurrency", "4",
-                          "--fedbuff-buffer-size", "2", "--fedbuff-max-staleness", "3"])
+                          "--fedbuff-buffer-size", "2", "--fedbuff-max-staleness", "3", "--systems", "lognormal",
+                          "--dropout", "0.3"])
   assert code == 0, capsys.readouterr().err
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary["algorithm"] == "fedbuff" and summary["rounds"] == 2
@@ -24,6 +25,7 @@ def test_fed_buff_trains_from_the_command_line(tmp_path, capsys):
   assert all(record["fedbuff/num_applied"] == 2 and record["client_work/train/num_examples"] > 0
              for record in records)
   assert records[-1]["fedbuff/elapsed_seconds"] > 0 and "evaluation/accuracy" in records[-1]
+  assert all("fedbuff/dropped_offline" in record for record in records)  # --dropout reaches the event order
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -32,6 +34,7 @@ def test_fed_buff_trains_from_the_command_line(tmp_path, capsys):
     (["--algorithm", "fedbuff", "--checkpoint-dir", "{tmp}/ckpt"], "--checkpoint-dir"),
     (["--algorithm", "fedbuff", "--log-format", "csv"], "--log-format csv"),
     (["--algorithm", "fedbuff", "--fedbuff-concurrency", "5"], "(5 + 3 - 1) exceeds the 6 clients"),
+    (["--algorithm", "fedbuff", "--systems", "lognormal", "--deadline", "5"], "--deadline shapes synchronous rounds"),
 ])
 def test_fed_buff_flags_refused(flags, named, tmp_path, capsys):
   flags = [flag.replace("{tmp}", str(tmp_path)) for flag in flags]
