@@ -7,8 +7,7 @@ median 0.0136 s per example, log-sd 0.6; median 6.1 Mbit/s, log-sd 1.1; Lai et a
 clients dropping out of each round (``systems.RandomDropout(0.1)``). Every round targets 10 clients, 5 local epochs
 of batches of 10 (14-15 local steps), a small MLP (64-32-10).
 
-The configurations (``CONFIGS``, a dict of named entries -- an asynchronous algorithm such as FedBuff is one more
-entry with its own ``run``):
+The configurations (``CONFIGS``, a dict of named entries; the asynchronous one, FedBuff, brings its own ``run``):
 
 * ``fedavg``: FedAvg, the server waits for every selected client (no deadline), the round as slow as its slowest;
 * ``fedavg_overselect``: FedAvg selecting ``ceil(1.3 x 10)`` clients and keeping the first 10 to report (Bonawitz et
@@ -18,6 +17,9 @@ entry with its own ``run``):
   work");
 * ``fednova_partial``: FedNova (Wang et al. 2020), same deadline and partial work, ``p_i`` uniform (the clients
   hold equal data).
+* ``fedbuff``: FedBuff (Nguyen et al. 2022), asynchronous: 10 clients train at once (the synchronous runs'
+  concurrency), the server steps whenever 5 updates have arrived (staleness-weighted), a new client starts as one
+  finishes or drops out; as many client updates as the synchronous runs' rounds x 10 (``training.run_fed_buff``).
 
 ``D`` is the median over the population of the full local work's duration (download, 5 epochs, upload), so about
 half the clients do partial work in a round. Each seed ``s`` sets the split, the initialization, the systems draws,
@@ -46,6 +48,9 @@ import time
 from typing import Any, Callable
 
 NUM_CLIENTS, CLIENTS_PER_ROUND, LOCAL_EPOCHS, BATCH_SIZE = 50, 10, 5, 10
+# FedBuff at the synchronous runs' concurrency (10 clients training at once), a server step per 5 arrivals; staler
+# than 8 steps is dropped (systems.default_max_staleness(10, 5)).
+FEDBUFF_BUFFER_SIZE, FEDBUFF_MAX_STALENESS = 5, 8
 ASSIGNMENTS = ("independent", "by_label")
 
 
@@ -91,6 +96,30 @@ def _fed_prox(model, args):
   return algorithms.fed_prox(model, args.proximal_strength, client_learning_rate=args.client_lr)
 
 
+def _fed_buff(model, args):
+  from fedjax_lite import algorithms
+
+  return algorithms.fed_buff(model, concurrency=CLIENTS_PER_ROUND, buffer_size=FEDBUFF_BUFFER_SIZE,
+                             max_staleness=FEDBUFF_MAX_STALENESS, client_learning_rate=args.client_lr)
+
+
+def run_fed_buff_config(config: Config, process, data, params, population, args, seed, evaluate, deadline) -> list:
+  """FedBuff's run: ``training.run_fed_buff`` on the same systems (dropout included) for as many client updates as
+  the synchronous runs' ``rounds x CLIENTS_PER_ROUND``, evaluated after every server step; its records carry the
+  synchronous runs' keys (``systems/elapsed_seconds``: the step's simulated time; ``systems/num_counted``: the
+  updates it applied; no partial work)."""
+  from fedjax_lite import core, training
+
+  run = training.run_fed_buff(
+      process, data.train, params, client_spec=core.ClientSpec(batch_size=BATCH_SIZE, num_epochs=LOCAL_EPOCHS),
+      seed=seed, num_server_steps=args.rounds * CLIENTS_PER_ROUND // FEDBUFF_BUFFER_SIZE, systems=population,
+      on_step=lambda step, state: {"evaluation/accuracy": float(evaluate(state.params)["accuracy"])})
+  history = [{**record, "systems/elapsed_seconds": record["fedbuff/elapsed_seconds"],
+              "systems/num_counted": record["fedbuff/num_applied"], "systems/num_partial": 0}
+             for record in run.history]
+  return history, run.state.params
+
+
 def _fed_nova(model, args):
   from fedjax_lite import algorithms
 
@@ -103,6 +132,7 @@ CONFIGS: dict[str, Config] = {
     "fedavg_partial": Config("FedAvg, deadline + partial work", _fed_avg, _policy(partial=True)),
     "fedprox_partial": Config("FedProx, deadline + partial work", _fed_prox, _policy(partial=True)),
     "fednova_partial": Config("FedNova, deadline + partial work", _fed_nova, _policy(partial=True)),
+    "fedbuff": Config("FedBuff, 10 concurrent, K = 5", _fed_buff, _policy(), run=run_fed_buff_config),
 }
 
 

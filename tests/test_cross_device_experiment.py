@@ -78,3 +78,17 @@ def test_fast_run_writes_consistent_results(tmp_path):
   assert all(b - a <= deadline + 1e-3 for a, b in zip(nova, nova[1:]))
   assert json.loads((tmp_path / "summary.json").read_text())["settings"] == summary["settings"]
   assert (tmp_path / "cross_device.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_fed_buff_entry_runs_asynchronously(tmp_path):
+  cross_device = load_script()
+  args = cross_device.parse_args(["--fast", "--configs", "fedbuff", "--assignments", "independent",
+                                  "--output-dir", str(tmp_path)])
+  args.rounds = 1  # as many client updates as one round of 10: two server steps of K = 5
+  cross_device.run(args)
+  curves = list(csv.DictReader((tmp_path / "curves.csv").open()))
+  assert [int(c["round"]) for c in curves] == [0, 1, 2]
+  assert all(int(c["num_counted"]) == cross_device.FEDBUFF_BUFFER_SIZE for c in curves[1:])
+  seconds = [float(c["simulated_seconds"]) for c in curves]
+  assert seconds[0] == 0.0 and seconds == sorted(seconds) and seconds[-1] > 0  # updates may share an instant

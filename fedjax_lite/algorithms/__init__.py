@@ -17,6 +17,7 @@ from fedjax_lite.algorithms.evaluation import (
 from fedjax_lite.algorithms.example_dp import ExampleDp
 from fedjax_lite.algorithms.fed_dyn import FedDynServerState, fed_dyn
 from fedjax_lite.algorithms.fed_avg import FED_AVG_OPTIONS, fed_avg, fed_avg_options, local_training_work
+from fedjax_lite.algorithms.fed_buff import FedBuff, FedBuffState, fed_buff, inverse_sqrt_staleness, staleness_work
 from fedjax_lite.algorithms.fed_bn import batch_norm_labels, fed_bn
 from fedjax_lite.algorithms.fed_per import fed_per, fed_rep
 from fedjax_lite.algorithms.fed_recon import DatasetSplit, fed_recon
@@ -62,6 +63,11 @@ from fedjax_lite.algorithms.template import (
 )
 
 __all__ = [
+    "FedBuff",
+    "FedBuffState",
+    "fed_buff",
+    "inverse_sqrt_staleness",
+    "staleness_work",
     "apply_optimizer_rejecting_non_finite",
     "reject_non_finite_update",
     "FED_AVG_OPTIONS",

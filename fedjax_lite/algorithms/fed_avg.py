@@ -234,6 +234,7 @@ def fed_avg(
     labels: LabelSpec | None = None,
     local_state: bool = False,
     local_phases: Sequence[LocalPhase] | None = None,
+    client_work_wrapper: Callable[[ClientWork], ClientWork] | None = None,
 ) -> Process:
   """Builds FedAvg as a ``Process(init, next)``: a configuration of :func:`~fedjax_lite.algorithms.build_round`.
 
@@ -279,6 +280,10 @@ def fed_avg(
       then takes and returns ``client_states``, the local parameters of the cohort).
     local_phases: with ``labels``: the parts trained in turn, ``((label(s), passes), ...)`` (FedRep; see
       :func:`local_training_work`).
+    client_work_wrapper: optional ``client_work -> client_work``, applied to the local-training client work before
+      the round is built: a driver that changes what ONE client receives or uploads wraps it here
+      (:func:`~fedjax_lite.algorithms.fed_buff` picks each client's model version and scales its update by its
+      staleness weight), and every other option keeps its meaning.
 
   Returns:
     ``Process(init, next)`` with ``init(params) -> ServerState`` and
@@ -297,8 +302,13 @@ def fed_avg(
   if gradient_correction is not None and not callable(gradient_correction):
     raise TypeError(f"gradient_correction must be a function (broadcast, client_state) -> optax "
                     f"GradientTransformation, got {type(gradient_correction).__name__}.")
+  if client_work_wrapper is not None and not callable(client_work_wrapper):
+    raise TypeError(f"client_work_wrapper must be a function client_work -> client_work, got "
+                    f"{type(client_work_wrapper).__name__}.")
   work = local_training_work(model, optimizer, weighting=weighting, gradient_correction=gradient_correction,
                              labels=labels, local_phases=local_phases, example_dp=example_dp)
+  if client_work_wrapper is not None:
+    work = client_work_wrapper(work)
   aggregator = resolve_aggregator(aggregator, weighted=weighting == "num_examples")
   client_state = None
   if upload_compressor is not None:  # the client compresses (with its residual), the aggregator counts the message

@@ -13,6 +13,8 @@ only which clients it holds and how many steps each takes (``core.pack_clients(s
   :class:`AvailabilityWindows`, :func:`diurnal_availability`;
 * :mod:`~fedjax_lite.systems.traces` -- :func:`load_trace`, a user's own trace (CSV/JSON);
 * :mod:`~fedjax_lite.systems.clock` -- :func:`client_timings`, :func:`steps_within`, :class:`SimulatedClock`;
+* :mod:`~fedjax_lite.systems.buffered` -- :class:`BufferedSchedule`, FedBuff's asynchronous event order (who
+  arrives when, from which version), :func:`task_seconds_of`;
 * :mod:`~fedjax_lite.systems.rounds` -- :class:`RoundPolicy`, :func:`plan_round`, :class:`RoundPlan`,
   :class:`SystemsRounds` (the driver ``training.run_training(systems=...)`` uses), :func:`bits_per_client`.
 
@@ -36,6 +38,13 @@ from fedjax_lite.systems.availability import (
     RandomDropout,
     diurnal_availability,
 )
+from fedjax_lite.systems.buffered import (
+    BufferedSchedule,
+    BufferedStep,
+    default_max_staleness,
+    step_metrics,
+    task_seconds_of,
+)
 from fedjax_lite.systems.clock import ClientTimings, SimulatedClock, client_timings, examples_done, steps_within
 from fedjax_lite.systems.generators import constant_systems, lognormal_systems
 from fedjax_lite.systems.population import ClientSystems
@@ -54,6 +63,11 @@ from fedjax_lite.systems.rounds import (
 from fedjax_lite.systems.traces import TraceError, load_trace
 
 __all__ = [
+    "BufferedSchedule",
+    "BufferedStep",
+    "default_max_staleness",
+    "step_metrics",
+    "task_seconds_of",
     "AlwaysOn",
     "Availability",
     "AvailabilityWindows",

@@ -1,0 +1,252 @@
+"""Asynchronous buffered aggregation's event order (FedBuff) on the simulated clock, planned on the host.
+
+FedBuff (Nguyen et al. 2022, AISTATS, "Federated Learning with Buffered Asynchronous Aggregation") keeps
+``concurrency`` clients training at once; each trains from the server model version it downloaded when it started;
+the server applies an update whenever ``K`` (``buffer_size``) client updates have arrived; a new client starts
+whenever one finishes. Which client arrives when depends only on the clients' task durations (the simulated clock of
+:mod:`fedjax_lite.systems.clock`), never on the model's values, so the whole event order is decided here, on the
+host, before the device computes anything: the device then runs one compiled step per server update
+(:func:`fedjax_lite.algorithms.fed_buff`).
+
+The rules (deterministic given the seed):
+
+* At time 0, ``concurrency`` clients start, downloading version 0. A task of client ``c`` started at ``t`` arrives at
+  ``t + task_seconds[c]`` (from :func:`fedjax_lite.systems.client_timings`: download, full local work, upload).
+  With an availability model (``RandomDropout(p)``), the clients of the ``b``-th start draw their dropouts from
+  ``availability.offline_at(clients, t, task_seconds, seed=seed, round_num=b)``: a client that goes offline
+  mid-task **drops out** at that time (counted, never trained, no arrival) and frees its place.
+* Events are processed one simulated instant at a time. At instant ``t``, first every task arriving at ``t``, in
+  the order they started (drop-outs of the instant counted in the same pass): its **staleness** is ``tau = version - downloaded version`` (server updates since it
+  downloaded); if ``tau > max_staleness`` it is **dropped** (counted, never trained: its result would be
+  discarded), else it enters the buffer, and whenever the buffer holds ``K`` arrivals the server applies them
+  (``version += 1``). Then one new client starts per arrival or drop-out of the instant (stale ones included),
+  all downloading the version current after the instant's updates.
+* The clients that start together are drawn uniformly without replacement from the clients neither in flight nor
+  waiting in the buffer (so a client contributes at most once to a server step, which user-level DP accounting
+  needs; this needs ``concurrency + K - 1 <= num_clients``):
+  ``round_generator(seed, b, SAMPLING_STREAM).choice(available, n)`` for the ``b``-th start (0 at time 0). With
+  nothing in flight this is exactly :func:`fedjax_lite.core.sample_clients` for round ``b``, so when every task
+  lasts the same and ``concurrency == K`` the server steps are synchronous rounds with FedAvg's cohorts, in
+  selection order.
+
+:class:`BufferedSchedule` produces the server steps one at a time (:class:`BufferedStep`: the ``K`` arrivals'
+clients, downloaded versions and staleness, and the simulated time of the update). Memory is ``O(concurrency)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+
+import numpy as np
+
+from fedjax_lite.core import validation
+from fedjax_lite.core.federated_data import FederatedData
+from fedjax_lite.core.packing import ClientSpec
+from fedjax_lite.core.sampling import SAMPLING_STREAM, round_generator
+from fedjax_lite.systems.availability import AlwaysOn, Availability, RandomDropout
+from fedjax_lite.systems.clock import client_timings
+from fedjax_lite.systems.population import ClientSystems
+
+METRICS_PREFIX = "fedbuff/"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BufferedStep:
+  """One server update of FedBuff: the ``K`` arrivals it aggregates, in arrival order.
+
+  Attributes:
+    step: the server step (from 0): it turns version ``step`` into ``step + 1``.
+    clients: int64 ``[K]`` storage indices of the arriving clients.
+    versions: int64 ``[K]`` the server version each downloaded.
+    staleness: int64 ``[K]``: ``step - versions`` (in ``[0, max_staleness]``).
+    start_seconds: float64 ``[K]``: when each started; arrival_seconds: float64 ``[K]`` when it arrived.
+    time_seconds: the simulated time of the update (the ``K``-th arrival).
+    num_arrivals: arrivals since the previous update, dropped ones included.
+    num_dropped_stale: arrivals since the previous update dropped as staler than ``max_staleness``.
+    num_dropped_offline: tasks since the previous update that went offline before arriving.
+  """
+
+  step: int
+  clients: np.ndarray
+  versions: np.ndarray
+  staleness: np.ndarray
+  start_seconds: np.ndarray
+  arrival_seconds: np.ndarray
+  time_seconds: float
+  num_arrivals: int
+  num_dropped_stale: int
+  num_dropped_offline: int = 0
+
+
+class BufferedSchedule:
+  """FedBuff's event order (module docstring): a host-side simulation of the in-flight clients and the buffer.
+
+  Args:
+    task_seconds: float64 ``[num_clients]``: how long one task of each client lasts (> 0 and finite), e.g.
+      ``client_timings(...).total_seconds`` for every client's full local work (:func:`task_seconds_of`).
+    concurrency: clients training at once (``concurrency + buffer_size - 1 <= num_clients``).
+    buffer_size: ``K``, arrivals per server update (>= 1).
+    max_staleness: arrivals staler than this are dropped (>= 0).
+    seed: the run's seed (client draws, dropouts).
+    availability: optional availability model of the clients: ``AlwaysOn()`` (the default) or
+      ``RandomDropout(p)``; on/off windows are not supported yet (a client offline when it would start needs a
+      rule for whom to start instead).
+
+  Attributes (read-only views of the simulation):
+    version: server updates planned so far; time_seconds: the simulated time of the last instant processed;
+    num_arrivals, num_dropped_stale, num_dropped_offline, num_started: totals since the start.
+  """
+
+  def __init__(self, task_seconds, *, concurrency: int, buffer_size: int, max_staleness: int, seed: int = 0,
+               availability: Availability | None = None):
+    task_seconds = np.array(task_seconds, dtype=np.float64).reshape(-1)
+    if task_seconds.size == 0 or not np.all(np.isfinite(task_seconds)) or np.any(task_seconds <= 0):
+      raise ValueError("task_seconds must be a non-empty array of positive, finite durations, one per client.")
+    num_clients = task_seconds.shape[0]
+    validation.check_int("concurrency", concurrency, minimum=1)
+    validation.check_int("buffer_size", buffer_size, minimum=1)
+    if concurrency + buffer_size - 1 > num_clients:
+      raise ValueError(f"concurrency + buffer_size - 1 ({concurrency} + {buffer_size} - 1) must be <= the number of "
+                       f"clients ({num_clients}): a client trains one task at a time and contributes at most once to "
+                       "a server step, so up to concurrency clients in flight and K - 1 waiting in the buffer cannot "
+                       "start.")
+    validation.check_int("max_staleness", max_staleness, minimum=0)
+    validation.check_int("seed", seed, minimum=0)
+    availability = AlwaysOn() if availability is None else availability
+    if not isinstance(availability, (AlwaysOn, RandomDropout)):
+      raise ValueError(f"FedBuff's event order supports AlwaysOn() and RandomDropout(p) availability, got "
+                       f"{type(availability).__name__} (on/off windows are not supported yet).")
+    self.availability = availability
+    task_seconds.setflags(write=False)
+    self.task_seconds = task_seconds
+    self.concurrency, self.buffer_size, self.max_staleness, self.seed = concurrency, buffer_size, max_staleness, seed
+    self.version = 0
+    self.time_seconds = 0.0
+    self.num_arrivals = 0
+    self.num_dropped_stale = 0
+    self.num_dropped_offline = 0
+    self.num_started = 0
+    self._num_starts = 0  # start instants so far (the sampling stream's round)
+    # (arrival or drop-out time, start order, client, version, start time, arrives: False for a drop-out)
+    self._in_flight: list[tuple[float, int, int, int, float, bool]] = []
+    self._busy = np.zeros(num_clients, bool)
+    self._buffer: list[tuple[int, int, float, float]] = []  # (client, version, start, arrival)
+    self._ready: list[BufferedStep] = []
+    self._since = [0, 0, 0]  # arrivals, dropped stale, dropped offline since the last update
+    self._start(concurrency, 0.0)
+
+  @property
+  def num_clients(self) -> int:
+    return self.task_seconds.shape[0]
+
+  @property
+  def in_flight(self) -> dict[str, np.ndarray]:
+    """The clients training now: ``{'clients', 'versions', 'start_seconds', 'arrival_seconds'}`` in start order."""
+    rows = sorted(self._in_flight, key=lambda row: row[1])
+    return {"clients": np.array([r[2] for r in rows], np.int64), "versions": np.array([r[3] for r in rows], np.int64),
+            "start_seconds": np.array([r[4] for r in rows]), "arrival_seconds": np.array([r[0] for r in rows])}
+
+  def _start(self, count: int, now: float) -> None:
+    available = np.flatnonzero(~self._busy)
+    chosen = round_generator(self.seed, self._num_starts, SAMPLING_STREAM).choice(available, size=count,
+                                                                                  replace=False).astype(np.int64)
+    durations = self.task_seconds[chosen]
+    offline = np.asarray(self.availability.offline_at(chosen, now, durations, seed=self.seed,
+                                                      round_num=self._num_starts), np.float64)
+    self._num_starts += 1
+    for client, duration, gone in zip(chosen.tolist(), durations.tolist(), offline.tolist()):
+      arrives = not math.isfinite(gone)
+      heapq.heappush(self._in_flight, (now + (duration if arrives else gone), self.num_started, client,
+                                       self.version, now, arrives))
+      self._busy[client] = True
+      self.num_started += 1
+
+  def _instant(self) -> None:
+    """Processes the next simulated instant: its arrivals, the updates they complete, then the new starts."""
+    now = self._in_flight[0][0]
+    arrived = []
+    while self._in_flight and self._in_flight[0][0] == now:
+      arrived.append(heapq.heappop(self._in_flight))  # ties pop in start order (the heap's second key)
+    for _, _, client, version, start, arrives in arrived:
+      if not arrives or self.version - version > self.max_staleness:
+        self._busy[client] = False  # free again; a buffered client is freed when its update is applied
+      if not arrives:
+        self.num_dropped_offline += 1
+        self._since[2] += 1
+        continue
+      self.num_arrivals += 1
+      self._since[0] += 1
+      if self.version - version > self.max_staleness:
+        self.num_dropped_stale += 1
+        self._since[1] += 1
+        continue
+      self._buffer.append((client, version, start, now))
+      if len(self._buffer) == self.buffer_size:
+        self._update(now)
+    self.time_seconds = now
+    self._start(len(arrived), now)
+
+  def _update(self, now: float) -> None:
+    clients, versions, starts, arrivals = (np.array(column) for column in zip(*self._buffer))
+    versions = versions.astype(np.int64)
+    self._ready.append(BufferedStep(
+        step=self.version, clients=clients.astype(np.int64), versions=versions, staleness=self.version - versions,
+        start_seconds=starts.astype(np.float64), arrival_seconds=arrivals.astype(np.float64), time_seconds=now,
+        num_arrivals=self._since[0], num_dropped_stale=self._since[1], num_dropped_offline=self._since[2]))
+    self._busy[clients.astype(np.int64)] = False
+    self._buffer = []
+    self._since = [0, 0, 0]
+    self.version += 1
+
+  def next_step(self) -> BufferedStep:
+    """The next server update (simulating instants until the buffer fills)."""
+    while not self._ready:
+      self._instant()
+    return self._ready.pop(0)
+
+  def peek_time(self) -> float:
+    """The simulated time of the next server update (simulates up to it without consuming it)."""
+    while not self._ready:
+      self._instant()
+    return self._ready[0].time_seconds
+
+
+def step_metrics(step: BufferedStep) -> dict[str, float | int]:
+  """A server update's flat ``fedbuff/`` metrics: ``server_steps`` (after it), ``arrivals``, ``dropped_stale`` and
+  ``dropped_offline`` since the previous update, ``mean_staleness`` and ``max_staleness`` of its ``K`` arrivals, and the simulated
+  ``elapsed_seconds`` / ``elapsed_hours`` at the update."""
+  metrics = {"server_steps": step.step + 1, "arrivals": step.num_arrivals, "dropped_stale": step.num_dropped_stale,
+             "dropped_offline": step.num_dropped_offline,
+             "mean_staleness": float(np.mean(step.staleness)), "max_staleness": int(np.max(step.staleness)),
+             "elapsed_seconds": float(step.time_seconds), "elapsed_hours": float(step.time_seconds) / 3600.0}
+  return {METRICS_PREFIX + key: value for key, value in metrics.items()}
+
+
+def default_max_staleness(concurrency: int, buffer_size: int) -> int:
+  """``4 * ceil(concurrency / K)``: the staleness bound the driver and the CLI use when none is given.
+
+  The paper fixes none (its staleness stays bounded by the concurrency); ``ceil(concurrency / K)`` is about the
+  server updates one task spans when every task lasts the same, so this keeps tasks up to four times slower than
+  the typical one and drops the rare slower ones.
+  """
+  validation.check_int("concurrency", concurrency, minimum=1)
+  validation.check_int("buffer_size", buffer_size, minimum=1)
+  return 4 * math.ceil(concurrency / buffer_size)
+
+
+def task_seconds_of(systems: ClientSystems, data: FederatedData, client_spec: ClientSpec, *, download_bits: int,
+                    upload_bits: int) -> np.ndarray:
+  """float64 ``[num_clients]``: how long one task of each client lasts -- download, its full local work under
+  ``client_spec`` (``ClientSpec.num_steps`` / ``num_examples``) and upload, on the simulated clock
+  (:func:`fedjax_lite.systems.client_timings`); the :class:`BufferedSchedule`'s ``task_seconds``."""
+  if not isinstance(data, FederatedData):
+    raise TypeError(f"data must be a FederatedData, got {type(data).__name__}.")
+  if not isinstance(client_spec, ClientSpec):
+    raise TypeError(f"client_spec must be a ClientSpec, got {type(client_spec).__name__}.")
+  systems.check_population(data.num_clients, data.client_ids)
+  clients = np.arange(data.num_clients)
+  return client_timings(systems, clients, steps=client_spec.num_steps(data, clients),
+                        num_examples=client_spec.num_examples(data, clients), download_bits=download_bits,
+                        upload_bits=upload_bits).total_seconds
