@@ -1,22 +1,23 @@
-"""Peak memory of a LoRA round step at 1, 10 and 100 clients under ``vmap``: one shared frozen base, or one per client?
+"""Peak memory of the library's LoRA round at 1, 10 and 100 clients under ``vmap``: one shared base, or one per client?
 
 Issue #21's bound: with a frozen base and per-client adapters, the cohort's memory holds ONE copy of the base, not
-one per client. What makes or breaks it is where the base lives in the client's training:
+one per client. What makes or breaks it is where the base lives in the client's training. Both variants are the
+library's real rounds (``process.next`` of a :func:`fedjax_lite.algorithms.build_round` process, with
+``Runner(strategy='vmap')``: every client of the round in flight at once, as on an accelerator):
 
-* ``shared`` -- the design of :func:`fedjax_lite.core.partial_model`: the client work gets the base as a broadcast
-  (unbatched, ``in_axes=None``) argument and trains a partial model whose params are the adapters alone; the base is
-  a loop-invariant input of every client's local-training loop.
-* ``in_params`` -- the base inside the trained params, frozen by the optax mask
+* ``shared`` -- :func:`fedjax_lite.algorithms.lora_fine_tuning`: the base is part of the broadcast (unbatched,
+  ``in_axes=None``) and each client trains a :func:`fedjax_lite.core.partial_model` whose params are the adapters
+  alone; the base is a loop-invariant input of every client's local-training loop, and only the adapters are
+  uploaded.
+* ``in_params`` -- :func:`fedjax_lite.algorithms.fed_avg` on the whole model with the base frozen by the optax mask
   (:func:`fedjax_lite.core.partition_optimizer`, ``optax.set_to_zero``): exact too, but the base is then carried by
   the local-training ``while_loop``, and ``vmap`` of a while loop whose trip count differs per client batches every
-  carried value -- one copy of the base (and its zero update) per client.
+  carried value -- one copy of the base (and its zero update, uploaded) per client.
 
-The round step here is written by hand (broadcast base and adapters, ``vmap`` of local SGD over the cohort, the mean
-of the adapter updates, the server step), because the LoRA round of ``fedjax_lite.algorithms`` does not exist yet;
-when it does, :func:`round_step` should call it with ``Runner(strategy='vmap')`` instead (the stub is marked TODO).
-Memory is XLA's compiled memory analysis (``jax.jit(f).lower(...).compile().memory_analysis()``: arguments, outputs
-and temporaries of the one program; nothing runs), so it measures the program's buffers on any backend, CPU
-included. ``peak`` is arguments + outputs + temporaries - aliased.
+Memory is XLA's compiled memory analysis (``jax.jit(process.next, donate_argnums=(0,)).lower(...).compile()
+.memory_analysis()``, the state donated as ``run_training`` donates it:
+arguments, outputs and temporaries of the one program; nothing runs), so it measures the program's buffers on any
+backend, CPU included. ``peak`` is arguments + outputs + temporaries - aliased.
 
 Bound (what the figures should show): ``peak(N) ~= |base| + N x (|adapters| x (3 + optimizer slots) + activations
 of one client's step + its data)`` for ``shared``, against ``peak(N) ~= (N + 1) x |base| + ...`` for ``in_params``:
@@ -33,43 +34,23 @@ import re
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 VARIANTS = ("shared", "in_params")
 
 
-def round_step(model, labels, variant: str, learning_rate: float = 0.1):
-  """``(base, adapters, client_data, rngs) -> new adapters``: one hand-written LoRA FedAvg round under ``vmap``.
+def round_process(model, labels, variant: str, learning_rate: float = 0.1):
+  """The library's round of ``variant`` (module docstring), every client in flight at once (``vmap``)."""
+  from fedjax_lite import algorithms, core
 
-  TODO(#21): replace by the library's LoRA round (``algorithms``' partial-model FedAvg with ``Runner(strategy=
-  'vmap')``) once it exists; keep the two variants' meaning.
-  """
-  from fedjax_lite import core
-  from fedjax_lite.algorithms.local_training import train_locally
-
-  def client_shared(base, adapters, data, rng):
-    partial = core.partial_model(model, labels, {"frozen": base})
-    final, _ = train_locally(partial, optax.sgd(learning_rate), adapters, data, rng)
-    return jax.tree.map(jnp.subtract, adapters, final)
-
-  masked_optimizer = core.partition_optimizer(labels, optax.sgd(learning_rate))
-
-  def client_in_params(base, adapters, data, rng):
-    params = core.merge_params({"frozen": base, "global": adapters}, labels)
-    final, _ = train_locally(model, masked_optimizer, params, data, rng)
-    return jax.tree.map(jnp.subtract, adapters, core.split_params(final, labels)["global"])
-
-  client = {"shared": client_shared, "in_params": client_in_params}[variant]
-
-  def step(base, adapters, client_data, rngs):
-    updates = jax.vmap(client, in_axes=(None, None, 0, 0))(base, adapters, client_data, rngs)  # broadcast, work
-    weights = client_data["num_examples"].astype(jnp.float32)
-    mean = jax.tree.map(lambda u: jnp.tensordot(weights, u, 1) / jnp.sum(weights), updates)  # aggregation
-    return jax.tree.map(jnp.subtract, adapters, mean)  # server step (SGD with learning rate 1)
-
-  return step
+  # One device, every client in one vmap (not sharded over the host's CPU devices when configure_cpu made several:
+  # the per-client buffers would then be per device).
+  runner = core.Runner(strategy="vmap", shard_host_devices=False)
+  if variant == "shared":
+    return algorithms.lora_fine_tuning(model, labels, client_learning_rate=learning_rate, runner=runner)
+  return algorithms.fed_avg(model, client_optimizer=core.partition_optimizer(labels, optax.sgd(learning_rate)),
+                            runner=runner)
 
 
 def client_data(num_clients: int, num_steps: int, batch_size: int, sequence_length: int, vocab: int, seed=0):
@@ -85,7 +66,7 @@ def client_data(num_clients: int, num_steps: int, batch_size: int, sequence_leng
 
 def compiled_round_step(num_clients: int, variant: str, *, width: int, layers: int, heads: int, rank: int,
                         sequence_length: int = 20, num_steps: int = 2, batch_size: int = 4, vocab_size: int = 86):
-  """``(compiled round step, base and adapter parts (shapes))`` for the default-layout transformer with LoRA."""
+  """``(compiled process.next, base and adapter parts (shapes))`` for the default-layout transformer with LoRA."""
   from fedjax_lite import core, models
 
   model = models.transformer_lm(vocab_size=vocab_size, sequence_length=sequence_length, num_layers=layers,
@@ -94,9 +75,10 @@ def compiled_round_step(num_clients: int, variant: str, *, width: int, layers: i
   labels = models.lora_labels(params)
   parts = core.split_params(params, labels)
   data = client_data(num_clients, num_steps, batch_size, sequence_length, vocab_size + 4)
-  rngs = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), num_clients))
-  step = round_step(model, labels, variant)
-  return jax.jit(step).lower(parts["frozen"], parts["global"], data, rngs).compile(), parts
+  process = round_process(model, labels, variant)
+  state = jax.eval_shape(process.init, params)
+  # The state donated, as run_training's jitted round does: the new params (base included) reuse its buffers.
+  return jax.jit(process.next, donate_argnums=(0,)).lower(state, data, jax.random.key(0)).compile(), parts
 
 
 def per_client_base_buffers(compiled, base, num_clients: int) -> int:

@@ -173,3 +173,23 @@ def test_compression_ef_fast_run_writes_results(tmp_path, capsys):
       10 * (97 * 46 + 32), 2 * 10 * (97 * 46 + 32)]
   assert len(summary["settings"]) == 2 and (tmp_path / "compression_ef.png").stat().st_size > 1000
   assert "| sign_ef |" in capsys.readouterr().out
+
+
+def test_lora_finetune_fast_run_compares_full_lora_and_frozen(tmp_path, capsys):
+  spec = importlib.util.spec_from_file_location("lora_finetune", SCRIPT.parent / "lora_finetune.py")
+  lora_finetune = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(lora_finetune)
+  with pytest.raises(SystemExit) as error:
+    lora_finetune.parse_args(["--ranks", "0"])
+  assert error.value.code == 2
+  assert lora_finetune.main(["--fast", "--output-dir", str(tmp_path)]) == 0
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  settings = {s["method"]: s for s in summary["settings"]}
+  assert set(settings) == {"frozen", "full", "lora2"}
+  assert settings["frozen"]["upload_bits_per_client"] == 0
+  # The exact upload: the adapters (float32) and the mean's weight; full fine-tuning: every parameter.
+  assert settings["lora2"]["upload_bits_per_client"] == 32 * settings["lora2"]["trained_parameters"] + 32
+  assert settings["full"]["upload_bits_per_client"] == 32 * settings["full"]["trained_parameters"] + 32
+  assert 0 < settings["lora2"]["upload_fraction_of_full"] < 0.1
+  assert (tmp_path / "lora_finetune.png").stat().st_size > 1000
+  assert "| lora2 |" in capsys.readouterr().out

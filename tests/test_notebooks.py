@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ("00_introduction.ipynb", "01_fedavg_from_scratch.ipynb", "02_aggregators.ipynb",
          "03_differential_privacy.ipynb", "04_compression.ipynb", "05_tuning_aggregations.ipynb",
-         "06_dp_ftrl.ipynb", "07_cross_device.ipynb")
+         "06_dp_ftrl.ipynb", "07_cross_device.ipynb", "08_lora_finetune.ipynb")
 EXTRAS = {"06_dp_ftrl.ipynb": "[dp_mf]"}  # the optional extra a notebook installs with fedjax_lite
 
 
@@ -408,3 +408,21 @@ def test_07_cross_device():
       assert metrics["num_clients"] == 50
       assert 0.0 <= metrics["worst_10_percent"] <= metrics["client_mean"] <= metrics["best_10_percent"] <= 1.0
       assert metrics["variance"] >= 0.0
+
+
+@pytest.mark.slow
+def test_08_lora_finetune():
+  with run_notebook("08_lora_finetune.ipynb") as kernel:
+    upload = kernel["upload_bits"]
+    ranks = kernel["RANKS"]
+    assert set(upload) == {"frozen base", "full", *(f"LoRA r={rank}" for rank in ranks)}
+    # Exact uploads: float32 adapters (or the whole model) and the mean's 32-bit weight per client.
+    sizes = kernel["sizes"]
+    for rank in ranks:
+      assert upload[f"LoRA r={rank}"] == 32 * sizes[rank]["global"] + 32
+    assert upload["full"] == 32 * sizes[ranks[0]]["frozen"] + 32 and upload["frozen base"] == 0
+    assert kernel["base_unchanged"] is True
+    assert 0.009 < kernel["adapter_fraction"] < 0.011  # the default model at rank 8: 1.0% (its docstring)
+    accuracy = kernel["accuracy"]
+    assert all(curve.shape == (kernel["NUM_ROUNDS"],) and np.all((0 <= curve) & (curve <= 1))
+               for curve in accuracy.values())

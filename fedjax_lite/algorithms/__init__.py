@@ -34,6 +34,7 @@ from fedjax_lite.algorithms.fed_opt import (
 from fedjax_lite.algorithms.fed_nova import fed_nova, nova_normalizer
 from fedjax_lite.algorithms.fed_prox import fed_prox, proximal_term
 from fedjax_lite.algorithms.fed_sgd import fed_sgd
+from fedjax_lite.algorithms.lora_fine_tuning import frozen_base_training_work, lora_fine_tuning
 from fedjax_lite.algorithms.q_ffl import q_ffl
 from fedjax_lite.algorithms.mime import MimeServerState, frozen_state, mime, mime_lite
 from fedjax_lite.algorithms.scaffold import ScaffoldServerState, control_variate_correction, scaffold
@@ -85,6 +86,8 @@ __all__ = [
     "communication_bits",
     "round_bits",
     "fed_kmeans",
+    "frozen_base_training_work",
+    "lora_fine_tuning",
     "batch_norm_labels",
     "fed_bn",
     "fed_per",

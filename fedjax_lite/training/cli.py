@@ -26,6 +26,12 @@ sampling, the Gaussian mechanism); ``tree``, ``blt``, ``banded`` and ``toeplitz`
 ``--rounds``). ``--audit-canaries N`` adds N canary clients (and holds out N more) and, after training, writes the
 one-shot audit's empirical epsilons (``privacy.audit``) beside the accountant's epsilon.
 
+Fine-tuning: ``--init-from CKPT`` starts from saved weights (``models.load_params``); ``--model transformer
+--init-from CKPT --lora-rank R`` fine-tunes a pretrained ``models.transformer_lm`` (its architecture read from
+``CKPT.json``, as ``experiments/pretrain_transformer.py`` writes it) by training and uploading only rank-R LoRA
+adapters, the base frozen (``algorithms.lora_fine_tuning``); ``--dataset grammar`` is a generated corpus with
+per-client shifts (``--grammar-domain``, ``--grammar-shift``).
+
 Client systems (:mod:`fedjax_lite.systems`, ``docs/systems.md``): ``--systems lognormal|constant|TRACE`` runs
 synchronous rounds on a simulated clock (``systems/elapsed_hours`` in every record, the plot against simulated
 hours), with ``--dropout P`` (lognormal or constant populations), ``--over-selection F``, ``--deadline SECONDS`` and
@@ -55,9 +61,10 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 EXIT_USAGE = 2
 
-DATASETS = ("digits", "synthetic", "emnist", "shakespeare", "stackoverflow", "cifar100")  # and "tfds:NAME"
+DATASETS = ("digits", "synthetic", "emnist", "shakespeare", "stackoverflow", "cifar100", "grammar")  # +"tfds:NAME"
 TEXT_DATASETS = ("shakespeare", "stackoverflow")
-MODELS = ("cnn", "mlp", "dense", "cnn-dropout", "lstm", "resnet18")
+MODELS = ("cnn", "mlp", "dense", "cnn-dropout", "lstm", "resnet18", "transformer")
+LANGUAGE_MODEL_DATASETS = ("grammar", "shakespeare", "stackoverflow")  # --model transformer's
 ALGORITHMS = ("fedavg", "fedsgd", "fedprox", "scaffold", "mimelite", "mime", "fedadam", "fedyogi", "fedadagrad",
               "fedavgm", "fednova", "qffl", "fedbuff")
 SYSTEMS_MODELS = ("lognormal", "constant")  # or the path of a trace file (CSV or JSON)
@@ -169,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
   data = train.add_argument_group("data")
   data.add_argument("--dataset", type=_dataset_name, default="digits",
                     metavar="{" + ",".join(DATASETS) + ",tfds:NAME}",
-                    help="digits and synthetic are built in; emnist (62 classes), shakespeare, stackoverflow and "
+                    help="digits, synthetic and grammar (generated sentences, for --model transformer) are built in; emnist (62 classes), shakespeare, stackoverflow and "
                          "cifar100 read the reference's files from --data-dir; tfds:NAME a prepared TFDS dataset")
   data.add_argument("--data-dir", default=None,
                     help="folder with the dataset's files (default: $FEDJAX_LITE_DATA or ~/.cache/fedjax_lite)")
@@ -183,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
   data.add_argument("--dirichlet-alpha", type=positive_float, default=0.5)
   data.add_argument("--test-fraction", type=_fraction, default=0.2,
                     help="held out for testing: of each class (digits), of each client's examples (synthetic)")
+  data.add_argument("--grammar-domain", type=nonnegative_int, default=0,
+                    help="--dataset grammar (generated sentences, datasets.grammar_corpus): the shared word "
+                         "distribution")
+  data.add_argument("--grammar-shift", type=_fraction, default=0.0,
+                    help="--dataset grammar: how far each client's word choice moves from the shared one, in [0, 1]")
   model = train.add_argument_group("model and algorithm")
   model.add_argument("--model", choices=MODELS, default="cnn")
   model.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg",
@@ -249,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="quantize the broadcast model's tensors above 10,000 elements to this many bits "
                           "(0: off)")
   model.add_argument("--weighting", choices=("num_examples", "uniform"), default="num_examples")
+  tuning = train.add_argument_group("fine-tuning a pretrained model")
+  tuning.add_argument("--init-from", default=None, metavar="CKPT",
+                      help="start from these weights (.npz, .safetensors or an orbax directory; nothing is "
+                           "downloaded); --model transformer reads its architecture from CKPT.json beside them "
+                           "(experiments/pretrain_transformer.py writes both)")
+  tuning.add_argument("--lora-rank", type=positive_int, default=None, metavar="R",
+                      help="LoRA: train and upload only rank-R adapters on the query and value projections, the "
+                           "pretrained base frozen and shared (algorithms.lora_fine_tuning)")
   rounds = train.add_argument_group("rounds")
   rounds.add_argument("--rounds", type=positive_int, default=100)
   rounds.add_argument("--clients-per-round", type=positive_int, default=10)
@@ -400,9 +420,15 @@ _FLAG_CONDITIONS = {
                  lambda a: a.dataset not in ("digits", "synthetic")),
     "download": ("--dataset emnist, shakespeare, stackoverflow, cifar100 or tfds:NAME (digits and synthetic are "
                  "built in)", lambda a: a.dataset not in ("digits", "synthetic")),
-    "num_clients": ("--dataset digits, synthetic or tfds:NAME (the others come with their own clients)",
-                    lambda a: a.dataset in ("digits", "synthetic") or a.dataset.startswith("tfds:")),
-    "test_fraction": ("--dataset digits or synthetic", lambda a: a.dataset in ("digits", "synthetic")),
+    "num_clients": ("--dataset digits, synthetic, grammar or tfds:NAME (the others come with their own clients)",
+                    lambda a: a.dataset in ("digits", "synthetic", "grammar") or a.dataset.startswith("tfds:")),
+    "test_fraction": ("--dataset digits, synthetic or grammar",
+                      lambda a: a.dataset in ("digits", "synthetic", "grammar")),
+    "grammar_domain": ("--dataset grammar", lambda a: a.dataset == "grammar"),
+    "grammar_shift": ("--dataset grammar", lambda a: a.dataset == "grammar"),
+    "lora_rank": ("--model transformer --init-from CKPT --algorithm fedavg, without --aggregator dp",
+                  lambda a: (a.model == "transformer" and a.init_from is not None and a.algorithm == "fedavg"
+                             and a.aggregator != "dp")),
     "dirichlet_alpha": ("--dataset digits --partition dirichlet",
                         lambda a: a.dataset == "digits" and a.partition == "dirichlet"),
     "checkpoint_every": ("--checkpoint-dir", lambda a: a.checkpoint_dir is not None),
@@ -582,6 +608,8 @@ def _load_data(args):
     digits = load_digits(num_clients=args.num_clients, partition=args.partition, alpha=args.dirichlet_alpha,
                          test_fraction=args.test_fraction, seed=args.seed)
     return digits.train, digits.test, digits.num_classes, tuple(digits.input_shape)
+  if args.dataset == "grammar":
+    return _load_grammar(args)
   if args.dataset != "synthetic":
     return _load_file_dataset(args)
   population = synthetic_leaf(num_clients=args.num_clients, seed=args.seed)
@@ -674,6 +702,74 @@ def _build_model(name: str, num_classes: int, input_shape, dataset: str = "digit
   return builder(num_classes=num_classes, input_shape=input_shape)
 
 
+def _checkpoint_model_arguments(args) -> dict | None:
+  """``--model transformer --init-from CKPT``: the ``transformer_lm`` arguments recorded in ``CKPT.json`` (what
+  ``experiments/pretrain_transformer.py`` writes beside the weights); None without ``--init-from``."""
+  if args.model != "transformer" or args.init_from is None:
+    return None
+  weights = os.path.abspath(os.path.expanduser(args.init_from.rstrip("/")))
+  record = weights + ".json"
+  if not os.path.exists(weights):
+    raise UsageError(f"--init-from {args.init_from}: no such file or directory (nothing is downloaded)")
+  try:
+    with open(record) as source:
+      arguments = json.load(source)["model"]
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    raise UsageError(f"--init-from {args.init_from}: --model transformer reads its architecture from {record} "
+                     f"(a JSON object with the transformer_lm arguments under 'model', as "
+                     f"experiments/pretrain_transformer.py writes): {type(error).__name__}: {error}") from None
+  if not isinstance(arguments, dict):
+    raise UsageError(f"--init-from {args.init_from}: 'model' in {record} must be a JSON object of transformer_lm "
+                     "arguments")
+  return arguments
+
+
+def _load_grammar(args):
+  """``--dataset grammar``: generated sentences (``datasets.grammar_corpus``), 200 per client, offline; sentences
+  as long as the checkpoint's model takes (20 words without ``--init-from``)."""
+  from fedjax_lite import datasets
+
+  arguments = _checkpoint_model_arguments(args) or {}
+  corpus = datasets.grammar_corpus(num_clients=args.num_clients, sequence_length=arguments.get("sequence_length", 20),
+                                   shift=args.grammar_shift, domain=args.grammar_domain,
+                                   test_fraction=args.test_fraction, seed=args.seed)
+  return corpus.train, corpus.test.all_examples(), corpus.num_classes, tuple(corpus.input_shape)
+
+
+def _build_transformer(args, num_classes: int, input_shape):
+  """``--model transformer``: ``models.transformer_lm`` for the dataset's vocabulary (the checkpoint's
+  architecture with ``--init-from``, else the default one), with rank ``--lora-rank`` adapters."""
+  from fedjax_lite import models
+
+  if args.dataset not in LANGUAGE_MODEL_DATASETS:
+    raise UsageError(f"--model transformer needs --dataset {', '.join(LANGUAGE_MODEL_DATASETS)}")
+  arguments = dict(_checkpoint_model_arguments(args) or {"sequence_length": input_shape[0]})
+  vocab_size = num_classes - 4  # pad, BOS, EOS and one OOV bucket besides the words
+  if arguments.setdefault("vocab_size", vocab_size) != vocab_size:
+    raise UsageError(f"--init-from {args.init_from}: the checkpoint's model has a vocabulary of "
+                     f"{arguments['vocab_size']} tokens, --dataset {args.dataset} {vocab_size}")
+  if arguments.get("sequence_length") != input_shape[0]:
+    raise UsageError(f"--init-from {args.init_from}: the checkpoint's model takes sequences of "
+                     f"{arguments.get('sequence_length')} tokens, --dataset {args.dataset} has {input_shape[0]}")
+  return models.transformer_lm(**arguments, lora_rank=args.lora_rank or 0)
+
+
+def _initial_params(args, model):
+  """The run's starting params: ``model.init`` at ``--seed``, or the ``--init-from`` weights loaded into them (the
+  LoRA adapters, absent from a base checkpoint, keep their initialization)."""
+  import jax
+
+  from fedjax_lite import models
+
+  params = model.init(jax.random.key(args.seed))
+  if args.init_from is None:
+    return params
+  try:
+    return models.load_params(args.init_from, params, missing_ok=models.is_lora_path if args.lora_rank else None)
+  except (OSError, ValueError) as error:
+    raise UsageError(f"--init-from {args.init_from}: {error}") from None
+
+
 def _build_algorithm(args, model, num_clients, server_optimizer, server_lr, aggregator, weighting, encoder, runner):
   """The ``--algorithm``'s process with its knobs."""
   import optax
@@ -743,7 +839,12 @@ def _build_job(args, mesh=None):
   if args.clients_per_round > train_data.num_clients:
     raise UsageError(f"--clients-per-round ({args.clients_per_round}) exceeds the {train_data.num_clients} "
                      "clients of the population")
-  model = _build_model(args.model, num_classes, input_shape, dataset=args.dataset)
+  if args.model == "transformer":
+    model = _build_transformer(args, num_classes, input_shape)
+  elif args.dataset == "grammar":
+    raise UsageError("--dataset grammar needs --model transformer")
+  else:
+    model = _build_model(args.model, num_classes, input_shape, dataset=args.dataset)
   runner = Runner(strategy=args.runner, chunk_size=args.chunk_size, mesh=mesh)
   server_lr = args.server_lr if args.server_lr is not None else DEFAULT_SERVER_LR.get(args.algorithm, 1.0)
   server_optimizer = _server_optimizer(args.server_optimizer, server_lr)
@@ -762,8 +863,16 @@ def _build_job(args, mesh=None):
     from fedjax_lite.aggregators import broadcast_encoder
 
     encoder = broadcast_encoder(args.broadcast_quantization_bits, 10000)
-  process = _build_algorithm(args, model, train_data.num_clients, server_optimizer, server_lr, aggregator,
-                             "num_examples" if weighted else "uniform", encoder, runner)
+  if args.lora_rank:
+    from fedjax_lite import algorithms, models
+
+    process = algorithms.lora_fine_tuning(  # the adapters 'global', the pretrained base 'frozen'
+        model, lambda path: "global" if models.is_lora_path(path) else "frozen", client_learning_rate=args.client_lr,
+        server_optimizer=server_optimizer, weighting="num_examples" if weighted else "uniform",
+        aggregator=aggregator, broadcast_encoder=encoder, runner=runner)
+  else:
+    process = _build_algorithm(args, model, train_data.num_clients, server_optimizer, server_lr, aggregator,
+                               "num_examples" if weighted else "uniform", encoder, runner)
   client_spec = ClientSpec(batch_size=args.batch_size,
                            num_epochs=args.local_epochs if args.algorithm != "fedsgd" else 1,
                            max_steps=args.max_local_steps)
@@ -949,7 +1058,7 @@ def train_command(args, distributed=None) -> dict | None:
                                           config=_run_config(args))]
     except ImportError as error:
       raise UsageError(f"--log-format wandb: {error}") from None
-  initial_params = model.init(jax.random.key(args.seed))
+  initial_params = _initial_params(args, model)
   if args.algorithm == "fedbuff":
     return _train_fed_buff(args, process, train_data, initial_params, client_spec, runner,
                            lambda params: evaluate(params, test_data), output_dir,
