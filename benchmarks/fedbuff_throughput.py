@@ -118,8 +118,9 @@ def main(argv=None) -> int:
       run = run_fed_buff(fed_buff, data, params, client_spec=spec, seed=0, num_server_steps=steps,
                          systems=population, num_steps=num_steps)
     else:
-      run = run_fed_buff(fed_buff, data, params, client_spec=spec, seed=0, num_server_steps=steps,
-                         num_steps=num_steps, state=previous.state, schedule=previous.schedule)
+      run = run_fed_buff(fed_buff, data, params, client_spec=spec, seed=0,
+                         num_server_steps=previous.schedule.steps_taken + steps, num_steps=num_steps,
+                         state=previous.state, schedule=previous.schedule)
     jax.block_until_ready(run.state)
     buff["run"] = run
     buff.setdefault("history", []).extend(run.history)

@@ -113,7 +113,7 @@ def run_fed_buff_config(config: Config, process, data, params, population, args,
   run = training.run_fed_buff(
       process, data.train, params, client_spec=core.ClientSpec(batch_size=BATCH_SIZE, num_epochs=LOCAL_EPOCHS),
       seed=seed, num_server_steps=args.rounds * CLIENTS_PER_ROUND // FEDBUFF_BUFFER_SIZE, systems=population,
-      on_step=lambda step, state: {"evaluation/accuracy": float(evaluate(state.params)["accuracy"])})
+      evaluate=lambda params: {"accuracy": float(evaluate(params)["accuracy"])})
   history = [{**record, "systems/elapsed_seconds": record["fedbuff/elapsed_seconds"],
               "systems/num_counted": record["fedbuff/num_applied"], "systems/num_partial": 0}
              for record in run.history]

@@ -125,6 +125,8 @@ class FedBuff(NamedTuple):
     concurrency: clients training at once; buffer_size: ``K``; max_staleness: the staleness bound;
     staleness_weight: ``s(tau)``.
     parts: the FedAvg round's :class:`~fedjax_lite.algorithms.RoundParts` with the FedBuff client work.
+    aggregator: the aggregator run over each buffer (its ``dp_event()`` is one server step's privacy event, for
+      :func:`fedjax_lite.training.fed_buff_privacy`).
   """
 
   init: Callable[..., FedBuffState]
@@ -135,6 +137,7 @@ class FedBuff(NamedTuple):
   max_staleness: int
   staleness_weight: StalenessWeight
   parts: Any
+  aggregator: Any
 
 
 def staleness_work(client_work: ClientWork) -> ClientWork:
@@ -279,4 +282,5 @@ def fed_buff(
     return RoundOutput(state=FedBuffState(server=new_server, ring=ring), metrics=metrics, client_states=None)
 
   return FedBuff(init=init, next=next_fn, bits_per_client=bits, concurrency=concurrency, buffer_size=buffer_size,
-                 max_staleness=max_staleness, staleness_weight=staleness_weight, parts=parts)
+                 max_staleness=max_staleness, staleness_weight=staleness_weight, parts=parts,
+                 aggregator=aggregator)

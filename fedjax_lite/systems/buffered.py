@@ -95,8 +95,10 @@ class BufferedSchedule:
       rule for whom to start instead).
 
   Attributes (read-only views of the simulation):
-    version: server updates planned so far; time_seconds: the simulated time of the last instant processed;
-    num_arrivals, num_dropped_stale, num_dropped_offline, num_started: totals since the start.
+    steps_taken: server updates taken (:meth:`next_step`) so far: the schedule's position;
+    version: server updates planned so far (``>= steps_taken``: planning runs ahead, :meth:`planned`);
+    time_seconds: the simulated time of the last instant processed;
+    num_arrivals, num_dropped_stale, num_dropped_offline, num_started: totals since the start (of the planning).
   """
 
   def __init__(self, task_seconds, *, concurrency: int, buffer_size: int, max_staleness: int, seed: int = 0,
@@ -128,6 +130,7 @@ class BufferedSchedule:
     self.num_dropped_stale = 0
     self.num_dropped_offline = 0
     self.num_started = 0
+    self.steps_taken = 0
     self._num_starts = 0  # start instants so far (the sampling stream's round)
     # (arrival or drop-out time, start order, client, version, start time, arrives: False for a drop-out)
     self._in_flight: list[tuple[float, int, int, int, float, bool]] = []
@@ -201,16 +204,23 @@ class BufferedSchedule:
     self.version += 1
 
   def next_step(self) -> BufferedStep:
-    """The next server update (simulating instants until the buffer fills)."""
-    while not self._ready:
+    """Takes the next server update (simulating instants until the buffer fills): step ``steps_taken``."""
+    step = self.planned(self.steps_taken)
+    self._ready.pop(0)
+    self.steps_taken += 1
+    return step
+
+  def planned(self, step: int) -> BufferedStep:
+    """Server update ``step`` (``>= steps_taken``) WITHOUT taking it: simulates up to it, and keeps it and the
+    updates before it for :meth:`next_step` (a driver packs step ``s + 1`` while step ``s`` runs)."""
+    validation.check_int("step", step, minimum=self.steps_taken)
+    while len(self._ready) <= step - self.steps_taken:
       self._instant()
-    return self._ready.pop(0)
+    return self._ready[step - self.steps_taken]
 
   def peek_time(self) -> float:
-    """The simulated time of the next server update (simulates up to it without consuming it)."""
-    while not self._ready:
-      self._instant()
-    return self._ready[0].time_seconds
+    """The simulated time of the next server update (simulates up to it without taking it)."""
+    return self.planned(self.steps_taken).time_seconds
 
 
 def step_metrics(step: BufferedStep) -> dict[str, float | int]:

@@ -7,7 +7,7 @@ packed on the host; :func:`drive_scanned_rounds`, rounds drawn and scanned on th
 evaluate, checkpoint and stop) and :class:`RunCheckpoints` (what a run restores and saves).
 """
 
-from fedjax_lite.training.buffered_driver import FedBuffRun, run_fed_buff
+from fedjax_lite.training.buffered_driver import BufferedPacker, FedBuffRun, fed_buff_privacy, run_fed_buff
 from fedjax_lite.training.checkpoint import (CheckpointError, CheckpointInUseError, CheckpointSaveError,
                                              ConfigMismatchError, RunCheckpointer, TrainingInterrupted,
                                              read_checkpoint)
@@ -21,7 +21,7 @@ from fedjax_lite.training.schedule import RoundSchedule
 from fedjax_lite.training.tracking import (CsvTracker, JsonlTracker, TensorBoardTracker, Tracker, WandbTracker,
                                            make_trackers)
 
-__all__ = ["FedBuffRun", "run_fed_buff", "CheckpointError", "CheckpointInUseError", "CheckpointSaveError", "ConfigMismatchError", "CsvTracker",
+__all__ = ["BufferedPacker", "FedBuffRun", "fed_buff_privacy", "run_fed_buff", "CheckpointError", "CheckpointInUseError", "CheckpointSaveError", "ConfigMismatchError", "CsvTracker",
            "HostRoundPacker", "JsonlTracker", "PackedRound", "Progress", "Recorder", "RoundSchedule",
            "RunCheckpointer", "RunCheckpoints", "TensorBoardTracker", "Tracker", "TrainingInterrupted",
            "TrainingResult", "TrainingStalledError", "WandbTracker", "drive_rounds", "drive_scanned_rounds",

@@ -1062,7 +1062,8 @@ def train_command(args, distributed=None) -> dict | None:
   if args.algorithm == "fedbuff":
     return _train_fed_buff(args, process, train_data, initial_params, client_spec, runner,
                            lambda params: evaluate(params, test_data), output_dir,
-                           None if simulated is None else simulated.systems)
+                           None if simulated is None else simulated.systems, trackers=trackers,
+                           checkpointing=checkpointing)
   result = run_training(
       process, train_data, initial_params, client_spec=client_spec,
       num_rounds=args.rounds, seed=args.seed, evaluate=lambda params: evaluate(params, test_data),
@@ -1132,49 +1133,35 @@ def _check_fed_buff_flags(args, mesh, simulated) -> None:
                        "they finish)")
   if simulated is not None and isinstance(simulated.systems.availability, AvailabilityWindows):
     raise UsageError("--algorithm fedbuff does not support a trace's availability windows yet (--dropout is)")
-  for flag, value in (("--checkpoint-dir", args.checkpoint_dir), ("--rounds-per-dispatch", args.rounds_per_dispatch)):
-    if value is not None:
-      raise UsageError(f"{flag} is not supported with --algorithm fedbuff yet")
+  if args.rounds_per_dispatch is not None:
+    raise UsageError("--rounds-per-dispatch is not supported with --algorithm fedbuff (its steps are planned on the "
+                     "host, one dispatch each)")
   if mesh is not None:
     raise UsageError("--algorithm fedbuff runs in one process")
-  unsupported = [name for name in args.log_format if name not in ("jsonl", "png")]
-  if unsupported:
-    raise UsageError(f"--log-format {','.join(unsupported)} is not supported with --algorithm fedbuff yet (jsonl "
-                     "and png are)")
 
 
 def _train_fed_buff(args, process, train_data, initial_params, client_spec, runner, evaluate, output_dir,
-                    population) -> dict:
+                    population, *, trackers, checkpointing) -> dict:
   """``--algorithm fedbuff``: ``--rounds`` server steps of :func:`~fedjax_lite.training.run_fed_buff` on the
-  ``--systems`` population (``--dropout`` included), by default log-normal client systems (FedScale's defaults,
-  seeded by ``--seed``); metrics.jsonl, training.png (against simulated hours) and summary.json as for the other
-  algorithms (a server step in place of a round)."""
+  ``--systems`` population (``--dropout`` and a trace's availability windows included), by default log-normal
+  client systems (FedScale's defaults, seeded by ``--seed``); the same files as the other algorithms (a server step
+  in place of a round): metrics.jsonl, the csv/TensorBoard/wandb trackers, training.png (against simulated hours),
+  summary.json, and checkpoints with ``--checkpoint-dir`` (``--resume`` continues bit-identically)."""
   import jax
 
   from fedjax_lite import systems
   from fedjax_lite.training import units
   from fedjax_lite.training.buffered_driver import run_fed_buff
   from fedjax_lite.training.plotting import plot_history
-  from fedjax_lite.training.recorder import flatten_metrics
+  from fedjax_lite.training.tracking import FILE_NAMES
 
-  def on_step(step, state):
-    if (step + 1) % args.eval_every == 0 or step + 1 == args.rounds:
-      return flatten_metrics(jax.device_get(evaluate(state.params)), "evaluation/")
-    return None
-
-  start = time.perf_counter()
   run = run_fed_buff(process, train_data, initial_params, client_spec=client_spec, seed=args.seed,
                      num_server_steps=args.rounds,
                      systems=population or systems.lognormal_systems(train_data.num_clients, seed=args.seed),
-                     on_step=on_step)
-  seconds = time.perf_counter() - start
-  history = [{"round": record["step"], **record} for record in run.history]
-  total_bits = {key: sum(int(record.get(key, 0)) for record in history)
-                for key in ("broadcasted_bits", "aggregated_bits")}
-  if "jsonl" in args.log_format:
-    with open(os.path.join(output_dir, "metrics.jsonl"), "w") as sink:
-      for record in history:
-        sink.write(json.dumps(record) + "\n")
+                     evaluate=evaluate, evaluate_every=args.eval_every,
+                     metrics_path=os.path.join(output_dir, "metrics.jsonl") if "jsonl" in args.log_format else None,
+                     progress=not (args.no_progress or args.quiet), trackers=trackers, **checkpointing)
+  history = run.history
   plot_path = os.path.join(output_dir, "training.png") if "png" in args.log_format else None
   if plot_path is not None:
     plot_history(history, plot_path, x_key="fedbuff/elapsed_hours",
@@ -1186,17 +1173,22 @@ def _train_fed_buff(args, process, train_data, initial_params, client_spec, runn
       "clients_per_round": process.buffer_size, "fedbuff_concurrency": process.concurrency,
       "fedbuff_max_staleness": process.max_staleness,
       "final_test_accuracy": last.get("evaluation/accuracy"), "final_test_loss": last.get("evaluation/loss"),
-      "final_train_loss": last.get("client_work/train/loss"), "seconds": round(seconds, 3),
+      "final_train_loss": last.get("client_work/train/loss"), "seconds": round(run.seconds, 3),
       "simulated_hours": last["fedbuff/elapsed_hours"],
       "mean_staleness": sum(r["fedbuff/mean_staleness"] for r in history) / len(history),
       "dropped_stale": sum(r["fedbuff/dropped_stale"] for r in history),
-      "aggregator": args.aggregator, "epsilon": None, "delta": None, "audit": None, "stopped_early": None,
-      "broadcasted_mebibits": units.mebibits(total_bits["broadcasted_bits"]),
-      "aggregated_mebibits": units.mebibits(total_bits["aggregated_bits"]),
+      "dropped_offline": sum(r["fedbuff/dropped_offline"] for r in history),
+      "aggregator": args.aggregator, "epsilon": None, "delta": None, "audit": None,
+      "stopped_early": run.stopped_early,
+      "broadcasted_mebibits": units.mebibits(last.get("cumulative_broadcasted_bits", 0)),
+      "aggregated_mebibits": units.mebibits(last.get("cumulative_aggregated_bits", 0)),
       "backend": jax.default_backend(), "runner": runner.resolved_strategy(), "processes": 1,
       "devices": runner.resolved_mesh().size if runner.resolved_mesh() is not None else 1,
       "output_dir": output_dir,
       "metrics_file": os.path.join(output_dir, "metrics.jsonl") if "jsonl" in args.log_format else None,
+      "csv_file": os.path.join(output_dir, FILE_NAMES["csv"]) if "csv" in args.log_format else None,
+      "tensorboard_dir": (os.path.join(output_dir, FILE_NAMES["tensorboard"]) if "tensorboard" in args.log_format
+                          else None),
       "plot_file": plot_path,
   }
   with open(os.path.join(output_dir, "summary.json"), "w") as sink:

@@ -52,9 +52,9 @@ from fedjax_lite.core.tree import PyTree
 from fedjax_lite.privacy.accounting import PrivacyLedger
 from fedjax_lite.systems.rounds import SystemsRounds
 from fedjax_lite.training import checkpoint as checkpointing
-from fedjax_lite.training.recorder import Recorder, TrainingStalledError, flatten_metrics
+from fedjax_lite.training.recorder import Recorder, TrainingStalledError, check_recording_arguments, flatten_metrics
 from fedjax_lite.training.round_driver import HostRoundPacker, drive_rounds, trace_round
-from fedjax_lite.training.run_checkpoints import RunCheckpoints
+from fedjax_lite.training.run_checkpoints import open_checkpoints
 from fedjax_lite.training.scanned_driver import check_device_training, drive_scanned_rounds
 from fedjax_lite.training.schedule import RoundSchedule
 from fedjax_lite.training.simulated_time import SimulatedTimeDriver
@@ -244,13 +244,9 @@ def run_training(
     run = checkpointing.describe_run(
         seed=seed, sampler=sampler, client_spec=client_spec, num_steps=num_steps, evaluate_every=evaluate_every,
         train_data=train_data, initial_params=initial_params, privacy=privacy, extra_names=list(extra_state))
-    checkpoints = RunCheckpoints(checkpoint_dir, keep=checkpoint_keep, run=run, config=config, privacy=privacy,
-                                 extra_state=extra_state)
-    try:
-      state, resumed = checkpoints.restore(state, resume=resume)
-    except BaseException:
-      checkpoints.close()
-      raise
+    checkpoints, state, resumed = open_checkpoints(checkpoint_dir, state, keep=checkpoint_keep, run=run,
+                                                   config=config, privacy=privacy, extra_state=extra_state,
+                                                   resume=resume)
   if simulated_time is not None:  # the clock continues from the (restored) history
     simulated_time.restore(resumed.history if resumed is not None else [])
   recorder = Recorder(schedule, evaluate=evaluate, metrics_path=metrics_path, trackers=trackers, progress_bar=progress,
@@ -295,23 +291,12 @@ def _check_arguments(process: Process, client_spec: ClientSpec, *, num_rounds: i
     raise TypeError(f"process must be a fedjax_lite Process, got {type(process).__name__}.")
   if not isinstance(client_spec, ClientSpec):
     raise TypeError(f"client_spec must be a ClientSpec, got {type(client_spec).__name__}.")
-  if privacy is not None and not isinstance(privacy, PrivacyLedger):
-    raise TypeError(f"privacy must be a PrivacyLedger, got {type(privacy).__name__}.")
-  for tracker in trackers:
-    if not (callable(getattr(tracker, "write", None)) and callable(getattr(tracker, "close", None))):
-      raise TypeError(f"trackers must have write(record) and close() methods, got {type(tracker).__name__}.")
   validation.check_int("num_rounds", num_rounds, minimum=1)
   validation.check_int("seed", seed, minimum=0)
-  validation.check_int("evaluate_every", evaluate_every, minimum=1)
-  validation.check_int("checkpoint_every", checkpoint_every, minimum=1)
-  validation.check_int("checkpoint_keep", checkpoint_keep, minimum=1)
-  validation.check_int("max_rejected_rounds", max_rejected_rounds, minimum=1)
-  if not isinstance(resume, bool):
-    raise TypeError(f"resume must be a bool, got {type(resume).__name__}.")
-  if resume and checkpoint_dir is None:
-    raise ValueError("resume=True needs a checkpoint_dir.")
-  if config is not None and not isinstance(config, Mapping):
-    raise TypeError(f"config must be a mapping (JSON-able), got {type(config).__name__}.")
+  check_recording_arguments(evaluate_every=evaluate_every, checkpoint_every=checkpoint_every,
+                            checkpoint_keep=checkpoint_keep, max_rejected_rounds=max_rejected_rounds,
+                            privacy=privacy, trackers=trackers, resume=resume, checkpoint_dir=checkpoint_dir,
+                            config=config)
 
 
 def _client_state_store(process: Process, train_data: FederatedData, initial_params: PyTree,

@@ -26,7 +26,9 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from fedjax_lite.core import validation
 from fedjax_lite.core.tree import PyTree
+from fedjax_lite.privacy.accounting import PrivacyLedger
 from fedjax_lite.training import units
 from fedjax_lite.training.checkpoint import CheckpointSaveError, SignalCatcher, TrainingInterrupted
 from fedjax_lite.training.run_checkpoints import Progress, RunCheckpoints
@@ -52,6 +54,28 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
       else:
         flat[name] = array.tolist()
   return flat
+
+
+def check_recording_arguments(*, evaluate_every: int, checkpoint_every: int, checkpoint_keep: int,
+                              max_rejected_rounds: int, privacy: PrivacyLedger | None, trackers: tuple, resume: bool,
+                              checkpoint_dir: str | os.PathLike | None, config: Mapping[str, Any] | None) -> None:
+  """The arguments a run hands its :class:`Recorder`, :class:`RoundSchedule` and checkpoints (``run_training``'s
+  and ``run_fed_buff``'s): one clear error for the first wrong one."""
+  if privacy is not None and not isinstance(privacy, PrivacyLedger):
+    raise TypeError(f"privacy must be a PrivacyLedger, got {type(privacy).__name__}.")
+  for tracker in trackers:
+    if not (callable(getattr(tracker, "write", None)) and callable(getattr(tracker, "close", None))):
+      raise TypeError(f"trackers must have write(record) and close() methods, got {type(tracker).__name__}.")
+  validation.check_int("evaluate_every", evaluate_every, minimum=1)
+  validation.check_int("checkpoint_every", checkpoint_every, minimum=1)
+  validation.check_int("checkpoint_keep", checkpoint_keep, minimum=1)
+  validation.check_int("max_rejected_rounds", max_rejected_rounds, minimum=1)
+  if not isinstance(resume, bool):
+    raise TypeError(f"resume must be a bool, got {type(resume).__name__}.")
+  if resume and checkpoint_dir is None:
+    raise ValueError("resume=True needs a checkpoint_dir.")
+  if config is not None and not isinstance(config, Mapping):
+    raise TypeError(f"config must be a mapping (JSON-able), got {type(config).__name__}.")
 
 
 class TrainingStalledError(RuntimeError):

@@ -116,3 +116,19 @@ class RunCheckpoints:
   def close(self) -> None:
     """Waits for the last save and releases the folder (raises ``CheckpointSaveError`` if it failed)."""
     self._checkpointer.close()
+
+
+def open_checkpoints(directory: str | os.PathLike, state: PyTree, *, keep: int, run: Mapping[str, Any],
+                     config: Mapping[str, Any] | None, privacy: Any, extra_state: Mapping[str, Any],
+                     resume: bool) -> tuple[RunCheckpoints, PyTree, Progress | None]:
+  """Opens a run's checkpoint folder (:class:`RunCheckpoints`) and restores from it: ``(checkpoints, state,
+  resumed progress or None)``; the folder is released again if the restore fails. ``state`` is the fresh state
+  (the restore's template, returned when there is nothing to resume)."""
+  checkpoints = RunCheckpoints(directory, keep=keep, run=run, config=config, privacy=privacy,
+                               extra_state=extra_state)
+  try:
+    state, resumed = checkpoints.restore(state, resume=resume)
+  except BaseException:
+    checkpoints.close()
+    raise
+  return checkpoints, state, resumed
