@@ -229,6 +229,29 @@ class AvailabilityWindows:
       remaining = np.where(always, np.inf, remaining)
     return remaining
 
+  def next_online(self, clients, time_seconds: float) -> np.ndarray:
+    """Seconds from ``time_seconds`` until each client is next online: 0 when online then, the wait until the start
+    of its next window otherwise (the next period's first window when periodic), ``+inf`` when it never is again.
+
+    (Asynchronous FedBuff waits for this when no free client is online: :class:`fedjax_lite.systems.BufferedSchedule`.)
+    """
+    clients = np.asarray(clients, dtype=np.int64).reshape(-1)
+    online = self.online_for(clients, time_seconds) > 0  # checks the clients and the time
+    period = self.period_seconds
+    phase = time_seconds if period is None else math.fmod(time_seconds, period)
+    first, counts = self.offsets[clients], self.offsets[clients + 1] - self.offsets[clients]
+    total = int(counts.sum())
+    owner = np.repeat(np.arange(clients.shape[0]), counts)
+    window = np.repeat(first, counts) + (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts))
+    later = self.starts[window] > phase
+    wait = np.full(clients.shape[0], np.inf)
+    np.minimum.at(wait, owner[later], self.starts[window[later]] - phase)
+    if period is not None and total:  # the first window of the next period
+      has_windows = counts > 0
+      first_start = self.starts[np.minimum(first, self.starts.shape[0] - 1)]
+      wait = np.where(has_windows, np.minimum(wait, period - phase + first_start), wait)
+    return np.where(online, 0.0, wait)
+
   def offline_at(self, clients, start_seconds, task_seconds, *, seed: int, round_num: int) -> np.ndarray:
     del seed, round_num  # deterministic
     clients, start_seconds, task_seconds = _check_task(clients, start_seconds, task_seconds)

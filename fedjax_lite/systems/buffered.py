@@ -12,25 +12,36 @@ The rules (deterministic given the seed):
 
 * At time 0, ``concurrency`` clients start, downloading version 0. A task of client ``c`` started at ``t`` arrives at
   ``t + task_seconds[c]`` (from :func:`fedjax_lite.systems.client_timings`: download, full local work, upload).
-  With an availability model (``RandomDropout(p)``), the clients of the ``b``-th start draw their dropouts from
-  ``availability.offline_at(clients, t, task_seconds, seed=seed, round_num=b)``: a client that goes offline
-  mid-task **drops out** at that time (counted, never trained, no arrival) and frees its place.
+  The availability model decides whether it gets there: the clients of the ``b``-th start draw
+  ``availability.offline_at(clients, t, task_seconds, seed=seed, round_num=b)`` -- ``RandomDropout(p)``'s random
+  drop-outs, or the end of an ``AvailabilityWindows`` window that closes before the task is done (a task ending
+  exactly when its window closes is done) -- and a client that goes offline mid-task **drops out** at that time
+  (aborted: counted in ``num_dropped_offline``, never trained, no arrival) and frees its place, as a dropped-out
+  client of a synchronous round (:func:`fedjax_lite.systems.plan_round`) contributes nothing.
 * Events are processed one simulated instant at a time. At instant ``t``, first every task arriving at ``t``, in
-  the order they started (drop-outs of the instant counted in the same pass): its **staleness** is ``tau = version - downloaded version`` (server updates since it
-  downloaded); if ``tau > max_staleness`` it is **dropped** (counted, never trained: its result would be
-  discarded), else it enters the buffer, and whenever the buffer holds ``K`` arrivals the server applies them
-  (``version += 1``). Then one new client starts per arrival or drop-out of the instant (stale ones included),
-  all downloading the version current after the instant's updates.
+  the order they started (drop-outs of the instant counted in the same pass): its **staleness** is
+  ``tau = version - downloaded version`` (server updates since it downloaded); if ``tau > max_staleness`` it is
+  **dropped** (counted, never trained: its result would be discarded), else it enters the buffer, and whenever the
+  buffer holds ``K`` arrivals the server applies them (``version += 1``). Then one new client starts per arrival or
+  drop-out of the instant (stale ones included), plus one per idle place (below), all downloading the version
+  current after the instant's updates.
 * The clients that start together are drawn uniformly without replacement from the clients neither in flight nor
   waiting in the buffer (so a client contributes at most once to a server step, which user-level DP accounting
-  needs; this needs ``concurrency + K - 1 <= num_clients``):
-  ``round_generator(seed, b, SAMPLING_STREAM).choice(available, n)`` for the ``b``-th start (0 at time 0). With
-  nothing in flight this is exactly :func:`fedjax_lite.core.sample_clients` for round ``b``, so when every task
-  lasts the same and ``concurrency == K`` the server steps are synchronous rounds with FedAvg's cohorts, in
-  selection order.
+  needs; this needs ``concurrency + K - 1 <= num_clients``) and **online at ``t``** (with ``AvailabilityWindows``:
+  inside one of their windows; every client otherwise): ``round_generator(seed, b, SAMPLING_STREAM).choice(available,
+  n)`` for the ``b``-th start instant (0 at time 0; ``b`` counts the instants at which at least one client starts).
+  With nothing in flight and every client online this is exactly :func:`fedjax_lite.core.sample_clients` for round
+  ``b``, so when every task lasts the same and ``concurrency == K`` the server steps are synchronous rounds with
+  FedAvg's cohorts, in selection order.
+* When fewer such clients are online than places to fill, the others stay **idle** (``idle_places``) until the
+  next instant -- an arrival, a drop-out, or the first time a free offline client's next window opens
+  (``AvailabilityWindows.next_online``), a wake-up instant with no arrival -- where they are filled by the same rule.
+  When nothing is in flight and no free client is ever online again (non-periodic windows that have ended), the
+  schedule cannot go on: a ``RuntimeError`` says so.
 
 :class:`BufferedSchedule` produces the server steps one at a time (:class:`BufferedStep`: the ``K`` arrivals'
-clients, downloaded versions and staleness, and the simulated time of the update). Memory is ``O(concurrency)``.
+clients, downloaded versions and staleness, and the simulated time of the update). Memory is ``O(concurrency)``
+(plus a bit per client); with windows, filling idle places costs ``O(num_clients)`` per instant.
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ from fedjax_lite.core import validation
 from fedjax_lite.core.federated_data import FederatedData
 from fedjax_lite.core.packing import ClientSpec
 from fedjax_lite.core.sampling import SAMPLING_STREAM, round_generator
-from fedjax_lite.systems.availability import AlwaysOn, Availability, RandomDropout
+from fedjax_lite.systems.availability import AlwaysOn, Availability, AvailabilityWindows, RandomDropout
 from fedjax_lite.systems.clock import client_timings
 from fedjax_lite.systems.population import ClientSystems
 
@@ -66,6 +77,7 @@ class BufferedStep:
     num_arrivals: arrivals since the previous update, dropped ones included.
     num_dropped_stale: arrivals since the previous update dropped as staler than ``max_staleness``.
     num_dropped_offline: tasks since the previous update that went offline before arriving.
+    idle_places: places of the ``concurrency`` without a client at the update (no free client was online).
   """
 
   step: int
@@ -78,6 +90,7 @@ class BufferedStep:
   num_arrivals: int
   num_dropped_stale: int
   num_dropped_offline: int = 0
+  idle_places: int = 0
 
 
 class BufferedSchedule:
@@ -90,9 +103,9 @@ class BufferedSchedule:
     buffer_size: ``K``, arrivals per server update (>= 1).
     max_staleness: arrivals staler than this are dropped (>= 0).
     seed: the run's seed (client draws, dropouts).
-    availability: optional availability model of the clients: ``AlwaysOn()`` (the default) or
-      ``RandomDropout(p)``; on/off windows are not supported yet (a client offline when it would start needs a
-      rule for whom to start instead).
+    availability: optional availability model of the clients: ``AlwaysOn()`` (the default), ``RandomDropout(p)``
+      or ``AvailabilityWindows`` (one client's windows per task duration; only online clients start, a window
+      closing mid-task aborts it; module docstring).
 
   Attributes (read-only views of the simulation):
     steps_taken: server updates taken (:meth:`next_step`) so far: the schedule's position;
@@ -117,9 +130,12 @@ class BufferedSchedule:
     validation.check_int("max_staleness", max_staleness, minimum=0)
     validation.check_int("seed", seed, minimum=0)
     availability = AlwaysOn() if availability is None else availability
-    if not isinstance(availability, (AlwaysOn, RandomDropout)):
-      raise ValueError(f"FedBuff's event order supports AlwaysOn() and RandomDropout(p) availability, got "
-                       f"{type(availability).__name__} (on/off windows are not supported yet).")
+    if not isinstance(availability, (AlwaysOn, RandomDropout, AvailabilityWindows)):
+      raise ValueError(f"FedBuff's event order supports AlwaysOn(), RandomDropout(p) and AvailabilityWindows "
+                       f"availability, got {type(availability).__name__}.")
+    if isinstance(availability, AvailabilityWindows) and availability.num_clients != num_clients:
+      raise ValueError(f"availability has windows for {availability.num_clients} clients, task_seconds "
+                       f"{num_clients}: one per client.")
     self.availability = availability
     task_seconds.setflags(write=False)
     self.task_seconds = task_seconds
@@ -138,6 +154,8 @@ class BufferedSchedule:
     self._buffer: list[tuple[int, int, float, float]] = []  # (client, version, start, arrival)
     self._ready: list[BufferedStep] = []
     self._since = [0, 0, 0]  # arrivals, dropped stale, dropped offline since the last update
+    self._idle = 0  # places without a client (no free client online when they were to be filled)
+    self._wake_seconds = math.inf  # when a free client next comes online, while places are idle
     self._start(concurrency, 0.0)
 
   @property
@@ -151,9 +169,34 @@ class BufferedSchedule:
     return {"clients": np.array([r[2] for r in rows], np.int64), "versions": np.array([r[3] for r in rows], np.int64),
             "start_seconds": np.array([r[4] for r in rows]), "arrival_seconds": np.array([r[0] for r in rows])}
 
+  @property
+  def idle_places(self) -> int:
+    """Places of the ``concurrency`` with no client training, because no free client was online to fill them
+    (availability windows); they are filled at the next instant a free client is online."""
+    return self._idle
+
+  def _online(self, clients: np.ndarray, now: float) -> np.ndarray:
+    if isinstance(self.availability, AvailabilityWindows):
+      return self.availability.online_for(clients, now) > 0
+    return np.ones(clients.shape, bool)
+
   def _start(self, count: int, now: float) -> None:
-    available = np.flatnonzero(~self._busy)
-    chosen = round_generator(self.seed, self._num_starts, SAMPLING_STREAM).choice(available, size=count,
+    """Starts up to ``count`` clients at ``now``, drawn from the free clients online at ``now``; the places left
+    idle wait for the next instant a free client is online."""
+    free = np.flatnonzero(~self._busy)
+    available = free[self._online(free, now)]
+    num_new = min(count, available.shape[0])
+    self._idle = count - num_new
+    self._wake_seconds = math.inf
+    if self._idle:
+      offline = free[~self._online(free, now)]
+      wait = self.availability.next_online(offline, now) if offline.size else np.array([np.inf])
+      wake = now + float(np.min(wait))
+      # A wake-up rounded onto (or before) ``now`` would repeat this instant: the next representable time instead.
+      self._wake_seconds = wake if wake > now else float(np.nextafter(now, math.inf))
+    if num_new == 0:
+      return
+    chosen = round_generator(self.seed, self._num_starts, SAMPLING_STREAM).choice(available, size=num_new,
                                                                                   replace=False).astype(np.int64)
     durations = self.task_seconds[chosen]
     offline = np.asarray(self.availability.offline_at(chosen, now, durations, seed=self.seed,
@@ -167,8 +210,14 @@ class BufferedSchedule:
       self.num_started += 1
 
   def _instant(self) -> None:
-    """Processes the next simulated instant: its arrivals, the updates they complete, then the new starts."""
-    now = self._in_flight[0][0]
+    """Processes the next simulated instant: its arrivals and drop-outs, the updates they complete, then the new
+    starts (one per arrival or drop-out, plus the idle places)."""
+    now = min(self._in_flight[0][0] if self._in_flight else math.inf, self._wake_seconds)
+    if not math.isfinite(now):
+      raise RuntimeError(f"FedBuff's event order cannot go on after simulated time {self.time_seconds:g} s (server "
+                         f"step {self.version}): no client is training and no free client is ever online again "
+                         "(their availability windows have ended); give windows that repeat (period_seconds) or "
+                         "last longer.")
     arrived = []
     while self._in_flight and self._in_flight[0][0] == now:
       arrived.append(heapq.heappop(self._in_flight))  # ties pop in start order (the heap's second key)
@@ -189,7 +238,7 @@ class BufferedSchedule:
       if len(self._buffer) == self.buffer_size:
         self._update(now)
     self.time_seconds = now
-    self._start(len(arrived), now)
+    self._start(len(arrived) + self._idle, now)
 
   def _update(self, now: float) -> None:
     clients, versions, starts, arrivals = (np.array(column) for column in zip(*self._buffer))
@@ -197,7 +246,8 @@ class BufferedSchedule:
     self._ready.append(BufferedStep(
         step=self.version, clients=clients.astype(np.int64), versions=versions, staleness=self.version - versions,
         start_seconds=starts.astype(np.float64), arrival_seconds=arrivals.astype(np.float64), time_seconds=now,
-        num_arrivals=self._since[0], num_dropped_stale=self._since[1], num_dropped_offline=self._since[2]))
+        num_arrivals=self._since[0], num_dropped_stale=self._since[1], num_dropped_offline=self._since[2],
+        idle_places=self._idle))
     self._busy[clients.astype(np.int64)] = False
     self._buffer = []
     self._since = [0, 0, 0]
@@ -225,11 +275,13 @@ class BufferedSchedule:
 
 def step_metrics(step: BufferedStep) -> dict[str, float | int]:
   """A server update's flat ``fedbuff/`` metrics: ``server_steps`` (after it), ``arrivals``, ``dropped_stale`` and
-  ``dropped_offline`` since the previous update, ``mean_staleness`` and ``max_staleness`` of its ``K`` arrivals, and the simulated
+  ``dropped_offline`` since the previous update, ``mean_staleness`` and ``max_staleness`` of its ``K`` arrivals,
+  ``idle_places`` (places without a client at the update: no free client online), and the simulated
   ``elapsed_seconds`` / ``elapsed_hours`` at the update."""
   metrics = {"server_steps": step.step + 1, "arrivals": step.num_arrivals, "dropped_stale": step.num_dropped_stale,
              "dropped_offline": step.num_dropped_offline,
              "mean_staleness": float(np.mean(step.staleness)), "max_staleness": int(np.max(step.staleness)),
+             "idle_places": step.idle_places,
              "elapsed_seconds": float(step.time_seconds), "elapsed_hours": float(step.time_seconds) / 3600.0}
   return {METRICS_PREFIX + key: value for key, value in metrics.items()}
 

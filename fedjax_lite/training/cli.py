@@ -1124,15 +1124,11 @@ def train_command(args, distributed=None) -> dict | None:
 
 def _check_fed_buff_flags(args, mesh, simulated) -> None:
   """What ``--algorithm fedbuff`` does not support yet, refused in one line before anything is written."""
-  from fedjax_lite.systems import AvailabilityWindows
-
   for flag, given in (("--over-selection", args.over_selection != 1.0), ("--deadline", args.deadline is not None),
                       ("--partial-work", args.partial_work)):
     if given:
       raise UsageError(f"{flag} shapes synchronous rounds; --algorithm fedbuff has none (its clients report when "
                        "they finish)")
-  if simulated is not None and isinstance(simulated.systems.availability, AvailabilityWindows):
-    raise UsageError("--algorithm fedbuff does not support a trace's availability windows yet (--dropout is)")
   if args.rounds_per_dispatch is not None:
     raise UsageError("--rounds-per-dispatch is not supported with --algorithm fedbuff (its steps are planned on the "
                      "host, one dispatch each)")

@@ -68,33 +68,63 @@ def test_equals_fed_avg_bit_for_bit_without_delays():
 
 # ------------------------------------------------------------------------------------- (b) NumPy reference
 
-def reference_event_order(durations, *, concurrency, buffer_size, max_staleness, seed, num_updates, dropout=0.0):
+def reference_event_order(durations, *, concurrency, buffer_size, max_staleness, seed, num_updates, dropout=0.0,
+                          windows=None, period=None, idle=None):
   """FedBuff's event order, re-derived: a heap of (finish time, start order); at each instant the arrivals in start
   order (stale ones dropped, an update whenever K are buffered), then one new client per arrival, drawn from the
   clients neither in flight nor in the buffer. With ``dropout``
   ``p``, the clients of the ``b``-th start draw ``u = default_rng([seed, b, DROPOUT_STREAM]).random((2, n))`` and
   those with ``u[0] < p`` go offline at ``u[1] x`` their duration (RandomDropout's documented draws): an event that
-  frees the place and brings no update. Returns the updates as lists of (client, downloaded version), the number
-  dropped as stale and the number that went offline."""
+  frees the place and brings no update. With ``windows`` (per client a list of ``(start, end)`` within ``[0,
+  period)``, none ending at the period), only clients inside a window are drawn; a client whose window closes
+  before its task ends goes offline then; places that find no free online client stay idle until the next instant,
+  or until the first free client's next window opens. ``idle``, a list, receives the idle places at each update.
+  Returns the updates as lists of (client, downloaded version), the number dropped as stale and the number that
+  went offline."""
   queue, busy, started, draws = [], set(), 0, 0
   version, buffer, updates, dropped, offline = 0, [], [], 0, 0
+  vacant, wake = 0, np.inf
+
+  def phase(t):
+    return t % period if period is not None else t
+
+  def remaining(client, t):  # seconds online from t on (0: offline)
+    if windows is None:
+      return np.inf
+    return next((end - phase(t) for start, end in windows[client] if start <= phase(t) < end), 0.0)
+
+  def wait(client, t):  # seconds until the client's next window opens
+    waits = [start - phase(t) for start, _ in windows[client] if start > phase(t)]
+    if period is not None:
+      waits += [period - phase(t) + start for start, _ in windows[client]]
+    return min(waits, default=np.inf)
 
   def start(count, now):
-    nonlocal started, draws
-    free = np.array(sorted(set(range(len(durations))) - busy))
-    chosen = np.random.default_rng([seed, draws, 0x5A3D]).choice(free, size=count, replace=False)
+    nonlocal started, draws, vacant, wake
+    free = sorted(set(range(len(durations))) - busy)
+    online = [client for client in free if remaining(client, now) > 0]
+    vacant, wake = count - min(count, len(online)), np.inf
+    if vacant:
+      wake = now + min((wait(client, now) for client in free if client not in online), default=np.inf)
+      wake = wake if wake > now else np.nextafter(now, np.inf)
+    count = min(count, len(online))
+    if not count:
+      return
+    chosen = np.random.default_rng([seed, draws, 0x5A3D]).choice(np.array(online), size=count, replace=False)
     u = np.random.default_rng([seed, draws, DROPOUT_STREAM]).random((2, count))
     draws += 1
     for k, client in enumerate(chosen):
-      goes_offline = u[0, k] < dropout
-      finish = now + (u[1, k] * durations[client] if goes_offline else durations[client])
+      online_for = remaining(client, now)
+      goes_offline = u[0, k] < dropout or durations[client] > online_for
+      gone = u[1, k] * durations[client] if windows is None else online_for
+      finish = now + (gone if goes_offline else durations[client])
       heapq.heappush(queue, (finish, started, int(client), version, not goes_offline))
       busy.add(int(client))
       started += 1
 
   start(concurrency, 0.0)
   while len(updates) < num_updates:
-    now = queue[0][0]
+    now = min(queue[0][0] if queue else np.inf, wake)
     instant = []
     while queue and queue[0][0] == now:
       instant.append(heapq.heappop(queue))
@@ -110,9 +140,11 @@ def reference_event_order(durations, *, concurrency, buffer_size, max_staleness,
       buffer.append((client, downloaded))  # the client stays unavailable until its update is applied
       if len(buffer) == buffer_size:
         updates.append(buffer)
+        if idle is not None:
+          idle.append(vacant)
         busy.difference_update(c for c, _ in buffer)
         buffer, version = [], version + 1
-    start(len(instant), now)
+    start(len(instant) + vacant, now)
   return updates[:num_updates], dropped, offline
 
 
@@ -172,6 +204,31 @@ def test_equals_numpy_event_driven_reference_with_delays(clip):
     np.testing.assert_allclose(actual[key], expected[key], rtol=0, atol=atol, err_msg=key)
 
 
+def test_availability_windows_equal_the_numpy_reference():
+  """On/off windows through the driver: the task durations from the clients' systems, the event order (online
+  clients only, aborted tasks, idle places) and the params equal the NumPy re-derivations'."""
+  population, model, params, _ = make_setup()
+  period = 30.0
+  windows = [[(0.0, 25.0)], [(2.0, 9.0)], [(0.0, 4.0), (12.0, 28.0)], [(5.0, 29.0)], [(1.0, 3.0)], [(0.0, 14.0)]]
+  availability = systems.AvailabilityWindows.from_windows(windows, period_seconds=period)
+  clients = systems.constant_systems(NUM_CLIENTS, seconds_per_example=0.25, download_bits_per_second=1e4,
+                                     availability=availability)
+  config = dict(concurrency=3, buffer_size=2, max_staleness=2)
+  buff = algorithms.fed_buff(model, **config, client_learning_rate=0.1, server_optimizer=optax.sgd(0.8),
+                             weighting="uniform")
+  run = run_fed_buff(buff, population, params, client_spec=SPEC, seed=SEED, num_server_steps=6, systems=clients)
+  download, upload = buff.bits_per_client(params)
+  durations = systems.task_seconds_of(clients, population, SPEC, download_bits=download, upload_bits=upload)
+  updates, _, offline = reference_event_order(durations, **config, seed=SEED, num_updates=6, windows=windows,
+                                              period=period)
+  assert offline > 0 and sum(record["fedbuff/dropped_offline"] for record in run.history) == offline
+  expected = reference_fed_buff(params, population, updates, client_learning_rate=0.1, server_learning_rate=0.8)
+  actual = to_reference(run.state.server.params)
+  for key in expected:  # the error budget of test_equals_numpy_event_driven_reference_with_delays, 6 steps
+    atol = float_atol(6 * (4 * 20 + 10), float(np.max(np.abs(expected[key]))))
+    np.testing.assert_allclose(actual[key], expected[key], rtol=0, atol=atol, err_msg=key)
+
+
 def test_simulated_time_budget_and_systems_durations():
   population, model, params, _ = make_setup()
   buff = algorithms.fed_buff(model, concurrency=3, buffer_size=2, max_staleness=3, client_learning_rate=0.1)
@@ -214,9 +271,6 @@ def test_driver_and_schedule_arguments():
     run_fed_buff(buff, population, params, client_spec=SPEC, num_server_steps=1)
   with pytest.raises(ValueError, match="one duration per client"):
     run_fed_buff(buff, population, params, client_spec=SPEC, num_server_steps=1, task_seconds=np.ones(3))
-  windows = systems.constant_systems(NUM_CLIENTS, availability=systems.diurnal_availability(NUM_CLIENTS, seed=0))
-  with pytest.raises(ValueError, match="on/off windows are not supported"):
-    run_fed_buff(buff, population, params, client_spec=SPEC, num_server_steps=1, systems=windows)
   with pytest.raises(TypeError, match="FedBuff"):
     run_fed_buff(algorithms.fed_avg(model, client_learning_rate=0.1), population, params, client_spec=SPEC,
                  num_server_steps=1, task_seconds=durations)

@@ -19,16 +19,20 @@ from tests.algorithms.test_fed_buff import reference_event_order
 
 @settings(max_examples=80, deadline=None, derandomize=True)
 @given(num_clients=st.integers(1, 12), data=st.data(), seed=st.integers(0, 5),
-       dropout=st.sampled_from([0.0, 0.3]))
+       dropout=st.sampled_from([0.0, 0.3, "windows"]))
 def test_event_order_invariants(num_clients, data, seed, dropout):
   buffer_size = data.draw(st.integers(1, min(6, num_clients)))
   concurrency = data.draw(st.integers(1, num_clients - buffer_size + 1))
   max_staleness = data.draw(st.integers(0, 4))
   # Durations on a coarse grid, so that ties (several arrivals at one instant) happen often.
   durations = np.array(data.draw(st.lists(st.integers(1, 6), min_size=num_clients, max_size=num_clients)), float)
+  if dropout == "windows":  # one window per client on a 12 s period, at least as long as the longest task
+    starts = data.draw(st.lists(st.integers(0, 5), min_size=num_clients, max_size=num_clients))
+    availability = systems.AvailabilityWindows.from_windows([[(float(a), a + 6.0)] for a in starts], 12.0)
+  else:
+    availability = systems.RandomDropout(dropout)
   schedule = systems.BufferedSchedule(durations, concurrency=concurrency, buffer_size=buffer_size,
-                                      max_staleness=max_staleness, seed=seed,
-                                      availability=systems.RandomDropout(dropout))
+                                      max_staleness=max_staleness, seed=seed, availability=availability)
   previous_time, applied = 0.0, 0
   for expected_step in range(6):
     step = schedule.next_step()
@@ -40,11 +44,17 @@ def test_event_order_invariants(num_clients, data, seed, dropout):
     assert step.num_arrivals == buffer_size + step.num_dropped_stale
     previous_time, applied = step.time_seconds, applied + buffer_size
     in_flight = schedule.in_flight
-    assert len(in_flight["clients"]) == concurrency  # a new client starts for every arrival
-    assert len(set(in_flight["clients"].tolist())) == concurrency  # a client trains one task at a time
+    # A new client starts for every arrival (every place filled, unless no free client is online).
+    assert len(in_flight["clients"]) + schedule.idle_places == concurrency
+    assert dropout == "windows" or schedule.idle_places == 0
+    if dropout == "windows":  # only online clients start, and none trains past its window's end
+      for client, start, arrival in zip(step.clients, step.start_seconds, step.arrival_seconds):
+        assert availability.online_for([client], start)[0] >= arrival - start
+    assert len(set(in_flight["clients"].tolist())) == len(in_flight["clients"])  # one task at a time per client
     assert len(set(step.clients.tolist())) == buffer_size  # and contributes at most once to a server step
     assert np.all(in_flight["versions"] <= schedule.version)
-  assert schedule.num_started == concurrency + schedule.num_arrivals + schedule.num_dropped_offline
+  assert (schedule.num_started + schedule.idle_places
+          == concurrency + schedule.num_arrivals + schedule.num_dropped_offline)
   assert schedule.num_arrivals >= applied + schedule.num_dropped_stale  # plus those still in the buffer
 
 
@@ -61,8 +71,8 @@ def test_metrics_and_default_staleness_bound():
   schedule = systems.BufferedSchedule([1.0, 3.0, 2.0], concurrency=2, buffer_size=1, max_staleness=0)
   metrics = systems.step_metrics(schedule.next_step())
   assert set(metrics) == {f"fedbuff/{key}" for key in ("server_steps", "arrivals", "dropped_stale", "dropped_offline",
-                                                        "mean_staleness", "max_staleness", "elapsed_seconds",
-                                                        "elapsed_hours")}
+                                                        "mean_staleness", "max_staleness", "idle_places",
+                                                        "elapsed_seconds", "elapsed_hours")}
   assert metrics["fedbuff/server_steps"] == 1 and metrics["fedbuff/elapsed_hours"] == metrics[
       "fedbuff/elapsed_seconds"] / 3600.0
   assert systems.default_max_staleness(20, 10) == 8 and systems.default_max_staleness(5, 10) == 4
@@ -82,11 +92,82 @@ def test_event_order_equals_the_numpy_priority_queue(dropout, max_staleness):
   assert (offline > 0) == (dropout > 0)
 
 
-def test_windows_are_refused():
-  with pytest.raises(ValueError, match="on/off windows are not supported"):
-    systems.BufferedSchedule([1.0, 2.0], concurrency=1, buffer_size=1, max_staleness=0,
+# Periodic windows (period 20 s) for the 8 clients of the priority-queue test: some always-on-ish, some with two
+# short windows, one with a single window shorter than its task (it is always aborted); none ends at the period, so
+# the reference needs no wrap-around rule.
+PERIOD = 20.0
+WINDOWS = [[(0.0, 19.0)], [(2.0, 6.0), (11.0, 17.5)], [(0.5, 9.0)], [(3.0, 15.0)], [(1.0, 3.0), (8.0, 12.0)],
+           [(4.0, 5.0)], [(0.0, 10.0), (12.5, 19.5)], [(6.0, 18.0)]]
+
+
+@pytest.mark.parametrize("concurrency, max_staleness", [(5, 1), (3, 2), (6, 3)])
+def test_windows_event_order_equals_the_numpy_priority_queue(concurrency, max_staleness):
+  """Only online clients start, a window closing mid-task aborts it, idle places wait for the next arrival or the
+  next window to open: the order equals the NumPy/heapq re-derivation's, with aborted tasks and idle places both
+  exercised."""
+  durations = np.array([1.0, 2.5, 1.3, 4.0, 0.7, 9.0, 1.3, 2.0])
+  config = dict(concurrency=concurrency, buffer_size=2, max_staleness=max_staleness)
+  idle = []
+  updates, dropped, offline = reference_event_order(durations, **config, seed=7, num_updates=20,
+                                                    windows=WINDOWS, period=PERIOD, idle=idle)
+  availability = systems.AvailabilityWindows.from_windows(WINDOWS, period_seconds=PERIOD)
+  schedule = systems.BufferedSchedule(durations, **config, seed=7, availability=availability)
+  steps = [schedule.next_step() for _ in range(20)]
+  assert [list(zip(s.clients.tolist(), s.versions.tolist())) for s in steps] == [
+      [(client, version) for client, version in update] for update in updates]
+  assert sum(s.num_dropped_stale for s in steps) == dropped
+  assert sum(s.num_dropped_offline for s in steps) == offline > 0  # tasks aborted by a closing window
+  assert [s.idle_places for s in steps] == idle
+  for step in steps:  # every applied client was online for its whole task
+    for client, start, arrival in zip(step.clients, step.start_seconds, step.arrival_seconds):
+      assert availability.online_for([client], start)[0] >= arrival - start
+  if concurrency == 6:
+    assert max(idle) > 0, "the example must exercise idle places"
+
+
+def test_windows_wake_up_after_a_night_without_clients():
+  """Every client offline at night (hours 0 to 8 of each day): the places stay idle, no client starts, and the
+  first tasks start when the first window opens (a wake-up instant with no arrival)."""
+  windows = [[(8 * 3600.0 + 60.0 * k, 20 * 3600.0)] for k in range(4)]
+  availability = systems.AvailabilityWindows.from_windows(windows, period_seconds=86400.0)
+  schedule = systems.BufferedSchedule(np.full(4, 600.0), concurrency=2, buffer_size=1, max_staleness=4,
+                                      availability=availability)
+  assert schedule.idle_places == 2 and len(schedule.in_flight["clients"]) == 0
+  step = schedule.next_step()
+  assert step.start_seconds[0] == 8 * 3600.0 and step.time_seconds == 8 * 3600.0 + 600.0
+  # The one client online at 8:00 started at once, the second place waited for client 1's window at 8:01.
+  assert schedule.in_flight["start_seconds"].tolist() == [8 * 3600.0 + 60.0, 8 * 3600.0 + 600.0]
+
+
+def test_windows_that_end_for_good_stop_the_order_with_a_clear_error():
+  availability = systems.AvailabilityWindows.from_windows([[(0.0, 5.0)], [(0.0, 5.0)]])  # not periodic
+  schedule = systems.BufferedSchedule([3.0, 3.0], concurrency=1, buffer_size=1, max_staleness=0,
+                                      availability=availability)
+  assert schedule.next_step().time_seconds == 3.0  # the second task is aborted at 5 s; no one is online again
+  with pytest.raises(RuntimeError, match="no free client is ever online again"):
+    schedule.next_step()
+
+
+def test_schedule_arguments():
+  with pytest.raises(ValueError, match="windows for 2 clients, task_seconds 3"):
+    systems.BufferedSchedule([1.0, 2.0, 3.0], concurrency=1, buffer_size=1, max_staleness=0,
                              availability=systems.diurnal_availability(2, seed=0))
+  with pytest.raises(ValueError, match=r"supports AlwaysOn\(\), RandomDropout\(p\) and AvailabilityWindows"):
+    systems.BufferedSchedule([1.0, 2.0], concurrency=1, buffer_size=1, max_staleness=0, availability=object())
   with pytest.raises(ValueError, match=r"concurrency \+ buffer_size - 1 \(2 \+ 2 - 1\) must be <= the number of "
                                        r"clients \(2\)"):
     systems.BufferedSchedule([1.0, 2.0], concurrency=2, buffer_size=2, max_staleness=0)
+  schedule = systems.BufferedSchedule([1.0, 2.0], concurrency=1, buffer_size=1, max_staleness=0)
+  schedule.next_step()
+  with pytest.raises(ValueError, match="step"):
+    schedule.planned(0)  # already taken
 
+
+def test_next_online_of_windows():
+  windows = systems.AvailabilityWindows.from_windows([[(10.0, 20.0), (30.0, 40.0)], [(0.0, 5.0)], []],
+                                                     period_seconds=50.0)
+  for time, expected in [(0.0, [10.0, 0.0, np.inf]), (5.0, [5.0, 45.0, np.inf]), (25.0, [5.0, 25.0, np.inf]),
+                         (45.0, [15.0, 5.0, np.inf]), (99.5, [10.5, 0.5, np.inf])]:
+    np.testing.assert_array_equal(windows.next_online([0, 1, 2], time), expected)
+  once = systems.AvailabilityWindows.from_windows([[(10.0, 20.0)], [(0.0, 5.0)]])
+  np.testing.assert_array_equal(once.next_online([0, 1], 7.0), [3.0, np.inf])

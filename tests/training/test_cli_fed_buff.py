@@ -83,3 +83,19 @@ def test_fed_buff_checkpoints_resume_and_csv_logs(tmp_path, capsys):
   for name in straight_arrays:
     for a, b in zip(straight_arrays[name], run_arrays[name], strict=True):
       np.testing.assert_array_equal(a, b)
+
+
+def test_fed_buff_on_a_trace_with_availability_windows(tmp_path, capsys):
+  """A trace's on/off windows reach FedBuff's event order: clients start only while online and a closing window
+  aborts a task (``fedbuff/dropped_offline``)."""
+  trace = tmp_path / "trace.csv"
+  windows = ["0-1e9", "0-1e9", "0-1e9", "0-0.05;1-1e9", "0.5-1e9", "0-0.01;2-1e9"]
+  trace.write_text("client_id,seconds_per_example,download_bits_per_second,upload_bits_per_second,availability\n"
+                   + "\n".join(f"client_{i},0.01,5000000,,{w}" for i, w in enumerate(windows)) + "\n")
+  code = cli.main(TINY + ["--algorithm", "fedbuff", "--output-dir", str(tmp_path / "run"), "--systems", str(trace),
+                          "--fedbuff-concurrency", "4", "--fedbuff-buffer-size", "2", "--rounds", "4"])
+  assert code == 0, capsys.readouterr().err
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary["rounds"] == 4 and summary["simulated_hours"] > 0 and summary["dropped_offline"] > 0
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert all("fedbuff/idle_places" in record for record in records)
