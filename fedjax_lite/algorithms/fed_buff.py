@@ -40,7 +40,9 @@ aggregator clips, so the sensitivity is the clip norm; but the participation pat
 and the event order, not by uniform or Poisson sampling, so the sampling-amplified epsilon of
 :mod:`fedjax_lite.privacy` is an idealization for FedBuff (Kairouz et al. 2021, "Practical and Private (Deep)
 Learning without Sampling or Shuffling", motivate DP-FTRL by exactly this); the guarantee without amplification
-(each client in at most ``n`` steps, a Gaussian mechanism per step composed ``n`` times) holds. See ``docs/systems.md``.
+(each client in at most ``n`` steps, a Gaussian mechanism per step composed ``n`` times) holds:
+:func:`fedjax_lite.training.fed_buff_privacy` builds that ledger for :func:`fedjax_lite.training.run_fed_buff`.
+See ``docs/systems.md``.
 
 Metrics of a step: the template's groups (``client_work`` example-weighted over the ``K`` arrivals, ``aggregator``,
 ``finalizer``, ``broadcasted_bits``, ``aggregated_bits``) plus ``fedbuff``: ``{'mean_staleness', 'max_staleness',
