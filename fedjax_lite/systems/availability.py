@@ -201,18 +201,25 @@ class AvailabilityWindows:
   def num_clients(self) -> int:
     return int(self.offsets.shape[0] - 1)
 
-  def online_for(self, clients, time_seconds: float) -> np.ndarray:
-    """Seconds each client stays online from ``time_seconds`` on (0 when offline then; ``+inf`` when always on)."""
+  def _windows_of(self, clients, time_seconds: float) -> tuple[np.ndarray, ...]:
+    """The clients (checked), the phase of ``time_seconds`` within the period, each client's first window and
+    window count, and their windows flattened: ``(clients, phase, first, counts, owner, window)``, window ``j``
+    of the flat list being ``window[j]``, owned by ``clients[owner[j]]``."""
     clients = np.asarray(clients, dtype=np.int64).reshape(-1)
     if np.any((clients < 0) | (clients >= self.num_clients)):
       raise ValueError(f"clients must lie in [0, {self.num_clients}).")
     time_seconds = validation.check_float("time_seconds", time_seconds, low=0.0)
-    period = self.period_seconds
-    phase = time_seconds if period is None else math.fmod(time_seconds, period)
+    phase = time_seconds if self.period_seconds is None else math.fmod(time_seconds, self.period_seconds)
     first, counts = self.offsets[clients], self.offsets[clients + 1] - self.offsets[clients]
     total = int(counts.sum())
     owner = np.repeat(np.arange(clients.shape[0]), counts)
     window = np.repeat(first, counts) + (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts))
+    return clients, phase, first, counts, owner, window
+
+  def online_for(self, clients, time_seconds: float) -> np.ndarray:
+    """Seconds each client stays online from ``time_seconds`` on (0 when offline then; ``+inf`` when always on)."""
+    clients, phase, first, counts, owner, window = self._windows_of(clients, time_seconds)
+    period, total = self.period_seconds, window.shape[0]
     inside = (self.starts[window] <= phase) & (phase < self.ends[window])
     remaining = np.zeros(clients.shape[0])
     remaining[owner[inside]] = self.ends[window[inside]] - phase
@@ -235,14 +242,9 @@ class AvailabilityWindows:
 
     (Asynchronous FedBuff waits for this when no free client is online: :class:`fedjax_lite.systems.BufferedSchedule`.)
     """
-    clients = np.asarray(clients, dtype=np.int64).reshape(-1)
-    online = self.online_for(clients, time_seconds) > 0  # checks the clients and the time
-    period = self.period_seconds
-    phase = time_seconds if period is None else math.fmod(time_seconds, period)
-    first, counts = self.offsets[clients], self.offsets[clients + 1] - self.offsets[clients]
-    total = int(counts.sum())
-    owner = np.repeat(np.arange(clients.shape[0]), counts)
-    window = np.repeat(first, counts) + (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts))
+    online = self.online_for(clients, time_seconds) > 0
+    clients, phase, first, counts, owner, window = self._windows_of(clients, time_seconds)
+    period, total = self.period_seconds, window.shape[0]
     later = self.starts[window] > phase
     wait = np.full(clients.shape[0], np.inf)
     np.minimum.at(wait, owner[later], self.starts[window[later]] - phase)
