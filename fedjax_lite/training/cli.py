@@ -23,7 +23,8 @@ each (``fedjax-lite: warning: ...``, e.g. a damaged checkpoint set aside), and o
 Privacy: ``--aggregator dp`` trains with user-level DP, by ``--dp-strategy``: ``gaussian`` is DP-FedAvg (Poisson
 sampling, the Gaussian mechanism); ``tree``, ``blt``, ``banded`` and ``toeplitz`` are DP-FTRL with that noise
 (``algorithms.dp_ftrl``: the tree in shuffled epochs; the matrix factorizations in fixed cyclic groups, planned for
-``--rounds``). ``--audit-canaries N`` adds N canary clients (and holds out N more) and, after training, writes the
+``--rounds``); with ``--algorithm fedbuff`` it is the Gaussian mechanism over each buffer of ``K`` updates, its epsilon
+one unamplified event per server step (``training.fed_buff_privacy``). ``--audit-canaries N`` adds N canary clients (and holds out N more) and, after training, writes the
 one-shot audit's empirical epsilons (``privacy.audit``) beside the accountant's epsilon.
 
 Fine-tuning: ``--init-from CKPT`` starts from saved weights (``models.load_params``); ``--model transformer
@@ -848,9 +849,14 @@ def _build_job(args, mesh=None):
   runner = Runner(strategy=args.runner, chunk_size=args.chunk_size, mesh=mesh)
   server_lr = args.server_lr if args.server_lr is not None else DEFAULT_SERVER_LR.get(args.algorithm, 1.0)
   server_optimizer = _server_optimizer(args.server_optimizer, server_lr)
+  if args.aggregator == "dp" and args.algorithm == "fedbuff":
+    recipe = _private_fed_buff(args, model, train_data.num_clients, server_optimizer, server_lr, runner)
+    client_spec = ClientSpec(batch_size=args.batch_size, num_epochs=args.local_epochs,
+                             max_steps=args.max_local_steps)
+    return train_data, test_data, model, recipe.process, client_spec, runner, recipe
   if args.aggregator == "dp":
     if args.algorithm != "fedavg":
-      raise UsageError("--aggregator dp runs DP-FedAvg; use it with --algorithm fedavg")
+      raise UsageError("--aggregator dp runs DP-FedAvg (or DP FedBuff); use it with --algorithm fedavg or fedbuff")
     recipe = _private_recipe(args, model, train_data.num_clients, server_optimizer, runner)
     client_spec = ClientSpec(batch_size=args.batch_size, num_epochs=args.local_epochs,
                              max_steps=args.max_local_steps)
@@ -925,6 +931,30 @@ def _private_recipe(args, model, num_clients: int, server_optimizer, runner) -> 
 
 
 _CANARY_SEED_STREAM = 0xCA9A
+
+
+def _private_fed_buff(args, model, num_clients: int, server_optimizer, server_lr, runner) -> _PrivateRecipe:
+  """``--algorithm fedbuff --aggregator dp``: FedBuff with the Gaussian mechanism over each buffer of ``K`` updates
+  (``--dp-clip`` fixed, else adaptive clipping), accounted as one unamplified event per server step
+  (:func:`~fedjax_lite.training.fed_buff_privacy`: FedBuff's participation follows the clients' speeds, not
+  sampling)."""
+  from fedjax_lite import aggregators
+  from fedjax_lite.training.buffered_driver import fed_buff_privacy
+
+  if args.dp_strategy != "gaussian":
+    raise UsageError(f"--dp-strategy {args.dp_strategy} is DP-FTRL's (synchronous rounds); --algorithm fedbuff "
+                     "takes --dp-strategy gaussian")
+  if args.audit_canaries is not None:
+    raise UsageError("--audit-canaries is not supported with --algorithm fedbuff yet")
+  buffer_size = args.fedbuff_buffer_size or args.clients_per_round
+  aggregator = (aggregators.gaussian_fixed(args.dp_noise_multiplier, float(buffer_size), args.dp_clip)
+                if args.dp_clip is not None
+                else aggregators.gaussian_adaptive(args.dp_noise_multiplier, float(buffer_size)))
+  process = _build_algorithm(args, model, num_clients, server_optimizer, server_lr, aggregator, "uniform", None,
+                             runner)
+  ledger = fed_buff_privacy(process, delta=args.dp_delta, accountant=args.dp_accountant,
+                            epsilon_budget=args.dp_epsilon_budget)
+  return _PrivateRecipe(process, None, ledger, None)
 
 
 def _audit_summary(private: _PrivateRecipe | None, initial_params, final_params, delta: float) -> dict | None:
@@ -1063,7 +1093,7 @@ def train_command(args, distributed=None) -> dict | None:
     return _train_fed_buff(args, process, train_data, initial_params, client_spec, runner,
                            lambda params: evaluate(params, test_data), output_dir,
                            None if simulated is None else simulated.systems, trackers=trackers,
-                           checkpointing=checkpointing)
+                           checkpointing=checkpointing, privacy=None if private is None else private.ledger)
   result = run_training(
       process, train_data, initial_params, client_spec=client_spec,
       num_rounds=args.rounds, seed=args.seed, evaluate=lambda params: evaluate(params, test_data),
@@ -1137,7 +1167,7 @@ def _check_fed_buff_flags(args, mesh, simulated) -> None:
 
 
 def _train_fed_buff(args, process, train_data, initial_params, client_spec, runner, evaluate, output_dir,
-                    population, *, trackers, checkpointing) -> dict:
+                    population, *, trackers, checkpointing, privacy) -> dict:
   """``--algorithm fedbuff``: ``--rounds`` server steps of :func:`~fedjax_lite.training.run_fed_buff` on the
   ``--systems`` population (``--dropout`` and a trace's availability windows included), by default log-normal
   client systems (FedScale's defaults, seeded by ``--seed``); the same files as the other algorithms (a server step
@@ -1156,7 +1186,8 @@ def _train_fed_buff(args, process, train_data, initial_params, client_spec, runn
                      systems=population or systems.lognormal_systems(train_data.num_clients, seed=args.seed),
                      evaluate=evaluate, evaluate_every=args.eval_every,
                      metrics_path=os.path.join(output_dir, "metrics.jsonl") if "jsonl" in args.log_format else None,
-                     progress=not (args.no_progress or args.quiet), trackers=trackers, **checkpointing)
+                     progress=not (args.no_progress or args.quiet), trackers=trackers, privacy=privacy,
+                     **checkpointing)
   history = run.history
   plot_path = os.path.join(output_dir, "training.png") if "png" in args.log_format else None
   if plot_path is not None:
@@ -1174,7 +1205,8 @@ def _train_fed_buff(args, process, train_data, initial_params, client_spec, runn
       "mean_staleness": sum(r["fedbuff/mean_staleness"] for r in history) / len(history),
       "dropped_stale": sum(r["fedbuff/dropped_stale"] for r in history),
       "dropped_offline": sum(r["fedbuff/dropped_offline"] for r in history),
-      "aggregator": args.aggregator, "epsilon": None, "delta": None, "audit": None,
+      "aggregator": args.aggregator, "epsilon": last.get("privacy/epsilon"), "delta": last.get("privacy/delta"),
+      "dp_strategy": args.dp_strategy if args.aggregator == "dp" else None, "audit": None,
       "stopped_early": run.stopped_early,
       "broadcasted_mebibits": units.mebibits(last.get("cumulative_broadcasted_bits", 0)),
       "aggregated_mebibits": units.mebibits(last.get("cumulative_aggregated_bits", 0)),

@@ -99,3 +99,29 @@ def test_fed_buff_on_a_trace_with_availability_windows(tmp_path, capsys):
   assert summary["rounds"] == 4 and summary["simulated_hours"] > 0 and summary["dropped_offline"] > 0
   records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert all("fedbuff/idle_places" in record for record in records)
+
+
+def test_fed_buff_with_dp_reports_the_unamplified_epsilon(tmp_path, capsys):
+  """``--aggregator dp`` with FedBuff: the Gaussian mechanism over each buffer, epsilon per server step from one
+  unamplified event per step (dp_accounting composed by hand), the budget stopping the run."""
+  import dp_accounting
+
+  flags = TINY + ["--algorithm", "fedbuff", "--output-dir", str(tmp_path / "run"), "--fedbuff-concurrency", "3",
+                  "--fedbuff-buffer-size", "2", "--aggregator", "dp", "--dp-clip", "0.5", "--dp-noise-multiplier",
+                  "1.5", "--dp-delta", "1e-4", "--rounds", "3"]
+  code = cli.main(flags)
+  assert code == 0, capsys.readouterr().err
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  for steps, record in enumerate(records, start=1):
+    expected = dp_accounting.rdp.RdpAccountant().compose(
+        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.5), steps)).get_epsilon(1e-4)
+    assert record["privacy/epsilon"] == pytest.approx(expected, rel=1e-12)
+  assert summary["epsilon"] == records[-1]["privacy/epsilon"] and summary["delta"] == 1e-4
+  code = cli.main(flags[:-2] + ["--rounds", "3", "--dp-epsilon-budget", str(records[1]["privacy/epsilon"] * 1.01),
+                                "--output-dir", str(tmp_path / "budget")])
+  assert code == 0, capsys.readouterr().err
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary["rounds"] == 2 and summary["stopped_early"].startswith("privacy budget")
+  code = cli.main(flags + ["--dp-strategy", "tree"])
+  assert code == 2 and "--dp-strategy gaussian" in capsys.readouterr().err
