@@ -1,17 +1,26 @@
 """``fedjax-lite train --algorithm fedbuff``: FedBuff from the command line with its knobs (server steps in place of
-rounds, on simulated log-normal client systems), its csv/TensorBoard logs and checkpoints (a run stopped half way
-and resumed with ``--resume`` writes the records and params of a straight run); its knobs elsewhere and what it
+rounds, on simulated log-normal client systems), its csv/TensorBoard logs, checkpoints (a run stopped half way, or
+SIGKILLed in a subprocess, and resumed with ``--resume`` writes the records and params of a straight run), availability
+windows from a trace, and DP (epsilon per server step against dp_accounting); its knobs elsewhere and what it
 does not support are refused with one line and exit code 2."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import dp_accounting
+import jax
 import numpy as np
 import pytest
 
-from fedjax_lite.training import cli
+from fedjax_lite.training import cli, read_checkpoint
+from tests.training.test_checkpoint import SLOW_SAVE
 from tests.training.test_cli_algorithms import TINY
 
 
@@ -50,8 +59,6 @@ def test_fed_buff_checkpoints_resume_and_csv_logs(tmp_path, capsys):
   """``--rounds 4`` straight, against ``--rounds 2`` with a checkpoint then ``--rounds 4 --resume`` (its own
   output folder): the same records (wall times aside) and the same final checkpointed params; csv and TensorBoard
   logs are written as for the synchronous algorithms."""
-  from fedjax_lite.training import read_checkpoint
-
   fedbuff = ["--algorithm", "fedbuff", "--fedbuff-concurrency", "3", "--fedbuff-buffer-size", "2", "--systems",
              "lognormal", "--dropout", "0.2", "--checkpoint-every", "2", "--eval-every", "1",
              "--log-format", "jsonl,csv,tensorboard"]
@@ -104,8 +111,6 @@ def test_fed_buff_on_a_trace_with_availability_windows(tmp_path, capsys):
 def test_fed_buff_with_dp_reports_the_unamplified_epsilon(tmp_path, capsys):
   """``--aggregator dp`` with FedBuff: the Gaussian mechanism over each buffer, epsilon per server step from one
   unamplified event per step (dp_accounting composed by hand), the budget stopping the run."""
-  import dp_accounting
-
   flags = TINY + ["--algorithm", "fedbuff", "--output-dir", str(tmp_path / "run"), "--fedbuff-concurrency", "3",
                   "--fedbuff-buffer-size", "2", "--aggregator", "dp", "--dp-clip", "0.5", "--dp-noise-multiplier",
                   "1.5", "--dp-delta", "1e-4", "--rounds", "3"]
@@ -125,3 +130,46 @@ def test_fed_buff_with_dp_reports_the_unamplified_epsilon(tmp_path, capsys):
   assert summary["rounds"] == 2 and summary["stopped_early"].startswith("privacy budget")
   code = cli.main(flags + ["--dp-strategy", "tree"])
   assert code == 2 and "--dp-strategy gaussian" in capsys.readouterr().err
+
+
+def test_a_killed_fed_buff_run_resumes_bit_identically(tmp_path, capsys):
+  """``--algorithm fedbuff`` in a subprocess, SIGKILLed after its checkpoint after 2 server steps (its save after 4
+  held open, so it is certainly still running), then ``--resume`` in this process: the records, the checkpointed
+  state (params, momentum, the ring of versions) and the summary of an uninterrupted run."""
+  fedbuff = TINY + ["--algorithm", "fedbuff", "--fedbuff-concurrency", "3", "--fedbuff-buffer-size", "2",
+                    "--systems", "lognormal", "--dropout", "0.2", "--server-optimizer", "sgdm", "--rounds", "6",
+                    "--checkpoint-every", "2",
+                    # The killed subprocess uses this process's CPU device count (recorded in the configuration).
+                    "--cpu-devices", str(jax.local_device_count())]
+
+  def run_here(name, *extra):
+    code = cli.main(fedbuff + ["--output-dir", str(tmp_path / name), "--checkpoint-dir",
+                               str(tmp_path / f"{name}-ckpt"), *extra])
+    assert code == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+  def records(name):
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("time_in_seconds")} for line in lines]
+
+  straight = run_here("straight")
+  checkpoints = tmp_path / "killed-ckpt"
+  process = subprocess.Popen(
+      [sys.executable, SLOW_SAVE, "4", "120", *fedbuff, "--output-dir", str(tmp_path / "killed"), "--checkpoint-dir",
+       str(checkpoints)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.monotonic() + 120
+  while not (checkpoints.is_dir() and "2" in os.listdir(checkpoints)):
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    assert time.monotonic() < deadline, "timed out waiting for the checkpoint after 2 server steps"
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait() == -signal.SIGKILL
+  resumed = run_here("killed", "--resume")  # (takes over the killed run's stale lock)
+  assert records("killed") == records("straight") and [r["round"] for r in records("killed")] == list(range(6))
+  assert resumed["final_test_accuracy"] == straight["final_test_accuracy"]
+  (saved, saved_meta), (reference, reference_meta) = (read_checkpoint(tmp_path / f"{name}-ckpt")
+                                                      for name in ("killed", "straight"))
+  assert saved_meta["next_round"] == reference_meta["next_round"] == 6
+  for name in reference:
+    for leaf, ref_leaf in zip(saved[name], reference[name], strict=True):
+      assert leaf.tobytes() == ref_leaf.tobytes()
