@@ -80,7 +80,8 @@ class FedBuffRun:
       the steps recorded), in-flight clients, simulated time and totals (continue the run by passing it back with
       the state).
     history: one flat metrics dict per server step (``step`` and ``round`` from 0), Python scalars; a resumed run's
-      includes the checkpoint's steps, a continued run's (``state``/``schedule`` given) only this call's.
+      includes the checkpoint's steps, a continued run's (``state``/``schedule`` given) only this call's (its
+      ``cumulative_*_bits`` count from the call's first step).
     seconds: wall time of the loop.
     stopped_early: why the run stopped before ``num_server_steps`` (privacy budget, ``on_round_end``), or None.
   """
@@ -139,14 +140,12 @@ class EventOrder:
   max_staleness: int
   availability: dict
   task_seconds_sha256: str
-  cohort_capacity: int
 
 
 def describe_event_order(schedule: BufferedSchedule) -> EventOrder:
   return EventOrder(concurrency=schedule.concurrency, buffer_size=schedule.buffer_size,
                     max_staleness=schedule.max_staleness, availability=schedule.availability.describe(),
-                    task_seconds_sha256=hashlib.sha256(schedule.task_seconds.tobytes()).hexdigest(),
-                    cohort_capacity=schedule.buffer_size)
+                    task_seconds_sha256=hashlib.sha256(schedule.task_seconds.tobytes()).hexdigest())
 
 
 class BufferedPacker:

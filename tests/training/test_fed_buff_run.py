@@ -18,7 +18,7 @@ import pytest
 
 from fedjax_lite import aggregators, algorithms, privacy, systems
 from fedjax_lite.core.packing import ClientSpec
-from fedjax_lite.training import ConfigMismatchError, CsvTracker, fed_buff_privacy, run_fed_buff
+from fedjax_lite.training import CheckpointError, ConfigMismatchError, CsvTracker, fed_buff_privacy, run_fed_buff
 from tests.algorithms.family_setup import NUM_CLIENTS, make_setup
 
 SPEC = ClientSpec(batch_size=4)
@@ -178,4 +178,22 @@ def test_resuming_with_another_event_order_is_refused(tmp_path):
                  resume=True, **common)
   with pytest.raises(ValueError, match="already holds checkpoints"):
     run_fed_buff(buff, population, params, num_server_steps=4, task_seconds=np.linspace(1.0, 2.0, NUM_CLIENTS),
+                 **common)
+
+
+def test_a_replayed_event_order_that_differs_from_the_checkpoints_is_refused(tmp_path):
+  """Windows moved but alike in summary (same count, period and online seconds: the run description cannot tell
+  them apart) change the event order: the replay on resume sees it and refuses."""
+  population, model, params, _ = make_setup()
+  buff = dp_fed_buff(model)
+
+  def population_systems(shift):
+    windows = [[(shift * k % 7.0, shift * k % 7.0 + 12.0)] for k in range(NUM_CLIENTS)]
+    return systems.constant_systems(NUM_CLIENTS, seconds_per_example=0.3, download_bits_per_second=1e5,
+                                     availability=systems.AvailabilityWindows.from_windows(windows, 20.0))
+
+  common = dict(client_spec=SPEC, seed=3, checkpoint_dir=tmp_path / "run")
+  run_fed_buff(buff, population, params, num_server_steps=3, systems=population_systems(1.0), **common)
+  with pytest.raises(CheckpointError, match="event order replayed from the seed differs"):
+    run_fed_buff(buff, population, params, num_server_steps=5, systems=population_systems(3.0), resume=True,
                  **common)
