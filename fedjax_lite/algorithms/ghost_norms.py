@@ -103,9 +103,11 @@ def ghost_layers(model: Model, params: PyTree, batch: dict, mask: jax.Array,
               and args[0].ndim >= 1 and out.ndim >= 1
               and args[0].shape[0] == batch_size and out.shape[0] == batch_size)
         seen = module.variables.get("params", {})
-        same = (isinstance(seen, Mapping) and sorted(seen) == sorted(owners[path])
+        seen = seen if isinstance(seen, Mapping) else {}
+        leaf_module = all(not isinstance(value, Mapping) for value in seen.values())
+        same = (sorted(seen) == sorted(owners[path])
                 and all(seen[name] is abstract_leaves[path + (name,)] for name in owners[path]))
-        record.append((context.method_name, ok, same, module))
+        record.append((context.method_name, ok, same, leaf_module, module))
       return out
 
     with nn.intercept_methods(interceptor):
@@ -124,8 +126,11 @@ def ghost_layers(model: Model, params: PyTree, batch: dict, mask: jax.Array,
     elif len(record) != 1:
       problems.append(f"module {where} is called {len(record)} times per forward pass (shared weights)")
     else:
-      method, ok, same, module = record[0]
-      if not same:
+      method, ok, same, leaf_module, module = record[0]
+      if not leaf_module:
+        problems.append(f"module {where} owns parameters {names} itself besides its submodules' (the per-layer "
+                        "pass needs every parameter in a module without parameterized submodules)")
+      elif not same:
         problems.append(f"module {where} does not receive its trained parameters unchanged")
       elif not ok:
         problems.append(f"module {where} is not called as module(x) -> y with the batch axis first "
