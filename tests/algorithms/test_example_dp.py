@@ -18,6 +18,7 @@ from fedjax_lite import aggregators, privacy
 from fedjax_lite.algorithms import ExampleDp, fed_avg, train_locally
 from fedjax_lite.algorithms.example_dp import EXAMPLE_NOISE_STREAM
 from fedjax_lite.algorithms.ghost_norms import ghost_clipped_sum, ghost_layers
+from fedjax_lite.core import Runner
 from fedjax_lite.core.packing import pack_clients
 from fedjax_lite.models import from_flax
 from fedjax_lite.models.conv import Conv
@@ -268,3 +269,17 @@ def test_ghost_refuses_a_model_that_transforms_its_parameters():
   data = client()
   layers, reason = ghost_layers(doubled, PARAMS, first_batch(data), data["mask"][0], None)
   assert layers is None and "does not receive its trained parameters unchanged" in reason
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "vmap"])
+def test_a_round_with_the_batched_pass_equals_one_with_per_example_scans(strategy):
+  """The batched per-layer pass inside a FedAvg round, clients in a scan or vmapped (the accelerator default): the
+  same round as with per-example scans (a deterministic model, no noise), to float rounding."""
+  population = make_population(num_clients=4)
+  round_data = pack_clients(population, np.array([0, 1, 2]), batch_size=4)
+  results = {}
+  for way in ("ghost", "scan"):
+    process = fed_avg(MODEL, client_learning_rate=0.5, runner=Runner(strategy),
+                      example_dp=ExampleDp(l2_clip=CLIP, noise_multiplier=0.0, per_example=way))
+    results[way] = jax.jit(process.next)(process.init(PARAMS), round_data, jax.random.key(0))[0].params
+  chex.assert_trees_all_close(results["ghost"], results["scan"], atol=float_atol(3 * 4 * 4 * 10, 2.0))
