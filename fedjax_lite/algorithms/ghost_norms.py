@@ -84,18 +84,9 @@ def ghost_layers(model: Model, params: PyTree, batch: dict, mask: jax.Array,
     abstract_leaves = {tuple(_key_name(k) for k in key_path): leaf
                        for key_path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
 
-    active: set = set()  # modules inside one of their own methods: inner calls (helpers) are not layer calls
-
-    def interceptor(next_fun, args, kwargs, context):
+    def on_call(path, call, args, kwargs, context):
+      out = call()
       module = context.module
-      path = _bound_path(module)
-      if path is None or path in active:
-        return next_fun(*args, **kwargs)
-      active.add(path)
-      try:
-        out = next_fun(*args, **kwargs)
-      finally:
-        active.discard(path)
       if path in owners:
         record = calls.setdefault(path, [])
         ok = (context.method_name == "__call__" and len(args) == 1 and not kwargs
@@ -110,7 +101,7 @@ def ghost_layers(model: Model, params: PyTree, batch: dict, mask: jax.Array,
         record.append((context.method_name, ok, same, leaf_module, module))
       return out
 
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(_outermost_calls(on_call)):
       return masked_loss_and_metric_sums(model, abstract_params, batch, mask, rng, True)[0]
 
   try:
@@ -146,6 +137,25 @@ def _bound_path(module: nn.Module) -> tuple[str, ...] | None:
   """The module's path in the variables, or None for a module not bound to a scope (a helper method called from
   ``__post_init__``, or a module being constructed)."""
   return None if module.scope is None else tuple(module.path)
+
+
+def _outermost_calls(on_call):
+  """A flax method interceptor that hands the OUTERMOST method call of each bound module to ``on_call(path, call,
+  args, kwargs, context)`` (``call()`` runs the method and returns its output); a module's calls of its own helper
+  methods inside it, and calls on unbound modules, just run."""
+  active: set = set()
+
+  def interceptor(next_fun, args, kwargs, context):
+    path = _bound_path(context.module)
+    if path is None or path in active:
+      return next_fun(*args, **kwargs)
+    active.add(path)
+    try:
+      return on_call(path, lambda: next_fun(*args, **kwargs), args, kwargs, context)
+    finally:
+      active.discard(path)
+
+  return interceptor
 
 
 def _squared_norm(tree: PyTree) -> jax.Array:
@@ -196,24 +206,19 @@ def ghost_clipped_sum(model: Model, params: PyTree, batch: dict, mask: jax.Array
 
   def tapped(perturbations):
     inputs: list[Any] = [None] * len(layers)
-    active: set = set()
 
-    def interceptor(next_fun, args, kwargs, context):
-      i = index.get(_bound_path(context.module))
-      if i is None or i in active or context.method_name != "__call__":
-        return next_fun(*args, **kwargs)
+    def on_call(path, call, args, kwargs, context):
+      i = index.get(path)
+      if i is None or context.method_name != "__call__":
+        return call()
       inputs[i] = args[0]
-      active.add(i)
-      try:
-        out = next_fun(*args, **kwargs)
-      finally:
-        active.discard(i)
+      out = call()
       if perturbations is None:
         out_shapes[i] = jax.ShapeDtypeStruct(out.shape, out.dtype)
         return out
       return out + perturbations[i].astype(out.dtype)
 
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(_outermost_calls(on_call)):
       _, sums = masked_loss_and_metric_sums(model, params, batch, mask, rng, True)
     return sums["loss"], (inputs, sums)
 
