@@ -40,6 +40,7 @@ import optax
 from fedjax_lite.aggregators.canaries import insert_canaries
 from fedjax_lite.aggregators.differential_privacy import adaptive_clip_noise_params, gaussian_adaptive, gaussian_fixed
 from fedjax_lite.aggregators.matrix_factorization import dp_matrix_factorization
+from fedjax_lite.aggregators.sparsification import Compressor
 from fedjax_lite.aggregators.presets import default_zeroing
 from fedjax_lite.aggregators.tree_aggregation import tree_aggregation
 from fedjax_lite.algorithms.example_dp import ExampleDp
@@ -88,6 +89,7 @@ def dp_fed_avg(
     runner: Runner | None = None,
     canaries: PyTree | None = None,
     example_dp: ExampleDp | None = None,
+    upload_compressor: Compressor | None = None,
 ) -> PrivateTraining:
   """User-level DP-FedAvg with Poisson client sampling and a privacy ledger.
 
@@ -109,6 +111,10 @@ def dp_fed_avg(
     example_dp: optional :class:`~fedjax_lite.algorithms.ExampleDp`: example-level DP-SGD inside every client as
       well (``fed_avg``'s option), a guarantee for one example accounted apart by
       :func:`fedjax_lite.privacy.example_level_epsilon`; the ledger stays the user-level one.
+    upload_compressor: optional :class:`~fedjax_lite.aggregators.Compressor` of each client's update
+      (``fed_avg``'s option; with ``error_feedback`` the residuals are client states): the DP aggregator clips and
+      noises the compressed messages, each a function of one client's data and residual, so the guarantee and the
+      ledger are unchanged.
   """
   validation.check_positive("noise_multiplier", noise_multiplier)
   validation.check_int("num_clients", num_clients, minimum=1)
@@ -128,7 +134,7 @@ def dp_fed_avg(
     aggregator = default_zeroing(aggregator)
   process = fed_avg(model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
                     server_optimizer=server_optimizer, weighting="uniform", aggregator=aggregator, runner=runner,
-                    example_dp=example_dp)
+                    example_dp=example_dp, upload_compressor=upload_compressor)
   sampler = PoissonSampler(num_clients, probability, seed)
   ledger = PrivacyLedger(sampled_run_events(round_event, sampling="poisson", sampling_probability=probability),
                          delta, accountant, epsilon_budget)
@@ -155,6 +161,7 @@ def dp_ftrl(
     accountant: str = "rdp",
     canaries: PyTree | None = None,
     example_dp: ExampleDp | None = None,
+    upload_compressor: Compressor | None = None,
 ) -> PrivateTraining:
   """DP-FTRL: noise correlated across rounds by ``strategy``, no sampling assumption (module docstring). Server
   default: SGD(1.0) with momentum 0.9, as in Kairouz et al.'s and Choquette-Choo et al.'s federated experiments.
@@ -185,7 +192,8 @@ def dp_ftrl(
     accountant: ``'rdp'`` or ``'pld'`` (the tree: RDP only).
     canaries: optional stacked canary updates inserted as extra clients in ``b`` fixed groups (tree: one group per
       round of the epoch), each taking part once every ``b`` rounds (with probability ``q``), for ``privacy.audit``.
-    example_dp: optional example-level DP-SGD inside every client, as in :func:`dp_fed_avg`.
+    example_dp, upload_compressor: optional example-level DP-SGD inside every client and compressed uploads, as in
+      :func:`dp_fed_avg`.
 
   Example::
 
@@ -239,6 +247,6 @@ def dp_ftrl(
                                  num_groups=num_groups)
   process = fed_avg(model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
                     server_optimizer=server_optimizer, weighting="uniform", aggregator=aggregator, runner=runner,
-                    example_dp=example_dp)
+                    example_dp=example_dp, upload_compressor=upload_compressor)
   ledger = PrivacyLedger(run, delta, accountant, epsilon_budget)
   return PrivateTraining(process, sampler, ledger)

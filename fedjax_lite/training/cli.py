@@ -25,6 +25,14 @@ sampling, the Gaussian mechanism); ``tree``, ``blt``, ``banded`` and ``toeplitz`
 (``algorithms.dp_ftrl``: the tree in shuffled epochs; the matrix factorizations in fixed cyclic groups, planned for
 ``--rounds``). ``--audit-canaries N`` adds N canary clients (and holds out N more) and, after training, writes the
 one-shot audit's empirical epsilons (``privacy.audit``) beside the accountant's epsilon.
+``--example-dp-clip C --example-dp-noise Z`` makes every local step a DP-SGD step (``algorithms.ExampleDp``) and
+records the example-level epsilon every round (``privacy.example_level_epsilon``; beside the user-level one when
+``--aggregator dp`` is on too).
+
+Compressed uploads (the FedAvg family): ``--upload-compression topk|randomk|sign`` compresses each client's update
+(``fed_avg(upload_compressor=...)``, ``--compression-fraction``), ``--error-feedback`` keeps each client's residual in
+the client states (checkpointed), and ``sketch`` is FetchSGD's count sketch (``aggregators.count_sketch``,
+``--sketch-width``, ``--sketch-depth``); ``aggregated_bits`` counts the encoded messages.
 
 Fine-tuning: ``--init-from CKPT`` starts from saved weights (``models.load_params``); ``--model transformer
 --init-from CKPT --lora-rank R`` fine-tunes a pretrained ``models.transformer_lm`` (its architecture read from
@@ -80,7 +88,7 @@ RUNNER_STRATEGIES = ("auto", "sequential", "vmap", "chunked")
 # fed_avg's builders: they take its upload_compressor and example_dp options.
 FED_AVG_FAMILY = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 UPLOAD_COMPRESSIONS = ("none", "topk", "randomk", "sign", "sketch")
-COMPRESSION_AGGREGATORS = ("mean", "robust")  # sum-based, counting the sparse message (aggregators.compressed)
+COMPRESSION_AGGREGATORS = ("mean", "robust", "dp")  # sum-based, counting the sparse message (aggregators.compressed)
 
 
 class UsageError(Exception):
@@ -901,20 +909,17 @@ def _build_job(args, mesh=None):
     model = _build_model(args.model, num_classes, input_shape, dataset=args.dataset)
   runner = Runner(strategy=args.runner, chunk_size=args.chunk_size, mesh=mesh)
   example_dp = _example_dp(args, model)
+  compressor, sketch = _upload_compression(args, model)
   server_lr = args.server_lr if args.server_lr is not None else DEFAULT_SERVER_LR.get(args.algorithm, 1.0)
   server_optimizer = _server_optimizer(args.server_optimizer, server_lr)
   if args.aggregator == "dp":
     if args.algorithm != "fedavg":
       raise UsageError("--aggregator dp runs DP-FedAvg; use it with --algorithm fedavg")
-    if args.upload_compression != "none":
-      raise UsageError("--upload-compression is not supported with --aggregator dp yet (the DP recipes take no "
-                       "compressor): use --aggregator mean or robust")
-    recipe = _private_recipe(args, model, train_data.num_clients, server_optimizer, runner, example_dp)
+    recipe = _private_recipe(args, model, train_data.num_clients, server_optimizer, runner, example_dp, compressor)
     client_spec = ClientSpec(batch_size=args.batch_size, num_epochs=args.local_epochs,
                              max_steps=args.max_local_steps)
     return train_data, test_data, model, recipe.process, client_spec, runner, recipe
   aggregator, weighted = _build_aggregator(args)
-  compressor, sketch = _upload_compression(args, model)
   if sketch is not None:
     aggregator = sketch
   family_options = {name: value for name, value in (("upload_compressor", compressor), ("example_dp", example_dp))
@@ -989,7 +994,8 @@ def _upload_compression(args, model):
                      "the k heaviest coordinates): use it with --aggregator mean")
   if args.aggregator not in COMPRESSION_AGGREGATORS:
     raise UsageError(f"--upload-compression {name} needs a sum of the decoded messages whose bits are the sparse "
-                     f"message's: --aggregator {' or '.join(COMPRESSION_AGGREGATORS)}, not {args.aggregator}")
+                     f"message's: --aggregator {', '.join(COMPRESSION_AGGREGATORS[:-1])} or {COMPRESSION_AGGREGATORS[-1]}, "
+                     f"not {args.aggregator}")
   if args.error_feedback and args.rounds_per_dispatch is not None:
     raise UsageError("--error-feedback keeps per-client residuals on the host: not with --rounds-per-dispatch")
   from fedjax_lite import aggregators
@@ -1039,7 +1045,8 @@ class _PrivateRecipe(NamedTuple):
   canaries: tuple | None
 
 
-def _private_recipe(args, model, num_clients: int, server_optimizer, runner, example_dp=None) -> _PrivateRecipe:
+def _private_recipe(args, model, num_clients: int, server_optimizer, runner, example_dp=None,
+                    upload_compressor=None) -> _PrivateRecipe:
   """``--aggregator dp``: DP-FedAvg (``--dp-strategy gaussian``) or DP-FTRL with the strategy, and with
   ``--audit-canaries N``, 2N canary directions of norm ``--dp-clip`` (the first N inserted as clients that follow
   the recipe's participation, the rest held out)."""
@@ -1063,7 +1070,7 @@ def _private_recipe(args, model, num_clients: int, server_optimizer, runner, exa
   common = dict(noise_multiplier=args.dp_noise_multiplier, num_clients=num_clients, delta=args.dp_delta,
                 client_learning_rate=args.client_lr, server_optimizer=server_optimizer, clip=args.dp_clip,
                 epsilon_budget=args.dp_epsilon_budget, accountant=args.dp_accountant, seed=args.seed, runner=runner,
-                canaries=inserted, example_dp=example_dp)
+                canaries=inserted, example_dp=example_dp, upload_compressor=upload_compressor)
   try:
     if args.dp_strategy == "gaussian":
       recipe = dp_fed_avg(model, expected_clients_per_round=float(args.clients_per_round), **common)
@@ -1197,7 +1204,8 @@ def train_command(args, distributed=None) -> dict | None:
 
   def report_epsilon(round_num, record):
     if (private is not None or example_ledger is not None) and args.no_progress and not args.quiet:
-      spent = ([f"epsilon {record['privacy/epsilon']:.4g}"] if private is not None else []) + (
+      user_level = "user-level epsilon" if example_ledger is not None else "epsilon"
+      spent = ([f"{user_level} {record['privacy/epsilon']:.4g}"] if private is not None else []) + (
           [f"example-level epsilon {record['privacy/example_epsilon']:.4g}"] if example_ledger is not None else [])
       sys.stderr.write(f"round {round_num}: {', '.join(spent)} at delta {args.dp_delta:g}\n")
 
@@ -1477,7 +1485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(summary))
   elif not args.quiet:
     accuracy = summary["final_test_accuracy"]
-    privacy = (f", epsilon {summary['epsilon']:.4g} at delta {summary['delta']:g}"
+    user_level = "user-level epsilon" if summary["example_dp"] is not None else "epsilon"
+    privacy = (f", {user_level} {summary['epsilon']:.4g} at delta {summary['delta']:g}"
                if summary["epsilon"] is not None else "")
     if summary["example_dp"] is not None:
       privacy += (f", example-level epsilon {summary['example_dp']['epsilon']:.4g} at delta "

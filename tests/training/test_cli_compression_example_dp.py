@@ -131,6 +131,31 @@ def test_user_and_example_level_dp_are_both_reported(tmp_path, capsys):
   assert summary["example_dp"]["epsilon"] == records[-1]["privacy/example_epsilon"]
 
 
+def test_compression_with_error_feedback_under_user_level_dp(tmp_path, capsys):
+  """--aggregator dp clips and noises the compressed messages: the CLI's run is
+  ``dp_fed_avg(..., upload_compressor=...)`` on its Poisson sampler, with the unchanged ledger."""
+  argv = TINY + ["--num-clients", "12", "--aggregator", "dp", "--dp-noise-multiplier", "0.5", "--dp-clip", "0.5", "--upload-compression",
+                 "topk", "--compression-fraction", "0.1", "--error-feedback"]
+  summary = _run(argv, tmp_path, capsys)
+  args = cli.build_parser().parse_args(argv)
+  train_data, _, num_classes, input_shape = cli._load_data(args)
+  from fedjax_lite.models import dense_softmax
+
+  model = dense_softmax(num_classes=num_classes, input_shape=input_shape)
+  recipe = algorithms.dp_fed_avg(model, noise_multiplier=0.5, num_clients=12, expected_clients_per_round=3.0,
+                                 delta=1e-3, client_learning_rate=CLIENT_LR, server_optimizer=optax.sgd(1.0),
+                                 clip=0.5, runner=Runner(), upload_compressor=aggregators.top_k_compressor(
+                                     fraction=0.1, error_feedback=True))
+  assert recipe.process.client_state is not None
+  result = run_training(recipe.process, train_data, model.init(jax.random.key(0)),
+                        client_spec=ClientSpec(batch_size=BATCH_SIZE, num_epochs=1), num_rounds=2, seed=0,
+                        progress=False, sampler=recipe.sampler, privacy=recipe.ledger)
+  expected = [{key: value for key, value in record.items() if not key.endswith("_time_in_seconds")}
+              for record in result.history]
+  assert _records(tmp_path) == expected
+  assert summary["epsilon"] == recipe.ledger.epsilon_after(2) and summary["upload_compression"]["method"] == "topk"
+
+
 def test_the_summary_line_and_round_lines_name_both_epsilons(tmp_path, capsys):
   argv = [flag for flag in TINY if flag != "--json"] + ["--example-dp-clip", "1", "--example-dp-noise", "1"]
   assert cli.main(argv + ["--output-dir", str(tmp_path)]) == 0
@@ -181,10 +206,10 @@ def test_a_model_with_batch_norm_is_refused():
     (["--upload-compression", "zip"], "--upload-compression"),
     (["--algorithm", "scaffold", "--upload-compression", "topk"], "--upload-compression applies only with --algorithm fedavg"),
     (["--algorithm", "mimelite", "--upload-compression", "sign"], "--upload-compression applies only"),
-    (["--upload-compression", "topk", "--aggregator", "secure"], "--aggregator mean or robust, not secure"),
-    (["--upload-compression", "randomk", "--aggregator", "median"], "--aggregator mean or robust, not median"),
+    (["--upload-compression", "topk", "--aggregator", "secure"], "--aggregator mean, robust or dp, not secure"),
+    (["--upload-compression", "randomk", "--aggregator", "median"], "--aggregator mean, robust or dp, not median"),
     (["--upload-compression", "sketch", "--aggregator", "robust"], "use it with --aggregator mean"),
-    (["--upload-compression", "topk", "--aggregator", "dp"], "not supported with --aggregator dp"),
+    (["--upload-compression", "sketch", "--aggregator", "dp"], "use it with --aggregator mean"),
     (["--upload-compression", "topk", "--error-feedback", "--rounds-per-dispatch", "2"], "--rounds-per-dispatch"),
     (["--example-dp-noise", "1"], "--example-dp-noise applies only with --example-dp-clip"),
     (["--example-dp-clip", "1"], "--example-dp-clip needs --example-dp-noise"),
