@@ -242,3 +242,19 @@ def test_new_flags_at_their_defaults_leave_older_checkpoints_resumable():
   changed = cli._run_config(cli.build_parser().parse_args(TINY + ["--upload-compression", "sign",
                                                                   "--error-feedback"]))
   assert changed["--upload-compression"] == "sign" and changed["--error-feedback"] is True
+
+
+def test_run_training_checks_its_example_ledger():
+  from fedjax_lite.datasets import synthetic_leaf
+  from fedjax_lite.models import dense_softmax
+
+  model = dense_softmax(num_classes=10, input_shape=(60,))
+  data = synthetic_leaf(num_clients=3, seed=0)
+  common = dict(client_spec=ClientSpec(batch_size=10), clients_per_round=1, num_rounds=1, progress=False)
+  process = algorithms.fed_avg(model, client_learning_rate=0.1)
+  run = privacy.example_level_run_events(1.0, num_examples=20, batch_size=10)
+  with pytest.raises(ValueError, match="example_privacy is reported, not enforced"):
+    run_training(process, data, model.init(jax.random.key(0)),
+                 example_privacy=privacy.PrivacyLedger(run, 1e-5, epsilon_budget=100.0), **common)
+  with pytest.raises(TypeError, match="example_privacy must be a PrivacyLedger"):
+    run_training(process, data, model.init(jax.random.key(0)), example_privacy=run, **common)
