@@ -186,6 +186,12 @@ def test_an_error_feedback_run_resumes_bit_identically(tmp_path, capsys):
       assert leaf.dtype == other.dtype and leaf.tobytes() == other.tobytes(), name
   assert any(np.any(leaf != 0) for leaf in whole["client_states"])  # residuals kept: the resume needed them
   assert _records(tmp_path / "split") == _records(tmp_path / "whole")
+  # Resuming it without error feedback would change the results: refused, naming the flag.
+  without = [flag for flag in flags if flag != "--error-feedback"]
+  assert cli.main(without + ["--rounds", "6", "--output-dir", str(tmp_path / "split"), "--checkpoint-dir",
+                             str(tmp_path / "split-ck"), "--resume"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "cannot resume" in err and "--error-feedback" in err, err
 
 
 def test_a_model_with_batch_norm_is_refused():
