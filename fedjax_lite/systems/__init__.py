@@ -14,7 +14,8 @@ only which clients it holds and how many steps each takes (``core.pack_clients(s
 * :mod:`~fedjax_lite.systems.traces` -- :func:`load_trace`, a user's own trace (CSV/JSON);
 * :mod:`~fedjax_lite.systems.clock` -- :func:`client_timings`, :func:`steps_within`, :class:`SimulatedClock`;
 * :mod:`~fedjax_lite.systems.buffered` -- :class:`BufferedSchedule`, FedBuff's asynchronous event order (who
-  arrives when, from which version), :func:`task_seconds_of`;
+  arrives when, from which version; dropouts and on/off windows: only online clients start, a closing window aborts
+  a task), :func:`task_seconds_of`;
 * :mod:`~fedjax_lite.systems.rounds` -- :class:`RoundPolicy`, :func:`plan_round`, :class:`RoundPlan`,
   :class:`SystemsRounds` (the driver ``training.run_training(systems=...)`` uses), :func:`bits_per_client`.
 
