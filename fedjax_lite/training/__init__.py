@@ -4,7 +4,9 @@ experiment end to end on top of the algorithms.
 :func:`run_training` is built from parts that can be used on their own: a driver (:func:`drive_rounds`, rounds
 packed on the host; :func:`drive_scanned_rounds`, rounds drawn and scanned on the device), a :class:`Recorder`
 (metrics file, trackers, progress bar, stall detection, checkpoints, signals), a :class:`RoundSchedule` (when to
-evaluate, checkpoint and stop) and :class:`RunCheckpoints` (what a run restores and saves).
+evaluate, checkpoint and stop) and :class:`RunCheckpoints` (what a run restores and saves). :func:`run_fed_buff`
+(asynchronous FedBuff) is built from the same parts, a server step in place of a round, with
+:func:`fed_buff_privacy` its privacy ledger.
 """
 
 from fedjax_lite.training.buffered_driver import BufferedPacker, FedBuffRun, fed_buff_privacy, run_fed_buff
