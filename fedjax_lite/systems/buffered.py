@@ -28,7 +28,7 @@ The rules (deterministic given the seed):
 * The clients that start together are drawn uniformly without replacement from the clients neither in flight nor
   waiting in the buffer (so a client contributes at most once to a server step, which user-level DP accounting
   needs; this needs ``concurrency + K - 1 <= num_clients``) and **online at ``t``** (with ``AvailabilityWindows``:
-  inside one of their windows; every client otherwise): ``round_generator(seed, b, SAMPLING_STREAM).choice(available,
+  inside one of their windows, whose end ``t + online_for`` is a later float than ``t``; every client otherwise): ``round_generator(seed, b, SAMPLING_STREAM).choice(available,
   n)`` for the ``b``-th start instant (0 at time 0; ``b`` counts the instants at which at least one client starts).
   With nothing in flight and every client online this is exactly :func:`fedjax_lite.core.sample_clients` for round
   ``b``, so when every task lasts the same and ``concurrency == K`` the server steps are synchronous rounds with
@@ -176,8 +176,11 @@ class BufferedSchedule:
     return self._idle
 
   def _online(self, clients: np.ndarray, now: float) -> np.ndarray:
+    """Online at ``now``: inside a window whose end is a later simulated time than ``now`` (``now + remaining >
+    now``: a window ending less than a rounding unit after ``now`` has ended, else a task started then would be
+    aborted at ``now`` itself and the clock would not move)."""
     if isinstance(self.availability, AvailabilityWindows):
-      return self.availability.online_for(clients, now) > 0
+      return now + self.availability.online_for(clients, now) > now
     return np.ones(clients.shape, bool)
 
   def _start(self, count: int, now: float) -> None:

@@ -102,7 +102,7 @@ def reference_event_order(durations, *, concurrency, buffer_size, max_staleness,
   def start(count, now):
     nonlocal started, draws, vacant, wake
     free = sorted(set(range(len(durations))) - busy)
-    online = [client for client in free if remaining(client, now) > 0]
+    online = [client for client in free if now + remaining(client, now) > now]  # a window's end after now
     vacant, wake = count - min(count, len(online)), np.inf
     if vacant:
       wake = now + min((wait(client, now) for client in free if client not in online), default=np.inf)

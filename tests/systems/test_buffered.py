@@ -171,3 +171,17 @@ def test_next_online_of_windows():
     np.testing.assert_array_equal(windows.next_online([0, 1, 2], time), expected)
   once = systems.AvailabilityWindows.from_windows([[(10.0, 20.0)], [(0.0, 5.0)]])
   np.testing.assert_array_equal(once.next_online([0, 1], 7.0), [3.0, np.inf])
+
+
+def test_a_window_ending_within_a_rounding_unit_of_now_has_ended():
+  """Regression: at ``t = 1000.5`` client 1's periodic window ``[0.3, 0.5 + 1e-15)`` has ``1e-15`` s left, less than
+  a rounding unit of ``t``: starting it would schedule its abort at ``t`` itself and the clock would never move
+  again (the schedule looped forever on a diurnal population). It counts as offline, so the start at 1000.5 draws
+  from client 0 alone (seed 1 would draw client 1 from both)."""
+  windows = [[(0.0, 100.0)], [(0.3, 0.5 + 1e-15)], [(50.0, 60.0)]]
+  availability = systems.AvailabilityWindows.from_windows(windows, period_seconds=100.0)
+  assert 0 < availability.online_for([1], 1000.5)[0] and 1000.5 + availability.online_for([1], 1000.5)[0] == 1000.5
+  schedule = systems.BufferedSchedule([1000.5, 5.0, 5.0], concurrency=1, buffer_size=1, max_staleness=0, seed=1,
+                                      availability=availability)
+  assert schedule.next_step().time_seconds == 1000.5
+  assert schedule.in_flight["clients"].tolist() == [0] and schedule.in_flight["arrival_seconds"][0] > 1000.5
