@@ -61,6 +61,7 @@ from fedjax_lite.systems.clock import client_timings
 from fedjax_lite.systems.population import ClientSystems
 
 METRICS_PREFIX = "fedbuff/"
+STALLED_INSTANTS = 100_000  # instants without a server update (plus 10 per client and place) before giving up
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -267,8 +268,19 @@ class BufferedSchedule:
     """Server update ``step`` (``>= steps_taken``) WITHOUT taking it: simulates up to it, and keeps it and the
     updates before it for :meth:`next_step` (a driver packs step ``s + 1`` while step ``s`` runs)."""
     validation.check_int("step", step, minimum=self.steps_taken)
+    stalled_at, limit = self.time_seconds, STALLED_INSTANTS + 10 * (self.num_clients + self.concurrency)
     while len(self._ready) <= step - self.steps_taken:
-      self._instant()
+      version = self.version
+      for _ in range(limit):
+        self._instant()
+        if self.version != version:
+          break
+      else:
+        raise RuntimeError(
+            f"FedBuff's event order made no server update in {limit} simulated instants (from {stalled_at:g} s to "
+            f"{self.time_seconds:g} s, at server step {self.version}): every task is aborted by its client going "
+            f"offline ({self.num_dropped_offline} so far) or dropped as stale ({self.num_dropped_stale}); give the "
+            "clients availability windows longer than their tasks, or a larger max_staleness.")
     return self._ready[step - self.steps_taken]
 
   def peek_time(self) -> float:

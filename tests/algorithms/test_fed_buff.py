@@ -145,6 +145,8 @@ def reference_event_order(durations, *, concurrency, buffer_size, max_staleness,
         busy.difference_update(c for c, _ in buffer)
         buffer, version = [], version + 1
     start(len(instant) + vacant, now)
+  if idle is not None:
+    del idle[num_updates:]  # the last instant may complete more updates than asked for
   return updates[:num_updates], dropped, offline
 
 

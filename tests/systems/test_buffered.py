@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedjax_lite import systems
+from fedjax_lite.systems import buffered
 from fedjax_lite.core.sampling import sample_clients
 from tests.algorithms.test_fed_buff import reference_event_order
 
@@ -115,8 +116,8 @@ def test_windows_event_order_equals_the_numpy_priority_queue(concurrency, max_st
   steps = [schedule.next_step() for _ in range(20)]
   assert [list(zip(s.clients.tolist(), s.versions.tolist())) for s in steps] == [
       [(client, version) for client, version in update] for update in updates]
-  assert sum(s.num_dropped_stale for s in steps) == dropped
-  assert sum(s.num_dropped_offline for s in steps) == offline > 0  # tasks aborted by a closing window
+  assert schedule.num_dropped_stale == dropped  # totals over the same instants (the 20th update's included)
+  assert schedule.num_dropped_offline == offline > 0  # tasks aborted by a closing window
   assert [s.idle_places for s in steps] == idle
   for step in steps:  # every applied client was online for its whole task
     for client, start, arrival in zip(step.clients, step.start_seconds, step.arrival_seconds):
@@ -185,3 +186,45 @@ def test_a_window_ending_within_a_rounding_unit_of_now_has_ended():
                                       availability=availability)
   assert schedule.next_step().time_seconds == 1000.5
   assert schedule.in_flight["clients"].tolist() == [0] and schedule.in_flight["arrival_seconds"][0] > 1000.5
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(data=st.data(), seed=st.integers(0, 5))
+def test_generated_windows_equal_the_numpy_priority_queue(data, seed):
+  """Random durations and one or two windows per client on a 20 s period (none reaching the period's end, so the
+  reference needs no wrap-around): the order, the counts and the idle places equal the re-derivation's. (Every
+  client has a window as long as its task, so updates keep coming.)"""
+  num_clients = data.draw(st.integers(2, 8))
+  buffer_size = data.draw(st.integers(1, min(3, num_clients)))
+  concurrency = data.draw(st.integers(1, num_clients - buffer_size + 1))
+  max_staleness = data.draw(st.integers(0, 3))
+  durations = np.array(data.draw(st.lists(st.integers(1, 6), min_size=num_clients, max_size=num_clients)), float)
+  windows = []  # a window of 6-9 s (as long as any task) starting in [0, 5], and maybe a short one in [15, 19]
+  for _ in range(num_clients):
+    start = float(data.draw(st.integers(0, 5)))
+    windows.append([(start, start + data.draw(st.integers(6, 9)))])
+    if data.draw(st.booleans()):
+      windows[-1].append((15.0, 15.0 + data.draw(st.integers(1, 4))))
+  idle = []
+  config = dict(concurrency=concurrency, buffer_size=buffer_size, max_staleness=max_staleness)
+  updates, dropped, offline = reference_event_order(durations, **config, seed=seed, num_updates=8, windows=windows,
+                                                    period=20.0, idle=idle)
+  schedule = systems.BufferedSchedule(durations, **config, seed=seed,
+                                      availability=systems.AvailabilityWindows.from_windows(windows, 20.0))
+  steps = [schedule.next_step() for _ in range(8)]
+  assert [list(zip(s.clients.tolist(), s.versions.tolist())) for s in steps] == [
+      [(client, version) for client, version in update] for update in updates]
+  # Totals over the same simulated instants (the reference, like the schedule, finishes the 8th update's instant).
+  assert (schedule.num_dropped_stale, schedule.num_dropped_offline) == (dropped, offline)
+  assert [s.idle_places for s in steps] == idle
+
+
+def test_an_order_that_never_updates_stops_with_a_clear_error(monkeypatch):
+  """Every window shorter than every task: each task is aborted, no update ever comes; after the stall limit (made
+  small here) the schedule says why instead of simulating forever."""
+  monkeypatch.setattr(buffered, "STALLED_INSTANTS", 50)
+  availability = systems.AvailabilityWindows.from_windows([[(0.0, 2.0)], [(1.0, 3.0)], [(5.0, 6.0)]], 10.0)
+  schedule = systems.BufferedSchedule([4.0, 4.0, 4.0], concurrency=2, buffer_size=1, max_staleness=0,
+                                      availability=availability)
+  with pytest.raises(RuntimeError, match="no server update in 100 simulated instants .* aborted"):
+    schedule.next_step()
