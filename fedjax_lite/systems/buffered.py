@@ -37,7 +37,9 @@ The rules (deterministic given the seed):
   next instant -- an arrival, a drop-out, or the first time a free offline client's next window opens
   (``AvailabilityWindows.next_online``), a wake-up instant with no arrival -- where they are filled by the same rule.
   When nothing is in flight and no free client is ever online again (non-periodic windows that have ended), the
-  schedule cannot go on: a ``RuntimeError`` says so.
+  schedule cannot go on: a ``RuntimeError`` says so; as it does when no server update comes for
+  ``STALLED_INSTANTS + 10 (num_clients + concurrency)`` instants (every task aborted by its window or dropped as
+  stale, e.g. windows shorter than every task), instead of simulating forever.
 
 :class:`BufferedSchedule` produces the server steps one at a time (:class:`BufferedStep`: the ``K`` arrivals'
 clients, downloaded versions and staleness, and the simulated time of the update). Memory is ``O(concurrency)``

@@ -247,7 +247,8 @@ def run_fed_buff(
 
   Raises:
     TrainingStalledError, TrainingInterrupted, CheckpointSaveError: as ``run_training``.
-    RuntimeError: the event order cannot go on (availability windows under which no client is ever online again).
+    RuntimeError: the event order cannot go on (availability windows under which no client is ever online again,
+      or under which every task is aborted: :class:`~fedjax_lite.systems.BufferedSchedule`).
   """
   if not isinstance(process, FedBuff):
     raise TypeError(f"process must be a FedBuff (algorithms.fed_buff(...)), got {type(process).__name__}.")
