@@ -1,5 +1,8 @@
 """Compressed uploads with error feedback (Stich et al. 2018; Karimireddy et al. 2019) against a NumPy re-derivation
-of the residuals over 3 rounds, ragged clients and partial participation; the state exists only with feedback."""
+of the residuals over 3 rounds, ragged clients and partial participation; the state exists only with feedback.
+Also: a random-k mask shared by the round's clients (alone and through a secure sum), error feedback on the global
+part of a partitioned model (with and without local parameters in the same client state), and SCAFFOLD with
+compressed deltas (its control variate and the residual in one client-state record)."""
 
 from __future__ import annotations
 
@@ -69,10 +72,15 @@ NUMPY_COMPRESS = {  # the compressor and its NumPy re-derivation on one client's
 }
 
 
-def run_rounds(compressor):
-  work, aggregator, client_state = compress_uploads(toy_work, aggregators.mean(), compressor)
-  process = build_round(work, aggregator=aggregator, finalizer=optimizer_finalizer(optax.sgd(1.0)),
-                        client_state=client_state)
+def run_rounds(compressor, aggregator=None, work=toy_work, **round_options):
+  if not round_options:  # the compress_uploads path, as before build_round took upload_compressor
+    work, aggregator, client_state = compress_uploads(work, aggregator or aggregators.mean(), compressor)
+    process = build_round(work, aggregator=aggregator, finalizer=optimizer_finalizer(optax.sgd(1.0)),
+                          client_state=client_state)
+  else:
+    process = build_round(work, aggregator=aggregator or aggregators.mean(),
+                          finalizer=optimizer_finalizer(optax.sgd(1.0)), upload_compressor=compressor,
+                          **round_options)
   state = process.init(PARAMS)
   store = ClientStateStore(jax.device_get(process.client_state(PARAMS)), POPULATION.num_clients)
   step = jax.jit(process.next)
@@ -171,7 +179,76 @@ def test_bad_arguments(build, match):
     build()
 
 
-def test_a_partitioned_model_with_compressed_uploads_is_refused(tiny_model):
-  with pytest.raises(ValueError, match="labels"):
-    fed_avg(tiny_model, client_learning_rate=0.1, labels="global",
-            upload_compressor=aggregators.top_k_compressor(k=2, error_feedback=True))
+
+
+# ----------------------------------------------------------------------------------------------- shared mask
+
+def shared_support(seed, round_num, groups, kept):
+  """Round ``round_num``'s public support (``aggregators.shared_mask_key``): the flat indices kept per group."""
+  index = []
+  for group, (start, stop) in enumerate(groups):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), round_num), group)
+    index.append(start + np.asarray(jax.random.choice(key, stop - start, (kept,), replace=False)))
+  return np.concatenate(index)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_shared_random_k_with_error_feedback_matches_numpy_and_composes_with_the_secure_sum(per_layer):
+  """A mask shared by the round's clients, with error feedback: client i sends its message ``e_i + Delta_i`` at
+  round t's support and keeps the rest as its residual; the mean of the sent vectors moves the model. Through
+  ``aggregator=secure_sum(U)`` the same round securely sums the k values (the model then moves by the SUM), equal
+  to NumPy's up to the secure sum's quantization, and each client uploads exactly k 32-bit summands and 4 bits."""
+  compressor = aggregators.shared_random_k_compressor(k=2, per_layer=per_layer, unbiased=False, seed=3,
+                                                      error_feedback=True)
+  groups = [(0, 3), (3, 11)] if per_layer else [(0, 11)]
+  kept = 2 * len(groups)
+  history = run_rounds(compressor, client_state=None)
+  bound = 400.0  # |message| stays below this: sums of <= 13 squares/features of N(0, 1)-ish data, 3 rounds
+  secure = run_rounds(compressor, aggregator=aggregators.secure_sum(bound), client_state=None)
+  residuals, params, secure_params = np.zeros((POPULATION.num_clients, 11)), np.zeros(11), np.zeros(11)
+  for round_num, ((round_data, got, store, metrics), (_, got_secure, _, secure_metrics), cohort) in enumerate(
+      zip(history, secure, COHORTS)):
+    support = shared_support(3, round_num, groups, 2)
+    total, weight_sum, unweighted = np.zeros(11), 0.0, np.zeros(11)
+    for slot, client in enumerate(cohort):
+      message = residuals[client] + flat(numpy_update(round_data["x"][slot], round_data["mask"][slot]))
+      assert np.abs(message).max() < bound
+      sent = np.zeros(11)
+      sent[support] = message[support]
+      residuals[client] = message - sent
+      weight = float(round_data["num_examples"][slot])
+      total, weight_sum, unweighted = total + weight * sent, weight_sum + weight, unweighted + sent
+    params = params - total / weight_sum
+    secure_params = secure_params - unweighted  # a secure sum is unweighted
+    atol = float_atol(13 * 3 + 4, np.abs(residuals).max() + np.abs(params).max() + 1.0)
+    np.testing.assert_allclose(flat(got), params, atol=atol)
+    np.testing.assert_allclose(np.concatenate([store["b"], store["w"]], axis=1), residuals, atol=atol)
+    # 3 clients per round, each off by at most half a step (2U / (2^32 - 1)) per value, over 3 rounds
+    secure_atol = 3 * 3 * 2 * bound / (2 * (2**32 - 1)) + float_atol(13 * 3 + 4, np.abs(secure_params).max() + 1)
+    np.testing.assert_allclose(flat(got_secure), secure_params, atol=secure_atol)
+    assert int(metrics["aggregated_bits"]) == 3 * (kept * 32 + 32)  # k values and the mean's weight
+    assert int(secure_metrics["aggregated_bits"]) == 3 * (kept * 32 + 4)  # k summands and 4 indicator bits
+
+
+def test_shared_mask_without_feedback_and_refusals():
+  """Without error feedback there is no client state and the aggregator alone gathers the k values; the
+  round-level option is validated."""
+  compressor = aggregators.shared_random_k_compressor(k=3, unbiased=False, seed=1)
+  process = build_round(toy_work, aggregator=aggregators.mean(), finalizer=optimizer_finalizer(optax.sgd(1.0)),
+                        upload_compressor=compressor)
+  assert process.client_state is None
+  round_data = pack_clients(POPULATION, COHORTS[0], batch_size=4, cohort_size=4)
+  state, metrics, _ = process.next(process.init(PARAMS), round_data, jax.random.key(0))
+  assert int(np.sum(flat(jax.device_get(state.params)) != 0)) == 3
+  with pytest.raises(TypeError, match="upload_compressor must be"):
+    build_round(toy_work, aggregator=aggregators.mean(), finalizer=optimizer_finalizer(optax.sgd(1.0)),
+                upload_compressor="top_k")
+  with pytest.raises(ValueError, match="give one Compressor"):
+    build_round(toy_work, aggregator=aggregators.mean(), finalizer=optimizer_finalizer(optax.sgd(1.0)),
+                upload_compressor={"delta": compressor})
+  with pytest.raises(ValueError, match="do not have"):
+    build_round(toy_work, aggregator={"delta": aggregators.mean()}, finalizer=optimizer_finalizer(optax.sgd(1.0)),
+                upload_compressor={"other": compressor})
+  with pytest.raises(ValueError, match="as a dict"):
+    build_round(toy_work, aggregator={"delta": aggregators.mean()}, finalizer=optimizer_finalizer(optax.sgd(1.0)),
+                upload_compressor=compressor)
