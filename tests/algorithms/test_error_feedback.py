@@ -14,7 +14,7 @@ import pytest
 
 from fedjax_lite import aggregators
 from fedjax_lite.algorithms import fed_avg
-from fedjax_lite.algorithms.compressed_uploads import compress_uploads
+from fedjax_lite.algorithms.compressed_uploads import ErrorFeedbackState, compress_uploads
 from fedjax_lite.algorithms.template import build_round, optimizer_finalizer
 from fedjax_lite.core.client_state import ClientStateStore
 from fedjax_lite.core.packing import pack_clients
@@ -252,3 +252,76 @@ def test_shared_mask_without_feedback_and_refusals():
   with pytest.raises(ValueError, match="as a dict"):
     build_round(toy_work, aggregator={"delta": aggregators.mean()}, finalizer=optimizer_finalizer(optax.sgd(1.0)),
                 upload_compressor=compressor)
+
+
+# ----------------------------------------------------------------------------------------------- partitioned model
+
+def partitioned_work(broadcast, client_data, client_state, rng):
+  """``toy_work`` on a partitioned model: ``w`` is global (uploaded), ``b`` local (``local_state``: the client's
+  ``b`` grows by its ``b`` update, and the round never sees it) or frozen (nothing happens to it)."""
+  output = toy_work(broadcast, client_data, None, rng)
+  new_state = None if client_state is None else {"w": None, "b": client_state["b"] + output.update["b"]}
+  return output._replace(update={"w": output.update["w"], "b": None}, new_state=new_state)
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["global_and_frozen", "global_and_local"])
+def test_error_feedback_on_the_global_part_of_a_partitioned_model_matches_numpy(local):
+  """Only ``w`` (global) is uploaded, so compressed (top-3 of its 8 entries) and fed back; ``b`` is frozen, or
+  local and then kept in the same client-state record as the residual (``ErrorFeedbackState(state=local part,
+  residual=global part)``). Three rounds against NumPy: residuals, local parameters and the server's ``w``; the
+  server's ``b`` never moves; the bits are the global part's message."""
+  compressor = aggregators.top_k_compressor(k=3, error_feedback=True)
+  labels = {"w": "global", "b": "local" if local else "frozen"}
+  history = run_rounds(compressor, work=partitioned_work, labels=labels, local_state=local)
+  residuals = np.zeros((POPULATION.num_clients, 8))
+  local_b = np.zeros((POPULATION.num_clients, 3))
+  w = np.zeros(8)
+  for (round_data, got, store, metrics), cohort in zip(history, COHORTS):
+    total, weight_sum = np.zeros(8), 0.0
+    for slot, client in enumerate(cohort):
+      update = numpy_update(round_data["x"][slot], round_data["mask"][slot])
+      message = residuals[client] + update["w"]
+      sent = numpy_top_k(message, 3)
+      residuals[client] = message - sent
+      local_b[client] += update["b"]
+      weight = float(round_data["num_examples"][slot])
+      total, weight_sum = total + weight * sent, weight_sum + weight
+    w = w - total / weight_sum
+    atol = float_atol(13 * 3 + 4, np.abs(residuals).max() + np.abs(w).max() + np.abs(local_b).max() + 1.0)
+    np.testing.assert_allclose(got["w"], w, atol=atol)
+    np.testing.assert_array_equal(got["b"], np.zeros(3))
+    if local:
+      assert isinstance(store, ErrorFeedbackState) and store.residual["b"] is None and store.state["w"] is None
+      np.testing.assert_allclose(store.residual["w"], residuals, atol=atol)
+      np.testing.assert_allclose(store.state["b"], local_b, atol=atol)
+    else:
+      assert store["b"] is None
+      np.testing.assert_allclose(store["w"], residuals, atol=atol)
+    # 3 indices into the 8 global entries (3 bits each) with their float32 values, and the mean's weight
+    assert int(metrics["aggregated_bits"]) == 3 * (3 * (3 + 32) + 32)
+
+
+def test_fed_avg_with_labels_and_local_state_keeps_the_residual_beside_the_local_parameters(tiny_model, tiny_params):
+  """fed_avg's own partitioned client work: the residual covers the global leaves only, the local leaves are the
+  trained local parameters, in one record per client."""
+  from fedjax_lite.core.param_partition import label_params
+
+  population = make_population(num_clients=4)
+  cohort = np.array([0, 1, 2])
+  round_data = pack_clients(population, cohort, batch_size=4)
+  labels = lambda names: "local" if "Dense_1" in names else "global"  # noqa: E731 (the head is local)
+  process = fed_avg(tiny_model, client_learning_rate=0.1, labels=labels, local_state=True,
+                    upload_compressor=aggregators.sign_compressor(error_feedback=True))
+  store = ClientStateStore(jax.device_get(process.client_state(tiny_params)), population.num_clients)
+  state, metrics, states = process.next(process.init(tiny_params), round_data, jax.random.key(0),
+                                        store.gather(cohort, 3))
+  label_tree = label_params(tiny_params, labels)
+  residual_leaves = jax.tree.leaves(states.residual)
+  local_leaves = jax.tree.leaves(states.state)
+  assert len(residual_leaves) == jax.tree.leaves(label_tree).count("global") > 0
+  assert len(local_leaves) == jax.tree.leaves(label_tree).count("local") > 0
+  assert all(np.any(np.asarray(leaf[0]) != 0) for leaf in residual_leaves)  # sign compression leaves a residual
+  global_sizes = [int(np.prod(p.shape)) for p, label in zip(jax.tree.leaves(tiny_params), jax.tree.leaves(label_tree))
+                  if label == "global"]
+  # per leaf: d sign bits and a 32-bit scale; and the mean's 32-bit weight
+  assert int(metrics["aggregated_bits"]) == 3 * (sum(size + 32 for size in global_sizes) + 32)
