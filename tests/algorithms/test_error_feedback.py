@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from fedjax_lite import aggregators
+from fedjax_lite import algorithms
 from fedjax_lite.algorithms import fed_avg
 from fedjax_lite.algorithms.compressed_uploads import ErrorFeedbackState, compress_uploads
 from fedjax_lite.algorithms.template import build_round, optimizer_finalizer
@@ -325,3 +326,79 @@ def test_fed_avg_with_labels_and_local_state_keeps_the_residual_beside_the_local
                   if label == "global"]
   # per leaf: d sign bits and a 32-bit scale; and the mean's 32-bit weight
   assert int(metrics["aggregated_bits"]) == 3 * (sum(size + 32 for size in global_sizes) + 32)
+
+
+# ----------------------------------------------------------------------------------------------- SCAFFOLD
+
+def test_scaffold_with_compressed_deltas_and_error_feedback_matches_numpy_over_three_rounds():
+  """SCAFFOLD (the family's softmax-regression setup, ragged clients, a third round re-sampling clients 0 and 5)
+  with per-layer scaled-sign compression of the model deltas and error feedback, against the float64 reference's
+  local steps: ``c_i`` from the uncompressed delta, ``Delta c_i`` uploaded uncompressed, ``x`` moved by the mean
+  of the compressed messages, and each client's state ONE record ``ErrorFeedbackState(c_i, {"delta": e_i})``."""
+  from tests.algorithms import reference_impl as ref
+  from tests.algorithms.family_setup import (BATCH_SIZE, CLIENT_LR, COHORT_SIZE, COHORTS as FAMILY_COHORTS,
+                                             assert_close_to_reference, make_setup, to_reference)
+
+  population, model, params, rounds = make_setup()
+  cohorts = [*FAMILY_COHORTS, [5, 0, 3]]
+  rounds = [*rounds, pack_clients(population, cohorts[2], batch_size=BATCH_SIZE, cohort_size=COHORT_SIZE,
+                                  num_steps=rounds[0]["x"].shape[1], seed=5, round_num=2)]
+  n = population.num_clients
+  process = algorithms.scaffold(model, num_clients=n, client_learning_rate=CLIENT_LR,
+                                upload_compressor=aggregators.sign_compressor(error_feedback=True))
+  step = jax.jit(process.next)
+  state = process.init(params)
+  store = ClientStateStore(jax.device_get(process.client_state(params)), n)
+  x = to_reference(params)
+  c = ref.zeros_like(x)
+  controls = {i: ref.zeros_like(x) for i in range(n)}
+  residuals = {i: ref.zeros_like(x) for i in range(n)}
+  for r, (cohort, round_data) in enumerate(zip(cohorts, rounds)):
+    cohort = np.asarray(cohort)
+    state, metrics, new_states = step(state, round_data, jax.random.key(r), store.gather(cohort, COHORT_SIZE))
+    store.scatter(cohort, jax.device_get(new_states), round_data["num_examples"])
+    sents, weights, changes = [], [], []
+    for slot in ref.client_slots(round_data):
+      client = cohort[slot]
+      correction = ref.tree_map(np.subtract, c, controls[client])  # c - c_i
+      final = ref.local_sgd(x, round_data, slot, CLIENT_LR, lambda y, t, correction=correction: correction)
+      delta = ref.tree_map(np.subtract, x, final)
+      steps = len(ref.real_steps(round_data, slot))
+      new_control = ref.tree_map(lambda ci, cc, d: ci - cc + d / (steps * CLIENT_LR), controls[client], c, delta)
+      changes.append(ref.tree_map(np.subtract, new_control, controls[client]))
+      controls[client] = new_control
+      message = ref.tree_map(np.add, residuals[client], delta)
+      sent = ref.tree_map(numpy_sign, message)  # per layer: each leaf its own scale
+      residuals[client] = ref.tree_map(np.subtract, message, sent)
+      sents.append(sent)
+      weights.append(1.0)  # SCAFFOLD's uniform mean
+    x = ref.tree_map(np.subtract, x, ref.weighted_mean(sents, weights))
+    c = ref.tree_map(lambda cc, *d: cc + sum(d) / n, c, *changes)
+    assert_close_to_reference(state.params, x, what=f"round {r + 1} params")
+    assert_close_to_reference(to_reference(state.finalizer_state.control_variate), c, what=f"round {r + 1} c")
+    arrays = store.arrays
+    assert isinstance(arrays, ErrorFeedbackState)
+    for client in sorted(set(np.concatenate([np.asarray(k) for k in cohorts[:r + 1]]))):
+      assert_close_to_reference(to_reference(jax.tree.map(lambda a: a[client], arrays.state)), controls[client],
+                                what=f"round {r + 1} c_{client}")
+      assert_close_to_reference(to_reference(jax.tree.map(lambda a: a[client], arrays.residual["delta"])),
+                                residuals[client], what=f"round {r + 1} e_{client}")
+    # per client: the signs of the 36 parameters and 2 scales, the mean's 32-bit count, the uncompressed control
+    # change (36 float32)
+    assert int(metrics["aggregated_bits"]) == 3 * ((32 + 32) + (4 + 32) + 32 + 36 * 32)
+  assert np.all(np.asarray(store.arrays.residual["delta"]["Dense_0"]["kernel"][4]) == 0)  # client 4: never sampled
+
+
+def test_scaffold_and_shared_mask_refusals(tiny_model):
+  with pytest.raises(TypeError, match="upload_compressor must be"):
+    algorithms.scaffold(tiny_model, num_clients=4, client_learning_rate=0.1, upload_compressor="sign")
+  # a driver that runs the client work without the aggregators' broadcast cannot draw a shared mask
+  from fedjax_lite.algorithms.compressed_uploads import compressing_work
+  from fedjax_lite.algorithms.template import Broadcast
+
+  work = compressing_work(toy_work, aggregators.shared_random_k_compressor(k=2, unbiased=False,
+                                                                           error_feedback=True))
+  round_data = pack_clients(POPULATION, COHORTS[0], batch_size=4, cohort_size=4)
+  client_data = jax.tree.map(lambda a: a[0], round_data)
+  with pytest.raises(ValueError, match="synchronous round"):
+    work(Broadcast(params=PARAMS), client_data, jax.tree.map(jnp.zeros_like, PARAMS), jax.random.key(0))
