@@ -12,6 +12,13 @@ sent), so the round streams like any sum while ``upload_bits`` counts the encode
   values and the 32-bit seed of the choice (the server regenerates the indices).
 * :func:`sign_compression` (Bernstein et al. 2018 signSGD; Karimireddy et al. 2019, "Error Feedback Fixes SignSGD",
   ICML, scaled sign): ``(||x||_1 / d) sign(x)`` per leaf (or globally): ``d`` sign bits and one float32 scale.
+* :func:`shared_random_k` (random-k with a mask SHARED by all clients of a round): round ``t`` keeps the coordinates
+  drawn from the public key :func:`shared_mask_key` ``(seed, t) = fold_in(key(seed), t)``; a client uploads its
+  ``k`` values only (no indices, no seed), and the inner aggregator receives those ``k`` values -- so a secure sum
+  or a quantizer as ``inner`` sums or encodes ``k`` numbers per vector, and ``upload_bits`` is exactly its count.
+  The server scatters the inner result back onto the support (times ``d / k`` when ``unbiased``). The aggregator
+  counts its rounds in its state and broadcasts ``t`` (32 bits); an algorithm's client work reads it from
+  ``Broadcast.aggregator`` for error feedback.
 
 Each is a :class:`Compressor` (``top_k_compressor``, ``random_k_compressor``, ``sign_compressor``: the decoding
 function and the exact message bits); :func:`compressed` turns one into an aggregator, and ``top_k``,
@@ -40,10 +47,11 @@ Composition. Quantizing the kept values (``quantization_bits``) applies stochast
 (:func:`~fedjax_lite.aggregators.quantize_above_threshold`'s quantizer) to the ``k`` values, counted at ``b`` bits
 each plus their float32 range (inside ``C``: error feedback's residual includes the quantization error). A
 quantizing ``inner`` quantizes the decoded, zero-filled dense value on its way into the sum (its error is outside
-the residual, and ``upload_bits`` still counts the sparse message). A secure sum cannot take these messages:
-client-specific indices do not add up under masking, so ``inner=secure_sum(...)`` securely sums the zero-filled
-DENSE value (correct sums, but the sparse ``upload_bits`` then understates the dense masked payload); only a
-random-k mask shared by all clients of a round would compose (not provided). Differential privacy composes as the
+the residual, and ``upload_bits`` still counts the sparse message). A secure sum cannot take the client-specific
+messages: their indices do not add up under masking, so ``inner=secure_sum(...)`` securely sums the zero-filled
+DENSE value (correct sums, but the sparse ``upload_bits`` then understates the dense masked payload). A random-k
+mask shared by all clients of a round composes exactly: :func:`shared_random_k` with ``inner=secure_sum(...)``
+securely sums the ``k`` values only, at the secure sum's widths. Differential privacy composes as the
 inner aggregator (``inner=gaussian_fixed(...)`` clips and noises each decoded message; a message is a function of
 one client's data and residual, so the user-level guarantee is unchanged); a DP wrapper around ``compressed``
 would clip the dense value before compression, which is also valid.
