@@ -116,13 +116,18 @@ def _quantized(values: jax.Array, bits: int | None, rng: jax.Array) -> jax.Array
   return quantize_dequantize(values, bits, rng)
 
 
-def _groups(value_template: PyTree, per_layer: bool) -> list[tuple[int, int]]:
-  """``(size, value bits)`` of each compressed vector: every leaf, or all leaves as one float32 vector."""
+def _group_dtypes(value_template: PyTree, per_layer: bool) -> list[tuple[int, Any]]:
+  """``(size, dtype)`` of each compressed vector: every leaf, or all leaves as one float32 vector."""
   leaves = jax.tree.leaves(as_template(value_template))
   sizes = [int(np.prod(leaf.shape, dtype=np.int64)) for leaf in leaves]
   if per_layer:
-    return [(size, dtype_bits(leaf.dtype)) for size, leaf in zip(sizes, leaves)]
-  return [(sum(sizes), 32)]
+    return [(size, leaf.dtype) for size, leaf in zip(sizes, leaves)]
+  return [(sum(sizes), jnp.dtype(jnp.float32))]
+
+
+def _groups(value_template: PyTree, per_layer: bool) -> list[tuple[int, int]]:
+  """``(size, value bits)`` of each compressed vector: every leaf, or all leaves as one float32 vector."""
+  return [(size, dtype_bits(dtype)) for size, dtype in _group_dtypes(value_template, per_layer)]
 
 
 class SharedSupport(NamedTuple):
@@ -301,9 +306,6 @@ def random_k_compressor(*, k: int | None = None, fraction: float | None = None, 
                     _check_error_feedback(error_feedback))
 
 
-MASK_ROUND_BITS = 32  # the round number that names a shared mask, broadcast to every client
-
-
 def shared_mask_key(seed: int, round_num: jax.Array | int) -> jax.Array:
   """The key of round ``round_num``'s shared mask: ``jax.random.fold_in(jax.random.key(seed), round_num)``.
 
@@ -335,7 +337,7 @@ def shared_random_k_compressor(*, k: int | None = None, fraction: float | None =
                      "rand-k, a contraction; the d/k-scaled one is not, and its residual can grow without bound).")
 
   def vectors(value):
-    """The compressed vectors: ``[(flat float32 or leaf-dtype vector)]`` and how to rebuild the value."""
+    """The compressed vectors: every leaf flattened (``per_layer``), or all leaves as one float32 vector."""
     if per_layer:
       return [jnp.ravel(leaf) for leaf in jax.tree.leaves(value)]
     return [_flatten(value)[0]]
@@ -347,12 +349,9 @@ def shared_random_k_compressor(*, k: int | None = None, fraction: float | None =
     return tuple(vector[index(mask_key, group, vector.shape[0])] for group, vector in enumerate(vectors(value)))
 
   def scatter(values, mask_key, value_template):
-    template = as_template(value_template)
-    leaves, treedef = jax.tree.flatten(template)
-    sizes = [int(np.prod(leaf.shape, dtype=np.int64)) for leaf in leaves]
-    groups = sizes if per_layer else [sum(sizes)]
+    leaves, treedef = jax.tree.flatten(as_template(value_template))
     dense = []
-    for group, (size, kept_values) in enumerate(zip(groups, values)):
+    for group, ((size, _), kept_values) in enumerate(zip(_group_dtypes(value_template, per_layer), values)):
       scale = size / _kept(size, k, fraction) if unbiased else 1.0
       dense.append(jnp.zeros((size,), kept_values.dtype).at[index(mask_key, group, size)].set(kept_values * scale))
     if per_layer:
@@ -360,8 +359,8 @@ def shared_random_k_compressor(*, k: int | None = None, fraction: float | None =
     return _unflatten(dense[0], (treedef, [(leaf.shape, leaf.dtype) for leaf in leaves]))
 
   def values_template(value_template):
-    return tuple(jax.ShapeDtypeStruct((_kept(size, k, fraction),), jnp.dtype(bits_dtype))
-                 for size, bits_dtype in _group_dtypes(value_template, per_layer))
+    return tuple(jax.ShapeDtypeStruct((_kept(size, k, fraction),), dtype)
+                 for size, dtype in _group_dtypes(value_template, per_layer))
 
   def compress(value, mask_key):
     return scatter(gather(value, mask_key), mask_key, value)
@@ -371,15 +370,6 @@ def shared_random_k_compressor(*, k: int | None = None, fraction: float | None =
 
   support = SharedSupport(seed=int(seed), gather=gather, scatter=scatter, values_template=values_template)
   return Compressor("shared_random_k", compress, upload_bits, error_feedback, support)
-
-
-def _group_dtypes(value_template: PyTree, per_layer: bool) -> list[tuple[int, Any]]:
-  """``(size, dtype)`` of each compressed vector: every leaf, or all leaves as one float32 vector."""
-  leaves = jax.tree.leaves(as_template(value_template))
-  sizes = [int(np.prod(leaf.shape, dtype=np.int64)) for leaf in leaves]
-  if per_layer:
-    return [(size, leaf.dtype) for size, leaf in zip(sizes, leaves)]
-  return [(sum(sizes), jnp.float32)]
 
 
 def _shared_support_aggregator(compressor: Compressor, inner_aggregator: Aggregator) -> Aggregator:

@@ -48,7 +48,7 @@ guarantee holds unchanged.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.struct
 import jax
@@ -59,8 +59,9 @@ from fedjax_lite.aggregators.sparsification import Compressor, compressed, share
 from fedjax_lite.core.records import ClientOutput
 from fedjax_lite.core.tree import PyTree
 
-if TYPE_CHECKING:  # the round template imports this module
-  from fedjax_lite.algorithms.template import Broadcast, ClientWork
+# The round template's client work, (broadcast, client_data, client_state, rng) -> ClientOutput (the template imports
+# this module, so it is named here rather than imported).
+ClientWork = Callable[[Any, PyTree, PyTree, jax.Array], ClientOutput]
 
 COMPRESSION_STREAM = 0xC0E5  # the compression key is fold_in(client key, COMPRESSION_STREAM)
 
@@ -118,7 +119,7 @@ def compressing_work(client_work: ClientWork, compressor: Compressor | Mapping[s
   feedback = [key for key, c in compressors.items() if c.error_feedback]
   single = None in compressors
 
-  def work(broadcast: Broadcast, client_data: PyTree, client_state: PyTree, rng: jax.Array) -> ClientOutput:
+  def work(broadcast: Any, client_data: PyTree, client_state: PyTree, rng: jax.Array) -> ClientOutput:
     if feedback:
       own_state, residuals = ((client_state.state, client_state.residual) if stateful else (None, client_state))
     else:

@@ -835,7 +835,7 @@ def build_round(
       ``aggregated_bits`` counts the encoded ones. With the compressor's ``error_feedback`` each client keeps its
       residual (over the compressed part of the update; the global part in a partitioned round) in the client
       states, beside the round's own client state when it has one
-      (:class:`~fedjax_lite.algorithms.compressed_uploads.ErrorFeedbackState`).
+      (:class:`~fedjax_lite.algorithms.ErrorFeedbackState`).
 
   Returns:
     ``Process(init, next, client_state, parts)``: ``init(params) -> ServerState``; ``next(state, round_data, rng,
