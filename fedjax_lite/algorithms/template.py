@@ -44,7 +44,9 @@ Rules the template enforces for every algorithm, so a user's own parts cannot ge
 argument ``client_states``, hands client slot ``k`` its row as ``client_state``, and returns the new states in
 ``RoundOutput.client_states`` (None for stateless algorithms). ``process.parts`` (:class:`RoundParts`) are the
 four parts as separate functions, for drivers that run them apart (client work and server update in different
-steps, as asynchronous algorithms do).
+steps, as asynchronous algorithms do). ``build_round(upload_compressor=...)`` compresses each client's update at
+the end of its client work; with error feedback the residual is one more client state, held beside the round's
+own in ONE record (:mod:`fedjax_lite.algorithms.compressed_uploads`).
 
 Partitioned rounds (``build_round(labels=...)``, :mod:`fedjax_lite.core.param_partition`): each parameter is
 ``'global'``, ``'local'`` or ``'frozen'``, and only the global ones travel. The server keeps the whole model in
@@ -893,6 +895,10 @@ def build_round(
     raise ValueError("local_state=True needs labels= (which parameters are 'local').")
   update_template = update_template or _default_update_template(aggregators)
   if upload_compressor is not None:  # the client compresses (with its residual), the aggregator counts the message
+    if prepass is not None:
+      raise ValueError("upload_compressor with a prepass is not supported: the pre-pass's client work reads the "
+                       "client states, which error feedback would change under it; compress in the main client "
+                       "work's aggregator (aggregators.compressed) instead.")
     def sent_update(params, template=update_template):
       """ONE client's update: over the global parameters in a partitioned round."""
       return template(partition.keep(params, GLOBAL) if partition is not None else params)

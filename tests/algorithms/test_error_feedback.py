@@ -253,6 +253,12 @@ def test_shared_mask_without_feedback_and_refusals():
   with pytest.raises(ValueError, match="as a dict"):
     build_round(toy_work, aggregator={"delta": aggregators.mean()}, finalizer=optimizer_finalizer(optax.sgd(1.0)),
                 upload_compressor=compressor)
+  from fedjax_lite.algorithms.template import Prepass
+
+  with pytest.raises(ValueError, match="prepass"):
+    build_round(toy_work, aggregator={"delta": aggregators.mean()}, finalizer=optimizer_finalizer(optax.sgd(1.0)),
+                upload_compressor={"delta": compressor},
+                prepass=Prepass(toy_work, {"gradient": aggregators.mean()}))
 
 
 # ----------------------------------------------------------------------------------------------- partitioned model
