@@ -18,10 +18,14 @@ def add_argument(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--jax-defaults", action="store_true",
                       help="do not call fedjax_lite.configure_cpu() (JAX's defaults: one CPU device, multi-threaded "
                            "Eigen, the runner's one sequential scan over the clients)")
+  parser.add_argument("--keep-fusion-emitters", action="store_true",
+                      help="configure_cpu(fast_compile=False): keep XLA's new fusion emitters on jaxlib 0.10.x")
 
 
 def apply(args: argparse.Namespace) -> dict:
   """Configures the CPU unless ``args.jax_defaults``; returns the setup for the benchmark's report."""
   if args.jax_defaults:
     return {"configure_cpu": False}
-  return {"configure_cpu": True, "cpu_devices": fedjax_lite.configure_cpu()}
+  fast_compile = not getattr(args, "keep_fusion_emitters", False)
+  return {"configure_cpu": True, "fast_compile": fast_compile,
+          "cpu_devices": fedjax_lite.configure_cpu(fast_compile=fast_compile)}

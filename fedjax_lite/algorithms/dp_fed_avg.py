@@ -40,8 +40,10 @@ import optax
 from fedjax_lite.aggregators.canaries import insert_canaries
 from fedjax_lite.aggregators.differential_privacy import adaptive_clip_noise_params, gaussian_adaptive, gaussian_fixed
 from fedjax_lite.aggregators.matrix_factorization import dp_matrix_factorization
+from fedjax_lite.aggregators.sparsification import Compressor
 from fedjax_lite.aggregators.presets import default_zeroing
 from fedjax_lite.aggregators.tree_aggregation import tree_aggregation
+from fedjax_lite.algorithms.example_dp import ExampleDp
 from fedjax_lite.algorithms.fed_avg import fed_avg
 from fedjax_lite.algorithms.optimizers import OptimizerFactory
 from fedjax_lite.core import validation
@@ -86,6 +88,8 @@ def dp_fed_avg(
     seed: int = 0,
     runner: Runner | None = None,
     canaries: PyTree | None = None,
+    example_dp: ExampleDp | None = None,
+    upload_compressor: Compressor | None = None,
 ) -> PrivateTraining:
   """User-level DP-FedAvg with Poisson client sampling and a privacy ledger.
 
@@ -104,6 +108,13 @@ def dp_fed_avg(
     runner: the client runner.
     canaries: optional stacked canary updates (leading canary axis, each shaped like the model's parameters),
       inserted as extra clients each sampled at rate ``q`` every round, for ``privacy.audit`` (module docstring).
+    example_dp: optional :class:`~fedjax_lite.algorithms.ExampleDp`: example-level DP-SGD inside every client as
+      well (``fed_avg``'s option), a guarantee for one example accounted apart by
+      :func:`fedjax_lite.privacy.example_level_epsilon`; the ledger stays the user-level one.
+    upload_compressor: optional :class:`~fedjax_lite.aggregators.Compressor` of each client's update
+      (``fed_avg``'s option; with ``error_feedback`` the residuals are client states): the DP aggregator clips and
+      noises the compressed messages, each a function of one client's data and residual, so the guarantee and the
+      ledger are unchanged.
   """
   validation.check_positive("noise_multiplier", noise_multiplier)
   validation.check_int("num_clients", num_clients, minimum=1)
@@ -122,7 +133,8 @@ def dp_fed_avg(
   if zeroing:
     aggregator = default_zeroing(aggregator)
   process = fed_avg(model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
-                    server_optimizer=server_optimizer, weighting="uniform", aggregator=aggregator, runner=runner)
+                    server_optimizer=server_optimizer, weighting="uniform", aggregator=aggregator, runner=runner,
+                    example_dp=example_dp, upload_compressor=upload_compressor)
   sampler = PoissonSampler(num_clients, probability, seed)
   ledger = PrivacyLedger(sampled_run_events(round_event, sampling="poisson", sampling_probability=probability),
                          delta, accountant, epsilon_budget)
@@ -148,6 +160,8 @@ def dp_ftrl(
     sampling_probability: float = 1.0,
     accountant: str = "rdp",
     canaries: PyTree | None = None,
+    example_dp: ExampleDp | None = None,
+    upload_compressor: Compressor | None = None,
 ) -> PrivateTraining:
   """DP-FTRL: noise correlated across rounds by ``strategy``, no sampling assumption (module docstring). Server
   default: SGD(1.0) with momentum 0.9, as in Kairouz et al.'s and Choquette-Choo et al.'s federated experiments.
@@ -178,6 +192,8 @@ def dp_ftrl(
     accountant: ``'rdp'`` or ``'pld'`` (the tree: RDP only).
     canaries: optional stacked canary updates inserted as extra clients in ``b`` fixed groups (tree: one group per
       round of the epoch), each taking part once every ``b`` rounds (with probability ``q``), for ``privacy.audit``.
+    example_dp, upload_compressor: optional example-level DP-SGD inside every client and compressed uploads, as in
+      :func:`dp_fed_avg`.
 
   Example::
 
@@ -230,6 +246,7 @@ def dp_ftrl(
     aggregator = insert_canaries(aggregator, canaries, participation_probability=sampling_probability,
                                  num_groups=num_groups)
   process = fed_avg(model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
-                    server_optimizer=server_optimizer, weighting="uniform", aggregator=aggregator, runner=runner)
+                    server_optimizer=server_optimizer, weighting="uniform", aggregator=aggregator, runner=runner,
+                    example_dp=example_dp, upload_compressor=upload_compressor)
   ledger = PrivacyLedger(run, delta, accountant, epsilon_budget)
   return PrivateTraining(process, sampler, ledger)

@@ -10,11 +10,14 @@ DP-SGD gradient of Abadi et al. 2016 ("Deep Learning with Differential Privacy",
 
 and the client optimizer steps on ``g``. One batch's gradient changes by at most ``C`` (add/remove an example) or
 ``2C`` (replace one) in L2, so each step is a Gaussian mechanism of noise multiplier ``z`` on the client's examples.
-No Python runs per example: the clipped sum is either vectorized over the batch (``vmap``, the default on
-accelerators) or a ``lax.scan`` over its examples (the default on CPU), never keeping every example's gradient at
-once (``ExampleDp.per_example``; the cost against a plain step is in ``benchmarks/README.md``). The noise of step
+No Python runs per example: by default one batched forward and backward pass gives every layer's per-example
+gradient norm from its inputs and output gradients (a dense layer's without forming its per-example gradient) and
+the clipped sum by book-keeping (:mod:`~fedjax_lite.algorithms.ghost_norms`; Li et al. 2022, Bu et al. 2023); for a
+model it does not cover, the clipped sum is vectorized over the batch (``vmap``, on accelerators) or a
+``lax.scan`` over its examples (on CPU), never keeping every example's gradient at once (``ExampleDp.per_example``;
+the cost against a plain step is in ``benchmarks/README.md``). The noise of step
 ``t`` is drawn from ``fold_in(fold_in(client key, EXAMPLE_NOISE_STREAM), t)``; the model's own randomness
-(dropout) uses the step's key as without DP, folded with the example's index.
+(dropout) uses the step's key as without DP (folded with the example's index on the per-example paths).
 
 The guarantee is about ONE EXAMPLE of a client's data, whatever the server does: it composes with user-level DP on
 the server (a DP aggregator clips and noises the whole client update), each stated for its own unit.
@@ -35,12 +38,13 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lite.aggregators.robust import clip_to, global_norm
+from fedjax_lite.algorithms.ghost_norms import ghost_clipped_sum, ghost_layers
 from fedjax_lite.core import validation
 from fedjax_lite.core.model import Model, masked_loss_and_metric_sums
 from fedjax_lite.core.tree import PyTree
 from fedjax_lite.privacy.mechanisms import gaussian_noise
 
-PER_EXAMPLE = ("auto", "vmap", "scan")
+PER_EXAMPLE = ("auto", "ghost", "vmap", "scan")
 EXAMPLE_NOISE_STREAM = 0xE4A3  # step t's noise key is fold_in(fold_in(client key, EXAMPLE_NOISE_STREAM), t)
 
 
@@ -52,11 +56,16 @@ class ExampleDp:
     l2_clip: ``C > 0``, the clip of every example's gradient (global L2 norm over the parameters).
     noise_multiplier: ``z >= 0``: each step adds ``N(0, (z C)^2 I)`` to the sum of clipped gradients (0: clipping
       only, no guarantee).
-    per_example: how the clipped sum is computed (same values): ``'vmap'`` (two vectorized passes: per-example
-      gradient norms by ``vmap``, then one batched gradient of the clip-weighted losses), ``'scan'`` (a
-      ``lax.scan`` over the examples, adding each clipped gradient to a carried sum), or ``'auto'`` (default):
-      ``'scan'`` on CPU, where a ``vmap`` maps the convolutions' kernel gradients into grouped convolutions that
-      XLA:CPU runs slowly, and ``'vmap'`` on GPU/TPU.
+    per_example: how the clipped sum is computed (same values): ``'ghost'`` (one batched forward and backward
+      pass; each layer's per-example norms from its inputs and output gradients, a dense layer's without forming
+      its per-example gradient, and the clipped sum by book-keeping: :mod:`fedjax_lite.algorithms.ghost_norms`,
+      for flax models whose every parameter sits in a module called once), ``'vmap'`` (two vectorized passes:
+      per-example gradient norms by ``vmap``, then one batched gradient of the clip-weighted losses), ``'scan'``
+      (a ``lax.scan`` over the examples, adding each clipped gradient to a carried sum), or ``'auto'`` (default):
+      ``'ghost'`` where the model allows it, else ``'scan'`` on CPU, where a ``vmap`` maps the convolutions' kernel
+      gradients into grouped convolutions that XLA:CPU runs slowly, and ``'vmap'`` on GPU/TPU. With dropout,
+      ``'ghost'`` draws the batch's randomness from the step's key as a non-private step does, and the
+      per-example paths give each example its own key, so their values differ by the dropout draw.
   """
 
   l2_clip: float = flax.struct.field(pytree_node=False)
@@ -138,13 +147,26 @@ def private_gradient(model: Model, params: PyTree, batch: dict, mask: jax.Array,
                      noise_rng: jax.Array, example_dp: ExampleDp) -> tuple[PyTree, dict]:
   """``(DP-SGD gradient of the batch, metric sums)`` (module docstring): each example's gradient clipped to
   ``example_dp.l2_clip``, summed, noised with ``N(0, (z C)^2)`` from ``noise_rng`` and divided by the batch size
-  ``B`` (the batch axis' length). The clipped sum is computed as ``example_dp.per_example`` says (``'auto'``: a
-  scan over the examples on CPU, the vectorized two passes on accelerators)."""
+  ``B`` (the batch axis' length). The clipped sum is computed as ``example_dp.per_example`` says (``'auto'``: the
+  batched per-layer pass where the model allows it, else a scan over the examples on CPU and the vectorized two
+  passes on accelerators)."""
   clip = jnp.asarray(example_dp.l2_clip, jnp.float32)
-  vectorized = (example_dp.per_example == "vmap"
-                or (example_dp.per_example == "auto" and jax.default_backend() != "cpu"))
+  on_accelerator = jax.default_backend() != "cpu"
+  if example_dp.per_example in ("auto", "ghost"):
+    layers, reason = ghost_layers(model, params, batch, mask, rng)
+    if layers is None and example_dp.per_example == "ghost":
+      raise ValueError(f"ExampleDp(per_example='ghost') does not apply to model {model.name!r}: {reason}. Use "
+                       "per_example='auto' (falls back to per-example passes), 'scan' or 'vmap'.")
+    if layers is not None:
+      total, sums = ghost_clipped_sum(model, params, batch, mask, rng, clip, layers, vectorized=on_accelerator)
+      return _noised_mean(total, sums, mask, noise_rng, example_dp)
+  vectorized = example_dp.per_example == "vmap" or (example_dp.per_example == "auto" and on_accelerator)
   clipped_sum = _vectorized_clipped_sum if vectorized else _scanned_clipped_sum
   total, sums = clipped_sum(model, params, batch, mask, rng, clip)
+  return _noised_mean(total, sums, mask, noise_rng, example_dp)
+
+
+def _noised_mean(total, sums, mask, noise_rng, example_dp):
   if example_dp.noise_multiplier > 0:
     total = jax.tree.map(jnp.add, total,
                          gaussian_noise(noise_rng, total, example_dp.noise_multiplier * example_dp.l2_clip))

@@ -103,6 +103,7 @@ def run_training(
     sampler: Sampler | None = None,
     rounds_per_dispatch: int | None = None,
     privacy: PrivacyLedger | None = None,
+    example_privacy: PrivacyLedger | None = None,
     trackers: Sequence[Any] = (),
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
@@ -150,6 +151,10 @@ def run_training(
     privacy: optional :class:`~fedjax_lite.privacy.PrivacyLedger`: each round records ``privacy/epsilon`` (spent
       so far, at ``privacy/delta``), and with an ``epsilon_budget`` training stops before the round that would
       exceed it, giving the reason in ``stopped_early``.
+    example_privacy: optional example-level :class:`~fedjax_lite.privacy.PrivacyLedger` (of
+      :func:`~fedjax_lite.privacy.example_level_run_events`, for a process with ``example_dp``): each round records
+      ``privacy/example_epsilon`` (at ``privacy/example_delta``) of one example of a client that took part in every
+      round so far (an upper bound for every client); it has no budget (build it without ``epsilon_budget``).
     trackers: objects with ``write(flat_metrics)`` and ``close()`` receiving every round's record (CSV,
       TensorBoard, ...: :mod:`fedjax_lite.training.tracking`); closed when the loop ends.
     checkpoint_dir: optional directory of checkpoints (orbax): saved every ``checkpoint_every`` rounds, after the
@@ -211,7 +216,7 @@ def run_training(
   _check_arguments(process, client_spec, num_rounds=num_rounds, seed=seed, evaluate_every=evaluate_every,
                    checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep,
                    max_rejected_rounds=max_rejected_rounds, privacy=privacy, trackers=trackers, resume=resume,
-                   checkpoint_dir=checkpoint_dir, config=config)
+                   checkpoint_dir=checkpoint_dir, config=config, example_privacy=example_privacy)
   if rounds_per_dispatch is not None:
     validation.check_int("rounds_per_dispatch", rounds_per_dispatch, minimum=1)
     check_device_training(process, sampler, round_packer, train_data, client_spec)
@@ -255,7 +260,8 @@ def run_training(
     simulated_time.restore(resumed.history if resumed is not None else [])
   recorder = Recorder(schedule, evaluate=evaluate, metrics_path=metrics_path, trackers=trackers, progress_bar=progress,
                       on_round_end=on_round_end, max_rejected_rounds=max_rejected_rounds, checkpoints=checkpoints,
-                      resumed=resumed, round_metrics=simulated_time.metrics if simulated_time is not None else None)
+                      resumed=resumed, round_metrics=simulated_time.metrics if simulated_time is not None else None,
+                      example_privacy=example_privacy)
   with recorder:
     start = time.perf_counter()
     if rounds_per_dispatch is None:
@@ -289,7 +295,8 @@ def _checked_sampler(train_data: FederatedData, clients_per_round: int | None, s
 def _check_arguments(process: Process, client_spec: ClientSpec, *, num_rounds: int, seed: int, evaluate_every: int,
                      checkpoint_every: int, checkpoint_keep: int,
                      max_rejected_rounds: int, privacy: PrivacyLedger | None, trackers: tuple, resume: bool,
-                     checkpoint_dir: str | os.PathLike | None, config: Mapping[str, Any] | None) -> None:
+                     checkpoint_dir: str | os.PathLike | None, config: Mapping[str, Any] | None,
+                     example_privacy: PrivacyLedger | None = None) -> None:
   """The arguments of ``run_training`` that need no building: one clear error for the first wrong one."""
   if not isinstance(process, Process):
     raise TypeError(f"process must be a fedjax_lite Process, got {type(process).__name__}.")
@@ -297,6 +304,10 @@ def _check_arguments(process: Process, client_spec: ClientSpec, *, num_rounds: i
     raise TypeError(f"client_spec must be a ClientSpec, got {type(client_spec).__name__}.")
   if privacy is not None and not isinstance(privacy, PrivacyLedger):
     raise TypeError(f"privacy must be a PrivacyLedger, got {type(privacy).__name__}.")
+  if example_privacy is not None and not isinstance(example_privacy, PrivacyLedger):
+    raise TypeError(f"example_privacy must be a PrivacyLedger, got {type(example_privacy).__name__}.")
+  if example_privacy is not None and example_privacy.epsilon_budget is not None:
+    raise ValueError("example_privacy is reported, not enforced: build its ledger without an epsilon_budget.")
   for tracker in trackers:
     if not (callable(getattr(tracker, "write", None)) and callable(getattr(tracker, "close", None))):
       raise TypeError(f"trackers must have write(record) and close() methods, got {type(tracker).__name__}.")

@@ -3,7 +3,7 @@
 Both drivers (:mod:`~fedjax_lite.training.round_driver`, :mod:`~fedjax_lite.training.scanned_driver`) hand each
 round's flat metrics to :meth:`Recorder.record`, which adds the communication totals so far
 (``cumulative_broadcasted_bits``, ``cumulative_aggregated_bits``), the round's wall time and the privacy ledger's
-epsilon, evaluates when the schedule says so, writes the record (metrics file, trackers, progress bar), counts
+epsilon (and the example-level ledger's), evaluates when the schedule says so, writes the record (metrics file, trackers, progress bar), counts
 rounds that trained nothing (every real client rejected as non-finite: a warning each, and
 :class:`TrainingStalledError` after ``max_rejected_rounds`` in a row), and asks ``on_round_end`` whether to stop. At
 the end of a dispatch (every round for the per-round driver) :meth:`Recorder.end_dispatch` saves the checkpoint when
@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from fedjax_lite.core.tree import PyTree
+from fedjax_lite.privacy.accounting import PrivacyLedger
 from fedjax_lite.training import units
 from fedjax_lite.training.checkpoint import CheckpointSaveError, SignalCatcher, TrainingInterrupted
 from fedjax_lite.training.run_checkpoints import Progress, RunCheckpoints
@@ -82,6 +83,8 @@ class Recorder:
     resumed: the progress restored from a checkpoint, or None for a fresh run.
     round_metrics: optional ``round_num -> metrics`` merged into each record first (e.g. the simulated clock's
       ``systems/`` metrics, :meth:`~fedjax_lite.training.simulated_time.SimulatedTimeDriver.metrics`).
+    example_privacy: optional example-level :class:`~fedjax_lite.privacy.PrivacyLedger`: each record gets
+      ``privacy/example_epsilon`` after that many rounds (and ``privacy/example_delta``).
 
   Attributes:
     progress: the run's :class:`~fedjax_lite.training.run_checkpoints.Progress` (history, totals, stop reason).
@@ -93,8 +96,10 @@ class Recorder:
                metrics_path: str | os.PathLike | None = None, trackers: Sequence[Any] = (),
                progress_bar: bool = False, on_round_end: RoundCallback | None = None, max_rejected_rounds: int = 3,
                checkpoints: RunCheckpoints | None = None, resumed: Progress | None = None,
-               round_metrics: Callable[[int], Mapping[str, Any]] | None = None):
+               round_metrics: Callable[[int], Mapping[str, Any]] | None = None,
+               example_privacy: PrivacyLedger | None = None):
     self.schedule = schedule
+    self._example_privacy = example_privacy
     self._evaluate = evaluate
     self._metrics_path = metrics_path
     self._trackers = tuple(trackers)
@@ -152,6 +157,9 @@ class Recorder:
     if self.schedule.privacy is not None:
       flat["privacy/epsilon"] = self.schedule.privacy.epsilon_after(round_num + 1)
       flat["privacy/delta"] = self.schedule.privacy.delta
+    if self._example_privacy is not None:
+      flat["privacy/example_epsilon"] = self._example_privacy.epsilon_after(round_num + 1)
+      flat["privacy/example_delta"] = self._example_privacy.delta
     if round_num == self.start_round:
       self.first_round_seconds = seconds
     if self._evaluate is not None and self.schedule.evaluates_after(round_num):
@@ -180,7 +188,8 @@ class Recorder:
     if self._bar is not None:
       cumulative = self.progress.cumulative
       postfix = {"loss": flat.get("client_work/train/loss"), "acc": flat.get("client_work/train/accuracy"),
-                 "test_acc": flat.get("evaluation/accuracy"), "eps": flat.get("privacy/epsilon")}
+                 "test_acc": flat.get("evaluation/accuracy"), "eps": flat.get("privacy/epsilon"),
+                 "eps_example": flat.get("privacy/example_epsilon")}
       postfix = {k: f"{v:.4g}" for k, v in postfix.items() if v is not None}
       if any(cumulative.values()):  # communication so far, per direction, in Mibit (training.units)
         postfix.update(units.communication_postfix(cumulative["broadcasted_bits"], cumulative["aggregated_bits"]))

@@ -3,7 +3,11 @@ the same draws, and statistically), and its example-level accountant against dp_
 
 from __future__ import annotations
 
+import dataclasses
+
+import chex
 import dp_accounting
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +17,11 @@ import pytest
 from fedjax_lite import aggregators, privacy
 from fedjax_lite.algorithms import ExampleDp, fed_avg, train_locally
 from fedjax_lite.algorithms.example_dp import EXAMPLE_NOISE_STREAM
+from fedjax_lite.algorithms.ghost_norms import ghost_clipped_sum, ghost_layers
+from fedjax_lite.core import Runner
 from fedjax_lite.core.packing import pack_clients
+from fedjax_lite.models import from_flax
+from fedjax_lite.models.conv import Conv
 from fedjax_lite.models.linear import logistic_regression
 from fedjax_lite.privacy.mechanisms import gaussian_noise
 from tests.conftest import make_population
@@ -29,6 +37,10 @@ def client(max_steps=None):
   """Client 0 of the population (15 examples: batches of 4, 4, 4 and 3 real examples) in storage order."""
   data = pack_clients(make_population(), [0], batch_size=4, shuffle=False, max_steps=max_steps)
   return jax.tree.map(lambda x: jnp.asarray(x[0]), data)
+
+
+def first_batch(data):
+  return {key: data[key][0] for key in ("x", "y")}
 
 
 def numpy_dp_sgd(params, data, clip, noise=None):
@@ -63,7 +75,7 @@ def numpy_dp_sgd(params, data, clip, noise=None):
   return {"Dense_0": {"bias": bias, "kernel": kernel}}, loss_sum, (clipped_count, unclipped_count)
 
 
-@pytest.mark.parametrize("per_example", ["scan", "vmap"])
+@pytest.mark.parametrize("per_example", ["ghost", "scan", "vmap"])
 def test_zero_noise_steps_are_numpys_clipped_per_example_sgd(per_example):
   data = client()
   trained, sums = train_locally(MODEL, optax.sgd(LEARNING_RATE), PARAMS, data, jax.random.key(0),
@@ -78,7 +90,7 @@ def test_zero_noise_steps_are_numpys_clipped_per_example_sgd(per_example):
   assert int(sums["num_examples"]) == 15 and int(sums["num_batches"]) == 4
 
 
-@pytest.mark.parametrize("per_example", ["scan", "vmap"])
+@pytest.mark.parametrize("per_example", ["ghost", "scan", "vmap"])
 def test_noise_is_the_gaussian_draw_of_each_step(per_example):
   """Exact: with the same draws (``N(0, (z C)^2)`` from step t's noise key) NumPy's noisy steps give the params."""
   data, rng, z = client(), jax.random.key(3), 1.3
@@ -157,6 +169,9 @@ def test_shuffled_epochs_off_batch_boundaries_are_charged_at_least_as_much():
     (lambda: ExampleDp(l2_clip=0.0, noise_multiplier=1.0), "l2_clip"),
     (lambda: ExampleDp(l2_clip=1.0, noise_multiplier=-1.0), "noise_multiplier"),
     (lambda: ExampleDp(l2_clip=1.0, noise_multiplier=1.0, per_example="loop"), "per_example"),
+    (lambda: train_locally(SHARED_MODEL, optax.sgd(0.1), SHARED_MODEL.init(jax.random.key(0)), client(),
+                           jax.random.key(0), example_dp=ExampleDp(1.0, 0.0, per_example="ghost")),
+     "called 2 times per forward pass"),
     (lambda: fed_avg(MODEL, client_learning_rate=0.1, example_dp=(1.0, 1.0)), "ExampleDp"),
     (lambda: privacy.example_level_epsilon(1.0, rounds=1, delta=1e-5, num_examples=5, batch_size=10,
                                            sampling="without_replacement"), "batch_size <= num_examples"),
@@ -179,3 +194,92 @@ def test_a_privacy_ledger_reports_the_example_level_epsilon_of_a_client_in_every
     assert ledger.epsilon_after(rounds) == pytest.approx(privacy.example_level_epsilon(
         1.2, rounds=rounds, delta=1e-5, num_examples=40, batch_size=10, num_epochs=num_epochs, sampling=sampling),
         rel=1e-9)
+
+
+class _ConvNet(nn.Module):
+  """Every layer kind the batched per-layer pass handles: a SAME and a strided VALID convolution (the mapped
+  per-example rule), a dense layer over a sequence of rows (the Gram rule when T^2 <= D O, else the formed one),
+  LayerNorm (mapped) and a plain dense layer (the ghost rule)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], 6, 6, 1)
+    x = nn.relu(Conv(3, (3, 3), padding="SAME")(x))
+    x = nn.relu(Conv(4, (2, 2), strides=2, padding="VALID")(x))   # [B, 3, 3, 4]
+    rows = nn.tanh(nn.Dense(5)(x.reshape(x.shape[0], 9, 4)))      # T = 9, D x O = 20: the formed rule
+    rows = nn.tanh(nn.Dense(40)(rows))                              # T = 9, D x O = 200: the Gram rule
+    hidden = nn.LayerNorm()(rows.reshape(rows.shape[0], -1))
+    return nn.Dense(3, use_bias=False)(hidden)
+
+
+class _Shared(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    layer = nn.Dense(8)
+    return nn.Dense(4)(layer(jnp.tanh(layer(x))))
+
+
+SHARED_MODEL = from_flax(_Shared(), jnp.zeros((1, 8)))
+
+
+def test_ghost_norms_are_the_per_example_gradients_norms():
+  """Independent check of every rule: ``sum_j min(1, C / ||g_j||) g_j`` from the batched pass against per-example
+  gradients of the whole model (``vmap`` of ``grad`` on batches of one), in float64 arithmetic terms' tolerance."""
+  model = from_flax(_ConvNet(), jnp.zeros((1, 36)))
+  params = model.init(jax.random.key(1))
+  rng = np.random.default_rng(0)
+  batch = {"x": jnp.asarray(rng.normal(size=(6, 36)), jnp.float32), "y": jnp.asarray(rng.integers(0, 3, 6))}
+  mask = jnp.array([True, True, True, True, True, False])
+  layers, reason = ghost_layers(model, params, batch, mask, None)
+  assert reason == "" and len(layers) == 6
+
+  def loss_of_one(p, j):
+    one = jax.tree.map(lambda v: v[j][None], batch)
+    return model.loss(one, model.apply(p, one, None, True))[0]
+
+  grads = [jax.grad(loss_of_one)(params, j) for j in range(5)]
+  norms = np.array([float(optax.tree.norm(g)) for g in grads])
+  clip = float(np.median(norms))  # binds for some examples, not for others
+  expected = jax.tree.map(lambda *g: sum(min(1.0, clip / n) * np.asarray(x, np.float64) for n, x in zip(norms, g)),
+                          *grads)
+  total, sums = jax.jit(lambda p: ghost_clipped_sum(model, p, batch, mask, None, jnp.float32(clip), layers,
+                                                    vectorized=False))(params)
+  assert int(sums["num_examples"]) == 5
+  for got, want in zip(jax.tree.leaves(total), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, atol=float_atol(5 * 200, float(np.max(np.abs(want))) + 1.0))
+  vectorized, _ = ghost_clipped_sum(model, params, batch, mask, None, jnp.float32(clip), layers, vectorized=True)
+  chex.assert_trees_all_close(vectorized, total, atol=float_atol(5 * 200, 1.0))
+
+
+def test_auto_falls_back_to_per_example_passes_when_the_model_shares_weights():
+  data = client()
+  params = SHARED_MODEL.init(jax.random.key(0))
+  layers, reason = ghost_layers(SHARED_MODEL, params, first_batch(data), data["mask"][0], None)
+  assert layers is None and "Dense_0 is called 2 times" in reason
+  auto, _ = train_locally(SHARED_MODEL, optax.sgd(0.1), params, data, jax.random.key(0),
+                          example_dp=ExampleDp(1.0, 0.0, per_example="auto"))
+  scan, _ = train_locally(SHARED_MODEL, optax.sgd(0.1), params, data, jax.random.key(0),
+                          example_dp=ExampleDp(1.0, 0.0, per_example="scan"))
+  chex.assert_trees_all_close(auto, scan, atol=float_atol(4 * 4 * 100, 2.0))
+
+
+def test_ghost_refuses_a_model_that_transforms_its_parameters():
+  base = logistic_regression(4, (8,))
+  doubled = dataclasses.replace(base, apply=lambda p, b, r, t: base.apply(jax.tree.map(lambda v: 2 * v, p), b, r, t))
+  data = client()
+  layers, reason = ghost_layers(doubled, PARAMS, first_batch(data), data["mask"][0], None)
+  assert layers is None and "does not receive its trained parameters unchanged" in reason
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "vmap"])
+def test_a_round_with_the_batched_pass_equals_one_with_per_example_scans(strategy):
+  """The batched per-layer pass inside a FedAvg round, clients in a scan or vmapped (the accelerator default): the
+  same round as with per-example scans (a deterministic model, no noise), to float rounding."""
+  population = make_population(num_clients=4)
+  round_data = pack_clients(population, np.array([0, 1, 2]), batch_size=4)
+  results = {}
+  for way in ("ghost", "scan"):
+    process = fed_avg(MODEL, client_learning_rate=0.5, runner=Runner(strategy),
+                      example_dp=ExampleDp(l2_clip=CLIP, noise_multiplier=0.0, per_example=way))
+    results[way] = jax.jit(process.next)(process.init(PARAMS), round_data, jax.random.key(0))[0].params
+  chex.assert_trees_all_close(results["ghost"], results["scan"], atol=float_atol(3 * 4 * 4 * 10, 2.0))

@@ -6,6 +6,7 @@ The device settings apply only before JAX starts its backend, so the positive ch
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -91,6 +92,18 @@ def test_compile_flag_only_on_jaxlibs_that_have_it():
   assert cpu.compile_flag_supported() == cpu.compile_flag_supported(jaxlib.__version__)
 
 
+@pytest.mark.parametrize("fast_compile", [True, False])
+def test_fast_compile_false_keeps_the_fusion_emitters(monkeypatch, fast_compile):
+  """The flags configure_cpu writes (the backend and jax.config stubbed: this process's JAX is already running)."""
+  monkeypatch.setattr(cpu, "backend_initialized", lambda: False)
+  monkeypatch.setattr(cpu, "compile_flag_supported", lambda: True)
+  monkeypatch.setattr(cpu.jax.config, "update", lambda *args: None)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert fedjax_lite.configure_cpu(2, fast_compile=fast_compile) == 2
+  flags = os.environ["XLA_FLAGS"].split()
+  assert cpu.EIGEN_FLAG in flags and (cpu.COMPILE_FLAG in flags) == fast_compile
+
+
 def test_too_late_is_a_clear_error():
   jnp.zeros(1).block_until_ready()  # JAX's backend is running in this process
   assert cpu.backend_initialized()
@@ -101,6 +114,8 @@ def test_too_late_is_a_clear_error():
 def test_arguments_are_checked_first():
   with pytest.raises(ValueError, match="num_devices"):
     fedjax_lite.configure_cpu(0)
+  with pytest.raises(TypeError, match="fast_compile must be True or False"):
+    fedjax_lite.configure_cpu(2, fast_compile="no")
   with pytest.raises(TypeError, match="shard_host_devices"):
     Runner(shard_host_devices="yes")
 
