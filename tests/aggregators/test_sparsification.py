@@ -16,6 +16,7 @@ from fedjax_lite.aggregators import (
     quantize_above_threshold,
     random_k,
     secure_sum,
+    shared_mask_key,
     shared_random_k,
     shared_random_k_compressor,
     sign_compression,
@@ -143,7 +144,7 @@ def test_bad_arguments(build, match):
 def _shared_indices(seed, round_num, group, size, kept):
   """The public support of round ``round_num`` (``shared_mask_key``'s docstring), drawn as documented."""
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), round_num), group)
-  return np.asarray(jax.random.choice(key, size, (kept,), replace=False))
+  return np.asarray(jax.lax.top_k(jax.random.uniform(key, (size,)), kept)[1])
 
 
 # Three rounds of ragged values: 3, 2 and 4 real clients (padding rows after them), unequal weights.
@@ -203,6 +204,19 @@ def test_shared_random_k_composes_with_the_secure_sum_and_counts_its_bits(per_la
   # quantization as the inner aggregator: b bits per kept value plus each vector's float32 range, nothing dense
   quantized = shared_random_k(k=3, per_layer=per_layer, inner=quantize_above_threshold(4, threshold=0))
   assert client_upload_bits(quantized, TEMPLATE) == kept * 4 + (2 if per_layer else 1) * 64
+
+
+def test_shared_random_k_is_unbiased_over_rounds():
+  """Over 20,000 rounds (round numbers 0..19,999 of the public key), the mean of the decoded value is the value
+  (each entry within 4.5 standard errors: kept with probability k / d and scaled by d / k), and each round keeps
+  exactly k entries."""
+  value = {"w": jnp.array([1.0, -2.0, 0.5, 4.0, 0.0, 3.0])}
+  compressor = shared_random_k_compressor(k=2, seed=9)
+  decoded = jax.vmap(lambda t: compressor.compress(value, shared_mask_key(9, t))["w"])(jnp.arange(20_000))
+  decoded = np.asarray(decoded)
+  assert np.all(np.sum(decoded != 0, axis=1) <= 2)
+  standard_error = np.abs(np.asarray(value["w"])) * math.sqrt(3 - 1) / math.sqrt(20_000)  # Var = x^2 (d/k - 1)
+  assert np.all(np.abs(decoded.mean(0) - np.asarray(value["w"])) <= 4.5 * standard_error + 1e-6)
 
 
 def test_shared_random_k_arguments():

@@ -189,7 +189,7 @@ def shared_support(seed, round_num, groups, kept):
   index = []
   for group, (start, stop) in enumerate(groups):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), round_num), group)
-    index.append(start + np.asarray(jax.random.choice(key, stop - start, (kept,), replace=False)))
+    index.append(start + np.asarray(jax.lax.top_k(jax.random.uniform(key, (stop - start,)), kept)[1]))
   return np.concatenate(index)
 
 
