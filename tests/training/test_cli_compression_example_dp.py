@@ -202,7 +202,7 @@ def test_a_model_with_batch_norm_is_refused():
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--error-feedback"], "--error-feedback applies only with --upload-compression topk, randomk or sign"),
+    (["--error-feedback"], "--error-feedback applies only with --upload-compression topk, randomk, randomk-shared or sign"),
     (["--upload-compression", "sketch", "--error-feedback"], "--error-feedback applies only with"),
     (["--compression-fraction", "0.1"], "--compression-fraction applies only with --upload-compression topk"),
     (["--upload-compression", "sign", "--compression-fraction", "0.1"], "--compression-fraction applies only"),
