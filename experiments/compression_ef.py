@@ -11,7 +11,10 @@ SGD 1.0, and each client's upload (its model delta) sent as:
   97 float32 values, besides the mean's 32-bit weight), without error feedback;
 * ``topk_ef``: the same with error feedback (``error_feedback=True``: Stich et al. 2018);
 * ``sign_ef``: scaled sign per layer with error feedback (Karimireddy et al. 2019): 1 bit per entry plus a 32-bit
-  scale per leaf.
+  scale per leaf;
+* ``randk_shared_ef``: 1% random coordinates SHARED by the round's clients (``shared_random_k_compressor``, drawn
+  from a public key of the round: 97 float32 values and no indices, besides the mean's weight), unscaled, with error
+  feedback -- the sparsification that also composes with a secure sum.
 
 Every variant runs through ``algorithms.fed_avg`` (``upload_compressor=`` for the compressors, ``aggregator=`` for
 quantization) and ``training.run_training``, which keeps the error-feedback residuals in a ``ClientStateStore``.
@@ -20,7 +23,7 @@ sets the split, initialization and cohorts.
 
 Usage (from the repository root)::
 
-  python experiments/compression_ef.py --output-dir runs/compression_ef     # 3 seeds x 6 variants x 150 rounds
+  python experiments/compression_ef.py --output-dir runs/compression_ef     # 3 seeds x 7 variants x 150 rounds
   python experiments/compression_ef.py --fast --output-dir /tmp/compression  # a smoke run (1 seed, 4 rounds)
 
 Writes ``results.csv`` (one row per variant and seed: final accuracy, uploaded Mibit), ``curves.csv`` (accuracy
@@ -36,7 +39,7 @@ import statistics
 import sys
 import time
 
-VARIANTS = ("dense", "quant8", "quant2", "topk", "topk_ef", "sign_ef")
+VARIANTS = ("dense", "quant8", "quant2", "topk", "topk_ef", "sign_ef", "randk_shared_ef")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,6 +71,9 @@ def variant_options(name: str, args: argparse.Namespace) -> dict:
   if name.startswith("topk"):
     return {"upload_compressor": aggregators.top_k_compressor(fraction=args.top_k_fraction,
                                                               error_feedback=name.endswith("_ef"))}
+  if name == "randk_shared_ef":
+    return {"upload_compressor": aggregators.shared_random_k_compressor(fraction=args.top_k_fraction, unbiased=False,
+                                                                        error_feedback=True)}
   return {"upload_compressor": aggregators.sign_compressor(error_feedback=True)}
 
 

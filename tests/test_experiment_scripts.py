@@ -157,21 +157,25 @@ def test_dp_ftrl_fast_run_writes_results_and_audits(tmp_path, capsys):
 
 
 def test_compression_ef_fast_run_writes_results(tmp_path, capsys):
-  """Two rounds of top-k with error feedback and of sign with error feedback through run_training (the residuals
-  in its client-state store): results, curves with the exact cumulative bits, and the plot."""
+  """Two rounds of top-k, sign and shared random-k with error feedback through run_training (the residuals in its
+  client-state store): results, curves with the exact cumulative bits, and the plot."""
   spec = importlib.util.spec_from_file_location("compression_ef", SCRIPT.parent / "compression_ef.py")
   compression_ef = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(compression_ef)
-  args = compression_ef.parse_args(["--fast", "--variants", "topk_ef", "sign_ef", "--output-dir", str(tmp_path)])
+  args = compression_ef.parse_args(["--fast", "--variants", "topk_ef", "sign_ef", "randk_shared_ef", "--output-dir",
+                                     str(tmp_path)])
   args.rounds = 2
   summary = compression_ef.run(args)
   rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-  assert [row["variant"] for row in rows] == ["topk_ef", "sign_ef"]
+  assert [row["variant"] for row in rows] == ["topk_ef", "sign_ef", "randk_shared_ef"]
   curves = list(csv.DictReader(open(tmp_path / "curves.csv")))
   # top-k 1% of the MLP's 9,610 parameters: 97 x (14 + 32) bits and the 32-bit weight per client, 10 per round.
   assert [int(c["cumulative_aggregated_bits"]) for c in curves if c["variant"] == "topk_ef"] == [
       10 * (97 * 46 + 32), 2 * 10 * (97 * 46 + 32)]
-  assert len(summary["settings"]) == 2 and (tmp_path / "compression_ef.png").stat().st_size > 1000
+  # a shared mask: the 97 float32 values only (the server knows the indices) and the weight
+  assert [int(c["cumulative_aggregated_bits"]) for c in curves if c["variant"] == "randk_shared_ef"] == [
+      10 * (97 * 32 + 32), 2 * 10 * (97 * 32 + 32)]
+  assert len(summary["settings"]) == 3 and (tmp_path / "compression_ef.png").stat().st_size > 1000
   assert "| sign_ef |" in capsys.readouterr().out
 
 

@@ -4,7 +4,7 @@
 every algorithm here is such a configuration, read like optax's ``alias.py``.
 """
 
-from fedjax_lite.algorithms.compressed_uploads import compressing_work
+from fedjax_lite.algorithms.compressed_uploads import ErrorFeedbackState, compressing_work
 from fedjax_lite.algorithms.ditto import ditto
 from fedjax_lite.algorithms.dp_fed_avg import PrivateTraining, dp_fed_avg, dp_ftrl
 from fedjax_lite.algorithms.evaluation import (
@@ -73,6 +73,7 @@ __all__ = [
     "FED_AVG_OPTIONS",
     "ExampleDp",
     "compressing_work",
+    "ErrorFeedbackState",
     "FinalizerOutput",
     "Prepass",
     "RoundParts",

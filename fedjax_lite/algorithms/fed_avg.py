@@ -29,7 +29,6 @@ import optax
 from fedjax_lite.aggregators.base import Aggregator
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
 from fedjax_lite.aggregators.sparsification import Compressor
-from fedjax_lite.algorithms.compressed_uploads import compress_uploads
 from fedjax_lite.algorithms.example_dp import ExampleDp, check_example_dp
 from fedjax_lite.algorithms.local_training import train_locally, zero_metric_sums
 from fedjax_lite.algorithms.optimizers import OptimizerFactory, ScheduledOptimizer, scheduled_optimizer
@@ -268,7 +267,11 @@ def fed_avg(
       ``aggregator`` then sums the decoded messages and ``aggregated_bits`` counts the encoded ones. With the
       compressor's ``error_feedback`` each client keeps its residual in the client states: ``next`` then takes
       and returns ``client_states`` (``process.client_state(params)`` is one client's zeros), as SCAFFOLD's does
-      (:mod:`fedjax_lite.algorithms.compressed_uploads`).
+      (:mod:`fedjax_lite.algorithms.compressed_uploads`). With ``labels`` only the global part of the delta is
+      compressed and the residual covers it alone; with ``local_state`` too, each client's state is
+      ``ErrorFeedbackState(state=<its local parameters>, residual)``. A shared mask
+      (``aggregators.shared_random_k_compressor``) lets ``aggregator`` see the ``k`` values only (e.g. a
+      ``secure_sum``).
     example_dp: optional :class:`~fedjax_lite.algorithms.ExampleDp` (per-example clip and noise multiplier):
       every local step is a DP-SGD step, an example-level guarantee accounted by
       :func:`fedjax_lite.privacy.example_level_epsilon`; it composes with a DP ``aggregator`` (user level).
@@ -310,23 +313,17 @@ def fed_avg(
   if client_work_wrapper is not None:
     work = client_work_wrapper(work)
   aggregator = resolve_aggregator(aggregator, weighted=weighting == "num_examples")
-  client_state = None
-  if upload_compressor is not None:  # the client compresses (with its residual), the aggregator counts the message
-    if labels is not None:
-      raise ValueError("upload_compressor with labels= (a partitioned model) is not supported: compress the whole "
-                       "model's delta, or partition without compression.")
-    work, aggregator, client_state = compress_uploads(work, aggregator, upload_compressor)
   return build_round(
       work,                                                                                                   # 2.
       distributor=model_distributor(),                                                                       # 1.
       client_optimizer=optimizer,                                                                            #    rate
       aggregator=aggregator,                                                                                  # 3.
       finalizer=optimizer_finalizer(server_optimizer),                                                       # 4.
-      client_state=client_state,
       broadcast_encoder=broadcast_encoder,
       runner=runner,
       labels=labels,
       local_state=local_state,
+      upload_compressor=upload_compressor,                                                                   # 2.-3.
   )
 
 

@@ -154,7 +154,9 @@ def staleness_work(client_work: ClientWork) -> ClientWork:
   def work(ring: Broadcast, client_data: PyTree, client_state: PyTree, rng: jax.Array):
     arrival = client_data[ARRIVALS]
     data = {key: value for key, value in client_data.items() if key != ARRIVALS}
-    broadcast = jax.tree.map(lambda rows: rows[arrival["ring_row"]], ring)
+    # the versions are stacked; the aggregators' broadcast (Broadcast.aggregator) is the current one, not stacked
+    versions = jax.tree.map(lambda rows: rows[arrival["ring_row"]], ring._replace(aggregator=()))
+    broadcast = versions._replace(aggregator=ring.aggregator)
     output = client_work(broadcast, data, client_state, rng)
     weight = arrival["staleness_weight"]
     return output._replace(update=jax.tree.map(lambda u: u * weight.astype(u.dtype), output.update))

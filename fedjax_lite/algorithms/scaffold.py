@@ -17,6 +17,13 @@ the POPULATION (a :class:`fedjax_lite.core.ClientStateStore`, zeros at first). A
 ``K`` is the client's number of real local steps and ``eta_l`` the round's client learning rate (a float or a
 schedule of the round). A client with no data (and every padding slot) keeps its ``c_i``; a client whose update is
 not finite is rejected and keeps its ``c_i``.
+
+Compressed uploads (``upload_compressor=``, :mod:`fedjax_lite.algorithms.compressed_uploads`): the model delta
+``delta_i`` is compressed, with error feedback when the compressor has it; the control-variate change
+``Delta c_i`` is uploaded UNCOMPRESSED, so ``c`` stays exactly the mean of the ``c_i`` (Karimireddy et al. do not
+compress; compressing both needs a different algorithm, e.g. CompressedScaffnew, Condat, Agarsky & Richtarik,
+arXiv:2210.13277, not provided). ``c_i`` is computed from the UNcompressed ``x - y`` (what the client trained). With
+error feedback a client's state is ONE record, ``ErrorFeedbackState(state=c_i, residual=e_i)``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import optax
 
 from fedjax_lite.aggregators.base import Aggregator
 from fedjax_lite.aggregators.mean import mean, unweighted_mean
+from fedjax_lite.aggregators.sparsification import Compressor
 from fedjax_lite.aggregators.sum import sum_aggregator
 from fedjax_lite.algorithms.fed_avg import WEIGHTINGS, check_model, client_weight
 from fedjax_lite.algorithms.local_training import train_locally
@@ -76,6 +84,7 @@ def scaffold(
     server_optimizer: optax.GradientTransformation | None = None,
     weighting: str = "uniform",
     delta_aggregator: Aggregator | None = None,
+    upload_compressor: Compressor | None = None,
     runner: Runner | None = None,
 ) -> Process:
   """Builds SCAFFOLD (option II, global step size); see the module docstring for the update rules.
@@ -88,13 +97,16 @@ def scaffold(
     server_optimizer: applied to the mean delta; default ``optax.sgd(1.0)`` (``eta_g = 1``).
     weighting: ``'uniform'`` (the paper) or ``'num_examples'`` for the mean of the deltas.
     delta_aggregator: aggregator of the deltas; default the (un)weighted mean per ``weighting``.
+    upload_compressor: optional :class:`~fedjax_lite.aggregators.Compressor` of the model deltas (module
+      docstring): ``build_round(upload_compressor={'delta': upload_compressor})``.
     runner: the client runner.
 
   Returns:
     ``Process(init, next, client_state)``: ``next(state, round_data, rng, client_states) -> RoundOutput(state,
     metrics, client_states)`` with ``client_states`` the cohort's control variates ``c_i`` in and ``c_i+`` out
     (see :class:`fedjax_lite.core.ClientStateStore` and ``fedjax_lite.training.run_training``, which do the
-    gathering and scattering); ``state.finalizer_state`` is a :class:`ScaffoldServerState`.
+    gathering and scattering), or ``ErrorFeedbackState(c_i, e_i)`` records with an error-feedback compressor;
+    ``state.finalizer_state`` is a :class:`ScaffoldServerState`.
   """
   check_model(model)
   validation.check_int("num_clients", num_clients, minimum=1)
@@ -140,4 +152,5 @@ def scaffold(
       client_state=lambda params: jax.tree.map(jnp.zeros_like, params),
       update_template=lambda params: {"delta": params, "control": params},
       runner=runner,
+      upload_compressor=None if upload_compressor is None else {"delta": upload_compressor},
   )

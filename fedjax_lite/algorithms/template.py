@@ -44,7 +44,9 @@ Rules the template enforces for every algorithm, so a user's own parts cannot ge
 argument ``client_states``, hands client slot ``k`` its row as ``client_state``, and returns the new states in
 ``RoundOutput.client_states`` (None for stateless algorithms). ``process.parts`` (:class:`RoundParts`) are the
 four parts as separate functions, for drivers that run them apart (client work and server update in different
-steps, as asynchronous algorithms do).
+steps, as asynchronous algorithms do). ``build_round(upload_compressor=...)`` compresses each client's update at
+the end of its client work; with error feedback the residual is one more client state, held beside the round's
+own in ONE record (:mod:`fedjax_lite.algorithms.compressed_uploads`).
 
 Partitioned rounds (``build_round(labels=...)``, :mod:`fedjax_lite.core.param_partition`): each parameter is
 ``'global'``, ``'local'`` or ``'frozen'``, and only the global ones travel. The server keeps the whole model in
@@ -77,6 +79,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_lite.aggregators.base import STACK, SUM, AggregationContext, Aggregator, as_template, client_upload_bits, split_rng
+from fedjax_lite.aggregators.sparsification import Compressor
+from fedjax_lite.algorithms.compressed_uploads import compress_uploads
 from fedjax_lite.algorithms.optimizers import ScheduledOptimizer
 from fedjax_lite.core.model import finalize_metric_sums
 from fedjax_lite.core.param_partition import (
@@ -107,12 +111,18 @@ class Broadcast(NamedTuple):
     extra: the algorithm's other server values (SCAFFOLD's control variate, Mime's optimizer state, ...).
     prepass: in a round with a :class:`Prepass`, the pre-pass's aggregate over the cohort (Mime's mean full
       gradient), which the client work then sees; ``()`` otherwise.
+    aggregator: what the round's aggregator(s) broadcast to every client (``aggregator.broadcast(state)``, a dict
+      by key with a dict of aggregators: a clipping norm, a shared sparsification mask's round), as their client
+      parts receive it. The template sets it for the client work of :func:`client_work_and_aggregate` (``()``
+      elsewhere: a driver that runs the client work apart, and the distributor's own broadcast); its bits are
+      the aggregators' broadcast, counted once.
   """
 
   params: PyTree
   hparams: PyTree = ()
   extra: PyTree = ()
   prepass: PyTree = ()
+  aggregator: PyTree = ()
 
 
 @flax.struct.dataclass
@@ -418,7 +428,8 @@ def client_work_and_aggregate(
 
   def per_client(server_values, slot, client_keys):
     broadcast, aggregator_params = server_values
-    output = one_client(client_work, broadcast, slot, client_keys["train"], update_template)
+    received = broadcast._replace(aggregator=_unname(aggregator_params))  # what the aggregators broadcast, too
+    output = one_client(client_work, received, slot, client_keys["train"], update_template)
     is_real = slot["num_examples"] > 0
     weight = output.weight
     contributions = {}
@@ -789,6 +800,7 @@ def build_round(
     runner: Runner | None = None,
     labels: LabelSpec | None = None,
     local_state: bool = False,
+    upload_compressor: Compressor | Mapping[str, Compressor] | None = None,
 ) -> Process:
   """Composes an algorithm from its four parts (see the module docstring); returns a ``Process``.
 
@@ -819,6 +831,13 @@ def build_round(
     local_state: with ``labels``: the ``'local'`` parameters are the client state (``client_state=`` must then be
       None): client slot ``k`` gets the full model in ``broadcast.params`` and its local part as ``client_state``,
       and returns its new local part as ``new_state`` (:func:`partition_upload`).
+    upload_compressor: optional :class:`~fedjax_lite.aggregators.Compressor` of each client's update (with a dict
+      of aggregators, ``{key: Compressor}`` for the keys it compresses), applied at the end of the client work
+      (:mod:`fedjax_lite.algorithms.compressed_uploads`): the aggregator sums the decoded messages and
+      ``aggregated_bits`` counts the encoded ones. With the compressor's ``error_feedback`` each client keeps its
+      residual (over the compressed part of the update; the global part in a partitioned round) in the client
+      states, beside the round's own client state when it has one
+      (:class:`~fedjax_lite.algorithms.ErrorFeedbackState`).
 
   Returns:
     ``Process(init, next, client_state, parts)``: ``init(params) -> ServerState``; ``next(state, round_data, rng,
@@ -874,8 +893,21 @@ def build_round(
         prepass = prepass._replace(client_work=_with_client_params(prepass.client_work))
   elif local_state:
     raise ValueError("local_state=True needs labels= (which parameters are 'local').")
-  distributor = distributor or model_distributor()
   update_template = update_template or _default_update_template(aggregators)
+  if upload_compressor is not None:  # the client compresses (with its residual), the aggregator counts the message
+    if prepass is not None:
+      raise ValueError("upload_compressor with a prepass is not supported: the pre-pass's client work reads the "
+                       "client states, which error feedback would change under it; compress in the main client "
+                       "work's aggregator (aggregators.compressed) instead.")
+    def sent_update(params, template=update_template):
+      """ONE client's update: over the global parameters in a partitioned round."""
+      return template(partition.keep(params, GLOBAL) if partition is not None else params)
+
+    client_work, aggregator, client_state = compress_uploads(
+        client_work, _unname(aggregators), upload_compressor, client_state=client_state,
+        update_template=sent_update)
+    aggregators = _named(aggregator)
+  distributor = distributor or model_distributor()
   prepass_aggregators = {}
   if prepass is not None:
     if not isinstance(prepass, Prepass):

@@ -30,10 +30,12 @@ one-shot audit's empirical epsilons (``privacy.audit``) beside the accountant's 
 records the example-level epsilon every round (``privacy.example_level_epsilon``; beside the user-level one when
 ``--aggregator dp`` is on too).
 
-Compressed uploads (the FedAvg family): ``--upload-compression topk|randomk|sign`` compresses each client's update
-(``fed_avg(upload_compressor=...)``, ``--compression-fraction``), ``--error-feedback`` keeps each client's residual in
-the client states (checkpointed), and ``sketch`` is FetchSGD's count sketch (``aggregators.count_sketch``,
-``--sketch-width``, ``--sketch-depth``); ``aggregated_bits`` counts the encoded messages.
+Compressed uploads (the FedAvg family): ``--upload-compression topk|randomk|randomk-shared|sign`` compresses each
+client's update (``fed_avg(upload_compressor=...)``, ``--compression-fraction``; ``randomk-shared``'s entries are
+common to the round's clients, so it composes with ``--aggregator secure``), ``--error-feedback`` keeps each
+client's residual in the client states (checkpointed), and ``sketch`` is FetchSGD's count sketch
+(``aggregators.count_sketch``, ``--sketch-width``, ``--sketch-depth``); ``aggregated_bits`` counts the encoded
+messages.
 
 Fine-tuning: ``--init-from CKPT`` starts from saved weights (``models.load_params``); ``--model transformer
 --init-from CKPT --lora-rank R`` fine-tunes a pretrained ``models.transformer_lm`` (its architecture read from
@@ -88,7 +90,7 @@ MATRIX_FACTORIZATION_STRATEGIES = ("blt", "banded", "toeplitz")  # planned for -
 RUNNER_STRATEGIES = ("auto", "sequential", "vmap", "chunked")
 # fed_avg's builders: they take its upload_compressor and example_dp options.
 FED_AVG_FAMILY = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
-UPLOAD_COMPRESSIONS = ("none", "topk", "randomk", "sign", "sketch")
+UPLOAD_COMPRESSIONS = ("none", "topk", "randomk", "randomk-shared", "sign", "sketch")
 COMPRESSION_AGGREGATORS = ("mean", "robust", "dp")  # sum-based, counting the sparse message (aggregators.compressed)
 
 
@@ -276,15 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
   compression = train.add_argument_group(f"compressed uploads ({family}; aggregators.sparsification)")
   compression.add_argument("--upload-compression", choices=UPLOAD_COMPRESSIONS, default="none",
                            help="each client compresses its update: topk (its largest entries), randomk (random "
-                                "entries; scaled by d/k without --error-feedback), sign (scaled sign per layer), "
+                                "entries; scaled by d/k without --error-feedback), randomk-shared (random entries "
+                                "common to the round's clients, drawn from --seed and the round: only the values "
+                                "are sent, and they compose with --aggregator secure), sign (scaled sign per layer), "
                                 "sketch (FetchSGD's count sketch, the server keeps the k heaviest coordinates; it "
                                 "replaces --aggregator mean); the exact message bits are aggregated_bits")
   compression.add_argument("--compression-fraction", type=_fraction, default=0.01, metavar="F",
-                           help="topk, randomk: entries kept, a fraction of the model's; sketch: k = ceil(F x the "
-                                "model's parameters) coordinates recovered")
+                           help="topk, randomk, randomk-shared: entries kept, a fraction of the model's; sketch: "
+                                "k = ceil(F x the model's parameters) coordinates recovered")
   compression.add_argument("--error-feedback", action="store_true",
-                           help="topk, randomk, sign: each client keeps what it did not send (its residual, in the "
-                                "client states, checkpointed) and adds it to its next update (Stich et al. 2018, "
+                           help="topk, randomk(-shared), sign: each client keeps what it did not send (its "
+                                "residual, in the client states, checkpointed) and adds it to its next update (Stich et al. 2018, "
                                 "Karimireddy et al. 2019)")
   compression.add_argument("--sketch-width", type=positive_int, default=None, metavar="W",
                            help="sketch: columns of the count sketch (default 10 x k)")
@@ -446,10 +450,10 @@ _FLAG_CONDITIONS = {
     "upload_compression": (f"--algorithm {', '.join(FED_AVG_FAMILY)} (fed_avg's upload_compressor), without "
                            "--lora-rank", lambda a: a.upload_compression == "none" or (
                                a.algorithm in FED_AVG_FAMILY and not a.lora_rank)),
-    "compression_fraction": ("--upload-compression topk, randomk or sketch",
-                             lambda a: a.upload_compression in ("topk", "randomk", "sketch")),
-    "error_feedback": ("--upload-compression topk, randomk or sign (a count sketch keeps no residual)",
-                       lambda a: a.upload_compression in ("topk", "randomk", "sign")),
+    "compression_fraction": ("--upload-compression topk, randomk, randomk-shared or sketch",
+                             lambda a: a.upload_compression in ("topk", "randomk", "randomk-shared", "sketch")),
+    "error_feedback": ("--upload-compression topk, randomk, randomk-shared or sign (a count sketch keeps no "
+                       "residual)", lambda a: a.upload_compression in ("topk", "randomk", "randomk-shared", "sign")),
     "sketch_width": ("--upload-compression sketch", lambda a: a.upload_compression == "sketch"),
     "sketch_depth": ("--upload-compression sketch", lambda a: a.upload_compression == "sketch"),
     "example_dp_clip": (f"--algorithm {', '.join(FED_AVG_FAMILY)} (fed_avg's example_dp), without --lora-rank",
@@ -998,10 +1002,12 @@ def _upload_compression(args, model):
   if name == "sketch" and args.aggregator != "mean":
     raise UsageError("--upload-compression sketch is the aggregator (the server sums the count sketches and keeps "
                      "the k heaviest coordinates): use it with --aggregator mean")
-  if args.aggregator not in COMPRESSION_AGGREGATORS:
+  allowed = COMPRESSION_AGGREGATORS + (("secure",) if name == "randomk-shared" else ())
+  if args.aggregator not in allowed:
     raise UsageError(f"--upload-compression {name} needs a sum of the decoded messages whose bits are the sparse "
-                     f"message's: --aggregator {', '.join(COMPRESSION_AGGREGATORS[:-1])} or {COMPRESSION_AGGREGATORS[-1]}, "
-                     f"not {args.aggregator}")
+                     f"message's: --aggregator {', '.join(allowed[:-1])} or {allowed[-1]}, not {args.aggregator}"
+                     + ("" if name == "randomk-shared" else " (a secure sum takes only randomk-shared's common "
+                        "entries)"))
   if args.error_feedback and args.rounds_per_dispatch is not None:
     raise UsageError("--error-feedback keeps per-client residuals on the host: not with --rounds-per-dispatch")
   from fedjax_lite import aggregators
@@ -1011,6 +1017,9 @@ def _upload_compression(args, model):
     return aggregators.top_k_compressor(fraction=fraction, error_feedback=feedback), None
   if name == "randomk":
     return aggregators.random_k_compressor(fraction=fraction, unbiased=not feedback, error_feedback=feedback), None
+  if name == "randomk-shared":
+    return aggregators.shared_random_k_compressor(fraction=fraction, unbiased=not feedback, seed=args.seed,
+                                                  error_feedback=feedback), None
   if name == "sign":
     return aggregators.sign_compressor(error_feedback=feedback), None
   k = _sketch_k(args, model)
@@ -1037,8 +1046,10 @@ def _upload_compression_summary(args, model) -> dict | None:
   settings = {"method": args.upload_compression, "error_feedback": args.error_feedback}
   if args.upload_compression != "sign":
     settings["fraction"] = args.compression_fraction
-  if args.upload_compression == "randomk":
+  if args.upload_compression in ("randomk", "randomk-shared"):
     settings["unbiased"] = not args.error_feedback
+  if args.upload_compression == "randomk-shared":
+    settings["mask_seed"] = args.seed
   return settings
 
 

@@ -11,15 +11,22 @@ import pytest
 
 from fedjax_lite.aggregators import (
     client_upload_bits,
+    compressed,
     count_sketch,
     quantize_above_threshold,
     random_k,
+    secure_sum,
+    shared_mask_key,
+    shared_random_k,
+    shared_random_k_compressor,
     sign_compression,
     sum_aggregator,
     top_k,
 )
+from fedjax_lite.core.tree import tree_size_bits
 
 from tests.aggregators.helpers import run_next
+from tests.tolerances import float_atol
 
 VALUES = {"a": jnp.array([[0.5, -3.0, 0.1, 2.0], [1.0, 0.0, -0.2, 0.3], [9.0, 9.0, 9.0, 9.0]]),
           "b": jnp.array([[-1.5, 0.2], [0.05, -4.0], [9.0, 9.0]])}
@@ -130,3 +137,94 @@ def test_count_sketch_recovers_the_heavy_coordinates_like_numpy():
 def test_bad_arguments(build, match):
   with pytest.raises(ValueError, match=match):
     build()
+
+
+# ----------------------------------------------------------------------------------------------- shared random-k
+
+def _shared_indices(seed, round_num, group, size, kept):
+  """The public support of round ``round_num`` (``shared_mask_key``'s docstring), drawn as documented."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), round_num), group)
+  return np.asarray(jax.lax.top_k(jax.random.uniform(key, (size,)), kept)[1])
+
+
+# Three rounds of ragged values: 3, 2 and 4 real clients (padding rows after them), unequal weights.
+SHARED_ROUNDS = [(np.random.default_rng(r).normal(size=(4, 6)).astype(np.float32), np.array(w, np.float32), mask)
+                 for r, (w, mask) in enumerate([([1.0, 3.0, 2.0, 0.0], [True, True, True, False]),
+                                                ([5.0, 1.0, 0.0, 0.0], [True, True, False, False]),
+                                                ([2.0, 1.0, 1.0, 4.0], [True, True, True, True])])]
+
+
+@pytest.mark.parametrize("per_layer, unbiased", [(False, True), (True, False)])
+def test_shared_random_k_matches_numpy_over_three_rounds(per_layer, unbiased):
+  """Every client of round t sends its values at the same support (drawn from ``shared_mask_key(seed, t)``); the
+  server's weighted mean of those k values, put back at the support (times d/k when unbiased), matches NumPy."""
+  aggregator = shared_random_k(k=2, per_layer=per_layer, unbiased=unbiased, seed=11)
+  state = aggregator.init(TEMPLATE)
+  for round_num, (rows, weights, mask) in enumerate(SHARED_ROUNDS):
+    values = {"a": jnp.asarray(rows[:, :4]), "b": jnp.asarray(rows[:, 4:])}
+    out = run_next(aggregator, state, values, weights, jax.random.key(round_num), jnp.asarray(mask))
+    state = out.state
+    real = np.asarray(mask)
+    mean = (weights[real, None].astype(np.float64) * rows[real]).sum(0) / weights[real].sum()
+    expected = np.zeros(6)
+    groups = [(0, 0, 4), (1, 4, 6)] if per_layer else [(0, 0, 6)]
+    for group, start, stop in groups:
+      index = start + _shared_indices(11, round_num, group, stop - start, 2)
+      expected[index] = mean[index] * ((stop - start) / 2 if unbiased else 1.0)
+    np.testing.assert_allclose(np.concatenate([out.result["a"], out.result["b"]]), expected, rtol=1e-6, atol=1e-6)
+    assert int(state["round"]) == round_num + 1
+  # the k values only (no indices, no seed) and the mean's weight; the round number (32 bits) is broadcast
+  assert client_upload_bits(aggregator, TEMPLATE) == (2 * 2 if per_layer else 2) * 32 + 32
+  assert tree_size_bits(jax.eval_shape(aggregator.broadcast, state)) == 32
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_shared_random_k_composes_with_the_secure_sum_and_counts_its_bits(per_layer):
+  """``inner=secure_sum(U)`` securely sums the k values only: the aggregate equals the plain sum's within the
+  secure sum's quantization (each real client off by at most (U - L) / (2 (2^32 - 1)) per value, plus float32
+  rounding of a sum of 4 values of magnitude <= U), and each client uploads k 32-bit summands and its 4 indicator
+  bits, exactly."""
+  plain = shared_random_k(k=3, per_layer=per_layer, unbiased=False, inner=sum_aggregator(), seed=5)
+  secure = shared_random_k(k=3, per_layer=per_layer, unbiased=False, inner=secure_sum(4.0), seed=5)
+  plain_state, secure_state = plain.init(TEMPLATE), secure.init(TEMPLATE)
+  for round_num, (rows, weights, mask) in enumerate(SHARED_ROUNDS):
+    values = {"a": jnp.asarray(rows[:, :4]), "b": jnp.asarray(rows[:, 4:])}
+    key, mask = jax.random.key(round_num), jnp.asarray(mask)
+    plain_out = run_next(plain, plain_state, values, weights, key, mask)
+    secure_out = run_next(secure, secure_state, values, weights, key, mask)
+    plain_state, secure_state = plain_out.state, secure_out.state
+    clients = int(np.sum(np.asarray(mask)))
+    bound = clients * 8.0 / (2 * (2**32 - 1)) + float_atol(4, 4.0 * clients)
+    for name in ("a", "b"):
+      np.testing.assert_allclose(secure_out.result[name], plain_out.result[name], rtol=0, atol=bound)
+      assert np.sum(np.asarray(secure_out.result[name]) != 0) <= 3  # the support is the same for every client
+  kept = 3 + 2 if per_layer else 3
+  assert client_upload_bits(plain, TEMPLATE) == kept * 32
+  assert client_upload_bits(secure, TEMPLATE) == kept * 32 + 4
+  # quantization as the inner aggregator: b bits per kept value plus each vector's float32 range, nothing dense
+  quantized = shared_random_k(k=3, per_layer=per_layer, inner=quantize_above_threshold(4, threshold=0))
+  assert client_upload_bits(quantized, TEMPLATE) == kept * 4 + (2 if per_layer else 1) * 64
+
+
+def test_shared_random_k_is_unbiased_over_rounds():
+  """Over 20,000 rounds (round numbers 0..19,999 of the public key), the mean of the decoded value is the value
+  (each entry within 4.5 standard errors: kept with probability k / d and scaled by d / k), and each round keeps
+  exactly k entries."""
+  value = {"w": jnp.array([1.0, -2.0, 0.5, 4.0, 0.0, 3.0])}
+  compressor = shared_random_k_compressor(k=2, seed=9)
+  decoded = jax.vmap(lambda t: compressor.compress(value, shared_mask_key(9, t))["w"])(jnp.arange(20_000))
+  decoded = np.asarray(decoded)
+  assert np.all(np.sum(decoded != 0, axis=1) <= 2)
+  standard_error = np.abs(np.asarray(value["w"])) * math.sqrt(3 - 1) / math.sqrt(20_000)  # Var = x^2 (d/k - 1)
+  assert np.all(np.abs(decoded.mean(0) - np.asarray(value["w"])) <= 4.5 * standard_error + 1e-6)
+
+
+def test_shared_random_k_arguments():
+  with pytest.raises(ValueError, match="unbiased=False"):
+    shared_random_k_compressor(k=2, error_feedback=True)
+  with pytest.raises(ValueError, match="exactly one of k"):
+    shared_random_k(k=2, fraction=0.5)
+  with pytest.raises(ValueError, match="seed"):
+    shared_random_k(k=2, seed=-1)
+  with pytest.raises(ValueError, match="per client"):
+    compressed(shared_random_k_compressor(k=2, unbiased=False, error_feedback=True))

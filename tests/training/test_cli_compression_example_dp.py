@@ -202,7 +202,7 @@ def test_a_model_with_batch_norm_is_refused():
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--error-feedback"], "--error-feedback applies only with --upload-compression topk, randomk or sign"),
+    (["--error-feedback"], "--error-feedback applies only with --upload-compression topk, randomk, randomk-shared or sign"),
     (["--upload-compression", "sketch", "--error-feedback"], "--error-feedback applies only with"),
     (["--compression-fraction", "0.1"], "--compression-fraction applies only with --upload-compression topk"),
     (["--upload-compression", "sign", "--compression-fraction", "0.1"], "--compression-fraction applies only"),
@@ -278,3 +278,25 @@ def test_example_dp_runs_keep_xlas_fusion_emitters(monkeypatch, fast_compile):
   monkeypatch.setattr(cpu, "configure_cpu", lambda devices, fast_compile: calls.append((devices, fast_compile)))
   cli._configure_cpu(None, fast_compile=fast_compile)
   assert calls == [(None, fast_compile)]
+
+
+@pytest.mark.parametrize("error_feedback", [False, True])
+def test_the_shared_random_k_mask_reaches_the_process(error_feedback, tmp_path, capsys):
+  flags = ["randomk-shared", "--compression-fraction", "0.2"] + (["--error-feedback"] if error_feedback else [])
+  argv = TINY + ["--upload-compression"] + flags
+  summary = _run(argv, tmp_path, capsys)
+  expected, _, _ = _python_records(argv, upload_compressor=aggregators.shared_random_k_compressor(
+      fraction=0.2, unbiased=not error_feedback, seed=0, error_feedback=error_feedback))
+  assert _records(tmp_path) == expected
+  assert summary["upload_compression"]["method"] == "randomk-shared"
+  assert summary["upload_compression"]["mask_seed"] == 0
+
+
+def test_only_the_shared_mask_composes_with_the_secure_sum(tmp_path, capsys):
+  sparse = _run(TINY + ["--upload-compression", "randomk-shared", "--compression-fraction", "0.1", "--aggregator",
+                        "secure"], tmp_path / "sparse", capsys)["aggregated_bits"]
+  dense = _run(TINY + ["--aggregator", "secure"], tmp_path / "dense", capsys)["aggregated_bits"]
+  assert 0 < sparse < 0.2 * dense  # 61 of the 610 entries, at the secure sum's widths
+  code = cli.main(TINY + ["--upload-compression", "randomk", "--aggregator", "secure", "--output-dir",
+                          str(tmp_path / "refused")])
+  assert code == 2 and "randomk-shared" in capsys.readouterr().err
