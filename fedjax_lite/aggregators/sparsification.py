@@ -272,7 +272,7 @@ def top_k_compressor(*, k: int | None = None, fraction: float | None = None, per
   return Compressor("top_k", _tree_compress(compress, per_layer), upload_bits, _check_error_feedback(error_feedback))
 
 
-def uniform_subset(key: jax.Array, size: int, kept: int) -> jax.Array:
+def _uniform_subset(key: jax.Array, size: int, kept: int) -> jax.Array:
   """The indices of a uniformly random ``kept``-subset of ``range(size)``: the ``kept`` largest of ``size`` i.i.d.
   uniforms drawn from ``key`` (``lax.top_k``, a partial selection: 37x faster on XLA:CPU than
   ``jax.random.choice(..., replace=False)``'s full permutation at ``size = 2^20``, ``kept = 1%``)."""
@@ -298,7 +298,7 @@ def random_k_compressor(*, k: int | None = None, fraction: float | None = None, 
     size = flat.shape[0]
     kept = _kept(size, k, fraction)
     choice_key, quantize_key = jax.random.split(rng)
-    index = uniform_subset(choice_key, size, kept)
+    index = _uniform_subset(choice_key, size, kept)
     scale = size / kept if unbiased else 1.0
     return jnp.zeros_like(flat).at[index].set(_quantized(flat[index], quantization_bits, quantize_key) * scale)
 
@@ -353,7 +353,7 @@ def shared_random_k_compressor(*, k: int | None = None, fraction: float | None =
     return [_flatten(value)[0]]
 
   def index(mask_key, group, size):
-    return uniform_subset(jax.random.fold_in(mask_key, group), size, _kept(size, k, fraction))
+    return _uniform_subset(jax.random.fold_in(mask_key, group), size, _kept(size, k, fraction))
 
   def gather(value, mask_key):
     return tuple(vector[index(mask_key, group, vector.shape[0])] for group, vector in enumerate(vectors(value)))

@@ -184,16 +184,12 @@ def _mapped_squared_norms(layer: GhostLayer, layer_params: PyTree, inputs: jax.A
   """Each example's squared gradient norm of one layer: the layer's ``vjp`` on a batch of one, mapped."""
 
   def one(x, dy):
-    _, pullback = jax.vjp(lambda p: layer.apply(p, x[None]), layer_params)
-    return _squared_norm(pullback(dy[None].astype(_output_dtype(layer, layer_params, x)))[0])
+    out, pullback = jax.vjp(lambda p: layer.apply(p, x[None]), layer_params)
+    return _squared_norm(pullback(dy[None].astype(out.dtype))[0])
 
   if vectorized:
     return jax.vmap(one)(inputs, output_grads)
   return jax.lax.map(lambda xy: one(*xy), (inputs, output_grads))
-
-
-def _output_dtype(layer, layer_params, x):
-  return jax.eval_shape(lambda: layer.apply(layer_params, x[None])).dtype
 
 
 def ghost_clipped_sum(model: Model, params: PyTree, batch: dict, mask: jax.Array, rng: jax.Array | None,
